@@ -1,0 +1,504 @@
+//! `kiln`: the one binary. Each subcommand either starts a role (coordinator,
+//! worker, a local cluster) or calls a running cluster.
+//!
+//! The cluster address comes from `--coordinator`, then `KILN_COORDINATOR`, then
+//! the `cluster.json` that `kiln local up` writes under `.kiln/`.
+
+mod bench;
+mod local;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use kiln_common::client::{ClientOptions, ClusterClient};
+use kiln_common::config::{
+    split_list, CoordinatorConfig, CoordinatorOverrides, WorkerConfig, WorkerOverrides,
+};
+use kiln_proto::v1::{
+    ClusterStatusRequest, GetRequest, PutRequest, RemoveMemberRequest, TransferLeaderRequest,
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Run the whole life of a model on a cluster you own"
+)]
+struct Cli {
+    /// Coordinator addresses (HOST:PORT, comma-separated).
+    #[arg(long, global = true, env = "KILN_COORDINATOR")]
+    coordinator: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs a coordinator.
+    Coordinator(CoordinatorArgs),
+    /// Runs a worker agent.
+    Worker(WorkerArgs),
+    /// Runs a whole cluster as local background processes.
+    Local {
+        #[command(subcommand)]
+        command: LocalCommand,
+    },
+    /// Shows the leader, the term, the coordinators and the workers.
+    Status {
+        /// Prints JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reads and writes the small replicated key-value namespace.
+    Kv {
+        #[command(subcommand)]
+        command: KvCommand,
+    },
+    /// Changes the coordinator membership.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// Measures kiln against its peers.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "KILN_CONFIG")]
+    config: Option<PathBuf>,
+    /// This coordinator's id (positive, unique in the cluster).
+    #[arg(long, env = "KILN_ID")]
+    id: Option<u64>,
+    #[arg(long, env = "KILN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// gRPC address to listen on (Raft transport and API).
+    #[arg(long, env = "KILN_LISTEN")]
+    listen: Option<String>,
+    /// gRPC address others use to reach this node (default: --listen).
+    #[arg(long, env = "KILN_ADVERTISE")]
+    advertise: Option<String>,
+    /// HTTP address (status, /metrics).
+    #[arg(long, env = "KILN_HTTP")]
+    http: Option<String>,
+    /// Initial voters of a new cluster: 1=ADDR,2=ADDR,...
+    #[arg(long, env = "KILN_PEERS")]
+    peers: Option<String>,
+    /// Address of a running member to join through.
+    #[arg(long, env = "KILN_JOIN")]
+    join: Option<String>,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "KILN_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "KILN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Coordinator addresses, comma-separated.
+    #[arg(long, env = "KILN_COORDINATORS")]
+    coordinators: Option<String>,
+    /// gRPC address (blobs, collectives).
+    #[arg(long, env = "KILN_LISTEN")]
+    listen: Option<String>,
+    /// Host that others use to reach this worker.
+    #[arg(long, env = "KILN_ADVERTISE_HOST")]
+    advertise_host: Option<String>,
+    /// Inference HTTP address (KServe v2 REST, /metrics).
+    #[arg(long, env = "KILN_HTTP")]
+    http: Option<String>,
+    /// Inference gRPC address.
+    #[arg(long, env = "KILN_INFERENCE_GRPC")]
+    inference_grpc: Option<String>,
+    #[arg(long, env = "KILN_HEARTBEAT_INTERVAL_MS")]
+    heartbeat_interval_ms: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum LocalCommand {
+    /// Starts coordinators and workers as background processes.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        coordinators: usize,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        #[arg(long, default_value = ".kiln")]
+        dir: PathBuf,
+        /// First port of the layout (coordinator 1 gRPC).
+        #[arg(long, default_value_t = 7070)]
+        base_port: u16,
+        /// Coordinator TOML configuration passed to every coordinator.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Stops the processes of a local cluster.
+    Down {
+        #[arg(long, default_value = ".kiln")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum KvCommand {
+    /// Writes a value.
+    Put { key: String, value: String },
+    /// Reads a value (linearizable unless --stale).
+    Get {
+        key: String,
+        #[arg(long)]
+        stale: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Removes a coordinator from the membership.
+    RemoveCoordinator { id: u64 },
+    /// Hands leadership to another voter.
+    TransferLeader { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Committed writes/s, commit latency and leader failover of the control plane.
+    Raft {
+        /// Concurrent clients per level, comma-separated.
+        #[arg(long, default_value = "1,16,64")]
+        clients: String,
+        /// Seconds of load per level.
+        #[arg(long, default_value_t = 10)]
+        duration_secs: u64,
+        /// Leader kills to time.
+        #[arg(long, default_value_t = 5)]
+        failovers: usize,
+        /// Also measures a 3-member etcd cluster under the same load.
+        #[arg(long)]
+        etcd: bool,
+        #[arg(long, default_value_t = 256)]
+        value_size: usize,
+        /// Scratch directory for the benchmark clusters.
+        #[arg(long, default_value = ".kiln/bench")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 17070)]
+        base_port: u16,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!(
+                "{}",
+                if line.starts_with("error:") {
+                    line.to_string()
+                } else {
+                    format!("error: {line}")
+                }
+            );
+            return ExitCode::from(2);
+        }
+    };
+    kiln_common::logging::init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: start async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let text = format!("{e:#}");
+            eprintln!(
+                "error: {}",
+                text.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Coordinator(args) => {
+            let config = CoordinatorConfig::load(
+                args.config.as_deref(),
+                CoordinatorOverrides {
+                    id: args.id,
+                    data_dir: args.data_dir,
+                    listen: args.listen,
+                    advertise: args.advertise,
+                    http: args.http,
+                    peers: args.peers,
+                    join: args.join,
+                },
+            )?;
+            kiln_coordinator::run(config, shutdown_on_signal()?).await
+        }
+        Command::Worker(args) => {
+            let config = WorkerConfig::load(
+                args.config.as_deref(),
+                WorkerOverrides {
+                    data_dir: args.data_dir,
+                    coordinators: args.coordinators,
+                    listen: args.listen,
+                    advertise_host: args.advertise_host,
+                    http: args.http,
+                    inference_grpc: args.inference_grpc,
+                    heartbeat_interval_ms: args.heartbeat_interval_ms,
+                },
+            )?;
+            kiln_worker::run(config, shutdown_on_signal()?).await
+        }
+        Command::Local { command } => match command {
+            LocalCommand::Up {
+                coordinators,
+                workers,
+                dir,
+                base_port,
+                config,
+            } => {
+                let coordinator_config = match config {
+                    Some(path) => Some(
+                        std::fs::read_to_string(&path)
+                            .with_context(|| format!("read {}", path.display()))?,
+                    ),
+                    None => None,
+                };
+                let opts = local::LocalOptions {
+                    coordinators,
+                    workers,
+                    dir,
+                    base_port,
+                    coordinator_config,
+                };
+                let info = local::up(&opts).await?;
+                local::print_endpoints(&info);
+                Ok(())
+            }
+            LocalCommand::Down { dir } => {
+                let stopped = local::down(&dir).await?;
+                println!("stopped {stopped} processes");
+                Ok(())
+            }
+        },
+        Command::Status { json } => {
+            let client = cluster_client(cli.coordinator.as_deref())?;
+            let status = client
+                .call(|mut c| async move {
+                    c.cluster_status(ClusterStatusRequest {})
+                        .await
+                        .map(|r| r.into_inner())
+                })
+                .await?;
+            if json {
+                let doc = kiln_common::status::cluster_status_json(&status);
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+        Command::Kv { command } => {
+            let client = cluster_client(cli.coordinator.as_deref())?;
+            match command {
+                KvCommand::Put { key, value } => {
+                    let req = PutRequest {
+                        key,
+                        value: value.into_bytes(),
+                    };
+                    let resp = client
+                        .call(|mut c| {
+                            let req = req.clone();
+                            async move { c.put(req).await.map(|r| r.into_inner()) }
+                        })
+                        .await?;
+                    println!("committed at index {}", resp.index);
+                }
+                KvCommand::Get { key, stale } => {
+                    let req = GetRequest {
+                        key: key.clone(),
+                        stale,
+                    };
+                    let resp = client
+                        .call(|mut c| {
+                            let req = req.clone();
+                            async move { c.get(req).await.map(|r| r.into_inner()) }
+                        })
+                        .await?;
+                    if !resp.found {
+                        bail!("key {key} not found");
+                    }
+                    println!("{}", String::from_utf8_lossy(&resp.value));
+                }
+            }
+            Ok(())
+        }
+        Command::Admin { command } => {
+            let client = cluster_client(cli.coordinator.as_deref())?;
+            match command {
+                AdminCommand::RemoveCoordinator { id } => {
+                    let resp = client
+                        .call_with_deadline(Duration::from_secs(15), |mut c| async move {
+                            c.remove_member(RemoveMemberRequest { id })
+                                .await
+                                .map(|r| r.into_inner())
+                        })
+                        .await?;
+                    println!("removed coordinator {id}; voters now {:?}", resp.voters);
+                }
+                AdminCommand::TransferLeader { id } => {
+                    client
+                        .call(|mut c| async move {
+                            c.transfer_leader(TransferLeaderRequest { to: id })
+                                .await
+                                .map(|r| r.into_inner())
+                        })
+                        .await?;
+                    println!("asked the leader to hand over to coordinator {id}");
+                }
+            }
+            Ok(())
+        }
+        Command::Bench { command } => match command {
+            BenchCommand::Raft {
+                clients,
+                duration_secs,
+                failovers,
+                etcd,
+                value_size,
+                dir,
+                base_port,
+                json,
+            } => {
+                let clients = split_list(&clients)
+                    .iter()
+                    .map(|c| {
+                        c.parse::<usize>()
+                            .with_context(|| format!("--clients: '{c}' is not a number"))
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let report = bench::run(bench::BenchOptions {
+                    clients,
+                    duration: Duration::from_secs(duration_secs),
+                    failovers,
+                    etcd,
+                    value_size,
+                    dir,
+                    base_port,
+                })
+                .await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    report.print_table();
+                }
+                Ok(())
+            }
+        },
+    }
+}
+
+/// Returns a token cancelled on SIGTERM or SIGINT.
+fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        cancel.cancel();
+    });
+    Ok(token)
+}
+
+fn cluster_client(flag: Option<&str>) -> anyhow::Result<ClusterClient> {
+    let endpoints = match flag {
+        Some(list) => split_list(list),
+        None => {
+            let dir = Path::new(".kiln");
+            if dir.join("cluster.json").exists() {
+                local::read_cluster(dir)?.coordinator_addrs()
+            } else {
+                bail!("no coordinator address: pass --coordinator, set KILN_COORDINATOR, or start a local cluster with kiln local up");
+            }
+        }
+    };
+    for addr in &endpoints {
+        kiln_common::config::parse_host_port("--coordinator", addr)?;
+    }
+    Ok(ClusterClient::new(endpoints, ClientOptions::default())?)
+}
+
+fn print_status(s: &kiln_proto::v1::ClusterStatusResponse) {
+    use kiln_common::status::worker_state_name;
+    if s.leader_id == 0 {
+        println!("leader: none (no quorum)   term: {}", s.term);
+    } else {
+        println!(
+            "leader: {}   term: {}   commit: {}",
+            s.leader_id, s.term, s.commit_index
+        );
+    }
+    println!("\ncoordinators");
+    println!(
+        "  {:<4} {:<22} {:<22} {:<12} {}",
+        "id", "addr", "http", "role", "healthy"
+    );
+    for c in &s.coordinators {
+        println!(
+            "  {:<4} {:<22} {:<22} {:<12} {}",
+            c.id, c.addr, c.http_addr, c.role, c.healthy
+        );
+    }
+    println!("\nworkers");
+    if s.workers.is_empty() {
+        println!("  (none)");
+    }
+    for w in &s.workers {
+        let r = w.resources.clone().unwrap_or_default();
+        println!(
+            "  {}  {:<8} {:<22} cpus {:<3} mem {:>6.1} GiB  gpus {}  inference {} / {}",
+            w.id,
+            worker_state_name(w.state),
+            w.addr,
+            r.cpu_cores,
+            r.memory_bytes as f64 / (1u64 << 30) as f64,
+            r.gpus.len(),
+            w.inference_http_addr,
+            w.inference_grpc_addr
+        );
+    }
+}

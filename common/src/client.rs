@@ -1,0 +1,207 @@
+//! [`ClusterClient`]: reaches the coordinators as a group.
+//!
+//! It keeps one lazily connected channel per coordinator, sends each call to the
+//! coordinator it believes leads, follows `NotLeader` hints, moves on from dead
+//! nodes, and gives up at a deadline with the most telling error it saw: a cluster
+//! without a leader is reported as "no quorum", not as a timeout.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use kiln_proto::v1::coordinator_client::CoordinatorClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, Result};
+
+/// A gRPC client of one coordinator.
+pub type Client = CoordinatorClient<Channel>;
+
+/// Timing bounds of a [`ClusterClient`].
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Time for a TCP connection to one coordinator.
+    pub connect_timeout: Duration,
+    /// Time for one attempt on one coordinator.
+    pub attempt_timeout: Duration,
+    /// Time for the whole call, across attempts.
+    pub deadline: Duration,
+    /// First pause between attempts; doubles up to `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            connect_timeout: Duration::from_millis(500),
+            attempt_timeout: Duration::from_secs(3),
+            deadline: Duration::from_secs(5),
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(300),
+        }
+    }
+}
+
+/// A client of the coordinator group that finds the leader by itself.
+#[derive(Debug)]
+pub struct ClusterClient {
+    endpoints: Vec<String>,
+    options: ClientOptions,
+    leader: Mutex<Option<String>>,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl ClusterClient {
+    /// Creates a client of the coordinators at `endpoints` (HOST:PORT each).
+    pub fn new(endpoints: Vec<String>, options: ClientOptions) -> Result<ClusterClient> {
+        if endpoints.is_empty() {
+            return Err(Error::InvalidArgument(
+                "no coordinator address given".to_string(),
+            ));
+        }
+        Ok(ClusterClient {
+            endpoints,
+            options,
+            leader: Mutex::new(None),
+            channels: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Returns the coordinator addresses this client knows.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// Returns a client of the coordinator at `addr`.
+    pub fn client_for(&self, addr: &str) -> Result<Client> {
+        let mut channels = self.channels.lock().expect("channel map lock poisoned");
+        if let Some(channel) = channels.get(addr) {
+            return Ok(CoordinatorClient::new(channel.clone()));
+        }
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Error::InvalidArgument(format!("coordinator address {addr}: {e}")))?
+            .connect_timeout(self.options.connect_timeout)
+            .timeout(self.options.attempt_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(addr.to_string(), channel.clone());
+        Ok(CoordinatorClient::new(channel))
+    }
+
+    fn remember_leader(&self, addr: Option<String>) {
+        *self.leader.lock().expect("leader lock poisoned") = addr;
+    }
+
+    /// Returns the address of the coordinator believed to lead, if any.
+    pub fn leader_hint(&self) -> Option<String> {
+        self.leader.lock().expect("leader lock poisoned").clone()
+    }
+
+    /// Runs `op` against the leader, following hints and retrying retryable errors
+    /// until the deadline.
+    pub async fn call<T, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, tonic::Status>>,
+    {
+        self.call_with_deadline(self.options.deadline, op).await
+    }
+
+    /// Like [`ClusterClient::call`] with an explicit overall deadline.
+    pub async fn call_with_deadline<T, F, Fut>(&self, deadline: Duration, op: F) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, tonic::Status>>,
+    {
+        let started = Instant::now();
+        let mut backoff = self.options.initial_backoff;
+        let mut next_endpoint = 0usize;
+        let mut unreachable: std::collections::HashSet<String> = Default::default();
+        let mut no_leader_seen = false;
+        let last = loop {
+            let target = match self.leader_hint() {
+                Some(addr) => addr,
+                None => {
+                    let addr = self.endpoints[next_endpoint % self.endpoints.len()].clone();
+                    next_endpoint += 1;
+                    addr
+                }
+            };
+            let remaining = deadline.saturating_sub(started.elapsed());
+            let attempt = tokio::time::timeout(
+                remaining.min(self.options.attempt_timeout),
+                op(self.client_for(&target)?),
+            )
+            .await;
+            let err = match attempt {
+                Ok(Ok(value)) => {
+                    self.remember_leader(Some(target));
+                    return Ok(value);
+                }
+                Ok(Err(status)) => {
+                    let transport = is_transport_failure(&status);
+                    let err = Error::from(status);
+                    if transport {
+                        unreachable.insert(target.clone());
+                    } else {
+                        unreachable.remove(&target);
+                    }
+                    err
+                }
+                Err(_) => Error::Timeout(format!("no answer from coordinator {target}")),
+            };
+            match &err {
+                Error::NotLeader {
+                    leader_addr: Some(addr),
+                    ..
+                } if *addr != target => {
+                    self.remember_leader(Some(addr.clone()));
+                    // A fresh hint is worth trying at once.
+                    if started.elapsed() < deadline {
+                        continue;
+                    }
+                }
+                Error::NotLeader { .. } | Error::NoQuorum(_) => {
+                    no_leader_seen = true;
+                    self.remember_leader(None);
+                }
+                Error::Unavailable(_) | Error::Timeout(_) => {
+                    self.remember_leader(None);
+                }
+                _ => return Err(err),
+            }
+            if started.elapsed() + backoff >= deadline {
+                break err;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.options.max_backoff);
+        };
+        if no_leader_seen {
+            let reachable = self
+                .endpoints
+                .iter()
+                .filter(|e| !unreachable.contains(*e))
+                .count();
+            return Err(Error::NoQuorum(format!(
+                "no leader within {:.1}s ({} of {} known coordinators answered; last error: {last})",
+                deadline.as_secs_f64(),
+                reachable,
+                self.endpoints.len()
+            )));
+        }
+        Err(match last {
+            Error::Unavailable(msg) => Error::Unavailable(format!(
+                "no coordinator reachable within {:.1}s at {}: {msg}",
+                deadline.as_secs_f64(),
+                self.endpoints.join(", ")
+            )),
+            other => other,
+        })
+    }
+}
+
+fn is_transport_failure(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable && status.metadata().is_empty()
+}

@@ -1,0 +1,529 @@
+//! Configuration of coordinators and workers.
+//!
+//! Values come from, in rising precedence: built-in defaults, a TOML file
+//! (`--config`), `KILN_*` variables and flags (clap reads both). An unknown key or a
+//! bad value is an error that names the key; nothing is silently ignored.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration error: always names the key or value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Raft timing and log retention of a coordinator.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftSettings {
+    /// Length of one Raft tick.
+    pub tick_ms: u64,
+    /// Ticks between leader heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Ticks without a leader before a follower campaigns (randomised up to twice this).
+    pub election_ticks: usize,
+    /// Applied entries since the last snapshot that trigger a new one and log compaction.
+    pub snapshot_threshold_entries: u64,
+    /// Entries kept in the log behind a snapshot, so slightly slow followers need no snapshot.
+    pub log_keep_entries: u64,
+    /// Largest append message, in bytes.
+    pub max_size_per_msg: u64,
+    /// Append messages in flight to one follower.
+    pub max_inflight_msgs: usize,
+    /// Bound of the Raft actor's mailbox; a full mailbox answers "overloaded".
+    pub mailbox_capacity: usize,
+    /// How long a proposal waits for its commit before the caller is told it timed out.
+    pub proposal_timeout_ms: u64,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        RaftSettings {
+            tick_ms: 100,
+            heartbeat_ticks: 2,
+            election_ticks: 10,
+            snapshot_threshold_entries: 10_000,
+            log_keep_entries: 2_000,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            mailbox_capacity: 4096,
+            proposal_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// When a silent worker becomes Suspect, then Down.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthSettings {
+    pub suspect_after_ms: u64,
+    pub down_after_ms: u64,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        HealthSettings {
+            suspect_after_ms: 3_000,
+            down_after_ms: 10_000,
+        }
+    }
+}
+
+/// The coordinator's configuration file, every key optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorFile {
+    pub id: Option<u64>,
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub advertise: Option<String>,
+    pub http: Option<String>,
+    pub peers: Option<Vec<String>>,
+    pub join: Option<String>,
+    pub raft: RaftSettings,
+    pub health: HealthSettings,
+}
+
+/// Overrides from flags and `KILN_*` variables.
+#[derive(Debug, Clone, Default)]
+pub struct CoordinatorOverrides {
+    pub id: Option<u64>,
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub advertise: Option<String>,
+    pub http: Option<String>,
+    pub peers: Option<String>,
+    pub join: Option<String>,
+}
+
+/// A validated coordinator configuration.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// The gRPC address other nodes use to reach this one.
+    pub advertise: String,
+    pub http: SocketAddr,
+    /// Initial voters by id, used only to bootstrap an empty data dir.
+    pub peers: BTreeMap<u64, String>,
+    /// A member to ask for admission, for a node that joins a running cluster.
+    pub join: Option<String>,
+    pub raft: RaftSettings,
+    pub health: HealthSettings,
+}
+
+impl CoordinatorConfig {
+    /// Builds the configuration from an optional file and overrides, and validates it.
+    pub fn load(
+        file: Option<&Path>,
+        overrides: CoordinatorOverrides,
+    ) -> Result<CoordinatorConfig, ConfigError> {
+        let base: CoordinatorFile = match file {
+            Some(path) => parse_file(path)?,
+            None => CoordinatorFile::default(),
+        };
+        let id = overrides.id.or(base.id).unwrap_or(1);
+        if id == 0 {
+            return Err(invalid("id", "must be a positive integer, got 0"));
+        }
+        let data_dir = overrides
+            .data_dir
+            .or(base.data_dir)
+            .unwrap_or_else(|| PathBuf::from(format!("kiln-coordinator-{id}")));
+        let listen_text = overrides
+            .listen
+            .or(base.listen)
+            .unwrap_or_else(|| "127.0.0.1:7070".into());
+        let listen = parse_addr("listen", &listen_text)?;
+        let http_text = overrides
+            .http
+            .or(base.http)
+            .unwrap_or_else(|| "127.0.0.1:7080".into());
+        let http = parse_addr("http", &http_text)?;
+        let advertise = overrides
+            .advertise
+            .or(base.advertise)
+            .unwrap_or_else(|| listen_text.clone());
+        parse_host_port("advertise", &advertise)?;
+        let peers = match overrides.peers {
+            Some(text) => parse_peers(&text)?,
+            None => parse_peer_list(base.peers.as_deref().unwrap_or(&[]))?,
+        };
+        let join = overrides.join.or(base.join);
+        if let Some(addr) = &join {
+            parse_host_port("join", addr)?;
+            if !peers.is_empty() {
+                return Err(invalid(
+                    "join",
+                    "give either peers (to bootstrap a new cluster) or join (to enter a running one), not both",
+                ));
+            }
+        } else if !peers.is_empty() && !peers.contains_key(&id) {
+            return Err(invalid(
+                "peers",
+                format!("must include this node's own id {id}"),
+            ));
+        }
+        let raft = base.raft;
+        validate_raft(&raft)?;
+        let health = base.health;
+        if health.suspect_after_ms == 0 || health.down_after_ms <= health.suspect_after_ms {
+            return Err(invalid(
+                "health.down_after_ms",
+                format!(
+                    "must be greater than health.suspect_after_ms ({} <= {})",
+                    health.down_after_ms, health.suspect_after_ms
+                ),
+            ));
+        }
+        Ok(CoordinatorConfig {
+            id,
+            data_dir,
+            listen,
+            advertise,
+            http,
+            peers,
+            join,
+            raft,
+            health,
+        })
+    }
+}
+
+fn validate_raft(raft: &RaftSettings) -> Result<(), ConfigError> {
+    if raft.tick_ms == 0 {
+        return Err(invalid("raft.tick_ms", "must be positive"));
+    }
+    if raft.heartbeat_ticks == 0 {
+        return Err(invalid("raft.heartbeat_ticks", "must be positive"));
+    }
+    if raft.election_ticks <= raft.heartbeat_ticks {
+        return Err(invalid(
+            "raft.election_ticks",
+            format!(
+                "must be greater than raft.heartbeat_ticks ({} <= {})",
+                raft.election_ticks, raft.heartbeat_ticks
+            ),
+        ));
+    }
+    if raft.snapshot_threshold_entries == 0 {
+        return Err(invalid(
+            "raft.snapshot_threshold_entries",
+            "must be positive",
+        ));
+    }
+    if raft.log_keep_entries >= raft.snapshot_threshold_entries {
+        return Err(invalid(
+            "raft.log_keep_entries",
+            "must be smaller than raft.snapshot_threshold_entries",
+        ));
+    }
+    if raft.mailbox_capacity == 0 || raft.max_inflight_msgs == 0 {
+        return Err(invalid(
+            "raft.mailbox_capacity",
+            "mailbox_capacity and max_inflight_msgs must be positive",
+        ));
+    }
+    if raft.proposal_timeout_ms == 0 {
+        return Err(invalid("raft.proposal_timeout_ms", "must be positive"));
+    }
+    Ok(())
+}
+
+/// The worker's configuration file, every key optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerFile {
+    pub data_dir: Option<PathBuf>,
+    pub coordinators: Option<Vec<String>>,
+    pub listen: Option<String>,
+    pub advertise_host: Option<String>,
+    pub http: Option<String>,
+    pub inference_grpc: Option<String>,
+    pub heartbeat_interval_ms: Option<u64>,
+}
+
+/// Overrides from flags and `KILN_*` variables.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerOverrides {
+    pub data_dir: Option<PathBuf>,
+    pub coordinators: Option<String>,
+    pub listen: Option<String>,
+    pub advertise_host: Option<String>,
+    pub http: Option<String>,
+    pub inference_grpc: Option<String>,
+    pub heartbeat_interval_ms: Option<u64>,
+}
+
+/// A validated worker configuration.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub data_dir: PathBuf,
+    pub coordinators: Vec<String>,
+    pub listen: SocketAddr,
+    /// Host name or address that others use to reach this worker.
+    pub advertise_host: String,
+    /// Inference REST and /metrics.
+    pub http: SocketAddr,
+    pub inference_grpc: SocketAddr,
+    pub heartbeat_interval_ms: u64,
+}
+
+impl WorkerConfig {
+    /// Builds the configuration from an optional file and overrides, and validates it.
+    pub fn load(
+        file: Option<&Path>,
+        overrides: WorkerOverrides,
+    ) -> Result<WorkerConfig, ConfigError> {
+        let base: WorkerFile = match file {
+            Some(path) => parse_file(path)?,
+            None => WorkerFile::default(),
+        };
+        let data_dir = overrides
+            .data_dir
+            .or(base.data_dir)
+            .unwrap_or_else(|| PathBuf::from("kiln-worker"));
+        let coordinators = match overrides.coordinators {
+            Some(text) => split_list(&text),
+            None => base.coordinators.unwrap_or_default(),
+        };
+        if coordinators.is_empty() {
+            return Err(invalid(
+                "coordinators",
+                "at least one coordinator address is required",
+            ));
+        }
+        for addr in &coordinators {
+            parse_host_port("coordinators", addr)?;
+        }
+        let listen = parse_addr(
+            "listen",
+            &overrides
+                .listen
+                .or(base.listen)
+                .unwrap_or_else(|| "127.0.0.1:7071".into()),
+        )?;
+        let http = parse_addr(
+            "http",
+            &overrides
+                .http
+                .or(base.http)
+                .unwrap_or_else(|| "127.0.0.1:8000".into()),
+        )?;
+        let inference_grpc = parse_addr(
+            "inference_grpc",
+            &overrides
+                .inference_grpc
+                .or(base.inference_grpc)
+                .unwrap_or_else(|| "127.0.0.1:8001".into()),
+        )?;
+        let advertise_host = overrides
+            .advertise_host
+            .or(base.advertise_host)
+            .unwrap_or_else(|| {
+                if listen.ip().is_unspecified() {
+                    "127.0.0.1".to_string()
+                } else {
+                    listen.ip().to_string()
+                }
+            });
+        let heartbeat_interval_ms = overrides
+            .heartbeat_interval_ms
+            .or(base.heartbeat_interval_ms)
+            .unwrap_or(1_000);
+        if heartbeat_interval_ms == 0 {
+            return Err(invalid("heartbeat_interval_ms", "must be positive"));
+        }
+        Ok(WorkerConfig {
+            data_dir,
+            coordinators,
+            listen,
+            advertise_host,
+            http,
+            inference_grpc,
+            heartbeat_interval_ms,
+        })
+    }
+}
+
+fn parse_file<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        // toml's message spans several lines (a caret picture); keep it on one.
+        message: e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
+    })
+}
+
+/// Splits a comma-separated list, dropping empty items.
+pub fn split_list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn parse_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("'{text}' is not a socket address like 127.0.0.1:7070"),
+        )
+    })
+}
+
+/// Checks that `text` looks like HOST:PORT (a name or an IP address).
+pub fn parse_host_port(key: &str, text: &str) -> Result<(), ConfigError> {
+    let bad = || {
+        invalid(
+            key,
+            format!("'{text}' is not an address like 127.0.0.1:7070 or host:7070"),
+        )
+    };
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// Parses `1=ADDR,2=ADDR,...` into voters by id.
+pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+    parse_peer_list(&split_list(text))
+}
+
+fn parse_peer_list(items: &[String]) -> Result<BTreeMap<u64, String>, ConfigError> {
+    let mut peers = BTreeMap::new();
+    let mut seen_addrs: BTreeMap<String, u64> = BTreeMap::new();
+    for item in items {
+        let (id, addr) = item
+            .split_once('=')
+            .ok_or_else(|| invalid("peers", format!("'{item}' is not of the form ID=ADDR")))?;
+        let id: u64 =
+            id.trim().parse().ok().filter(|id| *id > 0).ok_or_else(|| {
+                invalid("peers", format!("'{item}': id must be a positive integer"))
+            })?;
+        let addr = addr.trim().to_string();
+        parse_host_port("peers", &addr)?;
+        if peers.contains_key(&id) {
+            return Err(invalid("peers", format!("node {id} is listed twice")));
+        }
+        if let Some(other) = seen_addrs.insert(addr.clone(), id) {
+            return Err(invalid(
+                "peers",
+                format!("address {addr} is listed twice (nodes {other} and {id})"),
+            ));
+        }
+        peers.insert(id, addr);
+    }
+    Ok(peers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), text).expect("write temp file");
+        file
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = write("id = 2\nlisten = \"127.0.0.1:9000\"\npeers = [\"2=127.0.0.1:9000\"]\n[raft]\ntick_ms = 50\n");
+        let cfg = CoordinatorConfig::load(
+            Some(file.path()),
+            CoordinatorOverrides {
+                listen: Some("127.0.0.1:9001".into()),
+                peers: Some("2=127.0.0.1:9001".into()),
+                ..Default::default()
+            },
+        )
+        .expect("valid config");
+        assert_eq!(cfg.id, 2);
+        assert_eq!(cfg.listen.port(), 9001);
+        assert_eq!(cfg.advertise, "127.0.0.1:9001");
+        assert_eq!(cfg.raft.tick_ms, 50);
+        assert_eq!(cfg.raft.election_ticks, 10);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let file = write("id = 1\n[raft]\ntick_msec = 5\n");
+        let err = CoordinatorConfig::load(Some(file.path()), Default::default())
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("tick_msec"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let file = write("id = \"one\"\n");
+        let err =
+            CoordinatorConfig::load(Some(file.path()), Default::default()).expect_err("bad value");
+        assert!(err.to_string().contains("id"), "{err}");
+        let err = CoordinatorConfig::load(
+            None,
+            CoordinatorOverrides {
+                listen: Some("localhost".into()),
+                ..Default::default()
+            },
+        )
+        .expect_err("bad address");
+        assert!(err.to_string().starts_with("listen:"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_peers_are_refused() {
+        let err = parse_peers("1=127.0.0.1:1,1=127.0.0.1:2").expect_err("twice");
+        assert_eq!(err.to_string(), "peers: node 1 is listed twice");
+        let err = parse_peers("1=127.0.0.1:1,2=127.0.0.1:1").expect_err("same address");
+        assert!(err.to_string().contains("listed twice (nodes 1 and 2)"));
+        assert!(parse_peers("x=127.0.0.1:1").is_err());
+        assert!(parse_peers("1=nowhere").is_err());
+    }
+
+    #[test]
+    fn worker_needs_a_coordinator() {
+        let err = WorkerConfig::load(None, Default::default()).expect_err("no coordinators");
+        assert!(err.to_string().starts_with("coordinators:"));
+        let cfg = WorkerConfig::load(
+            None,
+            WorkerOverrides {
+                coordinators: Some("127.0.0.1:7070, 127.0.0.1:7072".into()),
+                ..Default::default()
+            },
+        )
+        .expect("valid");
+        assert_eq!(cfg.coordinators.len(), 2);
+        assert_eq!(cfg.heartbeat_interval_ms, 1000);
+    }
+}

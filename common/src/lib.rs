@@ -1,0 +1,20 @@
+//! Types that coordinators, workers and the CLI share.
+//!
+//! Layout:
+//! - `error`: [`Error`], the failures a caller must tell apart, and their one mapping
+//!   to and from gRPC status codes.
+//! - `config`: coordinator and worker configuration from TOML, flags and `KILN_*`
+//!   variables, validated with errors that name the bad key.
+//! - `client`: [`client::ClusterClient`], which finds the leader by itself, follows
+//!   leader hints and retries within a bounded deadline.
+//! - `logging`: the `tracing` subscriber every role installs.
+//! - `clock`: wall-clock milliseconds, read only by proposers, never by apply.
+
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod logging;
+pub mod status;
+
+pub use error::{Error, Result};

@@ -1,0 +1,534 @@
+//! The `kiln.v1.Coordinator` gRPC service.
+//!
+//! Writes go through [`Api::propose`]: proposed here when this node leads, else
+//! forwarded once to the leader. Reads are linearizable through ReadIndex unless
+//! the caller asks for a stale read.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_common::client::ClusterClient;
+use kiln_common::clock::now_ms;
+use kiln_common::{Error, Result};
+use kiln_proto::v1::coordinator_server::Coordinator;
+use kiln_proto::v1::*;
+use prost_raft::Message as _;
+use raft::eraftpb::{ConfChangeSingle, ConfChangeType, Message};
+use tokio::io::AsyncWriteExt;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::health::HeartbeatClock;
+use crate::raft::node::{write_snapshot_record, IncomingSnapshot, NodeView, RaftHandle};
+use crate::raft::transport::Transport;
+use crate::state::keys;
+use crate::state::machine::validate_kv;
+use crate::state::reader::StateReader;
+
+/// Largest number of pairs a scan returns.
+const MAX_SCAN: usize = 10_000;
+/// Time to ask one peer for its status while building the cluster status.
+const PEER_STATUS_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Everything the API handlers share.
+#[derive(Clone)]
+pub struct Api {
+    pub node: RaftHandle,
+    pub reader: StateReader,
+    pub transport: Transport,
+    pub heartbeats: HeartbeatClock,
+    pub peers: Arc<ClusterClient>,
+    pub http_addr: String,
+    pub advertise: String,
+    pub snapshot_dir: PathBuf,
+    pub heartbeat_interval_ms: u64,
+}
+
+impl Api {
+    /// Proposes `command` through the leader and returns its result.
+    pub async fn propose(&self, command: Command, forwarded: bool) -> Result<CommandResult> {
+        let view = self.node.view();
+        let result = if view.is_leader() {
+            self.node.propose(&command).await?
+        } else {
+            let Some(addr) = view.leader_addr().filter(|_| !forwarded) else {
+                return Err(view.not_leader());
+            };
+            let mut client = self.peers.client_for(&addr)?;
+            client
+                .propose(ProposeRequest {
+                    command: Some(command),
+                    forwarded: true,
+                })
+                .await
+                .map_err(Error::from)?
+                .into_inner()
+                .result
+                .ok_or_else(|| Error::Internal("leader sent no result".into()))?
+        };
+        if !result.rejected.is_empty() {
+            return Err(Error::InvalidArgument(result.rejected));
+        }
+        Ok(result)
+    }
+
+    async fn read_barrier(&self, stale: bool) -> Result<u64> {
+        if stale {
+            return Ok(self.node.view().applied_index);
+        }
+        self.node.read_index().await
+    }
+
+    fn require_leader(&self) -> Result<NodeView> {
+        let view = self.node.view();
+        if view.is_leader() {
+            Ok(view)
+        } else {
+            Err(view.not_leader())
+        }
+    }
+
+    /// Returns this node's own status.
+    pub fn node_status(&self) -> NodeStatusResponse {
+        let v = self.node.view();
+        NodeStatusResponse {
+            id: v.id,
+            addr: self.advertise.clone(),
+            http_addr: self.http_addr.clone(),
+            role: v.role.to_string(),
+            term: v.term,
+            leader_id: v.leader_id,
+            commit_index: v.commit_index,
+            applied_index: v.applied_index,
+            first_index: v.first_index,
+            last_index: v.last_index,
+            snapshot_index: v.snapshot_index,
+            voters: v.voters.clone(),
+            learners: v.learners.clone(),
+            snapshots_received: v.snapshots_received,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    /// Builds the cluster status from this node's view, asking each peer for its
+    /// own status (a peer that does not answer in time is unhealthy).
+    pub async fn cluster_status(&self) -> Result<ClusterStatusResponse> {
+        let view = self.node.view();
+        if !view.is_leader() {
+            if let Some(addr) = view.leader_addr() {
+                if let Ok(mut client) = self.peers.client_for(&addr) {
+                    let call = client.cluster_status(ClusterStatusRequest {});
+                    if let Ok(Ok(resp)) = tokio::time::timeout(PEER_STATUS_TIMEOUT * 2, call).await
+                    {
+                        return Ok(resp.into_inner());
+                    }
+                }
+            }
+        }
+        let mut ids: Vec<u64> = view
+            .voters
+            .iter()
+            .chain(view.learners.iter())
+            .copied()
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut asks = Vec::new();
+        for id in &ids {
+            let id = *id;
+            let addr = view
+                .members
+                .get(&id)
+                .map(|m| m.addr.clone())
+                .unwrap_or_default();
+            let api = self.clone();
+            asks.push(tokio::spawn(async move {
+                if id == api.node.view().id {
+                    return (id, addr, Some(api.node_status()));
+                }
+                let Ok(mut client) = api.peers.client_for(&addr) else {
+                    return (id, addr, None);
+                };
+                let call = client.node_status(NodeStatusRequest {});
+                match tokio::time::timeout(PEER_STATUS_TIMEOUT, call).await {
+                    Ok(Ok(resp)) => (id, addr, Some(resp.into_inner())),
+                    _ => (id, addr, None),
+                }
+            }));
+        }
+        let mut coordinators = Vec::new();
+        for ask in asks {
+            let (id, addr, status) = ask
+                .await
+                .map_err(|e| Error::Internal(format!("status task: {e}")))?;
+            let matched = view.matched.get(&id).copied().unwrap_or(0);
+            coordinators.push(match status {
+                Some(s) => CoordinatorStatus {
+                    id,
+                    addr: if addr.is_empty() { s.addr } else { addr },
+                    http_addr: s.http_addr,
+                    role: if view.learners.contains(&id) {
+                        "learner".into()
+                    } else {
+                        s.role
+                    },
+                    healthy: true,
+                    matched_index: matched,
+                    applied_index: s.applied_index,
+                },
+                None => CoordinatorStatus {
+                    id,
+                    addr,
+                    http_addr: String::new(),
+                    role: "unreachable".into(),
+                    healthy: false,
+                    matched_index: matched,
+                    applied_index: 0,
+                },
+            });
+        }
+        let workers = self
+            .reader
+            .workers()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(ClusterStatusResponse {
+            leader_id: view.leader_id,
+            term: view.term,
+            commit_index: view.commit_index,
+            coordinators,
+            workers,
+        })
+    }
+
+    async fn receive_snapshot(&self, mut stream: Streaming<SnapshotChunk>) -> Result<()> {
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Error::InvalidArgument("empty snapshot stream".into()))?
+            .map_err(Error::from)?;
+        let message = Message::decode(first.message.as_slice())
+            .map_err(|e| Error::InvalidArgument(format!("undecodable snapshot message: {e}")))?;
+        self.transport.learn(first.from_id, &first.from_addr);
+        let meta = message.get_snapshot().get_metadata();
+        tokio::fs::create_dir_all(&self.snapshot_dir)
+            .await
+            .map_err(|e| Error::Internal(format!("create snapshot dir: {e}")))?;
+        let path = self
+            .snapshot_dir
+            .join(format!("incoming-{:020}-{:020}", meta.term, meta.index));
+        let file = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| Error::Internal(format!("create {}: {e}", path.display())))?;
+        let mut out = tokio::io::BufWriter::new(file);
+        let mut buf = Vec::new();
+        let write_pairs = |pairs: &[KvPair], buf: &mut Vec<u8>| {
+            for p in pairs {
+                write_snapshot_record(buf, &p.key, &p.value);
+            }
+        };
+        write_pairs(&first.pairs, &mut buf);
+        out.write_all(&buf).await.map_err(io_error)?;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(Error::from)?;
+            buf.clear();
+            write_pairs(&chunk.pairs, &mut buf);
+            out.write_all(&buf).await.map_err(io_error)?;
+        }
+        out.flush().await.map_err(io_error)?;
+        out.into_inner().sync_all().await.map_err(io_error)?;
+        self.node
+            .snapshot(IncomingSnapshot {
+                message,
+                file: path,
+            })
+            .await
+    }
+}
+
+fn io_error(e: std::io::Error) -> Error {
+    Error::Internal(format!("write received snapshot: {e}"))
+}
+
+fn command(kind: command::Kind) -> Command {
+    Command {
+        proposed_at_ms: now_ms(),
+        kind: Some(kind),
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for Api {
+    async fn raft(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
+        let batch = request.into_inner();
+        self.transport.learn(batch.from_id, &batch.from_addr);
+        let mut msgs = Vec::with_capacity(batch.messages.len());
+        for bytes in &batch.messages {
+            let m = Message::decode(bytes.as_slice())
+                .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
+            msgs.push(m);
+        }
+        self.node.step(msgs).await?;
+        Ok(Response::new(RaftAck {}))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftAck>, Status> {
+        self.receive_snapshot(request.into_inner()).await?;
+        Ok(Response::new(RaftAck {}))
+    }
+
+    async fn propose(
+        &self,
+        request: Request<ProposeRequest>,
+    ) -> Result<Response<ProposeResponse>, Status> {
+        let req = request.into_inner();
+        let cmd = req
+            .command
+            .ok_or_else(|| Status::invalid_argument("propose without a command"))?;
+        let result = self.node.propose(&cmd).await;
+        let result = match result {
+            Err(Error::NotLeader { .. }) | Err(Error::NoQuorum(_)) if !req.forwarded => {
+                Api::propose(self, cmd, false).await?
+            }
+            other => other?,
+        };
+        Ok(Response::new(ProposeResponse {
+            result: Some(result),
+        }))
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let req = request.into_inner();
+        validate_kv(&req.key, req.value.len()).map_err(Status::invalid_argument)?;
+        let result = Api::propose(
+            self,
+            command(command::Kind::KvPut(KvPut {
+                key: req.key,
+                value: req.value,
+            })),
+            false,
+        )
+        .await?;
+        Ok(Response::new(PutResponse {
+            index: result.index,
+        }))
+    }
+
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let req = request.into_inner();
+        if req.key.is_empty() {
+            return Err(Status::invalid_argument("key is empty"));
+        }
+        let index = self.read_barrier(req.stale).await?;
+        let value = self
+            .reader
+            .get(&keys::kv(&req.key))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(GetResponse {
+            found: value.is_some(),
+            value: value.unwrap_or_default(),
+            applied_index: index,
+        }))
+    }
+
+    async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        let req = request.into_inner();
+        let index = self.read_barrier(req.stale).await?;
+        let limit = if req.limit == 0 {
+            MAX_SCAN
+        } else {
+            (req.limit as usize).min(MAX_SCAN)
+        };
+        let prefix = keys::kv(&req.prefix);
+        let pairs = self
+            .reader
+            .scan(&prefix, limit)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .map(|(k, v)| KvPair {
+                key: k[keys::KV.len()..].to_vec(),
+                value: v,
+            })
+            .collect();
+        Ok(Response::new(ScanResponse {
+            pairs,
+            applied_index: index,
+        }))
+    }
+
+    async fn node_status(
+        &self,
+        _request: Request<NodeStatusRequest>,
+    ) -> Result<Response<NodeStatusResponse>, Status> {
+        Ok(Response::new(Api::node_status(self)))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        Ok(Response::new(Api::cluster_status(self).await?))
+    }
+
+    async fn add_member(
+        &self,
+        request: Request<AddMemberRequest>,
+    ) -> Result<Response<AddMemberResponse>, Status> {
+        let member = request
+            .into_inner()
+            .member
+            .ok_or_else(|| Status::invalid_argument("add_member without a member"))?;
+        if member.id == 0 {
+            return Err(Status::invalid_argument("member id must be positive"));
+        }
+        kiln_common::config::parse_host_port("member.addr", &member.addr)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let view = self.require_leader()?;
+        if let Some(existing) = view.members.get(&member.id) {
+            if existing.addr != member.addr {
+                return Err(Status::invalid_argument(format!(
+                    "coordinator {} is already a member at {}",
+                    member.id, existing.addr
+                )));
+            }
+        }
+        if !view.voters.contains(&member.id) && !view.learners.contains(&member.id) {
+            self.transport.learn(member.id, &member.addr);
+            let mut change = ConfChangeSingle::default();
+            change.set_change_type(ConfChangeType::AddLearnerNode);
+            change.node_id = member.id;
+            self.node.conf_change(change, Some(member)).await?;
+        }
+        let view = self.node.view();
+        Ok(Response::new(AddMemberResponse {
+            members: view.members.values().cloned().collect(),
+            leader_id: view.leader_id,
+        }))
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<RemoveMemberRequest>,
+    ) -> Result<Response<RemoveMemberResponse>, Status> {
+        let id = request.into_inner().id;
+        let view = self.require_leader()?;
+        if !view.voters.contains(&id) && !view.learners.contains(&id) {
+            return Err(Error::NotFound(format!("coordinator {id} is not a member")).into());
+        }
+        if view.voters.len() == 1 && view.voters.contains(&id) {
+            return Err(Status::invalid_argument(
+                "cannot remove the last voting coordinator",
+            ));
+        }
+        if id == view.id {
+            // A leader does not remove itself: it hands leadership to the most
+            // caught-up voter, and the caller retries there.
+            let target = view
+                .voters
+                .iter()
+                .filter(|v| **v != id)
+                .max_by_key(|v| view.matched.get(v).copied().unwrap_or(0))
+                .copied()
+                .unwrap_or(0);
+            self.node.transfer_leader(target);
+            return Err(Error::Unavailable(format!(
+                "leadership is moving from {id} to {target} before removal; retry"
+            ))
+            .into());
+        }
+        let mut change = ConfChangeSingle::default();
+        change.set_change_type(ConfChangeType::RemoveNode);
+        change.node_id = id;
+        let cs = self.node.conf_change(change, None).await?;
+        Ok(Response::new(RemoveMemberResponse { voters: cs.voters }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let to = request.into_inner().to;
+        let view = self.require_leader()?;
+        if !view.voters.contains(&to) {
+            return Err(Status::invalid_argument(format!(
+                "coordinator {to} is not a voter"
+            )));
+        }
+        self.node.transfer_leader(to);
+        Ok(Response::new(TransferLeaderResponse {}))
+    }
+
+    async fn register_worker(
+        &self,
+        request: Request<RegisterWorkerRequest>,
+    ) -> Result<Response<RegisterWorkerResponse>, Status> {
+        let worker = request
+            .into_inner()
+            .worker
+            .ok_or_else(|| Status::invalid_argument("register_worker without a worker"))?;
+        if worker.id.is_empty() || worker.id.len() > 128 {
+            return Err(Status::invalid_argument("worker id must be 1 to 128 bytes"));
+        }
+        self.require_leader()?;
+        let id = worker.id.clone();
+        Api::propose(
+            self,
+            command(command::Kind::RegisterWorker(RegisterWorker {
+                worker: Some(worker),
+            })),
+            true,
+        )
+        .await?;
+        self.heartbeats.beat(&id);
+        let incarnation = self
+            .reader
+            .get(&keys::worker(&id))
+            .ok()
+            .flatten()
+            .and_then(|b| <WorkerRecord as prost::Message>::decode(b.as_slice()).ok())
+            .map_or(0, |w| w.incarnation);
+        Ok(Response::new(RegisterWorkerResponse {
+            incarnation,
+            heartbeat_interval_ms: self.heartbeat_interval_ms,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        self.require_leader()?;
+        let record = self
+            .reader
+            .get(&keys::worker(&req.worker_id))
+            .map_err(|e| Status::internal(e.to_string()))?
+            .and_then(|b| <WorkerRecord as prost::Message>::decode(b.as_slice()).ok())
+            .ok_or_else(|| {
+                Status::from(Error::NotFound(format!(
+                    "worker {} is not registered",
+                    req.worker_id
+                )))
+            })?;
+        self.heartbeats.beat(&req.worker_id);
+        let mut state = WorkerState::try_from(record.state).unwrap_or(WorkerState::Unspecified);
+        if state != WorkerState::Alive {
+            Api::propose(
+                self,
+                command(command::Kind::SetWorkerState(SetWorkerState {
+                    worker_id: req.worker_id.clone(),
+                    state: WorkerState::Alive as i32,
+                })),
+                true,
+            )
+            .await?;
+            state = WorkerState::Alive;
+        }
+        Ok(Response::new(HeartbeatResponse {
+            state: state as i32,
+        }))
+    }
+}

@@ -1,0 +1,5 @@
+//! The coordinator's APIs: gRPC (Raft transport, client and worker calls) and HTTP
+//! (status JSON, Prometheus metrics).
+
+pub mod grpc;
+pub mod http;

@@ -1,0 +1,275 @@
+//! Starts a coordinator: storage, Raft node, transport, APIs and the leader-only
+//! loops, and stops them in order.
+//!
+//! ```text
+//!  open RocksStore ─► bootstrap (new cluster) ─► bind gRPC + HTTP
+//!    ─► RaftNode thread + ticker ─► serve ─► join (new member) ─► health loop
+//!  shutdown: stop serving ─► stop the Raft thread ─► done
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kiln_common::client::{ClientOptions, ClusterClient};
+use kiln_common::clock::now_ms;
+use kiln_common::config::CoordinatorConfig;
+use kiln_proto::v1::coordinator_server::CoordinatorServer;
+use kiln_proto::v1::{
+    command, AddMemberRequest, Command, MemberRecord, SetWorkerState, WorkerState,
+};
+use raft::eraftpb::{ConfState, SnapshotMetadata};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::grpc::Api;
+use crate::health::{assess, HeartbeatClock};
+use crate::raft::node::{NodeMsg, RaftNode};
+use crate::raft::storage::{RaftStore, RocksStore, StoreError};
+use crate::raft::transport::Transport;
+use crate::state::keys;
+
+/// Largest gRPC message accepted (Raft batches, snapshot chunks).
+const MAX_GRPC_MESSAGE_BYTES: usize = 64 << 20;
+/// How often the leader checks worker heartbeats.
+const HEALTH_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a new member keeps asking to be admitted.
+const JOIN_DEADLINE: Duration = Duration::from_secs(120);
+/// Time the Raft thread gets to stop.
+const STOP_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Writes the initial state of a new cluster: every listed voter, at index 1 of
+/// term 1, identical on every node so that they agree without talking.
+fn bootstrap(store: &mut RocksStore, config: &CoordinatorConfig) -> Result<(), StoreError> {
+    let mut peers = config.peers.clone();
+    if peers.is_empty() {
+        peers.insert(config.id, config.advertise.clone());
+    }
+    let mut meta = SnapshotMetadata {
+        index: 1,
+        term: 1,
+        ..Default::default()
+    };
+    let mut cs = ConfState::default();
+    cs.voters = peers.keys().copied().collect();
+    meta.set_conf_state(cs);
+    let mut pairs = peers.iter().map(|(id, addr)| {
+        let record = MemberRecord {
+            id: *id,
+            addr: addr.clone(),
+            http_addr: String::new(),
+        };
+        Ok((keys::member(*id), prost::Message::encode_to_vec(&record)))
+    });
+    store.install_snapshot(&meta, &mut pairs)?;
+    tracing::info!(voters = ?peers.keys().collect::<Vec<_>>(), "bootstrapped a new cluster");
+    Ok(())
+}
+
+/// Runs a coordinator until `shutdown` is cancelled.
+pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let span = tracing::info_span!("coordinator", node_id = config.id);
+    let _enter = span.enter();
+    let raft_dir = config.data_dir.join("raft");
+    let mut store = RocksStore::open(&raft_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if store.is_fresh() {
+        if config.join.is_none() {
+            bootstrap(&mut store, &config).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    } else if !config.peers.is_empty() {
+        tracing::info!("data dir holds a cluster already; --peers is ignored");
+    }
+    let grpc_listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("bind coordinator grpc {}", config.listen))?;
+    let http_listener = tokio::net::TcpListener::bind(config.http)
+        .await
+        .with_context(|| format!("bind coordinator http {}", config.http))?;
+    let snapshot_dir = store.checkpoint_dir();
+    let transport = Transport::new(config.id, config.advertise.clone(), snapshot_dir.clone());
+    let reader = crate::state::reader::StateReader::new(store.db());
+    let (node, thread) = RaftNode::start(config.id, store, config.raft.clone(), transport.clone())?;
+    transport.attach(node.clone());
+
+    let tasks = CancellationToken::new();
+    let ticker = {
+        let tx = node.sender();
+        let token = tasks.clone();
+        let tick = Duration::from_millis(config.raft.tick_ms);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(tick);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = interval.tick() => {
+                        if tx.send(NodeMsg::Tick).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    let peers = Arc::new(ClusterClient::new(
+        vec![config.advertise.clone()],
+        ClientOptions::default(),
+    )?);
+    let api = Api {
+        node: node.clone(),
+        reader,
+        transport,
+        heartbeats: HeartbeatClock::default(),
+        peers,
+        http_addr: config.http.to_string(),
+        advertise: config.advertise.clone(),
+        snapshot_dir,
+        heartbeat_interval_ms: 1000,
+    };
+
+    let grpc = {
+        let token = tasks.clone();
+        let service = CoordinatorServer::new(api.clone())
+            .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                    token.cancelled_owned(),
+                )
+                .await
+        })
+    };
+    let http = {
+        let token = tasks.clone();
+        let router = crate::api::http::router(api.clone());
+        tokio::spawn(async move {
+            axum::serve(http_listener, router)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await
+        })
+    };
+    let health = tokio::spawn(health_loop(
+        api.clone(),
+        config.health.clone(),
+        tasks.clone(),
+    ));
+    if let Some(join) = config.join.clone() {
+        let member = MemberRecord {
+            id: config.id,
+            addr: config.advertise.clone(),
+            http_addr: config.http.to_string(),
+        };
+        tokio::spawn(join_cluster(join, member, tasks.clone()));
+    }
+    tracing::info!(grpc = %config.listen, http = %config.http, "coordinator serving");
+
+    tokio::select! {
+        _ = shutdown.cancelled() => tracing::info!("shutting down"),
+        r = grpc => tracing::error!(result = ?r, "grpc server ended"),
+    }
+    tasks.cancel();
+    let _ = tokio::time::timeout(STOP_DEADLINE, async {
+        let _ = http.await;
+        let _ = health.await;
+        let _ = ticker.await;
+    })
+    .await;
+    let _ = node.sender().send(NodeMsg::Shutdown).await;
+    drop(node);
+    drop(api);
+    let joined = tokio::task::spawn_blocking(move || thread.join());
+    if tokio::time::timeout(STOP_DEADLINE, joined).await.is_err() {
+        tracing::warn!("raft thread did not stop in time");
+    }
+    Ok(())
+}
+
+/// Asks the cluster at `join` to admit this node as a learner, until it succeeds.
+async fn join_cluster(join: String, member: MemberRecord, token: CancellationToken) {
+    let client = match ClusterClient::new(vec![join.clone()], ClientOptions::default()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "join cluster");
+            return;
+        }
+    };
+    let started = std::time::Instant::now();
+    let mut backoff = Duration::from_millis(200);
+    while started.elapsed() < JOIN_DEADLINE && !token.is_cancelled() {
+        let req = AddMemberRequest {
+            member: Some(member.clone()),
+        };
+        let result = client
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.add_member(req).await.map(|r| r.into_inner()) }
+            })
+            .await;
+        match result {
+            Ok(resp) => {
+                tracing::info!(
+                    leader = resp.leader_id,
+                    "admitted to the cluster as a learner"
+                );
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, via = %join, "join cluster; retrying"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(3));
+    }
+    tracing::error!(via = %join, "could not join the cluster within {}s", JOIN_DEADLINE.as_secs());
+}
+
+/// On the leader, turns worker silence into Suspect and Down.
+async fn health_loop(
+    api: Api,
+    settings: kiln_common::config::HealthSettings,
+    token: CancellationToken,
+) {
+    let mut interval = tokio::time::interval(HEALTH_CHECK_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let leading = api.node.view().is_leader();
+        api.heartbeats.set_leading(leading);
+        if !leading {
+            continue;
+        }
+        let workers = match api.reader.workers() {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "read workers");
+                continue;
+            }
+        };
+        for w in workers {
+            let state = WorkerState::try_from(w.state).unwrap_or(WorkerState::Unspecified);
+            let Some(silence) = api.heartbeats.silence(&w.id) else {
+                continue;
+            };
+            let Some(target) = assess(state, silence, &settings) else {
+                continue;
+            };
+            let cmd = Command {
+                proposed_at_ms: now_ms(),
+                kind: Some(command::Kind::SetWorkerState(SetWorkerState {
+                    worker_id: w.id.clone(),
+                    state: target as i32,
+                })),
+            };
+            match api.node.propose(&cmd).await {
+                Ok(_) => {
+                    tracing::info!(worker = %w.id, state = ?target, silence_ms = silence.as_millis() as u64, "worker health changed")
+                }
+                Err(e) => tracing::warn!(worker = %w.id, error = %e, "record worker health"),
+            }
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! The replicated state machine: what every coordinator applies, in log order.
+
+pub mod keys;
+pub mod machine;
+pub mod reader;

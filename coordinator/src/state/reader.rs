@@ -1,0 +1,92 @@
+//! [`StateReader`]: read-only access to the applied state from API tasks, while the
+//! Raft node alone writes. RocksDB batches are atomic, so a reader sees whole
+//! batches only.
+
+use std::sync::Arc;
+
+use kiln_proto::v1::{MemberRecord, WorkerRecord};
+use prost::Message;
+use rocksdb::{IteratorMode, DB};
+
+use super::keys;
+use crate::raft::storage::{StoreError, CF_STATE};
+
+/// A cloneable reader of the state column family.
+#[derive(Clone)]
+pub struct StateReader {
+    db: Arc<DB>,
+}
+
+impl StateReader {
+    /// Creates a reader over the coordinator's database.
+    pub fn new(db: Arc<DB>) -> StateReader {
+        StateReader { db }
+    }
+
+    /// Reads one state key.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let cf = self
+            .db
+            .cf_handle(CF_STATE)
+            .expect("state column family exists");
+        self.db.get_cf(&cf, key).map_err(|e| StoreError {
+            op: "read state",
+            message: e.to_string(),
+        })
+    }
+
+    /// Returns up to `limit` pairs whose key starts with `prefix`, in key order.
+    pub fn scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let cf = self
+            .db
+            .cf_handle(CF_STATE)
+            .expect("state column family exists");
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(&cf, IteratorMode::From(prefix, rocksdb::Direction::Forward))
+        {
+            let (k, v) = item.map_err(|e| StoreError {
+                op: "scan state",
+                message: e.to_string(),
+            })?;
+            if !k.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Returns every registered worker.
+    pub fn workers(&self) -> Result<Vec<WorkerRecord>, StoreError> {
+        self.decode_all(keys::WORKER, "decode worker record")
+    }
+
+    /// Returns every coordinator member record.
+    pub fn members(&self) -> Result<Vec<MemberRecord>, StoreError> {
+        self.decode_all(keys::MEMBER, "decode member record")
+    }
+
+    fn decode_all<M: Message + Default>(
+        &self,
+        prefix: &str,
+        op: &'static str,
+    ) -> Result<Vec<M>, StoreError> {
+        self.scan(prefix.as_bytes(), usize::MAX)?
+            .into_iter()
+            .map(|(_, v)| {
+                M::decode(v.as_slice()).map_err(|e| StoreError {
+                    op,
+                    message: e.to_string(),
+                })
+            })
+            .collect()
+    }
+}
+
+impl super::machine::StateRead for StateReader {
+    fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get(key)
+    }
+}

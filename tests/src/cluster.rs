@@ -1,0 +1,559 @@
+//! [`Cluster`]: coordinators and workers of one test, in one temporary dir.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_common::client::{ClientOptions, ClusterClient};
+use kiln_proto::v1::coordinator_client::CoordinatorClient;
+use kiln_proto::v1::{GetRequest, NodeStatusRequest, NodeStatusResponse, PutRequest};
+use tempfile::TempDir;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::cli::{kiln_bin, run_kiln, CLI_TIMEOUT};
+use crate::port::free_port;
+use crate::process::Proc;
+use crate::wait::wait_for;
+
+/// How long a stopped node may take to exit after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Time for a TCP connection to one node from the test.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Time for one RPC from the test to one node.
+const RPC_TIMEOUT: Duration = Duration::from_secs(3);
+/// Lines of each log printed when a test fails.
+const LOG_TAIL_LINES: usize = 80;
+
+/// One `kiln` process of the cluster, running or not.
+#[derive(Debug)]
+struct Node {
+    name: String,
+    args: Vec<String>,
+    data_dir: PathBuf,
+    log: PathBuf,
+    /// The gRPC address (`--listen`).
+    addr: String,
+    proc: Option<Proc>,
+}
+
+/// A cluster of `kiln` coordinators and workers on loopback ports.
+///
+/// Coordinators are known by id, workers by a name the test picks. Nodes keep their
+/// ports and data dirs across restarts. If the test panics while the cluster is
+/// alive, dropping it prints the tail of every log and keeps the temporary dir.
+#[derive(Debug)]
+pub struct Cluster {
+    // Declared before `dir`: processes die before their data dirs are removed.
+    coordinators: BTreeMap<u64, Node>,
+    workers: BTreeMap<String, Node>,
+    channels: Mutex<HashMap<String, Channel>>,
+    bin: PathBuf,
+    config: Option<PathBuf>,
+    dir: TempDir,
+}
+
+impl Cluster {
+    /// Starts coordinators 1..=`n` as a new cluster, each with `config_toml` as its
+    /// `--config` file unless it is blank. Does not wait for a leader.
+    pub fn start(n: u64, config_toml: &str) -> Cluster {
+        assert!(n > 0, "a cluster needs at least one coordinator");
+        let bin = kiln_bin();
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-cluster-")
+            .tempdir()
+            .expect("create a temporary dir for the cluster");
+        let config = if config_toml.trim().is_empty() {
+            None
+        } else {
+            let path = dir.path().join("kiln.toml");
+            std::fs::write(&path, config_toml).expect("write the coordinator config file");
+            Some(path)
+        };
+        let mut cluster = Cluster {
+            coordinators: BTreeMap::new(),
+            workers: BTreeMap::new(),
+            channels: Mutex::new(HashMap::new()),
+            bin,
+            config,
+            dir,
+        };
+        let ports: Vec<(u64, u16, u16)> =
+            (1..=n).map(|id| (id, free_port(), free_port())).collect();
+        let peers = ports
+            .iter()
+            .map(|(id, port, _)| format!("{id}=127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        for (id, port, http_port) in ports {
+            let addr = format!("127.0.0.1:{port}");
+            let extra = vec!["--peers".to_string(), peers.clone()];
+            cluster.spawn_coordinator(id, addr, http_port, extra);
+        }
+        cluster
+    }
+
+    fn spawn_coordinator(&mut self, id: u64, addr: String, http_port: u16, extra: Vec<String>) {
+        let name = format!("coordinator-{id}");
+        let data_dir = self.dir.path().join(&name);
+        let mut args = vec![
+            "coordinator".to_string(),
+            "--id".to_string(),
+            id.to_string(),
+            "--data-dir".to_string(),
+            data_dir.display().to_string(),
+            "--listen".to_string(),
+            addr.clone(),
+            "--http".to_string(),
+            format!("127.0.0.1:{http_port}"),
+        ];
+        args.extend(extra);
+        if let Some(config) = &self.config {
+            args.push("--config".to_string());
+            args.push(config.display().to_string());
+        }
+        let log = self.dir.path().join(format!("{name}.log"));
+        let proc = Proc::spawn(&name, &self.bin, &args, &log);
+        self.coordinators.insert(
+            id,
+            Node {
+                name,
+                args,
+                data_dir,
+                log,
+                addr,
+                proc: Some(proc),
+            },
+        );
+    }
+
+    /// Returns the temporary dir that holds data dirs, logs and the config file.
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Returns the ids of all coordinators ever started, running or not.
+    pub fn coordinator_ids(&self) -> Vec<u64> {
+        self.coordinators.keys().copied().collect()
+    }
+
+    /// Returns the ids of the coordinators whose process runs.
+    pub fn live_ids(&self) -> Vec<u64> {
+        self.coordinators
+            .iter()
+            .filter(|(_, node)| node.proc.is_some())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Returns the gRPC address of coordinator `id`.
+    pub fn addr(&self, id: u64) -> String {
+        self.coordinator(id).addr.clone()
+    }
+
+    /// Returns the gRPC addresses of the running coordinators.
+    pub fn live_addrs(&self) -> Vec<String> {
+        self.live_ids()
+            .into_iter()
+            .map(|id| self.addr(id))
+            .collect()
+    }
+
+    /// Returns the data dir of coordinator `id`.
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.coordinator(id).data_dir.clone()
+    }
+
+    fn coordinator(&self, id: u64) -> &Node {
+        self.coordinators
+            .get(&id)
+            .unwrap_or_else(|| panic!("no coordinator {id} in this cluster"))
+    }
+
+    fn coordinator_mut(&mut self, id: u64) -> &mut Node {
+        self.coordinators
+            .get_mut(&id)
+            .unwrap_or_else(|| panic!("no coordinator {id} in this cluster"))
+    }
+
+    /// Crashes coordinator `id` with SIGKILL.
+    pub fn kill(&mut self, id: u64) {
+        let node = self.coordinator_mut(id);
+        let proc = node
+            .proc
+            .take()
+            .unwrap_or_else(|| panic!("kill {}: it is not running", node.name));
+        proc.kill();
+    }
+
+    /// Stops coordinator `id` with SIGTERM and waits for it to exit; panics if it
+    /// takes longer than 10 s.
+    pub async fn stop(&mut self, id: u64) {
+        let node = self.coordinator_mut(id);
+        let proc = node
+            .proc
+            .take()
+            .unwrap_or_else(|| panic!("stop {}: it is not running", node.name));
+        proc.terminate(STOP_GRACE).await;
+    }
+
+    /// Starts coordinator `id` again with the same flags and data dir.
+    pub fn restart(&mut self, id: u64) {
+        let bin = self.bin.clone();
+        let node = self.coordinator_mut(id);
+        assert!(
+            node.proc.is_none(),
+            "restart {}: it is still running",
+            node.name
+        );
+        node.proc = Some(Proc::spawn(&node.name, &bin, &node.args, &node.log));
+    }
+
+    /// Starts coordinator `id` as a new node that joins the running cluster through
+    /// the first running coordinator (`--join`).
+    pub fn add_coordinator(&mut self, id: u64) {
+        assert!(
+            !self.coordinators.contains_key(&id),
+            "coordinator {id} already exists"
+        );
+        let via = self
+            .live_addrs()
+            .into_iter()
+            .next()
+            .expect("a running coordinator to join through");
+        let addr = format!("127.0.0.1:{}", free_port());
+        self.spawn_coordinator(id, addr, free_port(), vec!["--join".to_string(), via]);
+    }
+
+    /// Starts a worker called `name` against the running coordinators.
+    pub fn start_worker(&mut self, name: &str) {
+        assert!(
+            !self.workers.contains_key(name),
+            "worker {name} already exists"
+        );
+        let coordinators = self.live_addrs().join(",");
+        assert!(
+            !coordinators.is_empty(),
+            "a worker needs a running coordinator"
+        );
+        let data_dir = self.dir.path().join(format!("worker-{name}"));
+        let addr = format!("127.0.0.1:{}", free_port());
+        let args = vec![
+            "worker".to_string(),
+            "--data-dir".to_string(),
+            data_dir.display().to_string(),
+            "--coordinators".to_string(),
+            coordinators,
+            "--listen".to_string(),
+            addr.clone(),
+            "--http".to_string(),
+            format!("127.0.0.1:{}", free_port()),
+            "--inference-grpc".to_string(),
+            format!("127.0.0.1:{}", free_port()),
+        ];
+        let full_name = format!("worker-{name}");
+        let log = self.dir.path().join(format!("{full_name}.log"));
+        let proc = Proc::spawn(&full_name, &self.bin, &args, &log);
+        self.workers.insert(
+            name.to_string(),
+            Node {
+                name: full_name,
+                args,
+                data_dir,
+                log,
+                addr,
+                proc: Some(proc),
+            },
+        );
+    }
+
+    fn worker_mut(&mut self, name: &str) -> &mut Node {
+        self.workers
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("no worker {name} in this cluster"))
+    }
+
+    /// Crashes worker `name` with SIGKILL.
+    pub fn kill_worker(&mut self, name: &str) {
+        let node = self.worker_mut(name);
+        let proc = node
+            .proc
+            .take()
+            .unwrap_or_else(|| panic!("kill {}: it is not running", node.name));
+        proc.kill();
+    }
+
+    /// Starts worker `name` again with the same flags and data dir.
+    pub fn restart_worker(&mut self, name: &str) {
+        let bin = self.bin.clone();
+        let node = self.worker_mut(name);
+        assert!(
+            node.proc.is_none(),
+            "restart {}: it is still running",
+            node.name
+        );
+        node.proc = Some(Proc::spawn(&node.name, &bin, &node.args, &node.log));
+    }
+
+    /// Returns the gRPC address of worker `name`.
+    pub fn worker_addr(&self, name: &str) -> String {
+        self.workers
+            .get(name)
+            .map(|node| node.addr.clone())
+            .unwrap_or_else(|| panic!("no worker {name} in this cluster"))
+    }
+
+    /// Returns the value of `flag` on worker `name`'s command line.
+    pub fn worker_flag(&self, name: &str, flag: &str) -> String {
+        let node = self
+            .workers
+            .get(name)
+            .unwrap_or_else(|| panic!("no worker {name} in this cluster"));
+        node.args
+            .iter()
+            .position(|arg| arg == flag)
+            .and_then(|i| node.args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| panic!("worker {name} has no {flag} flag"))
+    }
+
+    /// Returns the id worker `name` keeps in `DATA_DIR/worker-id`, once written.
+    pub fn worker_id(&self, name: &str) -> Option<String> {
+        let node = self
+            .workers
+            .get(name)
+            .unwrap_or_else(|| panic!("no worker {name} in this cluster"));
+        std::fs::read_to_string(node.data_dir.join("worker-id"))
+            .ok()
+            .map(|text| text.trim().to_string())
+            .filter(|id| !id.is_empty())
+    }
+
+    /// Returns a gRPC client of coordinator `id` (connected lazily, shared channel).
+    pub fn client(&self, id: u64) -> CoordinatorClient<Channel> {
+        let addr = self.addr(id);
+        let mut channels = self
+            .channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let channel = channels
+            .entry(addr.clone())
+            .or_insert_with(|| {
+                Endpoint::from_shared(format!("http://{addr}"))
+                    .expect("a loopback address is a valid endpoint")
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .timeout(RPC_TIMEOUT)
+                    .tcp_nodelay(true)
+                    .connect_lazy()
+            })
+            .clone();
+        CoordinatorClient::new(channel)
+    }
+
+    /// Returns a [`ClusterClient`] of the running coordinators with default options.
+    pub fn cluster_client(&self) -> Arc<ClusterClient> {
+        self.cluster_client_with(ClientOptions::default())
+    }
+
+    /// Returns a [`ClusterClient`] of the running coordinators.
+    pub fn cluster_client_with(&self, options: ClientOptions) -> Arc<ClusterClient> {
+        Arc::new(
+            ClusterClient::new(self.live_addrs(), options)
+                .expect("a cluster client needs a running coordinator"),
+        )
+    }
+
+    /// Returns coordinator `id`'s own view of Raft.
+    pub async fn node_status(&self, id: u64) -> Result<NodeStatusResponse, tonic::Status> {
+        self.client(id)
+            .node_status(NodeStatusRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Writes `key` through coordinator `id` (a follower forwards it) and returns the
+    /// log index.
+    pub async fn put(&self, id: u64, key: &str, value: &str) -> Result<u64, tonic::Status> {
+        self.client(id)
+            .put(PutRequest {
+                key: key.to_string(),
+                value: value.as_bytes().to_vec(),
+            })
+            .await
+            .map(|r| r.into_inner().index)
+    }
+
+    /// Reads `key` through coordinator `id`: linearizably, or from its applied state
+    /// when `stale`. Returns `None` when the key is absent.
+    pub async fn get(
+        &self,
+        id: u64,
+        key: &str,
+        stale: bool,
+    ) -> Result<Option<String>, tonic::Status> {
+        let response = self
+            .client(id)
+            .get(GetRequest {
+                key: key.to_string(),
+                stale,
+            })
+            .await?
+            .into_inner();
+        Ok(response
+            .found
+            .then(|| String::from_utf8_lossy(&response.value).into_owned()))
+    }
+
+    /// Waits until a leader is established: a running node says it leads at some
+    /// term, and a majority of its voters (itself included) name it at that term.
+    /// Returns `(leader_id, term)`.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> (u64, u64) {
+        let this = self;
+        wait_for(
+            timeout,
+            "a leader backed by a majority",
+            move || async move {
+                let mut statuses = Vec::new();
+                let mut seen = Vec::new();
+                for id in this.live_ids() {
+                    match this.node_status(id).await {
+                        Ok(status) => {
+                            seen.push(format!(
+                                "{id}: {} term {} leader {}",
+                                status.role, status.term, status.leader_id
+                            ));
+                            statuses.push(status);
+                        }
+                        Err(e) => seen.push(format!("{id}: {}", e.message())),
+                    }
+                }
+                for leader in statuses.iter().filter(|s| s.role == "leader") {
+                    let backers = statuses
+                        .iter()
+                        .filter(|s| {
+                            leader.voters.contains(&s.id)
+                                && s.leader_id == leader.id
+                                && s.term == leader.term
+                        })
+                        .count();
+                    if backers > leader.voters.len() / 2 {
+                        return Ok((leader.id, leader.term));
+                    }
+                }
+                Err(seen.join("; "))
+            },
+        )
+        .await
+    }
+
+    /// Waits until coordinators `ids` have applied everything they know committed and
+    /// agree on the applied index; returns it.
+    pub async fn wait_converged(&self, ids: &[u64], timeout: Duration) -> u64 {
+        let this = self;
+        wait_for(
+            timeout,
+            "the nodes to apply the same index",
+            move || async move {
+                let mut applied = Vec::new();
+                let mut seen = Vec::new();
+                for &id in ids {
+                    let status = this
+                        .node_status(id)
+                        .await
+                        .map_err(|e| format!("{id}: {}", e.message()))?;
+                    seen.push(format!(
+                        "{id}: commit {} applied {}",
+                        status.commit_index, status.applied_index
+                    ));
+                    if status.applied_index != status.commit_index {
+                        return Err(seen.join("; "));
+                    }
+                    applied.push(status.applied_index);
+                }
+                match applied.first() {
+                    Some(&first) if applied.iter().all(|&a| a == first) => Ok(first),
+                    _ => Err(seen.join("; ")),
+                }
+            },
+        )
+        .await
+    }
+
+    /// Runs `kiln --coordinator <running coordinators> args...`.
+    pub async fn run_cli(&self, args: &[&str]) -> Output {
+        let coordinators = self.live_addrs().join(",");
+        let mut full = vec!["--coordinator", coordinators.as_str()];
+        full.extend_from_slice(args);
+        run_kiln(&full, CLI_TIMEOUT).await
+    }
+
+    fn all_nodes(&self) -> impl Iterator<Item = &Node> {
+        self.coordinators.values().chain(self.workers.values())
+    }
+
+    /// Prints the last lines of every node's log to stderr.
+    pub fn dump_logs(&self) {
+        for node in self.all_nodes() {
+            let text = std::fs::read_to_string(&node.log).unwrap_or_else(|e| format!("({e})"));
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            eprintln!(
+                "----- {} ({}), last {} lines of {}",
+                node.name,
+                if node.proc.is_some() {
+                    "running"
+                } else {
+                    "not running"
+                },
+                tail.len(),
+                node.log.display()
+            );
+            for line in tail {
+                eprintln!("{line}");
+            }
+        }
+    }
+
+    /// Panics if any node has exited on its own, or if any log shows a panic.
+    pub fn assert_healthy(&mut self) {
+        let mut problems = Vec::new();
+        for node in self
+            .coordinators
+            .values_mut()
+            .chain(self.workers.values_mut())
+        {
+            if let Some(proc) = node.proc.as_mut() {
+                if let Some(status) = proc.exited() {
+                    problems.push(format!("{} exited on its own: {status}", node.name));
+                }
+            }
+            let text = std::fs::read_to_string(&node.log).unwrap_or_default();
+            if text.contains("panicked") {
+                problems.push(format!(
+                    "{} panicked (see {})",
+                    node.name,
+                    node.log.display()
+                ));
+            }
+        }
+        assert!(
+            problems.is_empty(),
+            "unhealthy nodes: {}",
+            problems.join("; ")
+        );
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+            self.dir.disable_cleanup(true);
+            eprintln!(
+                "----- kept the cluster's dir for inspection: {}",
+                self.dir.path().display()
+            );
+        }
+    }
+}

@@ -1,0 +1,498 @@
+//! The [`Agent`]: makes this worker known to the coordinators and keeps it known.
+//!
+//! ```text
+//!            start / forgotten (NOT_FOUND)
+//!   ┌────────────────────────────────────────────┐
+//!   ▼                                            │
+//! register ── retry, 100 ms doubling to 2 s ──► heartbeat every interval
+//!   │ (until accepted or cancelled)              │ (deadline ≈ interval; other
+//!   ▼                                            │  failures are retried next tick)
+//! Registration::Registered ─────────────────────►┘
+//! ```
+//!
+//! The agent is a task that owns its state; others see the registration state
+//! through a `watch` (HTTP readiness reads it) and counters through [`Metrics`].
+//! Failures are logged at warn when they start or change kind, at debug while they
+//! repeat, and at info when they end, so a long outage costs a few lines, not one a
+//! second.
+
+use std::mem::Discriminant;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_common::client::ClusterClient;
+use kiln_common::Error;
+use kiln_proto::v1::{
+    HeartbeatRequest, RegisterWorkerRequest, Resources, WorkerRecord, WorkerState,
+};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::metrics::Metrics;
+use crate::resources::ResourceProbe;
+
+/// First pause between registration attempts.
+pub const REGISTER_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+/// Longest pause between registration attempts.
+pub const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Heartbeats between two reads of the data disk's free space.
+pub const DISK_REFRESH_EVERY_HEARTBEATS: u64 = 10;
+/// Bounds on the heartbeat interval, whoever sets it (a zero interval would spin).
+pub const HEARTBEAT_INTERVAL_MIN: Duration = Duration::from_millis(10);
+pub const HEARTBEAT_INTERVAL_MAX: Duration = Duration::from_secs(60);
+
+/// Whether the coordinators know this worker, as HTTP readiness and metrics see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    /// Not registered yet, or forgotten by the coordinators and registering again.
+    Unregistered,
+    /// Registered; heartbeats carry this incarnation.
+    Registered { incarnation: u64 },
+    /// The agent has stopped.
+    Stopped,
+}
+
+impl Registration {
+    /// Returns true while the coordinators know this worker.
+    pub fn is_registered(&self) -> bool {
+        matches!(self, Registration::Registered { .. })
+    }
+}
+
+/// Returns the pause after failed registration attempt number `attempt` (from 0):
+/// 100 ms doubling up to 2 s.
+pub fn register_backoff(attempt: u32) -> Duration {
+    // Capping the shift keeps the product far from overflow; 2^16 steps pass any
+    // sensible maximum long before.
+    (REGISTER_BACKOFF_INITIAL * (1u32 << attempt.min(16))).min(REGISTER_BACKOFF_MAX)
+}
+
+/// Returns the heartbeat interval: the coordinators' when they name one (they know
+/// when they would suspect a silent worker), else the configured one, within bounds.
+pub fn heartbeat_interval(from_coordinator_ms: u64, configured: Duration) -> Duration {
+    let interval = if from_coordinator_ms > 0 {
+        Duration::from_millis(from_coordinator_ms)
+    } else {
+        configured
+    };
+    interval.clamp(HEARTBEAT_INTERVAL_MIN, HEARTBEAT_INTERVAL_MAX)
+}
+
+/// Tracks a run of failures so that each run is logged once, not each failure.
+#[derive(Debug, Default)]
+struct FailureLog {
+    kind: Option<Discriminant<Error>>,
+    count: u64,
+}
+
+impl FailureLog {
+    /// Records a failure; returns true when it starts a run of failures or changes
+    /// their kind, which is when it deserves a warning.
+    fn failed(&mut self, err: &Error) -> bool {
+        self.count += 1;
+        let kind = std::mem::discriminant(err);
+        let changed = self.kind != Some(kind);
+        self.kind = Some(kind);
+        changed
+    }
+
+    /// Records a success; returns the length of the run of failures it ends.
+    fn succeeded(&mut self) -> Option<u64> {
+        self.kind = None;
+        let count = std::mem::take(&mut self.count);
+        (count > 0).then_some(count)
+    }
+}
+
+/// How a heartbeat loop ended.
+enum HeartbeatEnd {
+    /// The coordinators no longer know this worker.
+    Forgotten,
+    Cancelled,
+}
+
+/// What the agent needs besides its collaborators.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// The record to register; its resources are replaced by fresh ones each time.
+    pub record: WorkerRecord,
+    /// The interval to heartbeat at unless the coordinators name another.
+    pub heartbeat_interval: Duration,
+}
+
+/// The registration and heartbeat actor of one worker.
+pub struct Agent {
+    client: ClusterClient,
+    record: WorkerRecord,
+    resources: Resources,
+    configured_interval: Duration,
+    probe: Arc<Mutex<ResourceProbe>>,
+    metrics: Arc<Metrics>,
+    state: watch::Sender<Registration>,
+    shutdown: CancellationToken,
+}
+
+/// The handle of a running [`Agent`].
+#[derive(Debug)]
+pub struct AgentHandle {
+    registration: watch::Receiver<Registration>,
+    task: JoinHandle<()>,
+}
+
+impl AgentHandle {
+    /// Returns a receiver of the registration state.
+    pub fn registration(&self) -> watch::Receiver<Registration> {
+        self.registration.clone()
+    }
+
+    /// Waits until the agent has stopped (after its token is cancelled) or
+    /// `deadline` passes, then aborts it; returns true when it stopped in time.
+    pub async fn join(mut self, deadline: Instant) -> bool {
+        match tokio::time::timeout_at(deadline, &mut self.task).await {
+            Ok(Ok(())) => true,
+            Ok(Err(err)) => {
+                tracing::error!(error = %err, "agent task failed");
+                true
+            }
+            Err(_) => {
+                self.task.abort();
+                false
+            }
+        }
+    }
+}
+
+impl Agent {
+    /// Starts the agent; it runs until `shutdown` is cancelled.
+    pub fn spawn(
+        client: ClusterClient,
+        settings: AgentSettings,
+        probe: ResourceProbe,
+        resources: Resources,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> AgentHandle {
+        let (state, registration) = watch::channel(Registration::Unregistered);
+        let span = tracing::info_span!("agent", worker_id = %settings.record.id);
+        let agent = Agent {
+            client,
+            record: settings.record,
+            resources,
+            configured_interval: settings.heartbeat_interval,
+            probe: Arc::new(Mutex::new(probe)),
+            metrics,
+            state,
+            shutdown,
+        };
+        let task = tokio::spawn(agent.run().instrument(span));
+        AgentHandle { registration, task }
+    }
+
+    async fn run(mut self) {
+        loop {
+            let Some((incarnation, interval)) = self.register().await else {
+                break;
+            };
+            match self.heartbeat(incarnation, interval).await {
+                HeartbeatEnd::Forgotten => continue,
+                HeartbeatEnd::Cancelled => break,
+            }
+        }
+        self.state.send_replace(Registration::Stopped);
+        tracing::info!("agent stopped");
+    }
+
+    /// Registers until the coordinators accept; returns the incarnation and the
+    /// heartbeat interval, or `None` when cancelled first.
+    async fn register(&mut self) -> Option<(u64, Duration)> {
+        self.state.send_replace(Registration::Unregistered);
+        let mut failures = FailureLog::default();
+        let mut attempt = 0u32;
+        loop {
+            let mut record = self.record.clone();
+            record.resources = Some(self.resources.clone());
+            let request = RegisterWorkerRequest {
+                worker: Some(record),
+            };
+            let call = self.client.call(|mut client| {
+                let request = request.clone();
+                async move {
+                    client
+                        .register_worker(request)
+                        .await
+                        .map(|r| r.into_inner())
+                }
+            });
+            let result = tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                result = call => result,
+            };
+            match result {
+                Ok(response) => {
+                    let interval = heartbeat_interval(
+                        response.heartbeat_interval_ms,
+                        self.configured_interval,
+                    );
+                    tracing::info!(
+                        incarnation = response.incarnation,
+                        heartbeat_interval_ms = interval.as_millis() as u64,
+                        failed_attempts = failures.succeeded().unwrap_or(0),
+                        "registered with the coordinators"
+                    );
+                    self.state.send_replace(Registration::Registered {
+                        incarnation: response.incarnation,
+                    });
+                    return Some((response.incarnation, interval));
+                }
+                Err(err) => {
+                    let delay = register_backoff(attempt);
+                    if failures.failed(&err) {
+                        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "register worker failed; retrying");
+                    } else {
+                        tracing::debug!(error = %err, attempt, "register worker failed again");
+                    }
+                    attempt = attempt.saturating_add(1);
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Heartbeats until the coordinators forget this worker or the agent is cancelled.
+    async fn heartbeat(&mut self, incarnation: u64, interval: Duration) -> HeartbeatEnd {
+        let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut failures = FailureLog::default();
+        let mut last_state = WorkerState::Unspecified;
+        let mut beats = 0u64;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return HeartbeatEnd::Cancelled,
+                _ = ticker.tick() => {}
+            }
+            beats += 1;
+            if beats % DISK_REFRESH_EVERY_HEARTBEATS == 0 {
+                self.refresh_disk_free().await;
+            }
+            let request = HeartbeatRequest {
+                worker_id: self.record.id.clone(),
+                incarnation,
+                resources: Some(self.resources.clone()),
+            };
+            let call = self.client.call_with_deadline(interval, |mut client| {
+                let request = request.clone();
+                async move { client.heartbeat(request).await.map(|r| r.into_inner()) }
+            });
+            self.metrics.heartbeat_sent();
+            let result = tokio::select! {
+                _ = self.shutdown.cancelled() => return HeartbeatEnd::Cancelled,
+                result = call => result,
+            };
+            match result {
+                Ok(response) => {
+                    if let Some(failed) = failures.succeeded() {
+                        tracing::info!(failed, "heartbeats answered again");
+                    }
+                    let state = response.state();
+                    if state != last_state {
+                        tracing::info!(state = state.as_str_name(), "coordinators see this worker");
+                        last_state = state;
+                    }
+                }
+                Err(Error::NotFound(message)) => {
+                    self.metrics.heartbeat_failed();
+                    tracing::warn!(%message, incarnation, "coordinators do not know this worker; registering again");
+                    return HeartbeatEnd::Forgotten;
+                }
+                Err(err) => {
+                    self.metrics.heartbeat_failed();
+                    if failures.failed(&err) {
+                        tracing::warn!(error = %err, "heartbeat failed; retrying each interval");
+                    } else {
+                        tracing::debug!(error = %err, "heartbeat failed again");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the data disk's free space on a blocking thread: `statvfs` can stall on
+    /// a network filesystem, and the executor must not.
+    async fn refresh_disk_free(&mut self) {
+        let probe = Arc::clone(&self.probe);
+        let read = tokio::task::spawn_blocking(move || {
+            // A panic while refreshing leaves nothing half-written worth refusing.
+            let mut probe = probe
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            probe.refresh_disk_free()
+        });
+        match read.await {
+            Ok(Some(free)) => {
+                self.resources.disk_free_bytes = free;
+                self.metrics.set_disk_free_bytes(free);
+            }
+            Ok(None) => {}
+            Err(err) => tracing::debug!(error = %err, "disk refresh task failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake_coordinator::{wait_until, FakeCoordinator};
+
+    #[test]
+    fn backoff_doubles_from_100ms_to_2s() {
+        let delays: Vec<u64> = (0..8)
+            .map(|a| register_backoff(a).as_millis() as u64)
+            .collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+        assert_eq!(register_backoff(40), REGISTER_BACKOFF_MAX);
+        assert_eq!(register_backoff(u32::MAX), REGISTER_BACKOFF_MAX);
+    }
+
+    #[test]
+    fn interval_prefers_the_coordinators_within_bounds() {
+        let configured = Duration::from_millis(1000);
+        assert_eq!(heartbeat_interval(0, configured), configured);
+        assert_eq!(
+            heartbeat_interval(250, configured),
+            Duration::from_millis(250)
+        );
+        assert_eq!(heartbeat_interval(1, configured), HEARTBEAT_INTERVAL_MIN);
+        assert_eq!(
+            heartbeat_interval(u64::MAX, configured),
+            HEARTBEAT_INTERVAL_MAX
+        );
+        assert_eq!(
+            heartbeat_interval(0, Duration::ZERO),
+            HEARTBEAT_INTERVAL_MIN
+        );
+    }
+
+    #[test]
+    fn failures_warn_once_per_change() {
+        let mut log = FailureLog::default();
+        assert_eq!(log.succeeded(), None);
+        let unavailable = Error::Unavailable("down".into());
+        assert!(log.failed(&unavailable), "the first failure warns");
+        assert!(!log.failed(&unavailable), "a repeat does not");
+        assert!(!log.failed(&Error::Unavailable("other text".into())));
+        assert!(log.failed(&Error::NoQuorum("x".into())), "a new kind warns");
+        assert_eq!(log.succeeded(), Some(4));
+        assert_eq!(log.succeeded(), None);
+        assert!(log.failed(&unavailable), "a new run warns again");
+    }
+
+    fn spawn_agent(
+        coordinator: String,
+        shutdown: &CancellationToken,
+    ) -> (AgentHandle, Arc<Metrics>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (probe, resources) = ResourceProbe::discover(dir.path());
+        let metrics = Arc::new(Metrics::new(&resources));
+        let client = ClusterClient::new(vec![coordinator], Default::default()).expect("client");
+        let record = WorkerRecord {
+            id: "worker-a".into(),
+            ..Default::default()
+        };
+        let handle = Agent::spawn(
+            client,
+            AgentSettings {
+                record,
+                heartbeat_interval: Duration::from_millis(1000),
+            },
+            probe,
+            resources,
+            Arc::clone(&metrics),
+            shutdown.clone(),
+        );
+        (handle, metrics)
+    }
+
+    #[tokio::test]
+    async fn registers_heartbeats_and_registers_again_when_forgotten() {
+        // The coordinator's interval (20 ms) overrides the configured one (1 s).
+        let fake = FakeCoordinator::start(20).await;
+        let shutdown = CancellationToken::new();
+        let (handle, metrics) = spawn_agent(fake.addr.to_string(), &shutdown);
+        let registration = handle.registration();
+
+        wait_until("registration", || {
+            *registration.borrow() == Registration::Registered { incarnation: 1 }
+        })
+        .await;
+        wait_until("three heartbeats", || fake.heartbeats().len() >= 3).await;
+        let registered = fake.registrations();
+        assert_eq!(registered.len(), 1);
+        assert_eq!(registered[0].id, "worker-a");
+        assert!(
+            registered[0].resources.is_some(),
+            "the record carries resources"
+        );
+        for heartbeat in fake.heartbeats() {
+            assert_eq!(heartbeat.worker_id, "worker-a");
+            assert_eq!(heartbeat.incarnation, 1);
+            assert!(heartbeat.resources.is_some());
+        }
+
+        fake.forget_workers();
+        wait_until("second registration", || {
+            *registration.borrow() == Registration::Registered { incarnation: 2 }
+        })
+        .await;
+        wait_until("a heartbeat of the new incarnation", || {
+            fake.heartbeats().iter().any(|h| h.incarnation == 2)
+        })
+        .await;
+        assert_eq!(fake.registrations().len(), 2);
+        assert!(
+            metrics.heartbeat_failures_total() >= 1,
+            "the refused heartbeat counts"
+        );
+        assert!(metrics.heartbeats_total() > metrics.heartbeat_failures_total());
+
+        shutdown.cancel();
+        assert!(handle.join(Instant::now() + Duration::from_secs(2)).await);
+        assert_eq!(*registration.borrow(), Registration::Stopped);
+    }
+
+    #[tokio::test]
+    async fn cancellation_stops_a_registration_that_cannot_succeed() {
+        let nobody = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind")
+            .local_addr()
+            .expect("addr");
+        let shutdown = CancellationToken::new();
+        let (handle, metrics) = spawn_agent(nobody.to_string(), &shutdown);
+        let registration = handle.registration();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(*registration.borrow(), Registration::Unregistered);
+        assert_eq!(metrics.heartbeats_total(), 0);
+
+        // The client's own deadline is 5 s; cancellation must not wait for it.
+        shutdown.cancel();
+        assert!(
+            handle
+                .join(Instant::now() + Duration::from_millis(500))
+                .await
+        );
+        assert_eq!(*registration.borrow(), Registration::Stopped);
+    }
+
+    #[test]
+    fn only_registered_is_ready() {
+        assert!(Registration::Registered { incarnation: 1 }.is_registered());
+        assert!(!Registration::Unregistered.is_registered());
+        assert!(!Registration::Stopped.is_registered());
+    }
+}

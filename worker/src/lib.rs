@@ -1,0 +1,487 @@
+//! kiln's worker agent: one per machine, it makes the machine known to the
+//! coordinators and keeps it known.
+//!
+//! # Layout
+//!
+//! - `identity`: the worker id, a UUID v4 kept in `<data_dir>/worker-id`, so that a
+//!   restart comes back under the same id.
+//! - `resources`: what the machine offers (CPU cores, memory, the data directory's
+//!   disk, NVIDIA GPUs through NVML), as a `kiln_proto::v1::Resources`.
+//! - `agent`: the [`agent::Agent`] actor; registers with the coordinators, then
+//!   heartbeats, and registers again when they forget this worker. It publishes its
+//!   [`agent::Registration`] state on a `watch` and bumps counters in `metrics`.
+//! - `metrics`: counters and gauges as atomics, rendered in the Prometheus text
+//!   format.
+//! - `http`: the HTTP server (KServe v2 health endpoints, `/metrics`); it only
+//!   reads the registration `watch` and the metrics.
+//!
+//! How data moves:
+//!
+//! ```text
+//!  identity ─ id ─┐
+//!  resources ─────┼─► Agent ── RegisterWorker / Heartbeat ──► coordinators (leader)
+//!                 │     │ watch<Registration>, Arc<Metrics>
+//!                 │     ▼
+//!                 └─► http: /v2/health/ready, /metrics ◄── probes, Prometheus
+//! ```
+//!
+//! [`run`] holds three listeners: HTTP (`http`), the worker's gRPC port (`listen`)
+//! and the inference gRPC port (`inference_grpc`). The two gRPC ports serve a tonic
+//! server without services for now (every call answers UNIMPLEMENTED), so that the
+//! ports are taken and reported from the start; the blob store, collectives and
+//! KServe gRPC services join them later.
+//!
+//! Shutdown, on cancellation of the token given to [`run`]: the agent stops first
+//! (no heartbeat leaves a worker that is going away), then the servers finish their
+//! open requests; the whole is bounded by [`SHUTDOWN_TIMEOUT`], after which what is
+//! left is aborted.
+
+pub mod agent;
+pub mod http;
+pub mod identity;
+pub mod metrics;
+pub mod resources;
+
+#[cfg(test)]
+mod fake_coordinator;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use kiln_common::client::{ClientOptions, ClusterClient};
+use kiln_common::config::WorkerConfig;
+use kiln_proto::v1::{Resources, WorkerRecord};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::{JoinError, JoinSet};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::agent::{Agent, AgentHandle, AgentSettings, Registration};
+use crate::http::HttpState;
+use crate::metrics::Metrics;
+use crate::resources::ResourceProbe;
+
+/// Longest time from cancellation to a stopped worker.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs a worker until `shutdown` is cancelled, then stops it in order.
+///
+/// Returns an error when a port cannot be bound, the worker id cannot be loaded, or
+/// a server fails while running.
+pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    start(config, shutdown).await?.wait().await
+}
+
+/// A started worker: its ports are bound and its agent runs.
+#[derive(Debug)]
+pub struct Worker {
+    id: Uuid,
+    http_addr: SocketAddr,
+    grpc_addr: SocketAddr,
+    inference_grpc_addr: SocketAddr,
+    agent: AgentHandle,
+    agent_stop: CancellationToken,
+    servers: JoinSet<anyhow::Result<()>>,
+    servers_stop: CancellationToken,
+    shutdown: CancellationToken,
+}
+
+/// Binds the worker's ports, loads its id, discovers its resources and starts the
+/// agent and the servers; [`Worker::wait`] then runs it until `shutdown`.
+pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<Worker> {
+    let http_listener = bind("worker http", config.http).await?;
+    let grpc_listener = bind("worker grpc", config.listen).await?;
+    let inference_grpc_listener = bind("worker inference grpc", config.inference_grpc).await?;
+    let http_addr = local_addr(&http_listener)?;
+    let grpc_addr = local_addr(&grpc_listener)?;
+    let inference_grpc_addr = local_addr(&inference_grpc_listener)?;
+
+    let data_dir = config.data_dir.clone();
+    let (id, probe, resources) = tokio::task::spawn_blocking(move || {
+        let id = identity::load_or_create(&data_dir)?;
+        let (probe, resources) = ResourceProbe::discover(&data_dir);
+        Ok::<_, identity::IdentityError>((id, probe, resources))
+    })
+    .await
+    .context("join identity and resource discovery")?
+    .context("load worker id")?;
+
+    let client = ClusterClient::new(config.coordinators.clone(), ClientOptions::default())
+        .context("create coordinator client")?;
+    let record = worker_record(
+        &id,
+        &config.advertise_host,
+        Ports {
+            grpc: grpc_addr.port(),
+            http: http_addr.port(),
+            inference_grpc: inference_grpc_addr.port(),
+        },
+        &resources,
+    );
+    tracing::info!(
+        worker_id = %id,
+        addr = %record.addr,
+        http_addr = %record.http_addr,
+        inference_grpc_addr = %record.inference_grpc_addr,
+        coordinators = %config.coordinators.join(","),
+        "worker starting"
+    );
+
+    let metrics = Arc::new(Metrics::new(&resources));
+    let agent_stop = shutdown.child_token();
+    let agent = Agent::spawn(
+        client,
+        AgentSettings {
+            record,
+            heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
+        },
+        probe,
+        resources,
+        Arc::clone(&metrics),
+        agent_stop.clone(),
+    );
+
+    // Not a child of `shutdown`: the servers stop only after the agent has.
+    let servers_stop = CancellationToken::new();
+    let mut servers = JoinSet::new();
+    let state = HttpState {
+        metrics,
+        registration: agent.registration(),
+    };
+    let stop = servers_stop.clone().cancelled_owned();
+    servers.spawn(async move {
+        http::serve(http_listener, state, stop)
+            .await
+            .with_context(|| format!("serve worker http {http_addr}"))
+    });
+    for (name, listener, addr) in [
+        ("worker grpc", grpc_listener, grpc_addr),
+        (
+            "worker inference grpc",
+            inference_grpc_listener,
+            inference_grpc_addr,
+        ),
+    ] {
+        let stop = servers_stop.clone().cancelled_owned();
+        servers.spawn(async move {
+            serve_placeholder_grpc(listener, stop)
+                .await
+                .with_context(|| format!("serve {name} {addr}"))
+        });
+    }
+
+    Ok(Worker {
+        id,
+        http_addr,
+        grpc_addr,
+        inference_grpc_addr,
+        agent,
+        agent_stop,
+        servers,
+        servers_stop,
+        shutdown,
+    })
+}
+
+impl Worker {
+    /// Returns this worker's id.
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// Returns the bound address of the HTTP server.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Returns the bound address of the worker's gRPC port.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// Returns the bound address of the inference gRPC port.
+    pub fn inference_grpc_addr(&self) -> SocketAddr {
+        self.inference_grpc_addr
+    }
+
+    /// Returns a receiver of the agent's registration state.
+    pub fn registration(&self) -> watch::Receiver<Registration> {
+        self.agent.registration()
+    }
+
+    /// Runs until the shutdown token is cancelled or a server fails, then stops the
+    /// agent and the servers, in that order, within [`SHUTDOWN_TIMEOUT`].
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let mut first_error = tokio::select! {
+            _ = self.shutdown.cancelled() => None,
+            Some(joined) = self.servers.join_next() => Some(
+                flatten(joined).err().unwrap_or_else(|| anyhow::anyhow!("a worker server stopped by itself")),
+            ),
+        };
+        if let Some(err) = &first_error {
+            tracing::info!(error = %format!("{err:#}"), "worker server ended; stopping the worker");
+        }
+        let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
+        self.agent_stop.cancel();
+        if !self.agent.join(deadline).await {
+            tracing::warn!(
+                timeout_ms = SHUTDOWN_TIMEOUT.as_millis() as u64,
+                "agent did not stop in time; aborted it"
+            );
+        }
+        self.servers_stop.cancel();
+        loop {
+            match tokio::time::timeout_at(deadline, self.servers.join_next()).await {
+                Ok(None) => break,
+                Ok(Some(joined)) => {
+                    if let Err(err) = flatten(joined) {
+                        first_error.get_or_insert(err);
+                    }
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        timeout_ms = SHUTDOWN_TIMEOUT.as_millis() as u64,
+                        "servers did not stop in time; aborting open connections"
+                    );
+                    self.servers.abort_all();
+                    break;
+                }
+            }
+        }
+        tracing::info!(worker_id = %self.id, "worker stopped");
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+fn flatten(joined: Result<anyhow::Result<()>, JoinError>) -> anyhow::Result<()> {
+    joined.context("join worker server")?
+}
+
+async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind {what} {addr}"))
+}
+
+fn local_addr(listener: &TcpListener) -> anyhow::Result<SocketAddr> {
+    listener.local_addr().context("read bound address")
+}
+
+/// Serves a gRPC server without services: it holds the port and answers every
+/// call UNIMPLEMENTED until real services are added.
+async fn serve_placeholder_grpc(
+    listener: TcpListener,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tonic::transport::Server::builder()
+        .add_routes(tonic::service::Routes::default())
+        .serve_with_incoming_shutdown(incoming, stop)
+        .await?;
+    Ok(())
+}
+
+/// The ports this worker was bound to.
+#[derive(Debug, Clone, Copy)]
+struct Ports {
+    grpc: u16,
+    http: u16,
+    inference_grpc: u16,
+}
+
+/// Returns the record this worker registers, its addresses built from the advertised
+/// host and the bound ports (so that port 0 in the config reports the real port).
+fn worker_record(id: &Uuid, host: &str, ports: Ports, resources: &Resources) -> WorkerRecord {
+    let http_addr = host_port(host, ports.http);
+    WorkerRecord {
+        id: id.to_string(),
+        addr: host_port(host, ports.grpc),
+        inference_http_addr: http_addr.clone(),
+        http_addr,
+        inference_grpc_addr: host_port(host, ports.inference_grpc),
+        resources: Some(resources.clone()),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        ..Default::default()
+    }
+}
+
+/// Joins a host and a port, bracketing an IPv6 literal.
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake_coordinator::{wait_until, FakeCoordinator};
+    use crate::http::tests::http_get;
+
+    fn config(data_dir: &std::path::Path, coordinator: SocketAddr) -> WorkerConfig {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        WorkerConfig {
+            data_dir: data_dir.to_path_buf(),
+            coordinators: vec![coordinator.to_string()],
+            listen: any,
+            advertise_host: "127.0.0.1".into(),
+            http: any,
+            inference_grpc: any,
+            heartbeat_interval_ms: 50,
+        }
+    }
+
+    /// Returns a loopback address that nothing listens on.
+    async fn dead_addr() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        listener.local_addr().expect("addr")
+    }
+
+    #[test]
+    fn addresses_join_host_and_port() {
+        assert_eq!(host_port("10.0.0.7", 8000), "10.0.0.7:8000");
+        assert_eq!(host_port("worker-3.local", 7071), "worker-3.local:7071");
+        assert_eq!(host_port("::1", 8001), "[::1]:8001");
+        assert_eq!(host_port("[fe80::1]", 8001), "[fe80::1]:8001");
+    }
+
+    #[test]
+    fn record_names_every_address() {
+        let id = Uuid::new_v4();
+        let ports = Ports {
+            grpc: 7071,
+            http: 8000,
+            inference_grpc: 8001,
+        };
+        let resources = Resources {
+            cpu_cores: 2,
+            ..Default::default()
+        };
+        let record = worker_record(&id, "10.1.2.3", ports, &resources);
+        assert_eq!(record.id, id.to_string());
+        assert_eq!(record.addr, "10.1.2.3:7071");
+        assert_eq!(record.http_addr, "10.1.2.3:8000");
+        assert_eq!(record.inference_http_addr, "10.1.2.3:8000");
+        assert_eq!(record.inference_grpc_addr, "10.1.2.3:8001");
+        assert_eq!(record.resources, Some(resources));
+        assert_eq!(record.version, env!("CARGO_PKG_VERSION"));
+    }
+
+    #[tokio::test]
+    async fn a_taken_http_port_is_named() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let taken = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let taken_addr = taken.local_addr().expect("addr");
+        let mut config = config(dir.path(), dead_addr().await);
+        config.http = taken_addr;
+        let err = run(config, CancellationToken::new())
+            .await
+            .expect_err("the port is taken");
+        let text = format!("{err:#}");
+        assert!(
+            text.starts_with(&format!("bind worker http {taken_addr}: ")),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_coordinators_it_is_live_not_ready_and_stops_in_time() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let shutdown = CancellationToken::new();
+        let worker = start(config(dir.path(), dead_addr().await), shutdown.clone())
+            .await
+            .expect("start");
+        let http_addr = worker.http_addr();
+        let grpc_addr = worker.grpc_addr();
+        let id = worker.id();
+        let running = tokio::spawn(worker.wait());
+
+        assert_eq!(http_get(http_addr, "/v2/health/live").await.0, 200);
+        assert_eq!(http_get(http_addr, "/v2/health/ready").await.0, 503);
+        tokio::net::TcpStream::connect(grpc_addr)
+            .await
+            .expect("the grpc port is held");
+
+        let started = std::time::Instant::now();
+        shutdown.cancel();
+        tokio::time::timeout(SHUTDOWN_TIMEOUT + Duration::from_secs(1), running)
+            .await
+            .expect("stops within the shutdown timeout")
+            .expect("join")
+            .expect("clean stop");
+        assert!(
+            started.elapsed() < SHUTDOWN_TIMEOUT,
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            TcpListener::bind(http_addr).await.is_ok(),
+            "the http port is released"
+        );
+
+        // A restart in the same data dir keeps the id.
+        let worker = start(
+            config(dir.path(), dead_addr().await),
+            CancellationToken::new(),
+        )
+        .await
+        .expect("restart");
+        assert_eq!(worker.id(), id);
+    }
+
+    #[tokio::test]
+    async fn registers_and_becomes_ready() {
+        let fake = FakeCoordinator::start(0).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let shutdown = CancellationToken::new();
+        let worker = start(config(dir.path(), fake.addr), shutdown.clone())
+            .await
+            .expect("start");
+        let (http_addr, grpc_addr, inference_grpc_addr, id) = (
+            worker.http_addr(),
+            worker.grpc_addr(),
+            worker.inference_grpc_addr(),
+            worker.id(),
+        );
+        let running = tokio::spawn(worker.wait());
+
+        wait_until("registration", || fake.registrations().len() == 1).await;
+        let record = fake.registrations().remove(0);
+        assert_eq!(record.id, id.to_string());
+        assert_eq!(record.addr, format!("127.0.0.1:{}", grpc_addr.port()));
+        assert_eq!(record.http_addr, format!("127.0.0.1:{}", http_addr.port()));
+        assert_eq!(
+            record.inference_grpc_addr,
+            format!("127.0.0.1:{}", inference_grpc_addr.port())
+        );
+        let resources = record.resources.expect("resources");
+        assert!(resources.cpu_cores >= 1);
+
+        wait_until("two heartbeats", || fake.heartbeats().len() >= 2).await;
+        let (status, body) = http_get(http_addr, "/v2/health/ready").await;
+        assert_eq!((status, body.as_str()), (200, r#"{"ready":true}"#));
+        let (_, metrics) = http_get(http_addr, "/metrics").await;
+        assert!(
+            metrics.contains("\nkiln_worker_registered 1\n"),
+            "{metrics}"
+        );
+        assert!(
+            !metrics.contains("\nkiln_worker_heartbeats_total 0\n"),
+            "{metrics}"
+        );
+
+        shutdown.cancel();
+        tokio::time::timeout(SHUTDOWN_TIMEOUT + Duration::from_secs(1), running)
+            .await
+            .expect("stops in time")
+            .expect("join")
+            .expect("clean stop");
+    }
+}
