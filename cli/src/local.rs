@@ -398,23 +398,43 @@ fn reap(pid: u32) {
 }
 
 /// Returns true when `pid` runs and is the process started with `marker` (a data
-/// dir) on its command line, so that a recycled pid is never taken for ours.
+/// dir) on its command line, so that a recycled pid is never taken for ours. Reaps
+/// `pid` when it is an exited child of this process.
 pub(crate) fn is_running(pid: u32, marker: &Path) -> bool {
-    reap(pid);
-    if !Path::new("/proc/self/cmdline").exists() {
+    if !Path::new("/proc/self/stat").exists() {
         // Without procfs, fall back on the bare existence of the pid.
+        reap(pid);
         return send_signal(pid, 0).is_ok();
     }
-    match fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(cmdline) => {
-            let marker = marker.as_os_str().as_bytes();
-            // A zombie has an empty command line.
-            !cmdline.is_empty()
-                && !marker.is_empty()
-                && cmdline.windows(marker.len()).any(|w| w == marker)
-        }
-        Err(_) => false,
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some((state, parent)) = parse_stat(&stat) else {
+        return false;
+    };
+    if state == 'Z' || state == 'X' {
+        reap(pid);
+        return false;
     }
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if cmdline.is_empty() {
+        // Between fork and exec, and while exiting, a process shows no command line;
+        // it is ours only if we are its parent.
+        return parent == std::process::id();
+    }
+    let marker = marker.as_os_str().as_bytes();
+    !marker.is_empty() && cmdline.windows(marker.len()).any(|w| w == marker)
+}
+
+/// Returns the state letter and parent pid from the text of `/proc/PID/stat`.
+fn parse_stat(stat: &str) -> Option<(char, u32)> {
+    // "pid (comm) S ppid ...": comm may hold spaces and parentheses, so split at the
+    // last closing one.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let parent = fields.next()?.parse().ok()?;
+    Some((state, parent))
 }
 
 /// A process to stop: a name for messages, its pid and the marker that
@@ -961,6 +981,16 @@ mod tests {
         assert!(readiness_gaps(&status, &info).is_empty());
         assign_worker_ids(&status, &mut info);
         assert_eq!(info.workers[1].id, "w-b");
+    }
+
+    #[test]
+    fn stat_line_yields_state_and_parent() {
+        assert_eq!(
+            parse_stat("4242 (kiln (x) y) S 17 4242 4242 0 -1"),
+            Some(('S', 17))
+        );
+        assert_eq!(parse_stat("4242 (etcd) Z 1 0"), Some(('Z', 1)));
+        assert_eq!(parse_stat("garbage"), None);
     }
 
     #[test]

@@ -39,8 +39,11 @@ pub struct RaftSettings {
     pub tick_ms: u64,
     /// Ticks between leader heartbeats.
     pub heartbeat_ticks: usize,
-    /// Ticks without a leader before a follower campaigns (randomised up to twice this).
+    /// Ticks without a leader before a follower campaigns.
     pub election_ticks: usize,
+    /// Random extra ticks added to each node's election timeout, so that one node
+    /// usually times out first (raft-rs draws from `[election, election + jitter)`).
+    pub election_jitter_ticks: usize,
     /// Applied entries since the last snapshot that trigger a new one and log compaction.
     pub snapshot_threshold_entries: u64,
     /// Entries kept in the log behind a snapshot, so slightly slow followers need no snapshot.
@@ -61,6 +64,7 @@ impl Default for RaftSettings {
             tick_ms: 100,
             heartbeat_ticks: 2,
             election_ticks: 10,
+            election_jitter_ticks: 5,
             snapshot_threshold_entries: 10_000,
             log_keep_entries: 2_000,
             max_size_per_msg: 1 << 20,
@@ -225,6 +229,9 @@ fn validate_raft(raft: &RaftSettings) -> Result<(), ConfigError> {
                 raft.election_ticks, raft.heartbeat_ticks
             ),
         ));
+    }
+    if raft.election_jitter_ticks == 0 {
+        return Err(invalid("raft.election_jitter_ticks", "must be positive"));
     }
     if raft.snapshot_threshold_entries == 0 {
         return Err(invalid(

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{ExitStatus, Output};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -188,14 +188,14 @@ impl Cluster {
     }
 
     /// Stops coordinator `id` with SIGTERM and waits for it to exit; panics if it
-    /// takes longer than 10 s.
-    pub async fn stop(&mut self, id: u64) {
+    /// takes longer than 10 s. Returns its exit status.
+    pub async fn stop(&mut self, id: u64) -> ExitStatus {
         let node = self.coordinator_mut(id);
         let proc = node
             .proc
             .take()
             .unwrap_or_else(|| panic!("stop {}: it is not running", node.name));
-        proc.terminate(STOP_GRACE).await;
+        proc.terminate(STOP_GRACE).await
     }
 
     /// Starts coordinator `id` again with the same flags and data dir.

@@ -160,6 +160,7 @@ async fn a_new_leader_takes_over_a_crash_without_losing_acknowledged_writes() {
         .await
         .expect("a write after the leader crashed");
     let failover = killed_at.elapsed();
+    eprintln!("first write after the leader crashed: {failover:?}");
     assert!(
         failover <= FAILOVER_BOUND,
         "the first write after the leader crashed took {failover:?} (bound {FAILOVER_BOUND:?})"
@@ -184,6 +185,11 @@ async fn a_new_leader_takes_over_a_crash_without_losing_acknowledged_writes() {
         );
     }
 
+    eprintln!(
+        "writers: {:?} acked of {:?} attempted",
+        logs.iter().map(|l| l.acked.len()).collect::<Vec<_>>(),
+        logs.iter().map(|l| l.attempted.len()).collect::<Vec<_>>()
+    );
     let survivors = cluster.live_ids();
     cluster
         .wait_converged(&survivors, Duration::from_secs(10))
@@ -233,7 +239,8 @@ async fn data_term_and_membership_survive_a_full_restart() {
     );
 
     for id in [1u64, 2, 3] {
-        cluster.stop(id).await;
+        let status = cluster.stop(id).await;
+        assert!(status.success(), "coordinator {id} exited with {status} on SIGTERM");
     }
     for id in [1u64, 2, 3] {
         cluster.restart(id);

@@ -157,6 +157,12 @@ async fn a_joined_node_becomes_a_voter_and_removals_keep_writes_flowing() {
         );
     }
     let gap = longest_ack_gap(&logs, changes_started, changes_done);
+    eprintln!(
+        "membership changes took {:?}; longest write gap {gap:?}; writers {:?} acked of {:?} attempted",
+        changes_done - changes_started,
+        logs.iter().map(|l| l.acked.len()).collect::<Vec<_>>(),
+        logs.iter().map(|l| l.attempted.len()).collect::<Vec<_>>()
+    );
     assert!(
         gap <= MAX_WRITE_GAP,
         "writes stalled for {gap:?} during the membership changes (bound {MAX_WRITE_GAP:?})"

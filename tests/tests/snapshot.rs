@@ -92,6 +92,10 @@ async fn a_follower_behind_the_compacted_log_catches_up_from_a_snapshot() {
         .node_status(follower)
         .await
         .expect("read the restarted follower's status");
+    eprintln!(
+        "restarted follower: snapshots received {}, first index {}, applied {}; leader first index {}",
+        status.snapshots_received, status.first_index, status.applied_index, leader_status.first_index
+    );
     assert!(
         status.snapshots_received >= 1,
         "the restarted follower received no snapshot: {status:?}"

@@ -148,6 +148,7 @@ async fn a_crashed_worker_turns_suspect_then_down_and_returns_under_its_id() {
     let suspect_after =
         suspect_after.unwrap_or_else(|| panic!("never saw suspect; states seen {seen:?}"));
     let down_after = down_after.unwrap_or_else(|| panic!("never saw down; states seen {seen:?}"));
+    eprintln!("after the crash: suspect at {suspect_after:?}, down at {down_after:?}");
     assert!(
         suspect_after <= SUSPECT_BOUND,
         "suspect after {suspect_after:?} (bound {SUSPECT_BOUND:?})"

@@ -1,20 +1,19 @@
 //! The [`Agent`]: makes this worker known to the coordinators and keeps it known.
 //!
 //! ```text
-//!            start / forgotten (NOT_FOUND)
-//!   ┌────────────────────────────────────────────┐
-//!   ▼                                            │
-//! register ── retry, 100 ms doubling to 2 s ──► heartbeat every interval
-//!   │ (until accepted or cancelled)              │ (deadline ≈ interval; other
-//!   ▼                                            │  failures are retried next tick)
-//! Registration::Registered ─────────────────────►┘
+//!  start ──► register ──(accepted)──► heartbeat each interval ──(cancelled)──► stopped
+//!             ▲  │  ▲                       │
+//!             │  └──┘ failed: wait 100 ms,  │ other failures: try again next tick
+//!             │       doubling to 2 s       │
+//!             └──── NOT_FOUND: forgotten ───┘
 //! ```
 //!
 //! The agent is a task that owns its state; others see the registration state
 //! through a `watch` (HTTP readiness reads it) and counters through [`Metrics`].
 //! Failures are logged at warn when they start or change kind, at debug while they
 //! repeat, and at info when they end, so a long outage costs a few lines, not one a
-//! second.
+//! second. Nothing asks the agent anything yet, so it has no mailbox; desired
+//! state from the coordinators will arrive through it later.
 
 use std::mem::Discriminant;
 use std::sync::{Arc, Mutex};
@@ -40,8 +39,10 @@ pub const REGISTER_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 pub const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Heartbeats between two reads of the data disk's free space.
 pub const DISK_REFRESH_EVERY_HEARTBEATS: u64 = 10;
-/// Bounds on the heartbeat interval, whoever sets it (a zero interval would spin).
+const _: () = assert!(DISK_REFRESH_EVERY_HEARTBEATS > 0);
+/// Shortest heartbeat interval, whoever sets it (a zero interval would spin).
 pub const HEARTBEAT_INTERVAL_MIN: Duration = Duration::from_millis(10);
+/// Longest heartbeat interval, whoever sets it.
 pub const HEARTBEAT_INTERVAL_MAX: Duration = Duration::from_secs(60);
 
 /// Whether the coordinators know this worker, as HTTP readiness and metrics see it.
@@ -270,14 +271,15 @@ impl Agent {
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut failures = FailureLog::default();
         let mut last_state = WorkerState::Unspecified;
-        let mut beats = 0u64;
+        let mut beats_until_disk_refresh = DISK_REFRESH_EVERY_HEARTBEATS;
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return HeartbeatEnd::Cancelled,
                 _ = ticker.tick() => {}
             }
-            beats += 1;
-            if beats % DISK_REFRESH_EVERY_HEARTBEATS == 0 {
+            beats_until_disk_refresh -= 1;
+            if beats_until_disk_refresh == 0 {
+                beats_until_disk_refresh = DISK_REFRESH_EVERY_HEARTBEATS;
                 self.refresh_disk_free().await;
             }
             let request = HeartbeatRequest {

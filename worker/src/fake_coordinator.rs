@@ -101,65 +101,65 @@ pub(crate) async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) 
     }
 }
 
-fn unimplemented<T>() -> Result<Response<T>, Status> {
-    Err(Status::unimplemented("not part of the fake coordinator"))
+fn unimplemented() -> Status {
+    Status::unimplemented("not part of the fake coordinator")
 }
 
 #[tonic::async_trait]
 impl Coordinator for Service {
     async fn raft(&self, _: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
-        unimplemented()
+        Err(unimplemented())
     }
     async fn install_snapshot(
         &self,
         _: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<RaftAck>, Status> {
-        unimplemented()
+        Err(unimplemented())
     }
     async fn propose(
         &self,
         _: Request<ProposeRequest>,
     ) -> Result<Response<ProposeResponse>, Status> {
-        unimplemented()
+        Err(unimplemented())
     }
     async fn put(&self, _: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        unimplemented()
+        Err(unimplemented())
     }
     async fn get(&self, _: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        unimplemented()
+        Err(unimplemented())
     }
     async fn scan(&self, _: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
-        unimplemented()
+        Err(unimplemented())
     }
     async fn node_status(
         &self,
         _: Request<NodeStatusRequest>,
     ) -> Result<Response<NodeStatusResponse>, Status> {
-        unimplemented()
+        Err(unimplemented())
     }
     async fn cluster_status(
         &self,
         _: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        unimplemented()
+        Err(unimplemented())
     }
     async fn add_member(
         &self,
         _: Request<AddMemberRequest>,
     ) -> Result<Response<AddMemberResponse>, Status> {
-        unimplemented()
+        Err(unimplemented())
     }
     async fn remove_member(
         &self,
         _: Request<RemoveMemberRequest>,
     ) -> Result<Response<RemoveMemberResponse>, Status> {
-        unimplemented()
+        Err(unimplemented())
     }
     async fn transfer_leader(
         &self,
         _: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
-        unimplemented()
+        Err(unimplemented())
     }
 
     async fn register_worker(

@@ -290,6 +290,8 @@ impl RaftNode {
             id,
             election_tick: settings.election_ticks,
             heartbeat_tick: settings.heartbeat_ticks,
+            min_election_tick: settings.election_ticks,
+            max_election_tick: settings.election_ticks + settings.election_jitter_ticks,
             applied,
             max_size_per_msg: settings.max_size_per_msg,
             max_inflight_msgs: settings.max_inflight_msgs,
