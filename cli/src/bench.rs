@@ -324,13 +324,15 @@ async fn bench(
             .collect::<anyhow::Result<Vec<_>>>()?;
         levels.push(run_level("kiln", targets, level, opts).await?);
     }
-    let addrs = kiln.kiln_addrs();
-    failovers.push(
-        measure_failovers(&mut kiln, opts.failovers, reaper, |_| {
-            KilnTarget::new(addrs.clone(), Timing::FAILOVER)
-        })
-        .await?,
-    );
+    if opts.failovers > 0 {
+        let addrs = kiln.kiln_addrs();
+        failovers.push(
+            measure_failovers(&mut kiln, opts.failovers, reaper, |_| {
+                KilnTarget::new(addrs.clone(), Timing::FAILOVER)
+            })
+            .await?,
+        );
+    }
     kiln.stop(reaper).await?;
 
     let mut etcd_version = None;
@@ -348,13 +350,15 @@ async fn bench(
                 .collect();
             levels.push(run_level("etcd", targets, level, opts).await?);
         }
-        let endpoints = etcd.etcd_endpoints();
-        failovers.push(
-            measure_failovers(&mut etcd, opts.failovers, reaper, |leader| {
-                Ok(EtcdTarget::new(endpoints.clone(), leader, Timing::FAILOVER))
-            })
-            .await?,
-        );
+        if opts.failovers > 0 {
+            let endpoints = etcd.etcd_endpoints();
+            failovers.push(
+                measure_failovers(&mut etcd, opts.failovers, reaper, |leader| {
+                    Ok(EtcdTarget::new(endpoints.clone(), leader, Timing::FAILOVER))
+                })
+                .await?,
+            );
+        }
         etcd.stop(reaper).await?;
     }
 
@@ -417,7 +421,7 @@ fn etcd_version_of(program: &Path) -> String {
             String::from_utf8_lossy(&out.stdout)
                 .lines()
                 .next()
-                .map(str::to_string)
+                .map(|line| line.trim_start_matches("etcd Version:").trim().to_string())
         })
         .unwrap_or_else(|| "unknown version".to_string())
 }

@@ -447,6 +447,46 @@ impl Cluster {
         .await
     }
 
+    /// Waits until every running coordinator names the same leader at the same term
+    /// (a majority knows first; a follower learns at the leader's first message).
+    /// Returns their statuses, in id order.
+    pub async fn wait_for_agreement(&self, timeout: Duration) -> Vec<NodeStatusResponse> {
+        let this = self;
+        wait_for(
+            timeout,
+            "every node to name the same leader",
+            move || async move {
+                let mut statuses = Vec::new();
+                for id in this.live_ids() {
+                    let status = this
+                        .node_status(id)
+                        .await
+                        .map_err(|e| format!("{id}: {}", e.message()))?;
+                    statuses.push(status);
+                }
+                let first = statuses.first().ok_or("no running coordinator")?;
+                let agree = statuses
+                    .iter()
+                    .all(|s| s.leader_id == first.leader_id && s.term == first.term);
+                if agree && first.leader_id != 0 {
+                    Ok(statuses)
+                } else {
+                    Err(statuses
+                        .iter()
+                        .map(|s| {
+                            format!(
+                                "{}: {} term {} leader {}",
+                                s.id, s.role, s.term, s.leader_id
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; "))
+                }
+            },
+        )
+        .await
+    }
+
     /// Waits until coordinators `ids` have applied everything they know committed and
     /// agree on the applied index; returns it.
     pub async fn wait_converged(&self, ids: &[u64], timeout: Duration) -> u64 {

@@ -24,35 +24,7 @@ async fn three_nodes_elect_one_leader_and_read_linearizably_through_every_node()
     let (leader, term) = cluster.wait_for_leader(FIRST_LEADER_TIMEOUT).await;
 
     // Every node, not just a majority, comes to name the same leader at the same term.
-    let ids = cluster.live_ids();
-    let ids = &ids;
-    let c = &cluster;
-    let statuses = kiln_tests::wait_for(
-        Duration::from_secs(10),
-        "all three nodes to name the same leader",
-        move || async move {
-            let mut statuses = Vec::new();
-            for &id in ids {
-                let s = c.node_status(id).await.map_err(|e| format!("{id}: {e}"))?;
-                statuses.push(s);
-            }
-            let agree = statuses
-                .iter()
-                .all(|s| s.leader_id == statuses[0].leader_id && s.term == statuses[0].term);
-            if agree && statuses[0].leader_id != 0 {
-                Ok(statuses)
-            } else {
-                Err(format!(
-                    "{:?}",
-                    statuses
-                        .iter()
-                        .map(|s| (s.id, &s.role, s.term, s.leader_id))
-                        .collect::<Vec<_>>()
-                ))
-            }
-        },
-    )
-    .await;
+    let statuses = cluster.wait_for_agreement(Duration::from_secs(10)).await;
     let leaders: Vec<u64> = statuses
         .iter()
         .filter(|s| s.role == "leader")
@@ -215,6 +187,8 @@ async fn a_new_leader_takes_over_a_crash_without_losing_acknowledged_writes() {
 async fn data_term_and_membership_survive_a_full_restart() {
     let mut cluster = Cluster::start(3, "");
     let (leader, _) = cluster.wait_for_leader(FIRST_LEADER_TIMEOUT).await;
+    // Writes go through followers too, so each must know the leader.
+    cluster.wait_for_agreement(Duration::from_secs(10)).await;
     let keys: Vec<(String, String)> = (0..30)
         .map(|i| (format!("durable-{i:03}"), format!("value {i}")))
         .collect();
@@ -240,12 +214,16 @@ async fn data_term_and_membership_survive_a_full_restart() {
 
     for id in [1u64, 2, 3] {
         let status = cluster.stop(id).await;
-        assert!(status.success(), "coordinator {id} exited with {status} on SIGTERM");
+        assert!(
+            status.success(),
+            "coordinator {id} exited with {status} on SIGTERM"
+        );
     }
     for id in [1u64, 2, 3] {
         cluster.restart(id);
     }
     let (_, term) = cluster.wait_for_leader(FIRST_LEADER_TIMEOUT).await;
+    cluster.wait_for_agreement(Duration::from_secs(10)).await;
     assert!(
         term >= before.term,
         "the term went back from {} to {term} across the restart",

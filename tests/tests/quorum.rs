@@ -200,10 +200,19 @@ async fn writes_fail_fast_when_both_followers_crash() {
         cluster.kill(id);
     }
     let lost = attempt_writes_without_quorum(&client, "lost").await;
+    // By now the leader has noticed the loss: these writes are refused before
+    // they reach its log.
+    let late = attempt_writes_without_quorum(&client, "late").await;
 
     // The lone leader may have put a write in its log before it noticed; Raft then
     // commits it once the followers return. What may not happen is a different value.
     let client = recover(&mut cluster, &followers).await;
+    for key in &late {
+        let read = get(&client, key)
+            .await
+            .unwrap_or_else(|e| panic!("read {key}: {e}"));
+        assert!(read.is_none(), "{key} was refused but applied: {read:?}");
+    }
     for key in &lost {
         let read = get(&client, key)
             .await

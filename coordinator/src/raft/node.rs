@@ -69,6 +69,8 @@ pub enum NodeMsg {
         to: u64,
     },
     Unreachable(u64),
+    /// A call to the peer failed at the transport: it is down or cut off.
+    PeerDown(u64),
     SnapshotDone {
         to: u64,
         ok: bool,
@@ -227,9 +229,15 @@ impl RaftHandle {
         let _ = self.tx.try_send(NodeMsg::TransferLeader { to });
     }
 
-    /// Tells the node that a peer could not be reached.
+    /// Tells the node that a message to a peer was dropped.
     pub fn report_unreachable(&self, to: u64) {
         let _ = self.tx.try_send(NodeMsg::Unreachable(to));
+    }
+
+    /// Tells the node that a call to a peer failed: the peer no longer counts
+    /// towards a quorum until it is heard from again.
+    pub fn report_peer_down(&self, to: u64) {
+        let _ = self.tx.try_send(NodeMsg::PeerDown(to));
     }
 
     /// Tells the node how sending a snapshot to `to` ended.
@@ -420,6 +428,10 @@ impl RaftNode {
             }
             NodeMsg::TransferLeader { to } => self.raw.transfer_leader(to),
             NodeMsg::Unreachable(to) => self.raw.report_unreachable(to),
+            NodeMsg::PeerDown(to) => {
+                self.last_heard.remove(&to);
+                self.raw.report_unreachable(to);
+            }
             NodeMsg::SnapshotDone { to, ok } => {
                 let status = if ok {
                     SnapshotStatus::Finish
@@ -436,12 +448,18 @@ impl RaftNode {
         Instant::now() + Duration::from_millis(self.settings.proposal_timeout_ms)
     }
 
+    /// Returns the time within which a voter must have been heard from to count
+    /// towards a quorum: one election timeout, as raft-rs's check_quorum uses.
+    fn quorum_window(&self) -> Duration {
+        Duration::from_millis(self.settings.tick_ms * self.settings.election_ticks as u64)
+    }
+
     /// Returns true when a majority of voters, this node included, was heard from
-    /// within the quorum window. A leader that fails this refuses new proposals
-    /// instead of appending entries that cannot commit.
+    /// within the quorum window and has not failed a call since. A leader that
+    /// fails this refuses new proposals instead of appending entries that cannot
+    /// commit.
     fn quorum_recently_active(&self) -> bool {
-        let window =
-            Duration::from_millis(self.settings.tick_ms * self.settings.election_ticks as u64 / 2);
+        let window = self.quorum_window();
         let conf = self.raw.raft.prs().conf();
         let voters: Vec<u64> = conf.voters().ids().iter().collect();
         let active = voters
@@ -775,6 +793,22 @@ impl RaftNode {
 
     fn on_tick_housekeeping(&mut self) {
         let now = Instant::now();
+        // Without a leader, or as a leader cut off from a majority, nothing pending
+        // can commit now: say so at once rather than at the deadline. (With a new
+        // leader elected, pending entries resolve when their index is applied.)
+        let leaderless = self.raw.raft.leader_id == 0;
+        let cut_off = self.raw.raft.state == StateRole::Leader && !self.quorum_recently_active();
+        if (leaderless || cut_off) && !self.pending.is_empty() {
+            for (index, p) in std::mem::take(&mut self.pending) {
+                fail(
+                    p.waiter,
+                    Error::NoQuorum(format!(
+                        "coordinator {} lost contact with a majority before entry {index} committed; it may still commit if they return",
+                        self.id
+                    )),
+                );
+            }
+        }
         // Proposals past their deadline: the caller gets an answer, never silence.
         let expired: Vec<u64> = self
             .pending
@@ -882,8 +916,7 @@ impl RaftNode {
         } else {
             BTreeMap::new()
         };
-        let window =
-            Duration::from_millis(self.settings.tick_ms * self.settings.election_ticks as u64 / 2);
+        let window = self.quorum_window();
         let recently_heard = if is_leader {
             self.last_heard
                 .iter()

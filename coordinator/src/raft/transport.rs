@@ -210,7 +210,7 @@ impl PeerSender {
                     }
                     failing = true;
                     if let Some(node) = self.transport.node() {
-                        node.report_unreachable(self.to);
+                        node.report_peer_down(self.to);
                     }
                     // Drop what queued while the peer was down; Raft resends.
                     while rx.try_recv().is_ok() {}
