@@ -474,8 +474,8 @@ fn print_status(s: &kiln_proto::v1::ClusterStatusResponse) {
     }
     println!("\ncoordinators");
     println!(
-        "  {:<4} {:<22} {:<22} {:<12} {}",
-        "id", "addr", "http", "role", "healthy"
+        "  {:<4} {:<22} {:<22} {:<12} healthy",
+        "id", "addr", "http", "role"
     );
     for c in &s.coordinators {
         println!(

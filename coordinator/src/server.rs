@@ -49,8 +49,10 @@ fn bootstrap(store: &mut RocksStore, config: &CoordinatorConfig) -> Result<(), S
         term: 1,
         ..Default::default()
     };
-    let mut cs = ConfState::default();
-    cs.voters = peers.keys().copied().collect();
+    let cs = ConfState {
+        voters: peers.keys().copied().collect(),
+        ..Default::default()
+    };
     meta.set_conf_state(cs);
     let mut pairs = peers.iter().map(|(id, addr)| {
         let record = MemberRecord {

@@ -52,7 +52,7 @@ pub struct IncomingSnapshot {
 pub enum NodeMsg {
     Tick,
     Step(Vec<Message>),
-    Snapshot(IncomingSnapshot),
+    Snapshot(Box<IncomingSnapshot>),
     Propose {
         command: Vec<u8>,
         reply: oneshot::Sender<Result<CommandResult>>,
@@ -219,7 +219,7 @@ impl RaftHandle {
     /// Hands a received snapshot to the node.
     pub async fn snapshot(&self, incoming: IncomingSnapshot) -> Result<()> {
         self.tx
-            .send(NodeMsg::Snapshot(incoming))
+            .send(NodeMsg::Snapshot(Box::new(incoming)))
             .await
             .map_err(|_| Error::Unavailable("raft node has stopped".into()))
     }
@@ -719,7 +719,7 @@ impl RaftNode {
         }
         let batch = ApplyBatch {
             writes: txn.writes,
-            applied: applied.clone(),
+            applied,
             conf_state,
         };
         self.raw.mut_store().apply(&batch)?;
@@ -1021,9 +1021,10 @@ fn decode_conf_change(entry: &Entry) -> std::result::Result<ConfChangeV2, String
     match entry.get_entry_type() {
         EntryType::EntryConfChange => ConfChange::decode(entry.data.as_slice())
             .map(|cc| {
-                let mut single = ConfChangeSingle::default();
-                single.change_type = cc.change_type;
-                single.node_id = cc.node_id;
+                let single = ConfChangeSingle {
+                    change_type: cc.change_type,
+                    node_id: cc.node_id,
+                };
                 let mut v2 = ConfChangeV2::default();
                 v2.mut_changes().push(single);
                 v2.context = cc.context;

@@ -526,7 +526,7 @@ impl RaftStore for RocksStore {
         // No sync: the entries are durable in the log, and the applied position moves
         // with the effects, so a crash re-applies exactly what was lost.
         self.write(wb, false, "apply committed entries")?;
-        self.applied = batch.applied.clone();
+        self.applied = batch.applied;
         if let Some(cs) = &batch.conf_state {
             self.conf_state = cs.clone();
         }
@@ -534,7 +534,7 @@ impl RaftStore for RocksStore {
     }
 
     fn applied(&self) -> AppliedState {
-        self.applied.clone()
+        self.applied
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -775,7 +775,7 @@ impl RaftStore for MemStore {
                 None => d.state.remove(k),
             };
         }
-        d.applied = batch.applied.clone();
+        d.applied = batch.applied;
         if let Some(cs) = &batch.conf_state {
             d.conf_state = cs.clone();
         }
@@ -783,7 +783,7 @@ impl RaftStore for MemStore {
     }
 
     fn applied(&self) -> AppliedState {
-        self.disk().applied.clone()
+        self.disk().applied
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {

@@ -11,6 +11,9 @@ use rocksdb::{IteratorMode, DB};
 use super::keys;
 use crate::raft::storage::{StoreError, CF_STATE};
 
+/// A key and its value.
+pub type Pair = (Vec<u8>, Vec<u8>);
+
 /// A cloneable reader of the state column family.
 #[derive(Clone)]
 pub struct StateReader {
@@ -36,7 +39,7 @@ impl StateReader {
     }
 
     /// Returns up to `limit` pairs whose key starts with `prefix`, in key order.
-    pub fn scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError> {
         let cf = self
             .db
             .cf_handle(CF_STATE)
