@@ -99,6 +99,27 @@ impl ClusterClient {
         self.leader.lock().expect("leader lock poisoned").clone()
     }
 
+    /// Asks the known coordinators, one at a time, who leads, and remembers the
+    /// answer. Writes sent to a follower would be forwarded, costing every request
+    /// a second hop; one status call up front sends them to the leader directly.
+    pub async fn discover_leader(&self) -> Option<String> {
+        for addr in &self.endpoints {
+            let Ok(mut client) = self.client_for(addr) else {
+                continue;
+            };
+            let call = client.node_status(kiln_proto::v1::NodeStatusRequest {});
+            if let Ok(Ok(resp)) = tokio::time::timeout(self.options.connect_timeout * 2, call).await
+            {
+                let status = resp.into_inner();
+                if !status.leader_addr.is_empty() {
+                    self.remember_leader(Some(status.leader_addr.clone()));
+                    return Some(status.leader_addr);
+                }
+            }
+        }
+        None
+    }
+
     /// Runs `op` against the leader, following hints and retrying retryable errors
     /// until the deadline.
     pub async fn call<T, F, Fut>(&self, op: F) -> Result<T>
@@ -120,6 +141,9 @@ impl ClusterClient {
         let mut next_endpoint = 0usize;
         let mut unreachable: std::collections::HashSet<String> = Default::default();
         let mut no_leader_seen = false;
+        if self.leader_hint().is_none() {
+            self.discover_leader().await;
+        }
         let last = loop {
             let target = match self.leader_hint() {
                 Some(addr) => addr,

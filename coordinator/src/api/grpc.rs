@@ -108,6 +108,7 @@ impl Api {
             learners: v.learners.clone(),
             snapshots_received: v.snapshots_received,
             version: env!("CARGO_PKG_VERSION").to_string(),
+            leader_addr: v.leader_addr().unwrap_or_default(),
         }
     }
 

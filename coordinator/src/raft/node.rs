@@ -587,8 +587,12 @@ impl RaftNode {
         let committed = ready.take_committed_entries();
         self.apply(committed)?;
         let hs = ready.hs().cloned();
-        if !ready.entries().is_empty() || hs.is_some() {
+        if !ready.entries().is_empty() || ready.must_sync() {
             self.raw.mut_store().persist(ready.entries(), hs.as_ref())?;
+        } else if let Some(hs) = hs {
+            // Only the commit index moved: it needs no fsync (a lost one is learned
+            // again from the leader), which halves the fsyncs of a follower.
+            self.raw.mut_store().set_commit(hs.commit)?;
         }
         if !ready.persisted_messages().is_empty() {
             self.transport.send(ready.take_persisted_messages());
