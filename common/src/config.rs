@@ -533,4 +533,18 @@ mod tests {
         assert_eq!(cfg.coordinators.len(), 2);
         assert_eq!(cfg.heartbeat_interval_ms, 1000);
     }
+
+    #[test]
+    fn shipped_sample_configs_load() {
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let cfg =
+            CoordinatorConfig::load(Some(&deploy.join("coordinator.toml")), Default::default())
+                .expect("deploy/coordinator.toml is valid");
+        assert_eq!(cfg.peers.len(), 3);
+        assert_eq!(cfg.raft, RaftSettings::default());
+        assert_eq!(cfg.health, HealthSettings::default());
+        let cfg = WorkerConfig::load(Some(&deploy.join("worker.toml")), Default::default())
+            .expect("deploy/worker.toml is valid");
+        assert_eq!(cfg.coordinators.len(), 3);
+    }
 }
