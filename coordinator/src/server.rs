@@ -126,7 +126,8 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
         http_addr: config.http.to_string(),
         advertise: config.advertise.clone(),
         snapshot_dir,
-        heartbeat_interval_ms: 1000,
+        // Three heartbeats fit in the suspect window, at most one a second.
+        heartbeat_interval_ms: (config.health.suspect_after_ms / 3).clamp(10, 1000),
     };
 
     let grpc = {

@@ -648,6 +648,14 @@ impl RaftNode {
         };
         self.raw.mut_store().install_snapshot(&meta, &mut pairs)?;
         let _ = std::fs::remove_file(&file);
+        // Spools of older snapshots that Raft passed over are useless now.
+        self.snapshot_files.retain(|(index, _), path| {
+            let keep = *index > meta.index;
+            if !keep {
+                let _ = std::fs::remove_file(path);
+            }
+            keep
+        });
         self.snapshots_received += 1;
         self.reload_members();
         // Proposals at or below the snapshot can no longer be matched to entries.

@@ -194,6 +194,7 @@ impl RocksStore {
             checkpoint: std::cell::RefCell::new(None),
         };
         store.load()?;
+        store.remove_partial_snapshots();
         Ok(store)
     }
 
@@ -235,6 +236,28 @@ impl RocksStore {
             None => self.truncated.0,
         };
         Ok(())
+    }
+
+    /// Removes snapshot files a crash or a rejected transfer left behind: received
+    /// spools (`incoming-*`) and unfinished checkpoints (`tmp-*`).
+    fn remove_partial_snapshots(&self) {
+        let Ok(entries) = std::fs::read_dir(self.checkpoint_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with("incoming-") || name.starts_with("tmp-") {
+                let path = entry.path();
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                if let Err(e) = removed {
+                    tracing::warn!(path = %path.display(), error = %e, "remove partial snapshot");
+                }
+            }
+        }
     }
 
     /// Returns true when nothing was ever written: no log, no hard state, no members.
