@@ -349,7 +349,8 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fake_coordinator::{wait_until, FakeCoordinator};
+    use crate::in_process_coordinator::{wait_for, InProcessCoordinator};
+    use kiln_common::config::HealthSettings;
 
     #[test]
     fn backoff_doubles_from_100ms_to_2s() {
@@ -420,47 +421,89 @@ mod tests {
         (handle, metrics)
     }
 
+    /// Waits until `registration` shows `expected`.
+    async fn wait_for_registration(
+        what: &str,
+        registration: &watch::Receiver<Registration>,
+        expected: Registration,
+    ) {
+        wait_for(what, Duration::from_secs(15), || {
+            let reached = *registration.borrow() == expected;
+            std::future::ready(reached.then_some(()))
+        })
+        .await;
+    }
+
     #[tokio::test]
     async fn registers_heartbeats_and_registers_again_when_forgotten() {
-        // The coordinator's interval (20 ms) overrides the configured one (1 s).
-        let fake = FakeCoordinator::start(20).await;
+        let mut coordinator = InProcessCoordinator::start().await;
         let shutdown = CancellationToken::new();
-        let (handle, metrics) = spawn_agent(fake.addr.to_string(), &shutdown);
+        let (handle, metrics) = spawn_agent(coordinator.grpc_addr().to_string(), &shutdown);
         let registration = handle.registration();
 
-        wait_until("registration", || {
-            *registration.borrow() == Registration::Registered { incarnation: 1 }
-        })
+        wait_for_registration(
+            "registration",
+            &registration,
+            Registration::Registered { incarnation: 1 },
+        )
         .await;
-        wait_until("three heartbeats", || fake.heartbeats().len() >= 3).await;
-        let registered = fake.registrations();
-        assert_eq!(registered.len(), 1);
-        assert_eq!(registered[0].id, "worker-a");
+        let registered = coordinator.worker("worker-a").await.expect("listed");
+        assert_eq!(registered.incarnation, 1);
+        assert_eq!(registered.state(), WorkerState::Alive);
         assert!(
-            registered[0].resources.is_some(),
+            registered.resources.is_some(),
             "the record carries resources"
         );
-        for heartbeat in fake.heartbeats() {
-            assert_eq!(heartbeat.worker_id, "worker-a");
-            assert_eq!(heartbeat.incarnation, 1);
-            assert!(heartbeat.resources.is_some());
-        }
 
-        fake.forget_workers();
-        wait_until("second registration", || {
-            *registration.borrow() == Registration::Registered { incarnation: 2 }
-        })
-        .await;
-        wait_until("a heartbeat of the new incarnation", || {
-            fake.heartbeats().iter().any(|h| h.incarnation == 2)
-        })
-        .await;
-        assert_eq!(fake.registrations().len(), 2);
-        assert!(
-            metrics.heartbeat_failures_total() >= 1,
-            "the refused heartbeat counts"
+        // Heartbeats keep it alive: past the suspect window (3 s by default) a silent
+        // worker would have turned Suspect, and its state would have changed since.
+        let suspect_after = Duration::from_millis(HealthSettings::default().suspect_after_ms);
+        tokio::time::sleep(suspect_after + Duration::from_millis(500)).await;
+        let record = coordinator.worker("worker-a").await.expect("still listed");
+        assert_eq!(record.state(), WorkerState::Alive);
+        assert_eq!(
+            record.state_since_ms, registered.state_since_ms,
+            "alive without a break since it registered"
         );
-        assert!(metrics.heartbeats_total() > metrics.heartbeat_failures_total());
+        assert_eq!(record.incarnation, 1);
+        assert!(
+            metrics.heartbeats_total() >= 2,
+            "{}",
+            metrics.heartbeats_total()
+        );
+        assert_eq!(metrics.heartbeat_failures_total(), 0);
+
+        // A coordinator that lost its state answers NOT_FOUND; the worker registers
+        // again, as the first registration under its id there.
+        coordinator.restart_without_state().await;
+        let record = wait_for(
+            "registration with the fresh coordinator",
+            Duration::from_secs(15),
+            || coordinator.worker("worker-a"),
+        )
+        .await;
+        assert_eq!(record.incarnation, 1);
+        assert_eq!(record.state(), WorkerState::Alive);
+        assert!(record.resources.is_some());
+        wait_for_registration(
+            "registered again",
+            &registration,
+            Registration::Registered { incarnation: 1 },
+        )
+        .await;
+        let failures = metrics.heartbeat_failures_total();
+        assert!(failures >= 1, "the refused heartbeat counts");
+
+        // Heartbeats flow again: once a second one is sent, the first has been
+        // answered, and none failed.
+        let sent = metrics.heartbeats_total();
+        wait_for(
+            "heartbeats to the fresh coordinator",
+            Duration::from_secs(10),
+            || std::future::ready((metrics.heartbeats_total() >= sent + 2).then_some(())),
+        )
+        .await;
+        assert_eq!(metrics.heartbeat_failures_total(), failures);
 
         shutdown.cancel();
         assert!(handle.join(Instant::now() + Duration::from_secs(2)).await);

@@ -43,7 +43,7 @@ pub mod metrics;
 pub mod resources;
 
 #[cfg(test)]
-mod fake_coordinator;
+mod in_process_coordinator;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -322,8 +322,9 @@ fn host_port(host: &str, port: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fake_coordinator::{wait_until, FakeCoordinator};
     use crate::http::tests::http_get;
+    use crate::in_process_coordinator::{wait_for, InProcessCoordinator};
+    use kiln_proto::v1::WorkerState;
 
     fn config(data_dir: &std::path::Path, coordinator: SocketAddr) -> WorkerConfig {
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -446,46 +447,79 @@ mod tests {
         assert_eq!(worker.id(), id);
     }
 
+    /// Returns the value of sample `name` in a Prometheus text `body`.
+    fn sample(body: &str, name: &str) -> Option<u64> {
+        body.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.parse().ok())
+    }
+
     #[tokio::test]
     async fn registers_and_becomes_ready() {
-        let fake = FakeCoordinator::start(0).await;
+        let coordinator = InProcessCoordinator::start().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let shutdown = CancellationToken::new();
-        let worker = start(config(dir.path(), fake.addr), shutdown.clone())
-            .await
-            .expect("start");
+        let worker = start(
+            config(dir.path(), coordinator.grpc_addr()),
+            shutdown.clone(),
+        )
+        .await
+        .expect("start");
         let (http_addr, grpc_addr, inference_grpc_addr, id) = (
             worker.http_addr(),
             worker.grpc_addr(),
             worker.inference_grpc_addr(),
-            worker.id(),
+            worker.id().to_string(),
         );
         let running = tokio::spawn(worker.wait());
 
-        wait_until("registration", || fake.registrations().len() == 1).await;
-        let record = fake.registrations().remove(0);
-        assert_eq!(record.id, id.to_string());
+        let record = wait_for(
+            "the coordinator to list the worker",
+            Duration::from_secs(10),
+            || coordinator.worker(&id),
+        )
+        .await;
         assert_eq!(record.addr, format!("127.0.0.1:{}", grpc_addr.port()));
         assert_eq!(record.http_addr, format!("127.0.0.1:{}", http_addr.port()));
+        assert_eq!(
+            record.inference_http_addr,
+            format!("127.0.0.1:{}", http_addr.port())
+        );
         assert_eq!(
             record.inference_grpc_addr,
             format!("127.0.0.1:{}", inference_grpc_addr.port())
         );
+        assert_eq!(record.version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(record.incarnation, 1);
+        assert_eq!(record.state(), WorkerState::Alive);
         let resources = record.resources.expect("resources");
         assert!(resources.cpu_cores >= 1);
+        assert!(resources.memory_bytes > 0);
 
-        wait_until("two heartbeats", || fake.heartbeats().len() >= 2).await;
+        // The coordinator sets the interval (1 s), so two heartbeats take about 2 s.
+        let metrics = wait_for(
+            "two heartbeats",
+            Duration::from_secs(10),
+            move || async move {
+                let (_, metrics) = http_get(http_addr, "/metrics").await;
+                (sample(&metrics, "kiln_worker_heartbeats_total")? >= 2).then_some(metrics)
+            },
+        )
+        .await;
+        assert_eq!(
+            sample(&metrics, "kiln_worker_heartbeat_failures_total"),
+            Some(0),
+            "{metrics}"
+        );
+        assert_eq!(
+            sample(&metrics, "kiln_worker_registered"),
+            Some(1),
+            "{metrics}"
+        );
         let (status, body) = http_get(http_addr, "/v2/health/ready").await;
         assert_eq!((status, body.as_str()), (200, r#"{"ready":true}"#));
-        let (_, metrics) = http_get(http_addr, "/metrics").await;
-        assert!(
-            metrics.contains("\nkiln_worker_registered 1\n"),
-            "{metrics}"
-        );
-        assert!(
-            !metrics.contains("\nkiln_worker_heartbeats_total 0\n"),
-            "{metrics}"
-        );
+        let record = coordinator.worker(&id).await.expect("still listed");
+        assert_eq!(record.state(), WorkerState::Alive);
 
         stop(&shutdown, running).await;
     }
