@@ -317,8 +317,9 @@ async fn bench(
     let mut failovers = Vec::new();
 
     tracing::info!(dir = %run_dir.display(), "starting kiln coordinators");
-    let mut kiln =
-        Cluster::Kiln(KilnCluster::start(run_dir.join("kiln"), opts.base_port, reaper).await?);
+    let mut kiln = Cluster::Kiln(Box::new(
+        KilnCluster::start(run_dir.join("kiln"), opts.base_port, reaper).await?,
+    ));
     for (level, &clients) in opts.clients.iter().enumerate() {
         kiln.wait_healthy().await?;
         let addrs = kiln.kiln_addrs();
@@ -476,6 +477,8 @@ impl KilnTarget {
                 deadline: timing.deadline,
                 initial_backoff: INITIAL_BACKOFF,
                 max_backoff: MAX_BACKOFF,
+                // The bench runs kiln without TLS, like the etcd it compares with.
+                tls: None,
             },
         )
         .context("create kiln client")?;
@@ -909,7 +912,7 @@ impl Drop for Reaper {
 
 /// A system under test.
 enum Cluster {
-    Kiln(KilnCluster),
+    Kiln(Box<KilnCluster>),
     Etcd(EtcdCluster),
 }
 
@@ -1082,6 +1085,8 @@ impl KilnCluster {
             base_port,
             // kiln's shipped defaults: the figures are what a user gets.
             coordinator_config: None,
+            // Plaintext like the etcd it is compared with.
+            insecure: true,
         };
         let info = local::up_with(&options, Detach::No)
             .await

@@ -87,6 +87,9 @@ pub struct LocalOptions {
     pub base_port: u16,
     /// TOML text written to `DIR/coordinator.toml` and passed as `--config`.
     pub coordinator_config: Option<String>,
+    /// Runs without TLS; otherwise a cluster CA and node certificates are made
+    /// under `DIR/certs` (and kept for the next `up`).
+    pub insecure: bool,
 }
 
 impl Default for LocalOptions {
@@ -97,6 +100,7 @@ impl Default for LocalOptions {
             dir: PathBuf::from(".kiln"),
             base_port: 7070,
             coordinator_config: None,
+            insecure: false,
         }
     }
 }
@@ -129,6 +133,9 @@ pub struct NodeInfo {
 pub struct ClusterInfo {
     pub coordinators: Vec<NodeInfo>,
     pub workers: Vec<NodeInfo>,
+    /// The cluster CA that clients verify coordinators with; `None` when insecure.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
 }
 
 impl ClusterInfo {
@@ -195,6 +202,43 @@ struct Plan {
     ports: Vec<(u16, &'static str)>,
 }
 
+/// Directory of the local cluster's CA and node certificates.
+const CERTS_DIR: &str = "certs";
+
+/// Returns the TLS flags of node `name`: its certificate from `DIR/certs`, or
+/// `--insecure`.
+fn tls_args(opts: &LocalOptions, dir: &Path, name: &str) -> Vec<String> {
+    if opts.insecure {
+        return vec!["--insecure".to_string()];
+    }
+    let certs = dir.join(CERTS_DIR);
+    vec![
+        "--tls-ca".to_string(),
+        certs.join(crate::certs::CA_CERT).display().to_string(),
+        "--tls-cert".to_string(),
+        certs.join(format!("{name}.pem")).display().to_string(),
+        "--tls-key".to_string(),
+        certs.join(format!("{name}-key.pem")).display().to_string(),
+    ]
+}
+
+/// Makes the cluster CA and each node's certificate when missing; returns the CA.
+fn ensure_certs(dir: &Path, names: &[String]) -> anyhow::Result<PathBuf> {
+    let certs = dir.join(CERTS_DIR);
+    let ca = certs.join(crate::certs::CA_CERT);
+    if !ca.exists() {
+        crate::certs::init(&certs).context("make the local cluster CA")?;
+    }
+    let sans = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+    for name in names {
+        if !certs.join(format!("{name}.pem")).exists() {
+            crate::certs::issue(&certs, name, &sans)
+                .with_context(|| format!("issue the certificate of {name}"))?;
+        }
+    }
+    Ok(ca)
+}
+
 /// Lays out names, ports, paths and arguments of every node.
 fn plan(opts: &LocalOptions, dir: &Path) -> anyhow::Result<Vec<Plan>> {
     if opts.coordinators == 0 || opts.coordinators > MAX_COORDINATORS {
@@ -251,6 +295,7 @@ fn plan(opts: &LocalOptions, dir: &Path) -> anyhow::Result<Vec<Plan>> {
             args.push("--config".to_string());
             args.push(config.display().to_string());
         }
+        args.extend(tls_args(opts, dir, &name));
         plans.push(Plan {
             node: NodeInfo {
                 log: logs.join(format!("{name}.log")),
@@ -286,6 +331,8 @@ fn plan(opts: &LocalOptions, dir: &Path) -> anyhow::Result<Vec<Plan>> {
             "--inference-grpc".to_string(),
             inference_grpc_addr.clone(),
         ];
+        let mut args = args;
+        args.extend(tls_args(opts, dir, &name));
         plans.push(Plan {
             node: NodeInfo {
                 log: logs.join(format!("{name}.log")),
@@ -618,6 +665,10 @@ pub(crate) async fn up_with(opts: &LocalOptions, detach: Detach) -> anyhow::Resu
         armed: true,
     };
     let mut info = ClusterInfo::default();
+    if !opts.insecure {
+        let names: Vec<String> = plans.iter().map(|p| p.node.name.clone()).collect();
+        info.ca = Some(ensure_certs(&dir, &names)?);
+    }
     for plan in plans {
         let mut node = plan.node;
         fs::create_dir_all(&node.data_dir)
@@ -644,12 +695,17 @@ pub(crate) async fn up_with(opts: &LocalOptions, detach: Detach) -> anyhow::Resu
 /// Polls ClusterStatus until a leader is known and every worker of `info` is ALIVE;
 /// fills in worker ids. Fails early when a process exits.
 async fn wait_ready(info: &mut ClusterInfo, started: &mut Started) -> anyhow::Result<()> {
+    let tls = match &info.ca {
+        Some(ca) => Some(kiln_common::tls::TlsMaterial::client(ca)?),
+        None => None,
+    };
     let client = ClusterClient::new(
         info.coordinator_addrs(),
         ClientOptions {
             connect_timeout: Duration::from_millis(300),
             attempt_timeout: Duration::from_secs(1),
             deadline: Duration::from_secs(1),
+            tls,
             ..ClientOptions::default()
         },
     )
@@ -846,6 +902,7 @@ mod tests {
             dir: PathBuf::from("/tmp/kiln-test"),
             base_port: 7070,
             coordinator_config: Some("[raft]\ntick_ms = 50\n".into()),
+            insecure: false,
         }
     }
 

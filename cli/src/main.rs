@@ -5,6 +5,7 @@
 //! the `cluster.json` that `kiln local up` writes under `.kiln/`.
 
 mod bench;
+mod certs;
 mod local;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,10 @@ struct Cli {
     /// Coordinator addresses (HOST:PORT, comma-separated).
     #[arg(long, global = true, env = "KILN_COORDINATOR")]
     coordinator: Option<String>,
+    /// Cluster CA certificate to verify coordinators with (default: the local
+    /// cluster's, from .kiln/cluster.json; none means plaintext).
+    #[arg(long, global = true, env = "KILN_CA")]
+    ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -62,6 +67,11 @@ enum Command {
     Admin {
         #[command(subcommand)]
         command: AdminCommand,
+    },
+    /// Makes the cluster CA and node certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
     },
     /// Measures kiln against its peers.
     Bench {
@@ -95,6 +105,35 @@ struct CoordinatorArgs {
     /// Address of a running member to join through.
     #[arg(long, env = "KILN_JOIN")]
     join: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+#[derive(Args)]
+struct TlsArgs {
+    /// Cluster CA certificate (PEM).
+    #[arg(long, env = "KILN_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// This node's certificate, signed by the cluster CA (PEM).
+    #[arg(long, env = "KILN_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, env = "KILN_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Runs without TLS: any process that reaches the ports is trusted. Warns on
+    /// every start.
+    #[arg(long, env = "KILN_INSECURE")]
+    insecure: bool,
+}
+
+impl TlsArgs {
+    fn files(&self) -> kiln_common::config::TlsFiles {
+        kiln_common::config::TlsFiles {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -121,6 +160,8 @@ struct WorkerArgs {
     inference_grpc: Option<String>,
     #[arg(long, env = "KILN_HEARTBEAT_INTERVAL_MS")]
     heartbeat_interval_ms: Option<u64>,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Subcommand)]
@@ -139,11 +180,34 @@ enum LocalCommand {
         /// Coordinator TOML configuration passed to every coordinator.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Runs the nodes without TLS (they warn on every start).
+        #[arg(long)]
+        insecure: bool,
     },
     /// Stops the processes of a local cluster.
     Down {
         #[arg(long, default_value = ".kiln")]
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Makes a new cluster CA (ca.pem, ca-key.pem) in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Signs a node certificate (NAME.pem, NAME-key.pem) with the CA in DIR.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node name (the certificate's common name and file name).
+        #[arg(long)]
+        node: String,
+        /// Host names or IP addresses the node is reached at (repeat or comma-separate).
+        #[arg(long, value_delimiter = ',', required = true)]
+        san: Vec<String>,
     },
 }
 
@@ -259,6 +323,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     http: args.http,
                     peers: args.peers,
                     join: args.join,
+                    tls: args.tls.files(),
+                    insecure: args.tls.insecure,
                 },
             )?;
             kiln_coordinator::run(config, shutdown_on_signal()?).await
@@ -274,6 +340,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     http: args.http,
                     inference_grpc: args.inference_grpc,
                     heartbeat_interval_ms: args.heartbeat_interval_ms,
+                    tls: args.tls.files(),
+                    insecure: args.tls.insecure,
                 },
             )?;
             kiln_worker::run(config, shutdown_on_signal()?).await
@@ -285,6 +353,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 dir,
                 base_port,
                 config,
+                insecure,
             } => {
                 let coordinator_config = match config {
                     Some(path) => Some(
@@ -299,6 +368,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     dir,
                     base_port,
                     coordinator_config,
+                    insecure,
                 };
                 let info = local::up(&opts).await?;
                 local::print_endpoints(&info);
@@ -310,8 +380,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         },
+        Command::Certs { command } => match command {
+            CertsCommand::Init { dir } => {
+                let ca = certs::init(&dir)?;
+                println!(
+                    "cluster CA: {} (key {})",
+                    ca.cert.display(),
+                    ca.key.display()
+                );
+                Ok(())
+            }
+            CertsCommand::Issue { dir, node, san } => {
+                let issued = certs::issue(&dir, &node, &san)?;
+                println!(
+                    "{}: {} (key {})",
+                    node,
+                    issued.cert.display(),
+                    issued.key.display()
+                );
+                Ok(())
+            }
+        },
         Command::Status { json } => {
-            let client = cluster_client(cli.coordinator.as_deref())?;
+            let client = cluster_client(cli.coordinator.as_deref(), cli.ca.as_deref())?;
             let status = client
                 .call(|mut c| async move {
                     c.cluster_status(ClusterStatusRequest {})
@@ -328,7 +419,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Kv { command } => {
-            let client = cluster_client(cli.coordinator.as_deref())?;
+            let client = cluster_client(cli.coordinator.as_deref(), cli.ca.as_deref())?;
             match command {
                 KvCommand::Put { key, value } => {
                     let req = PutRequest {
@@ -363,7 +454,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Admin { command } => {
-            let client = cluster_client(cli.coordinator.as_deref())?;
+            let client = cluster_client(cli.coordinator.as_deref(), cli.ca.as_deref())?;
             match command {
                 AdminCommand::RemoveCoordinator { id } => {
                     let resp = client
@@ -444,22 +535,35 @@ fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
     Ok(token)
 }
 
-fn cluster_client(flag: Option<&str>) -> anyhow::Result<ClusterClient> {
-    let endpoints = match flag {
-        Some(list) => split_list(list),
-        None => {
-            let dir = Path::new(".kiln");
-            if dir.join("cluster.json").exists() {
-                local::read_cluster(dir)?.coordinator_addrs()
-            } else {
-                bail!("no coordinator address: pass --coordinator, set KILN_COORDINATOR, or start a local cluster with kiln local up");
-            }
-        }
+fn cluster_client(flag: Option<&str>, ca: Option<&Path>) -> anyhow::Result<ClusterClient> {
+    let dir = Path::new(".kiln");
+    let local = if dir.join(local::CLUSTER_FILE).exists() {
+        Some(local::read_cluster(dir)?)
+    } else {
+        None
+    };
+    let endpoints = match (flag, &local) {
+        (Some(list), _) => split_list(list),
+        (None, Some(info)) => info.coordinator_addrs(),
+        (None, None) => bail!("no coordinator address: pass --coordinator, set KILN_COORDINATOR, or start a local cluster with kiln local up"),
     };
     for addr in &endpoints {
         kiln_common::config::parse_host_port("--coordinator", addr)?;
     }
-    Ok(ClusterClient::new(endpoints, ClientOptions::default())?)
+    let ca = ca
+        .map(Path::to_path_buf)
+        .or_else(|| local.as_ref().and_then(|info| info.ca.clone()));
+    let tls = match ca {
+        Some(path) => Some(kiln_common::tls::TlsMaterial::client(&path)?),
+        None => None,
+    };
+    Ok(ClusterClient::new(
+        endpoints,
+        ClientOptions {
+            tls,
+            ..ClientOptions::default()
+        },
+    )?)
 }
 
 fn print_status(s: &kiln_proto::v1::ClusterStatusResponse) {

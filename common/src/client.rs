@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kiln_proto::v1::coordinator_client::CoordinatorClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 
@@ -30,6 +30,8 @@ pub struct ClientOptions {
     /// First pause between attempts; doubles up to `max_backoff`.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// TLS material; `None` speaks plaintext (`--insecure` clusters).
+    pub tls: Option<crate::tls::TlsMaterial>,
 }
 
 impl Default for ClientOptions {
@@ -40,6 +42,7 @@ impl Default for ClientOptions {
             deadline: Duration::from_secs(5),
             initial_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(300),
+            tls: None,
         }
     }
 }
@@ -80,12 +83,13 @@ impl ClusterClient {
         if let Some(channel) = channels.get(addr) {
             return Ok(CoordinatorClient::new(channel.clone()));
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Error::InvalidArgument(format!("coordinator address {addr}: {e}")))?
-            .connect_timeout(self.options.connect_timeout)
-            .timeout(self.options.attempt_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let channel = crate::tls::endpoint(
+            addr,
+            self.options.tls.as_ref(),
+            self.options.connect_timeout,
+        )?
+        .timeout(self.options.attempt_timeout)
+        .connect_lazy();
         channels.insert(addr.to_string(), channel.clone());
         Ok(CoordinatorClient::new(channel))
     }
@@ -217,9 +221,14 @@ impl ClusterClient {
         }
         Err(match last {
             Error::Unavailable(msg) => Error::Unavailable(format!(
-                "no coordinator reachable within {:.1}s at {}: {msg}",
+                "no coordinator reachable within {:.1}s at {}: {msg}{}",
                 deadline.as_secs_f64(),
-                self.endpoints.join(", ")
+                self.endpoints.join(", "),
+                if self.options.tls.is_none() {
+                    " (this client speaks plaintext: pass --ca if the cluster uses TLS)"
+                } else {
+                    ""
+                }
             )),
             other => other,
         })

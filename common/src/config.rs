@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::tls::TlsFiles;
+
 /// A configuration error: always names the key or value at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -105,6 +107,8 @@ pub struct CoordinatorFile {
     pub join: Option<String>,
     pub raft: RaftSettings,
     pub health: HealthSettings,
+    pub tls: TlsFiles,
+    pub insecure: Option<bool>,
 }
 
 /// Overrides from flags and `KILN_*` variables.
@@ -117,6 +121,8 @@ pub struct CoordinatorOverrides {
     pub http: Option<String>,
     pub peers: Option<String>,
     pub join: Option<String>,
+    pub tls: TlsFiles,
+    pub insecure: bool,
 }
 
 /// A validated coordinator configuration.
@@ -134,6 +140,8 @@ pub struct CoordinatorConfig {
     pub join: Option<String>,
     pub raft: RaftSettings,
     pub health: HealthSettings,
+    /// Node TLS; `None` only with `insecure`.
+    pub tls: Option<NodeTls>,
 }
 
 impl CoordinatorConfig {
@@ -200,6 +208,10 @@ impl CoordinatorConfig {
                 ),
             ));
         }
+        let tls = node_tls(
+            merge_tls(overrides.tls, base.tls),
+            overrides.insecure || base.insecure.unwrap_or(false),
+        )?;
         Ok(CoordinatorConfig {
             id,
             data_dir,
@@ -210,6 +222,7 @@ impl CoordinatorConfig {
             join,
             raft,
             health,
+            tls,
         })
     }
 }
@@ -268,6 +281,8 @@ pub struct WorkerFile {
     pub http: Option<String>,
     pub inference_grpc: Option<String>,
     pub heartbeat_interval_ms: Option<u64>,
+    pub tls: TlsFiles,
+    pub insecure: Option<bool>,
 }
 
 /// Overrides from flags and `KILN_*` variables.
@@ -280,6 +295,8 @@ pub struct WorkerOverrides {
     pub http: Option<String>,
     pub inference_grpc: Option<String>,
     pub heartbeat_interval_ms: Option<u64>,
+    pub tls: TlsFiles,
+    pub insecure: bool,
 }
 
 /// A validated worker configuration.
@@ -294,6 +311,8 @@ pub struct WorkerConfig {
     pub http: SocketAddr,
     pub inference_grpc: SocketAddr,
     pub heartbeat_interval_ms: u64,
+    /// Node TLS; `None` only with `insecure`.
+    pub tls: Option<NodeTls>,
 }
 
 impl WorkerConfig {
@@ -361,6 +380,10 @@ impl WorkerConfig {
         if heartbeat_interval_ms == 0 {
             return Err(invalid("heartbeat_interval_ms", "must be positive"));
         }
+        let tls = node_tls(
+            merge_tls(overrides.tls, base.tls),
+            overrides.insecure || base.insecure.unwrap_or(false),
+        )?;
         Ok(WorkerConfig {
             data_dir,
             coordinators,
@@ -369,7 +392,54 @@ impl WorkerConfig {
             http,
             inference_grpc,
             heartbeat_interval_ms,
+            tls,
         })
+    }
+}
+
+/// A node's validated TLS files.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn merge_tls(over: TlsFiles, base: TlsFiles) -> TlsFiles {
+    TlsFiles {
+        ca: over.ca.or(base.ca),
+        cert: over.cert.or(base.cert),
+        key: over.key.or(base.key),
+    }
+}
+
+/// Requires all three TLS files, or none of them with `insecure`.
+fn node_tls(files: TlsFiles, insecure: bool) -> Result<Option<NodeTls>, ConfigError> {
+    let any = files.ca.is_some() || files.cert.is_some() || files.key.is_some();
+    if insecure {
+        if any {
+            return Err(invalid(
+                "insecure",
+                "TLS files are given too: drop --insecure or the tls settings",
+            ));
+        }
+        return Ok(None);
+    }
+    match (files.ca, files.cert, files.key) {
+        (Some(ca), Some(cert), Some(key)) => Ok(Some(NodeTls { ca, cert, key })),
+        (ca, cert, _) => {
+            let missing = if ca.is_none() {
+                "tls.ca"
+            } else if cert.is_none() {
+                "tls.cert"
+            } else {
+                "tls.key"
+            };
+            Err(invalid(
+                missing,
+                "node TLS needs tls.ca, tls.cert and tls.key (make them with kiln certs), or --insecure to run without TLS",
+            ))
+        }
     }
 }
 
@@ -472,6 +542,7 @@ mod tests {
             CoordinatorOverrides {
                 listen: Some("127.0.0.1:9001".into()),
                 peers: Some("2=127.0.0.1:9001".into()),
+                insecure: true,
                 ..Default::default()
             },
         )
@@ -526,12 +597,44 @@ mod tests {
             None,
             WorkerOverrides {
                 coordinators: Some("127.0.0.1:7070, 127.0.0.1:7072".into()),
+                insecure: true,
                 ..Default::default()
             },
         )
         .expect("valid");
         assert_eq!(cfg.coordinators.len(), 2);
         assert_eq!(cfg.heartbeat_interval_ms, 1000);
+    }
+
+    #[test]
+    fn plaintext_needs_an_explicit_insecure() {
+        let err = CoordinatorConfig::load(None, Default::default()).expect_err("no tls");
+        assert!(err.to_string().starts_with("tls.ca:"), "{err}");
+        assert!(err.to_string().contains("--insecure"), "{err}");
+        let partial = CoordinatorOverrides {
+            tls: TlsFiles {
+                ca: Some("ca.pem".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let err = CoordinatorConfig::load(None, partial.clone()).expect_err("no cert");
+        assert!(err.to_string().starts_with("tls.cert:"), "{err}");
+        let both = CoordinatorOverrides {
+            insecure: true,
+            ..partial
+        };
+        let err = CoordinatorConfig::load(None, both).expect_err("insecure with tls");
+        assert!(err.to_string().starts_with("insecure:"), "{err}");
+        let cfg = CoordinatorConfig::load(
+            None,
+            CoordinatorOverrides {
+                insecure: true,
+                ..Default::default()
+            },
+        )
+        .expect("insecure is allowed when asked for");
+        assert!(cfg.tls.is_none());
     }
 
     #[test]
@@ -543,6 +646,7 @@ mod tests {
         assert_eq!(cfg.peers.len(), 3);
         assert_eq!(cfg.raft, RaftSettings::default());
         assert_eq!(cfg.health, HealthSettings::default());
+        assert!(cfg.tls.is_some());
         let cfg = WorkerConfig::load(Some(&deploy.join("worker.toml")), Default::default())
             .expect("deploy/worker.toml is valid");
         assert_eq!(cfg.coordinators.len(), 3);

@@ -39,6 +39,12 @@ pub enum Error {
     /// The named object does not exist.
     #[error("not found: {0}")]
     NotFound(String),
+    /// The caller did not prove who it is (no or a bad certificate or token).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The caller is known but may not do this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// The node is overloaded or shutting down; retry later.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -93,6 +99,8 @@ impl From<Error> for Status {
             Error::Timeout(msg) => Status::new(Code::DeadlineExceeded, msg.clone()),
             Error::InvalidArgument(msg) => Status::new(Code::InvalidArgument, msg.clone()),
             Error::NotFound(msg) => Status::new(Code::NotFound, msg.clone()),
+            Error::Unauthenticated(msg) => Status::new(Code::Unauthenticated, msg.clone()),
+            Error::PermissionDenied(msg) => Status::new(Code::PermissionDenied, msg.clone()),
             Error::Unavailable(msg) => Status::new(Code::Unavailable, msg.clone()),
             Error::Internal(msg) => Status::new(Code::Internal, msg.clone()),
         }
@@ -124,6 +132,8 @@ impl From<Status> for Error {
             Code::DeadlineExceeded | Code::Cancelled => Error::Timeout(msg),
             Code::InvalidArgument | Code::OutOfRange => Error::InvalidArgument(msg),
             Code::NotFound => Error::NotFound(msg),
+            Code::Unauthenticated => Error::Unauthenticated(msg),
+            Code::PermissionDenied => Error::PermissionDenied(msg),
             Code::Unavailable | Code::ResourceExhausted | Code::Aborted | Code::Unknown => {
                 Error::Unavailable(if msg.is_empty() {
                     format!("{:?}", status.code())

@@ -16,5 +16,6 @@ pub mod config;
 pub mod error;
 pub mod logging;
 pub mod status;
+pub mod tls;
 
 pub use error::{Error, Result};

@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use kiln_common::client::{ClientOptions, ClusterClient};
 use kiln_common::clock::now_ms;
 use kiln_common::config::CoordinatorConfig;
+use kiln_common::tls::TlsMaterial;
 use kiln_proto::v1::coordinator_server::CoordinatorServer;
 use kiln_proto::v1::{
     command, AddMemberRequest, Command, MemberRecord, SetWorkerState, WorkerState,
@@ -30,6 +31,8 @@ use crate::state::keys;
 
 /// Largest gRPC message accepted (Raft batches, snapshot chunks).
 const MAX_GRPC_MESSAGE_BYTES: usize = 64 << 20;
+/// Longest a gRPC call may run on the server (a snapshot stream included).
+const GRPC_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often the leader checks worker heartbeats.
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 /// How long a new member keeps asking to be admitted.
@@ -86,8 +89,20 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
     let http_listener = tokio::net::TcpListener::bind(config.http)
         .await
         .with_context(|| format!("bind coordinator http {}", config.http))?;
+    let tls = match &config.tls {
+        Some(files) => Some(TlsMaterial::node(&files.ca, &files.cert, &files.key)?),
+        None => {
+            tracing::warn!("running WITHOUT TLS (--insecure): any process that reaches these ports is trusted as a cluster node");
+            None
+        }
+    };
     let snapshot_dir = store.checkpoint_dir();
-    let transport = Transport::new(config.id, config.advertise.clone(), snapshot_dir.clone());
+    let transport = Transport::new(
+        config.id,
+        config.advertise.clone(),
+        snapshot_dir.clone(),
+        tls.clone(),
+    );
     let reader = crate::state::reader::StateReader::new(store.db());
     let (node, thread) = RaftNode::start(config.id, store, config.raft.clone(), transport.clone())?;
     transport.attach(node.clone());
@@ -115,7 +130,10 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
 
     let peers = Arc::new(ClusterClient::new(
         vec![config.advertise.clone()],
-        ClientOptions::default(),
+        ClientOptions {
+            tls: tls.clone(),
+            ..ClientOptions::default()
+        },
     )?);
     let api = Api {
         node: node.clone(),
@@ -126,6 +144,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
         http_addr: config.http.to_string(),
         advertise: config.advertise.clone(),
         snapshot_dir,
+        tls_enabled: tls.is_some(),
         // Three heartbeats fit in the suspect window, at most one a second.
         heartbeat_interval_ms: (config.health.suspect_after_ms / 3).clamp(10, 1000),
     };
@@ -135,9 +154,18 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
         let service = CoordinatorServer::new(api.clone())
             .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+        let mut builder = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .timeout(GRPC_REQUEST_TIMEOUT)
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        if let Some(tls) = &tls {
+            builder = builder
+                .tls_config(tls.server_config()?)
+                .context("configure coordinator grpc tls")?;
+        }
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .tcp_nodelay(true)
+            builder
                 .add_service(service)
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
@@ -166,7 +194,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
             addr: config.advertise.clone(),
             http_addr: config.http.to_string(),
         };
-        tokio::spawn(join_cluster(join, member, tasks.clone()));
+        tokio::spawn(join_cluster(join, member, tls.clone(), tasks.clone()));
     }
     tracing::info!(grpc = %config.listen, http = %config.http, "coordinator serving");
 
@@ -192,8 +220,17 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
 }
 
 /// Asks the cluster at `join` to admit this node as a learner, until it succeeds.
-async fn join_cluster(join: String, member: MemberRecord, token: CancellationToken) {
-    let client = match ClusterClient::new(vec![join.clone()], ClientOptions::default()) {
+async fn join_cluster(
+    join: String,
+    member: MemberRecord,
+    tls: Option<TlsMaterial>,
+    token: CancellationToken,
+) {
+    let options = ClientOptions {
+        tls,
+        ..ClientOptions::default()
+    };
+    let client = match ClusterClient::new(vec![join.clone()], options) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "join cluster");

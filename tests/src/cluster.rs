@@ -7,10 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiln_common::client::{ClientOptions, ClusterClient};
+use kiln_common::tls::TlsMaterial;
 use kiln_proto::v1::coordinator_client::CoordinatorClient;
 use kiln_proto::v1::{GetRequest, NodeStatusRequest, NodeStatusResponse, PutRequest};
 use tempfile::TempDir;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::cli::{kiln_bin, run_kiln, CLI_TIMEOUT};
 use crate::port::free_port;
@@ -51,6 +52,9 @@ pub struct Cluster {
     channels: Mutex<HashMap<String, Channel>>,
     bin: PathBuf,
     config: Option<PathBuf>,
+    /// The cluster CA and node certificates, made with `kiln certs`.
+    certs: PathBuf,
+    tls: TlsMaterial,
     dir: TempDir,
 }
 
@@ -71,12 +75,20 @@ impl Cluster {
             std::fs::write(&path, config_toml).expect("write the coordinator config file");
             Some(path)
         };
+        let certs = dir.path().join("certs");
+        run_kiln_sync(
+            &bin,
+            &["certs", "init", "--dir", &certs.display().to_string()],
+        );
+        let tls = TlsMaterial::client(&certs.join("ca.pem")).expect("load the cluster CA");
         let mut cluster = Cluster {
             coordinators: BTreeMap::new(),
             workers: BTreeMap::new(),
             channels: Mutex::new(HashMap::new()),
             bin,
             config,
+            certs,
+            tls,
             dir,
         };
         let ports: Vec<(u64, u16, u16)> =
@@ -109,6 +121,7 @@ impl Cluster {
             format!("127.0.0.1:{http_port}"),
         ];
         args.extend(extra);
+        args.extend(self.node_tls_args(&name));
         if let Some(config) = &self.config {
             args.push("--config".to_string());
             args.push(config.display().to_string());
@@ -253,6 +266,8 @@ impl Cluster {
             format!("127.0.0.1:{}", free_port()),
         ];
         let full_name = format!("worker-{name}");
+        let mut args = args;
+        args.extend(self.node_tls_args(&full_name));
         let log = self.dir.path().join(format!("{full_name}.log"));
         let proc = Proc::spawn(&full_name, &self.bin, &args, &log);
         self.workers.insert(
@@ -340,11 +355,9 @@ impl Cluster {
         let channel = channels
             .entry(addr.clone())
             .or_insert_with(|| {
-                Endpoint::from_shared(format!("http://{addr}"))
+                kiln_common::tls::endpoint(&addr, Some(&self.tls), CONNECT_TIMEOUT)
                     .expect("a loopback address is a valid endpoint")
-                    .connect_timeout(CONNECT_TIMEOUT)
                     .timeout(RPC_TIMEOUT)
-                    .tcp_nodelay(true)
                     .connect_lazy()
             })
             .clone();
@@ -353,7 +366,57 @@ impl Cluster {
 
     /// Returns a [`ClusterClient`] of the running coordinators with default options.
     pub fn cluster_client(&self) -> Arc<ClusterClient> {
-        self.cluster_client_with(ClientOptions::default())
+        self.cluster_client_with(self.client_options())
+    }
+
+    /// Returns default client options that trust this cluster's CA.
+    pub fn client_options(&self) -> ClientOptions {
+        ClientOptions {
+            tls: Some(self.tls.clone()),
+            ..ClientOptions::default()
+        }
+    }
+
+    /// Returns the directory of the cluster CA (`ca.pem`) and node certificates.
+    pub fn certs_dir(&self) -> &Path {
+        &self.certs
+    }
+
+    /// Returns the path of the kiln binary the cluster runs.
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// Issues a certificate for node `name` from the cluster CA (once), and returns
+    /// the flags that hand it to a node.
+    fn node_tls_args(&self, name: &str) -> Vec<String> {
+        let cert = self.certs.join(format!("{name}.pem"));
+        if !cert.exists() {
+            run_kiln_sync(
+                &self.bin,
+                &[
+                    "certs",
+                    "issue",
+                    "--dir",
+                    &self.certs.display().to_string(),
+                    "--node",
+                    name,
+                    "--san",
+                    "127.0.0.1,localhost",
+                ],
+            );
+        }
+        vec![
+            "--tls-ca".to_string(),
+            self.certs.join("ca.pem").display().to_string(),
+            "--tls-cert".to_string(),
+            cert.display().to_string(),
+            "--tls-key".to_string(),
+            self.certs
+                .join(format!("{name}-key.pem"))
+                .display()
+                .to_string(),
+        ]
     }
 
     /// Returns a [`ClusterClient`] of the running coordinators.
@@ -523,7 +586,8 @@ impl Cluster {
     /// Runs `kiln --coordinator <running coordinators> args...`.
     pub async fn run_cli(&self, args: &[&str]) -> Output {
         let coordinators = self.live_addrs().join(",");
-        let mut full = vec!["--coordinator", coordinators.as_str()];
+        let ca = self.certs.join("ca.pem").display().to_string();
+        let mut full = vec!["--coordinator", coordinators.as_str(), "--ca", ca.as_str()];
         full.extend_from_slice(args);
         run_kiln(&full, CLI_TIMEOUT).await
     }
@@ -596,4 +660,17 @@ impl Drop for Cluster {
             );
         }
     }
+}
+
+/// Runs the kiln binary to completion and panics with its stderr if it fails.
+pub fn run_kiln_sync(bin: &Path, args: &[&str]) {
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run kiln {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "kiln {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -27,7 +27,7 @@ mod wait;
 mod writer;
 
 pub use cli::{kiln_bin, run_kiln, stderr_text, CLI_TIMEOUT};
-pub use cluster::Cluster;
+pub use cluster::{run_kiln_sync, Cluster};
 pub use port::free_port;
 pub use process::Proc;
 pub use wait::{wait_for, POLL_INTERVAL};

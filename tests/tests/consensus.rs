@@ -117,7 +117,7 @@ async fn a_new_leader_takes_over_a_crash_without_losing_acknowledged_writes() {
             .collect(),
         ClientOptions {
             deadline: Duration::from_secs(10),
-            ..ClientOptions::default()
+            ..cluster.client_options()
         },
     )
     .expect("a client of three addresses");

@@ -28,7 +28,7 @@ fn client_of_all(cluster: &Cluster) -> Arc<ClusterClient> {
             addrs,
             ClientOptions {
                 deadline: CLIENT_DEADLINE,
-                ..ClientOptions::default()
+                ..cluster.client_options()
             },
         )
         .expect("a client of three addresses"),
@@ -137,9 +137,19 @@ async fn writes_fail_fast_and_are_not_applied_when_the_leader_and_a_follower_cra
         .map(|&id| cluster.addr(id))
         .collect::<Vec<_>>()
         .join(",");
+    let ca = cluster.certs_dir().join("ca.pem").display().to_string();
     let started = Instant::now();
     let output = run_kiln(
-        &["--coordinator", &all, "kv", "put", "lost-cli", "lost"],
+        &[
+            "--coordinator",
+            &all,
+            "--ca",
+            &ca,
+            "kv",
+            "put",
+            "lost-cli",
+            "lost",
+        ],
         CLI_TIMEOUT,
     )
     .await;

@@ -172,6 +172,7 @@ impl InProcessCoordinator {
                 data_dir: Some(self.data_dir.path().to_path_buf()),
                 listen: Some(self.grpc_addr.to_string()),
                 http: Some(self.http_addr.to_string()),
+                insecure: true,
                 ..Default::default()
             },
         )

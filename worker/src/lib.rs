@@ -110,7 +110,21 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
     .context("join identity and resource discovery")?
     .context("load worker id")?;
 
-    let client = ClusterClient::new(config.coordinators.clone(), ClientOptions::default())
+    let tls = match &config.tls {
+        Some(files) => Some(
+            kiln_common::tls::TlsMaterial::node(&files.ca, &files.cert, &files.key)
+                .context("load worker tls")?,
+        ),
+        None => {
+            tracing::warn!("running WITHOUT TLS (--insecure): coordinators are not authenticated");
+            None
+        }
+    };
+    let options = ClientOptions {
+        tls,
+        ..ClientOptions::default()
+    };
+    let client = ClusterClient::new(config.coordinators.clone(), options)
         .context("create coordinator client")?;
     let record = worker_record(
         &id,
@@ -336,6 +350,7 @@ mod tests {
             http: any,
             inference_grpc: any,
             heartbeat_interval_ms: 50,
+            tls: None,
         }
     }
 

@@ -42,6 +42,8 @@ pub struct Api {
     pub http_addr: String,
     pub advertise: String,
     pub snapshot_dir: PathBuf,
+    /// With TLS, node-only calls need a client certificate from the cluster CA.
+    pub tls_enabled: bool,
     pub heartbeat_interval_ms: u64,
 }
 
@@ -261,6 +263,7 @@ fn command(kind: command::Kind) -> Command {
 #[tonic::async_trait]
 impl Coordinator for Api {
     async fn raft(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
+        kiln_common::tls::require_node(&request, self.tls_enabled)?;
         let batch = request.into_inner();
         self.transport.learn(batch.from_id, &batch.from_addr);
         let mut msgs = Vec::with_capacity(batch.messages.len());
@@ -277,6 +280,7 @@ impl Coordinator for Api {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<RaftAck>, Status> {
+        kiln_common::tls::require_node(&request, self.tls_enabled)?;
         self.receive_snapshot(request.into_inner()).await?;
         Ok(Response::new(RaftAck {}))
     }
@@ -285,6 +289,7 @@ impl Coordinator for Api {
         &self,
         request: Request<ProposeRequest>,
     ) -> Result<Response<ProposeResponse>, Status> {
+        kiln_common::tls::require_node(&request, self.tls_enabled)?;
         let req = request.into_inner();
         let cmd = req
             .command
@@ -378,6 +383,7 @@ impl Coordinator for Api {
         &self,
         request: Request<AddMemberRequest>,
     ) -> Result<Response<AddMemberResponse>, Status> {
+        kiln_common::tls::require_node(&request, self.tls_enabled)?;
         let member = request
             .into_inner()
             .member
@@ -466,6 +472,7 @@ impl Coordinator for Api {
         &self,
         request: Request<RegisterWorkerRequest>,
     ) -> Result<Response<RegisterWorkerResponse>, Status> {
+        kiln_common::tls::require_node(&request, self.tls_enabled)?;
         let worker = request
             .into_inner()
             .worker
@@ -501,6 +508,7 @@ impl Coordinator for Api {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        kiln_common::tls::require_node(&request, self.tls_enabled)?;
         let req = request.into_inner();
         self.require_leader()?;
         let record = self

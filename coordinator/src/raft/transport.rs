@@ -10,13 +10,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kiln_common::tls::TlsMaterial;
 use kiln_proto::v1::coordinator_client::CoordinatorClient;
 use kiln_proto::v1::{KvPair, MemberRecord, RaftBatch, SnapshotChunk};
 use prost_raft::Message as _;
 use raft::eraftpb::Message;
 use rocksdb::{IteratorMode, Options, DB};
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::node::{is_snapshot, RaftHandle};
 use super::storage::{RocksStore, CF_LOG, CF_META, CF_STATE};
@@ -48,17 +49,24 @@ pub struct Transport {
     self_id: u64,
     self_addr: String,
     checkpoint_dir: PathBuf,
+    tls: Option<TlsMaterial>,
     runtime: tokio::runtime::Handle,
     inner: Arc<Mutex<Inner>>,
 }
 
 impl Transport {
     /// Creates a transport for node `self_id`, advertised at `self_addr`.
-    pub fn new(self_id: u64, self_addr: String, checkpoint_dir: PathBuf) -> Transport {
+    pub fn new(
+        self_id: u64,
+        self_addr: String,
+        checkpoint_dir: PathBuf,
+        tls: Option<TlsMaterial>,
+    ) -> Transport {
         Transport {
             self_id,
             self_addr,
             checkpoint_dir,
+            tls,
             runtime: tokio::runtime::Handle::current(),
             inner: Arc::new(Mutex::new(Inner {
                 peers: HashMap::new(),
@@ -133,6 +141,7 @@ impl Transport {
                     from_id: self.self_id,
                     from_addr: self.self_addr.clone(),
                     checkpoint_dir: self.checkpoint_dir.clone(),
+                    tls: self.tls.clone(),
                     node: inner.node.clone(),
                 };
                 self.runtime.spawn(task.run(m));
@@ -156,15 +165,14 @@ impl Transport {
     }
 }
 
-fn channel(addr: &str) -> Option<Channel> {
-    Some(
-        Endpoint::from_shared(format!("http://{addr}"))
-            .ok()?
-            .connect_timeout(Duration::from_millis(500))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .connect_lazy(),
-    )
+fn channel(addr: &str, tls: Option<&TlsMaterial>) -> Option<Channel> {
+    match kiln_common::tls::endpoint(addr, tls, Duration::from_millis(500)) {
+        Ok(endpoint) => Some(endpoint.connect_lazy()),
+        Err(e) => {
+            tracing::error!(addr, error = %e, "bad raft peer address");
+            None
+        }
+    }
 }
 
 struct PeerSender {
@@ -177,8 +185,7 @@ struct PeerSender {
 
 impl PeerSender {
     async fn run(self, mut rx: mpsc::Receiver<Message>) {
-        let Some(channel) = channel(&self.addr) else {
-            tracing::error!(to = self.to, addr = %self.addr, "bad raft peer address");
+        let Some(channel) = channel(&self.addr, self.transport.tls.as_ref()) else {
             return;
         };
         let mut client = CoordinatorClient::new(channel);
@@ -227,6 +234,7 @@ struct SnapshotSender {
     from_id: u64,
     from_addr: String,
     checkpoint_dir: PathBuf,
+    tls: Option<TlsMaterial>,
     node: Option<RaftHandle>,
 }
 
@@ -262,8 +270,8 @@ impl SnapshotSender {
             .await
             .map_err(|_| anyhow::anyhow!("snapshot stream closed"))?;
         let reader = tokio::task::spawn_blocking(move || read_checkpoint(path, tx));
-        let channel =
-            channel(&self.addr).ok_or_else(|| anyhow::anyhow!("bad address {}", self.addr))?;
+        let channel = channel(&self.addr, self.tls.as_ref())
+            .ok_or_else(|| anyhow::anyhow!("bad address {}", self.addr))?;
         let mut client = CoordinatorClient::new(channel);
         let sent = client
             .install_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx))

@@ -1,0 +1,116 @@
+//! Transport security between kiln processes: the one place that builds tonic
+//! endpoints and server TLS settings.
+//!
+//! Every node (coordinator or worker) holds a certificate signed by the cluster CA
+//! (`kiln certs`). Servers present theirs and ask clients for one, which is
+//! optional at the handshake so that people's CLIs (who prove themselves with
+//! tokens) can connect; RPCs that only nodes may make check for a verified client
+//! certificate. A certificate from any other CA fails the handshake.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+
+use crate::error::{Error, Result};
+
+/// Paths of the cluster CA and of this node's certificate and key (PEM).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsFiles {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// Loaded TLS material: the CA to trust and, for a node, its own identity.
+#[derive(Debug, Clone)]
+pub struct TlsMaterial {
+    ca_pem: Vec<u8>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+fn read(what: &str, path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| Error::InvalidArgument(format!("read {what} {}: {e}", path.display())))
+}
+
+impl TlsMaterial {
+    /// Loads a node's CA, certificate and key.
+    pub fn node(ca: &Path, cert: &Path, key: &Path) -> Result<TlsMaterial> {
+        Ok(TlsMaterial {
+            ca_pem: read("tls ca", ca)?,
+            identity: Some((read("tls cert", cert)?, read("tls key", key)?)),
+        })
+    }
+
+    /// Loads only the CA, for a client that proves itself otherwise.
+    pub fn client(ca: &Path) -> Result<TlsMaterial> {
+        Ok(TlsMaterial {
+            ca_pem: read("tls ca", ca)?,
+            identity: None,
+        })
+    }
+
+    /// Returns the server settings: this node's identity, client certificates
+    /// verified against the CA when presented.
+    pub fn server_config(&self) -> Result<ServerTlsConfig> {
+        let (cert, key) = self.identity.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("a TLS server needs a certificate and key".into())
+        })?;
+        Ok(ServerTlsConfig::new()
+            .identity(Identity::from_pem(cert, key))
+            .client_ca_root(Certificate::from_pem(&self.ca_pem))
+            .client_auth_optional(true))
+    }
+
+    fn client_config(&self, host: &str) -> ClientTlsConfig {
+        let mut config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .domain_name(host.trim_start_matches('[').trim_end_matches(']'));
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        config
+    }
+}
+
+/// Returns an endpoint for the kiln gRPC server at `addr` (HOST:PORT): over TLS
+/// when `tls` is given, in plaintext otherwise.
+pub fn endpoint(
+    addr: &str,
+    tls: Option<&TlsMaterial>,
+    connect_timeout: Duration,
+) -> Result<Endpoint> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .map_err(|e| Error::InvalidArgument(format!("address {addr}: {e}")))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(10));
+    if let Some(tls) = tls {
+        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+        endpoint = endpoint
+            .tls_config(tls.client_config(host))
+            .map_err(|e| Error::InvalidArgument(format!("tls settings for {addr}: {e}")))?;
+    }
+    Ok(endpoint)
+}
+
+/// Returns an error unless the request came over TLS with a client certificate
+/// that the cluster CA signed (rustls has verified it during the handshake).
+/// Without TLS (`--insecure`) every caller passes.
+pub fn require_node<T>(request: &tonic::Request<T>, tls_enabled: bool) -> Result<()> {
+    if !tls_enabled {
+        return Ok(());
+    }
+    match request.peer_certs() {
+        Some(certs) if !certs.is_empty() => Ok(()),
+        _ => Err(Error::Unauthenticated(
+            "this call is for cluster nodes: present a node certificate signed by the cluster CA"
+                .into(),
+        )),
+    }
+}
