@@ -96,6 +96,8 @@ pub struct BenchOptions {
     pub failovers: usize,
     /// Whether to measure etcd too.
     pub etcd: bool,
+    /// Whether to measure kiln with mutual TLS too ("kiln+tls"), to price it.
+    pub tls: bool,
     /// Bytes of each written value.
     pub value_size: usize,
     /// Scratch directory; each run uses a fresh subdirectory.
@@ -111,6 +113,7 @@ impl Default for BenchOptions {
             duration: Duration::from_secs(10),
             failovers: 5,
             etcd: false,
+            tls: false,
             value_size: 256,
             dir: PathBuf::from(".kiln/bench"),
             base_port: 17_070,
@@ -135,6 +138,8 @@ pub struct BenchReport {
     pub failovers: Vec<FailoverResult>,
     /// kiln's writes/s over etcd's, per client count (empty without etcd).
     pub ratios: Vec<Ratio>,
+    /// kiln with mutual TLS over plaintext kiln, per client count (empty without --tls).
+    pub tls_ratios: Vec<TlsRatio>,
 }
 
 /// One load level of one system.
@@ -158,6 +163,13 @@ pub struct FailoverResult {
     pub rounds_ms: Vec<f64>,
     pub failover_ms_median: f64,
     pub failover_ms_max: f64,
+}
+
+/// kiln's throughput with mutual TLS over its plaintext throughput.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsRatio {
+    pub clients: usize,
+    pub tls_over_plaintext_writes_per_s: f64,
 }
 
 /// kiln's throughput over etcd's at one client count.
@@ -225,6 +237,16 @@ impl BenchReport {
             println!("{:>7} {:>18}", "clients", "kiln/etcd writes/s");
             for r in &self.ratios {
                 println!("{:>7} {:>18.2}", r.clients, r.kiln_over_etcd_writes_per_s);
+            }
+        }
+        if !self.tls_ratios.is_empty() {
+            println!();
+            println!("{:>7} {:>24}", "clients", "kiln+tls/kiln writes/s");
+            for r in &self.tls_ratios {
+                println!(
+                    "{:>7} {:>24.2}",
+                    r.clients, r.tls_over_plaintext_writes_per_s
+                );
             }
         }
     }
@@ -318,13 +340,13 @@ async fn bench(
 
     tracing::info!(dir = %run_dir.display(), "starting kiln coordinators");
     let mut kiln = Cluster::Kiln(Box::new(
-        KilnCluster::start(run_dir.join("kiln"), opts.base_port, reaper).await?,
+        KilnCluster::start(run_dir.join("kiln"), opts.base_port, false, reaper).await?,
     ));
     for (level, &clients) in opts.clients.iter().enumerate() {
         kiln.wait_healthy().await?;
         let addrs = kiln.kiln_addrs();
         let targets = (0..clients)
-            .map(|_| KilnTarget::new(addrs.clone(), Timing::LOAD))
+            .map(|_| KilnTarget::new(addrs.clone(), Timing::LOAD, None))
             .collect::<anyhow::Result<Vec<_>>>()?;
         levels.push(run_level("kiln", targets, level, opts).await?);
     }
@@ -332,12 +354,28 @@ async fn bench(
         let addrs = kiln.kiln_addrs();
         failovers.push(
             measure_failovers(&mut kiln, opts.failovers, reaper, |_| {
-                KilnTarget::new(addrs.clone(), Timing::FAILOVER)
+                KilnTarget::new(addrs.clone(), Timing::FAILOVER, None)
             })
             .await?,
         );
     }
     kiln.stop(reaper).await?;
+
+    if opts.tls {
+        tracing::info!("starting kiln coordinators with mutual TLS");
+        let kiln = Cluster::Kiln(Box::new(
+            KilnCluster::start(run_dir.join("kiln-tls"), opts.base_port, true, reaper).await?,
+        ));
+        for (level, &clients) in opts.clients.iter().enumerate() {
+            kiln.wait_healthy().await?;
+            let (addrs, tls) = kiln.kiln_client_setup()?;
+            let targets = (0..clients)
+                .map(|_| KilnTarget::new(addrs.clone(), Timing::LOAD, tls.clone()))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            levels.push(run_level("kiln+tls", targets, level, opts).await?);
+        }
+        kiln.stop(reaper).await?;
+    }
 
     let mut etcd_version = None;
     if let Some(program) = etcd_program {
@@ -367,6 +405,19 @@ async fn bench(
     }
 
     let ratios = ratios(&levels);
+    let tls_ratios = levels
+        .iter()
+        .filter(|t| t.system == "kiln+tls")
+        .filter_map(|t| {
+            let plain = levels
+                .iter()
+                .find(|p| p.system == "kiln" && p.clients == t.clients)?;
+            (plain.writes_per_s > 0.0).then(|| TlsRatio {
+                clients: t.clients,
+                tls_over_plaintext_writes_per_s: t.writes_per_s / plain.writes_per_s,
+            })
+        })
+        .collect();
     Ok(BenchReport {
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu_model: cpu_model(),
@@ -381,6 +432,7 @@ async fn bench(
         levels,
         failovers,
         ratios,
+        tls_ratios,
     })
 }
 
@@ -462,13 +514,25 @@ impl Timing {
     };
 }
 
+/// Returns the client TLS settings of a local cluster: its CA, or none when insecure.
+fn client_tls(info: &local::ClusterInfo) -> anyhow::Result<Option<kiln_common::tls::TlsMaterial>> {
+    match &info.ca {
+        Some(ca) => Ok(Some(kiln_common::tls::TlsMaterial::client(ca)?)),
+        None => Ok(None),
+    }
+}
+
 /// A kiln client: [`ClusterClient`] follows the leader and retries by itself.
 struct KilnTarget {
     client: ClusterClient,
 }
 
 impl KilnTarget {
-    fn new(addrs: Vec<String>, timing: Timing) -> anyhow::Result<KilnTarget> {
+    fn new(
+        addrs: Vec<String>,
+        timing: Timing,
+        tls: Option<kiln_common::tls::TlsMaterial>,
+    ) -> anyhow::Result<KilnTarget> {
         let client = ClusterClient::new(
             addrs,
             ClientOptions {
@@ -477,8 +541,7 @@ impl KilnTarget {
                 deadline: timing.deadline,
                 initial_backoff: INITIAL_BACKOFF,
                 max_backoff: MAX_BACKOFF,
-                // The bench runs kiln without TLS, like the etcd it compares with.
-                tls: None,
+                tls,
             },
         )
         .context("create kiln client")?;
@@ -938,6 +1001,16 @@ impl Cluster {
         }
     }
 
+    /// Returns the addresses and the client TLS settings of a kiln cluster.
+    fn kiln_client_setup(
+        &self,
+    ) -> anyhow::Result<(Vec<String>, Option<kiln_common::tls::TlsMaterial>)> {
+        match self {
+            Cluster::Kiln(k) => Ok((k.info.coordinator_addrs(), client_tls(&k.info)?)),
+            Cluster::Etcd(_) => Ok((Vec::new(), None)),
+        }
+    }
+
     fn etcd_endpoints(&self) -> Vec<String> {
         match self {
             Cluster::Kiln(_) => Vec::new(),
@@ -1077,7 +1150,12 @@ struct KilnCluster {
 }
 
 impl KilnCluster {
-    async fn start(dir: PathBuf, base_port: u16, reaper: &Reaper) -> anyhow::Result<KilnCluster> {
+    async fn start(
+        dir: PathBuf,
+        base_port: u16,
+        tls: bool,
+        reaper: &Reaper,
+    ) -> anyhow::Result<KilnCluster> {
         let options = LocalOptions {
             coordinators: VOTERS,
             workers: 0,
@@ -1085,8 +1163,8 @@ impl KilnCluster {
             base_port,
             // kiln's shipped defaults: the figures are what a user gets.
             coordinator_config: None,
-            // Plaintext like the etcd it is compared with.
-            insecure: true,
+            // Plaintext like the etcd it is compared with, unless TLS is priced.
+            insecure: !tls,
         };
         let info = local::up_with(&options, Detach::No)
             .await
@@ -1100,6 +1178,7 @@ impl KilnCluster {
                 connect_timeout: STATUS_TIMEOUT,
                 attempt_timeout: STATUS_TIMEOUT,
                 deadline: STATUS_TIMEOUT,
+                tls: client_tls(&info)?,
                 ..ClientOptions::default()
             },
         )

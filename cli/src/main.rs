@@ -247,6 +247,9 @@ enum BenchCommand {
         /// Also measures a 3-member etcd cluster under the same load.
         #[arg(long)]
         etcd: bool,
+        /// Also measures kiln with mutual TLS between nodes and clients.
+        #[arg(long)]
+        tls: bool,
         #[arg(long, default_value_t = 256)]
         value_size: usize,
         /// Scratch directory for the benchmark clusters.
@@ -485,6 +488,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 duration_secs,
                 failovers,
                 etcd,
+                tls,
                 value_size,
                 dir,
                 base_port,
@@ -502,6 +506,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     duration: Duration::from_secs(duration_secs),
                     failovers,
                     etcd,
+                    tls,
                     value_size,
                     dir,
                     base_port,
