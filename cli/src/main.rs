@@ -289,6 +289,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = check_kiln_variables() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     kiln_common::logging::init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -521,6 +525,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
     }
+}
+
+/// Variables read outside clap: the log filter, and the binary the tests run.
+const OTHER_VARIABLES: &[&str] = &["KILN_LOG", "KILN_BIN"];
+
+/// Refuses `KILN_*` variables that no flag reads: a misspelt one would otherwise be
+/// ignored without a word.
+fn check_kiln_variables() -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    fn collect(cmd: &clap::Command, known: &mut std::collections::BTreeSet<String>) {
+        for arg in cmd.get_arguments() {
+            if let Some(name) = arg.get_env() {
+                known.insert(name.to_string_lossy().into_owned());
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            collect(sub, known);
+        }
+    }
+    let mut known: std::collections::BTreeSet<String> =
+        OTHER_VARIABLES.iter().map(|s| s.to_string()).collect();
+    collect(&Cli::command(), &mut known);
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("KILN_") && !known.contains(name.as_ref()) {
+            bail!(
+                "unknown variable {name}: kiln reads {}",
+                known.iter().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Returns a token cancelled on SIGTERM or SIGINT.

@@ -124,3 +124,19 @@ async fn an_unreachable_coordinator_is_reported_promptly() {
         "gave up after {took:?} (bound {UNREACHABLE_BOUND:?})"
     );
 }
+
+#[tokio::test]
+async fn a_misspelt_kiln_variable_is_refused_by_name() {
+    let output = tokio::time::timeout(
+        REFUSAL_TIMEOUT,
+        tokio::process::Command::new(kiln_tests::kiln_bin())
+            .args(["--coordinator", "127.0.0.1:1", "status"])
+            .env("KILN_PEEERS", "1=127.0.0.1:1")
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("kiln exits")
+    .expect("run kiln");
+    assert_refused(&output, "misspelt variable", &["KILN_PEEERS"]);
+}

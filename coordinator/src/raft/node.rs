@@ -810,6 +810,15 @@ impl RaftNode {
         // leader elected, pending entries resolve when their index is applied.)
         let leaderless = self.raw.raft.leader_id == 0;
         let cut_off = self.raw.raft.state == StateRole::Leader && !self.quorum_recently_active();
+        if leaderless || cut_off {
+            let err = Error::NoQuorum(format!(
+                "coordinator {} knows no leader that a majority follows; the read cannot be confirmed",
+                self.id
+            ));
+            for (_, (reply, _)) in self.reads.drain() {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
         if (leaderless || cut_off) && !self.pending.is_empty() {
             for (index, p) in std::mem::take(&mut self.pending) {
                 fail(
