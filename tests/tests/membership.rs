@@ -195,3 +195,41 @@ async fn a_joined_node_becomes_a_voter_and_removals_keep_writes_flowing() {
     }
     cluster.assert_healthy();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_joined_node_restarts_as_a_voter_with_its_data() {
+    let mut cluster = Cluster::start(3, "");
+    cluster.wait_for_leader(Duration::from_secs(20)).await;
+    cluster.add_coordinator(4);
+    let all: BTreeSet<u64> = [1, 2, 3, 4].into_iter().collect();
+    let leader = wait_for_voters(&cluster, &all).await;
+    cluster
+        .put(leader, "before-crash", "1")
+        .await
+        .expect("write with four voters");
+
+    // A crash of the joined node: it restarts with the same arguments (--join
+    // included) and must come back from its own data, not ask to join again.
+    cluster.kill(4);
+    let leader = wait_for_voters(&cluster, &all).await;
+    cluster
+        .put(leader, "while-down", "2")
+        .await
+        .expect("three of four voters commit");
+    cluster.restart(4);
+    wait_for(CHANGE_TIMEOUT, "node 4 catches up", || async {
+        match cluster.get(4, "while-down", true).await {
+            Ok(Some(v)) if v == "2" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(
+        cluster.get(4, "before-crash", true).await.expect("read"),
+        Some("1".to_string())
+    );
+    let status = cluster.node_status(4).await.expect("status of node 4");
+    assert_eq!(status.voters, vec![1, 2, 3, 4]);
+    assert!(status.learners.is_empty(), "learners {:?}", status.learners);
+    cluster.assert_healthy();
+}
