@@ -346,7 +346,7 @@ async fn bench(
         kiln.wait_healthy().await?;
         let addrs = kiln.kiln_addrs();
         let targets = (0..clients)
-            .map(|_| KilnTarget::new(addrs.clone(), Timing::LOAD, None))
+            .map(|_| KilnTarget::new(addrs.clone(), Timing::LOAD, None, None))
             .collect::<anyhow::Result<Vec<_>>>()?;
         levels.push(run_level("kiln", targets, level, opts).await?);
     }
@@ -354,7 +354,7 @@ async fn bench(
         let addrs = kiln.kiln_addrs();
         failovers.push(
             measure_failovers(&mut kiln, opts.failovers, reaper, |_| {
-                KilnTarget::new(addrs.clone(), Timing::FAILOVER, None)
+                KilnTarget::new(addrs.clone(), Timing::FAILOVER, None, None)
             })
             .await?,
         );
@@ -368,9 +368,9 @@ async fn bench(
         ));
         for (level, &clients) in opts.clients.iter().enumerate() {
             kiln.wait_healthy().await?;
-            let (addrs, tls) = kiln.kiln_client_setup()?;
+            let (addrs, tls, token) = kiln.kiln_client_setup()?;
             let targets = (0..clients)
-                .map(|_| KilnTarget::new(addrs.clone(), Timing::LOAD, tls.clone()))
+                .map(|_| KilnTarget::new(addrs.clone(), Timing::LOAD, tls.clone(), token.clone()))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             levels.push(run_level("kiln+tls", targets, level, opts).await?);
         }
@@ -514,6 +514,13 @@ impl Timing {
     };
 }
 
+/// Addresses, TLS settings and bearer token of a kiln cluster's clients.
+type KilnClientSetup = (
+    Vec<String>,
+    Option<kiln_common::tls::TlsMaterial>,
+    Option<String>,
+);
+
 /// Returns the client TLS settings of a local cluster: its CA, or none when insecure.
 fn client_tls(info: &local::ClusterInfo) -> anyhow::Result<Option<kiln_common::tls::TlsMaterial>> {
     match &info.ca {
@@ -532,6 +539,7 @@ impl KilnTarget {
         addrs: Vec<String>,
         timing: Timing,
         tls: Option<kiln_common::tls::TlsMaterial>,
+        token: Option<String>,
     ) -> anyhow::Result<KilnTarget> {
         let client = ClusterClient::new(
             addrs,
@@ -542,6 +550,7 @@ impl KilnTarget {
                 initial_backoff: INITIAL_BACKOFF,
                 max_backoff: MAX_BACKOFF,
                 tls,
+                token,
             },
         )
         .context("create kiln client")?;
@@ -1002,12 +1011,14 @@ impl Cluster {
     }
 
     /// Returns the addresses and the client TLS settings of a kiln cluster.
-    fn kiln_client_setup(
-        &self,
-    ) -> anyhow::Result<(Vec<String>, Option<kiln_common::tls::TlsMaterial>)> {
+    fn kiln_client_setup(&self) -> anyhow::Result<KilnClientSetup> {
         match self {
-            Cluster::Kiln(k) => Ok((k.info.coordinator_addrs(), client_tls(&k.info)?)),
-            Cluster::Etcd(_) => Ok((Vec::new(), None)),
+            Cluster::Kiln(k) => Ok((
+                k.info.coordinator_addrs(),
+                client_tls(&k.info)?,
+                local::read_token(&k.info)?,
+            )),
+            Cluster::Etcd(_) => Ok((Vec::new(), None, None)),
         }
     }
 
@@ -1179,6 +1190,7 @@ impl KilnCluster {
                 attempt_timeout: STATUS_TIMEOUT,
                 deadline: STATUS_TIMEOUT,
                 tls: client_tls(&info)?,
+                token: local::read_token(&info)?,
                 ..ClientOptions::default()
             },
         )

@@ -38,6 +38,7 @@ use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -136,6 +137,22 @@ pub struct ClusterInfo {
     /// The cluster CA that clients verify coordinators with; `None` when insecure.
     #[serde(default)]
     pub ca: Option<PathBuf>,
+    /// File (mode 0600) holding an admin token; `None` when insecure.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+/// Reads the local cluster's admin token, if it has one.
+pub fn read_token(info: &ClusterInfo) -> anyhow::Result<Option<String>> {
+    match &info.token_file {
+        Some(path) => Ok(Some(
+            fs::read_to_string(path)
+                .with_context(|| format!("read token file {}", path.display()))?
+                .trim()
+                .to_string(),
+        )),
+        None => Ok(None),
+    }
 }
 
 impl ClusterInfo {
@@ -686,17 +703,109 @@ pub(crate) async fn up_with(opts: &LocalOptions, detach: Detach) -> anyhow::Resu
     }
     write_cluster(&dir, &info)?;
 
-    wait_ready(&mut info, &mut started).await?;
+    wait_ready(&mut info, &mut started, &dir).await?;
+    if !opts.insecure {
+        info.token_file = Some(ensure_admin_token(&dir, &info).await?);
+    }
     write_cluster(&dir, &info)?;
     started.armed = false;
     Ok(info)
 }
 
+/// Name of the admin token `kiln local up` makes.
+const LOCAL_ADMIN_TOKEN: &str = "local-admin";
+/// File that holds it, under the cluster directory.
+const TOKEN_FILE: &str = "admin.token";
+
+/// Returns TLS settings that authenticate as coordinator 1: a cluster node, which
+/// may do anything, as the operator who holds the CA may.
+fn node_identity(dir: &Path) -> anyhow::Result<kiln_common::tls::TlsMaterial> {
+    let certs = dir.join(CERTS_DIR);
+    Ok(kiln_common::tls::TlsMaterial::node(
+        &certs.join(crate::certs::CA_CERT),
+        &certs.join("coordinator-1.pem"),
+        &certs.join("coordinator-1-key.pem"),
+    )?)
+}
+
+/// Makes sure `DIR/admin.token` holds a working admin token: keeps one that the
+/// cluster accepts, otherwise replaces the `local-admin` token with a new one.
+async fn ensure_admin_token(dir: &Path, info: &ClusterInfo) -> anyhow::Result<PathBuf> {
+    let path = dir.join(TOKEN_FILE);
+    let options = |token: Option<String>, tls| ClientOptions {
+        deadline: Duration::from_secs(5),
+        tls: Some(tls),
+        token,
+        ..ClientOptions::default()
+    };
+    if let Ok(token) = fs::read_to_string(&path) {
+        let client = ClusterClient::new(
+            info.coordinator_addrs(),
+            options(
+                Some(token.trim().to_string()),
+                kiln_common::tls::TlsMaterial::client(
+                    info.ca.as_deref().context("a TLS cluster has a CA")?,
+                )?,
+            ),
+        )?;
+        let works = client
+            .call(|mut c| async move {
+                c.list_tokens(kiln_proto::v1::ListTokensRequest {})
+                    .await
+                    .map(|r| r.into_inner())
+            })
+            .await
+            .is_ok();
+        if works {
+            return Ok(path);
+        }
+    }
+    let node = ClusterClient::new(info.coordinator_addrs(), options(None, node_identity(dir)?))?;
+    // A stale token of that name (its file lost or its cluster state gone) is revoked.
+    let _ = node
+        .call(|mut c| async move {
+            c.revoke_token(kiln_proto::v1::RevokeTokenRequest {
+                name: LOCAL_ADMIN_TOKEN.to_string(),
+            })
+            .await
+            .map(|r| r.into_inner())
+        })
+        .await;
+    let created = node
+        .call(|mut c| async move {
+            c.create_token(kiln_proto::v1::CreateTokenRequest {
+                name: LOCAL_ADMIN_TOKEN.to_string(),
+                role: kiln_proto::v1::Role::Admin as i32,
+                expires_in_ms: 0,
+            })
+            .await
+            .map(|r| r.into_inner())
+        })
+        .await
+        .context("create the local admin token")?;
+    let _ = fs::remove_file(&path);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("create token file {}", path.display()))?;
+    file.write_all(created.token.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("write token file {}", path.display()))?;
+    Ok(path)
+}
+
 /// Polls ClusterStatus until a leader is known and every worker of `info` is ALIVE;
 /// fills in worker ids. Fails early when a process exits.
-async fn wait_ready(info: &mut ClusterInfo, started: &mut Started) -> anyhow::Result<()> {
+async fn wait_ready(
+    info: &mut ClusterInfo,
+    started: &mut Started,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    // As a node: no token exists yet.
     let tls = match &info.ca {
-        Some(ca) => Some(kiln_common::tls::TlsMaterial::client(ca)?),
+        Some(_) => Some(node_identity(dir)?),
         None => None,
     };
     let client = ClusterClient::new(

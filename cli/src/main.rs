@@ -37,6 +37,9 @@ struct Cli {
     /// cluster's, from .kiln/cluster.json; none means plaintext).
     #[arg(long, global = true, env = "KILN_CA")]
     ca: Option<PathBuf>,
+    /// Bearer token (default: the local cluster's admin token, from .kiln/).
+    #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -67,6 +70,11 @@ enum Command {
     Admin {
         #[command(subcommand)]
         command: AdminCommand,
+    },
+    /// Creates, lists and revokes bearer tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// Makes the cluster CA and node certificates.
     Certs {
@@ -189,6 +197,69 @@ enum LocalCommand {
         #[arg(long, default_value = ".kiln")]
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Creates a token and prints it once; only its salted hash is kept.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// admin, operator, viewer or inference.
+        #[arg(long)]
+        role: String,
+        /// Lifetime, e.g. 90d, 12h, 30m (default: no expiry).
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// Lists tokens (names, roles, times; never secrets).
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revokes a token on every coordinator.
+    Revoke { name: String },
+}
+
+/// Parses a lifetime like 90d, 12h, 30m or 45s into milliseconds.
+fn parse_lifetime(text: &str) -> anyhow::Result<u64> {
+    let (number, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: u64 = number
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+        .with_context(|| format!("--expires: '{text}' is not like 90d, 12h, 30m or 45s"))?;
+    let unit_ms = match unit {
+        "d" => 86_400_000,
+        "h" => 3_600_000,
+        "m" => 60_000,
+        "s" => 1_000,
+        _ => bail!("--expires: '{text}' is not like 90d, 12h, 30m or 45s"),
+    };
+    n.checked_mul(unit_ms)
+        .with_context(|| format!("--expires: '{text}' is too long"))
+}
+
+fn parse_role(text: &str) -> anyhow::Result<kiln_proto::v1::Role> {
+    use kiln_proto::v1::Role;
+    Ok(match text {
+        "admin" => Role::Admin,
+        "operator" => Role::Operator,
+        "viewer" => Role::Viewer,
+        "inference" => Role::Inference,
+        _ => bail!("--role: '{text}' is not admin, operator, viewer or inference"),
+    })
+}
+
+fn role_name(role: i32) -> &'static str {
+    use kiln_proto::v1::Role;
+    match Role::try_from(role) {
+        Ok(Role::Admin) => "admin",
+        Ok(Role::Operator) => "operator",
+        Ok(Role::Viewer) => "viewer",
+        Ok(Role::Inference) => "inference",
+        _ => "unknown",
+    }
 }
 
 #[derive(Subcommand)]
@@ -318,6 +389,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let conn = Connection {
+        coordinator: cli.coordinator,
+        ca: cli.ca,
+        token: cli.token,
+    };
     match cli.command {
         Command::Coordinator(args) => {
             let config = CoordinatorConfig::load(
@@ -387,6 +463,83 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         },
+        Command::Token { command } => {
+            let client = cluster_client(&conn)?;
+            match command {
+                TokenCommand::Create {
+                    name,
+                    role,
+                    expires,
+                } => {
+                    let req = kiln_proto::v1::CreateTokenRequest {
+                        name,
+                        role: parse_role(&role)? as i32,
+                        expires_in_ms: expires
+                            .as_deref()
+                            .map(parse_lifetime)
+                            .transpose()?
+                            .unwrap_or(0),
+                    };
+                    let resp = client
+                        .call(|mut c| {
+                            let req = req.clone();
+                            async move { c.create_token(req).await.map(|r| r.into_inner()) }
+                        })
+                        .await?;
+                    // The one time the secret is shown.
+                    println!("{}", resp.token);
+                }
+                TokenCommand::Ls { json } => {
+                    let resp = client
+                        .call(|mut c| async move {
+                            c.list_tokens(kiln_proto::v1::ListTokensRequest {})
+                                .await
+                                .map(|r| r.into_inner())
+                        })
+                        .await?;
+                    if json {
+                        let doc: Vec<_> = resp
+                            .tokens
+                            .iter()
+                            .map(|t| {
+                                serde_json::json!({
+                                    "name": t.name,
+                                    "role": role_name(t.role),
+                                    "created_at_ms": t.created_at_ms,
+                                    "expires_at_ms": t.expires_at_ms,
+                                })
+                            })
+                            .collect();
+                        println!("{}", serde_json::to_string_pretty(&doc)?);
+                    } else {
+                        println!(
+                            "{:<24} {:<10} {:>15} {:>15}",
+                            "name", "role", "created_at_ms", "expires_at_ms"
+                        );
+                        for t in &resp.tokens {
+                            println!(
+                                "{:<24} {:<10} {:>15} {:>15}",
+                                t.name,
+                                role_name(t.role),
+                                t.created_at_ms,
+                                t.expires_at_ms
+                            );
+                        }
+                    }
+                }
+                TokenCommand::Revoke { name } => {
+                    let req = kiln_proto::v1::RevokeTokenRequest { name: name.clone() };
+                    client
+                        .call(|mut c| {
+                            let req = req.clone();
+                            async move { c.revoke_token(req).await.map(|r| r.into_inner()) }
+                        })
+                        .await?;
+                    println!("revoked token {name}");
+                }
+            }
+            Ok(())
+        }
         Command::Certs { command } => match command {
             CertsCommand::Init { dir } => {
                 let ca = certs::init(&dir)?;
@@ -409,7 +562,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Status { json } => {
-            let client = cluster_client(cli.coordinator.as_deref(), cli.ca.as_deref())?;
+            let client = cluster_client(&conn)?;
             let status = client
                 .call(|mut c| async move {
                     c.cluster_status(ClusterStatusRequest {})
@@ -426,7 +579,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Kv { command } => {
-            let client = cluster_client(cli.coordinator.as_deref(), cli.ca.as_deref())?;
+            let client = cluster_client(&conn)?;
             match command {
                 KvCommand::Put { key, value } => {
                     let req = PutRequest {
@@ -461,7 +614,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Admin { command } => {
-            let client = cluster_client(cli.coordinator.as_deref(), cli.ca.as_deref())?;
+            let client = cluster_client(&conn)?;
             match command {
                 AdminCommand::RemoveCoordinator { id } => {
                     let resp = client
@@ -576,7 +729,16 @@ fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
     Ok(token)
 }
 
-fn cluster_client(flag: Option<&str>, ca: Option<&Path>) -> anyhow::Result<ClusterClient> {
+/// How the CLI reaches the cluster: the global flags.
+struct Connection {
+    coordinator: Option<String>,
+    ca: Option<PathBuf>,
+    token: Option<String>,
+}
+
+fn cluster_client(cli: &Connection) -> anyhow::Result<ClusterClient> {
+    let flag = cli.coordinator.as_deref();
+    let ca = cli.ca.as_deref();
     let dir = Path::new(".kiln");
     let local = if dir.join(local::CLUSTER_FILE).exists() {
         Some(local::read_cluster(dir)?)
@@ -598,10 +760,16 @@ fn cluster_client(flag: Option<&str>, ca: Option<&Path>) -> anyhow::Result<Clust
         Some(path) => Some(kiln_common::tls::TlsMaterial::client(&path)?),
         None => None,
     };
+    let token = match (&cli.token, &local) {
+        (Some(token), _) => Some(token.clone()),
+        (None, Some(info)) => local::read_token(info)?,
+        (None, None) => None,
+    };
     Ok(ClusterClient::new(
         endpoints,
         ClientOptions {
             tls,
+            token,
             ..ClientOptions::default()
         },
     )?)

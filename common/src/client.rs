@@ -11,15 +11,47 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kiln_proto::v1::coordinator_client::CoordinatorClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 
-/// A gRPC client of one coordinator.
-pub type Client = CoordinatorClient<Channel>;
+/// A gRPC client of one coordinator, sending the bearer token when there is one.
+pub type Client = CoordinatorClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        f.write_str(if self.0.is_some() {
+            "BearerToken(..)"
+        } else {
+            "BearerToken(None)"
+        })
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// Timing bounds of a [`ClusterClient`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientOptions {
     /// Time for a TCP connection to one coordinator.
     pub connect_timeout: Duration,
@@ -32,6 +64,21 @@ pub struct ClientOptions {
     pub max_backoff: Duration,
     /// TLS material; `None` speaks plaintext (`--insecure` clusters).
     pub tls: Option<crate::tls::TlsMaterial>,
+    /// Bearer token sent with every call.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("attempt_timeout", &self.attempt_timeout)
+            .field("deadline", &self.deadline)
+            .field("tls", &self.tls.is_some())
+            // Never print the secret.
+            .field("token", &self.token.as_ref().map(|_| ".."))
+            .finish()
+    }
 }
 
 impl Default for ClientOptions {
@@ -43,6 +90,7 @@ impl Default for ClientOptions {
             initial_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(300),
             tls: None,
+            token: None,
         }
     }
 }
@@ -54,6 +102,7 @@ pub struct ClusterClient {
     options: ClientOptions,
     leader: Mutex<Option<String>>,
     channels: Mutex<HashMap<String, Channel>>,
+    bearer: BearerToken,
 }
 
 impl ClusterClient {
@@ -64,11 +113,20 @@ impl ClusterClient {
                 "no coordinator address given".to_string(),
             ));
         }
+        let bearer = match &options.token {
+            Some(token) => BearerToken(Some(
+                MetadataValue::try_from(format!("Bearer {}", token.trim())).map_err(|_| {
+                    Error::InvalidArgument("the token holds characters a header cannot".into())
+                })?,
+            )),
+            None => BearerToken(None),
+        };
         Ok(ClusterClient {
             endpoints,
             options,
             leader: Mutex::new(None),
             channels: Mutex::new(HashMap::new()),
+            bearer,
         })
     }
 
@@ -81,7 +139,10 @@ impl ClusterClient {
     pub fn client_for(&self, addr: &str) -> Result<Client> {
         let mut channels = self.channels.lock().expect("channel map lock poisoned");
         if let Some(channel) = channels.get(addr) {
-            return Ok(CoordinatorClient::new(channel.clone()));
+            return Ok(CoordinatorClient::with_interceptor(
+                channel.clone(),
+                self.bearer.clone(),
+            ));
         }
         let channel = crate::tls::endpoint(
             addr,
@@ -91,7 +152,10 @@ impl ClusterClient {
         .timeout(self.options.attempt_timeout)
         .connect_lazy();
         channels.insert(addr.to_string(), channel.clone());
-        Ok(CoordinatorClient::new(channel))
+        Ok(CoordinatorClient::with_interceptor(
+            channel,
+            self.bearer.clone(),
+        ))
     }
 
     fn remember_leader(&self, addr: Option<String>) {

@@ -17,6 +17,7 @@
 //! answers the caller; reads wait for ReadIndex and then use `state::reader`.
 
 pub mod api;
+pub mod auth;
 pub mod health;
 pub mod raft;
 pub mod server;

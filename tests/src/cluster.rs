@@ -54,7 +54,10 @@ pub struct Cluster {
     config: Option<PathBuf>,
     /// The cluster CA and node certificates, made with `kiln certs`.
     certs: PathBuf,
+    /// The harness's own node certificate: its probes act as a cluster node.
     tls: TlsMaterial,
+    /// An admin token for CLI runs, made on first use.
+    admin_token: Mutex<Option<String>>,
     dir: TempDir,
 }
 
@@ -82,6 +85,7 @@ impl Cluster {
         );
         let tls = TlsMaterial::client(&certs.join("ca.pem")).expect("load the cluster CA");
         let mut cluster = Cluster {
+            admin_token: Mutex::new(None),
             coordinators: BTreeMap::new(),
             workers: BTreeMap::new(),
             channels: Mutex::new(HashMap::new()),
@@ -91,6 +95,13 @@ impl Cluster {
             tls,
             dir,
         };
+        cluster.node_tls_args("harness");
+        cluster.tls = TlsMaterial::node(
+            &cluster.certs.join("ca.pem"),
+            &cluster.certs.join("harness.pem"),
+            &cluster.certs.join("harness-key.pem"),
+        )
+        .expect("load the harness node certificate");
         let ports: Vec<(u64, u16, u16)> =
             (1..=n).map(|id| (id, free_port(), free_port())).collect();
         let peers = ports
@@ -369,7 +380,8 @@ impl Cluster {
         self.cluster_client_with(self.client_options())
     }
 
-    /// Returns default client options that trust this cluster's CA.
+    /// Returns default client options that trust this cluster's CA and present the
+    /// harness's node certificate.
     pub fn client_options(&self) -> ClientOptions {
         ClientOptions {
             tls: Some(self.tls.clone()),
@@ -380,6 +392,11 @@ impl Cluster {
     /// Returns the directory of the cluster CA (`ca.pem`) and node certificates.
     pub fn certs_dir(&self) -> &Path {
         &self.certs
+    }
+
+    /// Returns the cluster's temporary directory: data dirs, logs, certificates.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// Returns the path of the kiln binary the cluster runs.
@@ -583,11 +600,49 @@ impl Cluster {
         .await
     }
 
-    /// Runs `kiln --coordinator <running coordinators> args...`.
+    /// Returns an admin token, made on first use through a node connection, the
+    /// way an operator holding the CA bootstraps one.
+    pub async fn admin_token(&self) -> String {
+        if let Some(token) = self
+            .admin_token
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return token;
+        }
+        let token = self
+            .cluster_client()
+            .call(|mut c| async move {
+                c.create_token(kiln_proto::v1::CreateTokenRequest {
+                    name: "harness-admin".into(),
+                    role: kiln_proto::v1::Role::Admin as i32,
+                    expires_in_ms: 0,
+                })
+                .await
+                .map(|r| r.into_inner())
+            })
+            .await
+            .expect("create the harness admin token")
+            .token;
+        *self.admin_token.lock().unwrap_or_else(|p| p.into_inner()) = Some(token.clone());
+        token
+    }
+
+    /// Runs `kiln --coordinator <running coordinators> --ca <CA> --token <admin>
+    /// args...`.
     pub async fn run_cli(&self, args: &[&str]) -> Output {
         let coordinators = self.live_addrs().join(",");
         let ca = self.certs.join("ca.pem").display().to_string();
-        let mut full = vec!["--coordinator", coordinators.as_str(), "--ca", ca.as_str()];
+        let token = self.admin_token().await;
+        let mut full = vec![
+            "--coordinator",
+            coordinators.as_str(),
+            "--ca",
+            ca.as_str(),
+            "--token",
+            token.as_str(),
+        ];
         full.extend_from_slice(args);
         run_kiln(&full, CLI_TIMEOUT).await
     }

@@ -120,6 +120,8 @@ async fn writes_fail_fast_and_are_not_applied_when_the_leader_and_a_follower_cra
         .await
         .expect("a write with all nodes up");
 
+    // The CLI's token, made while the cluster can still commit it.
+    let token = cluster.admin_token().await;
     let follower = cluster
         .live_ids()
         .into_iter()
@@ -145,6 +147,8 @@ async fn writes_fail_fast_and_are_not_applied_when_the_leader_and_a_follower_cra
             &all,
             "--ca",
             &ca,
+            "--token",
+            &token,
             "kv",
             "put",
             "lost-cli",

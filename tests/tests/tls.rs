@@ -102,14 +102,26 @@ async fn a_certificate_from_another_ca_opens_nothing() {
         .raft(empty_batch())
         .await
         .expect("a cluster node may send raft messages");
-    // A person's client needs only the CA for ordinary calls.
-    client(&leader_addr, Some(&ca_only))
+    // A person's client needs the CA and a token.
+    let err = client(&leader_addr, Some(&ca_only))
         .put(PutRequest {
             key: "tls-ok".into(),
             value: b"1".to_vec(),
         })
         .await
-        .expect("a put over TLS");
+        .expect_err("a put without a token");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    let mut put = tonic::Request::new(PutRequest {
+        key: "tls-ok".into(),
+        value: b"1".to_vec(),
+    });
+    let bearer = format!("Bearer {}", cluster.admin_token().await);
+    put.metadata_mut()
+        .insert("authorization", bearer.parse().expect("header value"));
+    client(&leader_addr, Some(&ca_only))
+        .put(put)
+        .await
+        .expect("a put over TLS with a token");
 
     // A coordinator with the foreign certificate asks to join: it never becomes a
     // member, and the cluster keeps serving.

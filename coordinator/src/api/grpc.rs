@@ -19,6 +19,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{self, Caller, Permission};
 use crate::health::HeartbeatClock;
 use crate::raft::node::{write_snapshot_record, IncomingSnapshot, NodeView, RaftHandle};
 use crate::raft::transport::Transport;
@@ -80,6 +81,15 @@ impl Api {
             return Ok(self.node.view().applied_index);
         }
         self.node.read_index().await
+    }
+
+    /// Checks that the caller of `request` may do `need` (see [`crate::auth`]).
+    fn authorize<T>(&self, request: &Request<T>, need: Permission) -> Result<Caller> {
+        let caller = auth::authorize(request, self.tls_enabled, &self.reader, need, now_ms());
+        if let Err(e) = &caller {
+            tracing::debug!(error = %e, "refused a call");
+        }
+        caller
     }
 
     fn require_leader(&self) -> Result<NodeView> {
@@ -253,6 +263,15 @@ fn io_error(e: std::io::Error) -> Error {
     Error::Internal(format!("write received snapshot: {e}"))
 }
 
+fn token_info(record: &TokenRecord) -> TokenInfo {
+    TokenInfo {
+        name: record.name.clone(),
+        role: record.role,
+        created_at_ms: record.created_at_ms,
+        expires_at_ms: record.expires_at_ms,
+    }
+}
+
 fn command(kind: command::Kind) -> Command {
     Command {
         proposed_at_ms: now_ms(),
@@ -307,6 +326,7 @@ impl Coordinator for Api {
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        self.authorize(&request, Permission::Write)?;
         let req = request.into_inner();
         validate_kv(&req.key, req.value.len()).map_err(Status::invalid_argument)?;
         let result = Api::propose(
@@ -324,6 +344,7 @@ impl Coordinator for Api {
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        self.authorize(&request, Permission::Read)?;
         let req = request.into_inner();
         if req.key.is_empty() {
             return Err(Status::invalid_argument("key is empty"));
@@ -341,6 +362,7 @@ impl Coordinator for Api {
     }
 
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        self.authorize(&request, Permission::Read)?;
         let req = request.into_inner();
         let index = self.read_barrier(req.stale).await?;
         let limit = if req.limit == 0 {
@@ -369,6 +391,7 @@ impl Coordinator for Api {
         &self,
         _request: Request<NodeStatusRequest>,
     ) -> Result<Response<NodeStatusResponse>, Status> {
+        self.authorize(&_request, Permission::Read)?;
         Ok(Response::new(Api::node_status(self)))
     }
 
@@ -376,6 +399,7 @@ impl Coordinator for Api {
         &self,
         _request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
+        self.authorize(&_request, Permission::Read)?;
         Ok(Response::new(Api::cluster_status(self).await?))
     }
 
@@ -420,6 +444,7 @@ impl Coordinator for Api {
         &self,
         request: Request<RemoveMemberRequest>,
     ) -> Result<Response<RemoveMemberResponse>, Status> {
+        self.authorize(&request, Permission::Admin)?;
         let id = request.into_inner().id;
         let view = self.require_leader()?;
         if !view.voters.contains(&id) && !view.learners.contains(&id) {
@@ -457,6 +482,7 @@ impl Coordinator for Api {
         &self,
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
+        self.authorize(&request, Permission::Admin)?;
         let to = request.into_inner().to;
         let view = self.require_leader()?;
         if !view.voters.contains(&to) {
@@ -466,6 +492,77 @@ impl Coordinator for Api {
         }
         self.node.transfer_leader(to);
         Ok(Response::new(TransferLeaderResponse {}))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        let caller = self.authorize(&request, Permission::Admin)?;
+        let req = request.into_inner();
+        auth::validate_name(&req.name)?;
+        let role = Role::try_from(req.role)
+            .ok()
+            .filter(|r| *r != Role::Unspecified)
+            .ok_or_else(|| {
+                Status::invalid_argument("role must be admin, operator, viewer or inference")
+            })?;
+        let now = now_ms();
+        let expires_at_ms = if req.expires_in_ms == 0 {
+            0
+        } else {
+            now.saturating_add(req.expires_in_ms)
+        };
+        let (token, record) = auth::mint(&req.name, role, now, expires_at_ms);
+        let info = token_info(&record);
+        Api::propose(
+            self,
+            command(command::Kind::CreateToken(CreateToken {
+                token: Some(record),
+            })),
+            false,
+        )
+        .await?;
+        tracing::info!(name = %req.name, role = ?role, by = %caller.name(), "token created");
+        Ok(Response::new(CreateTokenResponse {
+            token,
+            info: Some(info),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        self.authorize(&request, Permission::Admin)?;
+        self.read_barrier(false).await?;
+        let tokens = self
+            .reader
+            .tokens()
+            .map_err(|e| Status::internal(e.to_string()))?
+            .iter()
+            .map(token_info)
+            .collect();
+        Ok(Response::new(ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
+        let caller = self.authorize(&request, Permission::Admin)?;
+        let name = request.into_inner().name;
+        auth::validate_name(&name)?;
+        Api::propose(
+            self,
+            command(command::Kind::RevokeToken(RevokeToken {
+                name: name.clone(),
+            })),
+            false,
+        )
+        .await?;
+        tracing::info!(name = %name, by = %caller.name(), "token revoked");
+        Ok(Response::new(RevokeTokenResponse {}))
     }
 
     async fn register_worker(

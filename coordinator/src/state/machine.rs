@@ -90,6 +90,23 @@ pub fn apply_command(
             record.state_since_ms = now_ms;
             txn.put(key, record.encode_to_vec());
         }
+        command::Kind::CreateToken(create) => {
+            let Some(token) = &create.token else {
+                return Ok(Err("create_token without a token".into()));
+            };
+            let key = keys::token(&token.name);
+            if txn.get(&key)?.is_some() {
+                return Ok(Err(format!("a token named {} exists already", token.name)));
+            }
+            txn.put(key, token.encode_to_vec());
+        }
+        command::Kind::RevokeToken(revoke) => {
+            let key = keys::token(&revoke.name);
+            if txn.get(&key)?.is_none() {
+                return Ok(Err(format!("no token is named {}", revoke.name)));
+            }
+            txn.delete(key);
+        }
         command::Kind::SetWorkerState(set) => {
             let key = keys::worker(&set.worker_id);
             let Some(mut record) = read_worker(txn, &key)? else {

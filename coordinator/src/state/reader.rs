@@ -66,6 +66,24 @@ impl StateReader {
         self.decode_all(keys::WORKER, "decode worker record")
     }
 
+    /// Returns the record of the token called `name`.
+    pub fn token(&self, name: &str) -> Result<Option<kiln_proto::v1::TokenRecord>, StoreError> {
+        match self.get(&keys::token(name))? {
+            Some(bytes) => kiln_proto::v1::TokenRecord::decode(bytes.as_slice())
+                .map(Some)
+                .map_err(|e| StoreError {
+                    op: "decode token record",
+                    message: e.to_string(),
+                }),
+            None => Ok(None),
+        }
+    }
+
+    /// Returns every token record.
+    pub fn tokens(&self) -> Result<Vec<kiln_proto::v1::TokenRecord>, StoreError> {
+        self.decode_all(keys::TOKEN, "decode token record")
+    }
+
     /// Returns every coordinator member record.
     pub fn members(&self) -> Result<Vec<MemberRecord>, StoreError> {
         self.decode_all(keys::MEMBER, "decode member record")
