@@ -76,6 +76,17 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Shows the audit log: who changed what, when, and how it ended.
+    Audit {
+        /// Only records from this long ago on, e.g. 1h, 7d.
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many records, the newest.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
     /// Makes the cluster CA and node certificates.
     Certs {
         #[command(subcommand)]
@@ -221,23 +232,23 @@ enum TokenCommand {
     Revoke { name: String },
 }
 
-/// Parses a lifetime like 90d, 12h, 30m or 45s into milliseconds.
+/// Parses a duration like 90d, 12h, 30m or 45s into milliseconds.
 fn parse_lifetime(text: &str) -> anyhow::Result<u64> {
     let (number, unit) = text.split_at(text.len().saturating_sub(1));
     let n: u64 = number
         .parse()
         .ok()
         .filter(|n| *n > 0)
-        .with_context(|| format!("--expires: '{text}' is not like 90d, 12h, 30m or 45s"))?;
+        .with_context(|| format!("'{text}' is not a duration like 90d, 12h, 30m or 45s"))?;
     let unit_ms = match unit {
         "d" => 86_400_000,
         "h" => 3_600_000,
         "m" => 60_000,
         "s" => 1_000,
-        _ => bail!("--expires: '{text}' is not like 90d, 12h, 30m or 45s"),
+        _ => bail!("'{text}' is not a duration like 90d, 12h, 30m or 45s"),
     };
     n.checked_mul(unit_ms)
-        .with_context(|| format!("--expires: '{text}' is too long"))
+        .with_context(|| format!("'{text}' is too long"))
 }
 
 fn parse_role(text: &str) -> anyhow::Result<kiln_proto::v1::Role> {
@@ -536,6 +547,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         })
                         .await?;
                     println!("revoked token {name}");
+                }
+            }
+            Ok(())
+        }
+        Command::Audit { since, limit, json } => {
+            let client = cluster_client(&conn)?;
+            let since_ms = match since {
+                Some(text) => kiln_common::clock::now_ms().saturating_sub(parse_lifetime(&text)?),
+                None => 0,
+            };
+            let resp = client
+                .call(|mut c| async move {
+                    c.list_audit(kiln_proto::v1::ListAuditRequest { since_ms, limit })
+                        .await
+                        .map(|r| r.into_inner())
+                })
+                .await?;
+            if json {
+                let doc: Vec<_> = resp
+                    .records
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "seq": r.seq,
+                            "at_ms": r.at_ms,
+                            "who": r.who,
+                            "what": r.what,
+                            "outcome": r.outcome,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                for r in &resp.records {
+                    println!(
+                        "{:>8} {:>15} {:<28} {:<40} {}",
+                        r.seq, r.at_ms, r.who, r.what, r.outcome
+                    );
                 }
             }
             Ok(())

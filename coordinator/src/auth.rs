@@ -117,6 +117,14 @@ fn parse(token: &str) -> Option<(&str, &str)> {
     token.strip_prefix(TOKEN_PREFIX)?.rsplit_once('.')
 }
 
+/// Returns the token name a request claims, unverified (for the audit log).
+pub fn claimed_name<T>(request: &tonic::Request<T>) -> Option<String> {
+    let header = request.metadata().get("authorization")?.to_str().ok()?;
+    let (name, _) = parse(header.strip_prefix("Bearer ")?)?;
+    validate_name(name).ok()?;
+    Some(name.to_string())
+}
+
 /// Returns the caller of `request`, or an error when it may not do `need`.
 pub fn authorize<T>(
     request: &tonic::Request<T>,

@@ -145,6 +145,9 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
         advertise: config.advertise.clone(),
         snapshot_dir,
         tls_enabled: tls.is_some(),
+        denials: Arc::new(tokio::sync::Semaphore::new(
+            crate::api::grpc::MAX_DENIALS_IN_FLIGHT,
+        )),
         // Three heartbeats fit in the suspect window, at most one a second.
         heartbeat_interval_ms: (config.health.suspect_after_ms / 3).clamp(10, 1000),
     };
@@ -299,6 +302,7 @@ async fn health_loop(
             };
             let cmd = Command {
                 proposed_at_ms: now_ms(),
+                audit: None,
                 kind: Some(command::Kind::SetWorkerState(SetWorkerState {
                     worker_id: w.id.clone(),
                     state: target as i32,

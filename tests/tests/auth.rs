@@ -35,6 +35,7 @@ const TABLE: &[(&str, Need)] = &[
     ("CreateToken", Need::Admin),
     ("ListTokens", Need::Admin),
     ("RevokeToken", Need::Admin),
+    ("ListAudit", Need::Admin),
     ("RegisterWorker", Need::Node),
     ("Heartbeat", Need::Node),
 ];
@@ -150,6 +151,10 @@ async fn call(
             .map(drop),
         "RevokeToken" => client
             .revoke_token(req(RevokeTokenRequest { name: unique }, token))
+            .await
+            .map(drop),
+        "ListAudit" => client
+            .list_audit(req(ListAuditRequest::default(), token))
             .await
             .map(drop),
         "RegisterWorker" => client
@@ -269,7 +274,41 @@ async fn every_endpoint_checks_its_caller() {
         }
     }
 
-    // No secret is in any log, in any data file, or in `kiln token ls`.
+    // The audit log has the changes and the refusals, with who and how they ended.
+    kiln_tests::wait_for(Duration::from_secs(10), "audit records", || async {
+        let out = cluster.run_cli(&["audit", "--json"]).await;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let records: Vec<serde_json::Value> =
+            serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
+        let has = |who: &str, what: &str, outcome: &str| {
+            records.iter().any(|r| {
+                r["who"] == who
+                    && r["what"].as_str().is_some_and(|w| w.contains(what))
+                    && r["outcome"]
+                        .as_str()
+                        .is_some_and(|o| o.starts_with(outcome))
+            })
+        };
+        let wanted = [
+            has("token:t-operator", "put kv auth", "ok"),
+            has("token:t-viewer", "Put", "denied"),
+            has("anonymous", "Put", "denied"),
+            has("node", "create token t-viewer", "ok"),
+            has("node", "revoke token t-revoked", "ok"),
+            has("token:t-admin", "RevokeToken", "denied")
+                || has("token:t-admin", "revoke token", "rejected"),
+        ];
+        if wanted.iter().all(|w| *w) {
+            Ok(())
+        } else {
+            Err(format!("{wanted:?} in {} records", records.len()))
+        }
+    })
+    .await;
+
+    // No secret is in any log, in any data file, `kiln token ls` or `kiln audit`.
+    let audit = cluster.run_cli(&["audit", "--json"]).await;
+    let audit = String::from_utf8_lossy(&audit.stdout).to_string();
     let listing = cluster.run_cli(&["token", "ls", "--json"]).await;
     assert!(listing.status.success(), "token ls failed");
     let listing = String::from_utf8_lossy(&listing.stdout).to_string();
@@ -282,6 +321,7 @@ async fn every_endpoint_checks_its_caller() {
         .map(|t| t.rsplit_once('.').expect("token shape").1.to_string())
         .collect();
     assert!(secrets.iter().all(|s| !listing.contains(s.as_str())));
+    assert!(secrets.iter().all(|s| !audit.contains(s.as_str())));
     let mut files = vec![cluster.dir().to_path_buf()];
     let mut scanned = 0;
     while let Some(path) = files.pop() {

@@ -27,6 +27,8 @@ use crate::state::keys;
 use crate::state::machine::validate_kv;
 use crate::state::reader::StateReader;
 
+/// Audit records returned when the caller names no limit.
+const DEFAULT_AUDIT_LIMIT: usize = 1000;
 /// Largest number of pairs a scan returns.
 const MAX_SCAN: usize = 10_000;
 /// Time to ask one peer for its status while building the cluster status.
@@ -46,7 +48,12 @@ pub struct Api {
     /// With TLS, node-only calls need a client certificate from the cluster CA.
     pub tls_enabled: bool,
     pub heartbeat_interval_ms: u64,
+    /// Bounds the audit proposals of refused calls in flight.
+    pub denials: Arc<tokio::sync::Semaphore>,
 }
+
+/// Audit proposals of refused calls in flight at once, per coordinator.
+pub const MAX_DENIALS_IN_FLIGHT: usize = 64;
 
 impl Api {
     /// Proposes `command` through the leader and returns its result.
@@ -84,12 +91,59 @@ impl Api {
     }
 
     /// Checks that the caller of `request` may do `need` (see [`crate::auth`]).
-    fn authorize<T>(&self, request: &Request<T>, need: Permission) -> Result<Caller> {
+    /// A refused state-changing call (`method`) goes to the audit log.
+    fn authorize<T>(&self, request: &Request<T>, need: Permission, method: &str) -> Result<Caller> {
         let caller = auth::authorize(request, self.tls_enabled, &self.reader, need, now_ms());
         if let Err(e) = &caller {
-            tracing::debug!(error = %e, "refused a call");
+            tracing::debug!(method, error = %e, "refused a call");
+            if need != Permission::Read {
+                let who = match e {
+                    // The role was read from a verified token.
+                    Error::PermissionDenied(_) => auth::claimed_name(request)
+                        .map_or_else(|| "anonymous".to_string(), |n| format!("token:{n}")),
+                    // Nothing was proven: say what was claimed, as a claim.
+                    _ => auth::claimed_name(request).map_or_else(
+                        || "anonymous".to_string(),
+                        |n| format!("unverified token:{n}"),
+                    ),
+                };
+                self.record_denied(who, method.to_string(), e.to_string());
+            }
         }
         caller
+    }
+
+    /// Proposes an audit record of a refused call, without waiting; at most
+    /// `MAX_DENIALS_IN_FLIGHT` at once, so refusals cannot flood the log.
+    fn record_denied(&self, who: String, what: String, reason: String) {
+        let Ok(permit) = self.denials.clone().try_acquire_owned() else {
+            tracing::warn!(%who, %what, "audit of a refused call dropped: too many in flight");
+            return;
+        };
+        let api = self.clone();
+        tokio::spawn(async move {
+            let event = command(command::Kind::AuditEvent(AuditEvent {
+                who,
+                what,
+                outcome: format!("denied: {reason}"),
+            }));
+            if let Err(e) = Api::propose(&api, event, false).await {
+                tracing::warn!(error = %e, "record a refused call in the audit log");
+            }
+            drop(permit);
+        });
+    }
+
+    /// Records an audited event that is not itself a command (a membership change).
+    async fn record_event(&self, caller: &Caller, what: String, outcome: String) {
+        let event = command(command::Kind::AuditEvent(AuditEvent {
+            who: caller.name(),
+            what,
+            outcome,
+        }));
+        if let Err(e) = Api::propose(self, event, false).await {
+            tracing::warn!(error = %e, "record an event in the audit log");
+        }
     }
 
     fn require_leader(&self) -> Result<NodeView> {
@@ -275,7 +329,19 @@ fn token_info(record: &TokenRecord) -> TokenInfo {
 fn command(kind: command::Kind) -> Command {
     Command {
         proposed_at_ms: now_ms(),
+        audit: None,
         kind: Some(kind),
+    }
+}
+
+/// Returns a command that the audit log records with its outcome.
+fn audited(caller: &Caller, what: String, kind: command::Kind) -> Command {
+    Command {
+        audit: Some(AuditInfo {
+            who: caller.name(),
+            what,
+        }),
+        ..command(kind)
     }
 }
 
@@ -326,15 +392,20 @@ impl Coordinator for Api {
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        self.authorize(&request, Permission::Write)?;
+        let caller = self.authorize(&request, Permission::Write, "Put")?;
         let req = request.into_inner();
         validate_kv(&req.key, req.value.len()).map_err(Status::invalid_argument)?;
+        let what = format!("put kv {}", req.key);
         let result = Api::propose(
             self,
-            command(command::Kind::KvPut(KvPut {
-                key: req.key,
-                value: req.value,
-            })),
+            audited(
+                &caller,
+                what,
+                command::Kind::KvPut(KvPut {
+                    key: req.key,
+                    value: req.value,
+                }),
+            ),
             false,
         )
         .await?;
@@ -344,7 +415,7 @@ impl Coordinator for Api {
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        self.authorize(&request, Permission::Read)?;
+        self.authorize(&request, Permission::Read, "Get")?;
         let req = request.into_inner();
         if req.key.is_empty() {
             return Err(Status::invalid_argument("key is empty"));
@@ -362,7 +433,7 @@ impl Coordinator for Api {
     }
 
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
-        self.authorize(&request, Permission::Read)?;
+        self.authorize(&request, Permission::Read, "Scan")?;
         let req = request.into_inner();
         let index = self.read_barrier(req.stale).await?;
         let limit = if req.limit == 0 {
@@ -391,7 +462,7 @@ impl Coordinator for Api {
         &self,
         _request: Request<NodeStatusRequest>,
     ) -> Result<Response<NodeStatusResponse>, Status> {
-        self.authorize(&_request, Permission::Read)?;
+        self.authorize(&_request, Permission::Read, "NodeStatus")?;
         Ok(Response::new(Api::node_status(self)))
     }
 
@@ -399,7 +470,7 @@ impl Coordinator for Api {
         &self,
         _request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        self.authorize(&_request, Permission::Read)?;
+        self.authorize(&_request, Permission::Read, "ClusterStatus")?;
         Ok(Response::new(Api::cluster_status(self).await?))
     }
 
@@ -444,7 +515,7 @@ impl Coordinator for Api {
         &self,
         request: Request<RemoveMemberRequest>,
     ) -> Result<Response<RemoveMemberResponse>, Status> {
-        self.authorize(&request, Permission::Admin)?;
+        let caller = self.authorize(&request, Permission::Admin, "RemoveMember")?;
         let id = request.into_inner().id;
         let view = self.require_leader()?;
         if !view.voters.contains(&id) && !view.learners.contains(&id) {
@@ -474,7 +545,14 @@ impl Coordinator for Api {
         let mut change = ConfChangeSingle::default();
         change.set_change_type(ConfChangeType::RemoveNode);
         change.node_id = id;
-        let cs = self.node.conf_change(change, None).await?;
+        let result = self.node.conf_change(change, None).await;
+        let outcome = match &result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("failed: {e}"),
+        };
+        self.record_event(&caller, format!("remove coordinator {id}"), outcome)
+            .await;
+        let cs = result?;
         Ok(Response::new(RemoveMemberResponse { voters: cs.voters }))
     }
 
@@ -482,7 +560,7 @@ impl Coordinator for Api {
         &self,
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
-        self.authorize(&request, Permission::Admin)?;
+        let caller = self.authorize(&request, Permission::Admin, "TransferLeader")?;
         let to = request.into_inner().to;
         let view = self.require_leader()?;
         if !view.voters.contains(&to) {
@@ -491,6 +569,12 @@ impl Coordinator for Api {
             )));
         }
         self.node.transfer_leader(to);
+        self.record_event(
+            &caller,
+            format!("transfer leadership to {to}"),
+            "asked".into(),
+        )
+        .await;
         Ok(Response::new(TransferLeaderResponse {}))
     }
 
@@ -498,7 +582,7 @@ impl Coordinator for Api {
         &self,
         request: Request<CreateTokenRequest>,
     ) -> Result<Response<CreateTokenResponse>, Status> {
-        let caller = self.authorize(&request, Permission::Admin)?;
+        let caller = self.authorize(&request, Permission::Admin, "CreateToken")?;
         let req = request.into_inner();
         auth::validate_name(&req.name)?;
         let role = Role::try_from(req.role)
@@ -515,11 +599,16 @@ impl Coordinator for Api {
         };
         let (token, record) = auth::mint(&req.name, role, now, expires_at_ms);
         let info = token_info(&record);
+        let what = format!("create token {} with role {}", req.name, role.as_str_name());
         Api::propose(
             self,
-            command(command::Kind::CreateToken(CreateToken {
-                token: Some(record),
-            })),
+            audited(
+                &caller,
+                what,
+                command::Kind::CreateToken(CreateToken {
+                    token: Some(record),
+                }),
+            ),
             false,
         )
         .await?;
@@ -534,7 +623,7 @@ impl Coordinator for Api {
         &self,
         request: Request<ListTokensRequest>,
     ) -> Result<Response<ListTokensResponse>, Status> {
-        self.authorize(&request, Permission::Admin)?;
+        self.authorize(&request, Permission::Admin, "ListTokens")?;
         self.read_barrier(false).await?;
         let tokens = self
             .reader
@@ -550,19 +639,53 @@ impl Coordinator for Api {
         &self,
         request: Request<RevokeTokenRequest>,
     ) -> Result<Response<RevokeTokenResponse>, Status> {
-        let caller = self.authorize(&request, Permission::Admin)?;
+        let caller = self.authorize(&request, Permission::Admin, "RevokeToken")?;
         let name = request.into_inner().name;
         auth::validate_name(&name)?;
         Api::propose(
             self,
-            command(command::Kind::RevokeToken(RevokeToken {
-                name: name.clone(),
-            })),
+            audited(
+                &caller,
+                format!("revoke token {name}"),
+                command::Kind::RevokeToken(RevokeToken { name: name.clone() }),
+            ),
             false,
         )
         .await?;
         tracing::info!(name = %name, by = %caller.name(), "token revoked");
         Ok(Response::new(RevokeTokenResponse {}))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<ListAuditRequest>,
+    ) -> Result<Response<ListAuditResponse>, Status> {
+        self.authorize(&request, Permission::Admin, "ListAudit")?;
+        let req = request.into_inner();
+        let limit = match req.limit {
+            0 => DEFAULT_AUDIT_LIMIT,
+            n => (n as usize).min(keys::MAX_AUDIT_RECORDS as usize),
+        };
+        self.read_barrier(false).await?;
+        let mut records = std::collections::VecDeque::with_capacity(limit);
+        for (_, bytes) in self
+            .reader
+            .scan(keys::AUDIT.as_bytes(), usize::MAX)
+            .map_err(|e| Status::internal(e.to_string()))?
+        {
+            let record = <AuditRecord as prost::Message>::decode(bytes.as_slice())
+                .map_err(|e| Status::internal(format!("decode audit record: {e}")))?;
+            if record.at_ms < req.since_ms {
+                continue;
+            }
+            if records.len() == limit {
+                records.pop_front();
+            }
+            records.push_back(record);
+        }
+        Ok(Response::new(ListAuditResponse {
+            records: records.into(),
+        }))
     }
 
     async fn register_worker(

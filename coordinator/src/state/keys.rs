@@ -6,6 +6,7 @@
 //! worker/<id>      WorkerRecord
 //! member/<id:020>  MemberRecord of a coordinator
 //! token/<name>     TokenRecord (salt and hash, never the secret)
+//! audit/<seq:020>  AuditRecord; meta/audit_seq holds the last seq
 //! ```
 
 /// Prefix of the key-value namespace.
@@ -14,6 +15,13 @@ pub const KV: &str = "kv/";
 pub const WORKER: &str = "worker/";
 /// Prefix of coordinator member records.
 pub const MEMBER: &str = "member/";
+/// Prefix of audit records, by sequence number.
+pub const AUDIT: &str = "audit/";
+/// Key of the last audit sequence number.
+pub const AUDIT_SEQ: &[u8] = b"meta/audit_seq";
+/// Audit records kept; older ones are dropped as new ones arrive.
+pub const MAX_AUDIT_RECORDS: u64 = 100_000;
+
 /// Prefix of bearer token records (salted hashes only).
 pub const TOKEN: &str = "token/";
 
@@ -40,4 +48,9 @@ pub fn member(id: u64) -> Vec<u8> {
 /// Returns the state key of a token record.
 pub fn token(name: &str) -> Vec<u8> {
     format!("{TOKEN}{name}").into_bytes()
+}
+
+/// Returns the state key of audit record `seq`.
+pub fn audit(seq: u64) -> Vec<u8> {
+    format!("{AUDIT}{seq:020}").into_bytes()
 }

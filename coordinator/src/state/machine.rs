@@ -60,6 +60,53 @@ pub fn apply_command(
     txn: &mut Txn<'_>,
     cmd: &Command,
 ) -> Result<Result<(), Rejection>, StoreError> {
+    let verdict = apply_kind(txn, cmd)?;
+    if let Some(audit) = &cmd.audit {
+        let outcome = match &verdict {
+            Ok(()) => "ok".to_string(),
+            Err(reason) => format!("rejected: {reason}"),
+        };
+        append_audit(txn, cmd.proposed_at_ms, &audit.who, &audit.what, &outcome)?;
+    }
+    Ok(verdict)
+}
+
+/// Appends one audit record and drops the oldest beyond the retention bound.
+fn append_audit(
+    txn: &mut Txn<'_>,
+    at_ms: u64,
+    who: &str,
+    what: &str,
+    outcome: &str,
+) -> Result<(), StoreError> {
+    let last = match txn.get(keys::AUDIT_SEQ)? {
+        Some(bytes) => bytes
+            .as_slice()
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| StoreError {
+                op: "read audit sequence",
+                message: "not 8 bytes".into(),
+            })?,
+        None => 0,
+    };
+    let seq = last + 1;
+    let record = kiln_proto::v1::AuditRecord {
+        seq,
+        at_ms,
+        who: who.to_string(),
+        what: what.to_string(),
+        outcome: outcome.to_string(),
+    };
+    txn.put(keys::audit(seq), record.encode_to_vec());
+    txn.put(keys::AUDIT_SEQ.to_vec(), seq.to_be_bytes().to_vec());
+    if seq > keys::MAX_AUDIT_RECORDS {
+        txn.delete(keys::audit(seq - keys::MAX_AUDIT_RECORDS));
+    }
+    Ok(())
+}
+
+fn apply_kind(txn: &mut Txn<'_>, cmd: &Command) -> Result<Result<(), Rejection>, StoreError> {
     let now_ms = cmd.proposed_at_ms;
     let Some(kind) = &cmd.kind else {
         return Ok(Err("empty command".into()));
@@ -89,6 +136,9 @@ pub fn apply_command(
             record.state = WorkerState::Alive as i32;
             record.state_since_ms = now_ms;
             txn.put(key, record.encode_to_vec());
+        }
+        command::Kind::AuditEvent(event) => {
+            append_audit(txn, now_ms, &event.who, &event.what, &event.outcome)?;
         }
         command::Kind::CreateToken(create) => {
             let Some(token) = &create.token else {
@@ -181,6 +231,7 @@ mod tests {
     fn cmd(at: u64, kind: command::Kind) -> Command {
         Command {
             proposed_at_ms: at,
+            audit: None,
             kind: Some(kind),
         }
     }
