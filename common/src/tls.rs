@@ -106,11 +106,18 @@ pub fn require_node<T>(request: &tonic::Request<T>, tls_enabled: bool) -> Result
     if !tls_enabled {
         return Ok(());
     }
-    match request.peer_certs() {
-        Some(certs) if !certs.is_empty() => Ok(()),
-        _ => Err(Error::Unauthenticated(
+    if is_node(request) {
+        Ok(())
+    } else {
+        Err(Error::Unauthenticated(
             "this call is for cluster nodes: present a node certificate signed by the cluster CA"
                 .into(),
-        )),
+        ))
     }
+}
+
+/// Returns true when the request came with a client certificate that rustls
+/// verified against the cluster CA at the handshake: the caller is a node.
+pub fn is_node<T>(request: &tonic::Request<T>) -> bool {
+    request.peer_certs().is_some_and(|certs| !certs.is_empty())
 }

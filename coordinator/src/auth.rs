@@ -136,7 +136,7 @@ pub fn authorize<T>(
     if !tls_enabled {
         return Ok(Caller::Insecure);
     }
-    if request.peer_certs().is_some_and(|certs| !certs.is_empty()) {
+    if kiln_common::tls::is_node(request) {
         return Ok(Caller::Node);
     }
     let header = request

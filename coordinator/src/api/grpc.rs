@@ -58,6 +58,16 @@ pub const MAX_DENIALS_IN_FLIGHT: usize = 64;
 impl Api {
     /// Proposes `command` through the leader and returns its result.
     pub async fn propose(&self, command: Command, forwarded: bool) -> Result<CommandResult> {
+        let result = self.propose_result(command, forwarded).await?;
+        if !result.rejected.is_empty() {
+            return Err(Error::InvalidArgument(result.rejected));
+        }
+        Ok(result)
+    }
+
+    /// Proposes `command` here when this node leads, else forwards it once to the
+    /// leader; returns the result as applied, a deterministic rejection included.
+    async fn propose_result(&self, command: Command, forwarded: bool) -> Result<CommandResult> {
         let view = self.node.view();
         let result = if view.is_leader() {
             self.node.propose(&command).await?
@@ -77,9 +87,6 @@ impl Api {
                 .result
                 .ok_or_else(|| Error::Internal("leader sent no result".into()))?
         };
-        if !result.rejected.is_empty() {
-            return Err(Error::InvalidArgument(result.rejected));
-        }
         Ok(result)
     }
 
@@ -379,13 +386,7 @@ impl Coordinator for Api {
         let cmd = req
             .command
             .ok_or_else(|| Status::invalid_argument("propose without a command"))?;
-        let result = self.node.propose(&cmd).await;
-        let result = match result {
-            Err(Error::NotLeader { .. }) | Err(Error::NoQuorum(_)) if !req.forwarded => {
-                Api::propose(self, cmd, false).await?
-            }
-            other => other?,
-        };
+        let result = self.propose_result(cmd, req.forwarded).await?;
         Ok(Response::new(ProposeResponse {
             result: Some(result),
         }))
@@ -713,10 +714,8 @@ impl Coordinator for Api {
         self.heartbeats.beat(&id);
         let incarnation = self
             .reader
-            .get(&keys::worker(&id))
-            .ok()
-            .flatten()
-            .and_then(|b| <WorkerRecord as prost::Message>::decode(b.as_slice()).ok())
+            .worker(&id)
+            .map_err(|e| Status::internal(e.to_string()))?
             .map_or(0, |w| w.incarnation);
         Ok(Response::new(RegisterWorkerResponse {
             incarnation,
@@ -733,9 +732,8 @@ impl Coordinator for Api {
         self.require_leader()?;
         let record = self
             .reader
-            .get(&keys::worker(&req.worker_id))
+            .worker(&req.worker_id)
             .map_err(|e| Status::internal(e.to_string()))?
-            .and_then(|b| <WorkerRecord as prost::Message>::decode(b.as_slice()).ok())
             .ok_or_else(|| {
                 Status::from(Error::NotFound(format!(
                     "worker {} is not registered",

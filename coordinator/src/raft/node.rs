@@ -111,8 +111,6 @@ pub struct NodeView {
     pub members: Arc<BTreeMap<u64, MemberRecord>>,
     /// Matched log index of each peer, on the leader only.
     pub matched: BTreeMap<u64, u64>,
-    /// Peers heard from within the quorum window, on the leader only.
-    pub recently_heard: Vec<u64>,
     pub snapshots_received: u64,
     pub removed: bool,
 }
@@ -937,16 +935,6 @@ impl RaftNode {
         } else {
             BTreeMap::new()
         };
-        let window = self.quorum_window();
-        let recently_heard = if is_leader {
-            self.last_heard
-                .iter()
-                .filter(|(_, t)| t.elapsed() <= window)
-                .map(|(id, _)| *id)
-                .collect()
-        } else {
-            Vec::new()
-        };
         NodeView {
             id: self.id,
             role: role_name(raft.state, learners.contains(&self.id), self.removed),
@@ -961,7 +949,6 @@ impl RaftNode {
             learners,
             members: self.members.clone(),
             matched,
-            recently_heard,
             snapshots_received: self.snapshots_received,
             removed: self.removed,
         }
@@ -980,7 +967,6 @@ impl RaftNode {
                 || old.removed != view.removed
                 || old.last_index != view.last_index
                 || old.matched != view.matched
-                || old.recently_heard.len() != view.recently_heard.len()
                 || !Arc::ptr_eq(&old.members, &view.members);
             if changed {
                 *old = view;

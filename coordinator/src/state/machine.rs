@@ -299,10 +299,9 @@ mod tests {
             let a = run();
             prop_assert_eq!(&a, &run());
             // The last write of each key wins.
-            for (key, value, _) in &ops {
+            for (key, _, _) in &ops {
                 let last = ops.iter().rev().find(|(k, _, _)| k == key).map(|(_, v, _)| v.clone());
                 prop_assert_eq!(a.get(&keys::kv(key)).cloned().flatten(), last);
-                let _ = value;
             }
         }
     }

@@ -66,17 +66,31 @@ impl StateReader {
         self.decode_all(keys::WORKER, "decode worker record")
     }
 
-    /// Returns the record of the token called `name`.
-    pub fn token(&self, name: &str) -> Result<Option<kiln_proto::v1::TokenRecord>, StoreError> {
-        match self.get(&keys::token(name))? {
-            Some(bytes) => kiln_proto::v1::TokenRecord::decode(bytes.as_slice())
+    /// Reads and decodes one record.
+    fn get_decoded<M: Message + Default>(
+        &self,
+        key: &[u8],
+        op: &'static str,
+    ) -> Result<Option<M>, StoreError> {
+        match self.get(key)? {
+            Some(bytes) => M::decode(bytes.as_slice())
                 .map(Some)
                 .map_err(|e| StoreError {
-                    op: "decode token record",
+                    op,
                     message: e.to_string(),
                 }),
             None => Ok(None),
         }
+    }
+
+    /// Returns the record of the token called `name`.
+    pub fn token(&self, name: &str) -> Result<Option<kiln_proto::v1::TokenRecord>, StoreError> {
+        self.get_decoded(&keys::token(name), "decode token record")
+    }
+
+    /// Returns the record of worker `id`.
+    pub fn worker(&self, id: &str) -> Result<Option<WorkerRecord>, StoreError> {
+        self.get_decoded(&keys::worker(id), "decode worker record")
     }
 
     /// Returns every token record.
