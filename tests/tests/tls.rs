@@ -6,7 +6,7 @@ use std::time::Duration;
 use kiln_common::tls::{endpoint, TlsMaterial};
 use kiln_proto::v1::coordinator_client::CoordinatorClient;
 use kiln_proto::v1::{NodeStatusRequest, PutRequest, RaftBatch};
-use kiln_tests::{free_port, run_kiln_sync, Cluster, ClusterClient, Proc};
+use kiln_tests::{free_port, run_kiln_sync, Cluster, Proc};
 
 const CONNECT: Duration = Duration::from_secs(2);
 
@@ -164,8 +164,7 @@ async fn a_certificate_from_another_ca_opens_nothing() {
     );
     proc.kill();
 
-    let client =
-        ClusterClient::new(cluster.live_addrs(), cluster.client_options()).expect("cluster client");
+    let client = cluster.cluster_client();
     client
         .call(|mut c| async move {
             c.put(PutRequest {
