@@ -11,7 +11,8 @@ kiln_install_packages() {
   local missing=()
   command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
   command -v clang >/dev/null 2>&1 || missing+=(clang)
-  ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
+  # bindgen loads the unversioned libclang.so, which only libclang-dev provides.
+  compgen -G '/usr/lib/llvm-*/lib/libclang.so' >/dev/null || missing+=(libclang-dev)
   command -v c++ >/dev/null 2>&1 || missing+=(build-essential)
   if [ "$#" -gt 0 ]; then
     for extra in "$@"; do

@@ -94,6 +94,25 @@ impl Default for HealthSettings {
     }
 }
 
+/// Limits against abuse by token holders (nodes are not limited).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitSettings {
+    /// State-changing calls a second per token, per coordinator; 0: no limit.
+    pub token_writes_per_sec: u32,
+    /// Calls a token may make at once before the rate applies.
+    pub token_write_burst: u32,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        LimitSettings {
+            token_writes_per_sec: 200,
+            token_write_burst: 400,
+        }
+    }
+}
+
 /// The coordinator's configuration file, every key optional.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -107,6 +126,7 @@ pub struct CoordinatorFile {
     pub join: Option<String>,
     pub raft: RaftSettings,
     pub health: HealthSettings,
+    pub limits: LimitSettings,
     pub tls: TlsFiles,
     pub insecure: Option<bool>,
 }
@@ -140,6 +160,7 @@ pub struct CoordinatorConfig {
     pub join: Option<String>,
     pub raft: RaftSettings,
     pub health: HealthSettings,
+    pub limits: LimitSettings,
     /// Node TLS; `None` only with `insecure`.
     pub tls: Option<NodeTls>,
 }
@@ -222,6 +243,7 @@ impl CoordinatorConfig {
             join,
             raft,
             health,
+            limits: base.limits,
             tls,
         })
     }

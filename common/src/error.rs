@@ -45,6 +45,11 @@ pub enum Error {
     /// The caller is known but may not do this.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// The caller went over a limit (a rate limit or a bounded queue); it should
+    /// slow down. Not retried by [`crate::client::ClusterClient`], so that the
+    /// caller sees it.
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
     /// The node is overloaded or shutting down; retry later.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -101,6 +106,7 @@ impl From<Error> for Status {
             Error::NotFound(msg) => Status::new(Code::NotFound, msg.clone()),
             Error::Unauthenticated(msg) => Status::new(Code::Unauthenticated, msg.clone()),
             Error::PermissionDenied(msg) => Status::new(Code::PermissionDenied, msg.clone()),
+            Error::ResourceExhausted(msg) => Status::new(Code::ResourceExhausted, msg.clone()),
             Error::Unavailable(msg) => Status::new(Code::Unavailable, msg.clone()),
             Error::Internal(msg) => Status::new(Code::Internal, msg.clone()),
         }
@@ -134,7 +140,8 @@ impl From<Status> for Error {
             Code::NotFound => Error::NotFound(msg),
             Code::Unauthenticated => Error::Unauthenticated(msg),
             Code::PermissionDenied => Error::PermissionDenied(msg),
-            Code::Unavailable | Code::ResourceExhausted | Code::Aborted | Code::Unknown => {
+            Code::ResourceExhausted => Error::ResourceExhausted(msg),
+            Code::Unavailable | Code::Aborted | Code::Unknown => {
                 Error::Unavailable(if msg.is_empty() {
                     format!("{:?}", status.code())
                 } else {
@@ -173,6 +180,9 @@ mod tests {
     fn plain_codes_map_back() {
         let back = Error::from(Status::from(Error::InvalidArgument("bad key".into())));
         assert_eq!(back, Error::InvalidArgument("bad key".into()));
+        assert!(!back.is_retryable());
+        let back = Error::from(Status::from(Error::ResourceExhausted("slow down".into())));
+        assert_eq!(back, Error::ResourceExhausted("slow down".into()));
         assert!(!back.is_retryable());
     }
 }

@@ -1,19 +1,24 @@
 //! Types that coordinators, workers and the CLI share.
 //!
 //! Layout:
+//! - `auth`: bearer tokens, roles, the workers' [`auth::TokenBook`] and per-caller
+//!   rate limits.
 //! - `error`: [`Error`], the failures a caller must tell apart, and their one mapping
 //!   to and from gRPC status codes.
 //! - `config`: coordinator and worker configuration from TOML, flags and `KILN_*`
 //!   variables, validated with errors that name the bad key.
 //! - `client`: [`client::ClusterClient`], which finds the leader by itself, follows
 //!   leader hints and retries within a bounded deadline.
+//! - `http`: the JSON error body and status codes every HTTP server answers with.
 //! - `logging`: the `tracing` subscriber every role installs.
 //! - `clock`: wall-clock milliseconds, read only by proposers, never by apply.
 
+pub mod auth;
 pub mod client;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod http;
 pub mod logging;
 pub mod status;
 pub mod tls;

@@ -148,6 +148,10 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
         denials: Arc::new(tokio::sync::Semaphore::new(
             crate::api::grpc::MAX_DENIALS_IN_FLIGHT,
         )),
+        limiter: Arc::new(crate::auth::RateLimiter::new(
+            config.limits.token_writes_per_sec,
+            config.limits.token_write_burst,
+        )),
         // Three heartbeats fit in the suspect window, at most one a second.
         heartbeat_interval_ms: (config.health.suspect_after_ms / 3).clamp(10, 1000),
     };

@@ -39,6 +39,18 @@ struct Node {
     proc: Option<Proc>,
 }
 
+impl Node {
+    /// Returns the value of `flag` on this node's command line.
+    fn flag(&self, flag: &str) -> String {
+        self.args
+            .iter()
+            .position(|arg| arg == flag)
+            .and_then(|i| self.args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| panic!("{} has no {flag} flag", self.name))
+    }
+}
+
 /// A cluster of `kiln` coordinators and workers on loopback ports.
 ///
 /// Coordinators are known by id, workers by a name the test picks. Nodes keep their
@@ -336,12 +348,15 @@ impl Cluster {
             .workers
             .get(name)
             .unwrap_or_else(|| panic!("no worker {name} in this cluster"));
-        node.args
-            .iter()
-            .position(|arg| arg == flag)
-            .and_then(|i| node.args.get(i + 1))
-            .cloned()
-            .unwrap_or_else(|| panic!("worker {name} has no {flag} flag"))
+        node.flag(flag)
+    }
+
+    /// Returns the HTTP address (`--http`) of coordinator `id`.
+    pub fn http_addr(&self, id: u64) -> String {
+        self.coordinators
+            .get(&id)
+            .unwrap_or_else(|| panic!("no coordinator {id} in this cluster"))
+            .flag("--http")
     }
 
     /// Returns the id worker `name` keeps in `DATA_DIR/worker-id`, once written.

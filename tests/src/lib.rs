@@ -12,6 +12,7 @@
 //! - `cluster`: [`Cluster`], coordinators and workers in one temporary dir; it
 //!   crashes, stops, restarts and adds nodes, hands out clients, and on a failing
 //!   test prints the tail of every node's log and keeps the dir.
+//! - `http`: [`http_get`], one GET with an optional bearer token.
 //! - `writer`: [`Writer`], a background client that writes distinct keys and
 //!   remembers what was attempted and what was acknowledged, and [`WriterLog`],
 //!   which checks those writes against a node afterwards.
@@ -21,6 +22,7 @@
 
 mod cli;
 mod cluster;
+mod http;
 mod port;
 mod process;
 mod wait;
@@ -28,6 +30,7 @@ mod writer;
 
 pub use cli::{kiln_bin, run_kiln, stderr_text, CLI_TIMEOUT};
 pub use cluster::{run_kiln_sync, Cluster};
+pub use http::http_get;
 pub use port::free_port;
 pub use process::Proc;
 pub use wait::{wait_for, POLL_INTERVAL};

@@ -199,18 +199,23 @@ async fn create(cluster: &Cluster, name: &str, role: Role, expires_in_ms: u64) -
         .token
 }
 
+/// A person's connection to coordinator `id`: it trusts the CA and presents no
+/// certificate, so only its bearer token speaks for it.
+fn person_client(cluster: &Cluster, id: u64) -> CoordinatorClient<Channel> {
+    let ca = TlsMaterial::client(&cluster.certs_dir().join("ca.pem")).expect("ca");
+    let channel = endpoint(&cluster.addr(id), Some(&ca), Duration::from_secs(2))
+        .expect("endpoint")
+        .timeout(Duration::from_secs(5))
+        .connect_lazy();
+    CoordinatorClient::new(channel)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_endpoint_checks_its_caller() {
     let mut cluster = Cluster::start(3, "");
     let (leader, _) = cluster.wait_for_leader(Duration::from_secs(20)).await;
     cluster.wait_for_agreement(Duration::from_secs(10)).await;
-    let ca = TlsMaterial::client(&cluster.certs_dir().join("ca.pem")).expect("ca");
-    let channel = endpoint(&cluster.addr(leader), Some(&ca), Duration::from_secs(2))
-        .expect("endpoint")
-        .timeout(Duration::from_secs(5))
-        .connect_lazy();
-    // A person's connection: it trusts the CA and presents no certificate.
-    let mut person = CoordinatorClient::new(channel);
+    let mut person = person_client(&cluster, leader);
     let mut node = cluster.client(leader);
 
     let admin = create(&cluster, "t-admin", Role::Admin, 0).await;
@@ -231,7 +236,9 @@ async fn every_endpoint_checks_its_caller() {
         .await
         .expect("revoke");
     // A wrong secret for a real name.
-    let forged = format!("{}0", &admin[..admin.len() - 1]);
+    let last = if admin.ends_with('0') { '1' } else { '0' };
+    let forged = format!("{}{last}", &admin[..admin.len() - 1]);
+    assert_ne!(forged, admin);
     tokio::time::sleep(Duration::from_millis(50)).await;
 
     let roles: [(&str, Option<&str>, Option<Role>); 8] = [
@@ -344,5 +351,181 @@ async fn every_endpoint_checks_its_caller() {
         }
     }
     assert!(scanned > 10, "scanned only {scanned} files");
+    cluster.assert_healthy();
+}
+
+/// Every HTTP endpoint and what it needs; `None`: open to anyone (probes).
+const HTTP_TABLE: &[(&str, Option<Need>)] = &[
+    ("/api/v1/status", Some(Need::Read)),
+    ("/metrics", Some(Need::Read)),
+    ("/health", None),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_endpoints_check_tokens_and_workers_learn_revocations() {
+    let mut cluster = Cluster::start(3, "");
+    let (leader, _) = cluster.wait_for_leader(Duration::from_secs(20)).await;
+    cluster.wait_for_agreement(Duration::from_secs(10)).await;
+    cluster.start_worker("a");
+    let viewer = create(&cluster, "h-viewer", Role::Viewer, 0).await;
+    let operator = create(&cluster, "h-operator", Role::Operator, 0).await;
+    let inference = create(&cluster, "h-inference", Role::Inference, 0).await;
+    let forged = format!("{}x", &viewer[..viewer.len() - 1]);
+
+    for id in cluster.coordinator_ids() {
+        let addr = cluster.http_addr(id);
+        for &(path, need) in HTTP_TABLE {
+            let cases: [(&str, Option<&str>, u16); 5] = match need {
+                Some(_) => [
+                    ("no token", None, 401),
+                    ("forged", Some(&forged), 401),
+                    ("inference", Some(&inference), 403),
+                    ("viewer", Some(&viewer), 200),
+                    ("operator", Some(&operator), 200),
+                ],
+                None => [
+                    ("no token", None, 200),
+                    ("forged", Some(&forged), 200),
+                    ("inference", Some(&inference), 200),
+                    ("viewer", Some(&viewer), 200),
+                    ("operator", Some(&operator), 200),
+                ],
+            };
+            for (who, token, want) in cases {
+                let (status, body) = kiln_tests::http_get(&addr, path, token).await;
+                assert_eq!(status, want, "coordinator {id} {path} as {who}: {body}");
+                if status == 401 || status == 403 {
+                    let error: serde_json::Value =
+                        serde_json::from_str(&body).expect("errors are JSON");
+                    assert!(error["error"].is_string(), "{body}");
+                }
+            }
+        }
+    }
+    let (_, status) =
+        kiln_tests::http_get(&cluster.http_addr(leader), "/api/v1/status", Some(&viewer)).await;
+    assert!(status.contains("\"leader_id\""), "{status}");
+
+    // The worker checks tokens it learned from heartbeats: once it knows the last
+    // one made, it knows them all.
+    let worker_http = cluster.worker_flag("a", "--http");
+    let answers = |token: &str, want: u16| {
+        let (addr, token) = (worker_http.clone(), token.to_string());
+        async move {
+            match kiln_tests::http_get(&addr, "/metrics", Some(&token)).await {
+                (code, _) if code == want => Ok(()),
+                (code, body) => Err(format!("{code}: {body}")),
+            }
+        }
+    };
+    kiln_tests::wait_for(
+        Duration::from_secs(15),
+        "the worker to know the inference token",
+        || answers(&inference, 403),
+    )
+    .await;
+    for (path, token, want) in [
+        ("/metrics", Some(&viewer), 200),
+        ("/metrics", None, 401),
+        ("/metrics", Some(&inference), 403),
+        ("/v2/health/live", None, 200),
+    ] {
+        let (code, body) =
+            kiln_tests::http_get(&worker_http, path, token.map(|t| t.as_str())).await;
+        assert_eq!(code, want, "worker {path}: {body}");
+    }
+
+    // A revocation reaches the worker within one heartbeat (1 s) and the time to
+    // apply it.
+    let out = cluster.run_cli(&["token", "revoke", "h-viewer"]).await;
+    assert!(
+        out.status.success(),
+        "revoke: {}",
+        kiln_tests::stderr_text(&out)
+    );
+    let revoked_at = std::time::Instant::now();
+    kiln_tests::wait_for(
+        Duration::from_secs(10),
+        "the worker to refuse the revoked token",
+        || answers(&viewer, 401),
+    )
+    .await;
+    let took = revoked_at.elapsed();
+    println!("revocation reached the worker in {took:?}");
+    assert!(
+        took < Duration::from_millis(2500),
+        "a revocation took {took:?} to reach the worker; one heartbeat is 1 s"
+    );
+    for id in cluster.coordinator_ids() {
+        assert_eq!(
+            kiln_tests::http_get(&cluster.http_addr(id), "/metrics", Some(&viewer))
+                .await
+                .0,
+            401,
+            "coordinator {id} still takes a revoked token"
+        );
+    }
+    cluster.assert_healthy();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn state_changing_calls_are_rate_limited_per_token() {
+    let mut cluster = Cluster::start(
+        3,
+        "[limits]\ntoken_writes_per_sec = 5\ntoken_write_burst = 10\n",
+    );
+    let (leader, _) = cluster.wait_for_leader(Duration::from_secs(20)).await;
+    cluster.wait_for_agreement(Duration::from_secs(10)).await;
+    let fast = create(&cluster, "r-fast", Role::Operator, 0).await;
+    let other = create(&cluster, "r-other", Role::Operator, 0).await;
+    let mut person = person_client(&cluster, leader);
+
+    let mut accepted = 0;
+    let mut limited = 0;
+    let started = std::time::Instant::now();
+    for _ in 0..40 {
+        match call(&mut person, "Put", Some(&fast)).await {
+            Ok(()) => accepted += 1,
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                assert!(e.message().contains("rate limit"), "{e}");
+                limited += 1;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // The burst, plus what the rate refilled while the loop ran.
+    let allowed = 10.0 + 5.0 * elapsed;
+    assert!(
+        limited > 0,
+        "40 writes in {elapsed:.2} s were never limited"
+    );
+    assert!(
+        f64::from(accepted) <= allowed + 1.0,
+        "{accepted} accepted in {elapsed:.2} s; the limit allows {allowed:.1}"
+    );
+    // Reads are not limited, other tokens have their own bucket, nodes none.
+    call(&mut person, "Get", Some(&fast))
+        .await
+        .expect("reads are not limited");
+    call(&mut person, "Put", Some(&other))
+        .await
+        .expect("another token's bucket is full");
+    let mut node = cluster.client(leader);
+    for _ in 0..30 {
+        call(&mut node, "Put", None)
+            .await
+            .expect("nodes are not limited");
+    }
+    // The refusals are counted on /metrics.
+    let viewer = create(&cluster, "r-viewer", Role::Viewer, 0).await;
+    let (_, metrics) =
+        kiln_tests::http_get(&cluster.http_addr(leader), "/metrics", Some(&viewer)).await;
+    let counted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kiln_rate_limited_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("kiln_rate_limited_total on /metrics");
+    assert_eq!(counted, limited, "{metrics}");
     cluster.assert_healthy();
 }

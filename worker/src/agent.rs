@@ -19,6 +19,7 @@ use std::mem::Discriminant;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kiln_common::auth::TokenBook;
 use kiln_common::client::ClusterClient;
 use kiln_common::Error;
 use kiln_proto::v1::{
@@ -122,6 +123,8 @@ pub struct AgentSettings {
     pub record: WorkerRecord,
     /// The interval to heartbeat at unless the coordinators name another.
     pub heartbeat_interval: Duration,
+    /// The token records this worker checks callers against; heartbeats refresh it.
+    pub tokens: Arc<TokenBook>,
 }
 
 /// The registration and heartbeat actor of one worker.
@@ -130,6 +133,7 @@ pub struct Agent {
     record: WorkerRecord,
     resources: Resources,
     configured_interval: Duration,
+    tokens: Arc<TokenBook>,
     probe: Arc<Mutex<ResourceProbe>>,
     metrics: Arc<Metrics>,
     state: watch::Sender<Registration>,
@@ -183,6 +187,7 @@ impl Agent {
             record: settings.record,
             resources,
             configured_interval: settings.heartbeat_interval,
+            tokens: settings.tokens,
             probe: Arc::new(Mutex::new(probe)),
             metrics,
             state,
@@ -267,7 +272,8 @@ impl Agent {
 
     /// Heartbeats until the coordinators forget this worker or the agent is cancelled.
     async fn heartbeat(&mut self, incarnation: u64, interval: Duration) -> HeartbeatEnd {
-        let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
+        // The first beat goes at once: it brings the token records.
+        let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut failures = FailureLog::default();
         let mut last_state = WorkerState::Unspecified;
@@ -286,6 +292,7 @@ impl Agent {
                 worker_id: self.record.id.clone(),
                 incarnation,
                 resources: Some(self.resources.clone()),
+                tokens_version: self.tokens.version(),
             };
             let call = self.client.call_with_deadline(interval, |mut client| {
                 let request = request.clone();
@@ -302,6 +309,18 @@ impl Agent {
                         tracing::info!(failed, "heartbeats answered again");
                     }
                     let state = response.state();
+                    // Only a newer version replaces what is held: a new leader that
+                    // has not applied the latest change must not bring back a
+                    // revoked token.
+                    if response.tokens_version > self.tokens.version() {
+                        tracing::debug!(
+                            version = response.tokens_version,
+                            tokens = response.tokens.len(),
+                            "token records refreshed"
+                        );
+                        self.tokens
+                            .replace(response.tokens_version, response.tokens);
+                    }
                     if state != last_state {
                         tracing::info!(state = state.as_str_name(), "coordinators see this worker");
                         last_state = state;
@@ -411,6 +430,7 @@ mod tests {
             client,
             AgentSettings {
                 record,
+                tokens: Arc::default(),
                 heartbeat_interval: Duration::from_millis(1000),
             },
             probe,

@@ -3,18 +3,24 @@
 //! - `GET /v2/health/live`: 200 `{"live":true}` while the process serves at all.
 //! - `GET /v2/health/ready`: 200 `{"ready":true}` while the coordinators know this
 //!   worker, else 503 `{"ready":false}`.
-//! - `GET /metrics`: [`Metrics::render`].
+//! - `GET /metrics`: [`Metrics::render`]. With TLS it needs a bearer token that may
+//!   read cluster state (viewer or more), checked against the worker's
+//!   [`TokenBook`]; the health endpoints stay open for probes.
 //!
 //! The inference routes join this server when serving arrives.
 
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use kiln_common::auth::{Permission, TokenBook};
+use kiln_common::clock::now_ms;
+use kiln_common::http::{authorization, error_response};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -27,6 +33,8 @@ use crate::metrics::{self, Metrics};
 pub struct HttpState {
     pub metrics: Arc<Metrics>,
     pub registration: watch::Receiver<Registration>,
+    /// The records bearer tokens are checked against; `None` without TLS.
+    pub tokens: Option<Arc<TokenBook>>,
 }
 
 impl HttpState {
@@ -37,11 +45,25 @@ impl HttpState {
 
 /// Returns the router of the worker's HTTP endpoints.
 pub fn router(state: HttpState) -> Router {
+    let guarded = Router::new().route("/metrics", get(metrics)).route_layer(
+        axum::middleware::from_fn_with_state(state.clone(), require_viewer),
+    );
     Router::new()
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .merge(guarded)
         .with_state(state)
+}
+
+/// Lets a request through when its bearer token may read cluster state.
+async fn require_viewer(State(state): State<HttpState>, request: Request, next: Next) -> Response {
+    if let Some(tokens) = &state.tokens {
+        let header = authorization(request.headers());
+        if let Err(e) = tokens.verify(header, Permission::Read, now_ms()) {
+            return error_response(&e);
+        }
+    }
+    next.run(request).await
 }
 
 /// Serves [`router`] on `listener` until `shutdown` completes, then lets open
@@ -80,27 +102,20 @@ pub(crate) mod tests {
     use super::*;
     use kiln_proto::v1::Resources;
     use std::net::SocketAddr;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpStream;
     use tokio_util::sync::CancellationToken;
 
-    /// Sends `GET path` over a fresh connection; returns the status and the body.
+    /// Sends `GET path` without a token; returns the status and the body.
     pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.expect("send");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.expect("read");
-        let status = response
-            .split(' ')
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .expect("status line");
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_string())
-            .expect("body");
-        (status, body)
+        kiln_tests::http_get(&addr.to_string(), path, None).await
+    }
+
+    /// Sends `GET path` with a bearer token when given.
+    pub(crate) async fn http_get_as(
+        addr: SocketAddr,
+        path: &str,
+        token: Option<&str>,
+    ) -> (u16, String) {
+        kiln_tests::http_get(&addr.to_string(), path, token).await
     }
 
     #[tokio::test]
@@ -118,6 +133,7 @@ pub(crate) mod tests {
             HttpState {
                 metrics,
                 registration,
+                tokens: None,
             },
             stop.clone().cancelled_owned(),
         ));
@@ -150,5 +166,40 @@ pub(crate) mod tests {
             .expect("server stops")
             .expect("join")
             .expect("serve");
+    }
+
+    #[tokio::test]
+    async fn metrics_need_a_token_that_may_read() {
+        use kiln_common::auth::mint;
+        use kiln_proto::v1::Role;
+        let tokens = Arc::new(TokenBook::default());
+        let (viewer, viewer_record) = mint("v", Role::Viewer, 1, 0);
+        let (inference, inference_record) = mint("i", Role::Inference, 1, 0);
+        tokens.replace(1, vec![viewer_record, inference_record]);
+        let (_registration_tx, registration) = watch::channel(Registration::Unregistered);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let state = HttpState {
+            metrics: Arc::new(Metrics::new(&Resources::default())),
+            registration,
+            tokens: Some(Arc::clone(&tokens)),
+        };
+        let server = tokio::spawn(serve(listener, state, stop.clone().cancelled_owned()));
+
+        let (status, body) = http_get(addr, "/metrics").await;
+        assert_eq!(status, 401, "{body}");
+        assert!(body.contains("bearer token is required"), "{body}");
+        assert_eq!(http_get_as(addr, "/metrics", Some(&inference)).await.0, 403);
+        let (status, body) = http_get_as(addr, "/metrics", Some(&viewer)).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("kiln_worker_registered"));
+        // Probes need no token.
+        assert_eq!(http_get(addr, "/v2/health/live").await.0, 200);
+        // A revocation is a newer version without the record.
+        tokens.replace(2, vec![]);
+        assert_eq!(http_get_as(addr, "/metrics", Some(&viewer)).await.0, 401);
+        stop.cancel();
+        let _ = server.await;
     }
 }

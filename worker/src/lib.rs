@@ -50,6 +50,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use kiln_common::auth::TokenBook;
 use kiln_common::client::{ClientOptions, ClusterClient};
 use kiln_common::config::WorkerConfig;
 use kiln_proto::v1::{Resources, WorkerRecord};
@@ -120,8 +121,14 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
             None
         }
     };
+    let server_tls = tls
+        .as_ref()
+        .map(|t| t.server_config())
+        .transpose()
+        .context("worker grpc tls")?;
+    let tokens = Arc::new(TokenBook::default());
     let options = ClientOptions {
-        tls,
+        tls: tls.clone(),
         ..ClientOptions::default()
     };
     let client = ClusterClient::new(config.coordinators.clone(), options)
@@ -152,6 +159,7 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         AgentSettings {
             record,
             heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
+            tokens: Arc::clone(&tokens),
         },
         probe,
         resources,
@@ -165,6 +173,7 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
     let state = HttpState {
         metrics,
         registration: agent.registration(),
+        tokens: tls.is_some().then(|| Arc::clone(&tokens)),
     };
     let stop = servers_stop.clone().cancelled_owned();
     servers.spawn(async move {
@@ -181,8 +190,9 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         ),
     ] {
         let stop = servers_stop.clone().cancelled_owned();
+        let tls = server_tls.clone();
         servers.spawn(async move {
-            serve_placeholder_grpc(listener, stop)
+            serve_placeholder_grpc(listener, tls, stop)
                 .await
                 .with_context(|| format!("serve {name} {addr}"))
         });
@@ -289,11 +299,16 @@ fn local_addr(listener: &TcpListener) -> anyhow::Result<SocketAddr> {
 /// call UNIMPLEMENTED until real services are added.
 async fn serve_placeholder_grpc(
     listener: TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .add_routes(tonic::service::Routes::default())
         .serve_with_incoming_shutdown(incoming, stop)
         .await?;

@@ -50,6 +50,8 @@ pub struct Api {
     pub heartbeat_interval_ms: u64,
     /// Bounds the audit proposals of refused calls in flight.
     pub denials: Arc<tokio::sync::Semaphore>,
+    /// Per-token rate limits on state-changing calls.
+    pub limiter: Arc<auth::RateLimiter>,
 }
 
 /// Audit proposals of refused calls in flight at once, per coordinator.
@@ -97,19 +99,43 @@ impl Api {
         self.node.read_index().await
     }
 
-    /// Checks that the caller of `request` may do `need` (see [`crate::auth`]).
-    /// A refused state-changing call (`method`) goes to the audit log.
+    /// Checks that the caller of `request` may do `need` (see [`crate::auth`]) and,
+    /// for a state-changing call by a token, that it is within its rate limit. A
+    /// refused state-changing call (`method`) goes to the audit log.
     fn authorize<T>(&self, request: &Request<T>, need: Permission, method: &str) -> Result<Caller> {
         let caller = auth::authorize(request, self.tls_enabled, &self.reader, need, now_ms());
+        self.admit(caller, auth::grpc_authorization(request), need, method)
+    }
+
+    /// Applies the rate limit to an authorised caller and audits refusals; shared by
+    /// the gRPC and HTTP endpoints.
+    pub fn admit(
+        &self,
+        caller: Result<Caller>,
+        authorization: Option<&str>,
+        need: Permission,
+        method: &str,
+    ) -> Result<Caller> {
+        let caller = caller.and_then(|c| {
+            if need != Permission::Read {
+                if let Caller::Token { .. } = &c {
+                    self.limiter.check(&c.name())?;
+                }
+            }
+            Ok(c)
+        });
         if let Err(e) = &caller {
             tracing::debug!(method, error = %e, "refused a call");
-            if need != Permission::Read {
+            // A caller over its rate limit is counted (`kiln_rate_limited_total`),
+            // not audited one call at a time: that would turn the flood it stops
+            // into a flood of audit records.
+            if need != Permission::Read && !matches!(e, Error::ResourceExhausted(_)) {
                 let who = match e {
                     // The role was read from a verified token.
-                    Error::PermissionDenied(_) => auth::claimed_name(request)
+                    Error::PermissionDenied(_) => auth::claimed_name(authorization)
                         .map_or_else(|| "anonymous".to_string(), |n| format!("token:{n}")),
                     // Nothing was proven: say what was claimed, as a claim.
-                    _ => auth::claimed_name(request).map_or_else(
+                    _ => auth::claimed_name(authorization).map_or_else(
                         || "anonymous".to_string(),
                         |n| format!("unverified token:{n}"),
                     ),
@@ -754,8 +780,21 @@ impl Coordinator for Api {
             .await?;
             state = WorkerState::Alive;
         }
+        let tokens_version = self
+            .reader
+            .tokens_version()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let tokens = if tokens_version > req.tokens_version {
+            self.reader
+                .tokens()
+                .map_err(|e| Status::internal(e.to_string()))?
+        } else {
+            Vec::new()
+        };
         Ok(Response::new(HeartbeatResponse {
             state: state as i32,
+            tokens_version,
+            tokens,
         }))
     }
 }

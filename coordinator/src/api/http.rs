@@ -1,34 +1,60 @@
 //! The coordinator's HTTP endpoints: `GET /api/v1/status` (the status JSON of
 //! DESIGN §6), `GET /health` and `GET /metrics` (Prometheus text format).
+//!
+//! With TLS on the gRPC port, every endpoint but `/health` (a liveness probe that
+//! tells nothing but role and term) needs a bearer token with the viewer role or
+//! more: 401 without a valid one, 403 for a role that may not read.
 
 use std::fmt::Write as _;
 
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use kiln_common::clock::now_ms;
+use kiln_common::http::{authorization, error_response};
 use kiln_common::status::cluster_status_json;
 
 use super::grpc::Api;
+use crate::auth::{self, Permission};
+
+/// Largest request body accepted (the endpoints take none).
+const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Builds the HTTP router.
 pub fn router(api: Api) -> Router {
-    Router::new()
+    let guarded = Router::new()
         .route("/api/v1/status", get(status))
-        .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            require_viewer,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .merge(guarded)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(api)
+}
+
+/// Lets a request through when its bearer token may read cluster state.
+async fn require_viewer(State(api): State<Api>, request: Request, next: Next) -> Response {
+    if api.tls_enabled {
+        let header = authorization(request.headers());
+        let caller = auth::authorize_bearer(header, &api.reader, Permission::Read, now_ms());
+        if let Err(e) = api.admit(caller, header, Permission::Read, request.uri().path()) {
+            return error_response(&e);
+        }
+    }
+    next.run(request).await
 }
 
 async fn status(State(api): State<Api>) -> Response {
     match api.cluster_status().await {
         Ok(s) => Json(cluster_status_json(&s)).into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "error": e.to_string() })),
-        )
-            .into_response(),
+        Err(e) => error_response(&e),
     }
 }
 
@@ -94,6 +120,12 @@ async fn metrics(State(api): State<Api>) -> Response {
         "kiln_raft_snapshots_received_total",
         "Snapshots installed from a leader.",
         v.snapshots_received,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP kiln_rate_limited_total Calls refused for going over a token's rate limit.\n\
+         # TYPE kiln_rate_limited_total counter\nkiln_rate_limited_total {}",
+        api.limiter.refused()
     );
     if let Ok(workers) = api.reader.workers() {
         let _ = writeln!(

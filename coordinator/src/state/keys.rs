@@ -24,6 +24,8 @@ pub const MAX_AUDIT_RECORDS: u64 = 100_000;
 
 /// Prefix of bearer token records (salted hashes only).
 pub const TOKEN: &str = "token/";
+/// Counts changes to the token records, so that workers know when to refresh.
+pub const TOKENS_VERSION: &[u8] = b"meta/tokens_version";
 
 /// Longest key accepted in the key-value namespace, in bytes.
 pub const MAX_KV_KEY_BYTES: usize = 1024;

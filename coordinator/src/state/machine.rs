@@ -51,6 +51,12 @@ impl<'a> Txn<'a> {
     }
 }
 
+impl StateRead for Txn<'_> {
+    fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get(key)
+    }
+}
+
 /// Why a committed command changed nothing. Every node reaches the same verdict.
 pub type Rejection = String;
 
@@ -79,18 +85,7 @@ fn append_audit(
     what: &str,
     outcome: &str,
 ) -> Result<(), StoreError> {
-    let last = match txn.get(keys::AUDIT_SEQ)? {
-        Some(bytes) => bytes
-            .as_slice()
-            .try_into()
-            .map(u64::from_be_bytes)
-            .map_err(|_| StoreError {
-                op: "read audit sequence",
-                message: "not 8 bytes".into(),
-            })?,
-        None => 0,
-    };
-    let seq = last + 1;
+    let seq = bump_counter(txn, keys::AUDIT_SEQ)?;
     let record = kiln_proto::v1::AuditRecord {
         seq,
         at_ms,
@@ -99,11 +94,32 @@ fn append_audit(
         outcome: outcome.to_string(),
     };
     txn.put(keys::audit(seq), record.encode_to_vec());
-    txn.put(keys::AUDIT_SEQ.to_vec(), seq.to_be_bytes().to_vec());
     if seq > keys::MAX_AUDIT_RECORDS {
         txn.delete(keys::audit(seq - keys::MAX_AUDIT_RECORDS));
     }
     Ok(())
+}
+
+/// Adds one to the big-endian counter at `key` (absent: 0) and returns the new value.
+fn bump_counter(txn: &mut Txn<'_>, key: &[u8]) -> Result<u64, StoreError> {
+    let next = read_counter(txn, key)? + 1;
+    txn.put(key.to_vec(), next.to_be_bytes().to_vec());
+    Ok(next)
+}
+
+/// Reads the big-endian counter at `key`; absent reads as 0.
+pub fn read_counter(state: &dyn StateRead, key: &[u8]) -> Result<u64, StoreError> {
+    match state.read(key)? {
+        Some(bytes) => bytes
+            .as_slice()
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| StoreError {
+                op: "read counter",
+                message: format!("{} is not 8 bytes", String::from_utf8_lossy(key)),
+            }),
+        None => Ok(0),
+    }
 }
 
 fn apply_kind(txn: &mut Txn<'_>, cmd: &Command) -> Result<Result<(), Rejection>, StoreError> {
@@ -149,6 +165,7 @@ fn apply_kind(txn: &mut Txn<'_>, cmd: &Command) -> Result<Result<(), Rejection>,
                 return Ok(Err(format!("a token named {} exists already", token.name)));
             }
             txn.put(key, token.encode_to_vec());
+            bump_counter(txn, keys::TOKENS_VERSION)?;
         }
         command::Kind::RevokeToken(revoke) => {
             let key = keys::token(&revoke.name);
@@ -156,6 +173,7 @@ fn apply_kind(txn: &mut Txn<'_>, cmd: &Command) -> Result<Result<(), Rejection>,
                 return Ok(Err(format!("no token is named {}", revoke.name)));
             }
             txn.delete(key);
+            bump_counter(txn, keys::TOKENS_VERSION)?;
         }
         command::Kind::SetWorkerState(set) => {
             let key = keys::worker(&set.worker_id);

@@ -93,6 +93,11 @@ impl StateReader {
         self.get_decoded(&keys::worker(id), "decode worker record")
     }
 
+    /// Returns the version of the token records: it grows with every change.
+    pub fn tokens_version(&self) -> Result<u64, StoreError> {
+        super::machine::read_counter(self, keys::TOKENS_VERSION)
+    }
+
     /// Returns every token record.
     pub fn tokens(&self) -> Result<Vec<kiln_proto::v1::TokenRecord>, StoreError> {
         self.decode_all(keys::TOKEN, "decode token record")
