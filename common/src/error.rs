@@ -53,6 +53,10 @@ pub enum Error {
     /// The node is overloaded or shutting down; retry later.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// Stored bytes failed their check (a corrupt chunk); another replica may hold
+    /// good ones.
+    #[error("data loss: {0}")]
+    DataLoss(String),
     /// Anything else: a bug or a storage failure on the server.
     #[error("internal error: {0}")]
     Internal(String),
@@ -108,6 +112,7 @@ impl From<Error> for Status {
             Error::PermissionDenied(msg) => Status::new(Code::PermissionDenied, msg.clone()),
             Error::ResourceExhausted(msg) => Status::new(Code::ResourceExhausted, msg.clone()),
             Error::Unavailable(msg) => Status::new(Code::Unavailable, msg.clone()),
+            Error::DataLoss(msg) => Status::new(Code::DataLoss, msg.clone()),
             Error::Internal(msg) => Status::new(Code::Internal, msg.clone()),
         }
     }
@@ -141,6 +146,7 @@ impl From<Status> for Error {
             Code::Unauthenticated => Error::Unauthenticated(msg),
             Code::PermissionDenied => Error::PermissionDenied(msg),
             Code::ResourceExhausted => Error::ResourceExhausted(msg),
+            Code::DataLoss => Error::DataLoss(msg),
             Code::Unavailable | Code::Aborted | Code::Unknown => {
                 Error::Unavailable(if msg.is_empty() {
                     format!("{:?}", status.code())

@@ -15,7 +15,7 @@ pub fn status_of(e: &Error) -> StatusCode {
         Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
         Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
         Error::NotFound(_) => StatusCode::NOT_FOUND,
-        Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        Error::Internal(_) | Error::DataLoss(_) => StatusCode::INTERNAL_SERVER_ERROR,
         Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         Error::NotLeader { .. } | Error::NoQuorum(_) | Error::Unavailable(_) => {
             StatusCode::SERVICE_UNAVAILABLE

@@ -7,6 +7,8 @@
 //!   to and from gRPC status codes.
 //! - `config`: coordinator and worker configuration from TOML, flags and `KILN_*`
 //!   variables, validated with errors that name the bad key.
+//! - `chunking`: content-defined chunks (FastCDC) named by BLAKE3, read from any
+//!   stream through a bounded window.
 //! - `client`: [`client::ClusterClient`], which finds the leader by itself, follows
 //!   leader hints and retries within a bounded deadline.
 //! - `http`: the JSON error body and status codes every HTTP server answers with.
@@ -14,6 +16,7 @@
 //! - `clock`: wall-clock milliseconds, read only by proposers, never by apply.
 
 pub mod auth;
+pub mod chunking;
 pub mod client;
 pub mod clock;
 pub mod config;

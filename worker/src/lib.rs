@@ -37,6 +37,7 @@
 //! left is aborted.
 
 pub mod agent;
+pub mod blob;
 pub mod http;
 pub mod identity;
 pub mod metrics;

@@ -1,0 +1,370 @@
+//! The worker's blob store: artifact chunks in RocksDB, keyed by their BLAKE3 id.
+//!
+//! A stored value is one header byte (the codec: raw or LZ4 block), the
+//! uncompressed length (u32, little endian) and the payload. A chunk is compressed
+//! only when that makes it smaller. Every write is verified against its id first
+//! (a sender is not trusted to name its bytes right) and is synced before it is
+//! acknowledged; every read is verified again, so a chunk that rotted on disk is
+//! reported as corrupt, never returned.
+//!
+//! Values are kept in RocksDB's blob files (key-value separation): chunks are
+//! 64 KiB to 1 MiB, and compaction then moves keys, not chunk bytes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_common::chunking::ChunkId;
+use rocksdb::{IteratorMode, Options, WriteBatch, WriteOptions, DB};
+
+/// Codec byte of a chunk stored as is.
+const CODEC_RAW: u8 = 0;
+/// Codec byte of an LZ4 block.
+const CODEC_LZ4: u8 = 1;
+/// Bytes before the payload: codec and uncompressed length.
+const HEADER_BYTES: usize = 5;
+/// Largest chunk the store accepts (the chunker's maximum is 1 MiB).
+pub const MAX_STORED_CHUNK_BYTES: usize = 16 * 1024 * 1024;
+
+/// Why a blob store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// The bytes do not hash to the id they came with, or a stored chunk no longer
+    /// does.
+    #[error("chunk {id} is corrupt: {reason}")]
+    Corrupt { id: ChunkId, reason: String },
+    /// A chunk larger than the store accepts.
+    #[error("chunk {id} has {len} bytes; at most {MAX_STORED_CHUNK_BYTES} are accepted")]
+    TooLarge { id: ChunkId, len: usize },
+    /// RocksDB failed.
+    #[error("blob store {op}: {message}")]
+    Storage { op: &'static str, message: String },
+}
+
+impl From<BlobError> for kiln_common::Error {
+    fn from(e: BlobError) -> kiln_common::Error {
+        match e {
+            BlobError::Corrupt { .. } => kiln_common::Error::DataLoss(e.to_string()),
+            BlobError::TooLarge { .. } => kiln_common::Error::InvalidArgument(e.to_string()),
+            BlobError::Storage { .. } => kiln_common::Error::Internal(e.to_string()),
+        }
+    }
+}
+
+fn storage(op: &'static str) -> impl FnOnce(rocksdb::Error) -> BlobError {
+    move |e| BlobError::Storage {
+        op,
+        message: e.to_string(),
+    }
+}
+
+/// Counts of what a store holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlobStats {
+    pub chunks: u64,
+    /// Bytes of the stored values (compressed), headers included.
+    pub stored_bytes: u64,
+}
+
+/// A chunk store over one RocksDB database; cheap to clone.
+#[derive(Clone)]
+pub struct BlobStore {
+    db: Arc<DB>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// Encodes a chunk as it is stored.
+fn encode(data: &[u8]) -> Vec<u8> {
+    let compressed = lz4_flex::block::compress(data);
+    let (codec, payload) = if compressed.len() < data.len() {
+        (CODEC_LZ4, compressed.as_slice())
+    } else {
+        (CODEC_RAW, data)
+    };
+    let mut value = Vec::with_capacity(HEADER_BYTES + payload.len());
+    value.push(codec);
+    value.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    value.extend_from_slice(payload);
+    value
+}
+
+/// Decodes a stored value and checks it against `id`.
+fn decode(id: ChunkId, value: &[u8]) -> Result<Vec<u8>, BlobError> {
+    let corrupt = |reason: String| BlobError::Corrupt { id, reason };
+    if value.len() < HEADER_BYTES {
+        return Err(corrupt(format!("a stored value of {} bytes", value.len())));
+    }
+    let len = u32::from_le_bytes([value[1], value[2], value[3], value[4]]) as usize;
+    if len > MAX_STORED_CHUNK_BYTES {
+        return Err(corrupt(format!("a stored length of {len}")));
+    }
+    let payload = &value[HEADER_BYTES..];
+    let data = match value[0] {
+        CODEC_RAW => payload.to_vec(),
+        CODEC_LZ4 => {
+            lz4_flex::block::decompress(payload, len).map_err(|e| corrupt(format!("lz4: {e}")))?
+        }
+        other => return Err(corrupt(format!("unknown codec {other}"))),
+    };
+    if data.len() != len {
+        return Err(corrupt(format!("{} bytes, {len} expected", data.len())));
+    }
+    let actual = ChunkId::of(&data);
+    if actual != id {
+        return Err(corrupt(format!("its bytes hash to {actual}")));
+    }
+    Ok(data)
+}
+
+impl BlobStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<BlobStore, BlobError> {
+        std::fs::create_dir_all(dir).map_err(|e| BlobError::Storage {
+            op: "create dir",
+            message: format!("{}: {e}", dir.display()),
+        })?;
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        // Chunks arrive compressed by us; RocksDB must not spend time on them again.
+        options.set_compression_type(rocksdb::DBCompressionType::None);
+        options.set_enable_blob_files(true);
+        options.set_min_blob_size(4096);
+        options.set_blob_compression_type(rocksdb::DBCompressionType::None);
+        options.set_enable_blob_gc(true);
+        // Bounded memory: two 32 MiB memtables at most.
+        options.set_write_buffer_size(32 * 1024 * 1024);
+        options.set_max_write_buffer_number(2);
+        options.set_paranoid_checks(true);
+        let db = DB::open(&options, dir).map_err(storage("open"))?;
+        Ok(BlobStore {
+            db: Arc::new(db),
+            path: dir.to_path_buf(),
+        })
+    }
+
+    /// Returns the directory of the store.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Verifies and stores chunks in one synced batch; returns how many were new.
+    /// Nothing is written when any chunk fails its check.
+    pub fn put_many(&self, chunks: &[(ChunkId, &[u8])]) -> Result<usize, BlobError> {
+        let mut batch = WriteBatch::default();
+        let mut new = 0;
+        for (id, data) in chunks {
+            if data.len() > MAX_STORED_CHUNK_BYTES {
+                return Err(BlobError::TooLarge {
+                    id: *id,
+                    len: data.len(),
+                });
+            }
+            let actual = ChunkId::of(data);
+            if actual != *id {
+                return Err(BlobError::Corrupt {
+                    id: *id,
+                    reason: format!("the bytes sent hash to {actual}"),
+                });
+            }
+            if self.contains(id)? {
+                continue;
+            }
+            batch.put(id.0, encode(data));
+            new += 1;
+        }
+        if new > 0 {
+            let mut options = WriteOptions::default();
+            options.set_sync(true);
+            self.db
+                .write_opt(batch, &options)
+                .map_err(storage("write"))?;
+        }
+        Ok(new)
+    }
+
+    /// Verifies and stores one chunk; returns true when it was new.
+    pub fn put(&self, id: ChunkId, data: &[u8]) -> Result<bool, BlobError> {
+        Ok(self.put_many(&[(id, data)])? == 1)
+    }
+
+    /// Returns the chunk's bytes, verified; `None` when it is not stored.
+    pub fn get(&self, id: ChunkId) -> Result<Option<Vec<u8>>, BlobError> {
+        match self.db.get_pinned(id.0) {
+            Ok(Some(value)) => decode(id, &value).map(Some),
+            Ok(None) => Ok(None),
+            // RocksDB's own checksums caught the rot first.
+            Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => Err(BlobError::Corrupt {
+                id,
+                reason: e.to_string(),
+            }),
+            Err(e) => Err(storage("read")(e)),
+        }
+    }
+
+    /// Returns true when the chunk is stored (without reading or verifying it).
+    pub fn contains(&self, id: &ChunkId) -> Result<bool, BlobError> {
+        if !self.db.key_may_exist(id.0) {
+            return Ok(false);
+        }
+        Ok(self.db.get_pinned(id.0).map_err(storage("read"))?.is_some())
+    }
+
+    /// Removes a chunk (absent is fine).
+    pub fn delete(&self, id: ChunkId) -> Result<(), BlobError> {
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db
+            .delete_opt(id.0, &options)
+            .map_err(storage("delete"))
+    }
+
+    /// Returns up to `limit` stored ids greater than `after`, in order: a scrubber or
+    /// an inventory walks the store page by page.
+    pub fn ids_after(
+        &self,
+        after: Option<ChunkId>,
+        limit: usize,
+    ) -> Result<Vec<ChunkId>, BlobError> {
+        let mode = match &after {
+            Some(id) => IteratorMode::From(&id.0, rocksdb::Direction::Forward),
+            None => IteratorMode::Start,
+        };
+        let mut out = Vec::new();
+        for item in self.db.iterator(mode) {
+            let (key, _) = item.map_err(storage("scan"))?;
+            let id = ChunkId::from_slice(&key, "stored key").map_err(|e| BlobError::Storage {
+                op: "scan",
+                message: e.to_string(),
+            })?;
+            if Some(id) == after {
+                continue;
+            }
+            out.push(id);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Counts the stored chunks and their stored bytes (a full scan).
+    pub fn stats(&self) -> Result<BlobStats, BlobError> {
+        let mut stats = BlobStats::default();
+        for item in self.db.iterator(IteratorMode::Start) {
+            let (_, value) = item.map_err(storage("scan"))?;
+            stats.chunks += 1;
+            stats.stored_bytes += value.len() as u64;
+        }
+        Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, BlobStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = BlobStore::open(&dir.path().join("blobs")).expect("open");
+        (dir, store)
+    }
+
+    #[test]
+    fn round_trips_compressible_and_random_chunks() {
+        let (_dir, store) = store();
+        let text = b"id,value\n1,2\n".repeat(10_000);
+        let random: Vec<u8> = (0..300_000).map(|_| rand::random::<u8>()).collect();
+        for data in [&text[..], &random[..], b"", b"x"] {
+            let id = ChunkId::of(data);
+            assert!(store.put(id, data).expect("put"), "new");
+            assert!(!store.put(id, data).expect("put again"), "stored once");
+            assert_eq!(store.get(id).expect("get").as_deref(), Some(data));
+        }
+        let stats = store.stats().expect("stats");
+        assert_eq!(stats.chunks, 4);
+        // The CSV-like chunk compressed well; the random one is stored as is.
+        assert!(
+            stats.stored_bytes < (random.len() + text.len() / 4) as u64,
+            "{stats:?}"
+        );
+        assert_eq!(store.get(ChunkId::of(b"absent")).expect("get"), None);
+    }
+
+    #[test]
+    fn a_chunk_that_does_not_match_its_id_is_refused() {
+        let (_dir, store) = store();
+        let good = ChunkId::of(b"good");
+        let e = store.put_many(&[(good, b"good"), (ChunkId::of(b"x"), b"y")]);
+        assert!(matches!(e, Err(BlobError::Corrupt { .. })), "{e:?}");
+        assert!(
+            !store.contains(&good).expect("contains"),
+            "nothing of the batch is kept"
+        );
+    }
+
+    #[test]
+    fn rot_on_disk_is_reported_not_returned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("blobs");
+        let data: Vec<u8> = (0..200_000).map(|_| rand::random::<u8>()).collect();
+        let id = ChunkId::of(&data);
+        {
+            let store = BlobStore::open(&path).expect("open");
+            store.put(id, &data).expect("put");
+            store.db.flush().expect("flush");
+        }
+        // Flip one byte of the chunk wherever RocksDB put it.
+        let needle = &data[1000..1064];
+        let mut flipped = false;
+        for entry in std::fs::read_dir(&path).expect("read dir").flatten() {
+            let mut bytes = std::fs::read(entry.path()).expect("read");
+            if let Some(at) = bytes.windows(needle.len()).position(|w| w == needle) {
+                bytes[at + 10] ^= 0xff;
+                std::fs::write(entry.path(), bytes).expect("write");
+                flipped = true;
+            }
+        }
+        assert!(flipped, "the chunk's bytes were found on disk");
+        let store = BlobStore::open(&path).expect("reopen");
+        let e = store.get(id);
+        assert!(matches!(e, Err(BlobError::Corrupt { .. })), "{e:?}");
+        store.delete(id).expect("delete");
+        assert!(
+            store.put(id, &data).expect("repair"),
+            "a deleted chunk is new again"
+        );
+        assert_eq!(store.get(id).expect("get").as_deref(), Some(&data[..]));
+    }
+
+    #[test]
+    fn ids_are_listed_page_by_page() {
+        let (_dir, store) = store();
+        let mut ids: Vec<ChunkId> = (0..25u32)
+            .map(|i| {
+                let data = i.to_le_bytes();
+                let id = ChunkId::of(&data);
+                store.put(id, &data).expect("put");
+                id
+            })
+            .collect();
+        ids.sort();
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.ids_after(after, 10).expect("page");
+            if page.is_empty() {
+                break;
+            }
+            after = page.last().copied();
+            seen.extend(page);
+        }
+        assert_eq!(seen, ids);
+    }
+}
