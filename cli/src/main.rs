@@ -4,6 +4,7 @@
 //! The cluster address comes from `--coordinator`, then `KILN_COORDINATOR`, then
 //! the `cluster.json` that `kiln local up` writes under `.kiln/`.
 
+mod artifact;
 mod bench;
 mod certs;
 mod local;
@@ -60,6 +61,11 @@ enum Command {
         /// Prints JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Pushes, pulls and lists versioned artifacts (datasets, checkpoints, models).
+    Artifact {
+        #[command(subcommand)]
+        command: ArtifactCommand,
     },
     /// Reads and writes the small replicated key-value namespace.
     Kv {
@@ -208,6 +214,56 @@ enum LocalCommand {
         #[arg(long, default_value = ".kiln")]
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum ArtifactCommand {
+    /// Pushes a file or a directory as the next version of NAME.
+    Push {
+        path: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Tags to point at the new version (repeatable).
+        #[arg(long)]
+        tag: Vec<String>,
+        /// Replicas of each new chunk (default 2, fewer when fewer workers are alive).
+        #[arg(long)]
+        replicas: Option<u32>,
+        /// A version this one derives from, NAME@VERSION (repeatable).
+        #[arg(long)]
+        parent: Vec<String>,
+        /// The run or job that produced it.
+        #[arg(long, default_value = "")]
+        produced_by: String,
+        #[arg(long, default_value = "")]
+        media_type: String,
+        /// User metadata, KEY=VALUE (repeatable).
+        #[arg(long)]
+        meta: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Writes NAME[@VERSION|@TAG] to a path.
+    Pull {
+        reference: String,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists artifacts with their newest version.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists the versions of an artifact, newest first.
+    Log {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Points TAG at NAME[@VERSION|@TAG].
+    Tag { reference: String, tag: String },
 }
 
 #[derive(Subcommand)]
@@ -627,6 +683,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Artifact { command } => run_artifact(&conn, command).await,
         Command::Kv { command } => {
             let client = cluster_client(&conn)?;
             match command {
@@ -776,6 +833,182 @@ fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
         cancel.cancel();
     });
     Ok(token)
+}
+
+async fn run_artifact(conn: &Connection, command: ArtifactCommand) -> anyhow::Result<()> {
+    let client = std::sync::Arc::new(cluster_client(conn)?);
+    match command {
+        ArtifactCommand::Push {
+            path,
+            name,
+            tag,
+            replicas,
+            parent,
+            produced_by,
+            media_type,
+            meta,
+            json,
+        } => {
+            let mut metadata = std::collections::BTreeMap::new();
+            for pair in meta {
+                let (k, v) = pair
+                    .split_once('=')
+                    .with_context(|| format!("--meta {pair}: expected KEY=VALUE"))?;
+                metadata.insert(k.to_string(), v.to_string());
+            }
+            let options = artifact::PushOptions {
+                name,
+                tags: tag,
+                replicas: replicas.unwrap_or(0),
+                parents: parent,
+                produced_by,
+                media_type,
+                metadata,
+            };
+            let report = artifact::push(client, &path, options).await?;
+            if !report.warning.is_empty() {
+                eprintln!("warning: {}", report.warning);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "pushed {}@{}: {} file(s), {} bytes in {} chunks; {} new chunks ({} bytes) \
+                     on {} replica(s); {:.1} MB/s",
+                    report.name,
+                    report.version,
+                    report.files,
+                    report.bytes,
+                    report.chunks,
+                    report.new_chunks,
+                    report.new_bytes,
+                    report.replicas,
+                    report.bytes as f64 / 1e6 / report.seconds.max(1e-9)
+                );
+            }
+        }
+        ArtifactCommand::Pull {
+            reference,
+            output,
+            json,
+        } => {
+            let report = artifact::pull(client, &reference, &output).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "pulled {}@{} to {}: {} file(s), {} bytes; {:.1} MB/s",
+                    report.name,
+                    report.version,
+                    report.path.display(),
+                    report.files,
+                    report.bytes,
+                    report.bytes as f64 / 1e6 / report.seconds.max(1e-9)
+                );
+            }
+        }
+        ArtifactCommand::Ls { json } => {
+            let resp = client
+                .call(|mut c| async move {
+                    c.list_artifacts(kiln_proto::v1::ListArtifactsRequest {})
+                        .await
+                        .map(|r| r.into_inner())
+                })
+                .await?;
+            if json {
+                let doc: Vec<_> = resp
+                    .artifacts
+                    .iter()
+                    .map(|a| {
+                        serde_json::json!({
+                            "name": a.name,
+                            "latest": a.latest,
+                            "size": a.size,
+                            "updated_at_ms": a.updated_at_ms,
+                            "tags": a.tags,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                println!("{:<32} {:>7} {:>14}  tags", "name", "latest", "bytes");
+                for a in &resp.artifacts {
+                    println!(
+                        "{:<32} {:>7} {:>14}  {}",
+                        a.name,
+                        a.latest,
+                        a.size,
+                        a.tags.join(" ")
+                    );
+                }
+            }
+        }
+        ArtifactCommand::Log { name, json } => {
+            let req = kiln_proto::v1::ListVersionsRequest { name };
+            let resp = client
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.list_versions(req).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            if json {
+                let doc: Vec<_> = resp
+                    .versions
+                    .iter()
+                    .map(|v| {
+                        serde_json::json!({
+                            "name": v.name,
+                            "version": v.version,
+                            "size": v.size,
+                            "digest": hex::encode(&v.digest),
+                            "created_at_ms": v.created_at_ms,
+                            "created_by": v.created_by,
+                            "directory": v.directory,
+                            "media_type": v.media_type,
+                            "metadata": v.metadata,
+                            "parents": v.parents,
+                            "produced_by": v.produced_by,
+                            "replicas": v.replicas,
+                            "tags": v.tags,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                println!(
+                    "{:>7} {:>14} {:<16} {:<20} tags",
+                    "version", "bytes", "digest", "created_by"
+                );
+                for v in &resp.versions {
+                    let digest = hex::encode(&v.digest);
+                    println!(
+                        "{:>7} {:>14} {:<16} {:<20} {}",
+                        v.version,
+                        v.size,
+                        &digest[..digest.len().min(16)],
+                        v.created_by,
+                        v.tags.join(" ")
+                    );
+                }
+            }
+        }
+        ArtifactCommand::Tag { reference, tag } => {
+            let (name, selector) = kiln_common::artifact::parse_reference(&reference)?;
+            let req = kiln_proto::v1::TagArtifactRequest {
+                name: name.clone(),
+                tag: tag.clone(),
+                reference: selector.to_string(),
+            };
+            let resp = client
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.tag_artifact(req).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            println!("{name}@{tag} -> {}", resp.version);
+        }
+    }
+    Ok(())
 }
 
 /// How the CLI reaches the cluster: the global flags.

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use kiln_proto::v1::blobs_client::BlobsClient;
 use kiln_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -20,6 +21,14 @@ use crate::error::{Error, Result};
 
 /// A gRPC client of one coordinator, sending the bearer token when there is one.
 pub type Client = CoordinatorClient<InterceptedService<Channel, BearerToken>>;
+/// A gRPC client of one worker's chunk service.
+pub type Blobs = BlobsClient<InterceptedService<Channel, BearerToken>>;
+
+/// Longest call to a worker's chunk service (a stream of chunks included).
+pub const DATA_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Largest message to or from a chunk service: one chunk of at most 16 MiB and
+/// its id.
+pub const MAX_DATA_MESSAGE_BYTES: usize = 17 << 20;
 
 /// Adds `authorization: Bearer <token>` to every call.
 #[derive(Clone, Default)]
@@ -102,6 +111,8 @@ pub struct ClusterClient {
     options: ClientOptions,
     leader: Mutex<Option<String>>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// Channels to workers' chunk services.
+    data_channels: Mutex<HashMap<String, Channel>>,
     bearer: BearerToken,
 }
 
@@ -126,6 +137,7 @@ impl ClusterClient {
             options,
             leader: Mutex::new(None),
             channels: Mutex::new(HashMap::new()),
+            data_channels: Mutex::new(HashMap::new()),
             bearer,
         })
     }
@@ -137,25 +149,43 @@ impl ClusterClient {
 
     /// Returns a client of the coordinator at `addr`.
     pub fn client_for(&self, addr: &str) -> Result<Client> {
-        let mut channels = self.channels.lock().expect("channel map lock poisoned");
+        let channel = self.channel(&self.channels, addr, self.options.attempt_timeout)?;
+        Ok(CoordinatorClient::with_interceptor(
+            channel,
+            self.bearer.clone(),
+        ))
+    }
+
+    /// Returns a client of the chunk service of the worker at `addr`, with the same
+    /// TLS and token as the coordinator calls and a per-call bound of
+    /// [`DATA_CALL_TIMEOUT`].
+    pub fn blobs_for(&self, addr: &str) -> Result<Blobs> {
+        let channel = self.channel(&self.data_channels, addr, DATA_CALL_TIMEOUT)?;
+        Ok(BlobsClient::with_interceptor(channel, self.bearer.clone())
+            .max_decoding_message_size(MAX_DATA_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_DATA_MESSAGE_BYTES))
+    }
+
+    /// Returns the cached channel to `addr` in `map`, connecting lazily.
+    fn channel(
+        &self,
+        map: &Mutex<HashMap<String, Channel>>,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<Channel> {
+        let mut channels = map.lock().expect("channel map lock poisoned");
         if let Some(channel) = channels.get(addr) {
-            return Ok(CoordinatorClient::with_interceptor(
-                channel.clone(),
-                self.bearer.clone(),
-            ));
+            return Ok(channel.clone());
         }
         let channel = crate::tls::endpoint(
             addr,
             self.options.tls.as_ref(),
             self.options.connect_timeout,
         )?
-        .timeout(self.options.attempt_timeout)
+        .timeout(timeout)
         .connect_lazy();
         channels.insert(addr.to_string(), channel.clone());
-        Ok(CoordinatorClient::with_interceptor(
-            channel,
-            self.bearer.clone(),
-        ))
+        Ok(channel)
     }
 
     fn remember_leader(&self, addr: Option<String>) {

@@ -1,6 +1,7 @@
 //! Types that coordinators, workers and the CLI share.
 //!
 //! Layout:
+//! - `artifact`: artifact names, tags and `NAME@REF` references.
 //! - `auth`: bearer tokens, roles, the workers' [`auth::TokenBook`] and per-caller
 //!   rate limits.
 //! - `error`: [`Error`], the failures a caller must tell apart, and their one mapping
@@ -15,6 +16,7 @@
 //! - `logging`: the `tracing` subscriber every role installs.
 //! - `clock`: wall-clock milliseconds, read only by proposers, never by apply.
 
+pub mod artifact;
 pub mod auth;
 pub mod chunking;
 pub mod client;

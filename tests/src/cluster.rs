@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use kiln_common::client::{ClientOptions, ClusterClient};
 use kiln_common::tls::TlsMaterial;
+use kiln_proto::v1::blobs_client::BlobsClient;
 use kiln_proto::v1::coordinator_client::CoordinatorClient;
 use kiln_proto::v1::{GetRequest, NodeStatusRequest, NodeStatusResponse, PutRequest};
 use tempfile::TempDir;
@@ -373,21 +374,29 @@ impl Cluster {
 
     /// Returns a gRPC client of coordinator `id` (connected lazily, shared channel).
     pub fn client(&self, id: u64) -> CoordinatorClient<Channel> {
-        let addr = self.addr(id);
+        CoordinatorClient::new(self.channel(&self.addr(id)))
+    }
+
+    /// Returns a client of worker `name`'s chunk service, as a cluster node.
+    pub fn blobs_client(&self, name: &str) -> BlobsClient<Channel> {
+        BlobsClient::new(self.channel(&self.worker_addr(name)))
+    }
+
+    /// Returns the shared channel to `addr`, with the harness's node certificate.
+    fn channel(&self, addr: &str) -> Channel {
         let mut channels = self
             .channels
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let channel = channels
-            .entry(addr.clone())
+        channels
+            .entry(addr.to_string())
             .or_insert_with(|| {
-                kiln_common::tls::endpoint(&addr, Some(&self.tls), CONNECT_TIMEOUT)
+                kiln_common::tls::endpoint(addr, Some(&self.tls), CONNECT_TIMEOUT)
                     .expect("a loopback address is a valid endpoint")
                     .timeout(RPC_TIMEOUT)
                     .connect_lazy()
             })
-            .clone();
-        CoordinatorClient::new(channel)
+            .clone()
     }
 
     /// Returns a [`ClusterClient`] of the running coordinators with default options.

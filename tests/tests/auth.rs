@@ -1,11 +1,13 @@
 //! Every call needs the right caller: a cluster node (by certificate) or a token
-//! whose role allows it. The table below names every RPC of the Coordinator
-//! service; a new RPC that is not in it fails `every_rpc_is_in_the_table`.
+//! whose role allows it. The tables below name every RPC of the Coordinator and
+//! the workers' Blobs services, and every HTTP endpoint; a new RPC that is not in
+//! them fails `every_rpc_is_in_the_table`.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use kiln_common::tls::{endpoint, TlsMaterial};
+use kiln_proto::v1::blobs_client::BlobsClient;
 use kiln_proto::v1::coordinator_client::CoordinatorClient;
 use kiln_proto::v1::*;
 use kiln_tests::Cluster;
@@ -38,6 +40,19 @@ const TABLE: &[(&str, Need)] = &[
     ("ListAudit", Need::Admin),
     ("RegisterWorker", Need::Node),
     ("Heartbeat", Need::Node),
+    ("PlanPush", Need::Write),
+    ("CommitArtifact", Need::Write),
+    ("GetArtifact", Need::Read),
+    ("ListArtifacts", Need::Read),
+    ("ListVersions", Need::Read),
+    ("TagArtifact", Need::Write),
+];
+
+/// The worker's RPCs (service `Blobs`), checked against the worker's token book.
+const WORKER_TABLE: &[(&str, Need)] = &[
+    ("PutChunks", Need::Write),
+    ("GetChunk", Need::Read),
+    ("HasChunks", Need::Read),
 ];
 
 #[test]
@@ -49,8 +64,24 @@ fn every_rpc_is_in_the_table() {
         .filter_map(|l| l.split('(').next())
         .map(str::trim)
         .collect();
-    let table: BTreeSet<&str> = TABLE.iter().map(|(name, _)| *name).collect();
+    let table: BTreeSet<&str> = TABLE
+        .iter()
+        .chain(WORKER_TABLE)
+        .map(|(name, _)| *name)
+        .collect();
     assert_eq!(rpcs, table, "every RPC needs a row saying who may call it");
+}
+
+/// Wraps `message` in a request with `token` as bearer when given.
+fn req<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+    }
+    request
 }
 
 /// Calls `method` harmlessly, with `token` as bearer when given.
@@ -59,16 +90,6 @@ async fn call(
     method: &str,
     token: Option<&str>,
 ) -> Result<(), tonic::Status> {
-    fn req<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        if let Some(token) = token {
-            request.metadata_mut().insert(
-                "authorization",
-                format!("Bearer {token}").parse().expect("header"),
-            );
-        }
-        request
-    }
     let unique = format!("t{}", rand::random::<u32>());
     match method {
         "Raft" => client
@@ -171,6 +192,74 @@ async fn call(
             ))
             .await
             .map(drop),
+        "PlanPush" => client
+            .plan_push(req(PlanPushRequest::default(), token))
+            .await
+            .map(drop),
+        "CommitArtifact" => client
+            .commit_artifact(req(CommitArtifactRequest::default(), token))
+            .await
+            .map(drop),
+        "GetArtifact" => client
+            .get_artifact(req(
+                GetArtifactRequest {
+                    name: unique,
+                    reference: String::new(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        "ListArtifacts" => client
+            .list_artifacts(req(ListArtifactsRequest {}, token))
+            .await
+            .map(drop),
+        "ListVersions" => client
+            .list_versions(req(ListVersionsRequest { name: unique }, token))
+            .await
+            .map(drop),
+        "TagArtifact" => client
+            .tag_artifact(req(
+                TagArtifactRequest {
+                    name: unique,
+                    tag: "t".into(),
+                    reference: String::new(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        other => panic!("no call for {other}"),
+    }
+}
+
+/// Calls the worker's `method` harmlessly, with `token` as bearer when given.
+async fn call_worker(
+    client: &mut BlobsClient<Channel>,
+    method: &str,
+    token: Option<&str>,
+) -> Result<(), tonic::Status> {
+    match method {
+        "PutChunks" => client
+            .put_chunks(req(
+                tokio_stream::iter(Vec::<PutChunksRequest>::new()),
+                token,
+            ))
+            .await
+            .map(drop),
+        "GetChunk" => client
+            .get_chunk(req(GetChunkRequest { id: vec![0; 32] }, token))
+            .await
+            .map(drop),
+        "HasChunks" => client
+            .has_chunks(req(
+                HasChunksRequest {
+                    ids: vec![vec![0; 32]],
+                },
+                token,
+            ))
+            .await
+            .map(drop),
         other => panic!("no call for {other}"),
     }
 }
@@ -202,12 +291,47 @@ async fn create(cluster: &Cluster, name: &str, role: Role, expires_in_ms: u64) -
 /// A person's connection to coordinator `id`: it trusts the CA and presents no
 /// certificate, so only its bearer token speaks for it.
 fn person_client(cluster: &Cluster, id: u64) -> CoordinatorClient<Channel> {
+    CoordinatorClient::new(person_channel(cluster, &cluster.addr(id)))
+}
+
+/// A channel that trusts the cluster CA and presents no certificate.
+fn person_channel(cluster: &Cluster, addr: &str) -> Channel {
     let ca = TlsMaterial::client(&cluster.certs_dir().join("ca.pem")).expect("ca");
-    let channel = endpoint(&cluster.addr(id), Some(&ca), Duration::from_secs(2))
+    endpoint(addr, Some(&ca), Duration::from_secs(2))
         .expect("endpoint")
         .timeout(Duration::from_secs(5))
-        .connect_lazy();
-    CoordinatorClient::new(channel)
+        .connect_lazy()
+}
+
+/// Checks that `result` of `method` called by `who` (with `role`) is what the
+/// table says: allowed, or refused with the right code.
+fn check_outcome(
+    method: &str,
+    need: Need,
+    who: &str,
+    role: Option<Role>,
+    result: Result<(), tonic::Status>,
+) {
+    let allowed = match (need, role) {
+        (Need::Node, _) | (_, None) => false,
+        (Need::Read, Some(r)) => matches!(r, Role::Viewer | Role::Operator | Role::Admin),
+        (Need::Write, Some(r)) => matches!(r, Role::Operator | Role::Admin),
+        (Need::Admin, Some(r)) => r == Role::Admin,
+    };
+    match result {
+        Ok(()) => assert!(allowed, "{method} let {who} through"),
+        Err(e) if allowed => {
+            assert!(!is_auth_error(e.code()), "{method} refused {who}: {e}")
+        }
+        Err(e) => {
+            let want = if role.is_some() && need != Need::Node {
+                Code::PermissionDenied
+            } else {
+                Code::Unauthenticated
+            };
+            assert_eq!(e.code(), want, "{method} as {who}: {e}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -215,6 +339,7 @@ async fn every_endpoint_checks_its_caller() {
     let mut cluster = Cluster::start(3, "");
     let (leader, _) = cluster.wait_for_leader(Duration::from_secs(20)).await;
     cluster.wait_for_agreement(Duration::from_secs(10)).await;
+    cluster.start_worker("a");
     let mut person = person_client(&cluster, leader);
     let mut node = cluster.client(leader);
 
@@ -258,26 +383,40 @@ async fn every_endpoint_checks_its_caller() {
         }
         for (who, token, role) in &roles {
             let result = call(&mut person, method, *token).await;
-            let allowed = match (need, role) {
-                (Need::Node, _) | (_, None) => false,
-                (Need::Read, Some(r)) => matches!(r, Role::Viewer | Role::Operator | Role::Admin),
-                (Need::Write, Some(r)) => matches!(r, Role::Operator | Role::Admin),
-                (Need::Admin, Some(r)) => *r == Role::Admin,
-            };
-            match result {
-                Ok(()) => assert!(allowed, "{method} let {who} through"),
-                Err(e) if allowed => {
-                    assert!(!is_auth_error(e.code()), "{method} refused {who}: {e}")
-                }
-                Err(e) => {
-                    let want = if role.is_some() && need != Need::Node {
-                        Code::PermissionDenied
-                    } else {
-                        Code::Unauthenticated
-                    };
-                    assert_eq!(e.code(), want, "{method} as {who}: {e}");
-                }
+            check_outcome(method, need, who, *role, result);
+        }
+    }
+
+    // The worker checks the same tokens, once a heartbeat has brought them.
+    let mut worker_node = cluster.blobs_client("a");
+    let mut worker_person = BlobsClient::new(person_channel(&cluster, &cluster.worker_addr("a")));
+    // A token made after the revocation: once the worker knows it, it holds the
+    // latest version of the records.
+    let sentinel = create(&cluster, "t-sentinel", Role::Viewer, 0).await;
+    kiln_tests::wait_for(
+        Duration::from_secs(15),
+        "the worker to know every token",
+        || {
+            let mut client = worker_person.clone();
+            let sentinel = sentinel.clone();
+            async move {
+                call_worker(&mut client, "HasChunks", Some(&sentinel))
+                    .await
+                    .map_err(|e| e.to_string())
             }
+        },
+    )
+    .await;
+    for &(method, need) in WORKER_TABLE {
+        if let Err(e) = call_worker(&mut worker_node, method, None).await {
+            assert!(
+                !is_auth_error(e.code()),
+                "worker {method} refused a node: {e}"
+            );
+        }
+        for (who, token, role) in &roles {
+            let result = call_worker(&mut worker_person, method, *token).await;
+            check_outcome(method, need, who, *role, result);
         }
     }
 

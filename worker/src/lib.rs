@@ -38,6 +38,7 @@
 
 pub mod agent;
 pub mod blob;
+pub mod blob_service;
 pub mod http;
 pub mod identity;
 pub mod metrics;
@@ -63,9 +64,12 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::agent::{Agent, AgentHandle, AgentSettings, Registration};
+use crate::blob::BlobStore;
+use crate::blob_service::BlobService;
 use crate::http::HttpState;
 use crate::metrics::Metrics;
 use crate::resources::ResourceProbe;
+use kiln_proto::v1::blobs_server::BlobsServer;
 
 /// Longest time from cancellation to a stopped worker.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -111,6 +115,11 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
     .await
     .context("join identity and resource discovery")?
     .context("load worker id")?;
+    let blob_dir = config.data_dir.join("blobs");
+    let store = tokio::task::spawn_blocking(move || BlobStore::open(&blob_dir))
+        .await
+        .context("join blob store open")?
+        .context("open the blob store")?;
 
     let tls = match &config.tls {
         Some(files) => Some(
@@ -172,7 +181,7 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
     let servers_stop = CancellationToken::new();
     let mut servers = JoinSet::new();
     let state = HttpState {
-        metrics,
+        metrics: Arc::clone(&metrics),
         registration: agent.registration(),
         tokens: tls.is_some().then(|| Arc::clone(&tokens)),
     };
@@ -182,18 +191,33 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
             .await
             .with_context(|| format!("serve worker http {http_addr}"))
     });
-    for (name, listener, addr) in [
-        ("worker grpc", grpc_listener, grpc_addr),
+    let blobs = BlobsServer::new(BlobService {
+        store,
+        tokens: tls.is_some().then(|| Arc::clone(&tokens)),
+        metrics: Arc::clone(&metrics),
+        writers: Arc::new(tokio::sync::Semaphore::new(blob_service::MAX_WRITERS)),
+    })
+    .max_decoding_message_size(kiln_common::client::MAX_DATA_MESSAGE_BYTES)
+    .max_encoding_message_size(kiln_common::client::MAX_DATA_MESSAGE_BYTES);
+    let services = [
+        (
+            "worker grpc",
+            grpc_listener,
+            grpc_addr,
+            tonic::service::Routes::new(blobs),
+        ),
         (
             "worker inference grpc",
             inference_grpc_listener,
             inference_grpc_addr,
+            tonic::service::Routes::default(),
         ),
-    ] {
+    ];
+    for (name, listener, addr, routes) in services {
         let stop = servers_stop.clone().cancelled_owned();
         let tls = server_tls.clone();
         servers.spawn(async move {
-            serve_placeholder_grpc(listener, tls, stop)
+            serve_grpc(listener, tls, routes, stop)
                 .await
                 .with_context(|| format!("serve {name} {addr}"))
         });
@@ -296,21 +320,26 @@ fn local_addr(listener: &TcpListener) -> anyhow::Result<SocketAddr> {
     listener.local_addr().context("read bound address")
 }
 
-/// Serves a gRPC server without services: it holds the port and answers every
-/// call UNIMPLEMENTED until real services are added.
-async fn serve_placeholder_grpc(
+/// Serves `routes` over gRPC (TLS when configured) until `stop` completes. The
+/// inference port has no routes yet: every call there answers UNIMPLEMENTED.
+async fn serve_grpc(
     listener: TcpListener,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    routes: tonic::service::Routes,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(64)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .timeout(kiln_common::client::DATA_CALL_TIMEOUT);
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
     builder
-        .add_routes(tonic::service::Routes::default())
+        .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, stop)
         .await?;
     Ok(())

@@ -18,6 +18,11 @@ pub struct Metrics {
     heartbeats_total: AtomicU64,
     heartbeat_failures_total: AtomicU64,
     disk_free_bytes: AtomicU64,
+    chunks_written_total: AtomicU64,
+    chunk_bytes_written_total: AtomicU64,
+    chunks_read_total: AtomicU64,
+    chunk_bytes_read_total: AtomicU64,
+    chunks_corrupt_total: AtomicU64,
     cpu_cores: u64,
     memory_bytes: u64,
     disk_bytes: u64,
@@ -31,6 +36,11 @@ impl Metrics {
             heartbeats_total: AtomicU64::new(0),
             heartbeat_failures_total: AtomicU64::new(0),
             disk_free_bytes: AtomicU64::new(resources.disk_free_bytes),
+            chunks_written_total: AtomicU64::new(0),
+            chunk_bytes_written_total: AtomicU64::new(0),
+            chunks_read_total: AtomicU64::new(0),
+            chunk_bytes_read_total: AtomicU64::new(0),
+            chunks_corrupt_total: AtomicU64::new(0),
             cpu_cores: u64::from(resources.cpu_cores),
             memory_bytes: resources.memory_bytes,
             disk_bytes: resources.disk_bytes,
@@ -47,6 +57,25 @@ impl Metrics {
     pub fn heartbeat_failed(&self) {
         self.heartbeat_failures_total
             .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts chunks newly stored and the bytes received for them (new or not).
+    pub fn chunks_written(&self, new: u64, bytes: u64) {
+        self.chunks_written_total.fetch_add(new, Ordering::Relaxed);
+        self.chunk_bytes_written_total
+            .fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts one chunk served.
+    pub fn chunks_read(&self, bytes: u64) {
+        self.chunks_read_total.fetch_add(1, Ordering::Relaxed);
+        self.chunk_bytes_read_total
+            .fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts one stored chunk that failed its check.
+    pub fn chunk_corrupt(&self) {
+        self.chunks_corrupt_total.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records the free space of the data directory's filesystem.
@@ -67,7 +96,7 @@ impl Metrics {
     /// Renders every metric in the Prometheus text format; `registered` is whether the
     /// coordinators currently know this worker.
     pub fn render(&self, registered: bool) -> String {
-        let samples: [(&str, &str, &str, u64); 8] = [
+        let samples: [(&str, &str, &str, u64); 13] = [
             (
                 "kiln_worker_registered",
                 "gauge",
@@ -115,6 +144,36 @@ impl Metrics {
                 "gauge",
                 "GPUs found through NVML.",
                 self.gpus,
+            ),
+            (
+                "kiln_worker_chunks_written_total",
+                "counter",
+                "Chunks newly stored in this worker's blob store.",
+                self.chunks_written_total.load(Ordering::Relaxed),
+            ),
+            (
+                "kiln_worker_chunk_bytes_received_total",
+                "counter",
+                "Chunk bytes received for storing, duplicates included.",
+                self.chunk_bytes_written_total.load(Ordering::Relaxed),
+            ),
+            (
+                "kiln_worker_chunks_read_total",
+                "counter",
+                "Chunks served from this worker's blob store.",
+                self.chunks_read_total.load(Ordering::Relaxed),
+            ),
+            (
+                "kiln_worker_chunk_bytes_read_total",
+                "counter",
+                "Chunk bytes served.",
+                self.chunk_bytes_read_total.load(Ordering::Relaxed),
+            ),
+            (
+                "kiln_worker_chunks_corrupt_total",
+                "counter",
+                "Stored chunks that failed their hash check when read.",
+                self.chunks_corrupt_total.load(Ordering::Relaxed),
             ),
         ];
         let mut out = String::with_capacity(1024);

@@ -92,7 +92,7 @@ impl Api {
         Ok(result)
     }
 
-    async fn read_barrier(&self, stale: bool) -> Result<u64> {
+    pub(crate) async fn read_barrier(&self, stale: bool) -> Result<u64> {
         if stale {
             return Ok(self.node.view().applied_index);
         }
@@ -368,7 +368,7 @@ fn command(kind: command::Kind) -> Command {
 }
 
 /// Returns a command that the audit log records with its outcome.
-fn audited(caller: &Caller, what: String, kind: command::Kind) -> Command {
+pub(crate) fn audited(caller: &Caller, what: String, kind: command::Kind) -> Command {
     Command {
         audit: Some(AuditInfo {
             who: caller.name(),
@@ -796,5 +796,65 @@ impl Coordinator for Api {
             tokens_version,
             tokens,
         }))
+    }
+
+    async fn plan_push(
+        &self,
+        request: Request<PlanPushRequest>,
+    ) -> Result<Response<PlanPushResponse>, Status> {
+        self.authorize(&request, Permission::Write, "PlanPush")?;
+        Ok(Response::new(
+            self.plan_push_call(request.into_inner()).await?,
+        ))
+    }
+
+    async fn commit_artifact(
+        &self,
+        request: Request<CommitArtifactRequest>,
+    ) -> Result<Response<CommitArtifactResponse>, Status> {
+        let caller = self.authorize(&request, Permission::Write, "CommitArtifact")?;
+        let version = self
+            .commit_artifact_call(&caller, request.into_inner())
+            .await?;
+        Ok(Response::new(CommitArtifactResponse { version }))
+    }
+
+    async fn get_artifact(
+        &self,
+        request: Request<GetArtifactRequest>,
+    ) -> Result<Response<GetArtifactResponse>, Status> {
+        self.authorize(&request, Permission::Read, "GetArtifact")?;
+        Ok(Response::new(
+            self.get_artifact_call(request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_artifacts(
+        &self,
+        request: Request<ListArtifactsRequest>,
+    ) -> Result<Response<ListArtifactsResponse>, Status> {
+        self.authorize(&request, Permission::Read, "ListArtifacts")?;
+        Ok(Response::new(self.list_artifacts_call().await?))
+    }
+
+    async fn list_versions(
+        &self,
+        request: Request<ListVersionsRequest>,
+    ) -> Result<Response<ListVersionsResponse>, Status> {
+        self.authorize(&request, Permission::Read, "ListVersions")?;
+        Ok(Response::new(
+            self.list_versions_call(request.into_inner()).await?,
+        ))
+    }
+
+    async fn tag_artifact(
+        &self,
+        request: Request<TagArtifactRequest>,
+    ) -> Result<Response<TagArtifactResponse>, Status> {
+        let caller = self.authorize(&request, Permission::Write, "TagArtifact")?;
+        let version = self
+            .tag_artifact_call(&caller, request.into_inner())
+            .await?;
+        Ok(Response::new(TagArtifactResponse { version }))
     }
 }

@@ -692,14 +692,13 @@ impl RaftNode {
             match entry.get_entry_type() {
                 EntryType::EntryNormal => {
                     let outcome = if entry.data.is_empty() {
-                        Ok(Outcome::Command(String::new()))
+                        Ok(Outcome::Command(Ok(0)))
                     } else {
                         match <Command as prost::Message>::decode(entry.data.as_slice()) {
-                            Ok(cmd) => match apply_command(&mut txn, &cmd)? {
-                                Ok(()) => Ok(Outcome::Command(String::new())),
-                                Err(reason) => Ok(Outcome::Command(reason)),
-                            },
-                            Err(e) => Ok(Outcome::Command(format!("undecodable command: {e}"))),
+                            Ok(cmd) => Ok(Outcome::Command(apply_command(&mut txn, &cmd)?)),
+                            Err(e) => {
+                                Ok(Outcome::Command(Err(format!("undecodable command: {e}"))))
+                            }
                         }
                     };
                     if let Some(p) = pending {
@@ -977,7 +976,8 @@ impl RaftNode {
 }
 
 enum Outcome {
-    Command(String),
+    /// The value apply returned, or why it refused the command.
+    Command(std::result::Result<u64, String>),
     Conf(ConfState),
 }
 
@@ -987,11 +987,16 @@ fn lost_write() -> Error {
 
 fn reply(waiter: Waiter, outcome: Result<Outcome>, applied: &AppliedState) {
     match (waiter, outcome) {
-        (Waiter::Command(tx), Ok(Outcome::Command(rejected))) => {
+        (Waiter::Command(tx), Ok(Outcome::Command(verdict))) => {
+            let (value, rejected) = match verdict {
+                Ok(value) => (value, String::new()),
+                Err(reason) => (0, reason),
+            };
             let _ = tx.send(Ok(CommandResult {
                 index: applied.index,
                 term: applied.term,
                 rejected,
+                value,
             }));
         }
         (Waiter::Conf(tx), Ok(Outcome::Conf(cs))) => {

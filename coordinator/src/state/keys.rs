@@ -7,6 +7,11 @@
 //! member/<id:020>  MemberRecord of a coordinator
 //! token/<name>     TokenRecord (salt and hash, never the secret)
 //! audit/<seq:020>  AuditRecord; meta/audit_seq holds the last seq
+//! meta/tokens_version          u64, bumped by every token change
+//! artifact_head/<name>         u64, the newest version number (listing scans these)
+//! artifact/<name>/v/<ver:020>  ArtifactVersion (the manifest)
+//! artifact/<name>/tag/<tag>    u64, the version a tag points at
+//! chunk/<id:hex>               ChunkRecord: size and the workers holding it
 //! ```
 
 /// Prefix of the key-value namespace.
@@ -26,6 +31,17 @@ pub const MAX_AUDIT_RECORDS: u64 = 100_000;
 pub const TOKEN: &str = "token/";
 /// Counts changes to the token records, so that workers know when to refresh.
 pub const TOKENS_VERSION: &[u8] = b"meta/tokens_version";
+
+/// Prefix of artifact records.
+pub const ARTIFACT: &str = "artifact/";
+/// Prefix of each artifact's newest version number.
+pub const ARTIFACT_HEAD: &str = "artifact_head/";
+/// Prefix of chunk location records.
+pub const CHUNK: &str = "chunk/";
+/// Largest manifest accepted, encoded: about 360,000 chunks, some 90 GiB of content
+/// at 256 KiB a chunk. A manifest is one Raft entry, so it must stay well under
+/// the gRPC message limit (64 MiB).
+pub const MAX_MANIFEST_BYTES: usize = 16 << 20;
 
 /// Longest key accepted in the key-value namespace, in bytes.
 pub const MAX_KV_KEY_BYTES: usize = 1024;
@@ -55,4 +71,36 @@ pub fn token(name: &str) -> Vec<u8> {
 /// Returns the state key of audit record `seq`.
 pub fn audit(seq: u64) -> Vec<u8> {
     format!("{AUDIT}{seq:020}").into_bytes()
+}
+
+/// Returns the key of an artifact's newest version number.
+pub fn artifact_latest(name: &str) -> Vec<u8> {
+    format!("{ARTIFACT_HEAD}{name}").into_bytes()
+}
+
+/// Returns the prefix of an artifact's versions.
+pub fn artifact_versions(name: &str) -> Vec<u8> {
+    format!("{ARTIFACT}{name}/v/").into_bytes()
+}
+
+/// Returns the key of one version of an artifact.
+pub fn artifact_version(name: &str, version: u64) -> Vec<u8> {
+    format!("{ARTIFACT}{name}/v/{version:020}").into_bytes()
+}
+
+/// Returns the prefix of an artifact's tags.
+pub fn artifact_tags(name: &str) -> Vec<u8> {
+    format!("{ARTIFACT}{name}/tag/").into_bytes()
+}
+
+/// Returns the key of one tag of an artifact.
+pub fn artifact_tag(name: &str, tag: &str) -> Vec<u8> {
+    format!("{ARTIFACT}{name}/tag/{tag}").into_bytes()
+}
+
+/// Returns the key of a chunk's location record.
+pub fn chunk(id: &[u8]) -> Vec<u8> {
+    let mut key = CHUNK.as_bytes().to_vec();
+    key.extend_from_slice(hex::encode(id).as_bytes());
+    key
 }

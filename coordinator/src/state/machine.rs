@@ -42,11 +42,11 @@ impl<'a> Txn<'a> {
         }
     }
 
-    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+    pub(crate) fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.writes.insert(key, Some(value));
     }
 
-    fn delete(&mut self, key: Vec<u8>) {
+    pub(crate) fn delete(&mut self, key: Vec<u8>) {
         self.writes.insert(key, None);
     }
 }
@@ -61,15 +61,17 @@ impl StateRead for Txn<'_> {
 pub type Rejection = String;
 
 /// Applies one command. `Err` is a storage failure (the node must stop);
-/// `Ok(Err(reason))` is a deterministic rejection.
+/// `Ok(Err(reason))` is a deterministic rejection; `Ok(Ok(n))` carries a number
+/// apply assigned (an artifact version), 0 for most commands.
 pub fn apply_command(
     txn: &mut Txn<'_>,
     cmd: &Command,
-) -> Result<Result<(), Rejection>, StoreError> {
+) -> Result<Result<u64, Rejection>, StoreError> {
     let verdict = apply_kind(txn, cmd)?;
     if let Some(audit) = &cmd.audit {
         let outcome = match &verdict {
-            Ok(()) => "ok".to_string(),
+            Ok(0) => "ok".to_string(),
+            Ok(n) => format!("ok: {n}"),
             Err(reason) => format!("rejected: {reason}"),
         };
         append_audit(txn, cmd.proposed_at_ms, &audit.who, &audit.what, &outcome)?;
@@ -101,7 +103,7 @@ fn append_audit(
 }
 
 /// Adds one to the big-endian counter at `key` (absent: 0) and returns the new value.
-fn bump_counter(txn: &mut Txn<'_>, key: &[u8]) -> Result<u64, StoreError> {
+pub(crate) fn bump_counter(txn: &mut Txn<'_>, key: &[u8]) -> Result<u64, StoreError> {
     let next = read_counter(txn, key)? + 1;
     txn.put(key.to_vec(), next.to_be_bytes().to_vec());
     Ok(next)
@@ -122,7 +124,7 @@ pub fn read_counter(state: &dyn StateRead, key: &[u8]) -> Result<u64, StoreError
     }
 }
 
-fn apply_kind(txn: &mut Txn<'_>, cmd: &Command) -> Result<Result<(), Rejection>, StoreError> {
+fn apply_kind(txn: &mut Txn<'_>, cmd: &Command) -> Result<Result<u64, Rejection>, StoreError> {
     let now_ms = cmd.proposed_at_ms;
     let Some(kind) = &cmd.kind else {
         return Ok(Err("empty command".into()));
@@ -186,8 +188,15 @@ fn apply_kind(txn: &mut Txn<'_>, cmd: &Command) -> Result<Result<(), Rejection>,
                 txn.put(key, record.encode_to_vec());
             }
         }
+        command::Kind::CommitArtifact(commit) => {
+            let who = cmd.audit.as_ref().map_or("", |a| a.who.as_str());
+            return super::artifacts::apply_commit(txn, commit, now_ms, who);
+        }
+        command::Kind::SetArtifactTag(set) => {
+            return super::artifacts::apply_tag(txn, set);
+        }
     }
-    Ok(Ok(()))
+    Ok(Ok(0))
 }
 
 /// Records a coordinator's addresses when it is added to the membership.

@@ -1,5 +1,6 @@
 //! The replicated state machine: what every coordinator applies, in log order.
 
+pub mod artifacts;
 pub mod keys;
 pub mod machine;
 pub mod reader;

@@ -72,15 +72,7 @@ impl StateReader {
         key: &[u8],
         op: &'static str,
     ) -> Result<Option<M>, StoreError> {
-        match self.get(key)? {
-            Some(bytes) => M::decode(bytes.as_slice())
-                .map(Some)
-                .map_err(|e| StoreError {
-                    op,
-                    message: e.to_string(),
-                }),
-            None => Ok(None),
-        }
+        super::artifacts::read_record(self, key, op)
     }
 
     /// Returns the record of the token called `name`.

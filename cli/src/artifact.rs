@@ -1,0 +1,604 @@
+//! `kiln artifact push | pull | ls | log | tag`.
+//!
+//! Push: a blocking thread reads each file through the [`Chunker`] and hands chunks
+//! over a bounded channel; batches of up to [`BATCH_BYTES`] go to the coordinators
+//! (PlanPush: which chunks does the cluster lack, and which workers take them),
+//! the missing chunks go to every target worker at once, and at most
+//! [`BATCHES_IN_FLIGHT`] batches are sent while the next is read. The manifest is
+//! committed last, with the replicas the workers acknowledged, so an interrupted
+//! push leaves no version; pushing again sends only what the workers lack
+//! (they keep what they had, and skip writing it twice).
+//!
+//! Pull: the manifest and the replicas of each chunk from the coordinators; chunks
+//! fetched [`FETCHES_IN_FLIGHT`] at a time in file order, each verified against
+//! its id, a replica that fails or sends bad bytes skipped for the next. Files are
+//! written under a temporary name and renamed once complete and verified.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+use kiln_common::artifact::parse_reference;
+use kiln_common::chunking::{Chunk, ChunkId, Chunker};
+use kiln_common::client::ClusterClient;
+use kiln_proto::v1::*;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+/// Bytes of chunks planned and sent together.
+const BATCH_BYTES: usize = 16 << 20;
+/// Batches being sent while the next one is read.
+const BATCHES_IN_FLIGHT: usize = 2;
+/// Chunks read ahead of the sender.
+const CHUNKS_AHEAD: usize = 16;
+/// Pause before retrying a worker that did not know our token yet.
+const TOKEN_PROPAGATION_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+/// Chunk fetches in flight during a pull.
+const FETCHES_IN_FLIGHT: usize = 8;
+
+/// What `kiln artifact push` was asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct PushOptions {
+    pub name: String,
+    pub tags: Vec<String>,
+    /// 0: the cluster default.
+    pub replicas: u32,
+    pub parents: Vec<String>,
+    pub produced_by: String,
+    pub media_type: String,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// What a push did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PushReport {
+    pub name: String,
+    pub version: u64,
+    pub files: usize,
+    pub bytes: u64,
+    pub chunks: usize,
+    pub new_chunks: usize,
+    pub new_bytes: u64,
+    pub replicas: u32,
+    pub seconds: f64,
+    pub warning: String,
+}
+
+/// A file to push: its path on disk and in the version.
+struct Source {
+    disk: PathBuf,
+    path: String,
+    mode: u32,
+}
+
+fn file_mode(meta: &std::fs::Metadata) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o7777
+}
+
+/// Lists the files under `root` (or `root` itself), in path order. Symbolic links
+/// are refused: a version holds bytes, not pointers.
+fn sources(root: &Path) -> anyhow::Result<(bool, Vec<Source>)> {
+    let meta = std::fs::symlink_metadata(root)
+        .with_context(|| format!("cannot read {}", root.display()))?;
+    if meta.is_file() {
+        let name = root
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("{} has no usable file name", root.display()))?;
+        return Ok((
+            false,
+            vec![Source {
+                disk: root.to_path_buf(),
+                path: name.to_string(),
+                mode: file_mode(&meta),
+            }],
+        ));
+    }
+    if !meta.is_dir() {
+        bail!("{} is neither a file nor a directory", root.display());
+    }
+    let mut out = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?
+        {
+            let entry = entry.with_context(|| format!("cannot read {}", dir.display()))?;
+            let meta = std::fs::symlink_metadata(entry.path())
+                .with_context(|| format!("cannot read {}", entry.path().display()))?;
+            if meta.is_dir() {
+                dirs.push(entry.path());
+            } else if meta.is_file() {
+                let rel = entry
+                    .path()
+                    .strip_prefix(root)
+                    .expect("under the root")
+                    .to_str()
+                    .with_context(|| format!("{} is not UTF-8", entry.path().display()))?
+                    .replace(std::path::MAIN_SEPARATOR, "/");
+                out.push(Source {
+                    disk: entry.path(),
+                    path: rel,
+                    mode: file_mode(&meta),
+                });
+            } else {
+                bail!(
+                    "{} is a link or special file; push its target instead",
+                    entry.path().display()
+                );
+            }
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((true, out))
+}
+
+/// What the reader thread sends: a chunk, or the end of a file with its digest.
+enum Read {
+    Chunk(Chunk),
+    FileDone { size: u64, digest: [u8; 32] },
+}
+
+/// Reads `sources` in order on a blocking thread.
+fn spawn_reader(
+    sources: Vec<PathBuf>,
+) -> (
+    mpsc::Receiver<anyhow::Result<Read>>,
+    std::thread::JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::channel(CHUNKS_AHEAD);
+    let handle = std::thread::spawn(move || {
+        for path in sources {
+            let file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = tx
+                        .blocking_send(Err(anyhow::anyhow!("cannot read {}: {e}", path.display())));
+                    return;
+                }
+            };
+            let mut hasher = blake3::Hasher::new();
+            let mut size = 0u64;
+            for chunk in Chunker::new(std::io::BufReader::with_capacity(1 << 20, file)) {
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(anyhow::anyhow!(
+                            "cannot read {}: {e}",
+                            path.display()
+                        )));
+                        return;
+                    }
+                };
+                hasher.update(&chunk.data);
+                size += chunk.data.len() as u64;
+                if tx.blocking_send(Ok(Read::Chunk(chunk))).is_err() {
+                    return;
+                }
+            }
+            let digest = *hasher.finalize().as_bytes();
+            if tx
+                .blocking_send(Ok(Read::FileDone { size, digest }))
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    (rx, handle)
+}
+
+/// Sends one batch's missing chunks to every target; returns their placements.
+async fn send_batch(
+    client: Arc<ClusterClient>,
+    batch: Vec<Chunk>,
+    replicas: u32,
+) -> anyhow::Result<(Vec<ChunkPlacement>, u32, String)> {
+    let ids: Vec<Vec<u8>> = batch.iter().map(|c| c.id.0.to_vec()).collect();
+    let plan = client
+        .call(|mut c| {
+            let req = PlanPushRequest {
+                chunk_ids: ids.clone(),
+                replicas,
+            };
+            async move { c.plan_push(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+        .context("plan the push")?;
+    if plan.targets.is_empty() {
+        bail!("the coordinators named no worker to store chunks");
+    }
+    let missing: Vec<&Chunk> = plan.missing.iter().map(|&i| &batch[i as usize]).collect();
+    if !missing.is_empty() {
+        let mut sends = JoinSet::new();
+        for target in &plan.targets {
+            let requests: Vec<PutChunksRequest> = missing
+                .iter()
+                .map(|c| PutChunksRequest {
+                    id: c.id.0.to_vec(),
+                    data: c.data.clone(),
+                })
+                .collect();
+            let mut blobs = client.blobs_for(&target.addr)?;
+            let target = target.clone();
+            sends.spawn(async move {
+                // A token made a moment ago reaches a worker with its next heartbeat
+                // (1 s): an UNAUTHENTICATED answer is retried until then.
+                let mut attempts = 0;
+                loop {
+                    attempts += 1;
+                    let result = blobs
+                        .put_chunks(tokio_stream::iter(requests.clone()))
+                        .await
+                        .map(|r| r.into_inner());
+                    match result {
+                        Err(e) if e.code() == tonic::Code::Unauthenticated && attempts < 5 => {
+                            tokio::time::sleep(TOKEN_PROPAGATION_WAIT).await;
+                        }
+                        other => {
+                            return other.map_err(|e| {
+                                anyhow::anyhow!(
+                                    "worker {} at {} refused chunks: {}",
+                                    target.worker_id,
+                                    target.addr,
+                                    kiln_common::Error::from(e)
+                                )
+                            })
+                        }
+                    }
+                }
+            });
+        }
+        while let Some(joined) = sends.join_next().await {
+            let ack = joined.context("join a chunk upload")??;
+            if ack.received as usize != missing.len() {
+                bail!(
+                    "a worker acknowledged {} of {} chunks",
+                    ack.received,
+                    missing.len()
+                );
+            }
+        }
+    }
+    let workers: Vec<String> = plan.targets.iter().map(|t| t.worker_id.clone()).collect();
+    let placements = missing
+        .iter()
+        .map(|c| ChunkPlacement {
+            id: c.id.0.to_vec(),
+            size: c.data.len() as u64,
+            workers: workers.clone(),
+        })
+        .collect();
+    Ok((placements, plan.targets.len() as u32, plan.warning))
+}
+
+/// Pushes a file or directory as a new version of `options.name`.
+pub async fn push(
+    client: Arc<ClusterClient>,
+    root: &Path,
+    options: PushOptions,
+) -> anyhow::Result<PushReport> {
+    kiln_common::artifact::validate_name(&options.name)?;
+    for tag in &options.tags {
+        kiln_common::artifact::validate_tag(tag)?;
+    }
+    let started = Instant::now();
+    let (directory, sources) = sources(root)?;
+    let (mut rx, reader) = spawn_reader(sources.iter().map(|s| s.disk.clone()).collect());
+
+    let mut files = Vec::with_capacity(sources.len());
+    let mut current: Vec<ChunkRef> = Vec::new();
+    let mut batch: Vec<Chunk> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let mut in_flight = JoinSet::new();
+    let mut placements = Vec::new();
+    let mut replicas = 0u32;
+    let mut warning = String::new();
+    let mut chunks = 0usize;
+    let mut collect = |result: anyhow::Result<(Vec<ChunkPlacement>, u32, String)>,
+                       placements: &mut Vec<ChunkPlacement>|
+     -> anyhow::Result<()> {
+        let (placed, r, w) = result?;
+        placements.extend(placed);
+        replicas = r;
+        if !w.is_empty() {
+            warning = w;
+        }
+        Ok(())
+    };
+    loop {
+        let next = rx.recv().await;
+        let flush = match &next {
+            None => !batch.is_empty(),
+            Some(_) => batch_bytes >= BATCH_BYTES,
+        };
+        if flush {
+            if in_flight.len() >= BATCHES_IN_FLIGHT {
+                let done = in_flight.join_next().await.expect("a batch in flight");
+                collect(done.context("join a batch")?, &mut placements)?;
+            }
+            in_flight.spawn(send_batch(
+                Arc::clone(&client),
+                std::mem::take(&mut batch),
+                options.replicas,
+            ));
+            batch_bytes = 0;
+        }
+        match next {
+            None => break,
+            Some(Err(e)) => return Err(e),
+            Some(Ok(Read::Chunk(chunk))) => {
+                chunks += 1;
+                current.push(ChunkRef {
+                    id: chunk.id.0.to_vec(),
+                    size: chunk.data.len() as u64,
+                });
+                batch_bytes += chunk.data.len();
+                batch.push(chunk);
+            }
+            Some(Ok(Read::FileDone { size, digest })) => {
+                let source = &sources[files.len()];
+                files.push(ArtifactFile {
+                    path: source.path.clone(),
+                    size,
+                    digest: digest.to_vec(),
+                    chunks: std::mem::take(&mut current),
+                    mode: source.mode,
+                });
+            }
+        }
+    }
+    while let Some(done) = in_flight.join_next().await {
+        collect(done.context("join a batch")?, &mut placements)?;
+    }
+    reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the file reader panicked"))?;
+    if files.len() != sources.len() {
+        bail!("read {} of {} files", files.len(), sources.len());
+    }
+
+    let size: u64 = files.iter().map(|f| f.size).sum();
+    let digest = if directory {
+        directory_digest(&files)
+    } else {
+        files[0].digest.clone()
+    };
+    let new_chunks = placements.len();
+    let new_bytes = placements.iter().map(|p| p.size).sum();
+    if replicas == 0 {
+        // Nothing was planned: an empty file or directory. Ask for the replica count
+        // anyway so that the report says what the cluster would do.
+        let (_, r, w) = send_batch(Arc::clone(&client), Vec::new(), options.replicas).await?;
+        replicas = r;
+        warning = w;
+    }
+    let version = ArtifactVersion {
+        name: options.name.clone(),
+        size,
+        digest,
+        media_type: options.media_type.clone(),
+        metadata: options.metadata.clone().into_iter().collect(),
+        parents: options.parents.clone(),
+        produced_by: options.produced_by.clone(),
+        directory,
+        files,
+        replicas,
+        ..Default::default()
+    };
+    let file_count = version.files.len();
+    let request = CommitArtifactRequest {
+        version: Some(version),
+        placements,
+        tags: options.tags.clone(),
+    };
+    // Retried only on errors that say the commit was not applied (no leader, not
+    // the leader); a lost answer after the apply would make a second, identical
+    // version, never a half-written one.
+    let number = client
+        .call(|mut c| {
+            let req = request.clone();
+            async move { c.commit_artifact(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+        .context("commit the version")?
+        .version;
+    Ok(PushReport {
+        name: options.name,
+        version: number,
+        files: file_count,
+        bytes: size,
+        chunks,
+        new_chunks,
+        new_bytes,
+        replicas,
+        seconds: started.elapsed().as_secs_f64(),
+        warning,
+    })
+}
+
+/// The digest of a directory version: BLAKE3 over each file's path, size and
+/// digest, in path order.
+pub fn directory_digest(files: &[ArtifactFile]) -> Vec<u8> {
+    let mut hasher = blake3::Hasher::new();
+    for f in files {
+        hasher.update(f.path.as_bytes());
+        hasher.update(&[0]);
+        hasher.update(&f.size.to_le_bytes());
+        hasher.update(&f.digest);
+    }
+    hasher.finalize().as_bytes().to_vec()
+}
+
+/// Fetches one chunk from the first replica that returns good bytes.
+async fn fetch(
+    client: &ClusterClient,
+    id: ChunkId,
+    replicas: &[ChunkTarget],
+) -> anyhow::Result<Vec<u8>> {
+    let mut errors = Vec::new();
+    for replica in replicas {
+        let mut blobs = client.blobs_for(&replica.addr)?;
+        match blobs.get_chunk(GetChunkRequest { id: id.0.to_vec() }).await {
+            Ok(resp) => {
+                let data = resp.into_inner().data;
+                if ChunkId::of(&data) == id {
+                    return Ok(data);
+                }
+                errors.push(format!(
+                    "worker {} sent bytes that do not match",
+                    replica.worker_id
+                ));
+            }
+            Err(e) => errors.push(format!(
+                "worker {}: {}",
+                replica.worker_id,
+                kiln_common::Error::from(e)
+            )),
+        }
+        tracing::warn!(chunk = %id, worker = %replica.worker_id, "replica failed; trying the next");
+    }
+    if replicas.is_empty() {
+        bail!("chunk {id} has no replica");
+    }
+    bail!(
+        "no replica of chunk {id} could be read: {}",
+        errors.join("; ")
+    )
+}
+
+/// What a pull did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PullReport {
+    pub name: String,
+    pub version: u64,
+    pub files: usize,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub path: PathBuf,
+}
+
+/// Writes `reference` to `out`: the file itself (into `out`, or into the directory
+/// `out` names), or a directory's tree under `out`.
+pub async fn pull(
+    client: Arc<ClusterClient>,
+    reference: &str,
+    out: &Path,
+) -> anyhow::Result<PullReport> {
+    let started = Instant::now();
+    let (name, selector) = parse_reference(reference)?;
+    let request = GetArtifactRequest {
+        name: name.clone(),
+        reference: selector.to_string(),
+    };
+    let resp = client
+        .call(|mut c| {
+            let req = request.clone();
+            async move { c.get_artifact(req).await.map(|r| r.into_inner()) }
+        })
+        .await?;
+    let version = resp.version.context("the coordinators sent no version")?;
+    let sources: Arc<std::collections::HashMap<Vec<u8>, Vec<ChunkTarget>>> = Arc::new(
+        resp.sources
+            .into_iter()
+            .map(|s| (s.id, s.replicas))
+            .collect(),
+    );
+
+    let target = if version.directory {
+        if out.exists() && !out.is_dir() {
+            bail!("{} exists and is not a directory", out.display());
+        }
+        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+        out.to_path_buf()
+    } else if out.is_dir() {
+        out.join(&version.files[0].path)
+    } else {
+        out.to_path_buf()
+    };
+    for file in &version.files {
+        let path = if version.directory {
+            target.join(&file.path)
+        } else {
+            target.clone()
+        };
+        write_file(&client, &sources, file, &path).await?;
+    }
+    Ok(PullReport {
+        name,
+        version: version.version,
+        files: version.files.len(),
+        bytes: version.size,
+        seconds: started.elapsed().as_secs_f64(),
+        path: target,
+    })
+}
+
+/// Fetches a file's chunks in order and writes them to `path` through a temporary
+/// file, checking the file's digest before the rename.
+async fn write_file(
+    client: &Arc<ClusterClient>,
+    sources: &Arc<std::collections::HashMap<Vec<u8>, Vec<ChunkTarget>>>,
+    file: &ArtifactFile,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{} has no file name", path.display()))?;
+    let partial = parent.join(format!(".{file_name}.kiln-partial"));
+    let mut out = std::io::BufWriter::with_capacity(
+        1 << 20,
+        std::fs::File::create(&partial)
+            .with_context(|| format!("cannot write {}", partial.display()))?,
+    );
+    let mut hasher = blake3::Hasher::new();
+    let mut fetched = stream::iter(file.chunks.iter().map(|chunk| {
+        let client = Arc::clone(client);
+        let sources = Arc::clone(sources);
+        let id = chunk.id.clone();
+        async move {
+            let chunk_id = ChunkId::from_slice(&id, "manifest")?;
+            let replicas = sources.get(&id).cloned().unwrap_or_default();
+            fetch(&client, chunk_id, &replicas).await
+        }
+    }))
+    .buffered(FETCHES_IN_FLIGHT);
+    let result: anyhow::Result<()> = async {
+        while let Some(data) = fetched.try_next().await? {
+            hasher.update(&data);
+            out.write_all(&data)
+                .with_context(|| format!("cannot write {}", partial.display()))?;
+        }
+        out.flush()
+            .with_context(|| format!("cannot write {}", partial.display()))?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    if hasher.finalize().as_bytes().as_slice() != file.digest.as_slice() {
+        let _ = std::fs::remove_file(&partial);
+        bail!("{} does not match its digest after the pull", file.path);
+    }
+    if file.mode != 0 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(file.mode))
+            .with_context(|| format!("cannot set the mode of {}", partial.display()))?;
+    }
+    std::fs::rename(&partial, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

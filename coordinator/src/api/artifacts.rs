@@ -1,0 +1,346 @@
+//! The artifact calls of the Coordinator service: plan a push, commit a version,
+//! resolve a reference to its manifest and replicas, list, tag.
+//!
+//! The coordinators keep manifests and chunk locations; chunk bytes travel between
+//! clients and workers only. A push asks [`Api::plan_push`] which chunks the cluster
+//! lacks and where to send them, sends them to those workers, then commits the
+//! manifest with the replicas the workers acknowledged; apply refuses a manifest
+//! that names a chunk without a replica, so a version exists only once its bytes
+//! are stored.
+
+use std::collections::{BTreeSet, HashMap};
+
+use kiln_common::artifact::{self, Selector};
+use kiln_common::{Error, Result};
+use kiln_proto::v1::*;
+use prost::Message;
+
+use super::grpc::{audited, Api};
+use crate::auth::Caller;
+use crate::state::artifacts::{read_record, read_version, resolve};
+use crate::state::keys;
+
+/// Most chunk ids one PlanPush may ask about.
+pub const MAX_PLAN_CHUNKS: usize = 65_536;
+/// Most artifacts and versions one listing returns.
+const MAX_LISTED: usize = 10_000;
+
+fn storage(e: impl std::fmt::Display) -> Error {
+    Error::Internal(e.to_string())
+}
+
+/// The workers a chunk may be sent to or read from, by state.
+struct Workers {
+    by_id: HashMap<String, WorkerRecord>,
+}
+
+impl Workers {
+    fn alive(&self) -> Vec<&WorkerRecord> {
+        let mut alive: Vec<&WorkerRecord> = self
+            .by_id
+            .values()
+            .filter(|w| w.state == WorkerState::Alive as i32)
+            .collect();
+        // Most free disk first, then by id so that equal workers order the same way.
+        alive.sort_by(|a, b| {
+            let free = |w: &WorkerRecord| w.resources.as_ref().map_or(0, |r| r.disk_free_bytes);
+            free(b).cmp(&free(a)).then_with(|| a.id.cmp(&b.id))
+        });
+        alive
+    }
+}
+
+impl Api {
+    fn workers(&self) -> Result<Workers> {
+        let by_id = self
+            .reader
+            .workers()
+            .map_err(storage)?
+            .into_iter()
+            .map(|w| (w.id.clone(), w))
+            .collect();
+        Ok(Workers { by_id })
+    }
+
+    /// Says which of the chunks the cluster lacks (fewer Alive replicas than the
+    /// push wants) and which workers to send them to.
+    pub async fn plan_push_call(&self, req: PlanPushRequest) -> Result<PlanPushResponse> {
+        if req.chunk_ids.len() > MAX_PLAN_CHUNKS {
+            return Err(Error::InvalidArgument(format!(
+                "{} chunk ids in one plan; at most {MAX_PLAN_CHUNKS}",
+                req.chunk_ids.len()
+            )));
+        }
+        if req.replicas > artifact::MAX_REPLICAS {
+            return Err(Error::InvalidArgument(format!(
+                "{} replicas asked; at most {}",
+                req.replicas,
+                artifact::MAX_REPLICAS
+            )));
+        }
+        let workers = self.workers()?;
+        let alive = workers.alive();
+        if alive.is_empty() {
+            return Err(Error::Unavailable(
+                "no worker is alive to store chunks; start one with `kiln worker`".into(),
+            ));
+        }
+        let (wanted, warning) = if req.replicas == 0 {
+            let wanted = artifact::DEFAULT_REPLICAS.min(alive.len() as u32);
+            let warning = if wanted < artifact::DEFAULT_REPLICAS {
+                format!(
+                    "only {} worker(s) alive: chunks get {wanted} replica(s), not {}",
+                    alive.len(),
+                    artifact::DEFAULT_REPLICAS
+                )
+            } else {
+                String::new()
+            };
+            (wanted, warning)
+        } else if req.replicas as usize > alive.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} replicas asked but only {} worker(s) are alive",
+                req.replicas,
+                alive.len()
+            )));
+        } else {
+            (req.replicas, String::new())
+        };
+        let alive_ids: BTreeSet<&str> = alive.iter().map(|w| w.id.as_str()).collect();
+        let mut missing = Vec::new();
+        for (i, id) in req.chunk_ids.iter().enumerate() {
+            if id.len() != 32 {
+                return Err(Error::InvalidArgument(format!(
+                    "chunk id {i} has {} bytes, not 32",
+                    id.len()
+                )));
+            }
+            let record: Option<ChunkRecord> =
+                read_record(&self.reader, &keys::chunk(id), "decode chunk record")
+                    .map_err(storage)?;
+            let replicas = record.map_or(0, |r| {
+                r.workers
+                    .iter()
+                    .filter(|w| alive_ids.contains(w.as_str()))
+                    .count()
+            });
+            if replicas < wanted as usize {
+                missing.push(i as u32);
+            }
+        }
+        let targets = alive
+            .iter()
+            .take(wanted as usize)
+            .map(|w| ChunkTarget {
+                worker_id: w.id.clone(),
+                addr: w.addr.clone(),
+            })
+            .collect();
+        Ok(PlanPushResponse {
+            missing,
+            targets,
+            warning,
+        })
+    }
+
+    /// Commits a pushed version; returns its number.
+    pub async fn commit_artifact_call(
+        &self,
+        caller: &Caller,
+        req: CommitArtifactRequest,
+    ) -> Result<u64> {
+        let version = req
+            .version
+            .ok_or_else(|| Error::InvalidArgument("commit without a version".into()))?;
+        artifact::validate_name(&version.name)?;
+        let what = format!(
+            "push artifact {} ({} file(s), {} bytes)",
+            version.name,
+            version.files.len(),
+            version.size
+        );
+        let result = self
+            .propose(
+                audited(
+                    caller,
+                    what,
+                    command::Kind::CommitArtifact(CommitArtifact {
+                        version: Some(version),
+                        placements: req.placements,
+                        tags: req.tags,
+                    }),
+                ),
+                false,
+            )
+            .await?;
+        Ok(result.value)
+    }
+
+    /// Resolves `name@reference` (linearizably) to its number.
+    async fn resolve_reference(&self, name: &str, reference: &str) -> Result<u64> {
+        artifact::validate_name(name)?;
+        let selector = Selector::parse(reference)?;
+        self.read_barrier(false).await?;
+        resolve(&self.reader, name, &selector)
+            .map_err(storage)?
+            .ok_or_else(|| match selector {
+                Selector::Latest => Error::NotFound(format!("no artifact is named {name}")),
+                other => Error::NotFound(format!("{name}@{other} does not exist")),
+            })
+    }
+
+    /// Returns the tags of `name`, with the version each points at.
+    fn tags_of(&self, name: &str) -> Result<Vec<(String, u64)>> {
+        let prefix = keys::artifact_tags(name);
+        self.reader
+            .scan(&prefix, MAX_LISTED)
+            .map_err(storage)?
+            .into_iter()
+            .map(|(key, value)| {
+                let tag = String::from_utf8_lossy(&key[prefix.len()..]).to_string();
+                let version = value
+                    .as_slice()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| Error::Internal(format!("tag {name}@{tag} is corrupt")))?;
+                Ok((tag, version))
+            })
+            .collect()
+    }
+
+    /// Returns a version's manifest and where each of its chunks can be read.
+    pub async fn get_artifact_call(&self, req: GetArtifactRequest) -> Result<GetArtifactResponse> {
+        let number = self.resolve_reference(&req.name, &req.reference).await?;
+        let mut version = read_version(&self.reader, &req.name, number)
+            .map_err(storage)?
+            .ok_or_else(|| Error::NotFound(format!("{}@{number} does not exist", req.name)))?;
+        version.tags = self
+            .tags_of(&req.name)?
+            .into_iter()
+            .filter(|(_, v)| *v == number)
+            .map(|(t, _)| t)
+            .collect();
+        let workers = self.workers()?;
+        let rank = |id: &str| match workers.by_id.get(id).map(|w| w.state) {
+            Some(s) if s == WorkerState::Alive as i32 => 0,
+            Some(s) if s == WorkerState::Suspect as i32 => 1,
+            _ => 2,
+        };
+        let mut seen = BTreeSet::new();
+        let mut sources = Vec::new();
+        for chunk in version.files.iter().flat_map(|f| f.chunks.iter()) {
+            if !seen.insert(chunk.id.clone()) {
+                continue;
+            }
+            let record: ChunkRecord =
+                read_record(&self.reader, &keys::chunk(&chunk.id), "decode chunk record")
+                    .map_err(storage)?
+                    .unwrap_or_default();
+            let mut holders: Vec<&String> = record.workers.iter().collect();
+            holders.sort_by_key(|id| rank(id));
+            let replicas = holders
+                .into_iter()
+                .filter_map(|id| workers.by_id.get(id))
+                .map(|w| ChunkTarget {
+                    worker_id: w.id.clone(),
+                    addr: w.addr.clone(),
+                })
+                .collect();
+            sources.push(ChunkSource {
+                id: chunk.id.clone(),
+                replicas,
+            });
+        }
+        Ok(GetArtifactResponse {
+            version: Some(version),
+            sources,
+        })
+    }
+
+    /// Lists every artifact with its newest version.
+    pub async fn list_artifacts_call(&self) -> Result<ListArtifactsResponse> {
+        self.read_barrier(false).await?;
+        let mut artifacts = Vec::new();
+        for (key, value) in self
+            .reader
+            .scan(keys::ARTIFACT_HEAD.as_bytes(), MAX_LISTED)
+            .map_err(storage)?
+        {
+            let name = String::from_utf8_lossy(&key[keys::ARTIFACT_HEAD.len()..]).to_string();
+            let latest = value
+                .as_slice()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| Error::Internal(format!("head of {name} is corrupt")))?;
+            let Some(version) = read_version(&self.reader, &name, latest).map_err(storage)? else {
+                continue;
+            };
+            artifacts.push(ArtifactSummary {
+                latest,
+                size: version.size,
+                updated_at_ms: version.created_at_ms,
+                tags: self
+                    .tags_of(&name)?
+                    .into_iter()
+                    .map(|(t, v)| format!("{t}={v}"))
+                    .collect(),
+                name,
+            });
+        }
+        Ok(ListArtifactsResponse { artifacts })
+    }
+
+    /// Lists the versions of one artifact, newest first, without their files.
+    pub async fn list_versions_call(
+        &self,
+        req: ListVersionsRequest,
+    ) -> Result<ListVersionsResponse> {
+        artifact::validate_name(&req.name)?;
+        self.read_barrier(false).await?;
+        let tags = self.tags_of(&req.name)?;
+        let mut versions = Vec::new();
+        for (_, bytes) in self
+            .reader
+            .scan(&keys::artifact_versions(&req.name), MAX_LISTED)
+            .map_err(storage)?
+        {
+            let mut version = ArtifactVersion::decode(bytes.as_slice())
+                .map_err(|e| Error::Internal(format!("decode artifact version: {e}")))?;
+            version.files.clear();
+            version.tags = tags
+                .iter()
+                .filter(|(_, v)| *v == version.version)
+                .map(|(t, _)| t.clone())
+                .collect();
+            versions.push(version);
+        }
+        if versions.is_empty() {
+            return Err(Error::NotFound(format!(
+                "no artifact is named {}",
+                req.name
+            )));
+        }
+        versions.reverse();
+        Ok(ListVersionsResponse { versions })
+    }
+
+    /// Points a tag at the version a reference names.
+    pub async fn tag_artifact_call(&self, caller: &Caller, req: TagArtifactRequest) -> Result<u64> {
+        artifact::validate_tag(&req.tag)?;
+        let version = self.resolve_reference(&req.name, &req.reference).await?;
+        self.propose(
+            audited(
+                caller,
+                format!("tag artifact {}@{version} as {}", req.name, req.tag),
+                command::Kind::SetArtifactTag(SetArtifactTag {
+                    name: req.name,
+                    tag: req.tag,
+                    version,
+                }),
+            ),
+            false,
+        )
+        .await?;
+        Ok(version)
+    }
+}

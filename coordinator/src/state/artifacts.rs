@@ -1,0 +1,417 @@
+//! Applying artifact commands: committing a pushed version and moving tags.
+//!
+//! A commit is checked whole before anything is written, so a rejected commit
+//! leaves no trace: every chunk a file lists must have at least one replica,
+//! either already recorded or placed by this push on a registered worker; paths are
+//! relative and unique; sizes add up; parents exist. Then apply numbers the version
+//! (one more than the newest, so two pushes of one name get two versions) and
+//! records the new replicas.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kiln_common::artifact::{validate_name, validate_tag, Selector};
+use kiln_proto::v1::{ArtifactVersion, ChunkRecord, CommitArtifact, SetArtifactTag};
+use prost::Message;
+
+use super::keys;
+use super::machine::{bump_counter, read_counter, Rejection, StateRead, Txn};
+use crate::raft::storage::StoreError;
+
+/// Reads and decodes a record of type `M` (any state record, not only artifacts').
+pub fn read_record<M: Message + Default>(
+    state: &dyn StateRead,
+    key: &[u8],
+    what: &'static str,
+) -> Result<Option<M>, StoreError> {
+    match state.read(key)? {
+        Some(bytes) => M::decode(bytes.as_slice())
+            .map(Some)
+            .map_err(|e| StoreError {
+                op: what,
+                message: e.to_string(),
+            }),
+        None => Ok(None),
+    }
+}
+
+/// Checks a file path inside a version: relative, '/'-separated, no empty, `.` or
+/// `..` segments.
+pub fn validate_path(path: &str) -> Result<(), Rejection> {
+    let ok = !path.is_empty()
+        && path.len() <= 4096
+        && !path.starts_with('/')
+        && path
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != ".." && !seg.contains('\0'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "file path '{path}' must be relative, '/'-separated, without '.' or '..'"
+        ))
+    }
+}
+
+/// Resolves `selector` for artifact `name` to a version number, if it names one.
+pub fn resolve(
+    state: &dyn StateRead,
+    name: &str,
+    selector: &Selector,
+) -> Result<Option<u64>, StoreError> {
+    let version = match selector {
+        Selector::Latest => read_counter(state, &keys::artifact_latest(name))?,
+        Selector::Version(v) => *v,
+        Selector::Tag(tag) => read_counter(state, &keys::artifact_tag(name, tag))?,
+    };
+    if version == 0
+        || state
+            .read(&keys::artifact_version(name, version))?
+            .is_none()
+    {
+        return Ok(None);
+    }
+    Ok(Some(version))
+}
+
+/// Applies a commit; returns the new version number.
+pub fn apply_commit(
+    txn: &mut Txn<'_>,
+    commit: &CommitArtifact,
+    now_ms: u64,
+    who: &str,
+) -> Result<Result<u64, Rejection>, StoreError> {
+    let Some(version) = &commit.version else {
+        return Ok(Err("commit_artifact without a version".into()));
+    };
+    let name = version.name.as_str();
+    if let Err(e) = validate_name(name) {
+        return Ok(Err(e.to_string()));
+    }
+    for tag in &commit.tags {
+        if let Err(e) = validate_tag(tag) {
+            return Ok(Err(e.to_string()));
+        }
+    }
+    for parent in &version.parents {
+        let found = match kiln_common::artifact::parse_reference(parent) {
+            Ok((parent_name, Selector::Version(v))) => {
+                resolve(txn, &parent_name, &Selector::Version(v))?.is_some()
+            }
+            _ => {
+                return Ok(Err(format!(
+                    "parent '{parent}' must be NAME@VERSION with a version number"
+                )))
+            }
+        };
+        if !found {
+            return Ok(Err(format!("parent {parent} does not exist")));
+        }
+    }
+
+    // The replicas this push placed, merged with what is recorded.
+    let mut placed: BTreeMap<Vec<u8>, ChunkRecord> = BTreeMap::new();
+    for placement in &commit.placements {
+        if placement.id.len() != 32 {
+            return Ok(Err(format!(
+                "a placement names a chunk id of {} bytes",
+                placement.id.len()
+            )));
+        }
+        if placement.workers.is_empty() {
+            return Ok(Err(format!(
+                "chunk {} was placed on no worker",
+                hex::encode(&placement.id)
+            )));
+        }
+        let key = keys::chunk(&placement.id);
+        let mut record = match placed.remove(&key) {
+            Some(record) => record,
+            None => {
+                read_record::<ChunkRecord>(txn, &key, "decode chunk record")?.unwrap_or_default()
+            }
+        };
+        record.size = placement.size;
+        for worker in &placement.workers {
+            if txn.get(&keys::worker(worker))?.is_none() {
+                return Ok(Err(format!("worker {worker} is not registered")));
+            }
+            if !record.workers.contains(worker) {
+                record.workers.push(worker.clone());
+            }
+        }
+        placed.insert(key, record);
+    }
+
+    // Every chunk of every file has a replica; sizes add up; paths are unique.
+    let mut paths = BTreeSet::new();
+    let mut total = 0u64;
+    for file in &version.files {
+        if let Err(reason) = validate_path(&file.path) {
+            return Ok(Err(reason));
+        }
+        if !paths.insert(file.path.as_str()) {
+            return Ok(Err(format!("file {} is listed twice", file.path)));
+        }
+        let mut file_size = 0u64;
+        for chunk in &file.chunks {
+            if chunk.id.len() != 32 {
+                return Ok(Err(format!(
+                    "file {} names a chunk id of {} bytes",
+                    file.path,
+                    chunk.id.len()
+                )));
+            }
+            let key = keys::chunk(&chunk.id);
+            let has_replica = match placed.get(&key) {
+                Some(record) => !record.workers.is_empty(),
+                None => read_record::<ChunkRecord>(txn, &key, "decode chunk record")?
+                    .is_some_and(|r| !r.workers.is_empty()),
+            };
+            if !has_replica {
+                return Ok(Err(format!(
+                    "chunk {} of {} has no replica on any worker; push it first",
+                    hex::encode(&chunk.id),
+                    file.path
+                )));
+            }
+            file_size = file_size.saturating_add(chunk.size);
+        }
+        if file_size != file.size {
+            return Ok(Err(format!(
+                "file {} is {} bytes but its chunks add up to {file_size}",
+                file.path, file.size
+            )));
+        }
+        total = total.saturating_add(file.size);
+    }
+    if total != version.size {
+        return Ok(Err(format!(
+            "the version is {} bytes but its files add up to {total}",
+            version.size
+        )));
+    }
+    if !version.directory && version.files.len() != 1 {
+        return Ok(Err(format!(
+            "a single-file version lists {} files",
+            version.files.len()
+        )));
+    }
+
+    let number = read_counter(txn, &keys::artifact_latest(name))? + 1;
+    let mut record = version.clone();
+    record.version = number;
+    record.created_at_ms = now_ms;
+    record.created_by = who.to_string();
+    record.tags.clear();
+    let encoded = record.encode_to_vec();
+    if encoded.len() > keys::MAX_MANIFEST_BYTES {
+        return Ok(Err(format!(
+            "the manifest is {} bytes; at most {} fit in one version",
+            encoded.len(),
+            keys::MAX_MANIFEST_BYTES
+        )));
+    }
+
+    // Checked: now write.
+    bump_counter(txn, &keys::artifact_latest(name))?;
+    txn.put(keys::artifact_version(name, number), encoded);
+    for (key, record) in placed {
+        txn.put(key, record.encode_to_vec());
+    }
+    for tag in &commit.tags {
+        txn.put(keys::artifact_tag(name, tag), number.to_be_bytes().to_vec());
+    }
+    Ok(Ok(number))
+}
+
+/// Points a tag at an existing version; returns the version.
+pub fn apply_tag(
+    txn: &mut Txn<'_>,
+    set: &SetArtifactTag,
+) -> Result<Result<u64, Rejection>, StoreError> {
+    if let Err(e) = validate_name(&set.name).and_then(|()| validate_tag(&set.tag)) {
+        return Ok(Err(e.to_string()));
+    }
+    if resolve(txn, &set.name, &Selector::Version(set.version))?.is_none() {
+        return Ok(Err(format!("{}@{} does not exist", set.name, set.version)));
+    }
+    txn.put(
+        keys::artifact_tag(&set.name, &set.tag),
+        set.version.to_be_bytes().to_vec(),
+    );
+    Ok(Ok(set.version))
+}
+
+/// Returns the manifest of `name@version`.
+pub fn read_version(
+    state: &dyn StateRead,
+    name: &str,
+    version: u64,
+) -> Result<Option<ArtifactVersion>, StoreError> {
+    read_record(
+        state,
+        &keys::artifact_version(name, version),
+        "decode artifact version",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::machine::apply_command;
+    use kiln_proto::v1::{
+        command, ArtifactFile, ChunkPlacement, ChunkRef, Command, RegisterWorker, WorkerRecord,
+    };
+
+    struct Empty;
+    impl StateRead for Empty {
+        fn read(&self, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(None)
+        }
+    }
+
+    fn cmd(kind: command::Kind) -> Command {
+        Command {
+            proposed_at_ms: 5,
+            audit: None,
+            kind: Some(kind),
+        }
+    }
+
+    fn commit(name: &str, chunks: &[(u8, u64)], placed_on: &[&str]) -> command::Kind {
+        let refs: Vec<ChunkRef> = chunks
+            .iter()
+            .map(|(b, size)| ChunkRef {
+                id: vec![*b; 32],
+                size: *size,
+            })
+            .collect();
+        let size = chunks.iter().map(|(_, s)| s).sum();
+        command::Kind::CommitArtifact(CommitArtifact {
+            version: Some(ArtifactVersion {
+                name: name.into(),
+                size,
+                files: vec![ArtifactFile {
+                    path: "data.csv".into(),
+                    size,
+                    chunks: refs,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            placements: chunks
+                .iter()
+                .filter(|_| !placed_on.is_empty())
+                .map(|(b, size)| ChunkPlacement {
+                    id: vec![*b; 32],
+                    size: *size,
+                    workers: placed_on.iter().map(|w| w.to_string()).collect(),
+                })
+                .collect(),
+            tags: vec!["prod".into()],
+        })
+    }
+
+    fn register_w1(txn: &mut Txn<'_>) {
+        let register = command::Kind::RegisterWorker(RegisterWorker {
+            worker: Some(WorkerRecord {
+                id: "w1".into(),
+                ..Default::default()
+            }),
+        });
+        apply_command(txn, &cmd(register))
+            .expect("io")
+            .expect("registered");
+    }
+
+    #[test]
+    fn commits_number_versions_and_need_replicas() {
+        let base = Empty;
+        let mut txn = Txn::new(&base);
+        register_w1(&mut txn);
+
+        let unplaced = apply_command(&mut txn, &cmd(commit("iris", &[(1, 10)], &[]))).expect("io");
+        assert!(unplaced.expect_err("no replica").contains("no replica"));
+        let unknown =
+            apply_command(&mut txn, &cmd(commit("iris", &[(1, 10)], &["w9"]))).expect("io");
+        assert!(unknown
+            .expect_err("unknown worker")
+            .contains("not registered"));
+        assert!(
+            txn.get(&keys::artifact_latest("iris"))
+                .expect("io")
+                .is_none(),
+            "a rejected commit writes nothing"
+        );
+
+        let v1 = apply_command(&mut txn, &cmd(commit("iris", &[(1, 10), (2, 5)], &["w1"])))
+            .expect("io")
+            .expect("committed");
+        assert_eq!(v1, 1);
+        // The same chunks again need no placement: they have replicas now.
+        let v2 = apply_command(&mut txn, &cmd(commit("iris", &[(2, 5), (1, 10)], &[])))
+            .expect("io")
+            .expect("committed");
+        assert_eq!(v2, 2);
+        assert_eq!(
+            resolve(&txn, "iris", &Selector::Tag("prod".into())).expect("io"),
+            Some(2)
+        );
+        assert_eq!(
+            resolve(&txn, "iris", &Selector::Latest).expect("io"),
+            Some(2)
+        );
+        assert_eq!(
+            resolve(&txn, "iris", &Selector::Version(3)).expect("io"),
+            None
+        );
+        let stored = read_version(&txn, "iris", 1).expect("io").expect("v1");
+        assert_eq!(stored.created_at_ms, 5);
+        assert_eq!(stored.size, 15);
+
+        let retag = command::Kind::SetArtifactTag(SetArtifactTag {
+            name: "iris".into(),
+            tag: "prod".into(),
+            version: 1,
+        });
+        apply_command(&mut txn, &cmd(retag))
+            .expect("io")
+            .expect("tagged");
+        assert_eq!(
+            resolve(&txn, "iris", &Selector::Tag("prod".into())).expect("io"),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn bad_manifests_are_rejected() {
+        let base = Empty;
+        let mut txn = Txn::new(&base);
+        register_w1(&mut txn);
+        let mut bad_size = commit("a", &[(1, 10)], &["w1"]);
+        if let command::Kind::CommitArtifact(c) = &mut bad_size {
+            c.version.as_mut().expect("v").files[0].size = 11;
+        }
+        let e = apply_command(&mut txn, &cmd(bad_size)).expect("io");
+        assert!(e.expect_err("bad size").contains("add up"));
+        let mut twice = commit("a", &[(1, 10)], &["w1"]);
+        if let command::Kind::CommitArtifact(c) = &mut twice {
+            let v = c.version.as_mut().expect("v");
+            v.directory = true;
+            v.files.push(v.files[0].clone());
+            v.size *= 2;
+        }
+        let e = apply_command(&mut txn, &cmd(twice)).expect("io");
+        assert!(e.expect_err("listed twice").contains("twice"));
+        let mut orphan = commit("a", &[(1, 10)], &["w1"]);
+        if let command::Kind::CommitArtifact(c) = &mut orphan {
+            c.version.as_mut().expect("v").parents = vec!["b@1".into()];
+        }
+        let e = apply_command(&mut txn, &cmd(orphan)).expect("io");
+        assert!(e.expect_err("no parent").contains("does not exist"));
+        for path in ["/etc/passwd", "../x", "a//b", ""] {
+            assert!(validate_path(path).is_err(), "{path}");
+        }
+        assert!(validate_path("dir/file.csv").is_ok());
+    }
+}
