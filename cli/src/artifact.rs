@@ -3,11 +3,11 @@
 //! Push: a blocking thread reads each file through the [`Chunker`] and hands chunks
 //! over a bounded channel; batches of up to [`BATCH_BYTES`] go to the coordinators
 //! (PlanPush: which chunks does the cluster lack, and which workers take them),
-//! the missing chunks go to every target worker at once, and at most
-//! [`BATCHES_IN_FLIGHT`] batches are sent while the next is read. The manifest is
-//! committed last, with the replicas the workers acknowledged, so an interrupted
-//! push leaves no version; pushing again sends only what the workers lack
-//! (they keep what they had, and skip writing it twice).
+//! the missing chunks go to every target worker at once, the replicas the workers
+//! acknowledged are recorded (RecordChunks), and at most [`BATCHES_IN_FLIGHT`]
+//! batches are sent while the next is read. The manifest is committed last, so an
+//! interrupted push leaves no version, and pushing again sends only the chunks
+//! that were not recorded yet.
 //!
 //! Pull: the manifest and the replicas of each chunk from the coordinators; chunks
 //! fetched [`FETCHES_IN_FLIGHT`] at a time in file order, each verified against
@@ -266,7 +266,7 @@ async fn send_batch(
         }
     }
     let workers: Vec<String> = plan.targets.iter().map(|t| t.worker_id.clone()).collect();
-    let placements = missing
+    let placements: Vec<ChunkPlacement> = missing
         .iter()
         .map(|c| ChunkPlacement {
             id: c.id.0.to_vec(),
@@ -274,6 +274,25 @@ async fn send_batch(
             workers: workers.clone(),
         })
         .collect();
+    // Recorded batch by batch: a push that is interrupted and run again finds
+    // these chunks stored and sends only the rest.
+    if !placements.is_empty() {
+        let request = RecordChunksRequest {
+            placements: placements.clone(),
+            replicas: if replicas == 0 {
+                kiln_common::artifact::DEFAULT_REPLICAS
+            } else {
+                replicas
+            },
+        };
+        client
+            .call(|mut c| {
+                let req = request.clone();
+                async move { c.record_chunks(req).await.map(|r| r.into_inner()) }
+            })
+            .await
+            .context("record the stored chunks")?;
+    }
     Ok((placements, plan.targets.len() as u32, plan.warning))
 }
 
@@ -388,13 +407,18 @@ pub async fn push(
         produced_by: options.produced_by.clone(),
         directory,
         files,
-        replicas,
+        replicas: if options.replicas == 0 {
+            kiln_common::artifact::DEFAULT_REPLICAS
+        } else {
+            options.replicas
+        },
         ..Default::default()
     };
     let file_count = version.files.len();
     let request = CommitArtifactRequest {
         version: Some(version),
-        placements,
+        // Recorded batch by batch already.
+        placements: Vec::new(),
         tags: options.tags.clone(),
     };
     // Retried only on errors that say the commit was not applied (no leader, not

@@ -264,6 +264,17 @@ enum ArtifactCommand {
     },
     /// Points TAG at NAME[@VERSION|@TAG].
     Tag { reference: String, tag: String },
+    /// Removes chunks that no version lists (left by interrupted pushes).
+    Gc {
+        /// Spares chunks recorded more recently than this, e.g. 1h, 30m (default 1h).
+        #[arg(long)]
+        grace: Option<String>,
+        /// Only counts what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1006,6 +1017,45 @@ async fn run_artifact(conn: &Connection, command: ArtifactCommand) -> anyhow::Re
                 })
                 .await?;
             println!("{name}@{tag} -> {}", resp.version);
+        }
+        ArtifactCommand::Gc {
+            grace,
+            dry_run,
+            json,
+        } => {
+            let req = kiln_proto::v1::CollectGarbageRequest {
+                grace_ms: grace
+                    .as_deref()
+                    .map(parse_lifetime)
+                    .transpose()?
+                    .unwrap_or(0),
+                dry_run,
+            };
+            let resp = client
+                .call_with_deadline(std::time::Duration::from_secs(300), |mut c| async move {
+                    c.collect_garbage(req).await.map(|r| r.into_inner())
+                })
+                .await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "chunks": resp.chunks,
+                        "bytes": resp.bytes,
+                        "pending": resp.pending,
+                        "dry_run": dry_run,
+                    })
+                );
+            } else {
+                let verb = if dry_run { "would remove" } else { "removed" };
+                println!("{verb} {} chunk(s), {} bytes", resp.chunks, resp.bytes);
+                if resp.pending > 0 {
+                    println!(
+                        "{} chunk(s) stay on disk on workers that did not answer (their records are gone)",
+                        resp.pending
+                    );
+                }
+            }
         }
     }
     Ok(())

@@ -195,6 +195,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
         config.health.clone(),
         tasks.clone(),
     ));
+    let repair = tokio::spawn(repair_loop(api.clone(), tasks.clone()));
     if let Some(join) = config.join.clone() {
         let member = MemberRecord {
             id: config.id,
@@ -213,6 +214,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
     let _ = tokio::time::timeout(STOP_DEADLINE, async {
         let _ = http.await;
         let _ = health.await;
+        let _ = repair.await;
         let _ = ticker.await;
     })
     .await;
@@ -273,6 +275,32 @@ async fn join_cluster(
 }
 
 /// On the leader, turns worker silence into Suspect and Down.
+/// Time between two repair rounds on the leader.
+const REPAIR_INTERVAL: Duration = Duration::from_secs(2);
+
+/// On the leader, copies chunks with too few live replicas back to their count,
+/// a bounded number each round (see [`Api::repair_round`]).
+async fn repair_loop(api: Api, token: CancellationToken) {
+    let mut interval = tokio::time::interval(REPAIR_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        if !api.node.view().is_leader() {
+            continue;
+        }
+        let round = tokio::select! {
+            _ = token.cancelled() => return,
+            round = api.repair_round() => round,
+        };
+        if let Err(e) = round {
+            tracing::warn!(error = %e, "chunk repair round");
+        }
+    }
+}
+
 async fn health_loop(
     api: Api,
     settings: kiln_common::config::HealthSettings,

@@ -5,17 +5,23 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kiln_tests::v1::GetChunkRequest;
+use kiln_tests::v1::{GetChunkRequest, HasChunksRequest};
 use kiln_tests::{stderr_text, Cluster};
 use rand::{Rng, SeedableRng};
 
 /// A cluster with two workers that know the admin token.
 async fn cluster() -> Cluster {
+    cluster_with(&["a", "b"]).await
+}
+
+/// A cluster with the named workers, which know the admin token.
+async fn cluster_with(workers: &[&str]) -> Cluster {
     let mut cluster = Cluster::start(3, "");
     cluster.wait_for_leader(Duration::from_secs(20)).await;
     cluster.wait_for_agreement(Duration::from_secs(10)).await;
-    cluster.start_worker("a");
-    cluster.start_worker("b");
+    for name in workers {
+        cluster.start_worker(name);
+    }
     // The admin token exists once run_cli has made it; both workers know it once a
     // pull of a pushed file succeeds.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -416,4 +422,83 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
     let log: serde_json::Value = serde_json::from_slice(&log.stdout).expect("log --json");
     assert_eq!(log.as_array().map(Vec::len), Some(1), "{log}");
     cluster.assert_healthy();
+}
+
+/// The ids of the chunks of `bytes`, as a push cuts them.
+fn chunk_ids(bytes: &[u8]) -> Vec<Vec<u8>> {
+    kiln_common::chunking::Chunker::new(bytes)
+        .map(|c| c.expect("chunk").id.0.to_vec())
+        .collect()
+}
+
+/// How many of `ids` worker `name` holds.
+async fn held(cluster: &Cluster, name: &str, ids: &[Vec<u8>]) -> usize {
+    let present = cluster
+        .blobs_client(name)
+        .has_chunks(HasChunksRequest { ids: ids.to_vec() })
+        .await
+        .expect("has_chunks")
+        .into_inner()
+        .present;
+    present.iter().filter(|p| **p).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_workers_chunks_are_copied_back_to_two_replicas() {
+    let mut cluster = cluster_with(&["a", "b", "c"]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("dataset.bin");
+    let bytes = random_bytes(8 * 1024 * 1024, 11);
+    std::fs::write(&src, &bytes).expect("write");
+    let report = push(&cluster, &src, "dataset", &[]).await;
+    assert_eq!(report["replicas"], 2);
+    let ids = chunk_ids(&bytes);
+
+    let mut holders = Vec::new();
+    for name in ["a", "b", "c"] {
+        let n = held(&cluster, name, &ids).await;
+        if n > 0 {
+            holders.push(name);
+        }
+    }
+    let victim = holders[0];
+    let survivors: Vec<&str> = ["a", "b", "c"]
+        .into_iter()
+        .filter(|n| *n != victim)
+        .collect();
+    cluster.kill_worker(victim);
+    let killed_at = std::time::Instant::now();
+    // Down after 10 s of silence, then a repair round every 2 s.
+    kiln_tests::wait_for(
+        Duration::from_secs(60),
+        "two live replicas of every chunk",
+        || {
+            let (cluster, ids, survivors) = (&cluster, &ids, &survivors);
+            async move {
+                let mut total = 0;
+                for name in survivors {
+                    total += held(cluster, name, ids).await;
+                }
+                if total == 2 * ids.len() {
+                    Ok(())
+                } else {
+                    Err(format!("{total} of {} replicas", 2 * ids.len()))
+                }
+            }
+        },
+    )
+    .await;
+    let took = killed_at.elapsed();
+    println!(
+        "{} chunks back to 2 replicas {took:?} after kill -9 of worker {victim}",
+        ids.len()
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "re-replication took {took:?}; the bound is 30 s (10 s to Down, then rounds of 2 s)"
+    );
+    // And the data reads back with the victim gone.
+    let out = dir.path().join("dataset.out");
+    pull(&cluster, "dataset", &out).await;
+    assert_eq!(std::fs::read(&out).expect("read"), bytes);
 }

@@ -46,6 +46,9 @@ const TABLE: &[(&str, Need)] = &[
     ("ListArtifacts", Need::Read),
     ("ListVersions", Need::Read),
     ("TagArtifact", Need::Write),
+    ("RecordChunks", Need::Write),
+    ("ReportCorruptChunks", Need::Node),
+    ("CollectGarbage", Need::Admin),
 ];
 
 /// The worker's RPCs (service `Blobs`), checked against the worker's token book.
@@ -53,6 +56,8 @@ const WORKER_TABLE: &[(&str, Need)] = &[
     ("PutChunks", Need::Write),
     ("GetChunk", Need::Read),
     ("HasChunks", Need::Read),
+    ("ReplicateChunks", Need::Node),
+    ("DeleteChunks", Need::Node),
 ];
 
 #[test]
@@ -229,6 +234,24 @@ async fn call(
             ))
             .await
             .map(drop),
+        "RecordChunks" => client
+            .record_chunks(req(RecordChunksRequest::default(), token))
+            .await
+            .map(drop),
+        "ReportCorruptChunks" => client
+            .report_corrupt_chunks(req(ReportCorruptChunksRequest::default(), token))
+            .await
+            .map(drop),
+        "CollectGarbage" => client
+            .collect_garbage(req(
+                CollectGarbageRequest {
+                    grace_ms: 0,
+                    dry_run: true,
+                },
+                token,
+            ))
+            .await
+            .map(drop),
         other => panic!("no call for {other}"),
     }
 }
@@ -258,6 +281,14 @@ async fn call_worker(
                 },
                 token,
             ))
+            .await
+            .map(drop),
+        "ReplicateChunks" => client
+            .replicate_chunks(req(ReplicateChunksRequest::default(), token))
+            .await
+            .map(drop),
+        "DeleteChunks" => client
+            .delete_chunks(req(DeleteChunksRequest::default(), token))
             .await
             .map(drop),
         other => panic!("no call for {other}"),

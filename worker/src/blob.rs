@@ -23,6 +23,8 @@ const CODEC_RAW: u8 = 0;
 const CODEC_LZ4: u8 = 1;
 /// Bytes before the payload: codec and uncompressed length.
 const HEADER_BYTES: usize = 5;
+/// Column family of each chunk's last write time (ms, little endian).
+const CF_WRITTEN: &str = "written";
 /// Largest chunk the store accepts (the chunker's maximum is 1 MiB).
 pub const MAX_STORED_CHUNK_BYTES: usize = 16 * 1024 * 1024;
 
@@ -133,6 +135,7 @@ impl BlobStore {
         })?;
         let mut options = Options::default();
         options.create_if_missing(true);
+        options.create_missing_column_families(true);
         // Chunks arrive compressed by us; RocksDB must not spend time on them again.
         options.set_compression_type(rocksdb::DBCompressionType::None);
         options.set_enable_blob_files(true);
@@ -143,7 +146,16 @@ impl BlobStore {
         options.set_write_buffer_size(32 * 1024 * 1024);
         options.set_max_write_buffer_number(2);
         options.set_paranoid_checks(true);
-        let db = DB::open(&options, dir).map_err(storage("open"))?;
+        let mut written = Options::default();
+        written.set_compression_type(rocksdb::DBCompressionType::None);
+        let cfs = vec![
+            rocksdb::ColumnFamilyDescriptor::new(
+                rocksdb::DEFAULT_COLUMN_FAMILY_NAME,
+                options.clone(),
+            ),
+            rocksdb::ColumnFamilyDescriptor::new(CF_WRITTEN, written),
+        ];
+        let db = DB::open_cf_descriptors(&options, dir, cfs).map_err(storage("open"))?;
         Ok(BlobStore {
             db: Arc::new(db),
             path: dir.to_path_buf(),
@@ -156,8 +168,12 @@ impl BlobStore {
     }
 
     /// Verifies and stores chunks in one synced batch; returns how many were new.
-    /// Nothing is written when any chunk fails its check.
+    /// Nothing is written when any chunk fails its check. Every chunk of the batch,
+    /// new or not, is marked as written now, so that garbage collection that
+    /// started earlier spares it.
     pub fn put_many(&self, chunks: &[(ChunkId, &[u8])]) -> Result<usize, BlobError> {
+        let written = self.written_cf();
+        let now = kiln_common::clock::now_ms().to_le_bytes();
         let mut batch = WriteBatch::default();
         let mut new = 0;
         for (id, data) in chunks {
@@ -174,24 +190,64 @@ impl BlobStore {
                     reason: format!("the bytes sent hash to {actual}"),
                 });
             }
+            batch.put_cf(written, id.0, now);
             if self.contains(id)? {
                 continue;
             }
             batch.put(id.0, encode(data));
             new += 1;
         }
-        if new > 0 {
-            // Chunk bytes skip the write-ahead log: the flush right after writes
-            // them once, into synced blob files, instead of twice (log, then blob
-            // file). The batch is acknowledged only after the flush returns.
-            let mut options = WriteOptions::default();
-            options.disable_wal(true);
-            self.db
-                .write_opt(batch, &options)
-                .map_err(storage("write"))?;
-            self.db.flush().map_err(storage("flush"))?;
+        if chunks.is_empty() {
+            return Ok(0);
         }
+        // Chunk bytes skip the write-ahead log: the flush right after writes them
+        // once, into synced blob files, instead of twice (log, then blob file). The
+        // batch is acknowledged only after the flush returns.
+        let mut options = WriteOptions::default();
+        options.disable_wal(true);
+        self.db
+            .write_opt(batch, &options)
+            .map_err(storage("write"))?;
+        self.db.flush().map_err(storage("flush"))?;
+        self.db.flush_cf(written).map_err(storage("flush"))?;
         Ok(new)
+    }
+
+    fn written_cf(&self) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(CF_WRITTEN)
+            .expect("the written column family exists")
+    }
+
+    /// Returns when the chunk was last written (pushed or copied), in ms.
+    pub fn written_at(&self, id: &ChunkId) -> Result<Option<u64>, BlobError> {
+        let value = self
+            .db
+            .get_pinned_cf(self.written_cf(), id.0)
+            .map_err(storage("read"))?;
+        Ok(value.and_then(|v| v.as_ref().try_into().ok().map(u64::from_le_bytes)))
+    }
+
+    /// Removes the chunks last written before `before_ms`; returns how many went.
+    /// A chunk written since (pushed again after its record was collected) stays.
+    pub fn delete_older(&self, ids: &[ChunkId], before_ms: u64) -> Result<usize, BlobError> {
+        let written = self.written_cf();
+        let mut batch = WriteBatch::default();
+        let mut deleted = 0;
+        for id in ids {
+            if self.written_at(id)?.unwrap_or(0) >= before_ms || !self.contains(id)? {
+                continue;
+            }
+            batch.delete(id.0);
+            batch.delete_cf(written, id.0);
+            deleted += 1;
+        }
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db
+            .write_opt(batch, &options)
+            .map_err(storage("delete"))?;
+        Ok(deleted)
     }
 
     /// Verifies and stores one chunk; returns true when it was new.
@@ -346,6 +402,26 @@ mod tests {
             "a deleted chunk is new again"
         );
         assert_eq!(store.get(id).expect("get").as_deref(), Some(&data[..]));
+    }
+
+    #[test]
+    fn only_chunks_written_before_a_time_are_deleted() {
+        let (_dir, store) = store();
+        let old = ChunkId::of(b"old");
+        store.put(old, b"old").expect("put");
+        let cut = kiln_common::clock::now_ms() + 1;
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let fresh = ChunkId::of(b"fresh");
+        store.put(fresh, b"fresh").expect("put");
+        assert_eq!(store.delete_older(&[old, fresh], cut).expect("delete"), 1);
+        assert!(!store.contains(&old).expect("contains"));
+        assert!(store.contains(&fresh).expect("contains"));
+        // Pushing a chunk again refreshes its time: a collection that began before
+        // the push spares it.
+        let cut = kiln_common::clock::now_ms() + 1;
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(!store.put(fresh, b"fresh").expect("again"), "not new");
+        assert_eq!(store.delete_older(&[fresh], cut).expect("delete"), 0);
     }
 
     #[test]

@@ -9,13 +9,14 @@
 
 use std::sync::Arc;
 
+use futures_util::StreamExt as _;
 use kiln_common::auth::{grpc_authorization, Permission, TokenBook};
 use kiln_common::chunking::ChunkId;
+use kiln_common::client::ClusterClient;
 use kiln_common::clock::now_ms;
 use kiln_common::Error;
 use kiln_proto::v1::blobs_server::Blobs;
 use kiln_proto::v1::*;
-use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::blob::BlobStore;
@@ -35,7 +36,14 @@ pub struct BlobService {
     pub metrics: Arc<Metrics>,
     /// Bounds the PutChunks streams writing at once (each holds up to one batch).
     pub writers: Arc<tokio::sync::Semaphore>,
+    /// Reaches other workers (as a node) to copy chunks from them.
+    pub peers: Arc<ClusterClient>,
 }
+
+/// Most chunks one ReplicateChunks or DeleteChunks call may name.
+pub const MAX_COPIES: usize = 1024;
+/// Chunks fetched at once while copying.
+const COPIES_IN_FLIGHT: usize = 4;
 
 /// PutChunks streams that write at once; more wait their turn.
 pub const MAX_WRITERS: usize = 4;
@@ -51,6 +59,43 @@ impl BlobService {
         tokens
             .verify(grpc_authorization(request), need, now_ms())
             .map(drop)
+    }
+
+    /// Refuses a caller that is not a cluster node (with TLS).
+    fn require_node<T>(&self, request: &Request<T>) -> kiln_common::Result<()> {
+        kiln_common::tls::require_node(request, self.tokens.is_some())
+    }
+
+    /// Fetches one chunk from the first source that returns good bytes.
+    async fn copy_one(&self, source: &ChunkSource) -> Result<(ChunkId, Vec<u8>), String> {
+        let id = ChunkId::from_slice(&source.id, "replicate").map_err(|e| e.to_string())?;
+        let mut errors = Vec::new();
+        for replica in &source.replicas {
+            let mut client = match self.peers.blobs_for(&replica.addr) {
+                Ok(c) => c,
+                Err(e) => {
+                    errors.push(e.to_string());
+                    continue;
+                }
+            };
+            match client
+                .get_chunk(GetChunkRequest { id: id.0.to_vec() })
+                .await
+            {
+                Ok(resp) => {
+                    let data = resp.into_inner().data;
+                    if ChunkId::of(&data) == id {
+                        return Ok((id, data));
+                    }
+                    errors.push(format!(
+                        "{} sent bytes that do not match",
+                        replica.worker_id
+                    ));
+                }
+                Err(e) => errors.push(format!("{}: {}", replica.worker_id, e.message())),
+            }
+        }
+        Err(format!("chunk {id}: {}", errors.join("; ")))
     }
 
     /// Writes one batch on a blocking thread; returns how many chunks were new.
@@ -157,5 +202,77 @@ impl Blobs for BlobService {
         .map_err(|e| Status::internal(format!("chunk lookup task: {e}")))?
         .map_err(|e| Status::from(Error::from(e)))?;
         Ok(Response::new(HasChunksResponse { present }))
+    }
+
+    async fn replicate_chunks(
+        &self,
+        request: Request<ReplicateChunksRequest>,
+    ) -> Result<Response<ReplicateChunksResponse>, Status> {
+        self.require_node(&request)?;
+        let copies = request.into_inner().copies;
+        if copies.len() > MAX_COPIES {
+            return Err(Status::invalid_argument(format!(
+                "{} copies in one call; at most {MAX_COPIES}",
+                copies.len()
+            )));
+        }
+        let mut fetched = futures_util::stream::iter(copies.into_iter().map(|copy| {
+            let service = self.clone();
+            async move { service.copy_one(&copy).await }
+        }))
+        .buffer_unordered(COPIES_IN_FLIGHT);
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        let mut stored = Vec::new();
+        let mut failures = Vec::new();
+        while let Some(result) = futures_util::StreamExt::next(&mut fetched).await {
+            match result {
+                Ok((id, data)) => {
+                    batch_bytes += data.len();
+                    stored.push(id.0.to_vec());
+                    batch.push((id, data));
+                    if batch_bytes >= MAX_BATCH_BYTES {
+                        self.write(std::mem::take(&mut batch)).await?;
+                        batch_bytes = 0;
+                    }
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        if !batch.is_empty() {
+            self.write(batch).await?;
+        }
+        if !failures.is_empty() {
+            tracing::warn!(failed = failures.len(), first = %failures[0], "some chunks could not be copied");
+        }
+        Ok(Response::new(ReplicateChunksResponse { stored, failures }))
+    }
+
+    async fn delete_chunks(
+        &self,
+        request: Request<DeleteChunksRequest>,
+    ) -> Result<Response<DeleteChunksResponse>, Status> {
+        self.require_node(&request)?;
+        let req = request.into_inner();
+        if req.ids.len() > MAX_COPIES {
+            return Err(Status::invalid_argument(format!(
+                "{} ids in one call; at most {MAX_COPIES}",
+                req.ids.len()
+            )));
+        }
+        let ids: Vec<ChunkId> = req
+            .ids
+            .iter()
+            .map(|id| ChunkId::from_slice(id, "delete_chunks"))
+            .collect::<kiln_common::Result<_>>()?;
+        let store = self.store.clone();
+        let before = req.written_before_ms;
+        let deleted = tokio::task::spawn_blocking(move || store.delete_older(&ids, before))
+            .await
+            .map_err(|e| Status::internal(format!("chunk delete task: {e}")))?
+            .map_err(|e| Status::from(Error::from(e)))?;
+        Ok(Response::new(DeleteChunksResponse {
+            deleted: deleted as u32,
+        }))
     }
 }

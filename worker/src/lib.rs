@@ -141,8 +141,12 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         tls: tls.clone(),
         ..ClientOptions::default()
     };
-    let client = ClusterClient::new(config.coordinators.clone(), options)
+    let client = ClusterClient::new(config.coordinators.clone(), options.clone())
         .context("create coordinator client")?;
+    let peers = Arc::new(
+        ClusterClient::new(config.coordinators.clone(), options)
+            .context("create coordinator client")?,
+    );
     let record = worker_record(
         &id,
         &config.advertise_host,
@@ -196,6 +200,7 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         tokens: tls.is_some().then(|| Arc::clone(&tokens)),
         metrics: Arc::clone(&metrics),
         writers: Arc::new(tokio::sync::Semaphore::new(blob_service::MAX_WRITERS)),
+        peers: Arc::clone(&peers),
     })
     .max_decoding_message_size(kiln_common::client::MAX_DATA_MESSAGE_BYTES)
     .max_encoding_message_size(kiln_common::client::MAX_DATA_MESSAGE_BYTES);

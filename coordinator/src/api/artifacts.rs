@@ -8,14 +8,14 @@
 //! that names a chunk without a replica, so a version exists only once its bytes
 //! are stored.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use kiln_common::artifact::{self, Selector};
 use kiln_common::{Error, Result};
 use kiln_proto::v1::*;
 use prost::Message;
 
-use super::grpc::{audited, Api};
+use super::grpc::{audited, command, Api};
 use crate::auth::Caller;
 use crate::state::artifacts::{read_record, read_version, resolve};
 use crate::state::keys;
@@ -342,5 +342,292 @@ impl Api {
         )
         .await?;
         Ok(version)
+    }
+}
+
+/// Chunk records read per page while walking them all.
+const RECORD_PAGE: usize = 4096;
+/// Most chunk copies one repair round starts.
+pub const MAX_REPAIRS_PER_ROUND: usize = 1024;
+/// Chunks named in one worker call (ReplicateChunks, DeleteChunks).
+const CHUNKS_PER_CALL: usize = 256;
+/// Chunk records removed by one Raft entry.
+const DELETES_PER_ENTRY: usize = 1000;
+/// Garbage collection spares chunks younger than this unless told otherwise.
+pub const DEFAULT_GC_GRACE_MS: u64 = 3_600_000;
+
+/// One chunk record as walked: its id and the record.
+type ChunkEntry = (Vec<u8>, ChunkRecord);
+
+impl Api {
+    /// Calls `visit` on every chunk record, page by page.
+    fn walk_chunks(&self, mut visit: impl FnMut(ChunkEntry)) -> Result<()> {
+        let prefix = keys::CHUNK.as_bytes();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .reader
+                .scan_after(prefix, after.as_deref(), RECORD_PAGE)
+                .map_err(storage)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(());
+            };
+            after = Some(last.clone());
+            let full = page.len() == RECORD_PAGE;
+            for (key, value) in page {
+                let id = hex::decode(&key[prefix.len()..])
+                    .map_err(|e| Error::Internal(format!("chunk key: {e}")))?;
+                let record = ChunkRecord::decode(value.as_slice())
+                    .map_err(|e| Error::Internal(format!("decode chunk record: {e}")))?;
+                visit((id, record));
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Records the replicas a push has stored (one batch).
+    pub async fn record_chunks_call(
+        &self,
+        caller: &Caller,
+        req: RecordChunksRequest,
+    ) -> Result<()> {
+        if req.placements.len() > MAX_PLAN_CHUNKS {
+            return Err(Error::InvalidArgument(format!(
+                "{} placements in one call; at most {MAX_PLAN_CHUNKS}",
+                req.placements.len()
+            )));
+        }
+        let mut command = audited(
+            caller,
+            String::new(),
+            command::Kind::AddChunkReplicas(AddChunkReplicas {
+                placements: req.placements,
+                replicas: req.replicas.min(artifact::MAX_REPLICAS),
+            }),
+        );
+        // Chunk bookkeeping is not an audited change of its own: the commit that
+        // follows is.
+        command.audit = None;
+        self.propose(command, false).await?;
+        Ok(())
+    }
+
+    /// Forgets a worker's replicas that it found corrupt (and dropped); the repair
+    /// loop then copies them back from a good replica.
+    pub async fn report_corrupt_call(&self, req: ReportCorruptChunksRequest) -> Result<()> {
+        if req.ids.len() > MAX_PLAN_CHUNKS {
+            return Err(Error::InvalidArgument("too many chunk ids".into()));
+        }
+        tracing::warn!(worker = %req.worker_id, chunks = req.ids.len(), "worker reports corrupt chunks");
+        self.propose(
+            command(command::Kind::DropChunkReplicas(DropChunkReplicas {
+                worker_id: req.worker_id,
+                ids: req.ids,
+            })),
+            false,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// One repair round on the leader: every chunk with fewer live replicas than
+    /// it wants (bounded by the workers alive) is copied from a live replica to
+    /// a worker without one. Returns the copies made.
+    pub async fn repair_round(&self) -> Result<usize> {
+        let workers = self.workers()?;
+        let alive = workers.alive();
+        if alive.is_empty() {
+            return Ok(0);
+        }
+        let live = |id: &str| {
+            workers.by_id.get(id).is_some_and(|w| {
+                w.state == WorkerState::Alive as i32 || w.state == WorkerState::Suspect as i32
+            })
+        };
+        // Per target worker: the copies it should make.
+        let mut plan: BTreeMap<String, Vec<(ChunkSource, u64)>> = BTreeMap::new();
+        let mut planned = 0usize;
+        let mut lost = 0usize;
+        self.walk_chunks(|(id, record)| {
+            if planned >= MAX_REPAIRS_PER_ROUND {
+                return;
+            }
+            let holders: Vec<&String> = record.workers.iter().filter(|w| live(w)).collect();
+            let want = (record.replicas.max(1) as usize).min(alive.len());
+            if holders.len() >= want {
+                return;
+            }
+            if holders.is_empty() {
+                lost += 1;
+                return;
+            }
+            let sources: Vec<ChunkTarget> = holders
+                .iter()
+                .filter_map(|w| workers.by_id.get(w.as_str()))
+                .map(|w| ChunkTarget {
+                    worker_id: w.id.clone(),
+                    addr: w.addr.clone(),
+                })
+                .collect();
+            let targets = alive
+                .iter()
+                .filter(|w| !record.workers.contains(&w.id))
+                .take(want - holders.len());
+            for target in targets {
+                plan.entry(target.id.clone()).or_default().push((
+                    ChunkSource {
+                        id: id.clone(),
+                        replicas: sources.clone(),
+                    },
+                    record.size,
+                ));
+                planned += 1;
+            }
+        })?;
+        if lost > 0 {
+            tracing::error!(
+                chunks = lost,
+                "chunks have no live replica; they return only if their workers do"
+            );
+        }
+        let mut copies = 0;
+        for (target, work) in plan {
+            let Some(worker) = workers.by_id.get(&target) else {
+                continue;
+            };
+            let mut client = self.peers.blobs_for(&worker.addr)?;
+            for part in work.chunks(CHUNKS_PER_CALL) {
+                let sizes: HashMap<&[u8], u64> = part
+                    .iter()
+                    .map(|(s, size)| (s.id.as_slice(), *size))
+                    .collect();
+                let request = ReplicateChunksRequest {
+                    copies: part.iter().map(|(s, _)| s.clone()).collect(),
+                };
+                let resp = match client.replicate_chunks(request).await {
+                    Ok(r) => r.into_inner(),
+                    Err(e) => {
+                        tracing::warn!(worker = %target, error = %e.message(), "repair copy failed");
+                        break;
+                    }
+                };
+                if resp.stored.is_empty() {
+                    continue;
+                }
+                let placements = resp
+                    .stored
+                    .iter()
+                    .map(|id| ChunkPlacement {
+                        id: id.clone(),
+                        size: sizes.get(id.as_slice()).copied().unwrap_or(0),
+                        workers: vec![target.clone()],
+                    })
+                    .collect::<Vec<_>>();
+                copies += placements.len();
+                self.propose(
+                    command(command::Kind::AddChunkReplicas(AddChunkReplicas {
+                        placements,
+                        replicas: 0,
+                    })),
+                    false,
+                )
+                .await?;
+            }
+        }
+        if copies > 0 {
+            tracing::info!(copies, "re-replicated chunks");
+        }
+        Ok(copies)
+    }
+
+    /// Removes chunks that no version lists and that are older than the grace
+    /// period: their records first (apply keeps any that a version has listed
+    /// since), then their bytes on the workers, only bytes written before the
+    /// collection began (a chunk pushed again since stays).
+    pub async fn collect_garbage_call(
+        &self,
+        caller: &Caller,
+        req: CollectGarbageRequest,
+    ) -> Result<CollectGarbageResponse> {
+        self.require_leader()?;
+        self.read_barrier(false).await?;
+        let started_ms = kiln_common::clock::now_ms();
+        let grace = if req.grace_ms == 0 {
+            DEFAULT_GC_GRACE_MS
+        } else {
+            req.grace_ms
+        };
+        let mut candidates: Vec<ChunkEntry> = Vec::new();
+        self.walk_chunks(|(id, record)| {
+            if record.refs == 0 && record.created_at_ms.saturating_add(grace) <= started_ms {
+                candidates.push((id, record));
+            }
+        })?;
+        let bytes: u64 = candidates.iter().map(|(_, r)| r.size).sum();
+        if req.dry_run || candidates.is_empty() {
+            return Ok(CollectGarbageResponse {
+                chunks: candidates.len() as u64,
+                bytes,
+                pending: 0,
+            });
+        }
+        for part in candidates.chunks(DELETES_PER_ENTRY) {
+            self.propose(
+                audited(
+                    caller,
+                    format!("collect {} unreferenced chunk(s)", part.len()),
+                    command::Kind::DeleteChunkRecords(DeleteChunkRecords {
+                        ids: part.iter().map(|(id, _)| id.clone()).collect(),
+                    }),
+                ),
+                false,
+            )
+            .await?;
+        }
+        // Only the records that are gone now lose their bytes.
+        let mut by_worker: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+        let mut removed = 0u64;
+        let mut removed_bytes = 0u64;
+        for (id, record) in &candidates {
+            let still: Option<ChunkRecord> =
+                read_record(&self.reader, &keys::chunk(id), "decode chunk record")
+                    .map_err(storage)?;
+            if still.is_some() {
+                continue;
+            }
+            removed += 1;
+            removed_bytes += record.size;
+            for worker in &record.workers {
+                by_worker
+                    .entry(worker.clone())
+                    .or_default()
+                    .push(id.clone());
+            }
+        }
+        let workers = self.workers()?;
+        let mut pending = 0u64;
+        for (worker_id, ids) in by_worker {
+            let Some(worker) = workers.by_id.get(&worker_id) else {
+                continue;
+            };
+            let mut client = self.peers.blobs_for(&worker.addr)?;
+            for part in ids.chunks(CHUNKS_PER_CALL) {
+                let request = DeleteChunksRequest {
+                    ids: part.to_vec(),
+                    written_before_ms: started_ms,
+                };
+                if let Err(e) = client.delete_chunks(request).await {
+                    tracing::warn!(worker = %worker_id, error = %e.message(), "delete chunks");
+                    pending += part.len() as u64;
+                }
+            }
+        }
+        Ok(CollectGarbageResponse {
+            chunks: removed,
+            bytes: removed_bytes,
+            pending,
+        })
     }
 }

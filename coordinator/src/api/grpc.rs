@@ -179,7 +179,7 @@ impl Api {
         }
     }
 
-    fn require_leader(&self) -> Result<NodeView> {
+    pub(crate) fn require_leader(&self) -> Result<NodeView> {
         let view = self.node.view();
         if view.is_leader() {
             Ok(view)
@@ -359,7 +359,7 @@ fn token_info(record: &TokenRecord) -> TokenInfo {
     }
 }
 
-fn command(kind: command::Kind) -> Command {
+pub(crate) fn command(kind: command::Kind) -> Command {
     Command {
         proposed_at_ms: now_ms(),
         audit: None,
@@ -856,5 +856,35 @@ impl Coordinator for Api {
             .tag_artifact_call(&caller, request.into_inner())
             .await?;
         Ok(Response::new(TagArtifactResponse { version }))
+    }
+
+    async fn record_chunks(
+        &self,
+        request: Request<RecordChunksRequest>,
+    ) -> Result<Response<RecordChunksResponse>, Status> {
+        let caller = self.authorize(&request, Permission::Write, "RecordChunks")?;
+        self.record_chunks_call(&caller, request.into_inner())
+            .await?;
+        Ok(Response::new(RecordChunksResponse {}))
+    }
+
+    async fn report_corrupt_chunks(
+        &self,
+        request: Request<ReportCorruptChunksRequest>,
+    ) -> Result<Response<ReportCorruptChunksResponse>, Status> {
+        kiln_common::tls::require_node(&request, self.tls_enabled)?;
+        self.report_corrupt_call(request.into_inner()).await?;
+        Ok(Response::new(ReportCorruptChunksResponse {}))
+    }
+
+    async fn collect_garbage(
+        &self,
+        request: Request<CollectGarbageRequest>,
+    ) -> Result<Response<CollectGarbageResponse>, Status> {
+        let caller = self.authorize(&request, Permission::Admin, "CollectGarbage")?;
+        Ok(Response::new(
+            self.collect_garbage_call(&caller, request.into_inner())
+                .await?,
+        ))
     }
 }

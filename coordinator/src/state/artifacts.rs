@@ -10,7 +10,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use kiln_common::artifact::{validate_name, validate_tag, Selector};
-use kiln_proto::v1::{ArtifactVersion, ChunkRecord, CommitArtifact, SetArtifactTag};
+use kiln_proto::v1::{
+    AddChunkReplicas, ArtifactVersion, ChunkPlacement, ChunkRecord, CommitArtifact,
+    DeleteChunkRecords, DropChunkReplicas, SetArtifactTag,
+};
 use prost::Message;
 
 use super::keys;
@@ -73,6 +76,105 @@ pub fn resolve(
     Ok(Some(version))
 }
 
+/// Merges `placements` into the recorded chunk records, checked, without writing:
+/// returns the records to write by key, or why the placements are refused.
+fn merge_placements(
+    txn: &Txn<'_>,
+    placements: &[ChunkPlacement],
+    replicas: u32,
+    now_ms: u64,
+) -> Result<Result<BTreeMap<Vec<u8>, ChunkRecord>, Rejection>, StoreError> {
+    let mut placed: BTreeMap<Vec<u8>, ChunkRecord> = BTreeMap::new();
+    for placement in placements {
+        if placement.id.len() != 32 {
+            return Ok(Err(format!(
+                "a placement names a chunk id of {} bytes",
+                placement.id.len()
+            )));
+        }
+        if placement.workers.is_empty() {
+            return Ok(Err(format!(
+                "chunk {} was placed on no worker",
+                hex::encode(&placement.id)
+            )));
+        }
+        let key = keys::chunk(&placement.id);
+        let mut record = match placed.remove(&key) {
+            Some(record) => record,
+            None => read_record::<ChunkRecord>(txn, &key, "decode chunk record")?.unwrap_or(
+                ChunkRecord {
+                    created_at_ms: now_ms,
+                    ..Default::default()
+                },
+            ),
+        };
+        record.size = placement.size;
+        record.replicas = record.replicas.max(replicas);
+        for worker in &placement.workers {
+            if txn.get(&keys::worker(worker))?.is_none() {
+                return Ok(Err(format!("worker {worker} is not registered")));
+            }
+            if !record.workers.contains(worker) {
+                record.workers.push(worker.clone());
+            }
+        }
+        placed.insert(key, record);
+    }
+    Ok(Ok(placed))
+}
+
+/// Records replicas of chunks (a push batch, a repair).
+pub fn apply_add_replicas(
+    txn: &mut Txn<'_>,
+    add: &AddChunkReplicas,
+    now_ms: u64,
+) -> Result<Result<u64, Rejection>, StoreError> {
+    let placed = match merge_placements(txn, &add.placements, add.replicas, now_ms)? {
+        Ok(placed) => placed,
+        Err(reason) => return Ok(Err(reason)),
+    };
+    for (key, record) in placed {
+        txn.put(key, record.encode_to_vec());
+    }
+    Ok(Ok(0))
+}
+
+/// Forgets one worker's replicas of chunks (it found them corrupt and dropped them).
+pub fn apply_drop_replicas(
+    txn: &mut Txn<'_>,
+    drop: &DropChunkReplicas,
+) -> Result<Result<u64, Rejection>, StoreError> {
+    for id in &drop.ids {
+        let key = keys::chunk(id);
+        if let Some(mut record) = read_record::<ChunkRecord>(txn, &key, "decode chunk record")? {
+            record.workers.retain(|w| *w != drop.worker_id);
+            txn.put(key, record.encode_to_vec());
+        }
+    }
+    Ok(Ok(0))
+}
+
+/// Forgets chunk records (garbage collection); returns how many. A chunk that a
+/// version lists is kept, whatever the proposer believed: a push may have
+/// committed since it looked.
+pub fn apply_delete_records(
+    txn: &mut Txn<'_>,
+    delete: &DeleteChunkRecords,
+) -> Result<Result<u64, Rejection>, StoreError> {
+    let mut deleted = 0;
+    for id in &delete.ids {
+        let key = keys::chunk(id);
+        match read_record::<ChunkRecord>(txn, &key, "decode chunk record")? {
+            Some(record) if record.refs == 0 => {
+                txn.delete(key);
+                deleted += 1;
+            }
+            _ => {}
+        }
+    }
+    Ok(Ok(deleted))
+}
+
 /// Applies a commit; returns the new version number.
 pub fn apply_commit(
     txn: &mut Txn<'_>,
@@ -109,38 +211,10 @@ pub fn apply_commit(
     }
 
     // The replicas this push placed, merged with what is recorded.
-    let mut placed: BTreeMap<Vec<u8>, ChunkRecord> = BTreeMap::new();
-    for placement in &commit.placements {
-        if placement.id.len() != 32 {
-            return Ok(Err(format!(
-                "a placement names a chunk id of {} bytes",
-                placement.id.len()
-            )));
-        }
-        if placement.workers.is_empty() {
-            return Ok(Err(format!(
-                "chunk {} was placed on no worker",
-                hex::encode(&placement.id)
-            )));
-        }
-        let key = keys::chunk(&placement.id);
-        let mut record = match placed.remove(&key) {
-            Some(record) => record,
-            None => {
-                read_record::<ChunkRecord>(txn, &key, "decode chunk record")?.unwrap_or_default()
-            }
-        };
-        record.size = placement.size;
-        for worker in &placement.workers {
-            if txn.get(&keys::worker(worker))?.is_none() {
-                return Ok(Err(format!("worker {worker} is not registered")));
-            }
-            if !record.workers.contains(worker) {
-                record.workers.push(worker.clone());
-            }
-        }
-        placed.insert(key, record);
-    }
+    let placed = match merge_placements(txn, &commit.placements, version.replicas, now_ms)? {
+        Ok(placed) => placed,
+        Err(reason) => return Ok(Err(reason)),
+    };
 
     // Every chunk of every file has a replica; sizes add up; paths are unique.
     let mut paths = BTreeSet::new();
@@ -212,9 +286,26 @@ pub fn apply_commit(
         )));
     }
 
-    // Checked: now write.
+    // Checked: now write. Each chunk the version lists counts one more reference.
     bump_counter(txn, &keys::artifact_latest(name))?;
     txn.put(keys::artifact_version(name, number), encoded);
+    let mut placed = placed;
+    let listed: BTreeSet<&[u8]> = version
+        .files
+        .iter()
+        .flat_map(|f| f.chunks.iter().map(|c| c.id.as_slice()))
+        .collect();
+    for id in listed {
+        let key = keys::chunk(id);
+        let mut record = match placed.remove(&key) {
+            Some(record) => record,
+            None => {
+                read_record::<ChunkRecord>(txn, &key, "decode chunk record")?.unwrap_or_default()
+            }
+        };
+        record.refs += 1;
+        txn.put(key, record.encode_to_vec());
+    }
     for (key, record) in placed {
         txn.put(key, record.encode_to_vec());
     }
@@ -413,5 +504,57 @@ mod tests {
             assert!(validate_path(path).is_err(), "{path}");
         }
         assert!(validate_path("dir/file.csv").is_ok());
+    }
+
+    #[test]
+    fn only_chunks_no_version_lists_are_collected() {
+        let base = Empty;
+        let mut txn = Txn::new(&base);
+        register_w1(&mut txn);
+        // Chunk 1 is recorded by a push batch, chunk 2 too, but only chunk 1 is
+        // listed by a committed version.
+        let add = command::Kind::AddChunkReplicas(AddChunkReplicas {
+            placements: [1u8, 2u8]
+                .iter()
+                .map(|b| ChunkPlacement {
+                    id: vec![*b; 32],
+                    size: 10,
+                    workers: vec!["w1".into()],
+                })
+                .collect(),
+            replicas: 2,
+        });
+        apply_command(&mut txn, &cmd(add))
+            .expect("io")
+            .expect("recorded");
+        apply_command(&mut txn, &cmd(commit("m", &[(1, 10)], &[])))
+            .expect("io")
+            .expect("committed");
+        let record = |txn: &Txn<'_>, b: u8| {
+            read_record::<ChunkRecord>(txn, &keys::chunk(&[b; 32]), "chunk").expect("io")
+        };
+        assert_eq!(record(&txn, 1).expect("chunk 1").refs, 1);
+        assert_eq!(record(&txn, 2).expect("chunk 2").refs, 0);
+        assert_eq!(record(&txn, 2).expect("chunk 2").replicas, 2);
+        assert_eq!(record(&txn, 2).expect("chunk 2").created_at_ms, 5);
+
+        let delete = command::Kind::DeleteChunkRecords(DeleteChunkRecords {
+            ids: vec![vec![1; 32], vec![2; 32]],
+        });
+        let deleted = apply_command(&mut txn, &cmd(delete))
+            .expect("io")
+            .expect("applied");
+        assert_eq!(deleted, 1, "the listed chunk is kept");
+        assert!(record(&txn, 1).is_some());
+        assert!(record(&txn, 2).is_none());
+
+        let drop = command::Kind::DropChunkReplicas(DropChunkReplicas {
+            worker_id: "w1".into(),
+            ids: vec![vec![1; 32]],
+        });
+        apply_command(&mut txn, &cmd(drop))
+            .expect("io")
+            .expect("applied");
+        assert!(record(&txn, 1).expect("chunk 1").workers.is_empty());
     }
 }

@@ -195,6 +195,15 @@ fn apply_kind(txn: &mut Txn<'_>, cmd: &Command) -> Result<Result<u64, Rejection>
         command::Kind::SetArtifactTag(set) => {
             return super::artifacts::apply_tag(txn, set);
         }
+        command::Kind::AddChunkReplicas(add) => {
+            return super::artifacts::apply_add_replicas(txn, add, now_ms);
+        }
+        command::Kind::DropChunkReplicas(drop) => {
+            return super::artifacts::apply_drop_replicas(txn, drop);
+        }
+        command::Kind::DeleteChunkRecords(delete) => {
+            return super::artifacts::apply_delete_records(txn, delete);
+        }
     }
     Ok(Ok(0))
 }

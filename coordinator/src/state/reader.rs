@@ -40,6 +40,11 @@ impl StateReader {
 
     /// Returns up to `limit` pairs whose key starts with `prefix`, in key order.
     pub fn scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError> {
+        self.scan_from(prefix, prefix, limit)
+    }
+
+    /// Returns up to `limit` pairs from key `from` on whose key starts with `prefix`.
+    fn scan_from(&self, from: &[u8], prefix: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError> {
         let cf = self
             .db
             .cf_handle(CF_STATE)
@@ -47,7 +52,7 @@ impl StateReader {
         let mut out = Vec::new();
         for item in self
             .db
-            .iterator_cf(&cf, IteratorMode::From(prefix, rocksdb::Direction::Forward))
+            .iterator_cf(&cf, IteratorMode::From(from, rocksdb::Direction::Forward))
         {
             let (k, v) = item.map_err(|e| StoreError {
                 op: "scan state",
@@ -59,6 +64,23 @@ impl StateReader {
             out.push((k.to_vec(), v.to_vec()));
         }
         Ok(out)
+    }
+
+    /// Returns up to `limit` pairs whose key starts with `prefix` and comes after
+    /// `after` (from the start when `None`), in key order: a walk page by page.
+    pub fn scan_after(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Pair>, StoreError> {
+        let Some(after) = after else {
+            return self.scan(prefix, limit);
+        };
+        // The smallest key greater than `after`.
+        let mut start = after.to_vec();
+        start.push(0);
+        self.scan_from(&start, prefix, limit)
     }
 
     /// Returns every registered worker.
