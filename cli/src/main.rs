@@ -185,6 +185,9 @@ struct WorkerArgs {
     inference_grpc: Option<String>,
     #[arg(long, env = "KILN_HEARTBEAT_INTERVAL_MS")]
     heartbeat_interval_ms: Option<u64>,
+    /// Pause between passes of the blob scrubber (0: off; default 6 hours).
+    #[arg(long, env = "KILN_SCRUB_INTERVAL_MS")]
+    scrub_interval_ms: Option<u64>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -501,6 +504,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     http: args.http,
                     inference_grpc: args.inference_grpc,
                     heartbeat_interval_ms: args.heartbeat_interval_ms,
+                    scrub_interval_ms: args.scrub_interval_ms,
                     tls: args.tls.files(),
                     insecure: args.tls.insecure,
                 },

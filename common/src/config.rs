@@ -303,6 +303,7 @@ pub struct WorkerFile {
     pub http: Option<String>,
     pub inference_grpc: Option<String>,
     pub heartbeat_interval_ms: Option<u64>,
+    pub scrub_interval_ms: Option<u64>,
     pub tls: TlsFiles,
     pub insecure: Option<bool>,
 }
@@ -317,6 +318,7 @@ pub struct WorkerOverrides {
     pub http: Option<String>,
     pub inference_grpc: Option<String>,
     pub heartbeat_interval_ms: Option<u64>,
+    pub scrub_interval_ms: Option<u64>,
     pub tls: TlsFiles,
     pub insecure: bool,
 }
@@ -333,9 +335,15 @@ pub struct WorkerConfig {
     pub http: SocketAddr,
     pub inference_grpc: SocketAddr,
     pub heartbeat_interval_ms: u64,
+    /// Pause between two passes of the blob scrubber, which reads and verifies
+    /// every stored chunk; 0 turns it off.
+    pub scrub_interval_ms: u64,
     /// Node TLS; `None` only with `insecure`.
     pub tls: Option<NodeTls>,
 }
+
+/// Pause between scrub passes unless configured: six hours.
+pub const DEFAULT_SCRUB_INTERVAL_MS: u64 = 6 * 3_600_000;
 
 impl WorkerConfig {
     /// Builds the configuration from an optional file and overrides, and validates it.
@@ -402,6 +410,10 @@ impl WorkerConfig {
         if heartbeat_interval_ms == 0 {
             return Err(invalid("heartbeat_interval_ms", "must be positive"));
         }
+        let scrub_interval_ms = overrides
+            .scrub_interval_ms
+            .or(base.scrub_interval_ms)
+            .unwrap_or(DEFAULT_SCRUB_INTERVAL_MS);
         let tls = node_tls(
             merge_tls(overrides.tls, base.tls),
             overrides.insecure || base.insecure.unwrap_or(false),
@@ -414,6 +426,7 @@ impl WorkerConfig {
             http,
             inference_grpc,
             heartbeat_interval_ms,
+            scrub_interval_ms,
             tls,
         })
     }

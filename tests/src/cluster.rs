@@ -265,6 +265,11 @@ impl Cluster {
 
     /// Starts a worker called `name` against the running coordinators.
     pub fn start_worker(&mut self, name: &str) {
+        self.start_worker_with(name, &[]);
+    }
+
+    /// Starts worker `name` with `extra` flags after the usual ones.
+    pub fn start_worker_with(&mut self, name: &str, extra: &[&str]) {
         assert!(
             !self.workers.contains_key(name),
             "worker {name} already exists"
@@ -291,6 +296,7 @@ impl Cluster {
         ];
         let full_name = format!("worker-{name}");
         let mut args = args;
+        args.extend(extra.iter().map(|a| a.to_string()));
         args.extend(self.node_tls_args(&full_name));
         let log = self.dir.path().join(format!("{full_name}.log"));
         let proc = Proc::spawn(&full_name, &self.bin, &args, &log);

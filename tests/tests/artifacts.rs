@@ -16,11 +16,17 @@ async fn cluster() -> Cluster {
 
 /// A cluster with the named workers, which know the admin token.
 async fn cluster_with(workers: &[&str]) -> Cluster {
+    let with_args: Vec<(&str, &[&str])> = workers.iter().map(|w| (*w, &[][..])).collect();
+    cluster_with_args(&with_args).await
+}
+
+/// A cluster with the named workers, each with extra flags.
+async fn cluster_with_args(workers: &[(&str, &[&str])]) -> Cluster {
     let mut cluster = Cluster::start(3, "");
     cluster.wait_for_leader(Duration::from_secs(20)).await;
     cluster.wait_for_agreement(Duration::from_secs(10)).await;
-    for name in workers {
-        cluster.start_worker(name);
+    for (name, extra) in workers {
+        cluster.start_worker_with(name, extra);
     }
     // The admin token exists once run_cli has made it; both workers know it once a
     // pull of a pushed file succeeds.
@@ -283,25 +289,10 @@ async fn a_corrupt_replica_is_skipped_for_a_good_one() {
     let report = push(&cluster, &src, "model", &[]).await;
     assert_eq!(report["replicas"], 2);
 
-    // Flip bytes of the file on worker a's disk, wherever its blob store put them.
-    let blobs = cluster.root().join("worker-a").join("blobs");
-    let needle = &bytes[100_000..100_064];
-    let mut flipped = 0;
-    for entry in std::fs::read_dir(&blobs).expect("read blob dir").flatten() {
-        let mut data = std::fs::read(entry.path()).expect("read");
-        if let Some(at) = data.windows(needle.len()).position(|w| w == needle) {
-            data[at + 7] ^= 0x5a;
-            std::fs::write(entry.path(), &data).expect("corrupt");
-            flipped += 1;
-        }
-    }
-    assert_eq!(flipped, 1, "the chunk was found once on worker a's disk");
+    corrupt_on_disk(&cluster, "a", &bytes[100_000..100_064]);
 
     // Worker a refuses to serve the rotten chunk; worker b serves it whole.
-    let chunk = kiln_common::chunking::Chunker::new(&bytes[..])
-        .map(|c| c.expect("chunk"))
-        .find(|c| c.offset <= 100_000 && 100_000 < c.offset + c.data.len() as u64)
-        .expect("the chunk that holds the flipped byte");
+    let chunk = chunk_at(&bytes, 100_000);
     let ask = |name: &str| {
         let mut client = cluster.blobs_client(name);
         let id = chunk.id.0.to_vec();
@@ -424,6 +415,33 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
     cluster.assert_healthy();
 }
 
+/// Flips a byte of the stored copy of `needle` on worker `name`'s disk, wherever
+/// its blob store put it (random bytes do not compress, so they sit there as is).
+fn corrupt_on_disk(cluster: &Cluster, name: &str, needle: &[u8]) {
+    let blobs = cluster.root().join(format!("worker-{name}")).join("blobs");
+    let mut flipped = 0;
+    for entry in std::fs::read_dir(&blobs).expect("read blob dir").flatten() {
+        let mut data = std::fs::read(entry.path()).expect("read");
+        if let Some(at) = data.windows(needle.len()).position(|w| w == needle) {
+            data[at + 7] ^= 0x5a;
+            std::fs::write(entry.path(), &data).expect("corrupt");
+            flipped += 1;
+        }
+    }
+    assert_eq!(
+        flipped, 1,
+        "the bytes were found once on worker {name}'s disk"
+    );
+}
+
+/// The chunk of `bytes` that holds byte `offset`.
+fn chunk_at(bytes: &[u8], offset: u64) -> kiln_common::chunking::Chunk {
+    kiln_common::chunking::Chunker::new(bytes)
+        .map(|c| c.expect("chunk"))
+        .find(|c| c.offset <= offset && offset < c.offset + c.data.len() as u64)
+        .expect("a chunk holds the offset")
+}
+
 /// The ids of the chunks of `bytes`, as a push cuts them.
 fn chunk_ids(bytes: &[u8]) -> Vec<Vec<u8>> {
     kiln_common::chunking::Chunker::new(bytes)
@@ -501,4 +519,115 @@ async fn a_killed_workers_chunks_are_copied_back_to_two_replicas() {
     let out = dir.path().join("dataset.out");
     pull(&cluster, "dataset", &out).await;
     assert_eq!(std::fs::read(&out).expect("read"), bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_scrubber_replaces_a_corrupt_replica() {
+    let mut cluster =
+        cluster_with_args(&[("a", &["--scrub-interval-ms", "1000"]), ("b", &[])]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("weights.bin");
+    let bytes = random_bytes(2 * 1024 * 1024, 13);
+    std::fs::write(&src, &bytes).expect("write");
+    push(&cluster, &src, "weights", &[]).await;
+    corrupt_on_disk(&cluster, "a", &bytes[300_000..300_064]);
+    let chunk = chunk_at(&bytes, 300_000);
+
+    // The scrubber finds it, the coordinators forget that replica, and the repair
+    // loop copies a good one back to worker a (the only worker without one).
+    let corrupted_at = std::time::Instant::now();
+    kiln_tests::wait_for(
+        Duration::from_secs(30),
+        "worker a to hold a good copy again",
+        || {
+            let mut client = cluster.blobs_client("a");
+            let id = chunk.id.0.to_vec();
+            let want = chunk.data.clone();
+            async move {
+                match client.get_chunk(GetChunkRequest { id }).await {
+                    Ok(resp) if resp.get_ref().data == want => Ok(()),
+                    Ok(_) => Err("different bytes".to_string()),
+                    Err(e) => Err(format!("{:?}: {}", e.code(), e.message())),
+                }
+            }
+        },
+    )
+    .await;
+    println!("repaired {:?} after the corruption", corrupted_at.elapsed());
+    let out = dir.path().join("weights.out");
+    pull(&cluster, "weights", &out).await;
+    assert_eq!(std::fs::read(&out).expect("read"), bytes);
+    cluster.assert_healthy();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_interrupted_push_resumes_and_its_leftovers_are_collected() {
+    let mut cluster = cluster().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kept = dir.path().join("kept.bin");
+    let kept_bytes = random_bytes(3 * 1024 * 1024, 21);
+    std::fs::write(&kept, &kept_bytes).expect("write");
+    let kept_text = kept.display().to_string();
+
+    // A push whose commit is refused (its parent does not exist) has stored and
+    // recorded its chunks, but made no version.
+    let args = [
+        "artifact", "push", &kept_text, "--name", "kept", "--parent", "nosuch@1",
+    ];
+    let failed = cluster.run_cli(&args).await;
+    assert!(!failed.status.success());
+    assert!(stderr_text(&failed).contains("parent nosuch@1 does not exist"));
+    // Run again, it sends nothing: every chunk is stored already.
+    let resumed = push(&cluster, &kept, "kept", &[]).await;
+    assert_eq!(resumed["version"], 1);
+    assert_eq!(resumed["new_chunks"], 0, "{resumed}");
+
+    // Leftovers of another refused push: chunks no version lists.
+    let orphan = dir.path().join("orphan.bin");
+    let orphan_bytes = random_bytes(2 * 1024 * 1024, 22);
+    std::fs::write(&orphan, &orphan_bytes).expect("write");
+    let orphan_text = orphan.display().to_string();
+    let args = [
+        "artifact",
+        "push",
+        &orphan_text,
+        "--name",
+        "orphan",
+        "--parent",
+        "nosuch@1",
+    ];
+    assert!(!cluster.run_cli(&args).await.status.success());
+    let orphan_ids = chunk_ids(&orphan_bytes);
+    assert_eq!(held(&cluster, "a", &orphan_ids).await, orphan_ids.len());
+
+    // Young chunks are spared (they may belong to a push in flight).
+    let gc = |extra: &'static [&'static str]| {
+        let cluster = &cluster;
+        async move {
+            let mut args = vec!["artifact", "gc", "--json"];
+            args.extend_from_slice(extra);
+            let out = cluster.run_cli(&args).await;
+            assert!(out.status.success(), "gc: {}", stderr_text(&out));
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("gc --json")
+        }
+    };
+    assert_eq!(gc(&[]).await["chunks"], 0, "the default grace is an hour");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let dry = gc(&["--grace", "1s", "--dry-run"]).await;
+    assert_eq!(dry["chunks"], orphan_ids.len() as u64, "{dry}");
+    assert_eq!(dry["bytes"], orphan_bytes.len() as u64);
+    assert_eq!(held(&cluster, "a", &orphan_ids).await, orphan_ids.len());
+    let done = gc(&["--grace", "1s"]).await;
+    assert_eq!(done["chunks"], orphan_ids.len() as u64, "{done}");
+    assert_eq!(done["pending"], 0);
+    for name in ["a", "b"] {
+        assert_eq!(held(&cluster, name, &orphan_ids).await, 0, "worker {name}");
+    }
+    // What versions list is untouched.
+    let kept_ids = chunk_ids(&kept_bytes);
+    assert_eq!(held(&cluster, "a", &kept_ids).await, kept_ids.len());
+    let out = dir.path().join("kept.out");
+    pull(&cluster, "kept", &out).await;
+    assert_eq!(std::fs::read(&out).expect("read"), kept_bytes);
+    cluster.assert_healthy();
 }

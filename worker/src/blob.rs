@@ -271,18 +271,21 @@ impl BlobStore {
 
     /// Returns true when the chunk is stored (without reading or verifying it).
     pub fn contains(&self, id: &ChunkId) -> Result<bool, BlobError> {
-        if !self.db.key_may_exist(id.0) {
-            return Ok(false);
-        }
-        Ok(self.db.get_pinned(id.0).map_err(storage("read"))?.is_some())
+        // The small `written` entry stands for the chunk: it is written and removed
+        // in the same batches, and reading it never touches the chunk's bytes, which
+        // may be the rotten ones.
+        Ok(self.written_at(id)?.is_some())
     }
 
     /// Removes a chunk (absent is fine).
     pub fn delete(&self, id: ChunkId) -> Result<(), BlobError> {
+        let mut batch = WriteBatch::default();
+        batch.delete(id.0);
+        batch.delete_cf(self.written_cf(), id.0);
         let mut options = WriteOptions::default();
         options.set_sync(true);
         self.db
-            .delete_opt(id.0, &options)
+            .write_opt(batch, &options)
             .map_err(storage("delete"))
     }
 
@@ -298,7 +301,8 @@ impl BlobStore {
             None => IteratorMode::Start,
         };
         let mut out = Vec::new();
-        for item in self.db.iterator(mode) {
+        // Walks the `written` entries: listing ids must not read chunk bytes.
+        for item in self.db.iterator_cf(self.written_cf(), mode) {
             let (key, _) = item.map_err(storage("scan"))?;
             let id = ChunkId::from_slice(&key, "stored key").map_err(|e| BlobError::Storage {
                 op: "scan",

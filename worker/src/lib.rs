@@ -12,6 +12,9 @@
 //!   [`agent::Registration`] state on a `watch` and bumps counters in `metrics`.
 //! - `metrics`: counters and gauges as atomics, rendered in the Prometheus text
 //!   format.
+//! - `blob`, `blob_service`, `scrub`: the chunk store in RocksDB, its gRPC service
+//!   (`kiln.v1.Blobs`: push, read, copy, delete chunks) and the scrubber that
+//!   re-verifies stored chunks on a schedule.
 //! - `http`: the HTTP server (KServe v2 health endpoints, `/metrics`); it only
 //!   reads the registration `watch` and the metrics.
 //!
@@ -43,6 +46,7 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod resources;
+pub mod scrub;
 
 #[cfg(test)]
 mod in_process_coordinator;
@@ -195,6 +199,14 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
             .await
             .with_context(|| format!("serve worker http {http_addr}"))
     });
+    tokio::spawn(scrub::scrub_loop(
+        store.clone(),
+        Arc::clone(&peers),
+        id.to_string(),
+        Duration::from_millis(config.scrub_interval_ms),
+        Arc::clone(&metrics),
+        agent_stop.clone(),
+    ));
     let blobs = BlobsServer::new(BlobService {
         store,
         tokens: tls.is_some().then(|| Arc::clone(&tokens)),
@@ -400,6 +412,7 @@ mod tests {
             http: any,
             inference_grpc: any,
             heartbeat_interval_ms: 50,
+            scrub_interval_ms: 0,
             tls: None,
         }
     }
