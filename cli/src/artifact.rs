@@ -27,6 +27,8 @@ use kiln_common::chunking::{Chunk, ChunkId, Chunker};
 use kiln_common::client::ClusterClient;
 use kiln_proto::v1::*;
 use tokio::sync::mpsc;
+
+use crate::progress::Progress;
 use tokio::task::JoinSet;
 
 /// Bytes of chunks planned and sent together.
@@ -213,29 +215,31 @@ async fn send_batch(
     if plan.targets.is_empty() {
         bail!("the coordinators named no worker to store chunks");
     }
-    let missing: Vec<&Chunk> = plan.missing.iter().map(|&i| &batch[i as usize]).collect();
+    // The batch is shared by the uploads; each message is made as the stream is
+    // sent, so only the messages in flight are copies.
+    let batch = Arc::new(batch);
+    let missing: Arc<Vec<usize>> = Arc::new(plan.missing.iter().map(|&i| i as usize).collect());
     if !missing.is_empty() {
         let mut sends = JoinSet::new();
         for target in &plan.targets {
-            let requests: Vec<PutChunksRequest> = missing
-                .iter()
-                .map(|c| PutChunksRequest {
-                    id: c.id.0.to_vec(),
-                    data: c.data.clone(),
-                })
-                .collect();
             let mut blobs = client.blobs_for(&target.addr)?;
             let target = target.clone();
+            let (batch, missing) = (Arc::clone(&batch), Arc::clone(&missing));
             sends.spawn(async move {
                 // A token made a moment ago reaches a worker with its next heartbeat
                 // (1 s): an UNAUTHENTICATED answer is retried until then.
                 let mut attempts = 0;
                 loop {
                     attempts += 1;
-                    let result = blobs
-                        .put_chunks(tokio_stream::iter(requests.clone()))
-                        .await
-                        .map(|r| r.into_inner());
+                    let (batch, order) = (Arc::clone(&batch), Arc::clone(&missing));
+                    let requests = stream::iter(0..order.len()).map(move |k| {
+                        let chunk = &batch[order[k]];
+                        PutChunksRequest {
+                            id: chunk.id.0.to_vec(),
+                            data: chunk.data.clone(),
+                        }
+                    });
+                    let result = blobs.put_chunks(requests).await.map(|r| r.into_inner());
                     match result {
                         Err(e) if e.code() == tonic::Code::Unauthenticated && attempts < 5 => {
                             tokio::time::sleep(TOKEN_PROPAGATION_WAIT).await;
@@ -268,6 +272,7 @@ async fn send_batch(
     let workers: Vec<String> = plan.targets.iter().map(|t| t.worker_id.clone()).collect();
     let placements: Vec<ChunkPlacement> = missing
         .iter()
+        .map(|&i| &batch[i])
         .map(|c| ChunkPlacement {
             id: c.id.0.to_vec(),
             size: c.data.len() as u64,
@@ -308,6 +313,11 @@ pub async fn push(
     }
     let started = Instant::now();
     let (directory, sources) = sources(root)?;
+    let total: u64 = sources
+        .iter()
+        .map(|s| std::fs::metadata(&s.disk).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let mut progress = Progress::new(&format!("push {}", options.name), total);
     let (mut rx, reader) = spawn_reader(sources.iter().map(|s| s.disk.clone()).collect());
 
     let mut files = Vec::with_capacity(sources.len());
@@ -353,6 +363,7 @@ pub async fn push(
             Some(Err(e)) => return Err(e),
             Some(Ok(Read::Chunk(chunk))) => {
                 chunks += 1;
+                progress.advance(chunk.data.len() as u64);
                 current.push(ChunkRef {
                     id: chunk.id.0.to_vec(),
                     size: chunk.data.len() as u64,
@@ -375,6 +386,7 @@ pub async fn push(
     while let Some(done) = in_flight.join_next().await {
         collect(done.context("join a batch")?, &mut placements)?;
     }
+    progress.finish();
     reader
         .join()
         .map_err(|_| anyhow::anyhow!("the file reader panicked"))?;
@@ -545,14 +557,16 @@ pub async fn pull(
     } else {
         out.to_path_buf()
     };
+    let mut progress = Progress::new(&format!("pull {name}@{}", version.version), version.size);
     for file in &version.files {
         let path = if version.directory {
             target.join(&file.path)
         } else {
             target.clone()
         };
-        write_file(&client, &sources, file, &path).await?;
+        write_file(&client, &sources, file, &path, &mut progress).await?;
     }
+    progress.finish();
     Ok(PullReport {
         name,
         version: version.version,
@@ -570,6 +584,7 @@ async fn write_file(
     sources: &Arc<std::collections::HashMap<Vec<u8>, Vec<ChunkTarget>>>,
     file: &ArtifactFile,
     path: &Path,
+    progress: &mut Progress,
 ) -> anyhow::Result<()> {
     let parent = path
         .parent()
@@ -601,6 +616,7 @@ async fn write_file(
     .buffered(FETCHES_IN_FLIGHT);
     let result: anyhow::Result<()> = async {
         while let Some(data) = fetched.try_next().await? {
+            progress.advance(data.len() as u64);
             hasher.update(&data);
             out.write_all(&data)
                 .with_context(|| format!("cannot write {}", partial.display()))?;
@@ -625,4 +641,141 @@ async fn write_file(
     }
     std::fs::rename(&partial, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+/// What changed from one version to another.
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq)]
+pub struct Diff {
+    pub from: String,
+    pub to: String,
+    /// Bytes of the second version's distinct chunks that the first holds too.
+    pub shared_bytes: u64,
+    /// Bytes of the second version's distinct chunks that the first does not hold.
+    pub new_bytes: u64,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    pub unchanged: usize,
+}
+
+/// Compares two manifests.
+pub fn diff_versions(a: &ArtifactVersion, b: &ArtifactVersion) -> Diff {
+    let held: std::collections::HashSet<&[u8]> = a
+        .files
+        .iter()
+        .flat_map(|f| f.chunks.iter().map(|c| c.id.as_slice()))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut diff = Diff {
+        from: format!("{}@{}", a.name, a.version),
+        to: format!("{}@{}", b.name, b.version),
+        ..Diff::default()
+    };
+    for chunk in b.files.iter().flat_map(|f| f.chunks.iter()) {
+        if !seen.insert(chunk.id.as_slice()) {
+            continue;
+        }
+        if held.contains(chunk.id.as_slice()) {
+            diff.shared_bytes += chunk.size;
+        } else {
+            diff.new_bytes += chunk.size;
+        }
+    }
+    // A single file keeps its identity across versions whatever its name.
+    let key = |v: &ArtifactVersion, f: &ArtifactFile| {
+        if v.directory {
+            f.path.clone()
+        } else {
+            String::new()
+        }
+    };
+    let before: BTreeMap<String, &ArtifactFile> = a.files.iter().map(|f| (key(a, f), f)).collect();
+    let after: BTreeMap<String, &ArtifactFile> = b.files.iter().map(|f| (key(b, f), f)).collect();
+    for (path, file) in &after {
+        match before.get(path) {
+            None => diff.added.push(file.path.clone()),
+            Some(old) if old.digest != file.digest => diff.changed.push(file.path.clone()),
+            Some(_) => diff.unchanged += 1,
+        }
+    }
+    for (path, file) in &before {
+        if !after.contains_key(path) {
+            diff.removed.push(file.path.clone());
+        }
+    }
+    diff
+}
+
+/// Fetches two versions' manifests and compares them.
+pub async fn diff(client: Arc<ClusterClient>, from: &str, to: &str) -> anyhow::Result<Diff> {
+    let mut versions = Vec::new();
+    for reference in [from, to] {
+        let (name, selector) = parse_reference(reference)?;
+        let request = GetArtifactRequest {
+            name,
+            reference: selector.to_string(),
+        };
+        let resp = client
+            .call(|mut c| {
+                let req = request.clone();
+                async move { c.get_artifact(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        versions.push(resp.version.context("the coordinators sent no version")?);
+    }
+    Ok(diff_versions(&versions[0], &versions[1]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, digest: u8, chunks: &[(u8, u64)]) -> ArtifactFile {
+        ArtifactFile {
+            path: path.into(),
+            size: chunks.iter().map(|(_, s)| s).sum(),
+            digest: vec![digest; 32],
+            chunks: chunks
+                .iter()
+                .map(|(b, size)| ChunkRef {
+                    id: vec![*b; 32],
+                    size: *size,
+                })
+                .collect(),
+            mode: 0,
+        }
+    }
+
+    #[test]
+    fn diffs_count_shared_and_new_bytes_and_files() {
+        let a = ArtifactVersion {
+            name: "d".into(),
+            version: 1,
+            directory: true,
+            files: vec![
+                file("same.csv", 1, &[(1, 100)]),
+                file("edited.csv", 2, &[(2, 100), (3, 50)]),
+                file("gone.csv", 3, &[(4, 10)]),
+            ],
+            ..Default::default()
+        };
+        let b = ArtifactVersion {
+            name: "d".into(),
+            version: 2,
+            directory: true,
+            files: vec![
+                file("same.csv", 1, &[(1, 100)]),
+                file("edited.csv", 9, &[(2, 100), (5, 70)]),
+                file("new.csv", 4, &[(6, 30), (1, 100)]),
+            ],
+            ..Default::default()
+        };
+        let d = diff_versions(&a, &b);
+        assert_eq!(d.shared_bytes, 200, "chunks 1 and 2, once each");
+        assert_eq!(d.new_bytes, 100, "chunks 5 and 6");
+        assert_eq!(d.added, vec!["new.csv"]);
+        assert_eq!(d.removed, vec!["gone.csv"]);
+        assert_eq!(d.changed, vec!["edited.csv"]);
+        assert_eq!(d.unchanged, 1);
+    }
 }

@@ -8,6 +8,7 @@ mod artifact;
 mod bench;
 mod certs;
 mod local;
+mod progress;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -267,6 +268,14 @@ enum ArtifactCommand {
     },
     /// Points TAG at NAME[@VERSION|@TAG].
     Tag { reference: String, tag: String },
+    /// Shows what changed between two versions: bytes shared and new, and files
+    /// added, removed and changed.
+    Diff {
+        from: String,
+        to: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Removes chunks that no version lists (left by interrupted pushes).
     Gc {
         /// Spares chunks recorded more recently than this, e.g. 1h, 30m (default 1h).
@@ -1021,6 +1030,27 @@ async fn run_artifact(conn: &Connection, command: ArtifactCommand) -> anyhow::Re
                 })
                 .await?;
             println!("{name}@{tag} -> {}", resp.version);
+        }
+        ArtifactCommand::Diff { from, to, json } => {
+            let d = artifact::diff(client, &from, &to).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                println!("{} -> {}", d.from, d.to);
+                println!("bytes: {} shared, {} new", d.shared_bytes, d.new_bytes);
+                println!(
+                    "files: {} added, {} removed, {} changed, {} unchanged",
+                    d.added.len(),
+                    d.removed.len(),
+                    d.changed.len(),
+                    d.unchanged
+                );
+                for (mark, paths) in [("+", &d.added), ("-", &d.removed), ("~", &d.changed)] {
+                    for p in paths {
+                        println!("  {mark} {p}");
+                    }
+                }
+            }
         }
         ArtifactCommand::Gc {
             grace,

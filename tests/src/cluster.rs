@@ -662,19 +662,45 @@ impl Cluster {
     /// Runs `kiln --coordinator <running coordinators> --ca <CA> --token <admin>
     /// args...`.
     pub async fn run_cli(&self, args: &[&str]) -> Output {
-        let coordinators = self.live_addrs().join(",");
-        let ca = self.certs.join("ca.pem").display().to_string();
-        let token = self.admin_token().await;
-        let mut full = vec![
-            "--coordinator",
-            coordinators.as_str(),
-            "--ca",
-            ca.as_str(),
-            "--token",
-            token.as_str(),
-        ];
+        let global = self.cli_args().await;
+        let mut full: Vec<&str> = global.iter().map(String::as_str).collect();
         full.extend_from_slice(args);
         run_kiln(&full, CLI_TIMEOUT).await
+    }
+
+    /// Runs a CLI command like [`Cluster::run_cli`], within `timeout`, and returns
+    /// its peak resident memory in bytes too.
+    pub async fn run_cli_measured(&self, args: &[&str], timeout: Duration) -> (Output, u64) {
+        let global = self.cli_args().await;
+        let mut full: Vec<&str> = global.iter().map(String::as_str).collect();
+        full.extend_from_slice(args);
+        crate::cli::run_kiln_measured(&full, timeout).await
+    }
+
+    /// The global flags that point the CLI at this cluster as its admin.
+    async fn cli_args(&self) -> Vec<String> {
+        vec![
+            "--coordinator".into(),
+            self.live_addrs().join(","),
+            "--ca".into(),
+            self.certs.join("ca.pem").display().to_string(),
+            "--token".into(),
+            self.admin_token().await,
+        ]
+    }
+
+    /// Returns the peak resident memory (VmHWM) of running worker `name`, in bytes.
+    pub fn worker_peak_rss(&self, name: &str) -> u64 {
+        let node = self
+            .workers
+            .get(name)
+            .unwrap_or_else(|| panic!("no worker {name} in this cluster"));
+        let pid = node
+            .proc
+            .as_ref()
+            .unwrap_or_else(|| panic!("worker {name} is not running"))
+            .pid();
+        crate::cli::peak_rss(pid).unwrap_or_else(|| panic!("read the memory of worker {name}"))
     }
 
     fn all_nodes(&self) -> impl Iterator<Item = &Node> {

@@ -28,7 +28,7 @@ mod process;
 mod wait;
 mod writer;
 
-pub use cli::{kiln_bin, run_kiln, stderr_text, CLI_TIMEOUT};
+pub use cli::{kiln_bin, peak_rss, run_kiln, run_kiln_measured, stderr_text, CLI_TIMEOUT};
 pub use cluster::{run_kiln_sync, Cluster};
 pub use http::http_get;
 pub use port::free_port;

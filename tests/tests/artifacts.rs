@@ -214,6 +214,21 @@ async fn round_trips_are_byte_identical_and_identical_bytes_are_stored_once() {
         new_bytes <= 2 * 1024 * 1024,
         "an inserted line stored {new_bytes} new bytes; the chunks around it are at most 2 MiB"
     );
+    // Diff says the same as the pushes did.
+    let diff = cluster
+        .run_cli(&["artifact", "diff", "data@1", "data@2", "--json"])
+        .await;
+    assert!(diff.status.success(), "diff: {}", stderr_text(&diff));
+    let diff: serde_json::Value = serde_json::from_slice(&diff.stdout).expect("diff --json");
+    assert_eq!(diff["new_bytes"], second["new_bytes"], "{diff}");
+    assert_eq!(diff["changed"][0], "data.csv");
+    let same = cluster
+        .run_cli(&["artifact", "diff", "tree@1", "tree@latest", "--json"])
+        .await;
+    let same: serde_json::Value = serde_json::from_slice(&same.stdout).expect("diff --json");
+    assert_eq!(same["unchanged"], 120, "{same}");
+    assert_eq!(same["new_bytes"], 0);
+
     let out = d.join("data.out");
     pull(&cluster, "data@2", &out).await;
     assert_eq!(std::fs::read(&out).expect("read"), appended.as_bytes());
@@ -629,5 +644,84 @@ async fn an_interrupted_push_resumes_and_its_leftovers_are_collected() {
     let out = dir.path().join("kept.out");
     pull(&cluster, "kept", &out).await;
     assert_eq!(std::fs::read(&out).expect("read"), kept_bytes);
+    cluster.assert_healthy();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gigabyte_round_trips_in_bounded_memory() {
+    const LIMIT: u64 = 256 << 20;
+    let mut cluster = cluster().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("big.bin");
+    // 1 GiB in 64 MiB blocks of random bytes, written as it is made.
+    {
+        use std::io::Write as _;
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&src).expect("create"));
+        for block in 0..16 {
+            file.write_all(&random_bytes(64 << 20, 100 + block))
+                .expect("write");
+        }
+        file.flush().expect("flush");
+    }
+    let src_text = src.display().to_string();
+    let (out, cli_peak) = cluster
+        .run_cli_measured(
+            &["artifact", "push", &src_text, "--name", "big", "--json"],
+            Duration::from_secs(300),
+        )
+        .await;
+    assert!(out.status.success(), "push: {}", stderr_text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    println!(
+        "push 1 GiB: {:.1} s, CLI peak {} MiB",
+        report["seconds"].as_f64().unwrap_or(0.0),
+        cli_peak >> 20
+    );
+    assert!(
+        cli_peak < LIMIT,
+        "the CLI peaked at {} MiB pushing 1 GiB",
+        cli_peak >> 20
+    );
+
+    let dst = dir.path().join("big.out");
+    let dst_text = dst.display().to_string();
+    let (out, cli_peak) = cluster
+        .run_cli_measured(
+            &["artifact", "pull", "big", "-o", &dst_text],
+            Duration::from_secs(300),
+        )
+        .await;
+    assert!(out.status.success(), "pull: {}", stderr_text(&out));
+    println!("pull 1 GiB: CLI peak {} MiB", cli_peak >> 20);
+    assert!(
+        cli_peak < LIMIT,
+        "the CLI peaked at {} MiB pulling 1 GiB",
+        cli_peak >> 20
+    );
+    for name in ["a", "b"] {
+        let peak = cluster.worker_peak_rss(name);
+        println!("worker {name} peak {} MiB", peak >> 20);
+        assert!(peak < LIMIT, "worker {name} peaked at {} MiB", peak >> 20);
+    }
+    // Byte-identical, compared block by block.
+    {
+        use std::io::Read as _;
+        let mut a = std::io::BufReader::new(std::fs::File::open(&src).expect("open"));
+        let mut b = std::io::BufReader::new(std::fs::File::open(&dst).expect("open"));
+        let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+        loop {
+            let n = a.read(&mut x).expect("read");
+            b.read_exact(&mut y[..n]).expect("same length");
+            assert_eq!(x[..n], y[..n], "the pulled bytes differ");
+            if n == 0 {
+                break;
+            }
+        }
+        assert_eq!(
+            b.read(&mut y).expect("read"),
+            0,
+            "the pulled file is longer"
+        );
+    }
     cluster.assert_healthy();
 }

@@ -22,8 +22,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::blob::BlobStore;
 use crate::metrics::Metrics;
 
-/// Bytes of chunks written in one synced batch.
-pub const MAX_BATCH_BYTES: usize = 16 << 20;
+/// Bytes of chunks written in one synced batch (held three times while it is
+/// written: received, encoded, in the memtable).
+pub const MAX_BATCH_BYTES: usize = 8 << 20;
 /// Most ids one HasChunks call may ask about.
 pub const MAX_HAS_IDS: usize = 65_536;
 
