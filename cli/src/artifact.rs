@@ -527,18 +527,9 @@ pub async fn pull(
     out: &Path,
 ) -> anyhow::Result<PullReport> {
     let started = Instant::now();
-    let (name, selector) = parse_reference(reference)?;
-    let request = GetArtifactRequest {
-        name: name.clone(),
-        reference: selector.to_string(),
-    };
-    let resp = client
-        .call(|mut c| {
-            let req = request.clone();
-            async move { c.get_artifact(req).await.map(|r| r.into_inner()) }
-        })
-        .await?;
+    let resp = get_artifact(&client, reference).await?;
     let version = resp.version.context("the coordinators sent no version")?;
+    let name = version.name.clone();
     let sources: Arc<std::collections::HashMap<Vec<u8>, Vec<ChunkTarget>>> = Arc::new(
         resp.sources
             .into_iter()
@@ -710,20 +701,28 @@ pub fn diff_versions(a: &ArtifactVersion, b: &ArtifactVersion) -> Diff {
 pub async fn diff(client: Arc<ClusterClient>, from: &str, to: &str) -> anyhow::Result<Diff> {
     let mut versions = Vec::new();
     for reference in [from, to] {
-        let (name, selector) = parse_reference(reference)?;
-        let request = GetArtifactRequest {
-            name,
-            reference: selector.to_string(),
-        };
-        let resp = client
-            .call(|mut c| {
-                let req = request.clone();
-                async move { c.get_artifact(req).await.map(|r| r.into_inner()) }
-            })
-            .await?;
+        let resp = get_artifact(&client, reference).await?;
         versions.push(resp.version.context("the coordinators sent no version")?);
     }
     Ok(diff_versions(&versions[0], &versions[1]))
+}
+
+/// Resolves `NAME[@REF]` to its manifest and chunk replicas.
+async fn get_artifact(
+    client: &ClusterClient,
+    reference: &str,
+) -> anyhow::Result<GetArtifactResponse> {
+    let (name, selector) = parse_reference(reference)?;
+    let request = GetArtifactRequest {
+        name,
+        reference: selector.to_string(),
+    };
+    Ok(client
+        .call(|mut c| {
+            let req = request.clone();
+            async move { c.get_artifact(req).await.map(|r| r.into_inner()) }
+        })
+        .await?)
 }
 
 #[cfg(test)]
