@@ -6,6 +6,7 @@
 
 mod artifact;
 mod bench;
+mod bench_artifacts;
 mod certs;
 mod local;
 mod progress;
@@ -394,6 +395,30 @@ enum AdminCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Chunking and hashing GB/s against memcpy, and the average chunk size sweep.
+    Chunking {
+        /// MiB of random bytes to chunk.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: usize,
+        /// MiB of CSV for the average chunk size sweep.
+        #[arg(long, default_value_t = 256)]
+        csv_mib: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Artifact push and pull MB/s against DVC with a local remote (pip install dvc).
+    Artifacts {
+        /// MiB of the CSV file pushed.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: usize,
+        /// Scratch directory (emptied first, removed after a run that succeeds).
+        #[arg(long, default_value = ".kiln/bench-artifacts")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 18070)]
+        base_port: u16,
+        #[arg(long)]
+        json: bool,
+    },
     /// Committed writes/s, commit latency and leader failover of the control plane.
     Raft {
         /// Concurrent clients per level, comma-separated.
@@ -770,6 +795,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { command } => match command {
+            BenchCommand::Chunking {
+                size_mib,
+                csv_mib,
+                json,
+            } => {
+                let report = tokio::task::spawn_blocking(move || {
+                    bench_artifacts::chunking(size_mib, csv_mib)
+                })
+                .await??;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    report.print_table();
+                }
+                Ok(())
+            }
+            BenchCommand::Artifacts {
+                size_mib,
+                dir,
+                base_port,
+                json,
+            } => {
+                let report = bench_artifacts::artifacts(size_mib, &dir, base_port).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    report.print_table();
+                }
+                Ok(())
+            }
             BenchCommand::Raft {
                 clients,
                 duration_secs,
