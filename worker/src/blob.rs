@@ -4,8 +4,8 @@
 //! uncompressed length (u32, little endian) and the payload. A chunk is compressed
 //! only when that makes it smaller. Every write is verified against its id first
 //! (a sender is not trusted to name its bytes right) and is on disk, synced, before
-//! it is acknowledged: batches skip the write-ahead log and are flushed at once, so
-//! chunk bytes are written once; every read is verified again, so a chunk that
+//! it is acknowledged: batches skip the write-ahead log and are flushed before the
+//! answer (once per stream of batches), so chunk bytes are written once; every read is verified again, so a chunk that
 //! rotted on disk is reported as corrupt, never returned.
 //!
 //! Values are kept in RocksDB's blob files (key-value separation): chunks are
@@ -85,8 +85,10 @@ impl std::fmt::Debug for BlobStore {
 
 /// Encodes a chunk as it is stored.
 fn encode(data: &[u8]) -> Vec<u8> {
-    let compressed = lz4_flex::block::compress(data);
-    let (codec, payload) = if compressed.len() < data.len() {
+    // A chunk that LZ4 cannot shrink (or that it fails on) is kept as it is.
+    let compressed = lz4::block::compress(data, Some(lz4::block::CompressionMode::DEFAULT), false)
+        .unwrap_or_default();
+    let (codec, payload) = if !compressed.is_empty() && compressed.len() < data.len() {
         (CODEC_LZ4, compressed.as_slice())
     } else {
         (CODEC_RAW, data)
@@ -111,9 +113,8 @@ fn decode(id: ChunkId, value: &[u8]) -> Result<Vec<u8>, BlobError> {
     let payload = &value[HEADER_BYTES..];
     let data = match value[0] {
         CODEC_RAW => payload.to_vec(),
-        CODEC_LZ4 => {
-            lz4_flex::block::decompress(payload, len).map_err(|e| corrupt(format!("lz4: {e}")))?
-        }
+        CODEC_LZ4 => lz4::block::decompress(payload, Some(len as i32))
+            .map_err(|e| corrupt(format!("lz4: {e}")))?,
         other => return Err(corrupt(format!("unknown codec {other}"))),
     };
     if data.len() != len {
@@ -146,6 +147,8 @@ impl BlobStore {
         options.set_write_buffer_size(32 * 1024 * 1024);
         options.set_max_write_buffer_number(2);
         options.set_paranoid_checks(true);
+        // Writes skip the WAL, so the two column families are flushed as one.
+        options.set_atomic_flush(true);
         let mut written = Options::default();
         written.set_compression_type(rocksdb::DBCompressionType::None);
         let cfs = vec![
@@ -167,11 +170,19 @@ impl BlobStore {
         &self.path
     }
 
-    /// Verifies and stores chunks in one synced batch; returns how many were new.
-    /// Nothing is written when any chunk fails its check. Every chunk of the batch,
-    /// new or not, is marked as written now, so that garbage collection that
-    /// started earlier spares it.
+    /// Verifies and stores chunks in one batch and syncs it; returns how many were
+    /// new. Nothing is written when any chunk fails its check.
     pub fn put_many(&self, chunks: &[(ChunkId, &[u8])]) -> Result<usize, BlobError> {
+        let new = self.write_many(chunks)?;
+        self.sync()?;
+        Ok(new)
+    }
+
+    /// Verifies and writes chunks in one batch, not yet durable: [`BlobStore::sync`]
+    /// makes every write before it durable. Returns how many were new. Every chunk
+    /// of the batch, new or not, is marked as written now, so that a garbage
+    /// collection that started earlier spares it.
+    pub fn write_many(&self, chunks: &[(ChunkId, &[u8])]) -> Result<usize, BlobError> {
         let written = self.written_cf();
         let now = kiln_common::clock::now_ms().to_le_bytes();
         let mut batch = WriteBatch::default();
@@ -200,17 +211,29 @@ impl BlobStore {
         if chunks.is_empty() {
             return Ok(0);
         }
-        // Chunk bytes skip the write-ahead log: the flush right after writes them
-        // once, into synced blob files, instead of twice (log, then blob file). The
-        // batch is acknowledged only after the flush returns.
+        // Chunk bytes skip the write-ahead log: the flush in `sync` writes them
+        // once, into synced blob files, instead of twice (log, then blob file).
         let mut options = WriteOptions::default();
         options.disable_wal(true);
         self.db
             .write_opt(batch, &options)
             .map_err(storage("write"))?;
-        self.db.flush().map_err(storage("flush"))?;
-        self.db.flush_cf(written).map_err(storage("flush"))?;
         Ok(new)
+    }
+
+    /// Makes every write so far durable: flushes both column families together
+    /// (atomic flush), which syncs their files.
+    pub fn sync(&self) -> Result<(), BlobError> {
+        let chunks = self
+            .db
+            .cf_handle(rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
+            .expect("the default column family exists");
+        self.db
+            .flush_cfs_opt(
+                &[&chunks, &self.written_cf()],
+                &rocksdb::FlushOptions::default(),
+            )
+            .map_err(storage("flush"))
     }
 
     fn written_cf(&self) -> &rocksdb::ColumnFamily {

@@ -99,20 +99,30 @@ impl BlobService {
         Err(format!("chunk {id}: {}", errors.join("; ")))
     }
 
-    /// Writes one batch on a blocking thread; returns how many chunks were new.
+    /// Writes one batch on a blocking thread, not yet durable; returns how many
+    /// chunks were new.
     async fn write(&self, batch: Vec<(ChunkId, Vec<u8>)>) -> Result<usize, Status> {
         let store = self.store.clone();
         let bytes: usize = batch.iter().map(|(_, d)| d.len()).sum();
         let new = tokio::task::spawn_blocking(move || {
             let refs: Vec<(ChunkId, &[u8])> =
                 batch.iter().map(|(id, d)| (*id, d.as_slice())).collect();
-            store.put_many(&refs)
+            store.write_many(&refs)
         })
         .await
         .map_err(|e| Status::internal(format!("chunk write task: {e}")))?
         .map_err(|e| Status::from(Error::from(e)))?;
         self.metrics.chunks_written(new as u64, bytes as u64);
         Ok(new)
+    }
+
+    /// Makes every write so far durable, on a blocking thread.
+    async fn sync(&self) -> Result<(), Status> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.sync())
+            .await
+            .map_err(|e| Status::internal(format!("chunk sync task: {e}")))?
+            .map_err(|e| Status::from(Error::from(e)))
     }
 }
 
@@ -146,6 +156,10 @@ impl Blobs for BlobService {
         }
         if !batch.is_empty() {
             stored_new += self.write(batch).await? as u32;
+        }
+        // One flush for the whole stream; the answer means every chunk is on disk.
+        if received > 0 {
+            self.sync().await?;
         }
         Ok(Response::new(PutChunksResponse {
             received,
@@ -242,6 +256,9 @@ impl Blobs for BlobService {
         }
         if !batch.is_empty() {
             self.write(batch).await?;
+        }
+        if !stored.is_empty() {
+            self.sync().await?;
         }
         if !failures.is_empty() {
             tracing::warn!(failed = failures.len(), first = %failures[0], "some chunks could not be copied");
