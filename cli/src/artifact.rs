@@ -215,16 +215,31 @@ async fn send_batch(
     if plan.targets.is_empty() {
         bail!("the coordinators named no worker to store chunks");
     }
-    // The batch is shared by the uploads; each message is made as the stream is
-    // sent, so only the messages in flight are copies.
+    // The missing chunks are compressed once, here, for every replica; the batch
+    // is shared by the uploads and each message is made as its stream is sent, so
+    // only the messages in flight are copies.
     let batch = Arc::new(batch);
     let missing: Arc<Vec<usize>> = Arc::new(plan.missing.iter().map(|&i| i as usize).collect());
+    let encoded: Arc<Vec<Vec<u8>>> = {
+        let (batch, missing) = (Arc::clone(&batch), Arc::clone(&missing));
+        Arc::new(
+            tokio::task::spawn_blocking(move || {
+                missing
+                    .iter()
+                    .map(|&i| kiln_common::chunking::encode_chunk(&batch[i].data))
+                    .collect()
+            })
+            .await
+            .context("compress chunks")?,
+        )
+    };
     if !missing.is_empty() {
         let mut sends = JoinSet::new();
         for target in &plan.targets {
             let mut blobs = client.blobs_for(&target.addr)?;
             let target = target.clone();
-            let (batch, missing) = (Arc::clone(&batch), Arc::clone(&missing));
+            let (batch, encoded) = (Arc::clone(&batch), Arc::clone(&encoded));
+            let missing = Arc::clone(&missing);
             sends.spawn(async move {
                 // A token made a moment ago reaches a worker with its next heartbeat
                 // (1 s): an UNAUTHENTICATED answer is retried until then.
@@ -232,12 +247,11 @@ async fn send_batch(
                 loop {
                     attempts += 1;
                     let (batch, order) = (Arc::clone(&batch), Arc::clone(&missing));
-                    let requests = stream::iter(0..order.len()).map(move |k| {
-                        let chunk = &batch[order[k]];
-                        PutChunksRequest {
-                            id: chunk.id.0.to_vec(),
-                            data: chunk.data.clone(),
-                        }
+                    let values = Arc::clone(&encoded);
+                    let requests = stream::iter(0..order.len()).map(move |k| PutChunksRequest {
+                        id: batch[order[k]].id.0.to_vec(),
+                        data: values[k].clone(),
+                        encoded: true,
                     });
                     let result = blobs.put_chunks(requests).await.map(|r| r.into_inner());
                     match result {

@@ -23,6 +23,14 @@ pub const MIN_CHUNK_BYTES: usize = 64 * 1024;
 pub const AVG_CHUNK_BYTES: usize = 256 * 1024;
 /// Largest chunk.
 pub const MAX_CHUNK_BYTES: usize = 1024 * 1024;
+/// Largest chunk a store accepts, whatever the chunker's settings.
+pub const MAX_STORED_CHUNK_BYTES: usize = 16 * 1024 * 1024;
+/// Codec byte of a chunk kept as is.
+const CODEC_RAW: u8 = 0;
+/// Codec byte of an LZ4 block.
+const CODEC_LZ4: u8 = 1;
+/// Bytes before the payload: codec and uncompressed length (u32, little endian).
+const HEADER_BYTES: usize = 5;
 /// Bytes read ahead of the chunker; a multiple of the largest chunk so that the
 /// window is refilled, and its tail moved, once every few chunks.
 const WINDOW_BYTES: usize = 8 * MAX_CHUNK_BYTES;
@@ -75,6 +83,52 @@ impl FromStr for ChunkId {
             .map_err(|e| Error::InvalidArgument(format!("chunk id '{text}': {e}")))?;
         ChunkId::from_slice(&bytes, "chunk id")
     }
+}
+
+/// Encodes a chunk as stores keep it (and as a push may send it): a codec byte,
+/// the uncompressed length, then the LZ4 block, or the bytes as they are when LZ4
+/// does not make them smaller.
+pub fn encode_chunk(data: &[u8]) -> Vec<u8> {
+    let compressed = lz4::block::compress(data, Some(lz4::block::CompressionMode::DEFAULT), false)
+        .unwrap_or_default();
+    let (codec, payload) = if !compressed.is_empty() && compressed.len() < data.len() {
+        (CODEC_LZ4, compressed.as_slice())
+    } else {
+        (CODEC_RAW, data)
+    };
+    let mut value = Vec::with_capacity(HEADER_BYTES + payload.len());
+    value.push(codec);
+    value.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    value.extend_from_slice(payload);
+    value
+}
+
+/// Decodes an encoded chunk and checks it against `id`; the error says what is
+/// wrong with it.
+pub fn decode_chunk(id: ChunkId, value: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    if value.len() < HEADER_BYTES {
+        return Err(format!("an encoded value of {} bytes", value.len()));
+    }
+    let len = u32::from_le_bytes([value[1], value[2], value[3], value[4]]) as usize;
+    if len > MAX_STORED_CHUNK_BYTES {
+        return Err(format!("an encoded length of {len}"));
+    }
+    let payload = &value[HEADER_BYTES..];
+    let data = match value[0] {
+        CODEC_RAW => payload.to_vec(),
+        CODEC_LZ4 => {
+            lz4::block::decompress(payload, Some(len as i32)).map_err(|e| format!("lz4: {e}"))?
+        }
+        other => return Err(format!("unknown codec {other}")),
+    };
+    if data.len() != len {
+        return Err(format!("{} bytes, {len} expected", data.len()));
+    }
+    let actual = ChunkId::of(&data);
+    if actual != id {
+        return Err(format!("its bytes hash to {actual}"));
+    }
+    Ok(data)
 }
 
 /// One chunk of a stream.
@@ -285,6 +339,28 @@ mod tests {
             new_bytes <= 2 * MAX_CHUNK_BYTES,
             "{new_bytes} new bytes after an 11-byte insert"
         );
+    }
+
+    #[test]
+    fn chunks_encode_and_decode() {
+        let text = b"id,value\n1,2\n".repeat(1000);
+        let random: Vec<u8> = (0..5000).map(|_| rand::random::<u8>()).collect();
+        for data in [&text[..], &random[..], b""] {
+            let id = ChunkId::of(data);
+            let value = encode_chunk(data);
+            assert_eq!(decode_chunk(id, &value).expect("decode"), data);
+            let mut bad = value.clone();
+            let last = bad.len() - 1;
+            if !data.is_empty() {
+                bad[last] ^= 1;
+                assert!(decode_chunk(id, &bad).is_err(), "a flipped byte is caught");
+            }
+        }
+        assert!(
+            encode_chunk(&text).len() < text.len() / 4,
+            "text compresses"
+        );
+        assert!(decode_chunk(ChunkId::of(b"x"), &[9, 1, 0, 0, 0, b'x']).is_err());
     }
 
     #[test]

@@ -14,19 +14,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kiln_common::chunking::ChunkId;
+use kiln_common::chunking::{decode_chunk, encode_chunk, ChunkId};
 use rocksdb::{IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
-/// Codec byte of a chunk stored as is.
-const CODEC_RAW: u8 = 0;
-/// Codec byte of an LZ4 block.
-const CODEC_LZ4: u8 = 1;
-/// Bytes before the payload: codec and uncompressed length.
-const HEADER_BYTES: usize = 5;
 /// Column family of each chunk's last write time (ms, little endian).
 const CF_WRITTEN: &str = "written";
-/// Largest chunk the store accepts (the chunker's maximum is 1 MiB).
-pub const MAX_STORED_CHUNK_BYTES: usize = 16 * 1024 * 1024;
+pub use kiln_common::chunking::MAX_STORED_CHUNK_BYTES;
 
 /// Why a blob store call failed.
 #[derive(Debug, thiserror::Error)]
@@ -83,48 +76,9 @@ impl std::fmt::Debug for BlobStore {
     }
 }
 
-/// Encodes a chunk as it is stored.
-fn encode(data: &[u8]) -> Vec<u8> {
-    // A chunk that LZ4 cannot shrink (or that it fails on) is kept as it is.
-    let compressed = lz4::block::compress(data, Some(lz4::block::CompressionMode::DEFAULT), false)
-        .unwrap_or_default();
-    let (codec, payload) = if !compressed.is_empty() && compressed.len() < data.len() {
-        (CODEC_LZ4, compressed.as_slice())
-    } else {
-        (CODEC_RAW, data)
-    };
-    let mut value = Vec::with_capacity(HEADER_BYTES + payload.len());
-    value.push(codec);
-    value.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    value.extend_from_slice(payload);
-    value
-}
-
-/// Decodes a stored value and checks it against `id`.
+/// Decodes a stored (or sent) value and checks it against `id`.
 fn decode(id: ChunkId, value: &[u8]) -> Result<Vec<u8>, BlobError> {
-    let corrupt = |reason: String| BlobError::Corrupt { id, reason };
-    if value.len() < HEADER_BYTES {
-        return Err(corrupt(format!("a stored value of {} bytes", value.len())));
-    }
-    let len = u32::from_le_bytes([value[1], value[2], value[3], value[4]]) as usize;
-    if len > MAX_STORED_CHUNK_BYTES {
-        return Err(corrupt(format!("a stored length of {len}")));
-    }
-    let payload = &value[HEADER_BYTES..];
-    let data = match value[0] {
-        CODEC_RAW => payload.to_vec(),
-        CODEC_LZ4 => lz4::block::decompress(payload, Some(len as i32))
-            .map_err(|e| corrupt(format!("lz4: {e}")))?,
-        other => return Err(corrupt(format!("unknown codec {other}"))),
-    };
-    if data.len() != len {
-        return Err(corrupt(format!("{} bytes, {len} expected", data.len())));
-    }
-    let actual = ChunkId::of(&data);
-    if actual != id {
-        return Err(corrupt(format!("its bytes hash to {actual}")));
-    }
-    Ok(data)
+    decode_chunk(id, value).map_err(|reason| BlobError::Corrupt { id, reason })
 }
 
 impl BlobStore {
@@ -183,10 +137,7 @@ impl BlobStore {
     /// of the batch, new or not, is marked as written now, so that a garbage
     /// collection that started earlier spares it.
     pub fn write_many(&self, chunks: &[(ChunkId, &[u8])]) -> Result<usize, BlobError> {
-        let written = self.written_cf();
-        let now = kiln_common::clock::now_ms().to_le_bytes();
-        let mut batch = WriteBatch::default();
-        let mut new = 0;
+        let mut values = Vec::with_capacity(chunks.len());
         for (id, data) in chunks {
             if data.len() > MAX_STORED_CHUNK_BYTES {
                 return Err(BlobError::TooLarge {
@@ -201,15 +152,45 @@ impl BlobStore {
                     reason: format!("the bytes sent hash to {actual}"),
                 });
             }
-            batch.put_cf(written, id.0, now);
+            // A chunk held already is only marked as written again.
+            let value = (!self.contains(id)?).then(|| encode_chunk(data));
+            values.push((*id, value));
+        }
+        self.commit(values)
+    }
+
+    /// Writes chunks that arrive in the stored encoding (compressed by the sender):
+    /// each new one is decoded and checked against its id, then kept as sent. Not
+    /// yet durable, like [`BlobStore::write_many`].
+    pub fn write_encoded(&self, chunks: &[(ChunkId, &[u8])]) -> Result<usize, BlobError> {
+        let mut values = Vec::with_capacity(chunks.len());
+        for (id, value) in chunks {
             if self.contains(id)? {
+                values.push((*id, None));
                 continue;
             }
-            batch.put(id.0, encode(data));
-            new += 1;
+            decode(*id, value)?;
+            values.push((*id, Some(value.to_vec())));
         }
-        if chunks.is_empty() {
+        self.commit(values)
+    }
+
+    /// Writes checked values (`None`: held already, only its write time moves) in
+    /// one batch without the WAL; returns how many were new.
+    fn commit(&self, values: Vec<(ChunkId, Option<Vec<u8>>)>) -> Result<usize, BlobError> {
+        if values.is_empty() {
             return Ok(0);
+        }
+        let written = self.written_cf();
+        let now = kiln_common::clock::now_ms().to_le_bytes();
+        let mut batch = WriteBatch::default();
+        let mut new = 0;
+        for (id, value) in values {
+            batch.put_cf(written, id.0, now);
+            if let Some(value) = value {
+                batch.put(id.0, value);
+                new += 1;
+            }
         }
         // Chunk bytes skip the write-ahead log: the flush in `sync` writes them
         // once, into synced blob files, instead of twice (log, then blob file).

@@ -101,13 +101,20 @@ impl BlobService {
 
     /// Writes one batch on a blocking thread, not yet durable; returns how many
     /// chunks were new.
-    async fn write(&self, batch: Vec<(ChunkId, Vec<u8>)>) -> Result<usize, Status> {
+    async fn write(&self, batch: Vec<(ChunkId, Vec<u8>, bool)>) -> Result<usize, Status> {
         let store = self.store.clone();
-        let bytes: usize = batch.iter().map(|(_, d)| d.len()).sum();
+        let bytes: usize = batch.iter().map(|(_, d, _)| d.len()).sum();
         let new = tokio::task::spawn_blocking(move || {
-            let refs: Vec<(ChunkId, &[u8])> =
-                batch.iter().map(|(id, d)| (*id, d.as_slice())).collect();
-            store.write_many(&refs)
+            let pick = |encoded: bool| -> Vec<(ChunkId, &[u8])> {
+                batch
+                    .iter()
+                    .filter(|(_, _, e)| *e == encoded)
+                    .map(|(id, d, _)| (*id, d.as_slice()))
+                    .collect()
+            };
+            Ok::<_, crate::blob::BlobError>(
+                store.write_many(&pick(false))? + store.write_encoded(&pick(true))?,
+            )
         })
         .await
         .map_err(|e| Status::internal(format!("chunk write task: {e}")))?
@@ -148,7 +155,7 @@ impl Blobs for BlobService {
             let id = ChunkId::from_slice(&message.id, "put_chunks").map_err(Status::from)?;
             received += 1;
             batch_bytes += message.data.len();
-            batch.push((id, message.data));
+            batch.push((id, message.data, message.encoded));
             if batch_bytes >= MAX_BATCH_BYTES {
                 stored_new += self.write(std::mem::take(&mut batch)).await? as u32;
                 batch_bytes = 0;
@@ -245,7 +252,7 @@ impl Blobs for BlobService {
                 Ok((id, data)) => {
                     batch_bytes += data.len();
                     stored.push(id.0.to_vec());
-                    batch.push((id, data));
+                    batch.push((id, data, false));
                     if batch_bytes >= MAX_BATCH_BYTES {
                         self.write(std::mem::take(&mut batch)).await?;
                         batch_bytes = 0;
