@@ -13,6 +13,7 @@
 //! - `client`: [`client::ClusterClient`], which finds the leader by itself, follows
 //!   leader hints and retries within a bounded deadline.
 //! - `http`: the JSON error body and status codes every HTTP server answers with.
+//! - `jobspec`: the training job spec, checked whole, every problem named.
 //! - `logging`: the `tracing` subscriber every role installs.
 //! - `clock`: wall-clock milliseconds, read only by proposers, never by apply.
 
@@ -24,6 +25,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod jobspec;
 pub mod logging;
 pub mod status;
 pub mod tls;

@@ -6,8 +6,11 @@
 //!   `transport` (batched gRPC messages, streamed snapshots), `logger` (slog into
 //!   tracing).
 //! - `state`: the replicated state machine: `machine` (deterministic apply),
-//!   `keys` (key layout), `reader` (read-only access for API tasks).
+//!   `keys` (key layout), `reader` (read-only access for API tasks), `artifacts`
+//!   (versions, tags, chunk records).
 //! - `health`: worker heartbeats and the Alive → Suspect → Down policy.
+//! - `scheduler`: gang placement of training jobs (all shards or none, best fit,
+//!   priority then age), as pure functions the leader's scheduler loop will call.
 //! - `api`: the gRPC service and the HTTP endpoints.
 //! - `server`: wiring and ordered shutdown.
 //!
@@ -20,6 +23,7 @@ pub mod api;
 pub mod auth;
 pub mod health;
 pub mod raft;
+pub mod scheduler;
 pub mod server;
 pub mod state;
 

@@ -1,0 +1,230 @@
+//! Gang scheduling decisions for training jobs, as pure functions over what the
+//! workers have free; the leader calls them and proposes the result through Raft.
+//!
+//! - A job's shards are placed all in one decision or not at all: nothing is held
+//!   for a job that cannot start, so two jobs can never each hold half of what the
+//!   other needs.
+//! - Each shard goes to the worker where it fits most tightly (best fit: fewest
+//!   GPUs, then fewest CPUs, then least memory left), which packs GPUs and keeps
+//!   large holes for large shards.
+//! - The queue runs by priority (higher first), then by age. A job that does not
+//!   fit now holds back every job behind it (no backfilling), so a large job is
+//!   never starved by a stream of small ones. A job that could not fit even on the
+//!   whole cluster, empty, does not hold anything back: it waits, with that reason,
+//!   until machines join.
+
+use std::cmp::Reverse;
+
+/// What one worker offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capacity {
+    pub worker_id: String,
+    pub cpus: u32,
+    /// Indices of the free GPUs.
+    pub gpus: Vec<u32>,
+    pub memory_bytes: u64,
+}
+
+/// What one job asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gang {
+    pub job_id: String,
+    pub priority: i32,
+    pub submitted_at_ms: u64,
+    pub shards: u32,
+    pub cpus_per_shard: u32,
+    pub gpus_per_shard: u32,
+    pub memory_per_shard: u64,
+}
+
+/// Where one shard runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub shard: u32,
+    pub worker_id: String,
+    pub gpus: Vec<u32>,
+}
+
+/// The outcome of one scheduling pass for a pending job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Start now, with these placements (one per shard, in shard order).
+    Start(Vec<Placement>),
+    /// Wait: it fits the cluster but not what is free now (or a job ahead waits).
+    Wait(String),
+    /// Wait: even the whole cluster, empty, could not hold it.
+    TooLarge(String),
+}
+
+fn fits(c: &Capacity, g: &Gang) -> bool {
+    c.cpus >= g.cpus_per_shard
+        && c.gpus.len() as u32 >= g.gpus_per_shard
+        && c.memory_bytes >= g.memory_per_shard
+}
+
+/// Places every shard of `gang` on `capacity`, best fit, or none; on success the
+/// capacity is reduced by what the shards take.
+pub fn place(gang: &Gang, capacity: &mut [Capacity]) -> Option<Vec<Placement>> {
+    let mut trial = capacity.to_vec();
+    let mut placements = Vec::with_capacity(gang.shards as usize);
+    for shard in 0..gang.shards {
+        let best = trial
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| fits(c, gang))
+            .min_by_key(|(_, c)| {
+                (
+                    c.gpus.len() as u32 - gang.gpus_per_shard,
+                    c.cpus - gang.cpus_per_shard,
+                    c.memory_bytes - gang.memory_per_shard,
+                    c.worker_id.clone(),
+                )
+            })
+            .map(|(i, _)| i)?;
+        let worker = &mut trial[best];
+        worker.cpus -= gang.cpus_per_shard;
+        worker.memory_bytes -= gang.memory_per_shard;
+        worker.gpus.sort_unstable();
+        let gpus: Vec<u32> = worker.gpus.drain(..gang.gpus_per_shard as usize).collect();
+        placements.push(Placement {
+            shard,
+            worker_id: worker.worker_id.clone(),
+            gpus,
+        });
+    }
+    capacity.clone_from_slice(&trial);
+    Some(placements)
+}
+
+/// Decides, for each pending job, whether it starts now. `free` is what the
+/// workers have free now; `total` what they would have with nothing running.
+/// Returns a decision per job, in the order the queue runs.
+pub fn schedule(
+    pending: &[Gang],
+    free: &[Capacity],
+    total: &[Capacity],
+) -> Vec<(String, Decision)> {
+    let mut queue: Vec<&Gang> = pending.iter().collect();
+    queue.sort_by_key(|g| (Reverse(g.priority), g.submitted_at_ms, g.job_id.clone()));
+    let mut free = free.to_vec();
+    let mut blocked_by: Option<String> = None;
+    let mut out = Vec::with_capacity(queue.len());
+    for gang in queue {
+        let mut empty = total.to_vec();
+        if place(gang, &mut empty).is_none() {
+            out.push((
+                gang.job_id.clone(),
+                Decision::TooLarge(format!(
+                    "{} shard(s) of {} CPU(s), {} GPU(s) and {} bytes each do not fit the cluster's {} worker(s) even when idle",
+                    gang.shards,
+                    gang.cpus_per_shard,
+                    gang.gpus_per_shard,
+                    gang.memory_per_shard,
+                    total.len()
+                )),
+            ));
+            continue;
+        }
+        if let Some(ahead) = &blocked_by {
+            out.push((
+                gang.job_id.clone(),
+                Decision::Wait(format!("queued behind job {ahead}")),
+            ));
+            continue;
+        }
+        match place(gang, &mut free) {
+            Some(placements) => out.push((gang.job_id.clone(), Decision::Start(placements))),
+            None => {
+                blocked_by = Some(gang.job_id.clone());
+                out.push((
+                    gang.job_id.clone(),
+                    Decision::Wait("waiting for resources held by running jobs".into()),
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(id: &str, cpus: u32, gpus: u32) -> Capacity {
+        Capacity {
+            worker_id: id.into(),
+            cpus,
+            gpus: (0..gpus).collect(),
+            memory_bytes: 64 << 30,
+        }
+    }
+
+    fn gang(id: &str, priority: i32, at: u64, shards: u32, cpus: u32, gpus: u32) -> Gang {
+        Gang {
+            job_id: id.into(),
+            priority,
+            submitted_at_ms: at,
+            shards,
+            cpus_per_shard: cpus,
+            gpus_per_shard: gpus,
+            memory_per_shard: 1 << 30,
+        }
+    }
+
+    #[test]
+    fn a_gang_is_placed_whole_or_not_at_all() {
+        let mut free = vec![worker("a", 4, 0), worker("b", 2, 0)];
+        let before = free.clone();
+        assert!(place(&gang("j", 0, 0, 4, 2, 0), &mut free).is_none());
+        assert_eq!(free, before, "a gang that does not fit holds nothing");
+        let placed = place(&gang("j", 0, 0, 3, 2, 0), &mut free).expect("fits");
+        assert_eq!(placed.len(), 3);
+        assert_eq!(free.iter().map(|c| c.cpus).sum::<u32>(), 0);
+    }
+
+    #[test]
+    fn gpus_are_packed_best_fit() {
+        // One 2-GPU shard goes to the worker with 2 free, keeping the 8-GPU one whole.
+        let mut free = vec![worker("big", 32, 8), worker("small", 32, 2)];
+        let placed = place(&gang("j", 0, 0, 1, 1, 2), &mut free).expect("fits");
+        assert_eq!(placed[0].worker_id, "small");
+        assert_eq!(placed[0].gpus, vec![0, 1]);
+        let placed = place(&gang("k", 0, 0, 1, 1, 8), &mut free).expect("fits");
+        assert_eq!(placed[0].worker_id, "big");
+    }
+
+    #[test]
+    fn the_queue_runs_by_priority_then_age_without_starving_big_jobs() {
+        let total = vec![worker("a", 4, 0), worker("b", 4, 0)];
+        // 6 CPUs are busy: 2 free.
+        let free = vec![worker("a", 1, 0), worker("b", 1, 0)];
+        let pending = vec![
+            gang("small-late", 0, 30, 1, 1, 0),
+            gang("big", 0, 10, 2, 4, 0),
+            gang("urgent", 5, 20, 1, 1, 0),
+            gang("huge", 9, 0, 3, 4, 0),
+        ];
+        let decisions = schedule(&pending, &free, &total);
+        let order: Vec<&str> = decisions.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(order, vec!["huge", "urgent", "big", "small-late"]);
+        assert!(
+            matches!(decisions[0].1, Decision::TooLarge(_)),
+            "needs 12 CPUs of 8"
+        );
+        assert!(
+            matches!(decisions[1].1, Decision::Start(_)),
+            "urgent fits in what is free"
+        );
+        assert!(matches!(decisions[2].1, Decision::Wait(_)), "big must wait");
+        match &decisions[3].1 {
+            Decision::Wait(reason) => assert!(reason.contains("behind job big"), "{reason}"),
+            other => panic!("small-late must not overtake big: {other:?}"),
+        }
+        // When everything is free again, big starts.
+        let decisions = schedule(&pending[..2], &total, &total);
+        assert!(
+            matches!(decisions[0].1, Decision::Start(_)),
+            "{decisions:?}"
+        );
+    }
+}
