@@ -281,64 +281,50 @@ impl<'a> Reader<'a> {
     }
 
     fn strings(&mut self, key: &'static str) -> Option<Vec<String>> {
-        match self.get(key) {
-            None => Some(Vec::new()),
-            Some(Value::Array(items)) => {
-                let mut out = Vec::new();
-                for (i, item) in items.iter().enumerate() {
-                    match item {
-                        Value::String(s) if !s.is_empty() => out.push(s.clone()),
-                        other => {
-                            let k = self.key(key);
-                            self.errors.push(format!(
-                                "{k}[{i}] must be a non-empty string, not {}",
-                                other.type_str()
-                            ));
-                            return None;
-                        }
-                    }
-                }
-                Some(out)
-            }
-            Some(other) => {
-                let k = self.key(key);
-                self.errors.push(format!(
-                    "{k} must be an array of strings, not {}",
-                    other.type_str()
-                ));
-                None
-            }
-        }
+        self.array(key, "a non-empty string", |v| match v {
+            Value::String(s) if !s.is_empty() => Some(s.clone()),
+            _ => None,
+        })
     }
 
     fn sizes(&mut self, key: &'static str) -> Option<Vec<u32>> {
-        match self.get(key) {
-            None => Some(Vec::new()),
-            Some(Value::Array(items)) => {
-                let mut out = Vec::new();
-                for (i, item) in items.iter().enumerate() {
-                    match item {
-                        Value::Integer(n) if (1..=65_536).contains(n) => out.push(*n as u32),
-                        other => {
-                            let k = self.key(key);
-                            self.errors.push(format!(
-                                "{k}[{i}] must be a layer width from 1 to 65536, not {other}"
-                            ));
-                            return None;
-                        }
-                    }
-                }
-                Some(out)
-            }
+        self.array(key, "a layer width from 1 to 65536", |v| match v {
+            Value::Integer(n) if (1..=65_536).contains(n) => Some(*n as u32),
+            _ => None,
+        })
+    }
+
+    /// Reads an array whose items `convert` accepts (absent: empty), naming the
+    /// first item it refuses as not `what`.
+    fn array<T>(
+        &mut self,
+        key: &'static str,
+        what: &str,
+        convert: impl Fn(&Value) -> Option<T>,
+    ) -> Option<Vec<T>> {
+        let items = match self.get(key) {
+            None => return Some(Vec::new()),
+            Some(Value::Array(items)) => items,
             Some(other) => {
                 let k = self.key(key);
-                self.errors.push(format!(
-                    "{k} must be an array of layer widths, not {}",
-                    other.type_str()
-                ));
-                None
+                self.errors
+                    .push(format!("{k} must be an array, not {}", other.type_str()));
+                return None;
+            }
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            match convert(item) {
+                Some(v) => out.push(v),
+                None => {
+                    let k = self.key(key);
+                    self.errors
+                        .push(format!("{k}[{i}] must be {what}, not {item}"));
+                    return None;
+                }
             }
         }
+        Some(out)
     }
 
     /// Reports every key of the table that no reader asked for.
