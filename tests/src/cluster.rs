@@ -642,21 +642,36 @@ impl Cluster {
             return token;
         }
         let token = self
-            .cluster_client()
-            .call(|mut c| async move {
-                c.create_token(kiln_proto::v1::CreateTokenRequest {
-                    name: "harness-admin".into(),
-                    role: kiln_proto::v1::Role::Admin as i32,
-                    expires_in_ms: 0,
-                })
-                .await
-                .map(|r| r.into_inner())
-            })
-            .await
-            .expect("create the harness admin token")
-            .token;
+            .create_token("harness-admin", kiln_proto::v1::Role::Admin, 0)
+            .await;
         *self.admin_token.lock().unwrap_or_else(|p| p.into_inner()) = Some(token.clone());
         token
+    }
+
+    /// Creates a token as a cluster node and returns its bearer text; 0 never
+    /// expires.
+    pub async fn create_token(
+        &self,
+        name: &str,
+        role: kiln_proto::v1::Role,
+        expires_in_ms: u64,
+    ) -> String {
+        self.cluster_client()
+            .call(|mut c| {
+                let name = name.to_string();
+                async move {
+                    c.create_token(kiln_proto::v1::CreateTokenRequest {
+                        name,
+                        role: role as i32,
+                        expires_in_ms,
+                    })
+                    .await
+                    .map(|r| r.into_inner())
+                }
+            })
+            .await
+            .unwrap_or_else(|e| panic!("create token {name}: {e}"))
+            .token
     }
 
     /// Runs `kiln --coordinator <running coordinators> --ca <CA> --token <admin>

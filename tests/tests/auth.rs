@@ -300,23 +300,7 @@ fn is_auth_error(code: Code) -> bool {
 }
 
 async fn create(cluster: &Cluster, name: &str, role: Role, expires_in_ms: u64) -> String {
-    cluster
-        .cluster_client()
-        .call(|mut c| {
-            let name = name.to_string();
-            async move {
-                c.create_token(CreateTokenRequest {
-                    name,
-                    role: role as i32,
-                    expires_in_ms,
-                })
-                .await
-                .map(|r| r.into_inner())
-            }
-        })
-        .await
-        .expect("create token")
-        .token
+    cluster.create_token(name, role, expires_in_ms).await
 }
 
 /// A person's connection to coordinator `id`: it trusts the CA and presents no

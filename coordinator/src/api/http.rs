@@ -1,5 +1,6 @@
 //! The coordinator's HTTP endpoints: `GET /api/v1/status` (the status JSON of
-//! DESIGN §6), `GET /health` and `GET /metrics` (Prometheus text format).
+//! DESIGN §6), `GET /health`, `GET /metrics` (Prometheus text format) and the
+//! experiment tracking API under `/api/2.0/mlflow` (see `tracking`).
 //!
 //! With TLS on the gRPC port, every endpoint but `/health` (a liveness probe that
 //! tells nothing but role and term) needs a bearer token with the viewer role or
@@ -35,6 +36,8 @@ pub fn router(api: Api) -> Router {
     Router::new()
         .route("/health", get(health))
         .merge(guarded)
+        .merge(super::tracking::routes())
+        .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(api)
 }
@@ -49,6 +52,19 @@ async fn require_viewer(State(api): State<Api>, request: Request, next: Next) ->
         }
     }
     next.run(request).await
+}
+
+/// Answers an unknown path with a JSON 404 (MLflow's client reads it as
+/// ENDPOINT_NOT_FOUND).
+async fn not_found(request: Request) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(serde_json::json!({
+            "error_code": "ENDPOINT_NOT_FOUND",
+            "message": format!("no endpoint {} {}", request.method(), request.uri().path()),
+        })),
+    )
+        .into_response()
 }
 
 async fn status(State(api): State<Api>) -> Response {

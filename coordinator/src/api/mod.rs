@@ -4,3 +4,4 @@
 pub mod artifacts;
 pub mod grpc;
 pub mod http;
+pub mod tracking;

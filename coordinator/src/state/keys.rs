@@ -12,6 +12,10 @@
 //! artifact/<name>/v/<ver:020>  ArtifactVersion (the manifest)
 //! artifact/<name>/tag/<tag>    u64, the version a tag points at
 //! chunk/<id:hex>               ChunkRecord: size and the workers holding it
+//! experiment/<id:020>          Experiment; experiment_name/<name> → id (u64)
+//! run/<run id>                 RunRecord (params, tags, latest metrics)
+//! experiment_run/<exp:020>/<start:020>/<run id>   runs of an experiment by age
+//! metric/<run>/<hex key>/<step>/<ts:020>          MetricPoint
 //! ```
 
 /// Prefix of the key-value namespace.
@@ -103,4 +107,50 @@ pub fn chunk(id: &[u8]) -> Vec<u8> {
     let mut key = CHUNK.as_bytes().to_vec();
     key.extend_from_slice(hex::encode(id).as_bytes());
     key
+}
+
+/// Counts experiments (0 is the default one, which is never stored).
+pub const EXPERIMENT_SEQ: &[u8] = b"meta/experiment_seq";
+/// Prefix of experiment records.
+pub const EXPERIMENT: &str = "experiment/";
+/// Prefix of run records.
+pub const RUN: &str = "run/";
+
+/// Returns the key of experiment `id`.
+pub fn experiment(id: u64) -> Vec<u8> {
+    format!("{EXPERIMENT}{id:020}").into_bytes()
+}
+
+/// Returns the key mapping an experiment name to its id.
+pub fn experiment_name(name: &str) -> Vec<u8> {
+    format!("experiment_name/{name}").into_bytes()
+}
+
+/// Returns the key of run `id`.
+pub fn run(id: &str) -> Vec<u8> {
+    format!("{RUN}{id}").into_bytes()
+}
+
+/// Returns the prefix of an experiment's runs.
+pub fn experiment_runs(experiment: u64) -> Vec<u8> {
+    format!("experiment_run/{experiment:020}/").into_bytes()
+}
+
+/// Returns the index key of a run within its experiment, by start time.
+pub fn experiment_run(experiment: u64, start_ms: u64, run: &str) -> Vec<u8> {
+    format!("experiment_run/{experiment:020}/{start_ms:020}/{run}").into_bytes()
+}
+
+/// Returns the prefix of a metric's points in a run.
+pub fn metric_points(run: &str, key: &str) -> Vec<u8> {
+    format!("metric/{run}/{}/", hex::encode(key)).into_bytes()
+}
+
+/// Returns the key of one metric point; steps sort in numeric order (the sign bit
+/// flipped), then timestamps.
+pub fn metric(run: &str, key: &str, step: i64, timestamp_ms: u64) -> Vec<u8> {
+    let mut out = metric_points(run, key);
+    let step = (step as u64) ^ (1 << 63);
+    out.extend_from_slice(format!("{step:016x}/{timestamp_ms:020}").as_bytes());
+    out
 }

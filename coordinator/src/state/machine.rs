@@ -204,6 +204,18 @@ fn apply_kind(txn: &mut Txn<'_>, cmd: &Command) -> Result<Result<u64, Rejection>
         command::Kind::DeleteChunkRecords(delete) => {
             return super::artifacts::apply_delete_records(txn, delete);
         }
+        command::Kind::CreateExperiment(create) => {
+            return super::tracking::apply_create_experiment(txn, create, now_ms);
+        }
+        command::Kind::CreateRun(create) => {
+            return super::tracking::apply_create_run(txn, create);
+        }
+        command::Kind::UpdateRun(update) => {
+            return super::tracking::apply_update_run(txn, update);
+        }
+        command::Kind::LogBatch(batch) => {
+            return super::tracking::apply_log_batch(txn, batch);
+        }
     }
     Ok(Ok(0))
 }

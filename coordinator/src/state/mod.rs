@@ -4,3 +4,4 @@ pub mod artifacts;
 pub mod keys;
 pub mod machine;
 pub mod reader;
+pub mod tracking;

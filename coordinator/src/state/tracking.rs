@@ -1,0 +1,406 @@
+//! Applying experiment-tracking commands: experiments, runs, and the params, tags
+//! and metrics logged to runs.
+//!
+//! Keys (see `keys`): `experiment/<id>`, `experiment_name/<name>`, `run/<id>`,
+//! `experiment_run/<exp>/<start>/<run>` (runs by experiment, oldest first), and
+//! `metric/<run>/<hex key>/<step>/<timestamp>` for every point. A point's key holds
+//! everything that names it, so a retried log writes the same key again and changes
+//! nothing; the run record keeps the latest point of each metric for listings.
+//!
+//! Rejections start with an error code (`RESOURCE_ALREADY_EXISTS:`,
+//! `RESOURCE_DOES_NOT_EXIST:`, `INVALID_PARAMETER_VALUE:`) that the REST API maps to
+//! MLflow's error codes and HTTP statuses.
+
+use kiln_proto::v1::{
+    CreateExperiment, CreateRun, Experiment, LogBatch, MetricPoint, RunRecord, UpdateRun,
+};
+use prost::Message;
+
+use super::artifacts::read_record;
+use super::keys;
+use super::machine::{bump_counter, Rejection, Txn};
+use crate::raft::storage::StoreError;
+
+/// Most metrics, params and tags in one batch (MLflow's limits).
+pub const MAX_BATCH_METRICS: usize = 1000;
+pub const MAX_BATCH_PARAMS: usize = 100;
+pub const MAX_BATCH_TAGS: usize = 100;
+/// Longest key of a param, tag or metric; longest param value; longest tag value.
+pub const MAX_KEY_BYTES: usize = 250;
+pub const MAX_PARAM_VALUE_BYTES: usize = 6000;
+pub const MAX_TAG_VALUE_BYTES: usize = 8000;
+/// Longest experiment name.
+pub const MAX_EXPERIMENT_NAME_BYTES: usize = 500;
+/// Run states.
+pub const RUN_STATES: [&str; 5] = ["RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED"];
+/// The experiment that exists without being created.
+pub const DEFAULT_EXPERIMENT: &str = "Default";
+
+fn exists(what: String) -> Result<u64, Rejection> {
+    Err(format!("RESOURCE_ALREADY_EXISTS: {what}"))
+}
+
+fn missing<T>(what: String) -> Result<T, Rejection> {
+    Err(format!("RESOURCE_DOES_NOT_EXIST: {what}"))
+}
+
+fn invalid<T>(what: String) -> Result<T, Rejection> {
+    Err(format!("INVALID_PARAMETER_VALUE: {what}"))
+}
+
+fn check_key(what: &str, key: &str) -> Result<(), Rejection> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return invalid(format!(
+            "{what} key '{key}' must be 1 to {MAX_KEY_BYTES} bytes"
+        ));
+    }
+    Ok(())
+}
+
+/// Returns the experiment `id` (the default one, 0, always exists).
+pub fn read_experiment(
+    state: &dyn super::machine::StateRead,
+    id: u64,
+) -> Result<Option<Experiment>, StoreError> {
+    if id == 0 {
+        return Ok(Some(Experiment {
+            id: 0,
+            name: DEFAULT_EXPERIMENT.into(),
+            ..Default::default()
+        }));
+    }
+    read_record(state, &keys::experiment(id), "decode experiment")
+}
+
+/// Returns the id of the experiment called `name`.
+pub fn experiment_id(
+    state: &dyn super::machine::StateRead,
+    name: &str,
+) -> Result<Option<u64>, StoreError> {
+    if name == DEFAULT_EXPERIMENT {
+        return Ok(Some(0));
+    }
+    Ok(state
+        .read(&keys::experiment_name(name))?
+        .and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes)))
+}
+
+/// Creates an experiment; returns its id.
+pub fn apply_create_experiment(
+    txn: &mut Txn<'_>,
+    create: &CreateExperiment,
+    now_ms: u64,
+) -> Result<Result<u64, Rejection>, StoreError> {
+    let name = create.name.trim();
+    if name.is_empty() || name.len() > MAX_EXPERIMENT_NAME_BYTES {
+        return Ok(invalid(format!(
+            "an experiment name must be 1 to {MAX_EXPERIMENT_NAME_BYTES} bytes"
+        )));
+    }
+    if experiment_id(txn, name)?.is_some() {
+        return Ok(exists(format!("experiment '{name}' exists already")));
+    }
+    let id = bump_counter(txn, keys::EXPERIMENT_SEQ)?;
+    let experiment = Experiment {
+        id,
+        name: name.to_string(),
+        created_at_ms: now_ms,
+        tags: create.tags.clone(),
+    };
+    txn.put(keys::experiment(id), experiment.encode_to_vec());
+    txn.put(keys::experiment_name(name), id.to_be_bytes().to_vec());
+    Ok(Ok(id))
+}
+
+/// Creates a run.
+pub fn apply_create_run(
+    txn: &mut Txn<'_>,
+    create: &CreateRun,
+) -> Result<Result<u64, Rejection>, StoreError> {
+    let id_ok = create.run_id.len() == 32
+        && create
+            .run_id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !id_ok {
+        return Ok(invalid(format!(
+            "run id '{}' must be 32 lowercase hex digits",
+            create.run_id
+        )));
+    }
+    if read_experiment(txn, create.experiment_id)?.is_none() {
+        return Ok(missing(format!(
+            "experiment {} does not exist",
+            create.experiment_id
+        )));
+    }
+    if txn.get(&keys::run(&create.run_id))?.is_some() {
+        return Ok(exists(format!("run {} exists already", create.run_id)));
+    }
+    for (k, v) in &create.tags {
+        if let Err(e) = check_key("tag", k) {
+            return Ok(Err(e));
+        }
+        if v.len() > MAX_TAG_VALUE_BYTES {
+            return Ok(invalid(format!(
+                "tag {k} is longer than {MAX_TAG_VALUE_BYTES} bytes"
+            )));
+        }
+    }
+    let run = RunRecord {
+        run_id: create.run_id.clone(),
+        experiment_id: create.experiment_id,
+        name: create.name.clone(),
+        user: create.user.clone(),
+        status: "RUNNING".into(),
+        start_time_ms: create.start_time_ms,
+        tags: create.tags.clone(),
+        ..Default::default()
+    };
+    txn.put(keys::run(&run.run_id), run.encode_to_vec());
+    txn.put(
+        keys::experiment_run(run.experiment_id, run.start_time_ms, &run.run_id),
+        Vec::new(),
+    );
+    Ok(Ok(0))
+}
+
+fn read_run(txn: &Txn<'_>, run_id: &str) -> Result<Result<RunRecord, Rejection>, StoreError> {
+    Ok(
+        match read_record::<RunRecord>(txn, &keys::run(run_id), "decode run")? {
+            Some(run) => Ok(run),
+            None => missing(format!("run {run_id} does not exist")),
+        },
+    )
+}
+
+/// Changes a run's status, end time or name.
+pub fn apply_update_run(
+    txn: &mut Txn<'_>,
+    update: &UpdateRun,
+) -> Result<Result<u64, Rejection>, StoreError> {
+    let mut run = match read_run(txn, &update.run_id)? {
+        Ok(run) => run,
+        Err(e) => return Ok(Err(e)),
+    };
+    if !update.status.is_empty() {
+        if !RUN_STATES.contains(&update.status.as_str()) {
+            return Ok(invalid(format!(
+                "status '{}' is not one of {}",
+                update.status,
+                RUN_STATES.join(", ")
+            )));
+        }
+        run.status = update.status.clone();
+    }
+    if update.end_time_ms != 0 {
+        run.end_time_ms = update.end_time_ms;
+    }
+    if !update.name.is_empty() {
+        run.name = update.name.clone();
+    }
+    txn.put(keys::run(&run.run_id), run.encode_to_vec());
+    Ok(Ok(0))
+}
+
+/// Returns true when `a` is a later point than `b` (higher step, then later time).
+fn later(a: &MetricPoint, b: &MetricPoint) -> bool {
+    (a.step, a.timestamp_ms) >= (b.step, b.timestamp_ms)
+}
+
+/// Logs metrics, params and tags to a run, all or nothing.
+pub fn apply_log_batch(
+    txn: &mut Txn<'_>,
+    batch: &LogBatch,
+) -> Result<Result<u64, Rejection>, StoreError> {
+    if batch.metrics.len() > MAX_BATCH_METRICS
+        || batch.params.len() > MAX_BATCH_PARAMS
+        || batch.tags.len() > MAX_BATCH_TAGS
+    {
+        return Ok(invalid(format!(
+            "a batch holds at most {MAX_BATCH_METRICS} metrics, {MAX_BATCH_PARAMS} params and {MAX_BATCH_TAGS} tags"
+        )));
+    }
+    let mut run = match read_run(txn, &batch.run_id)? {
+        Ok(run) => run,
+        Err(e) => return Ok(Err(e)),
+    };
+    for (k, v) in &batch.params {
+        if let Err(e) = check_key("param", k) {
+            return Ok(Err(e));
+        }
+        if v.len() > MAX_PARAM_VALUE_BYTES {
+            return Ok(invalid(format!(
+                "param {k} is longer than {MAX_PARAM_VALUE_BYTES} bytes"
+            )));
+        }
+        match run.params.get(k) {
+            Some(old) if old != v => {
+                return Ok(invalid(format!(
+                    "param {k} was logged as '{old}'; a param cannot change (log '{v}' under another key)"
+                )))
+            }
+            _ => {}
+        }
+    }
+    for (k, v) in &batch.tags {
+        if let Err(e) = check_key("tag", k) {
+            return Ok(Err(e));
+        }
+        if v.len() > MAX_TAG_VALUE_BYTES {
+            return Ok(invalid(format!(
+                "tag {k} is longer than {MAX_TAG_VALUE_BYTES} bytes"
+            )));
+        }
+    }
+    for m in &batch.metrics {
+        if let Err(e) = check_key("metric", &m.key) {
+            return Ok(Err(e));
+        }
+    }
+    for (k, v) in &batch.params {
+        run.params.insert(k.clone(), v.clone());
+    }
+    for (k, v) in &batch.tags {
+        run.tags.insert(k.clone(), v.clone());
+    }
+    for m in &batch.metrics {
+        txn.put(
+            keys::metric(&run.run_id, &m.key, m.step, m.timestamp_ms),
+            m.encode_to_vec(),
+        );
+        let newer = run.latest.get(&m.key).is_none_or(|old| later(m, old));
+        if newer {
+            run.latest.insert(m.key.clone(), m.clone());
+        }
+    }
+    txn.put(keys::run(&run.run_id), run.encode_to_vec());
+    Ok(Ok(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::machine::{apply_command, StateRead};
+    use kiln_proto::v1::{command, Command};
+
+    struct Empty;
+    impl StateRead for Empty {
+        fn read(&self, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(None)
+        }
+    }
+
+    fn apply(txn: &mut Txn<'_>, kind: command::Kind) -> Result<u64, Rejection> {
+        let cmd = Command {
+            proposed_at_ms: 9,
+            audit: None,
+            kind: Some(kind),
+        };
+        apply_command(txn, &cmd).expect("io")
+    }
+
+    const RUN: &str = "0123456789abcdef0123456789abcdef";
+
+    fn point(key: &str, value: f64, step: i64, ts: u64) -> MetricPoint {
+        MetricPoint {
+            key: key.into(),
+            value,
+            timestamp_ms: ts,
+            step,
+        }
+    }
+
+    #[test]
+    fn experiments_runs_and_logs() {
+        let base = Empty;
+        let mut txn = Txn::new(&base);
+        let create = |name: &str| {
+            command::Kind::CreateExperiment(CreateExperiment {
+                name: name.into(),
+                tags: Default::default(),
+            })
+        };
+        assert_eq!(apply(&mut txn, create("iris")), Ok(1));
+        let again = apply(&mut txn, create("iris")).expect_err("exists");
+        assert!(again.starts_with("RESOURCE_ALREADY_EXISTS"), "{again}");
+        assert!(
+            apply(&mut txn, create("Default")).is_err(),
+            "the default exists"
+        );
+        assert_eq!(experiment_id(&txn, "iris").expect("io"), Some(1));
+
+        let run = command::Kind::CreateRun(CreateRun {
+            run_id: RUN.into(),
+            experiment_id: 1,
+            name: "first".into(),
+            start_time_ms: 5,
+            ..Default::default()
+        });
+        apply(&mut txn, run.clone()).expect("run");
+        assert!(apply(&mut txn, run)
+            .expect_err("dup")
+            .starts_with("RESOURCE_ALREADY_EXISTS"));
+
+        let batch = |metrics: Vec<MetricPoint>, params: &[(&str, &str)]| {
+            command::Kind::LogBatch(LogBatch {
+                run_id: RUN.into(),
+                metrics,
+                params: params
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                tags: Default::default(),
+            })
+        };
+        apply(
+            &mut txn,
+            batch(
+                vec![point("loss", 0.9, 1, 10), point("loss", 0.5, 2, 20)],
+                &[("lr", "0.1")],
+            ),
+        )
+        .expect("logged");
+        // A retry of the same batch changes nothing; an older point is not "latest".
+        apply(
+            &mut txn,
+            batch(vec![point("loss", 0.9, 1, 10)], &[("lr", "0.1")]),
+        )
+        .expect("retry");
+        let changed =
+            apply(&mut txn, batch(vec![], &[("lr", "0.2")])).expect_err("params are fixed");
+        assert!(changed.starts_with("INVALID_PARAMETER_VALUE"), "{changed}");
+        let record: RunRecord = read_record(&txn, &keys::run(RUN), "run")
+            .expect("io")
+            .expect("run");
+        assert_eq!(record.latest["loss"].value, 0.5);
+        assert_eq!(record.params["lr"], "0.1");
+        let points = txn
+            .writes
+            .keys()
+            .filter(|k| k.starts_with(b"metric/"))
+            .count();
+        assert_eq!(points, 2, "the retried point is the same key");
+
+        let finish = command::Kind::UpdateRun(UpdateRun {
+            run_id: RUN.into(),
+            status: "FINISHED".into(),
+            end_time_ms: 50,
+            name: String::new(),
+        });
+        apply(&mut txn, finish).expect("finished");
+        let bad = command::Kind::UpdateRun(UpdateRun {
+            run_id: RUN.into(),
+            status: "DONE".into(),
+            ..Default::default()
+        });
+        assert!(apply(&mut txn, bad).is_err());
+        let orphan = command::Kind::LogBatch(LogBatch {
+            run_id: "f".repeat(32),
+            ..Default::default()
+        });
+        assert!(apply(&mut txn, orphan)
+            .expect_err("no run")
+            .starts_with("RESOURCE_DOES_NOT_EXIST"));
+    }
+}
