@@ -10,6 +10,7 @@ mod bench_artifacts;
 mod certs;
 mod local;
 mod progress;
+mod runs;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -68,6 +69,11 @@ enum Command {
     Artifact {
         #[command(subcommand)]
         command: ArtifactCommand,
+    },
+    /// Lists, shows and compares tracked runs.
+    Runs {
+        #[command(subcommand)]
+        command: RunsCommand,
     },
     /// Reads and writes the small replicated key-value namespace.
     Kv {
@@ -218,6 +224,34 @@ enum LocalCommand {
     Down {
         #[arg(long, default_value = ".kiln")]
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// Lists runs, newest first.
+    Ls {
+        /// Only this experiment's runs.
+        #[arg(long)]
+        experiment: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Shows one run: status, params, tags, latest metrics.
+    Show {
+        run: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Puts runs side by side: params, final metrics, and each metric's history
+    /// summarised (points, first, min, max, last).
+    Compare {
+        #[arg(required = true, num_args = 1..)]
+        runs: Vec<String>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -733,6 +767,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Artifact { command } => run_artifact(&conn, command).await,
+        Command::Runs { command } => runs::run(cluster_client(&conn)?, command).await,
         Command::Kv { command } => {
             let client = cluster_client(&conn)?;
             match command {

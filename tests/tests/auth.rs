@@ -49,6 +49,8 @@ const TABLE: &[(&str, Need)] = &[
     ("RecordChunks", Need::Write),
     ("ReportCorruptChunks", Need::Node),
     ("CollectGarbage", Need::Admin),
+    ("ListRuns", Need::Read),
+    ("GetRun", Need::Read),
 ];
 
 /// The worker's RPCs (service `Blobs`), checked against the worker's token book.
@@ -247,6 +249,20 @@ async fn call(
                 CollectGarbageRequest {
                     grace_ms: 0,
                     dry_run: true,
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        "ListRuns" => client
+            .list_runs(req(ListRunsRequest::default(), token))
+            .await
+            .map(drop),
+        "GetRun" => client
+            .get_run(req(
+                GetRunRequest {
+                    run_id: unique,
+                    with_history: false,
                 },
                 token,
             ))

@@ -278,5 +278,32 @@ async fn runs_params_and_metrics_are_tracked_like_mlflow() {
     )
     .await;
     assert_eq!(status, 400, "{bad}");
+    // The CLI reads the same runs.
+    let ls = cluster
+        .run_cli(&["runs", "ls", "--experiment", "iris", "--json"])
+        .await;
+    assert!(ls.status.success(), "{}", kiln_tests::stderr_text(&ls));
+    let ls: Value = serde_json::from_slice(&ls.stdout).expect("runs ls --json");
+    assert_eq!(ls[0]["run_id"], run_id.as_str());
+    assert_eq!(ls[0]["experiment"], "iris");
+    let compare = cluster
+        .run_cli(&["runs", "compare", &run_id, "--json"])
+        .await;
+    assert!(
+        compare.status.success(),
+        "{}",
+        kiln_tests::stderr_text(&compare)
+    );
+    let compare: Value = serde_json::from_slice(&compare.stdout).expect("runs compare --json");
+    assert_eq!(compare[0]["history"]["loss"]["points"], 5, "{compare}");
+    assert_eq!(compare[0]["history"]["loss"]["last"], 0.2);
+    assert_eq!(compare[0]["params"]["lr"], "0.01");
+    let missing = cluster.run_cli(&["runs", "show", &"0".repeat(32)]).await;
+    assert!(!missing.status.success());
+    assert!(kiln_tests::stderr_text(&missing).contains("does not exist"));
+    let missing = cluster
+        .run_cli(&["runs", "ls", "--experiment", "nope"])
+        .await;
+    assert!(kiln_tests::stderr_text(&missing).contains("no experiment is named 'nope'"));
     cluster.assert_healthy();
 }

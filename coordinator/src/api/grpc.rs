@@ -887,4 +887,24 @@ impl Coordinator for Api {
                 .await?,
         ))
     }
+
+    async fn list_runs(
+        &self,
+        request: Request<ListRunsRequest>,
+    ) -> Result<Response<ListRunsResponse>, Status> {
+        self.authorize(&request, Permission::Read, "ListRuns")?;
+        Ok(Response::new(
+            self.list_runs_call(request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_run(
+        &self,
+        request: Request<GetRunRequest>,
+    ) -> Result<Response<GetRunResponse>, Status> {
+        self.authorize(&request, Permission::Read, "GetRun")?;
+        Ok(Response::new(
+            self.get_run_call(request.into_inner()).await?,
+        ))
+    }
 }

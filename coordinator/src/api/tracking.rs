@@ -22,19 +22,18 @@ use kiln_common::clock::now_ms;
 use kiln_common::http::authorization;
 use kiln_common::Error;
 use kiln_proto::v1::*;
-use prost::Message;
 use serde_json::{json, Value};
 
 use super::grpc::{audited, command, Api};
 use crate::auth::{self, Caller, Permission};
 use crate::state::artifacts::read_record;
 use crate::state::keys;
-use crate::state::tracking::{experiment_id, read_experiment, MAX_BATCH_METRICS};
+use crate::state::tracking::{self, experiment_id, read_experiment, MAX_BATCH_METRICS};
 
 /// Most runs one search returns.
-const MAX_SEARCH_RESULTS: usize = 50_000;
+pub const MAX_SEARCH_RESULTS: usize = 50_000;
 /// Most points one history call returns.
-const MAX_HISTORY: usize = 25_000;
+pub const MAX_HISTORY: usize = 25_000;
 
 /// The tracking routes, to merge into the coordinator's HTTP router.
 pub fn routes() -> Router<Api> {
@@ -529,17 +528,11 @@ async fn get_history(
         .get("metric_key")
         .ok_or_else(|| bad("missing value for required parameter 'metric_key'"))?;
     read_run(&api, run_id).await?;
-    let points = api
-        .reader
-        .scan(&keys::metric_points(run_id, key), MAX_HISTORY)
+    let points: Vec<Value> = tracking::history(&api.reader, run_id, key, MAX_HISTORY)
         .map_err(|e| Error::Internal(e.to_string()))?
-        .into_iter()
-        .map(|(_, bytes)| {
-            MetricPoint::decode(bytes.as_slice())
-                .map(|m| point_json(&m))
-                .map_err(|e| ApiError::from(Error::Internal(format!("decode metric: {e}"))))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+        .iter()
+        .map(point_json)
+        .collect();
     Ok(Json(json!({"metrics": points})))
 }
 
@@ -566,30 +559,73 @@ async fn search_runs(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> 
     };
     let max = int(&v, "max_results")?.map_or(1000, |m| (m.max(1) as usize).min(MAX_SEARCH_RESULTS));
     api.read_barrier(false).await?;
-    let mut runs = Vec::new();
-    for id in ids {
-        for (key, _) in api
-            .reader
-            .scan(&keys::experiment_runs(id), MAX_SEARCH_RESULTS)
-            .map_err(|e| Error::Internal(e.to_string()))?
-        {
-            let run_id = String::from_utf8_lossy(&key[key.len() - 32..]).to_string();
-            if let Some(run) =
-                read_record::<RunRecord>(&api.reader, &keys::run(&run_id), "decode run")
-                    .map_err(|e| Error::Internal(e.to_string()))?
-            {
-                runs.push(run);
-            }
-        }
-    }
     // Newest first, as MLflow orders by default.
-    runs.sort_by(|a, b| {
-        b.start_time_ms
-            .cmp(&a.start_time_ms)
-            .then(a.run_id.cmp(&b.run_id))
-    });
-    runs.truncate(max);
+    let runs =
+        tracking::runs(&api.reader, &ids, max).map_err(|e| Error::Internal(e.to_string()))?;
     Ok(Json(
         json!({"runs": runs.iter().map(run_json).collect::<Vec<_>>()}),
     ))
+}
+
+impl Api {
+    /// Lists runs of one experiment (by name) or of all, newest first.
+    pub async fn list_runs_call(
+        &self,
+        req: ListRunsRequest,
+    ) -> kiln_common::Result<ListRunsResponse> {
+        self.read_barrier(false).await?;
+        let internal = |e: crate::raft::storage::StoreError| Error::Internal(e.to_string());
+        let all = tracking::experiments(&self.reader).map_err(internal)?;
+        let chosen: Vec<&Experiment> = if req.experiment.is_empty() {
+            all.iter().collect()
+        } else {
+            let found: Vec<&Experiment> = all.iter().filter(|e| e.name == req.experiment).collect();
+            if found.is_empty() {
+                return Err(Error::NotFound(format!(
+                    "no experiment is named '{}'",
+                    req.experiment
+                )));
+            }
+            found
+        };
+        let ids: Vec<u64> = chosen.iter().map(|e| e.id).collect();
+        let max = match req.max_results {
+            0 => 1000,
+            n => (n as usize).min(MAX_SEARCH_RESULTS),
+        };
+        Ok(ListRunsResponse {
+            runs: tracking::runs(&self.reader, &ids, max).map_err(internal)?,
+            experiments: chosen.iter().map(|e| (e.id, e.name.clone())).collect(),
+        })
+    }
+
+    /// Returns one run, with the history of each metric when asked.
+    pub async fn get_run_call(&self, req: GetRunRequest) -> kiln_common::Result<GetRunResponse> {
+        self.read_barrier(false).await?;
+        let internal = |e: crate::raft::storage::StoreError| Error::Internal(e.to_string());
+        let run = read_record::<RunRecord>(&self.reader, &keys::run(&req.run_id), "decode run")
+            .map_err(internal)?
+            .ok_or_else(|| Error::NotFound(format!("run {} does not exist", req.run_id)))?;
+        let experiment = read_experiment(&self.reader, run.experiment_id)
+            .map_err(internal)?
+            .map(|e| e.name)
+            .unwrap_or_default();
+        let mut history = Vec::new();
+        if req.with_history {
+            let mut keys: Vec<&String> = run.latest.keys().collect();
+            keys.sort();
+            for key in keys {
+                history.push(MetricHistory {
+                    key: key.clone(),
+                    points: tracking::history(&self.reader, &run.run_id, key, MAX_HISTORY)
+                        .map_err(internal)?,
+                });
+            }
+        }
+        Ok(GetRunResponse {
+            run: Some(run),
+            experiment,
+            history,
+        })
+    }
 }

@@ -19,6 +19,7 @@ use prost::Message;
 use super::artifacts::read_record;
 use super::keys;
 use super::machine::{bump_counter, Rejection, Txn};
+use super::reader::StateReader;
 use crate::raft::storage::StoreError;
 
 /// Most metrics, params and tags in one batch (MLflow's limits).
@@ -276,6 +277,60 @@ pub fn apply_log_batch(
     }
     txn.put(keys::run(&run.run_id), run.encode_to_vec());
     Ok(Ok(0))
+}
+
+/// Returns every experiment, the default one first.
+pub fn experiments(reader: &StateReader) -> Result<Vec<Experiment>, StoreError> {
+    let mut out = vec![read_experiment(reader, 0)?.unwrap_or_default()];
+    for (_, bytes) in reader.scan(keys::EXPERIMENT.as_bytes(), usize::MAX)? {
+        out.push(
+            Experiment::decode(bytes.as_slice()).map_err(|e| StoreError {
+                op: "decode experiment",
+                message: e.to_string(),
+            })?,
+        );
+    }
+    Ok(out)
+}
+
+/// Returns up to `max` runs of the experiments `ids`, newest first.
+pub fn runs(reader: &StateReader, ids: &[u64], max: usize) -> Result<Vec<RunRecord>, StoreError> {
+    let mut runs = Vec::new();
+    for id in ids {
+        for (key, _) in reader.scan(&keys::experiment_runs(*id), usize::MAX)? {
+            let run_id = String::from_utf8_lossy(&key[key.len().saturating_sub(32)..]).to_string();
+            if let Some(run) = read_record::<RunRecord>(reader, &keys::run(&run_id), "decode run")?
+            {
+                runs.push(run);
+            }
+        }
+    }
+    runs.sort_by(|a, b| {
+        b.start_time_ms
+            .cmp(&a.start_time_ms)
+            .then_with(|| a.run_id.cmp(&b.run_id))
+    });
+    runs.truncate(max);
+    Ok(runs)
+}
+
+/// Returns up to `max` points of metric `key` of a run, by step then time.
+pub fn history(
+    reader: &StateReader,
+    run_id: &str,
+    key: &str,
+    max: usize,
+) -> Result<Vec<MetricPoint>, StoreError> {
+    reader
+        .scan(&keys::metric_points(run_id, key), max)?
+        .into_iter()
+        .map(|(_, bytes)| {
+            MetricPoint::decode(bytes.as_slice()).map_err(|e| StoreError {
+                op: "decode metric point",
+                message: e.to_string(),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
