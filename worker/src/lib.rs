@@ -15,6 +15,8 @@
 //! - `blob`, `blob_service`, `scrub`: the chunk store in RocksDB, its gRPC service
 //!   (`kiln.v1.Blobs`: push, read, copy, delete chunks) and the scrubber that
 //!   re-verifies stored chunks on a schedule.
+//! - `collective`: the CPU ring all-reduce over TCP between the shards of a
+//!   training job ([`collective::Ring`]), which averages their gradient buffers.
 //! - `http`: the HTTP server (KServe v2 health endpoints, `/metrics`); it only
 //!   reads the registration `watch` and the metrics.
 //!
@@ -42,6 +44,7 @@
 pub mod agent;
 pub mod blob;
 pub mod blob_service;
+pub mod collective;
 pub mod http;
 pub mod identity;
 pub mod metrics;

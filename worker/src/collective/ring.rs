@@ -1,0 +1,1511 @@
+//! The [`Ring`] communicator: one TCP link to each neighbour and the chunked,
+//! pipelined ring all-reduce over them (the schedule is in [`super`]).
+//!
+//! Setup, on every rank at once, bounded by [`RingConfig::setup_timeout`]:
+//!
+//! ```text
+//!  rank r-1 ──connect──► [listener of r] ── hello? ──► accept or refuse, keep listening
+//!  rank r ── connect to r+1 (retry: 20 ms doubling to 1 s) ── hello ──► verdict
+//!            ▲ refused: fail at once, naming rank r+1 and why
+//! ```
+//!
+//! The hello names the job attempt (`session_id`), the world size, the sender's
+//! rank and the rank it means to reach; the listener refuses any mismatch with a
+//! verdict, so that a shard of another job (or of an earlier attempt of this one)
+//! fails with a clear error instead of mixing its gradients in. A connection that
+//! does not speak the protocol is dropped; either way the listener keeps waiting
+//! for its real left neighbour.
+//!
+//! Wire format, all integers little endian:
+//!
+//! ```text
+//!  hello  (32 B): "KILNRING" | version u32 | session u64 | world u32 | from u32 | to u32
+//!  verdict(32 B): "KILNRING" | version u32 | verdict u32 | session u64 | world u32 | rank u32
+//!  frame: header (32 B): step u64 | buffer len u64 | offset u64 | len u32 | op u32
+//!         payload: len f32 values (little endian)
+//! ```
+//!
+//! Each step of the schedule moves one segment to the right neighbour in frames of
+//! at most [`RingConfig::chunk_bytes`], while the segment from the left neighbour
+//! streams in and is added or copied frame by frame; an empty segment still sends
+//! one empty frame. `step` counts ring steps since setup, so a rank that missed a
+//! call, or called with another buffer length or operation, is reported as a
+//! protocol error, never misread.
+//!
+//! Each frame must be sent, and each received, within [`RingConfig::io_timeout`];
+//! a peer that dies shows as a closed connection, one that stalls as a timeout.
+//! After any failure, or when a call's future is dropped midway, the ring closes
+//! its links at once (so its neighbours fail promptly too) and every later call
+//! returns [`CollectiveError::Poisoned`]: a job restarts its shards on a new ring.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+use super::{
+    all_gather_steps, left_of, pieces, reduce_scatter_steps, reduced_segment, right_of, segment,
+    CollectiveError, LinkOp, Step,
+};
+
+/// Default largest frame payload: large enough that headers and wake-ups cost
+/// nothing, small enough that sending and receiving overlap within a step.
+pub const DEFAULT_CHUNK_BYTES: usize = 256 * 1024;
+/// Largest frame payload a ring accepts in its config.
+pub const MAX_CHUNK_BYTES: usize = 16 * 1024 * 1024;
+/// Default time for all ranks to come up and link.
+pub const DEFAULT_SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default longest wait for one frame. It also bounds how long a rank waits for a
+/// slower neighbour to reach the same all-reduce, so it must exceed the spread of
+/// the shards' step times; a peer that dies is noticed sooner, by its closed
+/// connection.
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest wait for an accepted connection's hello, so that a silent stray
+/// connection cannot hold the listener until the setup deadline.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// First pause before connecting again to a right neighbour that is not listening.
+pub const CONNECT_BACKOFF_INITIAL: Duration = Duration::from_millis(20);
+/// Longest pause between connection attempts.
+pub const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Pause after a failed `accept` (out of file descriptors, an aborted connection).
+const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+const MAGIC: [u8; 8] = *b"KILNRING";
+const VERSION: u32 = 1;
+const HELLO_BYTES: usize = 32;
+const HEADER_BYTES: usize = 32;
+const F32_BYTES: usize = std::mem::size_of::<f32>();
+
+/// Where a rank sits in its ring and how long it waits.
+#[derive(Debug, Clone)]
+pub struct RingConfig {
+    /// Identifies the job attempt; only ranks with the same id link up.
+    pub session_id: u64,
+    /// This rank, from 0.
+    pub rank: usize,
+    /// The data-plane address (`host:port`) of every rank, indexed by rank; the
+    /// world size is its length.
+    pub addrs: Vec<String>,
+    /// Longest time from [`Ring::connect`] to linked neighbours.
+    pub setup_timeout: Duration,
+    /// Longest wait for one frame to be sent or received.
+    pub io_timeout: Duration,
+    /// Largest frame payload in bytes: a multiple of 4 up to [`MAX_CHUNK_BYTES`].
+    pub chunk_bytes: usize,
+}
+
+impl RingConfig {
+    /// Returns a config with the default timeouts and chunk size.
+    pub fn new(session_id: u64, rank: usize, addrs: Vec<String>) -> RingConfig {
+        RingConfig {
+            session_id,
+            rank,
+            addrs,
+            setup_timeout: DEFAULT_SETUP_TIMEOUT,
+            io_timeout: DEFAULT_IO_TIMEOUT,
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+        }
+    }
+
+    fn validate(&self) -> Result<(), CollectiveError> {
+        let invalid = |reason: String| Err(CollectiveError::Config(reason));
+        let world = self.addrs.len();
+        if world == 0 {
+            return invalid("no rank addresses".into());
+        }
+        if u32::try_from(world).is_err() {
+            return invalid(format!("{world} ranks; at most {} are supported", u32::MAX));
+        }
+        if self.rank >= world {
+            return invalid(format!("rank {} in a world of {world}", self.rank));
+        }
+        if self.setup_timeout.is_zero() || self.io_timeout.is_zero() {
+            return invalid("timeouts must be above zero".into());
+        }
+        if self.chunk_bytes < F32_BYTES
+            || self.chunk_bytes > MAX_CHUNK_BYTES
+            || !self.chunk_bytes.is_multiple_of(F32_BYTES)
+        {
+            return invalid(format!(
+                "chunk of {} bytes; it must be a multiple of {F32_BYTES} from {F32_BYTES} to {MAX_CHUNK_BYTES}",
+                self.chunk_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A rank's place in a ring of `world` ranks, linked to both neighbours: it sends
+/// to rank `rank + 1` and receives from rank `rank - 1` (modulo `world`).
+///
+/// Calls take `&mut self`, one at a time; every rank must make the same sequence of
+/// calls with buffers of the same length.
+pub struct Ring {
+    rank: usize,
+    world: usize,
+    session_id: u64,
+    /// `None` in a world of one, and once the ring has failed.
+    links: Option<Links>,
+    /// Why the ring cannot be used any more.
+    failed: Option<String>,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .field("session_id", &self.session_id)
+            .field("step", &self.links.as_ref().map(|links| links.step))
+            .field("failed", &self.failed)
+            .finish()
+    }
+}
+
+impl Ring {
+    /// Links this rank to its neighbours: connects to the right one, retrying while
+    /// it is not listening yet, and accepts the left one on `listener` (bound to
+    /// this rank's address in `config.addrs`). Both must complete within
+    /// `config.setup_timeout`.
+    ///
+    /// Returns an error naming the neighbour that could not be linked, or that
+    /// refused this rank. In a world of one there is nobody to link and `listener`
+    /// is dropped.
+    pub async fn connect(
+        listener: TcpListener,
+        config: RingConfig,
+    ) -> Result<Ring, CollectiveError> {
+        config.validate()?;
+        let world = config.addrs.len();
+        let mut ring = Ring {
+            rank: config.rank,
+            world,
+            session_id: config.session_id,
+            links: None,
+            failed: None,
+        };
+        if world == 1 {
+            return Ok(ring);
+        }
+        let deadline = Instant::now() + config.setup_timeout;
+        // Accepting is polled first: a hello that has arrived gets its verdict
+        // before this rank gives up on a refusal of its own.
+        let (left, right) = tokio::try_join!(
+            accept_left(&listener, &config, deadline),
+            connect_right(&config, deadline)
+        )?;
+        let chunk_elems = config.chunk_bytes / F32_BYTES;
+        ring.links = Some(Links {
+            rank: config.rank,
+            world,
+            io_timeout: config.io_timeout,
+            chunk_elems,
+            step: 0,
+            to_right: Sender {
+                peer: right_of(config.rank, world),
+                stream: right,
+                frame: vec![0; HEADER_BYTES + config.chunk_bytes],
+            },
+            from_left: Receiver {
+                peer: left_of(config.rank, world),
+                stream: left,
+                payload: vec![0; config.chunk_bytes],
+            },
+        });
+        tracing::info!(
+            session_id = config.session_id,
+            rank = config.rank,
+            world,
+            "ring linked"
+        );
+        Ok(ring)
+    }
+
+    /// Returns this rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Returns the number of ranks in the ring.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// Returns the job attempt this ring belongs to.
+    pub fn session_id(&self) -> u64 {
+        self.session_id
+    }
+
+    /// Replaces `buf` with the element-wise sum of every rank's `buf`.
+    pub async fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.all_reduce(buf, Op::Sum).await
+    }
+
+    /// Replaces `buf` with the element-wise mean of every rank's `buf`, as
+    /// data-parallel training averages gradients. Every rank ends with the same
+    /// bits.
+    pub async fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.all_reduce(buf, Op::Mean).await
+    }
+
+    async fn all_reduce(&mut self, buf: &mut [f32], op: Op) -> Result<(), CollectiveError> {
+        if let Some(reason) = &self.failed {
+            return Err(CollectiveError::Poisoned(reason.clone()));
+        }
+        if self.links.is_none() {
+            // A world of one: the sum and the mean of one buffer are that buffer.
+            return Ok(());
+        }
+        let call = Call {
+            ring: self,
+            finished: false,
+        };
+        call.run(buf, op).await
+    }
+
+    /// Closes the links, so that the neighbours fail now rather than at their
+    /// timeout, and remembers why.
+    fn fail(&mut self, reason: String) {
+        self.links = None;
+        self.failed.get_or_insert(reason);
+    }
+}
+
+/// One all-reduce on a linked ring. Dropped before it finishes (its future was
+/// cancelled), it fails the ring: the links are out of step mid-frame.
+struct Call<'a> {
+    ring: &'a mut Ring,
+    finished: bool,
+}
+
+impl Call<'_> {
+    async fn run(mut self, buf: &mut [f32], op: Op) -> Result<(), CollectiveError> {
+        let links = self.ring.links.as_mut().expect("checked by all_reduce");
+        let result = links.all_reduce(buf, op).await;
+        self.finished = true;
+        if let Err(err) = &result {
+            self.ring.fail(err.to_string());
+        }
+        result
+    }
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.ring
+                .fail("an earlier all-reduce was cancelled midway".into());
+        }
+    }
+}
+
+/// The reduction an all-reduce applies; frames carry it, so that ranks that
+/// disagree fail instead of ending with different buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Sum,
+    Mean,
+}
+
+impl Op {
+    fn code(self) -> u32 {
+        match self {
+            Op::Sum => 1,
+            Op::Mean => 2,
+        }
+    }
+
+    fn name_of(code: u32) -> String {
+        match code {
+            1 => "sum".into(),
+            2 => "mean".into(),
+            other => format!("unknown operation {other}"),
+        }
+    }
+}
+
+/// What a received frame does to this rank's copy of its segment.
+#[derive(Debug, Clone, Copy)]
+enum Combine {
+    /// Reduce-scatter: add the partial sum into the local values.
+    Add,
+    /// All-gather: take the reduced values.
+    Replace,
+}
+
+/// The two links of a ring that works.
+struct Links {
+    rank: usize,
+    world: usize,
+    io_timeout: Duration,
+    chunk_elems: usize,
+    /// Ring steps taken since setup.
+    step: u64,
+    to_right: Sender,
+    from_left: Receiver,
+}
+
+impl Links {
+    async fn all_reduce(&mut self, buf: &mut [f32], op: Op) -> Result<(), CollectiveError> {
+        let (rank, world) = (self.rank, self.world);
+        for step in reduce_scatter_steps(rank, world) {
+            self.exchange(step, buf, op, Combine::Add).await?;
+        }
+        if op == Op::Mean {
+            // Divided once, by the rank that owns the sum, so every rank gets the
+            // same quotient.
+            let divisor = world as f32;
+            let owned = segment(buf.len(), world, reduced_segment(rank, world));
+            for x in &mut buf[owned] {
+                *x /= divisor;
+            }
+        }
+        for step in all_gather_steps(rank, world) {
+            self.exchange(step, buf, op, Combine::Replace).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs one step: streams segment `step.send` to the right neighbour while
+    /// segment `step.recv` streams in from the left one.
+    async fn exchange(
+        &mut self,
+        step: Step,
+        buf: &mut [f32],
+        op: Op,
+        combine: Combine,
+    ) -> Result<(), CollectiveError> {
+        let Links {
+            world,
+            io_timeout,
+            chunk_elems,
+            step: step_no,
+            to_right,
+            from_left,
+            ..
+        } = self;
+        let (world, io_timeout, chunk_elems) = (*world, *io_timeout, *chunk_elems);
+        let buf_len = buf.len();
+        let header = |piece: &Range<usize>| Header {
+            step: *step_no,
+            buf_len: buf_len as u64,
+            offset: piece.start as u64,
+            len: u32::try_from(piece.len()).expect("a piece is at most MAX_CHUNK_BYTES"),
+            op: op.code(),
+        };
+        let send = segment(buf_len, world, step.send);
+        let recv = segment(buf_len, world, step.recv);
+        let (src, dst) = split_disjoint(buf, send.clone(), recv.clone());
+
+        let sending = async {
+            for piece in pieces(send.clone(), chunk_elems) {
+                let values = &src[piece.start - send.start..piece.end - send.start];
+                to_right.send(&header(&piece), values, io_timeout).await?;
+            }
+            Ok(())
+        };
+        let receiving = async {
+            for piece in pieces(recv.clone(), chunk_elems) {
+                let payload = from_left.receive(&header(&piece), io_timeout).await?;
+                let values = &mut dst[piece.start - recv.start..piece.end - recv.start];
+                match combine {
+                    Combine::Add => add_le(values, payload),
+                    Combine::Replace => replace_le(values, payload),
+                }
+            }
+            Ok(())
+        };
+        tokio::try_join!(sending, receiving)?;
+        *step_no += 1;
+        Ok(())
+    }
+}
+
+/// Returns the `send` range of `buf` to read and the `recv` range to write. The
+/// schedule never sends and receives the same segment in one step, and segments
+/// do not overlap.
+fn split_disjoint(buf: &mut [f32], send: Range<usize>, recv: Range<usize>) -> (&[f32], &mut [f32]) {
+    if send.end <= recv.start {
+        let (head, tail) = buf.split_at_mut(recv.start);
+        (&head[send], &mut tail[..recv.len()])
+    } else {
+        assert!(
+            recv.end <= send.start,
+            "a ring step sends {send:?} and receives {recv:?}, which overlap"
+        );
+        let (head, tail) = buf.split_at_mut(send.start);
+        (&tail[..send.len()], &mut head[recv])
+    }
+}
+
+/// The sending end of the link to the right neighbour, with its one frame buffer.
+struct Sender {
+    peer: usize,
+    stream: TcpStream,
+    frame: Vec<u8>,
+}
+
+impl Sender {
+    async fn send(
+        &mut self,
+        header: &Header,
+        values: &[f32],
+        io_timeout: Duration,
+    ) -> Result<(), CollectiveError> {
+        let frame = &mut self.frame[..HEADER_BYTES + values.len() * F32_BYTES];
+        frame[..HEADER_BYTES].copy_from_slice(&header.encode());
+        for (bytes, x) in frame[HEADER_BYTES..]
+            .chunks_exact_mut(F32_BYTES)
+            .zip(values)
+        {
+            bytes.copy_from_slice(&x.to_le_bytes());
+        }
+        match tokio::time::timeout(io_timeout, self.stream.write_all(frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(link_error(self.peer, LinkOp::Send, err)),
+            Err(_) => Err(CollectiveError::Timeout {
+                peer: self.peer,
+                op: LinkOp::Send,
+                after: io_timeout,
+            }),
+        }
+    }
+}
+
+/// The receiving end of the link from the left neighbour, with its one payload
+/// buffer.
+struct Receiver {
+    peer: usize,
+    stream: TcpStream,
+    payload: Vec<u8>,
+}
+
+impl Receiver {
+    /// Reads the next frame, checks that its header is `expected` and returns its
+    /// payload.
+    async fn receive(
+        &mut self,
+        expected: &Header,
+        io_timeout: Duration,
+    ) -> Result<&[u8], CollectiveError> {
+        let peer = self.peer;
+        let payload_len = expected.len as usize * F32_BYTES;
+        let stream = &mut self.stream;
+        let payload = &mut self.payload[..payload_len];
+        let read = async {
+            let mut head = [0u8; HEADER_BYTES];
+            stream
+                .read_exact(&mut head)
+                .await
+                .map_err(|err| link_error(peer, LinkOp::Receive, err))?;
+            let got = Header::decode(&head);
+            if let Some(reason) = expected.mismatch(&got) {
+                return Err(CollectiveError::Protocol { peer, reason });
+            }
+            stream
+                .read_exact(payload)
+                .await
+                .map_err(|err| link_error(peer, LinkOp::Receive, err))?;
+            Ok(())
+        };
+        match tokio::time::timeout(io_timeout, read).await {
+            Ok(Ok(())) => Ok(&self.payload[..payload_len]),
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(CollectiveError::Timeout {
+                peer,
+                op: LinkOp::Receive,
+                after: io_timeout,
+            }),
+        }
+    }
+}
+
+/// Adds little-endian f32 `bytes` into `values`.
+fn add_le(values: &mut [f32], bytes: &[u8]) {
+    for (x, b) in values.iter_mut().zip(bytes.chunks_exact(F32_BYTES)) {
+        *x += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+}
+
+/// Overwrites `values` with little-endian f32 `bytes`.
+fn replace_le(values: &mut [f32], bytes: &[u8]) {
+    for (x, b) in values.iter_mut().zip(bytes.chunks_exact(F32_BYTES)) {
+        *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+}
+
+/// Maps an I/O error on a link to a closed connection when that is what it means.
+fn link_error(peer: usize, op: LinkOp, err: std::io::Error) -> CollectiveError {
+    use std::io::ErrorKind;
+    let how = match err.kind() {
+        ErrorKind::UnexpectedEof => "end of stream",
+        ErrorKind::ConnectionReset => "connection reset",
+        ErrorKind::ConnectionAborted => "connection aborted",
+        ErrorKind::BrokenPipe => "broken pipe",
+        _ => {
+            return CollectiveError::Io {
+                peer,
+                op,
+                source: err,
+            }
+        }
+    };
+    CollectiveError::PeerClosed { peer, op, how }
+}
+
+/// The header of a data frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Header {
+    /// Ring steps the sender had taken since setup.
+    step: u64,
+    /// Elements in the sender's whole buffer.
+    buf_len: u64,
+    /// Position of the frame's first element in the buffer.
+    offset: u64,
+    /// Elements in the frame.
+    len: u32,
+    op: u32,
+}
+
+impl Header {
+    fn encode(&self) -> [u8; HEADER_BYTES] {
+        let mut out = [0u8; HEADER_BYTES];
+        out[0..8].copy_from_slice(&self.step.to_le_bytes());
+        out[8..16].copy_from_slice(&self.buf_len.to_le_bytes());
+        out[16..24].copy_from_slice(&self.offset.to_le_bytes());
+        out[24..28].copy_from_slice(&self.len.to_le_bytes());
+        out[28..32].copy_from_slice(&self.op.to_le_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8; HEADER_BYTES]) -> Header {
+        Header {
+            step: u64_at(bytes, 0),
+            buf_len: u64_at(bytes, 8),
+            offset: u64_at(bytes, 16),
+            len: u32_at(bytes, 24),
+            op: u32_at(bytes, 28),
+        }
+    }
+
+    /// Returns how the received header `got` differs from this expected one, the
+    /// most telling difference first.
+    fn mismatch(&self, got: &Header) -> Option<String> {
+        if got.step != self.step {
+            Some(format!(
+                "out of step: it sent ring step {}, this rank is at step {}",
+                got.step, self.step
+            ))
+        } else if got.op != self.op {
+            Some(format!(
+                "it runs a {} all-reduce, this rank a {}",
+                Op::name_of(got.op),
+                Op::name_of(self.op)
+            ))
+        } else if got.buf_len != self.buf_len {
+            Some(format!(
+                "it reduces a buffer of {} elements, this rank one of {}",
+                got.buf_len, self.buf_len
+            ))
+        } else if got.offset != self.offset || got.len != self.len {
+            Some(format!(
+                "it sent elements {}..{}, this rank expected {}..{}",
+                got.offset,
+                got.offset.saturating_add(u64::from(got.len)),
+                self.offset,
+                self.offset + u64::from(self.len)
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    let mut le = [0u8; 8];
+    le.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(le)
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    let mut le = [0u8; 4];
+    le.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(le)
+}
+
+/// The first message on a link, from the connecting rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Hello {
+    version: u32,
+    session_id: u64,
+    world: u32,
+    from: u32,
+    to: u32,
+}
+
+impl Hello {
+    fn encode(&self) -> [u8; HELLO_BYTES] {
+        let mut out = [0u8; HELLO_BYTES];
+        out[0..8].copy_from_slice(&MAGIC);
+        out[8..12].copy_from_slice(&self.version.to_le_bytes());
+        out[12..20].copy_from_slice(&self.session_id.to_le_bytes());
+        out[20..24].copy_from_slice(&self.world.to_le_bytes());
+        out[24..28].copy_from_slice(&self.from.to_le_bytes());
+        out[28..32].copy_from_slice(&self.to.to_le_bytes());
+        out
+    }
+
+    /// Returns `None` when the bytes are not a ring hello at all.
+    fn decode(bytes: &[u8; HELLO_BYTES]) -> Option<Hello> {
+        (bytes[0..8] == MAGIC).then(|| Hello {
+            version: u32_at(bytes, 8),
+            session_id: u64_at(bytes, 12),
+            world: u32_at(bytes, 20),
+            from: u32_at(bytes, 24),
+            to: u32_at(bytes, 28),
+        })
+    }
+}
+
+/// The listener's answer to a hello, with its own identity so that a refused rank
+/// can say what it ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Reply {
+    version: u32,
+    verdict: Verdict,
+    session_id: u64,
+    world: u32,
+    rank: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Accepted,
+    WrongVersion,
+    WrongSession,
+    WrongWorld,
+    WrongRank,
+    /// A code this version does not know.
+    Unknown(u32),
+}
+
+impl Verdict {
+    fn code(self) -> u32 {
+        match self {
+            Verdict::Accepted => 0,
+            Verdict::WrongVersion => 1,
+            Verdict::WrongSession => 2,
+            Verdict::WrongWorld => 3,
+            Verdict::WrongRank => 4,
+            Verdict::Unknown(code) => code,
+        }
+    }
+
+    fn from_code(code: u32) -> Verdict {
+        match code {
+            0 => Verdict::Accepted,
+            1 => Verdict::WrongVersion,
+            2 => Verdict::WrongSession,
+            3 => Verdict::WrongWorld,
+            4 => Verdict::WrongRank,
+            other => Verdict::Unknown(other),
+        }
+    }
+}
+
+impl Reply {
+    fn encode(&self) -> [u8; HELLO_BYTES] {
+        let mut out = [0u8; HELLO_BYTES];
+        out[0..8].copy_from_slice(&MAGIC);
+        out[8..12].copy_from_slice(&self.version.to_le_bytes());
+        out[12..16].copy_from_slice(&self.verdict.code().to_le_bytes());
+        out[16..24].copy_from_slice(&self.session_id.to_le_bytes());
+        out[24..28].copy_from_slice(&self.world.to_le_bytes());
+        out[28..32].copy_from_slice(&self.rank.to_le_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8; HELLO_BYTES]) -> Option<Reply> {
+        (bytes[0..8] == MAGIC).then(|| Reply {
+            version: u32_at(bytes, 8),
+            verdict: Verdict::from_code(u32_at(bytes, 12)),
+            session_id: u64_at(bytes, 16),
+            world: u32_at(bytes, 24),
+            rank: u32_at(bytes, 28),
+        })
+    }
+}
+
+/// Who a rank is, as its hello and reply tell it.
+#[derive(Debug, Clone, Copy)]
+struct Identity {
+    session_id: u64,
+    world: u32,
+    rank: u32,
+}
+
+impl Identity {
+    fn of(config: &RingConfig) -> Identity {
+        Identity {
+            session_id: config.session_id,
+            world: u32::try_from(config.addrs.len()).expect("validated: the world fits u32"),
+            rank: u32::try_from(config.rank).expect("validated: the rank is below the world"),
+        }
+    }
+
+    fn left(&self) -> u32 {
+        (self.rank + self.world - 1) % self.world
+    }
+
+    /// Judges a hello this rank's listener received; a refusal comes with the
+    /// reason this rank logs.
+    fn judge(&self, hello: &Hello) -> (Verdict, Option<String>) {
+        if hello.version != VERSION {
+            let reason = format!(
+                "protocol version {} from rank {}; this rank speaks {VERSION}",
+                hello.version, hello.from
+            );
+            (Verdict::WrongVersion, Some(reason))
+        } else if hello.session_id != self.session_id {
+            let reason = format!(
+                "session {} from rank {}; this ring is session {}",
+                hello.session_id, hello.from, self.session_id
+            );
+            (Verdict::WrongSession, Some(reason))
+        } else if hello.world != self.world {
+            let reason = format!(
+                "a world of {} from rank {}; this ring has {}",
+                hello.world, hello.from, self.world
+            );
+            (Verdict::WrongWorld, Some(reason))
+        } else if hello.to != self.rank || hello.from != self.left() {
+            let reason = format!(
+                "rank {} meant to reach rank {}; this is rank {}, expecting rank {}",
+                hello.from,
+                hello.to,
+                self.rank,
+                self.left()
+            );
+            (Verdict::WrongRank, Some(reason))
+        } else {
+            (Verdict::Accepted, None)
+        }
+    }
+
+    /// Returns why the listener that sent `reply` refused this rank, as this rank
+    /// reports it; `None` when it accepted this rank and is who it should be.
+    fn refusal(&self, reply: &Reply, expected_peer: u32) -> Option<String> {
+        match reply.verdict {
+            Verdict::Accepted
+                if reply.session_id == self.session_id
+                    && reply.world == self.world
+                    && reply.rank == expected_peer =>
+            {
+                None
+            }
+            Verdict::Accepted => Some(format!(
+                "it accepted, but as rank {} of {} in session {}",
+                reply.rank, reply.world, reply.session_id
+            )),
+            Verdict::WrongVersion => Some(format!(
+                "it speaks protocol version {}, this rank {VERSION}",
+                reply.version
+            )),
+            Verdict::WrongSession => Some(format!(
+                "it belongs to session {}, this rank to session {}",
+                reply.session_id, self.session_id
+            )),
+            Verdict::WrongWorld => Some(format!(
+                "its world has {} ranks, this rank's has {}",
+                reply.world, self.world
+            )),
+            Verdict::WrongRank => {
+                // From the wire: no overflow or division by zero on odd values.
+                let world = u64::from(reply.world.max(1));
+                let expects = (u64::from(reply.rank) + world - 1) % world;
+                Some(format!(
+                    "it is rank {} and expects rank {expects}, not rank {}",
+                    reply.rank, self.rank
+                ))
+            }
+            Verdict::Unknown(code) => Some(format!("unknown verdict {code}")),
+        }
+    }
+}
+
+/// Returns the pause after failed connection attempt number `attempt` (from 0):
+/// 20 ms doubling up to 1 s.
+fn connect_backoff(attempt: u32) -> Duration {
+    (CONNECT_BACKOFF_INITIAL * (1u32 << attempt.min(16))).min(CONNECT_BACKOFF_MAX)
+}
+
+/// Connects to the right neighbour and has it accept this rank, retrying while it
+/// is not listening yet.
+async fn connect_right(
+    config: &RingConfig,
+    deadline: Instant,
+) -> Result<TcpStream, CollectiveError> {
+    let me = Identity::of(config);
+    let peer = right_of(config.rank, config.addrs.len());
+    let addr = config.addrs[peer].as_str();
+    let setup_error = |reason: String| CollectiveError::Setup {
+        peer,
+        addr: addr.to_string(),
+        reason,
+    };
+    let started = Instant::now();
+    let mut attempt = 0;
+    let mut stream = loop {
+        let err = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => break stream,
+            Ok(Err(err)) => err,
+            Err(_) => {
+                return Err(setup_error(format!(
+                    "connect did not complete within the setup timeout ({} ms)",
+                    config.setup_timeout.as_millis()
+                )))
+            }
+        };
+        let pause = connect_backoff(attempt);
+        attempt += 1;
+        if Instant::now() + pause >= deadline {
+            return Err(setup_error(format!(
+                "not reachable after {attempt} attempts in {} ms: {err}",
+                started.elapsed().as_millis()
+            )));
+        }
+        tracing::debug!(peer, addr, attempt, error = %err, "right neighbour not reachable yet");
+        tokio::time::sleep(pause).await;
+    };
+    stream
+        .set_nodelay(true)
+        .map_err(|err| setup_error(format!("set TCP_NODELAY: {err}")))?;
+    let hello = Hello {
+        version: VERSION,
+        session_id: me.session_id,
+        world: me.world,
+        from: me.rank,
+        to: u32::try_from(peer).expect("validated: ranks fit u32"),
+    };
+    let handshake = async {
+        stream.write_all(&hello.encode()).await?;
+        let mut reply = [0u8; HELLO_BYTES];
+        stream.read_exact(&mut reply).await?;
+        Ok::<_, std::io::Error>(reply)
+    };
+    let reply = match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(err)) => return Err(setup_error(format!("handshake: {err}"))),
+        Err(_) => {
+            return Err(setup_error(
+                "no handshake reply within the setup timeout".into(),
+            ))
+        }
+    };
+    let Some(reply) = Reply::decode(&reply) else {
+        return Err(setup_error(
+            "it answered with something other than a ring handshake".into(),
+        ));
+    };
+    match me.refusal(&reply, hello.to) {
+        None => Ok(stream),
+        Some(reason) => Err(CollectiveError::Refused {
+            peer,
+            addr: addr.to_string(),
+            reason,
+        }),
+    }
+}
+
+/// Accepts the left neighbour on `listener`, refusing any other connection and
+/// waiting on.
+async fn accept_left(
+    listener: &TcpListener,
+    config: &RingConfig,
+    deadline: Instant,
+) -> Result<TcpStream, CollectiveError> {
+    let me = Identity::of(config);
+    let peer = left_of(config.rank, config.addrs.len());
+    let mut last_problem: Option<String> = None;
+    loop {
+        let (mut stream, from) = match tokio::time::timeout_at(deadline, listener.accept()).await {
+            Ok(Ok(accepted)) => accepted,
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err, "accept a ring connection");
+                last_problem = Some(format!("accept: {err}"));
+                tokio::time::sleep(ACCEPT_RETRY_PAUSE).await;
+                continue;
+            }
+            Err(_) => {
+                let problem =
+                    last_problem.map_or(String::new(), |p| format!("; last problem: {p}"));
+                return Err(CollectiveError::Setup {
+                    peer,
+                    addr: config.addrs[peer].clone(),
+                    reason: format!(
+                        "it did not connect within the setup timeout ({} ms){problem}",
+                        config.setup_timeout.as_millis()
+                    ),
+                });
+            }
+        };
+        let handshake_deadline = deadline.min(Instant::now() + HANDSHAKE_TIMEOUT);
+        match tokio::time::timeout_at(handshake_deadline, admit(&mut stream, &me)).await {
+            Ok(Ok(())) => {
+                if let Err(err) = stream.set_nodelay(true) {
+                    return Err(CollectiveError::Setup {
+                        peer,
+                        addr: config.addrs[peer].clone(),
+                        reason: format!("set TCP_NODELAY: {err}"),
+                    });
+                }
+                return Ok(stream);
+            }
+            Ok(Err(reason)) => {
+                tracing::warn!(%from, %reason, "refused a ring connection");
+                last_problem = Some(format!("refused {from}: {reason}"));
+            }
+            Err(_) => {
+                tracing::warn!(%from, "refused a ring connection that sent no hello in time");
+                last_problem = Some(format!("refused {from}: no hello in time"));
+            }
+        }
+    }
+}
+
+/// Reads a hello and answers it; returns why when the connection is refused.
+async fn admit(stream: &mut TcpStream, me: &Identity) -> Result<(), String> {
+    let mut bytes = [0u8; HELLO_BYTES];
+    stream
+        .read_exact(&mut bytes)
+        .await
+        .map_err(|err| format!("read hello: {err}"))?;
+    let Some(hello) = Hello::decode(&bytes) else {
+        // Not a ring peer: answering in this protocol would mean nothing to it.
+        return Err("not a ring handshake".into());
+    };
+    let (verdict, reason) = me.judge(&hello);
+    let reply = Reply {
+        version: VERSION,
+        verdict,
+        session_id: me.session_id,
+        world: me.world,
+        rank: me.rank,
+    };
+    stream
+        .write_all(&reply.encode())
+        .await
+        .map_err(|err| format!("send verdict: {err}"))?;
+    reason.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant as StdInstant;
+
+    const SESSION: u64 = 0x6b69_6c6e;
+
+    /// Binds `world` loopback listeners and returns them with their addresses.
+    async fn bind_loopback(world: usize) -> (Vec<TcpListener>, Vec<String>) {
+        let mut listeners = Vec::new();
+        let mut addrs = Vec::new();
+        for _ in 0..world {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            addrs.push(listener.local_addr().expect("addr").to_string());
+            listeners.push(listener);
+        }
+        (listeners, addrs)
+    }
+
+    fn test_config(rank: usize, addrs: &[String]) -> RingConfig {
+        RingConfig {
+            setup_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(2),
+            ..RingConfig::new(SESSION, rank, addrs.to_vec())
+        }
+    }
+
+    /// Links a ring of `world` ranks on loopback, all ranks at once.
+    async fn ring_of(world: usize, tweak: impl Fn(&mut RingConfig)) -> Vec<Ring> {
+        let (listeners, addrs) = bind_loopback(world).await;
+        let connecting: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, listener)| {
+                let mut config = test_config(rank, &addrs);
+                tweak(&mut config);
+                tokio::spawn(Ring::connect(listener, config))
+            })
+            .collect();
+        let mut rings = Vec::new();
+        for task in connecting {
+            rings.push(task.await.expect("join").expect("link the ring"));
+        }
+        rings
+    }
+
+    type Outcome = (Ring, Result<Vec<f32>, CollectiveError>);
+
+    /// Runs an all-reduce on every rank at once, each on its own task.
+    async fn reduce_on_all(rings: Vec<Ring>, bufs: Vec<Vec<f32>>, op: Op) -> Vec<Outcome> {
+        let tasks: Vec<_> = rings
+            .into_iter()
+            .zip(bufs)
+            .map(|(mut ring, mut buf)| {
+                tokio::spawn(async move {
+                    let result = ring.all_reduce(&mut buf, op).await.map(|()| buf);
+                    (ring, result)
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for task in tasks {
+            outcomes.push(task.await.expect("join"));
+        }
+        outcomes
+    }
+
+    /// Runs an all-reduce that must succeed on every rank; returns the rings and
+    /// the buffers.
+    async fn reduce_ok(
+        rings: Vec<Ring>,
+        bufs: Vec<Vec<f32>>,
+        op: Op,
+    ) -> (Vec<Ring>, Vec<Vec<f32>>) {
+        reduce_on_all(rings, bufs, op)
+            .await
+            .into_iter()
+            .map(|(ring, result)| {
+                let rank = ring.rank();
+                (ring, result.unwrap_or_else(|e| panic!("rank {rank}: {e}")))
+            })
+            .unzip()
+    }
+
+    /// Returns a value in [0.5, 1.5) with 24 random bits, different per rank and
+    /// position, so that a sum depends on the order it is taken in.
+    fn value(rank: usize, i: usize, round: usize) -> f32 {
+        let mut x = ((rank as u64) << 48) ^ ((round as u64) << 32) ^ i as u64;
+        x = x
+            .wrapping_add(0x9E37_79B9_7F4A_7C15)
+            .wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x ^= x >> 31;
+        x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 29;
+        0.5 + (x >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    fn inputs(world: usize, len: usize, round: usize) -> Vec<Vec<f32>> {
+        (0..world)
+            .map(|rank| (0..len).map(|i| value(rank, i, round)).collect())
+            .collect()
+    }
+
+    /// Checks that every rank holds the same bits and that they are the mean (or
+    /// sum) of the inputs within f32 rounding.
+    fn check(outputs: &[Vec<f32>], len: usize, round: usize, op: Op, what: &str) {
+        let world = outputs.len();
+        for (rank, out) in outputs.iter().enumerate() {
+            assert_eq!(out.len(), len, "{what}: rank {rank}");
+            if let Some(i) = (0..len).find(|&i| out[i].to_bits() != outputs[0][i].to_bits()) {
+                panic!(
+                    "{what}: rank {rank} differs from rank 0 at {i}: {} vs {}",
+                    out[i], outputs[0][i]
+                );
+            }
+        }
+        for (i, &got) in outputs[0].iter().enumerate() {
+            let sum: f64 = (0..world)
+                .map(|rank| f64::from(value(rank, i, round)))
+                .sum();
+            let expected = if op == Op::Mean {
+                sum / world as f64
+            } else {
+                sum
+            };
+            assert!(
+                (f64::from(got) - expected).abs() <= 1e-6 * expected,
+                "{what}: element {i} is {got}, expected {expected}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mean_is_right_and_bit_identical_on_every_rank() {
+        for world in 1..=4 {
+            let mut rings = ring_of(world, |_| {}).await;
+            for len in [0, 1, world - 1, 1000, 1_000_003] {
+                let (next, outputs) = reduce_ok(rings, inputs(world, len, 0), Op::Mean).await;
+                rings = next;
+                check(
+                    &outputs,
+                    len,
+                    0,
+                    Op::Mean,
+                    &format!("world {world}, len {len}"),
+                );
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_buffer_streams_through_three_ranks() {
+        const WORLD: usize = 3;
+        const LEN: usize = 16 << 20;
+        let rings = ring_of(WORLD, |_| {}).await;
+        let bufs = inputs(WORLD, LEN, 0);
+        let started = StdInstant::now();
+        let (_rings, outputs) = reduce_ok(rings, bufs, Op::Mean).await;
+        let elapsed = started.elapsed();
+        let bytes = (LEN * F32_BYTES) as f64;
+        let algbw = bytes / elapsed.as_secs_f64() / 1e9;
+        let busbw = algbw * 2.0 * (WORLD - 1) as f64 / WORLD as f64;
+        println!(
+            "all-reduce of {} MiB over {WORLD} ranks on loopback: {:.1} ms, algbw {algbw:.2} GB/s, busbw {busbw:.2} GB/s",
+            (LEN * F32_BYTES) >> 20,
+            elapsed.as_secs_f64() * 1e3
+        );
+        check(&outputs, LEN, 0, Op::Mean, "16M floats");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn repeated_calls_stay_in_step() {
+        const WORLD: usize = 3;
+        // Tiny frames: many per step, and empty segments in the short rounds.
+        let mut rings = ring_of(WORLD, |config| config.chunk_bytes = 64).await;
+        for round in 0..50 {
+            let len = (round * 37) % 200;
+            let op = if round % 2 == 0 { Op::Mean } else { Op::Sum };
+            let (next, outputs) = reduce_ok(rings, inputs(WORLD, len, round), op).await;
+            rings = next;
+            check(&outputs, len, round, op, &format!("round {round}"));
+        }
+        let steps = 50 * 2 * (WORLD as u64 - 1);
+        for ring in &rings {
+            assert_eq!(ring.links.as_ref().map(|links| links.step), Some(steps));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_killed_midway_fails_the_others_within_the_timeout() {
+        const LEN: usize = 4 << 20;
+        let mut rings = ring_of(3, |_| {}).await;
+        let mut victim = rings.pop().expect("rank 2");
+        let started = StdInstant::now();
+        let survivors = tokio::spawn(reduce_on_all(rings, inputs(2, LEN, 0), Op::Mean));
+        let mut buf = vec![1.0; LEN];
+        // Rank 2's call is cancelled midway (its shard is killed); its `Ring`
+        // lives on, but the cancelled call closed the links.
+        let cut = tokio::time::timeout(Duration::from_millis(5), victim.all_reduce_mean(&mut buf));
+        assert!(cut.await.is_err(), "the victim finished before it was cut");
+
+        let outcomes = survivors.await.expect("join");
+        let elapsed = started.elapsed();
+        assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+        let errors: Vec<&CollectiveError> = outcomes
+            .iter()
+            .map(|(_, result)| result.as_ref().expect_err("a peer is gone"))
+            .collect();
+        // Closed links, not the 2 s I/O timeout: the victim's ring closed them
+        // when its call was cancelled, though the ring itself is still alive.
+        for err in &errors {
+            assert!(matches!(err, CollectiveError::PeerClosed { .. }), "{err}");
+        }
+        // Both survivors are rank 2's neighbours; the first to notice names it,
+        // the other may see that survivor close its links first.
+        assert!(errors.iter().any(|err| err.peer() == Some(2)), "{errors:?}");
+
+        // The links are out of step: the victim's ring refuses to go on.
+        let err = victim
+            .all_reduce_mean(&mut buf)
+            .await
+            .expect_err("poisoned");
+        assert_eq!(
+            err.to_string(),
+            "the ring failed earlier and cannot be used again: \
+             an earlier all-reduce was cancelled midway"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_peer_fails_the_others_within_the_timeout() {
+        // Rank 1 waits longer than rank 0, so that it hears of rank 0's failure
+        // before its own timer could fire.
+        let mut rings = ring_of(3, |config| {
+            config.io_timeout = Duration::from_secs(if config.rank == 0 { 1 } else { 10 })
+        })
+        .await;
+        // Rank 2 stays linked but never calls.
+        let _stalled = rings.pop().expect("rank 2");
+        let started = StdInstant::now();
+        let outcomes = reduce_on_all(rings, inputs(2, 1000, 0), Op::Mean).await;
+        let elapsed = started.elapsed();
+        assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+        let mut outcomes = outcomes.into_iter();
+        let (mut rank0, result) = outcomes.next().expect("rank 0");
+        let err = result.expect_err("rank 2 sent nothing");
+        assert!(
+            matches!(
+                err,
+                CollectiveError::Timeout {
+                    peer: 2,
+                    op: LinkOp::Receive,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "receive from rank 2: no progress in 1000 ms"
+        );
+        // Rank 0 closed its links on failure, so rank 1 did not wait for its own
+        // timeout.
+        let (_, result) = outcomes.next().expect("rank 1");
+        let err = result.expect_err("rank 0 closed its links");
+        assert!(
+            matches!(err, CollectiveError::PeerClosed { peer: 0, .. }),
+            "{err}"
+        );
+
+        let err = rank0
+            .all_reduce_mean(&mut [1.0])
+            .await
+            .expect_err("poisoned");
+        assert_eq!(
+            err.to_string(),
+            "the ring failed earlier and cannot be used again: \
+             receive from rank 2: no progress in 1000 ms"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ranks_that_disagree_on_the_buffer_fail_instead_of_misreading() {
+        let rings = ring_of(2, |_| {}).await;
+        let outcomes = reduce_on_all(rings, vec![vec![1.0; 10], vec![1.0; 12]], Op::Mean).await;
+        for (ring, result) in &outcomes {
+            let err = result.as_ref().expect_err("lengths differ");
+            assert!(matches!(err, CollectiveError::Protocol { .. }), "{err}");
+            let (theirs, ours) = if ring.rank() == 0 { (12, 10) } else { (10, 12) };
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "receive from rank {}: it reduces a buffer of {theirs} elements, this rank one of {ours}",
+                    1 - ring.rank()
+                )
+            );
+        }
+
+        let rings = ring_of(2, |_| {}).await;
+        let mut outcomes = Vec::new();
+        let mut tasks = Vec::new();
+        for (mut ring, sum) in rings.into_iter().zip([true, false]) {
+            tasks.push(tokio::spawn(async move {
+                let mut buf = vec![1.0; 4];
+                if sum {
+                    ring.all_reduce_sum(&mut buf).await
+                } else {
+                    ring.all_reduce_mean(&mut buf).await
+                }
+            }));
+        }
+        for task in tasks {
+            outcomes.push(task.await.expect("join"));
+        }
+        let err = outcomes[0].as_ref().expect_err("ops differ");
+        assert_eq!(
+            err.to_string(),
+            "receive from rank 1: it runs a mean all-reduce, this rank a sum"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wrong_session_is_refused_with_a_clear_error() {
+        // A shard of an earlier attempt (session - 1), still running as rank 1,
+        // reaches rank 0 of the new attempt before the new rank 1 is up.
+        let (mut listeners, addrs) = bind_loopback(2).await;
+        let rank1 = listeners.pop().expect("rank 1");
+        let rank0 = listeners.pop().expect("rank 0");
+        let ring0 = tokio::spawn(Ring::connect(rank0, test_config(0, &addrs)));
+        let (mut stale_listener, stale_addrs) = bind_loopback(1).await;
+        let mut stale = test_config(1, &[addrs[0].clone(), stale_addrs[0].clone()]);
+        stale.session_id = SESSION - 1;
+        let err = Ring::connect(stale_listener.pop().expect("stale"), stale)
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(&err, CollectiveError::Refused { peer: 0, .. }),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "rank 0 at {} refused the connection: it belongs to session {SESSION}, \
+                 this rank to session {}",
+                addrs[0],
+                SESSION - 1
+            )
+        );
+
+        // Rank 0 refused it and went on waiting for its real left neighbour.
+        let ring1 = Ring::connect(rank1, test_config(1, &addrs))
+            .await
+            .expect("rank 1 links");
+        let ring0 = ring0.await.expect("join").expect("rank 0 links");
+        let (_, outputs) = reduce_ok(vec![ring0, ring1], inputs(2, 10, 0), Op::Mean).await;
+        check(&outputs, 10, 0, Op::Mean, "after the stale rank");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stray_connection_is_refused_and_setup_goes_on() {
+        let (mut listeners, addrs) = bind_loopback(2).await;
+        let rank1 = listeners.pop().expect("rank 1");
+        let rank0 = listeners.pop().expect("rank 0");
+        let ring0 = tokio::spawn(Ring::connect(rank0, test_config(0, &addrs)));
+
+        // Something that does not speak the protocol is dropped without an answer.
+        let mut stray = TcpStream::connect(&addrs[0]).await.expect("connect");
+        stray
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\0\0\0\0\0")
+            .await
+            .expect("write");
+        let mut answer = Vec::new();
+        stray.read_to_end(&mut answer).await.expect("closed");
+        assert!(answer.is_empty());
+
+        // A rank that means another rank is refused with a verdict.
+        let mut lost = TcpStream::connect(&addrs[0]).await.expect("connect");
+        let hello = Hello {
+            version: VERSION,
+            session_id: SESSION,
+            world: 2,
+            from: 1,
+            to: 1,
+        };
+        lost.write_all(&hello.encode()).await.expect("write");
+        let mut reply = [0u8; HELLO_BYTES];
+        lost.read_exact(&mut reply).await.expect("verdict");
+        let reply = Reply::decode(&reply).expect("a reply");
+        assert_eq!(reply.verdict, Verdict::WrongRank);
+        assert_eq!(reply.rank, 0);
+
+        let ring1 = Ring::connect(rank1, test_config(1, &addrs))
+            .await
+            .expect("rank 1 links");
+        let ring0 = ring0.await.expect("join").expect("rank 0 links");
+        let (_, outputs) = reduce_ok(vec![ring0, ring1], inputs(2, 10, 0), Op::Mean).await;
+        check(&outputs, 10, 0, Op::Mean, "after strays");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_absent_neighbour_fails_setup_naming_it() {
+        let (mut listeners, addrs) = bind_loopback(2).await;
+        drop(listeners.pop());
+        let mut config = test_config(0, &addrs);
+        config.setup_timeout = Duration::from_millis(300);
+        let started = StdInstant::now();
+        let err = Ring::connect(listeners.pop().expect("rank 0"), config)
+            .await
+            .expect_err("rank 1 never comes");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(
+            matches!(&err, CollectiveError::Setup { peer: 1, addr, .. } if *addr == addrs[1]),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with(&format!("set up the link with rank 1 at {}: ", addrs[1])),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_world_of_one_needs_no_peers_and_changes_nothing() {
+        let (mut listeners, addrs) = bind_loopback(1).await;
+        let mut ring = Ring::connect(listeners.pop().expect("rank 0"), test_config(0, &addrs))
+            .await
+            .expect("link");
+        let mut buf = vec![1.5, -2.0, 3.25];
+        ring.all_reduce_mean(&mut buf).await.expect("mean");
+        ring.all_reduce_sum(&mut buf).await.expect("sum");
+        assert_eq!(buf, vec![1.5, -2.0, 3.25]);
+    }
+
+    #[tokio::test]
+    async fn an_impossible_config_is_rejected() {
+        let (mut listeners, addrs) = bind_loopback(2).await;
+        let mut config = test_config(2, &addrs);
+        let err = Ring::connect(listeners.pop().expect("listener"), config.clone())
+            .await
+            .expect_err("rank out of range");
+        assert_eq!(
+            err.to_string(),
+            "invalid ring config: rank 2 in a world of 2"
+        );
+        config.rank = 0;
+        config.chunk_bytes = 6;
+        let err = Ring::connect(listeners.pop().expect("listener"), config)
+            .await
+            .expect_err("chunk not a multiple of 4");
+        assert!(matches!(err, CollectiveError::Config(_)), "{err}");
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let header = Header {
+            step: 7,
+            buf_len: 1 << 40,
+            offset: 3,
+            len: 65536,
+            op: Op::Mean.code(),
+        };
+        assert_eq!(Header::decode(&header.encode()), header);
+        assert_eq!(header.mismatch(&header), None);
+        let hello = Hello {
+            version: VERSION,
+            session_id: u64::MAX,
+            world: 4,
+            from: 3,
+            to: 0,
+        };
+        assert_eq!(Hello::decode(&hello.encode()), Some(hello));
+        let reply = Reply {
+            version: VERSION,
+            verdict: Verdict::WrongWorld,
+            session_id: 9,
+            world: 4,
+            rank: 0,
+        };
+        assert_eq!(Reply::decode(&reply.encode()), Some(reply));
+        assert_eq!(Hello::decode(&[0; HELLO_BYTES]), None);
+    }
+
+    #[test]
+    fn a_refusal_with_odd_values_is_reported_not_a_panic() {
+        let me = Identity {
+            session_id: 1,
+            world: 2,
+            rank: 1,
+        };
+        for (rank, world) in [(u32::MAX, u32::MAX), (0, 0), (u32::MAX, 0)] {
+            let reply = Reply {
+                version: VERSION,
+                verdict: Verdict::WrongRank,
+                session_id: 1,
+                world,
+                rank,
+            };
+            assert!(me.refusal(&reply, 0).is_some());
+        }
+    }
+
+    #[test]
+    fn connect_backoff_doubles_up_to_its_bound() {
+        assert_eq!(connect_backoff(0), CONNECT_BACKOFF_INITIAL);
+        assert_eq!(connect_backoff(1), CONNECT_BACKOFF_INITIAL * 2);
+        assert_eq!(connect_backoff(100), CONNECT_BACKOFF_MAX);
+    }
+}
