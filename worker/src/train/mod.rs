@@ -1,0 +1,9 @@
+//! Training on a worker: the pieces a data-parallel shard is built from.
+//!
+//! - `optim`: SGD with momentum and AdamW over flat parameter buffers, with state
+//!   that checkpoints and resumes exactly.
+//!
+//! The shard loop (data from the artifact store, the model, the all-reduce through
+//! [`crate::collective`], checkpoints) joins them.
+
+pub mod optim;
