@@ -17,7 +17,7 @@
 //!   re-verifies stored chunks on a schedule.
 //! - `collective`: the CPU ring all-reduce over TCP between the shards of a
 //!   training job ([`collective::Ring`]), which averages their gradient buffers.
-//! - `train`: the pieces of a training shard (optimizers so far).
+//! - `train`: the pieces of a training shard (data, optimizers so far).
 //! - `http`: the HTTP server (KServe v2 health endpoints, `/metrics`); it only
 //!   reads the registration `watch` and the metrics.
 //!
