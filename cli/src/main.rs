@@ -376,15 +376,9 @@ fn parse_role(text: &str) -> anyhow::Result<kiln_proto::v1::Role> {
     })
 }
 
-fn role_name(role: i32) -> &'static str {
-    use kiln_proto::v1::Role;
-    match Role::try_from(role) {
-        Ok(Role::Admin) => "admin",
-        Ok(Role::Operator) => "operator",
-        Ok(Role::Viewer) => "viewer",
-        Ok(Role::Inference) => "inference",
-        _ => "unknown",
-    }
+fn role_name(role: i32) -> String {
+    let role = kiln_proto::v1::Role::try_from(role).unwrap_or(kiln_proto::v1::Role::Unspecified);
+    kiln_common::auth::role_name(role)
 }
 
 #[derive(Subcommand)]
