@@ -485,43 +485,6 @@ pub fn directory_digest(files: &[ArtifactFile]) -> Vec<u8> {
     hasher.finalize().as_bytes().to_vec()
 }
 
-/// Fetches one chunk from the first replica that returns good bytes.
-async fn fetch(
-    client: &ClusterClient,
-    id: ChunkId,
-    replicas: &[ChunkTarget],
-) -> anyhow::Result<Vec<u8>> {
-    let mut errors = Vec::new();
-    for replica in replicas {
-        let mut blobs = client.blobs_for(&replica.addr)?;
-        match blobs.get_chunk(GetChunkRequest { id: id.0.to_vec() }).await {
-            Ok(resp) => {
-                let data = resp.into_inner().data;
-                if ChunkId::of(&data) == id {
-                    return Ok(data);
-                }
-                errors.push(format!(
-                    "worker {} sent bytes that do not match",
-                    replica.worker_id
-                ));
-            }
-            Err(e) => errors.push(format!(
-                "worker {}: {}",
-                replica.worker_id,
-                kiln_common::Error::from(e)
-            )),
-        }
-        tracing::warn!(chunk = %id, worker = %replica.worker_id, "replica failed; trying the next");
-    }
-    if replicas.is_empty() {
-        bail!("chunk {id} has no replica");
-    }
-    bail!(
-        "no replica of chunk {id} could be read: {}",
-        errors.join("; ")
-    )
-}
-
 /// What a pull did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PullReport {
@@ -615,7 +578,7 @@ async fn write_file(
         async move {
             let chunk_id = ChunkId::from_slice(&id, "manifest")?;
             let replicas = sources.get(&id).cloned().unwrap_or_default();
-            fetch(&client, chunk_id, &replicas).await
+            Ok::<_, anyhow::Error>(client.fetch_chunk(chunk_id, &replicas).await?)
         }
     }))
     .buffered(FETCHES_IN_FLIGHT);

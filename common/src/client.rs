@@ -12,11 +12,13 @@ use std::time::{Duration, Instant};
 
 use kiln_proto::v1::blobs_client::BlobsClient;
 use kiln_proto::v1::coordinator_client::CoordinatorClient;
+use kiln_proto::v1::{ChunkTarget, GetChunkRequest};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::Channel;
 
+use crate::chunking::ChunkId;
 use crate::error::{Error, Result};
 
 /// A gRPC client of one coordinator, sending the bearer token when there is one.
@@ -164,6 +166,39 @@ impl ClusterClient {
         Ok(BlobsClient::with_interceptor(channel, self.bearer.clone())
             .max_decoding_message_size(MAX_DATA_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_DATA_MESSAGE_BYTES))
+    }
+
+    /// Reads chunk `id` from the first of `replicas` (workers' chunk services) that
+    /// returns bytes matching the id; a replica that fails or sends bad bytes is
+    /// skipped for the next. The error names what each replica did.
+    pub async fn fetch_chunk(&self, id: ChunkId, replicas: &[ChunkTarget]) -> Result<Vec<u8>> {
+        if replicas.is_empty() {
+            return Err(Error::Unavailable(format!("chunk {id} has no replica")));
+        }
+        let mut errors = Vec::new();
+        for replica in replicas {
+            let answer = match self.blobs_for(&replica.addr) {
+                Ok(mut blobs) => blobs
+                    .get_chunk(GetChunkRequest { id: id.0.to_vec() })
+                    .await
+                    .map(|r| r.into_inner().data)
+                    .map_err(Error::from),
+                Err(e) => Err(e),
+            };
+            match answer {
+                Ok(data) if ChunkId::of(&data) == id => return Ok(data),
+                Ok(_) => errors.push(format!(
+                    "worker {} sent bytes that do not match",
+                    replica.worker_id
+                )),
+                Err(e) => errors.push(format!("worker {}: {e}", replica.worker_id)),
+            }
+            tracing::warn!(chunk = %id, worker = %replica.worker_id, "replica failed; trying the next");
+        }
+        Err(Error::Unavailable(format!(
+            "no replica of chunk {id} could be read: {}",
+            errors.join("; ")
+        )))
     }
 
     /// Returns the cached channel to `addr` in `map`, connecting lazily.

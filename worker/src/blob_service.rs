@@ -70,33 +70,12 @@ impl BlobService {
     /// Fetches one chunk from the first source that returns good bytes.
     async fn copy_one(&self, source: &ChunkSource) -> Result<(ChunkId, Vec<u8>), String> {
         let id = ChunkId::from_slice(&source.id, "replicate").map_err(|e| e.to_string())?;
-        let mut errors = Vec::new();
-        for replica in &source.replicas {
-            let mut client = match self.peers.blobs_for(&replica.addr) {
-                Ok(c) => c,
-                Err(e) => {
-                    errors.push(e.to_string());
-                    continue;
-                }
-            };
-            match client
-                .get_chunk(GetChunkRequest { id: id.0.to_vec() })
-                .await
-            {
-                Ok(resp) => {
-                    let data = resp.into_inner().data;
-                    if ChunkId::of(&data) == id {
-                        return Ok((id, data));
-                    }
-                    errors.push(format!(
-                        "{} sent bytes that do not match",
-                        replica.worker_id
-                    ));
-                }
-                Err(e) => errors.push(format!("{}: {}", replica.worker_id, e.message())),
-            }
-        }
-        Err(format!("chunk {id}: {}", errors.join("; ")))
+        let data = self
+            .peers
+            .fetch_chunk(id, &source.replicas)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((id, data))
     }
 
     /// Writes one batch on a blocking thread, not yet durable; returns how many
