@@ -279,25 +279,44 @@ async fn join_cluster(
 const REPAIR_INTERVAL: Duration = Duration::from_secs(2);
 
 /// On the leader, copies chunks with too few live replicas back to their count,
-/// a bounded number each round (see [`Api::repair_round`]).
+/// a bounded number each round (see [`Api::repair_round`]). A round walks every
+/// chunk record, so once one finds nothing to do the loop waits until the workers'
+/// states or the count of short-making changes move ([`Api::repair_signature`]).
 async fn repair_loop(api: Api, token: CancellationToken) {
     let mut interval = tokio::time::interval(REPAIR_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut settled = None;
     loop {
         tokio::select! {
             _ = token.cancelled() => return,
             _ = interval.tick() => {}
         }
         if !api.node.view().is_leader() {
+            settled = None;
+            continue;
+        }
+        let signature = match api.repair_signature() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "read the repair signature");
+                continue;
+            }
+        };
+        if settled.as_ref() == Some(&signature) {
             continue;
         }
         let round = tokio::select! {
             _ = token.cancelled() => return,
             round = api.repair_round() => round,
         };
-        if let Err(e) = round {
-            tracing::warn!(error = %e, "chunk repair round");
-        }
+        settled = match round {
+            Ok(0) => Some(signature),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "chunk repair round");
+                None
+            }
+        };
     }
 }
 

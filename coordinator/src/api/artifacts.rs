@@ -19,6 +19,7 @@ use super::grpc::{audited, command, Api};
 use crate::auth::Caller;
 use crate::state::artifacts::{read_record, read_version, resolve};
 use crate::state::keys;
+use crate::state::machine::read_counter;
 
 /// Most chunk ids one PlanPush may ask about.
 pub const MAX_PLAN_CHUNKS: usize = 65_536;
@@ -432,9 +433,25 @@ impl Api {
         Ok(())
     }
 
+    /// What the chunks' replica counts depend on: each worker's state, and the
+    /// count of changes that may have left a chunk short. A repair round that
+    /// found nothing to do stays true until this changes.
+    pub fn repair_signature(&self) -> Result<(Vec<(String, i32)>, u64)> {
+        let mut states: Vec<(String, i32)> = self
+            .reader
+            .workers()
+            .map_err(storage)?
+            .into_iter()
+            .map(|w| (w.id, w.state))
+            .collect();
+        states.sort();
+        let short = read_counter(&self.reader, keys::CHUNKS_SHORT).map_err(storage)?;
+        Ok((states, short))
+    }
+
     /// One repair round on the leader: every chunk with fewer live replicas than
     /// it wants (bounded by the workers alive) is copied from a live replica to
-    /// a worker without one. Returns the copies made.
+    /// a worker without one. Returns the copies it planned (0: nothing to do).
     pub async fn repair_round(&self) -> Result<usize> {
         let workers = self.workers()?;
         let alive = workers.alive();
@@ -537,9 +554,9 @@ impl Api {
             }
         }
         if copies > 0 {
-            tracing::info!(copies, "re-replicated chunks");
+            tracing::info!(copies, planned, "re-replicated chunks");
         }
-        Ok(copies)
+        Ok(planned)
     }
 
     /// Removes chunks that no version lists and that are older than the grace

@@ -133,6 +133,12 @@ pub fn apply_add_replicas(
         Ok(placed) => placed,
         Err(reason) => return Ok(Err(reason)),
     };
+    if placed
+        .values()
+        .any(|r| r.workers.len() < r.replicas as usize)
+    {
+        bump_counter(txn, keys::CHUNKS_SHORT)?;
+    }
     for (key, record) in placed {
         txn.put(key, record.encode_to_vec());
     }
@@ -144,12 +150,18 @@ pub fn apply_drop_replicas(
     txn: &mut Txn<'_>,
     drop: &DropChunkReplicas,
 ) -> Result<Result<u64, Rejection>, StoreError> {
+    let mut dropped = false;
     for id in &drop.ids {
         let key = keys::chunk(id);
         if let Some(mut record) = read_record::<ChunkRecord>(txn, &key, "decode chunk record")? {
+            let before = record.workers.len();
             record.workers.retain(|w| *w != drop.worker_id);
+            dropped |= record.workers.len() < before;
             txn.put(key, record.encode_to_vec());
         }
+    }
+    if dropped {
+        bump_counter(txn, keys::CHUNKS_SHORT)?;
     }
     Ok(Ok(0))
 }
@@ -305,6 +317,12 @@ pub fn apply_commit(
         };
         record.refs += 1;
         txn.put(key, record.encode_to_vec());
+    }
+    if placed
+        .values()
+        .any(|r| r.workers.len() < r.replicas as usize)
+    {
+        bump_counter(txn, keys::CHUNKS_SHORT)?;
     }
     for (key, record) in placed {
         txn.put(key, record.encode_to_vec());

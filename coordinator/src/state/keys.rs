@@ -40,6 +40,10 @@ pub const TOKENS_VERSION: &[u8] = b"meta/tokens_version";
 pub const ARTIFACT: &str = "artifact/";
 /// Prefix of each artifact's newest version number.
 pub const ARTIFACT_HEAD: &str = "artifact_head/";
+/// Counts the changes after which some chunk may have fewer replicas than it
+/// wants (a replica dropped, a chunk recorded short): the leader's repair loop
+/// scans the chunk records again only when this or the workers' states change.
+pub const CHUNKS_SHORT: &[u8] = b"meta/chunks_short";
 /// Prefix of chunk location records.
 pub const CHUNK: &str = "chunk/";
 /// Largest manifest accepted, encoded: about 360,000 chunks, some 90 GiB of content
