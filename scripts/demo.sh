@@ -20,11 +20,7 @@ awk 'BEGIN {
     printf "%.2f,%.2f,%.2f,%.2f,%s\n", 4 + 4 * rand(), 2 + 2.5 * rand(),
       1 + 6 * rand(), 0.1 + 2.4 * rand(), species[1 + int(3 * rand())]
 }' > "$demo_data/iris.csv"
-# A worker learns a new token with its next heartbeat; give both a moment.
-for _ in 1 2 3 4 5 6 7 8 9 10; do
-  "$KILN_BIN" artifact push "$demo_data/iris.csv" --name iris --tag first && break
-  sleep 1
-done
+"$KILN_BIN" artifact push "$demo_data/iris.csv" --name iris --tag first
 head -c 200000 "$demo_data/iris.csv" | tail -n +2 >> "$demo_data/iris.csv"
 "$KILN_BIN" artifact push "$demo_data/iris.csv" --name iris
 "$KILN_BIN" artifact diff iris@first iris@latest

@@ -522,13 +522,6 @@ type KilnClientSetup = (
 );
 
 /// Returns the client TLS settings of a local cluster: its CA, or none when insecure.
-fn client_tls(info: &local::ClusterInfo) -> anyhow::Result<Option<kiln_common::tls::TlsMaterial>> {
-    match &info.ca {
-        Some(ca) => Ok(Some(kiln_common::tls::TlsMaterial::client(ca)?)),
-        None => Ok(None),
-    }
-}
-
 /// A kiln client: [`ClusterClient`] follows the leader and retries by itself.
 struct KilnTarget {
     client: ClusterClient,
@@ -1015,7 +1008,7 @@ impl Cluster {
         match self {
             Cluster::Kiln(k) => Ok((
                 k.info.coordinator_addrs(),
-                client_tls(&k.info)?,
+                local::client_tls(&k.info)?,
                 local::read_token(&k.info)?,
             )),
             Cluster::Etcd(_) => Ok((Vec::new(), None, None)),
@@ -1185,14 +1178,12 @@ impl KilnCluster {
         for node in &info.coordinators {
             reaper.track(Proc::from(node));
         }
-        let admin = ClusterClient::new(
-            info.coordinator_addrs(),
+        let admin = local::admin_client(
+            &info,
             ClientOptions {
                 connect_timeout: STATUS_TIMEOUT,
                 attempt_timeout: STATUS_TIMEOUT,
                 deadline: STATUS_TIMEOUT,
-                tls: client_tls(&info)?,
-                token: local::read_token(&info)?,
                 ..ClientOptions::default()
             },
         )

@@ -17,11 +17,11 @@
 use std::io::Write as _;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use kiln_common::chunking::{ChunkId, Chunker};
-use kiln_common::client::{ClientOptions, ClusterClient};
+use kiln_common::client::ClientOptions;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
@@ -446,34 +446,7 @@ async fn kiln_side(
     append_mib: usize,
     appended_bytes: u64,
 ) -> anyhow::Result<(f64, f64, f64, u64)> {
-    let client = Arc::new(ClusterClient::new(
-        info.coordinator_addrs(),
-        ClientOptions {
-            tls: match &info.ca {
-                Some(ca) => Some(kiln_common::tls::TlsMaterial::client(ca)?),
-                None => None,
-            },
-            token: local::read_token(info)?,
-            ..ClientOptions::default()
-        },
-    )?);
-    // Both workers registered and holding the admin token: a small push that
-    // lands on two replicas.
-    let probe = file.with_file_name("probe.txt");
-    std::fs::write(&probe, b"probe")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let options = PushOptions {
-            name: "probe".into(),
-            ..PushOptions::default()
-        };
-        match artifact::push(Arc::clone(&client), &probe, options).await {
-            Ok(r) if r.replicas == 2 => break,
-            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(500)).await,
-            Ok(r) => bail!("the cluster stores {} replica(s), not 2", r.replicas),
-            Err(e) => return Err(e),
-        }
-    }
+    let client = Arc::new(local::admin_client(info, ClientOptions::default())?);
     let options = PushOptions {
         name: "big".into(),
         ..PushOptions::default()

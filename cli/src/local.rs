@@ -142,6 +142,28 @@ pub struct ClusterInfo {
     pub token_file: Option<PathBuf>,
 }
 
+/// Returns the TLS settings that verify the local cluster's nodes (its CA);
+/// `None` for an insecure cluster.
+pub fn client_tls(info: &ClusterInfo) -> anyhow::Result<Option<kiln_common::tls::TlsMaterial>> {
+    match &info.ca {
+        Some(ca) => Ok(Some(kiln_common::tls::TlsMaterial::client(ca)?)),
+        None => Ok(None),
+    }
+}
+
+/// Returns a client of the local cluster's coordinators that acts as its admin
+/// (the CA and the admin token of `info`), with the other settings of `options`.
+pub fn admin_client(info: &ClusterInfo, options: ClientOptions) -> anyhow::Result<ClusterClient> {
+    Ok(ClusterClient::new(
+        info.coordinator_addrs(),
+        ClientOptions {
+            tls: client_tls(info)?,
+            token: read_token(info)?,
+            ..options
+        },
+    )?)
+}
+
 /// Reads the local cluster's admin token, if it has one.
 pub fn read_token(info: &ClusterInfo) -> anyhow::Result<Option<String>> {
     match &info.token_file {
@@ -706,10 +728,43 @@ pub(crate) async fn up_with(opts: &LocalOptions, detach: Detach) -> anyhow::Resu
     wait_ready(&mut info, &mut started, &dir).await?;
     if !opts.insecure {
         info.token_file = Some(ensure_admin_token(&dir, &info).await?);
+        wait_workers_know_token(&info).await?;
     }
     write_cluster(&dir, &info)?;
     started.armed = false;
     Ok(info)
+}
+
+/// Longest wait for the workers to learn the admin token (a heartbeat brings it).
+const TOKEN_WAIT: Duration = Duration::from_secs(15);
+
+/// Waits until every worker takes the admin token, which it learns with a
+/// heartbeat after the token is made, so that the cluster `up` hands back takes
+/// pushes and pulls at once.
+async fn wait_workers_know_token(info: &ClusterInfo) -> anyhow::Result<()> {
+    let client = admin_client(info, ClientOptions::default())?;
+    let deadline = Instant::now() + TOKEN_WAIT;
+    for worker in &info.workers {
+        loop {
+            let probe = client
+                .blobs_for(&worker.addr)?
+                .has_chunks(kiln_proto::v1::HasChunksRequest { ids: Vec::new() })
+                .await;
+            match probe {
+                Ok(_) => break,
+                Err(e) if e.code() == tonic::Code::Unauthenticated && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => bail!(
+                    "worker {} at {} does not take the admin token: {}",
+                    worker.name,
+                    worker.addr,
+                    kiln_common::Error::from(e)
+                ),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Name of the admin token `kiln local up` makes.
