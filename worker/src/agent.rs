@@ -129,7 +129,7 @@ pub struct AgentSettings {
 
 /// The registration and heartbeat actor of one worker.
 pub struct Agent {
-    client: ClusterClient,
+    client: Arc<ClusterClient>,
     record: WorkerRecord,
     resources: Resources,
     configured_interval: Duration,
@@ -173,7 +173,7 @@ impl AgentHandle {
 impl Agent {
     /// Starts the agent; it runs until `shutdown` is cancelled.
     pub fn spawn(
-        client: ClusterClient,
+        client: Arc<ClusterClient>,
         settings: AgentSettings,
         probe: ResourceProbe,
         resources: Resources,
@@ -421,7 +421,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let (probe, resources) = ResourceProbe::discover(dir.path());
         let metrics = Arc::new(Metrics::new(&resources));
-        let client = ClusterClient::new(vec![coordinator], Default::default()).expect("client");
+        let client =
+            Arc::new(ClusterClient::new(vec![coordinator], Default::default()).expect("client"));
         let record = WorkerRecord {
             id: "worker-a".into(),
             ..Default::default()

@@ -150,9 +150,9 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         tls: tls.clone(),
         ..ClientOptions::default()
     };
-    let client = ClusterClient::new(config.coordinators.clone(), options.clone())
-        .context("create coordinator client")?;
-    let peers = Arc::new(
+    // One client for the agent's calls, the scrubber's reports and the chunk
+    // copies between workers: they share its channels.
+    let client = Arc::new(
         ClusterClient::new(config.coordinators.clone(), options)
             .context("create coordinator client")?,
     );
@@ -178,7 +178,7 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
     let metrics = Arc::new(Metrics::new(&resources));
     let agent_stop = shutdown.child_token();
     let agent = Agent::spawn(
-        client,
+        Arc::clone(&client),
         AgentSettings {
             record,
             heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
@@ -206,7 +206,7 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
     });
     tokio::spawn(scrub::scrub_loop(
         store.clone(),
-        Arc::clone(&peers),
+        Arc::clone(&client),
         id.to_string(),
         Duration::from_millis(config.scrub_interval_ms),
         Arc::clone(&metrics),
@@ -217,7 +217,7 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         tokens: tls.is_some().then(|| Arc::clone(&tokens)),
         metrics: Arc::clone(&metrics),
         writers: Arc::new(tokio::sync::Semaphore::new(blob_service::MAX_WRITERS)),
-        peers: Arc::clone(&peers),
+        peers: Arc::clone(&client),
     })
     .max_decoding_message_size(kiln_common::client::MAX_DATA_MESSAGE_BYTES)
     .max_encoding_message_size(kiln_common::client::MAX_DATA_MESSAGE_BYTES);
