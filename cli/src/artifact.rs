@@ -195,12 +195,23 @@ fn spawn_reader(
     (rx, handle)
 }
 
-/// Sends one batch's missing chunks to every target; returns their placements.
+/// What one batch did.
+#[derive(Debug, Default)]
+struct BatchOutcome {
+    /// Chunks the cluster lacked, now stored and recorded, and their bytes.
+    new_chunks: usize,
+    new_bytes: u64,
+    /// Replicas each got, and the coordinators' warning when fewer than asked.
+    replicas: u32,
+    warning: String,
+}
+
+/// Sends one batch's missing chunks to every target and records them.
 async fn send_batch(
     client: Arc<ClusterClient>,
     batch: Vec<Chunk>,
     replicas: u32,
-) -> anyhow::Result<(Vec<ChunkPlacement>, u32, String)> {
+) -> anyhow::Result<BatchOutcome> {
     let ids: Vec<Vec<u8>> = batch.iter().map(|c| c.id.0.to_vec()).collect();
     let plan = client
         .call(|mut c| {
@@ -293,11 +304,17 @@ async fn send_batch(
             workers: workers.clone(),
         })
         .collect();
+    let outcome = BatchOutcome {
+        new_chunks: placements.len(),
+        new_bytes: placements.iter().map(|p| p.size).sum(),
+        replicas: plan.targets.len() as u32,
+        warning: plan.warning,
+    };
     // Recorded batch by batch: a push that is interrupted and run again finds
     // these chunks stored and sends only the rest.
     if !placements.is_empty() {
         let request = RecordChunksRequest {
-            placements: placements.clone(),
+            placements,
             replicas: if replicas == 0 {
                 kiln_common::artifact::DEFAULT_REPLICAS
             } else {
@@ -312,7 +329,7 @@ async fn send_batch(
             .await
             .context("record the stored chunks")?;
     }
-    Ok((placements, plan.targets.len() as u32, plan.warning))
+    Ok(outcome)
 }
 
 /// Pushes a file or directory as a new version of `options.name`.
@@ -339,18 +356,15 @@ pub async fn push(
     let mut batch: Vec<Chunk> = Vec::new();
     let mut batch_bytes = 0usize;
     let mut in_flight = JoinSet::new();
-    let mut placements = Vec::new();
-    let mut replicas = 0u32;
-    let mut warning = String::new();
+    let mut total = BatchOutcome::default();
     let mut chunks = 0usize;
-    let mut collect = |result: anyhow::Result<(Vec<ChunkPlacement>, u32, String)>,
-                       placements: &mut Vec<ChunkPlacement>|
-     -> anyhow::Result<()> {
-        let (placed, r, w) = result?;
-        placements.extend(placed);
-        replicas = r;
-        if !w.is_empty() {
-            warning = w;
+    let mut collect = |result: anyhow::Result<BatchOutcome>| -> anyhow::Result<()> {
+        let done = result?;
+        total.new_chunks += done.new_chunks;
+        total.new_bytes += done.new_bytes;
+        total.replicas = done.replicas;
+        if !done.warning.is_empty() {
+            total.warning = done.warning;
         }
         Ok(())
     };
@@ -363,7 +377,7 @@ pub async fn push(
         if flush {
             if in_flight.len() >= BATCHES_IN_FLIGHT {
                 let done = in_flight.join_next().await.expect("a batch in flight");
-                collect(done.context("join a batch")?, &mut placements)?;
+                collect(done.context("join a batch")?)?;
             }
             in_flight.spawn(send_batch(
                 Arc::clone(&client),
@@ -398,7 +412,7 @@ pub async fn push(
         }
     }
     while let Some(done) = in_flight.join_next().await {
-        collect(done.context("join a batch")?, &mut placements)?;
+        collect(done.context("join a batch")?)?;
     }
     progress.finish();
     reader
@@ -414,14 +428,12 @@ pub async fn push(
     } else {
         files[0].digest.clone()
     };
-    let new_chunks = placements.len();
-    let new_bytes = placements.iter().map(|p| p.size).sum();
-    if replicas == 0 {
+    if total.replicas == 0 {
         // Nothing was planned: an empty file or directory. Ask for the replica count
         // anyway so that the report says what the cluster would do.
-        let (_, r, w) = send_batch(Arc::clone(&client), Vec::new(), options.replicas).await?;
-        replicas = r;
-        warning = w;
+        let planned = send_batch(Arc::clone(&client), Vec::new(), options.replicas).await?;
+        total.replicas = planned.replicas;
+        total.warning = planned.warning;
     }
     let version = ArtifactVersion {
         name: options.name.clone(),
@@ -464,11 +476,11 @@ pub async fn push(
         files: file_count,
         bytes: size,
         chunks,
-        new_chunks,
-        new_bytes,
-        replicas,
+        new_chunks: total.new_chunks,
+        new_bytes: total.new_bytes,
+        replicas: total.replicas,
         seconds: started.elapsed().as_secs_f64(),
-        warning,
+        warning: total.warning,
     })
 }
 
