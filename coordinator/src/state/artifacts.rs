@@ -123,6 +123,24 @@ fn merge_placements(
     Ok(Ok(placed))
 }
 
+/// Writes merged chunk records; when one is left with fewer replicas than it
+/// wants, bumps `meta/chunks_short` so that the leader's repair loop looks again.
+fn write_placed(
+    txn: &mut Txn<'_>,
+    placed: BTreeMap<Vec<u8>, ChunkRecord>,
+) -> Result<(), StoreError> {
+    if placed
+        .values()
+        .any(|r| r.workers.len() < r.replicas as usize)
+    {
+        bump_counter(txn, keys::CHUNKS_SHORT)?;
+    }
+    for (key, record) in placed {
+        txn.put(key, record.encode_to_vec());
+    }
+    Ok(())
+}
+
 /// Records replicas of chunks (a push batch, a repair).
 pub fn apply_add_replicas(
     txn: &mut Txn<'_>,
@@ -133,15 +151,7 @@ pub fn apply_add_replicas(
         Ok(placed) => placed,
         Err(reason) => return Ok(Err(reason)),
     };
-    if placed
-        .values()
-        .any(|r| r.workers.len() < r.replicas as usize)
-    {
-        bump_counter(txn, keys::CHUNKS_SHORT)?;
-    }
-    for (key, record) in placed {
-        txn.put(key, record.encode_to_vec());
-    }
+    write_placed(txn, placed)?;
     Ok(Ok(0))
 }
 
@@ -318,15 +328,7 @@ pub fn apply_commit(
         record.refs += 1;
         txn.put(key, record.encode_to_vec());
     }
-    if placed
-        .values()
-        .any(|r| r.workers.len() < r.replicas as usize)
-    {
-        bump_counter(txn, keys::CHUNKS_SHORT)?;
-    }
-    for (key, record) in placed {
-        txn.put(key, record.encode_to_vec());
-    }
+    write_placed(txn, placed)?;
     for tag in &commit.tags {
         txn.put(keys::artifact_tag(name, tag), number.to_be_bytes().to_vec());
     }
