@@ -331,11 +331,7 @@ impl<'a> Reader<'a> {
     fn finish(self) {
         for key in self.table.keys() {
             if !self.used.contains(&key.as_str()) {
-                let k = if self.section.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{}.{key}", self.section)
-                };
+                let k = self.key(key);
                 self.errors.push(format!("unknown key {k}"));
             }
         }
@@ -357,12 +353,6 @@ fn section<'a>(root: &'a Table, name: &str, errors: &mut Vec<String>) -> Option<
     }
 }
 
-static EMPTY: std::sync::OnceLock<Table> = std::sync::OnceLock::new();
-
-fn empty() -> &'static Table {
-    EMPTY.get_or_init(Table::new)
-}
-
 impl JobSpec {
     /// Parses and checks a spec; the error lists every problem found.
     pub fn parse(text: &str) -> Result<JobSpec, SpecErrors> {
@@ -370,6 +360,8 @@ impl JobSpec {
             SpecErrors(vec![format!("not valid TOML: {}", e.message())])
         })?;
         let mut errors = Vec::new();
+        // Stands for a section the spec leaves out: its keys take their defaults.
+        let empty = Table::new();
         let sections = ["data", "model", "optimizer", "train", "resources"];
 
         let mut top = Reader {
@@ -394,7 +386,7 @@ impl JobSpec {
             errors.push("[data] is required".into());
         }
         let mut r = Reader {
-            table: data_table.unwrap_or(empty()),
+            table: data_table.unwrap_or(&empty),
             section: "data",
             used: Vec::new(),
             errors: &mut errors,
@@ -436,7 +428,7 @@ impl JobSpec {
         }
 
         let mut r = Reader {
-            table: section(&root, "model", &mut errors).unwrap_or(empty()),
+            table: section(&root, "model", &mut errors).unwrap_or(&empty),
             section: "model",
             used: Vec::new(),
             errors: &mut errors,
@@ -469,7 +461,7 @@ impl JobSpec {
         };
 
         let mut r = Reader {
-            table: section(&root, "optimizer", &mut errors).unwrap_or(empty()),
+            table: section(&root, "optimizer", &mut errors).unwrap_or(&empty),
             section: "optimizer",
             used: Vec::new(),
             errors: &mut errors,
@@ -503,7 +495,7 @@ impl JobSpec {
         }
 
         let mut r = Reader {
-            table: section(&root, "train", &mut errors).unwrap_or(empty()),
+            table: section(&root, "train", &mut errors).unwrap_or(&empty),
             section: "train",
             used: Vec::new(),
             errors: &mut errors,
@@ -515,7 +507,7 @@ impl JobSpec {
         r.finish();
 
         let mut r = Reader {
-            table: section(&root, "resources", &mut errors).unwrap_or(empty()),
+            table: section(&root, "resources", &mut errors).unwrap_or(&empty),
             section: "resources",
             used: Vec::new(),
             errors: &mut errors,
