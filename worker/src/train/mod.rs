@@ -8,5 +8,6 @@
 //! The shard loop (data from the artifact store, the model, the all-reduce through
 //! [`crate::collective`], checkpoints) joins them.
 
+pub mod arch;
 pub mod data;
 pub mod optim;
