@@ -25,8 +25,8 @@ use kiln_common::client::ClientOptions;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::artifact::{self, PushOptions};
 use crate::local::{self, Detach, LocalOptions, Proc};
+use kiln_worker::transfer::{self as artifact, PushOptions};
 
 /// Candidate average chunk sizes.
 const AVERAGES: [usize; 5] = [64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20];
@@ -453,7 +453,7 @@ async fn kiln_side(
     };
     let first = artifact::push(Arc::clone(&client), file, options.clone()).await?;
     let out = file.with_file_name("pulled.csv");
-    let pulled = artifact::pull(Arc::clone(&client), "big", &out).await?;
+    let pulled = artifact::pull(Arc::clone(&client), "big", &out, false).await?;
     std::fs::remove_file(&out)?;
     write_csv(file, append_mib, rows, 99)?;
     if std::fs::metadata(file)?.len() != appended_bytes {

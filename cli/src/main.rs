@@ -4,12 +4,11 @@
 //! The cluster address comes from `--coordinator`, then `KILN_COORDINATOR`, then
 //! the `cluster.json` that `kiln local up` writes under `.kiln/`.
 
-mod artifact;
 mod bench;
 mod bench_artifacts;
 mod certs;
+mod jobs;
 mod local;
-mod progress;
 mod runs;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +24,7 @@ use kiln_common::config::{
 use kiln_proto::v1::{
     ClusterStatusRequest, GetRequest, PutRequest, RemoveMemberRequest, TransferLeaderRequest,
 };
+use kiln_worker::transfer as artifact;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -69,6 +69,16 @@ enum Command {
     Artifact {
         #[command(subcommand)]
         command: ArtifactCommand,
+    },
+    /// Submits training jobs.
+    Train {
+        #[command(subcommand)]
+        command: TrainCommand,
+    },
+    /// Lists, shows, follows and cancels training jobs.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
     },
     /// Lists, shows and compares tracked runs.
     Runs {
@@ -225,6 +235,46 @@ enum LocalCommand {
         #[arg(long, default_value = ".kiln")]
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum TrainCommand {
+    /// Checks a job spec (TOML), queues the job and prints its id.
+    Submit {
+        spec: PathBuf,
+        /// Shows progress (epoch, step, loss, accuracy, samples/s) until the job
+        /// ends; exits non-zero unless it succeeds.
+        #[arg(long)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// Lists jobs, newest first.
+    Ls {
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Shows one job: state and why, shards, progress, checkpoint, run.
+    Show {
+        job: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prints a job's log lines.
+    Logs {
+        job: u64,
+        /// Keeps printing new lines until the job ends.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Cancels a job; its shards stop.
+    Cancel { job: u64 },
 }
 
 #[derive(Subcommand)]
@@ -762,6 +812,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Artifact { command } => run_artifact(&conn, command).await,
         Command::Runs { command } => runs::run(cluster_client(&conn)?, command).await,
+        Command::Train { command } => jobs::train(cluster_client(&conn)?, command).await,
+        Command::Jobs { command } => jobs::run(cluster_client(&conn)?, command).await,
         Command::Kv { command } => {
             let client = cluster_client(&conn)?;
             match command {
@@ -972,6 +1024,7 @@ async fn run_artifact(conn: &Connection, command: ArtifactCommand) -> anyhow::Re
                 produced_by,
                 media_type,
                 metadata,
+                quiet: false,
             };
             let report = artifact::push(client, &path, options).await?;
             if !report.warning.is_empty() {
@@ -1000,7 +1053,7 @@ async fn run_artifact(conn: &Connection, command: ArtifactCommand) -> anyhow::Re
             output,
             json,
         } => {
-            let report = artifact::pull(client, &reference, &output).await?;
+            let report = artifact::pull(client, &reference, &output, false).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -52,6 +52,16 @@ pub enum DataFormat {
     Parquet,
 }
 
+impl DataFormat {
+    /// The file name extension of the format, without the dot.
+    pub fn extension(self) -> &'static str {
+        match self {
+            DataFormat::Csv => "csv",
+            DataFormat::Parquet => "parquet",
+        }
+    }
+}
+
 /// Model families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -87,6 +97,25 @@ pub struct DataSpec {
     pub label: String,
     /// Empty: every column but the label.
     pub features: Vec<String>,
+}
+
+impl DataSpec {
+    /// The files of a dataset version a trainer reads, in path order: those named
+    /// with the format's extension, or the only file of a one-file version. Every
+    /// file must have the same columns; their rows are read one after another.
+    pub fn files<'a>(&self, paths: &[&'a str]) -> Vec<&'a str> {
+        let suffix = format!(".{}", self.format.extension());
+        let mut chosen: Vec<&'a str> = paths
+            .iter()
+            .copied()
+            .filter(|p| p.to_ascii_lowercase().ends_with(&suffix))
+            .collect();
+        if chosen.is_empty() && paths.len() == 1 {
+            chosen.push(paths[0]);
+        }
+        chosen.sort_unstable();
+        chosen
+    }
 }
 
 /// `[model]`.

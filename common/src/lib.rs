@@ -14,6 +14,8 @@
 //!   leader hints and retries within a bounded deadline.
 //! - `http`: the JSON error body and status codes every HTTP server answers with.
 //! - `jobspec`: the training job spec, checked whole, every problem named.
+//! - `reference`: a model's reference statistics for drift detection: frozen
+//!   quantile bins, training counts and moments per feature and prediction column.
 //! - `logging`: the `tracing` subscriber every role installs.
 //! - `clock`: wall-clock milliseconds, read only by proposers, never by apply.
 
@@ -27,6 +29,7 @@ pub mod error;
 pub mod http;
 pub mod jobspec;
 pub mod logging;
+pub mod reference;
 pub mod status;
 pub mod tls;
 

@@ -196,6 +196,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
         tasks.clone(),
     ));
     let repair = tokio::spawn(repair_loop(api.clone(), tasks.clone()));
+    let scheduling = tokio::spawn(schedule_loop(api.clone(), tasks.clone()));
     if let Some(join) = config.join.clone() {
         let member = MemberRecord {
             id: config.id,
@@ -215,6 +216,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
         let _ = http.await;
         let _ = health.await;
         let _ = repair.await;
+        let _ = scheduling.await;
         let _ = ticker.await;
     })
     .await;
@@ -274,7 +276,6 @@ async fn join_cluster(
     tracing::error!(via = %join, "could not join the cluster within {}s", JOIN_DEADLINE.as_secs());
 }
 
-/// On the leader, turns worker silence into Suspect and Down.
 /// Time between two repair rounds on the leader.
 const REPAIR_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -320,6 +321,33 @@ async fn repair_loop(api: Api, token: CancellationToken) {
     }
 }
 
+/// Time between two scheduling rounds on the leader.
+const SCHEDULE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// On the leader, places queued training gangs and fails attempts that lost a
+/// worker (see [`Api::schedule_round`]).
+async fn schedule_loop(api: Api, token: CancellationToken) {
+    let mut interval = tokio::time::interval(SCHEDULE_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        if !api.node.view().is_leader() {
+            continue;
+        }
+        let round = tokio::select! {
+            _ = token.cancelled() => return,
+            round = api.schedule_round(kiln_common::clock::now_ms()) => round,
+        };
+        if let Err(e) = round {
+            tracing::warn!(error = %e, "scheduling round");
+        }
+    }
+}
+
+/// On the leader, turns worker silence into Suspect and Down.
 async fn health_loop(
     api: Api,
     settings: kiln_common::config::HealthSettings,

@@ -51,6 +51,12 @@ const TABLE: &[(&str, Need)] = &[
     ("CollectGarbage", Need::Admin),
     ("ListRuns", Need::Read),
     ("GetRun", Need::Read),
+    ("SubmitJob", Need::Write),
+    ("ListJobs", Need::Read),
+    ("GetJob", Need::Read),
+    ("CancelJob", Need::Write),
+    ("JobLogs", Need::Read),
+    ("ReportShard", Need::Node),
 ];
 
 /// The worker's RPCs (service `Blobs`), checked against the worker's token book.
@@ -266,6 +272,37 @@ async fn call(
                 },
                 token,
             ))
+            .await
+            .map(drop),
+        // An empty spec: allowed callers get INVALID_ARGUMENT naming what is missing.
+        "SubmitJob" => client
+            .submit_job(req(SubmitJobRequest::default(), token))
+            .await
+            .map(drop),
+        "ListJobs" => client
+            .list_jobs(req(ListJobsRequest::default(), token))
+            .await
+            .map(drop),
+        "GetJob" => client
+            .get_job(req(GetJobRequest { job_id: 999_999 }, token))
+            .await
+            .map(drop),
+        "CancelJob" => client
+            .cancel_job(req(CancelJobRequest { job_id: 999_999 }, token))
+            .await
+            .map(drop),
+        "JobLogs" => client
+            .job_logs(req(
+                JobLogsRequest {
+                    job_id: 999_999,
+                    ..Default::default()
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        "ReportShard" => client
+            .report_shard(req(ReportShardRequest::default(), token))
             .await
             .map(drop),
         other => panic!("no call for {other}"),

@@ -23,7 +23,7 @@ use kiln_common::auth::TokenBook;
 use kiln_common::client::ClusterClient;
 use kiln_common::Error;
 use kiln_proto::v1::{
-    HeartbeatRequest, RegisterWorkerRequest, Resources, WorkerRecord, WorkerState,
+    HeartbeatRequest, RegisterWorkerRequest, Resources, ShardTask, WorkerRecord, WorkerState,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -125,6 +125,9 @@ pub struct AgentSettings {
     pub heartbeat_interval: Duration,
     /// The token records this worker checks callers against; heartbeats refresh it.
     pub tokens: Arc<TokenBook>,
+    /// The training shards the coordinators want running here, as each heartbeat
+    /// answer lists them.
+    pub shards: Arc<watch::Sender<Vec<ShardTask>>>,
 }
 
 /// The registration and heartbeat actor of one worker.
@@ -134,6 +137,7 @@ pub struct Agent {
     resources: Resources,
     configured_interval: Duration,
     tokens: Arc<TokenBook>,
+    shards: Arc<watch::Sender<Vec<ShardTask>>>,
     probe: Arc<Mutex<ResourceProbe>>,
     metrics: Arc<Metrics>,
     state: watch::Sender<Registration>,
@@ -188,6 +192,7 @@ impl Agent {
             resources,
             configured_interval: settings.heartbeat_interval,
             tokens: settings.tokens,
+            shards: settings.shards,
             probe: Arc::new(Mutex::new(probe)),
             metrics,
             state,
@@ -321,6 +326,13 @@ impl Agent {
                         self.tokens
                             .replace(response.tokens_version, response.tokens);
                     }
+                    self.shards.send_if_modified(|held| {
+                        let changed = *held != response.shards;
+                        if changed {
+                            held.clone_from(&response.shards);
+                        }
+                        changed
+                    });
                     if state != last_state {
                         tracing::info!(state = state.as_str_name(), "coordinators see this worker");
                         last_state = state;
@@ -432,6 +444,7 @@ mod tests {
             AgentSettings {
                 record,
                 tokens: Arc::default(),
+                shards: Arc::new(watch::Sender::new(Vec::new())),
                 heartbeat_interval: Duration::from_millis(1000),
             },
             probe,

@@ -17,7 +17,9 @@
 //!   re-verifies stored chunks on a schedule.
 //! - `collective`: the CPU ring all-reduce over TCP between the shards of a
 //!   training job ([`collective::Ring`]), which averages their gradient buffers.
-//! - `train`: the pieces of a training shard (data, optimizers so far).
+//! - `train`: training shards: the supervisor starts and stops the shards the
+//!   heartbeat answers list; each pulls its data, trains with the ring all-reduce
+//!   and reports to the coordinators.
 //! - `http`: the HTTP server (KServe v2 health endpoints, `/metrics`); it only
 //!   reads the registration `watch` and the metrics.
 //!
@@ -49,9 +51,11 @@ pub mod collective;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod progress;
 pub mod resources;
 pub mod scrub;
 pub mod train;
+pub mod transfer;
 
 #[cfg(test)]
 mod in_process_coordinator;
@@ -177,12 +181,24 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
 
     let metrics = Arc::new(Metrics::new(&resources));
     let agent_stop = shutdown.child_token();
+    let shards = Arc::new(watch::Sender::new(Vec::new()));
+    tokio::spawn(train::supervisor::supervise(
+        train::shard::ShardContext {
+            client: Arc::clone(&client),
+            worker_id: id.to_string(),
+            work_dir: config.data_dir.join("jobs"),
+            bind_host: config.advertise_host.clone(),
+        },
+        shards.subscribe(),
+        agent_stop.clone(),
+    ));
     let agent = Agent::spawn(
         Arc::clone(&client),
         AgentSettings {
             record,
             heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
             tokens: Arc::clone(&tokens),
+            shards,
         },
         probe,
         resources,

@@ -791,10 +791,12 @@ impl Coordinator for Api {
         } else {
             Vec::new()
         };
+        let shards = self.shard_tasks_for(&req.worker_id)?;
         Ok(Response::new(HeartbeatResponse {
             state: state as i32,
             tokens_version,
             tokens,
+            shards,
         }))
     }
 
@@ -906,5 +908,63 @@ impl Coordinator for Api {
         Ok(Response::new(
             self.get_run_call(request.into_inner()).await?,
         ))
+    }
+
+    async fn submit_job(
+        &self,
+        request: Request<SubmitJobRequest>,
+    ) -> Result<Response<SubmitJobResponse>, Status> {
+        let caller = self.authorize(&request, Permission::Write, "SubmitJob")?;
+        Ok(Response::new(
+            self.submit_job_call(&caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        self.authorize(&request, Permission::Read, "ListJobs")?;
+        Ok(Response::new(
+            self.list_jobs_call(request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<GetJobRequest>,
+    ) -> Result<Response<GetJobResponse>, Status> {
+        self.authorize(&request, Permission::Read, "GetJob")?;
+        Ok(Response::new(
+            self.get_job_call(request.into_inner()).await?,
+        ))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<CancelJobRequest>,
+    ) -> Result<Response<CancelJobResponse>, Status> {
+        let caller = self.authorize(&request, Permission::Write, "CancelJob")?;
+        self.cancel_job_call(&caller, request.into_inner()).await?;
+        Ok(Response::new(CancelJobResponse {}))
+    }
+
+    async fn job_logs(
+        &self,
+        request: Request<JobLogsRequest>,
+    ) -> Result<Response<JobLogsResponse>, Status> {
+        self.authorize(&request, Permission::Read, "JobLogs")?;
+        Ok(Response::new(
+            self.job_logs_call(request.into_inner()).await?,
+        ))
+    }
+
+    async fn report_shard(
+        &self,
+        request: Request<ReportShardRequest>,
+    ) -> Result<Response<ReportShardResponse>, Status> {
+        kiln_common::tls::require_node(&request, self.tls_enabled)?;
+        let keep_running = self.report_shard_call(request.into_inner()).await?;
+        Ok(Response::new(ReportShardResponse { keep_running }))
     }
 }

@@ -4,4 +4,5 @@
 pub mod artifacts;
 pub mod grpc;
 pub mod http;
+pub mod jobs;
 pub mod tracking;

@@ -16,6 +16,9 @@
 //! run/<run id>                 RunRecord (params, tags, latest metrics)
 //! experiment_run/<exp:020>/<start:020>/<run id>   runs of an experiment by age
 //! metric/<run>/<hex key>/<step>/<ts:020>          MetricPoint
+//! job/<id:020>                 JobRecord; meta/job_seq holds the last id
+//! job_active/<id:020>          empty: the job is Pending or Running
+//! job_log/<id:020>/<seq:020>   JobLogLine
 //! ```
 
 /// Prefix of the key-value namespace.
@@ -157,4 +160,31 @@ pub fn metric(run: &str, key: &str, step: i64, timestamp_ms: u64) -> Vec<u8> {
     let step = (step as u64) ^ (1 << 63);
     out.extend_from_slice(format!("{step:016x}/{timestamp_ms:020}").as_bytes());
     out
+}
+
+/// Counts jobs (ids start at 1).
+pub const JOB_SEQ: &[u8] = b"meta/job_seq";
+/// Prefix of job records.
+pub const JOB: &str = "job/";
+/// Prefix of the marks of jobs that have not ended.
+pub const JOB_ACTIVE: &str = "job_active/";
+
+/// Returns the key of job `id`.
+pub fn job(id: u64) -> Vec<u8> {
+    format!("{JOB}{id:020}").into_bytes()
+}
+
+/// Returns the mark of a job that has not ended.
+pub fn job_active(id: u64) -> Vec<u8> {
+    format!("{JOB_ACTIVE}{id:020}").into_bytes()
+}
+
+/// Returns the prefix of a job's log lines.
+pub fn job_logs(id: u64) -> Vec<u8> {
+    format!("job_log/{id:020}/").into_bytes()
+}
+
+/// Returns the key of one log line of a job.
+pub fn job_log(id: u64, seq: u64) -> Vec<u8> {
+    format!("job_log/{id:020}/{seq:020}").into_bytes()
 }

@@ -216,6 +216,25 @@ fn apply_kind(txn: &mut Txn<'_>, cmd: &Command) -> Result<Result<u64, Rejection>
         command::Kind::LogBatch(batch) => {
             return super::tracking::apply_log_batch(txn, batch);
         }
+        command::Kind::SubmitJob(submit) => {
+            let who = cmd.audit.as_ref().map_or("", |a| a.who.as_str());
+            return super::jobs::apply_submit(txn, submit, now_ms, who);
+        }
+        command::Kind::PlaceJob(place) => {
+            return super::jobs::apply_place(txn, place, now_ms);
+        }
+        command::Kind::SetJobWaiting(waiting) => {
+            return super::jobs::apply_waiting(txn, waiting);
+        }
+        command::Kind::ReportShard(report) => {
+            return super::jobs::apply_report(txn, report, now_ms);
+        }
+        command::Kind::FailJobAttempt(fail) => {
+            return super::jobs::apply_fail_attempt(txn, fail, now_ms);
+        }
+        command::Kind::CancelJob(cancel) => {
+            return super::jobs::apply_cancel(txn, cancel, now_ms);
+        }
     }
     Ok(Ok(0))
 }

@@ -101,7 +101,10 @@ mod tests {
         assert_eq!(arch.parameter_count(), 3 * 2 + 2 + 2 * 4 + 4);
         let flat: Vec<f32> = (0..arch.parameter_count()).map(|i| i as f32).collect();
         let layers = arch.split(&flat).expect("the right length");
-        assert_eq!(layers[0].weight, (0..6).map(|i| i as f32).collect::<Vec<_>>());
+        assert_eq!(
+            layers[0].weight,
+            (0..6).map(|i| i as f32).collect::<Vec<_>>()
+        );
         assert_eq!(layers[0].bias, vec![6.0, 7.0]);
         assert_eq!(layers[1].weight.len(), 8);
         assert_eq!(layers[1].bias, vec![16.0, 17.0, 18.0, 19.0]);

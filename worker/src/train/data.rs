@@ -1,14 +1,26 @@
-//! Training data: a CSV table read into a dense feature matrix and a target,
-//! standardisation statistics computed once over the whole table (so that every
-//! shard scales its rows the same way), and each rank's share of the rows.
+//! Training data: a CSV or Parquet table read into a dense feature matrix and a
+//! target, standardisation statistics computed once over the whole table (so that
+//! every shard scales its rows the same way), and each rank's share of the rows.
+//!
+//! Both formats are only a source of cells: [`read_csv`] and [`read_parquet`] hand
+//! each row's cells (text, integer, real or null) to one `TableBuilder`, which
+//! picks the columns, turns features into numbers and the labels into a target, so
+//! both formats mean the same thing by the same table.
 //!
 //! The task follows the label column: text labels, or integer labels with at most
 //! [`MAX_INTEGER_CLASSES`] distinct values, make a classification (classes in sorted
 //! order, so every rank numbers them alike); any other numeric label a regression.
+//! A Parquet integer or boolean label counts as an integer label, a float or double
+//! one as a real (so a regression, even where every value is whole, just as a CSV
+//! label written `1.0` is).
 
-use std::collections::BTreeSet;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::ops::Range;
+
+use parquet::file::reader::{ChunkReader, FileReader, SerializedFileReader};
+use parquet::record::Field;
 
 /// Integer labels with at most this many distinct values are classes.
 pub const MAX_INTEGER_CLASSES: usize = 100;
@@ -33,12 +45,13 @@ pub struct Dataset {
     pub rows: usize,
 }
 
-/// Why a table could not be read.
+/// Why a table could not be read. Rows are numbered as the source shows them: CSV
+/// lines (the header is line 1), Parquet rows from 1.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum DataError {
     #[error("the CSV has no header row")]
     NoHeader,
-    #[error("column {0} is not in the CSV (its columns: {1})")]
+    #[error("column {0} is not in the table (its columns: {1})")]
     MissingColumn(String, String),
     #[error("row {row}, column {column}: '{value}' is not a number")]
     NotANumber {
@@ -46,8 +59,18 @@ pub enum DataError {
         column: String,
         value: String,
     },
+    #[error("row {row}, column {column}: the value is missing (null)")]
+    Null { row: usize, column: String },
+    #[error("row {row}, column {column}: a {kind} value is neither a number nor text")]
+    Unsupported {
+        row: usize,
+        column: String,
+        kind: &'static str,
+    },
     #[error("row {row}: {message}")]
     Malformed { row: usize, message: String },
+    #[error("the Parquet file cannot be read: {0}")]
+    Parquet(String),
     #[error("the table has no rows")]
     Empty,
 }
@@ -69,81 +92,266 @@ pub fn read_csv(source: impl Read, label: &str, features: &[String]) -> Result<D
     if header.is_empty() || header.iter().all(String::is_empty) {
         return Err(DataError::NoHeader);
     }
-    let index = |name: &str| {
-        header
-            .iter()
-            .position(|h| h == name)
-            .ok_or_else(|| DataError::MissingColumn(name.to_string(), header.join(", ")))
-    };
-    let label_at = index(label)?;
-    let features: Vec<String> = if features.is_empty() {
-        header.iter().filter(|h| *h != label).cloned().collect()
-    } else {
-        features.to_vec()
-    };
-    let feature_at: Vec<usize> = features
-        .iter()
-        .map(|f| index(f))
-        .collect::<Result<_, _>>()?;
-
-    let mut x = Vec::new();
-    let mut labels = Vec::new();
-    let mut rows = 0;
-    for (i, record) in reader.records().enumerate() {
-        let row = i + 2; // 1-based, after the header
+    let mut table = TableBuilder::new(&header, label, features, 2)?;
+    for record in reader.records() {
         let record = record.map_err(|e| DataError::Malformed {
-            row,
+            row: table.next_row(),
             message: e.to_string(),
         })?;
-        for (&at, name) in feature_at.iter().zip(&features) {
-            let text = record.get(at).unwrap_or("").trim();
-            let value: f32 = text.parse().map_err(|_| DataError::NotANumber {
-                row,
-                column: name.clone(),
-                value: text.to_string(),
-            })?;
-            x.push(value);
-        }
-        labels.push(record.get(label_at).unwrap_or("").trim().to_string());
-        rows += 1;
+        table.push_row(|at| Cell::Text(record.get(at).unwrap_or("").trim()))?;
     }
-    if rows == 0 {
-        return Err(DataError::Empty);
-    }
-    Ok(Dataset {
-        target: target_of(&labels, label)?,
-        features,
-        label: label.to_string(),
-        x,
-        rows,
-    })
+    table.finish()
 }
 
-fn target_of(labels: &[String], column: &str) -> Result<Target, DataError> {
-    let integers = labels.iter().all(|l| l.parse::<i64>().is_ok());
-    let numbers: Option<Vec<f32>> = labels.iter().map(|l| l.parse::<f32>().ok()).collect();
-    let distinct: BTreeSet<&String> = labels.iter().collect();
-    match numbers {
-        Some(values) if !(integers && distinct.len() <= MAX_INTEGER_CLASSES) => {
-            Ok(Target::Values(values))
+/// Reads a Parquet file (any compression the `parquet` crate was built with: snappy,
+/// zstd) through its record API; `features` empty means every top-level column but
+/// the label. Features may be integers, floats, doubles or booleans (0 and 1), or
+/// text that reads as a number as in a CSV; labels any of those or text.
+pub fn read_parquet<R: ChunkReader + 'static>(
+    source: R,
+    label: &str,
+    features: &[String],
+) -> Result<Dataset, DataError> {
+    let parquet = |e: parquet::errors::ParquetError| DataError::Parquet(e.to_string());
+    let reader = SerializedFileReader::new(source).map_err(parquet)?;
+    let header: Vec<String> = reader
+        .metadata()
+        .file_metadata()
+        .schema_descr()
+        .root_schema()
+        .get_fields()
+        .iter()
+        .map(|f| f.name().to_string())
+        .collect();
+    let mut table = TableBuilder::new(&header, label, features, 1)?;
+    for record in reader.get_row_iter(None).map_err(parquet)? {
+        let record = record.map_err(|e| DataError::Malformed {
+            row: table.next_row(),
+            message: e.to_string(),
+        })?;
+        let columns = record.into_columns();
+        table.push_row(|at| {
+            columns
+                .get(at)
+                .map_or(Cell::Null, |(_, field)| parquet_cell(field))
+        })?;
+    }
+    table.finish()
+}
+
+/// A Parquet value as a table cell.
+fn parquet_cell(field: &Field) -> Cell<'_> {
+    match field {
+        Field::Null => Cell::Null,
+        Field::Bool(b) => Cell::Integer(i64::from(*b)),
+        Field::Byte(v) => Cell::Integer(i64::from(*v)),
+        Field::Short(v) => Cell::Integer(i64::from(*v)),
+        Field::Int(v) => Cell::Integer(i64::from(*v)),
+        Field::Long(v) => Cell::Integer(*v),
+        Field::UByte(v) => Cell::Integer(i64::from(*v)),
+        Field::UShort(v) => Cell::Integer(i64::from(*v)),
+        Field::UInt(v) => Cell::Integer(i64::from(*v)),
+        Field::ULong(v) => i64::try_from(*v).map_or(Cell::Real(*v as f64), Cell::Integer),
+        Field::Float16(v) => Cell::Real(f64::from(v.to_f32())),
+        Field::Float(v) => Cell::Real(f64::from(*v)),
+        Field::Double(v) => Cell::Real(*v),
+        Field::Str(s) => Cell::Text(s.trim()),
+        Field::Bytes(b) => b
+            .as_utf8()
+            .map_or(Cell::Unsupported("binary"), |s| Cell::Text(s.trim())),
+        Field::Decimal(_) => Cell::Unsupported("decimal"),
+        Field::Date(_) => Cell::Unsupported("date"),
+        Field::TimeMillis(_)
+        | Field::TimeMicros(_)
+        | Field::TimestampMillis(_)
+        | Field::TimestampMicros(_) => Cell::Unsupported("time"),
+        Field::Group(_) => Cell::Unsupported("group"),
+        Field::ListInternal(_) => Cell::Unsupported("list"),
+        Field::MapInternal(_) => Cell::Unsupported("map"),
+    }
+}
+
+/// One cell of a table as its format gives it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Cell<'a> {
+    /// Text: every CSV cell, a Parquet string.
+    Text(&'a str),
+    Integer(i64),
+    Real(f64),
+    Null,
+    /// A value kiln cannot train on, by kind.
+    Unsupported(&'static str),
+}
+
+/// A label as read, kept until every row is in and the task is known.
+#[derive(Debug, Clone, PartialEq)]
+enum Label {
+    Text(String),
+    Integer(i64),
+    Real(f64),
+}
+
+impl Label {
+    fn integer(&self) -> Option<i64> {
+        match self {
+            Label::Text(s) => s.parse().ok(),
+            Label::Integer(i) => Some(*i),
+            Label::Real(_) => None,
         }
-        _ => {
-            if labels.iter().any(String::is_empty) {
-                let row = labels.iter().position(String::is_empty).unwrap_or(0) + 2;
-                return Err(DataError::Malformed {
-                    row,
-                    message: format!("the label {column} is empty"),
-                });
-            }
-            let mut names: Vec<String> = distinct.into_iter().cloned().collect();
-            if integers {
-                names.sort_by_key(|n| n.parse::<i64>().unwrap_or(0));
-            }
-            let y = labels
+    }
+
+    fn number(&self) -> Option<f32> {
+        match self {
+            Label::Text(s) => s.parse().ok(),
+            Label::Integer(i) => Some(*i as f32),
+            Label::Real(v) => Some(*v as f32),
+        }
+    }
+
+    /// The class name: the text as written, or the number in decimal.
+    fn name(&self) -> Cow<'_, str> {
+        match self {
+            Label::Text(s) => Cow::Borrowed(s),
+            Label::Integer(i) => Cow::Owned(i.to_string()),
+            Label::Real(v) => Cow::Owned(v.to_string()),
+        }
+    }
+}
+
+/// Turns rows of cells from any format into a [`Dataset`]: the one place that picks
+/// columns, reads features as numbers and decides the task from the labels.
+struct TableBuilder {
+    label: String,
+    label_at: usize,
+    features: Vec<String>,
+    feature_at: Vec<usize>,
+    x: Vec<f32>,
+    labels: Vec<Label>,
+    /// The source's number for the first data row (see [`DataError`]).
+    first_row: usize,
+}
+
+impl TableBuilder {
+    /// Finds the label and feature columns in `header`; `features` empty means every
+    /// column but the label. The source numbers its first data row `first_row`.
+    fn new(
+        header: &[String],
+        label: &str,
+        features: &[String],
+        first_row: usize,
+    ) -> Result<Self, DataError> {
+        let index = |name: &str| {
+            header
                 .iter()
-                .map(|l| names.iter().position(|n| n == l).unwrap_or(0) as u32)
-                .collect();
-            Ok(Target::Classes { names, y })
+                .position(|h| h == name)
+                .ok_or_else(|| DataError::MissingColumn(name.to_string(), header.join(", ")))
+        };
+        let label_at = index(label)?;
+        let features: Vec<String> = if features.is_empty() {
+            header.iter().filter(|h| *h != label).cloned().collect()
+        } else {
+            features.to_vec()
+        };
+        let feature_at = features
+            .iter()
+            .map(|f| index(f))
+            .collect::<Result<_, _>>()?;
+        Ok(TableBuilder {
+            label: label.to_string(),
+            label_at,
+            features,
+            feature_at,
+            x: Vec::new(),
+            labels: Vec::new(),
+            first_row,
+        })
+    }
+
+    /// The source's number for the row that comes next.
+    fn next_row(&self) -> usize {
+        self.first_row + self.labels.len()
+    }
+
+    /// Adds the next row, whose cell in column `at` is `cell(at)`.
+    fn push_row<'a>(&mut self, cell: impl Fn(usize) -> Cell<'a>) -> Result<(), DataError> {
+        let row = self.next_row();
+        for (&at, column) in self.feature_at.iter().zip(&self.features) {
+            let value = match cell(at) {
+                Cell::Text(text) => text.parse().map_err(|_| DataError::NotANumber {
+                    row,
+                    column: column.clone(),
+                    value: text.to_string(),
+                })?,
+                Cell::Integer(v) => v as f32,
+                Cell::Real(v) => v as f32,
+                other => return Err(Self::unreadable(other, row, column)),
+            };
+            self.x.push(value);
+        }
+        let label = match cell(self.label_at) {
+            Cell::Text(text) => Label::Text(text.to_string()),
+            Cell::Integer(v) => Label::Integer(v),
+            Cell::Real(v) => Label::Real(v),
+            other => return Err(Self::unreadable(other, row, &self.label)),
+        };
+        self.labels.push(label);
+        Ok(())
+    }
+
+    /// The error for a null or unsupported cell.
+    fn unreadable(cell: Cell<'_>, row: usize, column: &str) -> DataError {
+        let column = column.to_string();
+        match cell {
+            Cell::Unsupported(kind) => DataError::Unsupported { row, column, kind },
+            _ => DataError::Null { row, column },
+        }
+    }
+
+    fn finish(self) -> Result<Dataset, DataError> {
+        if self.labels.is_empty() {
+            return Err(DataError::Empty);
+        }
+        Ok(Dataset {
+            target: self.target()?,
+            rows: self.labels.len(),
+            features: self.features,
+            label: self.label,
+            x: self.x,
+        })
+    }
+
+    /// Classes or values, as the module docs say.
+    fn target(&self) -> Result<Target, DataError> {
+        let labels = &self.labels;
+        let integers = labels.iter().all(|l| l.integer().is_some());
+        let numbers: Option<Vec<f32>> = labels.iter().map(Label::number).collect();
+        let distinct: BTreeSet<Cow<'_, str>> = labels.iter().map(Label::name).collect();
+        match numbers {
+            Some(values) if !(integers && distinct.len() <= MAX_INTEGER_CLASSES) => {
+                Ok(Target::Values(values))
+            }
+            _ => {
+                if let Some(i) = labels.iter().position(|l| l.name().is_empty()) {
+                    return Err(DataError::Malformed {
+                        row: self.first_row + i,
+                        message: format!("the label {} is empty", self.label),
+                    });
+                }
+                let mut names: Vec<String> = distinct.into_iter().map(Cow::into_owned).collect();
+                if integers {
+                    names.sort_by_key(|n| n.parse::<i64>().unwrap_or(0));
+                }
+                let index: BTreeMap<&str, u32> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| (n.as_str(), i as u32))
+                    .collect();
+                let y = labels
+                    .iter()
+                    .map(|l| index.get(l.name().as_ref()).copied().unwrap_or(0))
+                    .collect();
+                Ok(Target::Classes { names, y })
+            }
         }
     }
 }
@@ -252,7 +460,7 @@ mod tests {
     fn bad_tables_name_the_problem() {
         let e = read_csv(IRIS.as_bytes(), "label", &[]).expect_err("no label");
         assert!(
-            e.to_string().contains("column label is not in the CSV"),
+            e.to_string().contains("column label is not in the table"),
             "{e}"
         );
         let e = read_csv("a,y\n1,x\nfoo,y\n".as_bytes(), "y", &[]).expect_err("text");
@@ -302,6 +510,266 @@ mod tests {
                     "{rows} rows, {world} ranks"
                 );
             }
+        }
+    }
+
+    mod parquet_files {
+        use super::super::*;
+        use bytes::Bytes;
+        use parquet::basic::{Compression, ZstdLevel};
+        use parquet::data_type::{
+            BoolType, ByteArray, ByteArrayType, DoubleType, FloatType, Int32Type, Int64Type,
+        };
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::writer::SerializedFileWriter;
+        use parquet::schema::parser::parse_message_type;
+        use std::sync::Arc;
+
+        /// One column's values, in the order of the schema's fields.
+        enum Column {
+            Doubles(Vec<f64>),
+            Floats(Vec<f32>),
+            Ints(Vec<i32>),
+            Longs(Vec<i64>),
+            Bools(Vec<bool>),
+            Strings(Vec<&'static str>),
+            /// An `optional double`: `None` is a null.
+            MaybeDoubles(Vec<Option<f64>>),
+        }
+
+        fn parquet(schema: &str, columns: Vec<Column>, compression: Compression) -> Bytes {
+            let schema = Arc::new(parse_message_type(schema).expect("a schema"));
+            let props = Arc::new(
+                WriterProperties::builder()
+                    .set_compression(compression)
+                    .build(),
+            );
+            let mut out = Vec::new();
+            let mut writer = SerializedFileWriter::new(&mut out, schema, props).expect("a writer");
+            let mut group = writer.next_row_group().expect("a row group");
+            for column in columns {
+                let mut col = group
+                    .next_column()
+                    .expect("next column")
+                    .expect("a column per schema field");
+                match column {
+                    Column::Doubles(v) => col.typed::<DoubleType>().write_batch(&v, None, None),
+                    Column::Floats(v) => col.typed::<FloatType>().write_batch(&v, None, None),
+                    Column::Ints(v) => col.typed::<Int32Type>().write_batch(&v, None, None),
+                    Column::Longs(v) => col.typed::<Int64Type>().write_batch(&v, None, None),
+                    Column::Bools(v) => col.typed::<BoolType>().write_batch(&v, None, None),
+                    Column::Strings(v) => {
+                        let v: Vec<ByteArray> = v.into_iter().map(ByteArray::from).collect();
+                        col.typed::<ByteArrayType>().write_batch(&v, None, None)
+                    }
+                    Column::MaybeDoubles(v) => {
+                        let defined: Vec<i16> = v.iter().map(|x| i16::from(x.is_some())).collect();
+                        let values: Vec<f64> = v.iter().flatten().copied().collect();
+                        col.typed::<DoubleType>()
+                            .write_batch(&values, Some(&defined), None)
+                    }
+                }
+                .expect("write a column");
+                col.close().expect("close the column");
+            }
+            group.close().expect("close the row group");
+            writer.close().expect("close the file");
+            Bytes::from(out)
+        }
+
+        const IRIS_SCHEMA: &str = "message iris {
+            required double sepal;
+            required float petal;
+            required int32 leaves;
+            required boolean wild;
+            required binary species (UTF8);
+        }";
+
+        fn iris(compression: Compression) -> Bytes {
+            parquet(
+                IRIS_SCHEMA,
+                vec![
+                    Column::Doubles(vec![5.1, 7.0, 6.3, 4.9]),
+                    Column::Floats(vec![1.4, 4.7, 6.0, 1.4]),
+                    Column::Ints(vec![3, 5, -2, 0]),
+                    Column::Bools(vec![true, false, false, true]),
+                    Column::Strings(vec!["setosa", "versicolor", "virginica", " setosa "]),
+                ],
+                compression,
+            )
+        }
+
+        const IRIS_CSV: &str = "sepal,petal,leaves,wild,species\n\
+            5.1,1.4,3,1,setosa\n7.0,4.7,5,0,versicolor\n6.3,6.0,-2,0,virginica\n4.9,1.4,0,1, setosa \n";
+
+        #[test]
+        fn a_string_label_reads_as_the_same_classes_as_the_csv() {
+            let from_csv = read_csv(IRIS_CSV.as_bytes(), "species", &[]).expect("csv");
+            let from_parquet =
+                read_parquet(iris(Compression::UNCOMPRESSED), "species", &[]).expect("parquet");
+            assert_eq!(from_parquet, from_csv);
+            assert_eq!(
+                from_parquet.features,
+                vec!["sepal", "petal", "leaves", "wild"]
+            );
+            assert!(
+                matches!(from_parquet.target, Target::Classes { ref names, .. } if names.len() == 3)
+            );
+
+            let some = vec!["wild".to_string(), "sepal".to_string()];
+            assert_eq!(
+                read_parquet(iris(Compression::UNCOMPRESSED), "species", &some).expect("parquet"),
+                read_csv(IRIS_CSV.as_bytes(), "species", &some).expect("csv"),
+            );
+        }
+
+        #[test]
+        fn every_compression_reads_the_same() {
+            let plain =
+                read_parquet(iris(Compression::UNCOMPRESSED), "species", &[]).expect("plain");
+            for compression in [Compression::SNAPPY, Compression::ZSTD(ZstdLevel::default())] {
+                let bytes = iris(compression);
+                assert_eq!(
+                    read_parquet(bytes, "species", &[]).expect("compressed"),
+                    plain,
+                    "{compression:?}"
+                );
+            }
+        }
+
+        #[test]
+        fn a_double_label_is_a_regression_even_when_whole() {
+            let schema = "message m { required int64 a; required double b; required double y; }";
+            let bytes = parquet(
+                schema,
+                vec![
+                    Column::Longs(vec![1, 2, 3]),
+                    Column::Doubles(vec![0.25, -1.5, 1e3]),
+                    Column::Doubles(vec![1.0, 2.0, 2.0]),
+                ],
+                Compression::SNAPPY,
+            );
+            let from_parquet = read_parquet(bytes, "y", &[]).expect("parquet");
+            let csv = "a,b,y\n1,0.25,1.0\n2,-1.5,2.0\n3,1000,2.0\n";
+            assert_eq!(
+                from_parquet,
+                read_csv(csv.as_bytes(), "y", &[]).expect("csv")
+            );
+            assert_eq!(from_parquet.target, Target::Values(vec![1.0, 2.0, 2.0]));
+        }
+
+        #[test]
+        fn an_integer_label_is_classes_in_numeric_order() {
+            let schema = "message m { required double a; required int32 y; }";
+            let bytes = parquet(
+                schema,
+                vec![
+                    Column::Doubles(vec![1.0, 2.0, 3.0]),
+                    Column::Ints(vec![10, 2, 10]),
+                ],
+                Compression::SNAPPY,
+            );
+            let from_parquet = read_parquet(bytes, "y", &[]).expect("parquet");
+            assert_eq!(
+                from_parquet,
+                read_csv("a,y\n1,10\n2,2\n3,10\n".as_bytes(), "y", &[]).expect("csv")
+            );
+            assert_eq!(
+                from_parquet.target,
+                Target::Classes {
+                    names: vec!["2".into(), "10".into()],
+                    y: vec![1, 0, 1]
+                }
+            );
+        }
+
+        #[test]
+        fn missing_columns_nulls_and_odd_types_are_named() {
+            let e = read_parquet(iris(Compression::SNAPPY), "label", &[]).expect_err("no label");
+            assert_eq!(
+                e.to_string(),
+                "column label is not in the table (its columns: sepal, petal, leaves, wild, species)"
+            );
+            let e = read_parquet(iris(Compression::SNAPPY), "species", &["stem".into()])
+                .expect_err("no feature");
+            assert!(
+                matches!(e, DataError::MissingColumn(ref c, _) if c == "stem"),
+                "{e}"
+            );
+
+            let schema = "message m { optional double a; required double y; }";
+            let bytes = parquet(
+                schema,
+                vec![
+                    Column::MaybeDoubles(vec![Some(1.0), None, Some(3.0)]),
+                    Column::Doubles(vec![0.5, 1.5, 2.5]),
+                ],
+                Compression::SNAPPY,
+            );
+            let e = read_parquet(bytes, "y", &[]).expect_err("a null feature");
+            assert_eq!(
+                e,
+                DataError::Null {
+                    row: 2,
+                    column: "a".into()
+                }
+            );
+            assert_eq!(
+                e.to_string(),
+                "row 2, column a: the value is missing (null)"
+            );
+
+            let schema = "message m { required double a; optional double y; }";
+            let bytes = parquet(
+                schema,
+                vec![
+                    Column::Doubles(vec![1.0, 2.0, 3.0]),
+                    Column::MaybeDoubles(vec![Some(1.0), Some(2.0), None]),
+                ],
+                Compression::UNCOMPRESSED,
+            );
+            assert_eq!(
+                read_parquet(bytes, "y", &[]),
+                Err(DataError::Null {
+                    row: 3,
+                    column: "y".into()
+                })
+            );
+
+            let schema = "message m { required int32 day (DATE); required double y; }";
+            let bytes = parquet(
+                schema,
+                vec![Column::Ints(vec![19000]), Column::Doubles(vec![1.0])],
+                Compression::UNCOMPRESSED,
+            );
+            assert_eq!(
+                read_parquet(bytes, "y", &[]).map_err(|e| e.to_string()),
+                Err("row 1, column day: a date value is neither a number nor text".into())
+            );
+
+            let e = read_parquet(Bytes::from_static(b"not parquet"), "y", &[]).expect_err("junk");
+            assert!(matches!(e, DataError::Parquet(_)), "{e}");
+        }
+
+        #[test]
+        fn text_that_is_not_a_number_is_named_as_in_a_csv() {
+            let schema = "message m { required binary a (UTF8); required binary y (UTF8); }";
+            let bytes = parquet(
+                schema,
+                vec![
+                    Column::Strings(vec!["1", "foo"]),
+                    Column::Strings(vec!["x", "y"]),
+                ],
+                Compression::UNCOMPRESSED,
+            );
+            assert_eq!(
+                read_parquet(bytes, "y", &[]),
+                Err(DataError::NotANumber {
+                    row: 2,
+                    column: "a".into(),
+                    value: "foo".into()
+                })
+            );
         }
     }
 }

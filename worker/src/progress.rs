@@ -19,6 +19,8 @@ pub struct Progress {
     started: Instant,
     last_line: Instant,
     bar: Option<ProgressBar>,
+    /// Shows nothing (a worker moving checkpoints and datasets).
+    quiet: bool,
 }
 
 impl Progress {
@@ -35,6 +37,15 @@ impl Progress {
             bar.set_message(what.to_string());
             bar
         });
+        Progress {
+            bar,
+            quiet: false,
+            ..Progress::quiet(what, total)
+        }
+    }
+
+    /// Counts progress without showing it.
+    pub fn quiet(what: &str, total: u64) -> Progress {
         let now = Instant::now();
         Progress {
             what: what.to_string(),
@@ -42,7 +53,8 @@ impl Progress {
             done: 0,
             started: now,
             last_line: now,
-            bar,
+            bar: None,
+            quiet: true,
         }
     }
 
@@ -51,7 +63,7 @@ impl Progress {
         self.done += bytes;
         match &self.bar {
             Some(bar) => bar.set_position(self.done),
-            None if self.last_line.elapsed() >= LINE_EVERY => {
+            None if !self.quiet && self.last_line.elapsed() >= LINE_EVERY => {
                 self.last_line = Instant::now();
                 eprintln!("{}", self.line());
             }

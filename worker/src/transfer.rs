@@ -1,4 +1,5 @@
-//! `kiln artifact push | pull | ls | log | tag`.
+//! Moving artifacts between files and the cluster: `kiln artifact push | pull |
+//! diff` and the trainers' datasets, checkpoints and models.
 //!
 //! Push: a blocking thread reads each file through the [`Chunker`] and hands chunks
 //! over a bounded channel; batches of up to [`BATCH_BYTES`] go to the coordinators
@@ -28,8 +29,9 @@ use kiln_common::client::ClusterClient;
 use kiln_proto::v1::*;
 use tokio::sync::mpsc;
 
-use crate::progress::Progress;
 use tokio::task::JoinSet;
+
+use crate::progress::Progress;
 
 /// Bytes of chunks planned and sent together.
 const BATCH_BYTES: usize = 16 << 20;
@@ -53,6 +55,8 @@ pub struct PushOptions {
     pub produced_by: String,
     pub media_type: String,
     pub metadata: BTreeMap<String, String>,
+    /// Shows no progress (a worker pushing checkpoints and models).
+    pub quiet: bool,
 }
 
 /// What a push did.
@@ -348,7 +352,12 @@ pub async fn push(
         .iter()
         .map(|s| std::fs::metadata(&s.disk).map(|m| m.len()).unwrap_or(0))
         .sum();
-    let mut progress = Progress::new(&format!("push {}", options.name), total);
+    let what = format!("push {}", options.name);
+    let mut progress = if options.quiet {
+        Progress::quiet(&what, total)
+    } else {
+        Progress::new(&what, total)
+    };
     let (mut rx, reader) = spawn_reader(sources.iter().map(|s| s.disk.clone()).collect());
 
     let mut files = Vec::with_capacity(sources.len());
@@ -514,6 +523,7 @@ pub async fn pull(
     client: Arc<ClusterClient>,
     reference: &str,
     out: &Path,
+    quiet: bool,
 ) -> anyhow::Result<PullReport> {
     let started = Instant::now();
     let resp = get_artifact(&client, reference).await?;
@@ -537,7 +547,12 @@ pub async fn pull(
     } else {
         out.to_path_buf()
     };
-    let mut progress = Progress::new(&format!("pull {name}@{}", version.version), version.size);
+    let what = format!("pull {name}@{}", version.version);
+    let mut progress = if quiet {
+        Progress::quiet(&what, version.size)
+    } else {
+        Progress::new(&what, version.size)
+    };
     for file in &version.files {
         let path = if version.directory {
             target.join(&file.path)
@@ -583,10 +598,12 @@ async fn write_file(
             .with_context(|| format!("cannot write {}", partial.display()))?,
     );
     let mut hasher = blake3::Hasher::new();
-    let mut fetched = stream::iter(file.chunks.iter().map(|chunk| {
+    // Owned ids: a closure over borrowed chunk refs makes this future fail the
+    // higher-ranked `Send` check when a worker's spawned task awaits it.
+    let ids: Vec<Vec<u8>> = file.chunks.iter().map(|c| c.id.clone()).collect();
+    let mut fetched = stream::iter(ids.into_iter().map(|id| {
         let client = Arc::clone(client);
         let sources = Arc::clone(sources);
-        let id = chunk.id.clone();
         async move {
             let chunk_id = ChunkId::from_slice(&id, "manifest")?;
             let replicas = sources.get(&id).cloned().unwrap_or_default();

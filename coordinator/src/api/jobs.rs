@@ -1,0 +1,522 @@
+//! Training jobs: submit (the spec checked whole, the dataset and its columns
+//! checked against the cluster), list, show, cancel, logs; the shards' reports;
+//! and, on the leader, the scheduling round that places queued gangs, fails
+//! attempts whose workers went Down, and hands each worker its shard tasks.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kiln_common::jobspec::{DataFormat, JobSpec};
+use kiln_common::{Error, Result};
+use kiln_proto::v1::*;
+
+use super::grpc::{audited, command, Api};
+use crate::auth::Caller;
+use crate::scheduler::{self, Capacity, Decision, Gang};
+use crate::state::jobs::{read_job, MAX_JOB_LOG_LINES};
+use crate::state::keys;
+
+/// Most jobs one listing returns.
+const MAX_LISTED_JOBS: usize = 10_000;
+/// Most active jobs the scheduler looks at in one round.
+const MAX_ACTIVE_JOBS: usize = 10_000;
+/// Longest a placed shard may take to report itself (pull its data, bind its
+/// port) before the leader fails the attempt.
+pub const SHARD_START_TIMEOUT_MS: u64 = 120_000;
+
+fn storage(e: impl std::fmt::Display) -> Error {
+    Error::Internal(e.to_string())
+}
+
+/// Maps a job rejection's code prefix to the error a caller sees.
+fn rejection(e: Error) -> Error {
+    match e {
+        Error::InvalidArgument(msg) => {
+            if let Some(rest) = msg.strip_prefix("NOT_FOUND: ") {
+                Error::NotFound(rest.to_string())
+            } else if let Some(rest) = msg.strip_prefix("FAILED_PRECONDITION: ") {
+                Error::InvalidArgument(rest.to_string())
+            } else {
+                Error::InvalidArgument(msg)
+            }
+        }
+        other => other,
+    }
+}
+
+/// The spec as flat `section.key` params for the job's run.
+fn params_of(spec: &JobSpec) -> HashMap<String, String> {
+    fn flatten(prefix: &str, value: &serde_json::Value, out: &mut HashMap<String, String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            serde_json::Value::String(s) => {
+                out.insert(prefix.to_string(), s.clone());
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let mut out = HashMap::new();
+    if let Ok(value) = serde_json::to_value(spec) {
+        flatten("", &value, &mut out);
+    }
+    out
+}
+
+/// Reads the column names from the first bytes of a CSV file.
+fn csv_header(first_chunk: &[u8]) -> Result<Vec<String>> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(first_chunk);
+    let header = reader.headers().map_err(|e| {
+        Error::InvalidArgument(format!("the dataset's CSV header cannot be read: {e}"))
+    })?;
+    Ok(header.iter().map(|h| h.trim().to_string()).collect())
+}
+
+impl Api {
+    /// Checks a spec against the cluster: the dataset version exists and holds a
+    /// file of the spec's format, the label and features are among its columns
+    /// (CSV), and some worker could hold one shard.
+    async fn check_job(&self, spec: &JobSpec) -> Result<()> {
+        let mut problems = Vec::new();
+        let dataset = self
+            .get_artifact_call(GetArtifactRequest {
+                name: spec.data.artifact.clone(),
+                reference: spec.data.version.to_string(),
+            })
+            .await;
+        match dataset {
+            Err(Error::NotFound(_)) => problems.push(format!(
+                "data.artifact: {}@{} does not exist",
+                spec.data.artifact, spec.data.version
+            )),
+            Err(e) => return Err(e),
+            Ok(found) => {
+                let version = found.version.unwrap_or_default();
+                let paths: Vec<&str> = version.files.iter().map(|f| f.path.as_str()).collect();
+                let chosen = spec.data.files(&paths);
+                match chosen.first() {
+                    None => problems.push(format!(
+                        "data.artifact: {}@{} holds no {} file (its files: {})",
+                        spec.data.artifact,
+                        spec.data.version,
+                        spec.data.format.extension(),
+                        paths.join(", ")
+                    )),
+                    Some(path) if spec.data.format == DataFormat::Csv => {
+                        let file = version
+                            .files
+                            .iter()
+                            .find(|f| f.path == *path)
+                            .ok_or_else(|| Error::Internal("chosen file vanished".into()))?;
+                        if let Some(first) = file.chunks.first() {
+                            let replicas = found
+                                .sources
+                                .iter()
+                                .find(|s| s.id == first.id)
+                                .map(|s| s.replicas.clone())
+                                .unwrap_or_default();
+                            let id = kiln_common::chunking::ChunkId::from_slice(
+                                &first.id,
+                                "dataset chunk",
+                            )?;
+                            let bytes = self.peers.fetch_chunk(id, &replicas).await?;
+                            let columns = csv_header(&bytes)?;
+                            let wanted =
+                                std::iter::once(&spec.data.label).chain(spec.data.features.iter());
+                            for column in wanted {
+                                if !columns.contains(column) {
+                                    problems.push(format!(
+                                        "column '{column}' is not in {path} of {}@{} (its columns: {})",
+                                        spec.data.artifact,
+                                        spec.data.version,
+                                        columns.join(", ")
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        let workers = self.reader.workers().map_err(storage)?;
+        let usable: Vec<&WorkerRecord> = workers
+            .iter()
+            .filter(|w| w.state != WorkerState::Down as i32)
+            .collect();
+        let fits = usable.iter().any(|w| {
+            let r = w.resources.clone().unwrap_or_default();
+            r.cpu_cores >= spec.resources.cpus_per_shard
+                && r.gpus.len() as u32 >= spec.resources.gpus_per_shard
+        });
+        if !fits {
+            let most_gpus = usable
+                .iter()
+                .map(|w| w.resources.as_ref().map_or(0, |r| r.gpus.len()))
+                .max()
+                .unwrap_or(0);
+            let most_cpus = usable
+                .iter()
+                .map(|w| w.resources.as_ref().map_or(0, |r| r.cpu_cores))
+                .max()
+                .unwrap_or(0);
+            problems.push(format!(
+                "resources: a shard needs {} CPU(s) and {} GPU(s); no worker has that (of {} live worker(s), the most are {most_cpus} CPU(s) and {most_gpus} GPU(s))",
+                spec.resources.cpus_per_shard,
+                spec.resources.gpus_per_shard,
+                usable.len()
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(
+                kiln_common::jobspec::SpecErrors(problems).to_string(),
+            ))
+        }
+    }
+
+    /// Checks and queues a job.
+    pub async fn submit_job_call(
+        &self,
+        caller: &Caller,
+        req: SubmitJobRequest,
+    ) -> Result<SubmitJobResponse> {
+        if req.spec_toml.len() > crate::state::jobs::MAX_SPEC_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "the job spec is {} bytes; at most {}",
+                req.spec_toml.len(),
+                crate::state::jobs::MAX_SPEC_BYTES
+            )));
+        }
+        let spec =
+            JobSpec::parse(&req.spec_toml).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        self.check_job(&spec).await?;
+        let run_id = format!("{:032x}", rand::random::<u128>());
+        let job = JobRecord {
+            name: spec.name.clone(),
+            experiment: spec.experiment.clone(),
+            spec_toml: req.spec_toml.clone(),
+            spec_digest: blake3::hash(req.spec_toml.as_bytes()).to_hex().to_string(),
+            priority: spec.priority,
+            shards_wanted: spec.resources.shards,
+            cpus_per_shard: spec.resources.cpus_per_shard,
+            gpus_per_shard: spec.resources.gpus_per_shard,
+            memory_per_shard: 0,
+            max_failures: spec.max_failures,
+            run_id: run_id.clone(),
+            ..Default::default()
+        };
+        let kind = command::Kind::SubmitJob(SubmitJob {
+            job: Some(job),
+            params: params_of(&spec),
+        });
+        let what = format!(
+            "submit job {} ({} shard(s))",
+            spec.name, spec.resources.shards
+        );
+        let result = self
+            .propose(audited(caller, what, kind), false)
+            .await
+            .map_err(rejection)?;
+        Ok(SubmitJobResponse {
+            job_id: result.value,
+            run_id,
+        })
+    }
+
+    /// Lists jobs, newest first.
+    pub async fn list_jobs_call(&self, req: ListJobsRequest) -> Result<ListJobsResponse> {
+        self.read_barrier(false).await?;
+        let max = match req.max_results {
+            0 => 1000,
+            n => (n as usize).min(MAX_LISTED_JOBS),
+        };
+        let seq =
+            crate::state::machine::read_counter(&self.reader, keys::JOB_SEQ).map_err(storage)?;
+        let mut jobs = Vec::new();
+        let mut id = seq;
+        while id > 0 && jobs.len() < max {
+            if let Some(job) = read_job(&self.reader, id).map_err(storage)? {
+                jobs.push(job);
+            }
+            id -= 1;
+        }
+        Ok(ListJobsResponse { jobs })
+    }
+
+    /// Returns one job.
+    pub async fn get_job_call(&self, req: GetJobRequest) -> Result<GetJobResponse> {
+        self.read_barrier(false).await?;
+        let job = read_job(&self.reader, req.job_id)
+            .map_err(storage)?
+            .ok_or_else(|| Error::NotFound(format!("job {} does not exist", req.job_id)))?;
+        Ok(GetJobResponse { job: Some(job) })
+    }
+
+    /// Cancels a job; its shards stop at their next heartbeat or report.
+    pub async fn cancel_job_call(&self, caller: &Caller, req: CancelJobRequest) -> Result<()> {
+        let kind = command::Kind::CancelJob(CancelJob {
+            job_id: req.job_id,
+            reason: format!("cancelled by {}", caller.name()),
+        });
+        let what = format!("cancel job {}", req.job_id);
+        self.propose(audited(caller, what, kind), false)
+            .await
+            .map_err(rejection)?;
+        Ok(())
+    }
+
+    /// Returns a job's log lines after `after_seq`.
+    pub async fn job_logs_call(&self, req: JobLogsRequest) -> Result<JobLogsResponse> {
+        self.read_barrier(false).await?;
+        let job = read_job(&self.reader, req.job_id)
+            .map_err(storage)?
+            .ok_or_else(|| Error::NotFound(format!("job {} does not exist", req.job_id)))?;
+        let max = match req.max_lines {
+            0 => 1000,
+            n => (n as u64).min(MAX_JOB_LOG_LINES) as usize,
+        };
+        let first = req
+            .after_seq
+            .saturating_add(1)
+            .max(job.log_seq.saturating_sub(MAX_JOB_LOG_LINES) + 1);
+        let mut lines = Vec::new();
+        let after = keys::job_log(job.id, first - 1);
+        let prefix = keys::job_logs(job.id);
+        for (_, bytes) in self
+            .reader
+            .scan_after(&prefix, Some(&after), max)
+            .map_err(storage)?
+        {
+            lines.push(
+                <JobLogLine as prost::Message>::decode(bytes.as_slice())
+                    .map_err(|e| Error::Internal(format!("decode job log line: {e}")))?,
+            );
+        }
+        Ok(JobLogsResponse { lines })
+    }
+
+    /// Applies a shard's report; returns whether the shard should keep running.
+    pub async fn report_shard_call(&self, req: ReportShardRequest) -> Result<bool> {
+        let report = req
+            .report
+            .ok_or_else(|| Error::InvalidArgument("report_shard without a report".into()))?;
+        match self
+            .propose(command(command::Kind::ReportShard(report)), false)
+            .await
+        {
+            Ok(result) => Ok(result.value == 1),
+            Err(Error::InvalidArgument(msg)) if msg.starts_with("STALE:") => Ok(false),
+            Err(e) => Err(rejection(e)),
+        }
+    }
+
+    /// The jobs that have not ended.
+    fn active_jobs(&self) -> Result<Vec<JobRecord>> {
+        let mut jobs = Vec::new();
+        for (key, _) in self
+            .reader
+            .scan(keys::JOB_ACTIVE.as_bytes(), MAX_ACTIVE_JOBS)
+            .map_err(storage)?
+        {
+            let id: u64 = std::str::from_utf8(&key[keys::JOB_ACTIVE.len()..])
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| Error::Internal("corrupt active-job key".into()))?;
+            if let Some(job) = read_job(&self.reader, id).map_err(storage)? {
+                jobs.push(job);
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// The shards worker `worker_id` should run now.
+    pub fn shard_tasks_for(&self, worker_id: &str) -> Result<Vec<ShardTask>> {
+        let mut tasks = Vec::new();
+        for job in self.active_jobs()? {
+            if job.state != JobState::Running as i32 {
+                continue;
+            }
+            let world = job.shards.len() as u32;
+            for shard in &job.shards {
+                let live = shard.state != ShardState::Failed as i32
+                    && shard.state != ShardState::Succeeded as i32;
+                if shard.worker_id == worker_id && live {
+                    tasks.push(ShardTask {
+                        job_id: job.id,
+                        attempt: job.attempt,
+                        rank: shard.rank,
+                        world,
+                        session_id: job.session_id,
+                        spec_toml: job.spec_toml.clone(),
+                        run_id: job.run_id.clone(),
+                        checkpoint: job.checkpoint.clone(),
+                        checkpoint_step: job.checkpoint_step,
+                        gpus: shard.gpus.clone(),
+                    });
+                }
+            }
+        }
+        Ok(tasks)
+    }
+
+    /// One scheduling round on the leader: fails running attempts that lost a
+    /// worker or never started, then places what the queue allows.
+    pub async fn schedule_round(&self, now_ms: u64) -> Result<()> {
+        let jobs = self.active_jobs()?;
+        let workers: BTreeMap<String, WorkerRecord> = self
+            .reader
+            .workers()
+            .map_err(storage)?
+            .into_iter()
+            .map(|w| (w.id.clone(), w))
+            .collect();
+        // Capacity: every Alive worker, less what running shards hold.
+        let mut total: Vec<Capacity> = workers
+            .values()
+            .filter(|w| w.state == WorkerState::Alive as i32)
+            .map(|w| {
+                let r = w.resources.clone().unwrap_or_default();
+                Capacity {
+                    worker_id: w.id.clone(),
+                    cpus: r.cpu_cores,
+                    gpus: r.gpus.iter().map(|g| g.index).collect(),
+                    memory_bytes: r.memory_bytes,
+                }
+            })
+            .collect();
+        total.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+        let mut free = total.clone();
+        let mut pending = Vec::new();
+        for job in &jobs {
+            if job.state == JobState::Running as i32 {
+                if let Some(reason) = self.attempt_failure(job, &workers, now_ms) {
+                    let kind = command::Kind::FailJobAttempt(FailJobAttempt {
+                        job_id: job.id,
+                        attempt: job.attempt,
+                        reason,
+                    });
+                    if let Err(e) = self.propose(command(kind), false).await {
+                        tracing::debug!(job = job.id, error = %e, "fail a job attempt");
+                    }
+                    continue;
+                }
+                for shard in &job.shards {
+                    if let Some(c) = free.iter_mut().find(|c| c.worker_id == shard.worker_id) {
+                        c.cpus = c.cpus.saturating_sub(job.cpus_per_shard);
+                        c.memory_bytes = c.memory_bytes.saturating_sub(job.memory_per_shard);
+                        c.gpus.retain(|g| !shard.gpus.contains(g));
+                    }
+                }
+            } else if job.state == JobState::Pending as i32 {
+                pending.push(Gang {
+                    job_id: job.id.to_string(),
+                    priority: job.priority,
+                    submitted_at_ms: job.submitted_at_ms,
+                    shards: job.shards_wanted,
+                    cpus_per_shard: job.cpus_per_shard,
+                    gpus_per_shard: job.gpus_per_shard,
+                    memory_per_shard: job.memory_per_shard,
+                });
+            }
+        }
+        let by_id: HashMap<String, &JobRecord> =
+            jobs.iter().map(|j| (j.id.to_string(), j)).collect();
+        for (job_id, decision) in scheduler::schedule(&pending, &free, &total) {
+            let Some(job) = by_id.get(&job_id) else {
+                continue;
+            };
+            let kind = match decision {
+                Decision::Start(placements) => command::Kind::PlaceJob(PlaceJob {
+                    job_id: job.id,
+                    attempt: job.attempt + 1,
+                    session_id: rand::random::<u64>() | 1,
+                    shards: placements
+                        .into_iter()
+                        .map(|p| ShardAssignment {
+                            rank: p.shard,
+                            worker_id: p.worker_id,
+                            gpus: p.gpus,
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+                Decision::Wait(reason) | Decision::TooLarge(reason) => {
+                    let reason = if job.failures > 0 {
+                        // Keep saying why it restarts; add what it waits for.
+                        let why = job.reason.split(" (waiting: ").next().unwrap_or_default();
+                        format!("{why} (waiting: {reason})")
+                    } else {
+                        reason
+                    };
+                    if reason == job.reason {
+                        continue;
+                    }
+                    command::Kind::SetJobWaiting(SetJobWaiting {
+                        job_id: job.id,
+                        reason,
+                    })
+                }
+            };
+            if let Err(e) = self.propose(command(kind), false).await {
+                tracing::debug!(job = job.id, error = %e, "schedule a job");
+            }
+        }
+        Ok(())
+    }
+
+    /// Why a running attempt has failed from the outside, if it has: a worker of
+    /// its gang is Down, or a shard has not reported within the start timeout.
+    fn attempt_failure(
+        &self,
+        job: &JobRecord,
+        workers: &BTreeMap<String, WorkerRecord>,
+        now_ms: u64,
+    ) -> Option<String> {
+        for shard in &job.shards {
+            match workers.get(&shard.worker_id) {
+                None => {
+                    return Some(format!(
+                        "worker {} of rank {} is gone",
+                        shard.worker_id, shard.rank
+                    ))
+                }
+                Some(w) if w.state == WorkerState::Down as i32 => {
+                    return Some(format!(
+                        "worker {} of rank {} is Down",
+                        shard.worker_id, shard.rank
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let placed_at = job.attempt_started_at_ms;
+        let silent = job
+            .shards
+            .iter()
+            .find(|s| s.state == ShardState::Assigned as i32);
+        match silent {
+            Some(shard) if now_ms.saturating_sub(placed_at) > SHARD_START_TIMEOUT_MS => {
+                Some(format!(
+                    "rank {} on worker {} did not start within {} s",
+                    shard.rank,
+                    shard.worker_id,
+                    SHARD_START_TIMEOUT_MS / 1000
+                ))
+            }
+            _ => None,
+        }
+    }
+}

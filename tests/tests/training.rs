@@ -1,0 +1,439 @@
+//! Training jobs through a real cluster (3 coordinators, workers, TLS and tokens):
+//! `kiln train submit`, `kiln jobs ...`, the gang scheduler, the ring all-reduce
+//! between shards on different workers, checkpoints in the artifact store.
+
+use std::path::Path;
+use std::time::Duration;
+
+use kiln_tests::{stderr_text, Cluster};
+use kiln_worker::train::checkpoint::Checkpoint;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+/// A cluster with the named workers, and a dataset pushed as `blobs@1`.
+async fn cluster_with_data(workers: &[&str], rows: usize) -> (Cluster, tempfile::TempDir) {
+    let mut cluster = Cluster::start(3, "");
+    cluster.wait_for_leader(Duration::from_secs(20)).await;
+    cluster.wait_for_agreement(Duration::from_secs(10)).await;
+    for name in workers {
+        cluster.start_worker(name);
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("blobs.csv");
+    std::fs::write(&data, blobs_csv(rows, 7)).expect("write data");
+    let data_text = data.display().to_string();
+    let want = workers.len();
+    kiln_tests::wait_for(
+        Duration::from_secs(30),
+        "workers that take the dataset",
+        || {
+            let cluster = &cluster;
+            let data = data_text.clone();
+            async move {
+                let status = cluster.run_cli(&["status", "--json"]).await;
+                let status: Value =
+                    serde_json::from_slice(&status.stdout).map_err(|e| e.to_string())?;
+                let alive = status["workers"]
+                    .as_array()
+                    .map_or(0, |w| w.iter().filter(|w| w["state"] == "alive").count());
+                if alive < want {
+                    return Err(format!("{alive} worker(s) alive"));
+                }
+                let push = cluster
+                    .run_cli(&["artifact", "push", &data, "--name", "blobs", "--json"])
+                    .await;
+                if push.status.success() {
+                    Ok(())
+                } else {
+                    Err(stderr_text(&push))
+                }
+            }
+        },
+    )
+    .await;
+    (cluster, dir)
+}
+
+/// Three well separated Gaussian blobs in 4 features; the label is a word.
+fn blobs_csv(rows: usize, seed: u64) -> String {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let centres = [
+        [2.0, 0.0, -1.0, 0.5],
+        [-2.0, 1.0, 1.0, -0.5],
+        [0.0, -2.0, 0.0, 2.0],
+    ];
+    let names = ["north", "south", "west"];
+    let mut out = String::from("f0,f1,f2,f3,kind\n");
+    for i in 0..rows {
+        let c = i % 3;
+        let row: Vec<String> = centres[c]
+            .iter()
+            .map(|m| format!("{:.4}", m + rng.gen_range(-1.0..1.0) * 0.8))
+            .collect();
+        out.push_str(&format!("{},{}\n", row.join(","), names[c]));
+    }
+    out
+}
+
+fn spec(name: &str, shards: u32, cpus: u32, epochs: u32, extra: &str) -> String {
+    format!(
+        r#"name = "{name}"
+experiment = "blobs"
+max_failures = 2
+{extra}
+
+[data]
+artifact = "blobs@1"
+label = "kind"
+
+[model]
+kind = "mlp"
+hidden = [16, 8]
+activation = "tanh"
+
+[optimizer]
+kind = "adamw"
+lr = 0.01
+weight_decay = 0.01
+
+[train]
+epochs = {epochs}
+batch_size = 32
+seed = 11
+checkpoint_every_steps = 20
+
+[resources]
+shards = {shards}
+cpus_per_shard = {cpus}
+"#
+    )
+}
+
+/// The CPU cores of the (alike) workers.
+async fn worker_cores(cluster: &Cluster) -> u32 {
+    let out = cluster.run_cli(&["status", "--json"]).await;
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
+    status["workers"][0]["resources"]["cpu_cores"]
+        .as_u64()
+        .expect("cores") as u32
+}
+
+/// Submits a spec through the CLI; returns the job id.
+async fn submit(cluster: &Cluster, dir: &Path, file: &str, text: &str) -> u64 {
+    let path = dir.join(file);
+    std::fs::write(&path, text).expect("write spec");
+    let path = path.display().to_string();
+    let out = cluster.run_cli(&["train", "submit", &path, "--json"]).await;
+    assert!(out.status.success(), "submit {file}: {}", stderr_text(&out));
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("submit --json prints JSON");
+    doc["job_id"].as_u64().expect("a job id")
+}
+
+async fn show(cluster: &Cluster, job: u64) -> Value {
+    let out = cluster
+        .run_cli(&["jobs", "show", &job.to_string(), "--json"])
+        .await;
+    assert!(
+        out.status.success(),
+        "jobs show {job}: {}",
+        stderr_text(&out)
+    );
+    serde_json::from_slice(&out.stdout).expect("jobs show --json prints JSON")
+}
+
+/// Waits until job `job` is in `state`; returns its record.
+async fn wait_state(cluster: &Cluster, job: u64, state: &str, timeout: Duration) -> Value {
+    kiln_tests::wait_for(timeout, &format!("job {job} {state}"), || async move {
+        let doc = show(cluster, job).await;
+        if doc["state"] == state {
+            Ok(doc)
+        } else if ["Failed", "Cancelled", "Succeeded"]
+            .contains(&doc["state"].as_str().unwrap_or(""))
+        {
+            panic!(
+                "job {job} ended {} instead: {}",
+                doc["state"], doc["reason"]
+            );
+        } else {
+            Err(format!("{} ({})", doc["state"], doc["reason"]))
+        }
+    })
+    .await
+}
+
+/// Pulls a job's final checkpoint and returns its parameters.
+async fn final_params(cluster: &Cluster, dir: &Path, job: &Value) -> Vec<f32> {
+    let reference = job["checkpoint"].as_str().expect("a checkpoint");
+    let out = dir.join(format!("ckpt-{}", job["id"]));
+    let out_text = out.display().to_string();
+    let pulled = cluster
+        .run_cli(&["artifact", "pull", reference, "-o", &out_text])
+        .await;
+    assert!(
+        pulled.status.success(),
+        "pull {reference}: {}",
+        stderr_text(&pulled)
+    );
+    let bytes = std::fs::read(&out).expect("read checkpoint");
+    Checkpoint::decode(&bytes)
+        .expect("decode checkpoint")
+        .params
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_shards_end_with_the_weights_of_one_shard() {
+    let (cluster, dir) = cluster_with_data(&["a", "b"], 600).await;
+    // Shards that take a whole worker each, so that the ring crosses workers.
+    let cores = worker_cores(&cluster).await;
+    let one = submit(
+        &cluster,
+        dir.path(),
+        "one.toml",
+        &spec("blobs-one", 1, 1, 3, ""),
+    )
+    .await;
+    let two = submit(
+        &cluster,
+        dir.path(),
+        "two.toml",
+        &spec("blobs-two", 2, cores, 3, ""),
+    )
+    .await;
+    let one = wait_state(&cluster, one, "Succeeded", Duration::from_secs(120)).await;
+    let two = wait_state(&cluster, two, "Succeeded", Duration::from_secs(120)).await;
+
+    // The two shards ran on different workers, linked by the ring.
+    let workers: Vec<&str> = two["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .map(|s| s["worker_id"].as_str().expect("worker"))
+        .collect();
+    assert_eq!(workers.len(), 2);
+    assert_ne!(workers[0], workers[1], "{two}");
+
+    let a = final_params(&cluster, dir.path(), &one).await;
+    let b = final_params(&cluster, dir.path(), &two).await;
+    assert_eq!(a.len(), b.len());
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst < 1e-4,
+        "the 2-shard weights differ from the 1-shard weights by up to {worst}"
+    );
+
+    // It learned, and the run holds the curve.
+    let accuracy = one["progress"]["accuracy"].as_f64().expect("accuracy");
+    assert!(accuracy > 0.9, "accuracy {accuracy} on separable blobs");
+    let run = one["run_id"].as_str().expect("run id");
+    let out = cluster.run_cli(&["runs", "show", run, "--json"]).await;
+    assert!(out.status.success(), "{}", stderr_text(&out));
+    let run: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(run["status"], "FINISHED", "{run}");
+    assert_eq!(run["params"]["train.batch_size"], "32", "{run}");
+    assert!(
+        run["metrics"]["train_loss"]["value"].as_f64().is_some(),
+        "{run}"
+    );
+
+    let logs = cluster
+        .run_cli(&["jobs", "logs", &one["id"].to_string()])
+        .await;
+    let logs = String::from_utf8_lossy(&logs.stdout).to_string();
+    assert!(logs.contains("epoch 3/3"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gang_that_does_not_fit_waits_then_runs() {
+    let (cluster, dir) = cluster_with_data(&["a", "b"], 3000).await;
+    let cores = worker_cores(&cluster).await;
+    // The first job takes every core of both workers for a while.
+    let big = submit(
+        &cluster,
+        dir.path(),
+        "big.toml",
+        &spec("big", 2, cores, 20, ""),
+    )
+    .await;
+    wait_state(&cluster, big, "Running", Duration::from_secs(30)).await;
+    let small = submit(
+        &cluster,
+        dir.path(),
+        "small.toml",
+        &spec("small", 1, 1, 1, ""),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let waiting = show(&cluster, small).await;
+    assert_eq!(waiting["state"], "Pending", "{waiting}");
+    assert!(
+        waiting["reason"].as_str().unwrap_or("").contains("wait")
+            || waiting["reason"].as_str().unwrap_or("").contains("fit")
+            || waiting["reason"].as_str().unwrap_or("").contains("queued"),
+        "{waiting}"
+    );
+    wait_state(&cluster, big, "Succeeded", Duration::from_secs(240)).await;
+    wait_state(&cluster, small, "Succeeded", Duration::from_secs(120)).await;
+
+    // Cancelling an ended job is refused by name; cancelling a queued one works.
+    let out = cluster
+        .run_cli(&["jobs", "cancel", &small.to_string()])
+        .await;
+    assert!(!out.status.success());
+    assert!(stderr_text(&out).contains("ended"), "{}", stderr_text(&out));
+    let again = submit(
+        &cluster,
+        dir.path(),
+        "again.toml",
+        &spec("again", 2, cores, 20, ""),
+    )
+    .await;
+    let out = cluster
+        .run_cli(&["jobs", "cancel", &again.to_string()])
+        .await;
+    assert!(out.status.success(), "{}", stderr_text(&out));
+    assert_eq!(show(&cluster, again).await["state"], "Cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_specs_are_refused_at_submit_with_the_reason() {
+    let (cluster, dir) = cluster_with_data(&["a"], 30).await;
+    let good = spec("fine", 1, 1, 1, "");
+    let cases = [
+        (
+            "unknown key",
+            good.replace("seed = 11", "seed = 11\nsped = 3"),
+            "train.sped",
+        ),
+        (
+            "missing dataset version",
+            good.replace("blobs@1", "blobs@9"),
+            "blobs@9 does not exist",
+        ),
+        (
+            "label not a column",
+            good.replace("label = \"kind\"", "label = \"species\""),
+            "'species' is not in",
+        ),
+        (
+            "no shards",
+            good.replace("shards = 1", "shards = 0"),
+            "resources.shards",
+        ),
+        (
+            "too many GPUs",
+            good.replace(
+                "cpus_per_shard = 1",
+                "cpus_per_shard = 1\ngpus_per_shard = 4",
+            ),
+            "4 GPU(s)",
+        ),
+    ];
+    for (what, text, needle) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, &text).expect("write");
+        let out = cluster
+            .run_cli(&["train", "submit", &path.display().to_string()])
+            .await;
+        assert!(!out.status.success(), "{what}: accepted");
+        let err = stderr_text(&out);
+        assert!(
+            err.contains(needle),
+            "{what}: the error does not say '{needle}': {err}"
+        );
+        assert!(!err.contains("panicked"), "{what}: {err}");
+    }
+    let out = cluster.run_cli(&["jobs", "ls", "--json"]).await;
+    let jobs: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        jobs.as_array().map(Vec::len),
+        Some(0),
+        "a refused spec left a job: {jobs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_workers_gang_restarts_from_its_checkpoint_and_matches_an_undisturbed_run() {
+    let (mut cluster, dir) = cluster_with_data(&["a", "b", "c"], 3000).await;
+    let cores = worker_cores(&cluster).await;
+    let epochs = 12;
+    // Undisturbed first, then the same spec again with a worker killed mid-way.
+    let calm = submit(
+        &cluster,
+        dir.path(),
+        "calm.toml",
+        &spec("calm", 2, cores, epochs, ""),
+    )
+    .await;
+    let calm = wait_state(&cluster, calm, "Succeeded", Duration::from_secs(300)).await;
+    let hit = submit(
+        &cluster,
+        dir.path(),
+        "hit.toml",
+        &spec("hit", 2, cores, epochs, ""),
+    )
+    .await;
+    let running = kiln_tests::wait_for(
+        Duration::from_secs(120),
+        "a checkpoint of the second job",
+        || {
+            let cluster = &cluster;
+            async move {
+                let doc = show(cluster, hit).await;
+                if doc["checkpoint_step"].as_u64().unwrap_or(0) > 0 && doc["state"] == "Running" {
+                    Ok(doc)
+                } else {
+                    Err(format!(
+                        "{} at step {}",
+                        doc["state"], doc["progress"]["step"]
+                    ))
+                }
+            }
+        },
+    )
+    .await;
+    let total = running["progress"]["total_steps"]
+        .as_u64()
+        .expect("total steps");
+    let step = running["progress"]["step"].as_u64().expect("step");
+    assert!(
+        step < total,
+        "the job ended before the kill: make it longer ({step}/{total})"
+    );
+    // Kill the worker of rank 1: rank 0's all-reduce fails at once (no hang), and
+    // the leader sees the worker Down.
+    let victim_id = running["shards"][1]["worker_id"]
+        .as_str()
+        .expect("worker")
+        .to_string();
+    let victim = ["a", "b", "c"]
+        .into_iter()
+        .find(|w| cluster.worker_id(w).as_deref() == Some(victim_id.as_str()))
+        .expect("a worker of the cluster");
+    cluster.kill_worker(victim);
+    let done = wait_state(&cluster, hit, "Succeeded", Duration::from_secs(300)).await;
+    assert!(done["failures"].as_u64() >= Some(1), "{done}");
+    assert!(done["attempt"].as_u64() >= Some(2), "{done}");
+    let placed: Vec<&str> = done["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .map(|s| s["worker_id"].as_str().expect("worker"))
+        .collect();
+    assert!(
+        !placed.contains(&victim_id.as_str()),
+        "placed on the dead worker: {done}"
+    );
+    let logs = cluster.run_cli(&["jobs", "logs", &hit.to_string()]).await;
+    let logs = String::from_utf8_lossy(&logs.stdout).to_string();
+    assert!(logs.contains("resumed from job-"), "{logs}");
+    let before = calm["progress"]["accuracy"].as_f64().expect("accuracy");
+    let after = done["progress"]["accuracy"].as_f64().expect("accuracy");
+    assert!(
+        (before - after).abs() <= 0.01,
+        "accuracy {after} after the restart, {before} undisturbed"
+    );
+}

@@ -1,0 +1,800 @@
+//! The trainer's network: its parameters as one flat `f32` buffer, and candle for
+//! the forward and backward pass.
+//!
+//! The flat buffer (in [`Arch`]'s layout: each layer in order, its weight
+//! `[outputs][inputs]` row-major, then its bias) is the master copy: the optimizer
+//! updates it in place, the all-reduce sums gradients in the same layout, and
+//! checkpoints and the ONNX export read it. Each [`Model::gradient`] call copies it
+//! into candle variables, runs the pass, and flattens candle's gradients back into
+//! that layout:
+//!
+//! ```text
+//!   params (flat) ──copy──▶ Var per weight and bias ──forward──▶ loss per row
+//!                                                                  │ sum × scale
+//!   grads (flat)  ◀─flatten── GradStore ◀──────────backward────────┘
+//! ```
+//!
+//! The gradient is that of `scale × Σ per-example loss`, not of the mean, so that a
+//! data-parallel step is exact when shards get unequal rows: each shard passes
+//! `scale = 1 / global_batch`, the all-reduce sums the shards' gradients, and the
+//! sum equals the one-shard gradient of the whole batch (up to float order).
+//!
+//! # Threads
+//!
+//! candle's CPU backend has no per-call thread setting; its thread count is
+//! process-wide and comes from the environment:
+//!
+//! - Matrix products (the `gemm` crate) are split into
+//!   `candle_core::utils::get_num_threads()` pieces: `RAYON_NUM_THREADS`, else the
+//!   number of physical cores, read on every product. The pieces run on the
+//!   current rayon pool (rayon's global pool, sized by `RAYON_NUM_THREADS` when it
+//!   first starts).
+//! - Element-wise operations on at least 64 Ki values run on a pool of spinning
+//!   threads that candle starts on first use, sized by `CANDLE_NUM_THREADS`, else
+//!   `RAYON_NUM_THREADS`.
+//!
+//! A shard therefore limits itself to its `cpus_per_shard` by running in its own
+//! process with `RAYON_NUM_THREADS` (and `CANDLE_NUM_THREADS`) set to that number
+//! before any candle operation: [`set_threads`] does so at the top of a process
+//! that has not started other threads yet. Two shards that shared one process would
+//! share one thread count.
+
+use candle_core::{Device, Tensor, Var};
+use kiln_common::jobspec::Activation;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::arch::{Arch, Dense, Task};
+
+/// One batch's targets, as the rows of [`super::data::Target`].
+#[derive(Debug, Clone, Copy)]
+pub enum Batch<'a> {
+    /// Class indices, for a classification.
+    Classes(&'a [u32]),
+    /// Values, for a regression.
+    Values(&'a [f32]),
+}
+
+impl Batch<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Batch::Classes(y) => y.len(),
+            Batch::Values(y) => y.len(),
+        }
+    }
+}
+
+/// What one forward and backward pass over a batch gives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOutput {
+    /// Gradient of `scale × Σ per-example loss`, in the flat parameter layout.
+    pub grads: Vec<f32>,
+    /// Sum over the rows of the per-example loss (not scaled).
+    pub loss_sum: f64,
+    /// Classification: rows whose largest logit is their label. Regression: 0.
+    pub correct: usize,
+}
+
+/// Why a model call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("the architecture has {want} parameters; got {got} values")]
+    Params { want: usize, got: usize },
+    #[error("{rows} rows of {inputs} features are {want} values; got {got}")]
+    Features {
+        rows: usize,
+        inputs: usize,
+        want: usize,
+        got: usize,
+    },
+    #[error("{rows} rows need {rows} targets; got {got}")]
+    Targets { rows: usize, got: usize },
+    #[error("a {task} model needs {want}; got {got}")]
+    TargetKind {
+        task: &'static str,
+        want: &'static str,
+        got: &'static str,
+    },
+    #[error("row {row}: class {label} is out of range; the model has {classes} classes")]
+    Label {
+        row: usize,
+        label: u32,
+        classes: usize,
+    },
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// A dense network and its parameters.
+#[derive(Debug, Clone)]
+pub struct Model {
+    arch: Arch,
+    /// `(inputs, outputs)` of each layer, cached from the arch.
+    shapes: Vec<(usize, usize)>,
+    params: Vec<f32>,
+}
+
+/// Limits candle's CPU work in this process to `threads` threads (see the module
+/// doc). It sets `RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS`, so it must run before
+/// any candle operation (the pools are sized on first use) and before the process
+/// starts other threads (changing the environment races with readers in C code).
+pub fn set_threads(threads: usize) {
+    let n = threads.max(1).to_string();
+    std::env::set_var("RAYON_NUM_THREADS", &n);
+    std::env::set_var("CANDLE_NUM_THREADS", &n);
+}
+
+/// Returns how many pieces candle splits a matrix product into in this process.
+pub fn threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
+impl Model {
+    /// Initialises the parameters from `seed` alone, as PyTorch's `nn.Linear` does:
+    /// weights and biases uniform in `±1/√inputs`. Every rank and every run gets the
+    /// same values for the same seed (with this build's `rand`).
+    pub fn init(arch: Arch, seed: u64) -> Model {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let shapes = arch.layer_shapes();
+        let mut params = Vec::with_capacity(arch.parameter_count());
+        for &(inputs, outputs) in &shapes {
+            let bound = if inputs == 0 {
+                0.0
+            } else {
+                1.0 / (inputs as f32).sqrt()
+            };
+            for _ in 0..inputs * outputs + outputs {
+                params.push((rng.gen::<f32>() * 2.0 - 1.0) * bound);
+            }
+        }
+        Model {
+            arch,
+            shapes,
+            params,
+        }
+    }
+
+    /// Makes a model from parameters in the flat layout (a checkpoint's).
+    pub fn from_params(arch: Arch, params: Vec<f32>) -> Result<Model, ModelError> {
+        let want = arch.parameter_count();
+        if params.len() != want {
+            return Err(ModelError::Params {
+                want,
+                got: params.len(),
+            });
+        }
+        Ok(Model {
+            shapes: arch.layer_shapes(),
+            arch,
+            params,
+        })
+    }
+
+    /// Returns the architecture.
+    pub fn arch(&self) -> &Arch {
+        &self.arch
+    }
+
+    /// Returns the parameters in the flat layout.
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    /// Returns the parameters for the optimizer to update in place.
+    pub fn params_mut(&mut self) -> &mut [f32] {
+        &mut self.params
+    }
+
+    /// Returns the parameters cut into layers.
+    pub fn layers(&self) -> Vec<Dense> {
+        self.arch
+            .split(&self.params)
+            .expect("the parameters' length was checked when the model was made")
+    }
+
+    /// Returns the raw outputs (logits, or the predicted value) for `rows` examples
+    /// of `x` (row-major), row-major `rows × outputs`.
+    pub fn predict(&self, x: &[f32], rows: usize) -> Result<Vec<f32>, ModelError> {
+        self.check_features(x, rows)?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let layers = self.tensors()?;
+        let out = self.forward(x, rows, &layers)?;
+        Ok(out.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// Runs the forward and backward pass over `rows` examples of `x` (row-major)
+    /// and returns the gradient of `scale × Σ per-example loss` (softmax
+    /// cross-entropy, or the squared error), the summed loss and the correct count.
+    pub fn gradient(
+        &self,
+        x: &[f32],
+        rows: usize,
+        target: Batch<'_>,
+        scale: f32,
+    ) -> Result<StepOutput, ModelError> {
+        self.check_features(x, rows)?;
+        self.check_target(target, rows)?;
+        if rows == 0 {
+            return Ok(StepOutput {
+                grads: vec![0.0; self.params.len()],
+                loss_sum: 0.0,
+                correct: 0,
+            });
+        }
+        let vars = self.vars()?;
+        let layers: Vec<(Tensor, Tensor)> = vars
+            .iter()
+            .map(|(w, b)| (w.as_tensor().clone(), b.as_tensor().clone()))
+            .collect();
+        let out = self.forward(x, rows, &layers)?;
+        let dev = Device::Cpu;
+        let (per_row, correct) = match target {
+            Batch::Classes(y) => {
+                let labels = Tensor::from_slice(y, (rows, 1), &dev)?;
+                let max = out.max_keepdim(1)?.detach();
+                let shifted = out.broadcast_sub(&max)?;
+                let log_sum_exp = shifted.exp()?.sum_keepdim(1)?.log()?;
+                let picked = shifted.gather(&labels, 1)?;
+                let logits = out.to_vec2::<f32>()?;
+                let correct = logits
+                    .iter()
+                    .zip(y)
+                    .filter(|(row, &label)| argmax(row) == label as usize)
+                    .count();
+                ((log_sum_exp - picked)?, correct)
+            }
+            Batch::Values(y) => {
+                let y = Tensor::from_slice(y, (rows, 1), &dev)?;
+                ((out - y)?.sqr()?, 0)
+            }
+        };
+        let loss_sum = per_row
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|&l| f64::from(l))
+            .sum();
+        let store = per_row
+            .sum_all()?
+            .affine(f64::from(scale), 0.0)?
+            .backward()?;
+        let mut grads = Vec::with_capacity(self.params.len());
+        for (w, b) in &vars {
+            for var in [w, b] {
+                match store.get(var.as_tensor()) {
+                    Some(g) => grads.extend(g.flatten_all()?.to_vec1::<f32>()?),
+                    // A zero scale cuts the graph: nothing reaches the parameters.
+                    None => grads.resize(grads.len() + var.elem_count(), 0.0),
+                }
+            }
+        }
+        Ok(StepOutput {
+            grads,
+            loss_sum,
+            correct,
+        })
+    }
+
+    fn check_features(&self, x: &[f32], rows: usize) -> Result<(), ModelError> {
+        let inputs = self.arch.inputs;
+        let want = rows.checked_mul(inputs).ok_or(ModelError::Features {
+            rows,
+            inputs,
+            want: usize::MAX,
+            got: x.len(),
+        })?;
+        if x.len() != want {
+            return Err(ModelError::Features {
+                rows,
+                inputs,
+                want,
+                got: x.len(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_target(&self, target: Batch<'_>, rows: usize) -> Result<(), ModelError> {
+        match (&self.arch.task, target) {
+            (Task::Classification { classes }, Batch::Classes(y)) => {
+                if let Some((row, &label)) = y
+                    .iter()
+                    .enumerate()
+                    .find(|(_, &label)| label as usize >= classes.len())
+                {
+                    return Err(ModelError::Label {
+                        row,
+                        label,
+                        classes: classes.len(),
+                    });
+                }
+            }
+            (Task::Regression, Batch::Values(_)) => {}
+            (Task::Classification { .. }, Batch::Values(_)) => {
+                return Err(ModelError::TargetKind {
+                    task: "classification",
+                    want: "class indices",
+                    got: "values",
+                })
+            }
+            (Task::Regression, Batch::Classes(_)) => {
+                return Err(ModelError::TargetKind {
+                    task: "regression",
+                    want: "values",
+                    got: "class indices",
+                })
+            }
+        }
+        if target.len() != rows {
+            return Err(ModelError::Targets {
+                rows,
+                got: target.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Copies each layer's weight and bias into candle tensors.
+    fn tensors(&self) -> Result<Vec<(Tensor, Tensor)>, ModelError> {
+        let dev = Device::Cpu;
+        let mut at = 0;
+        let mut layers = Vec::with_capacity(self.shapes.len());
+        for &(inputs, outputs) in &self.shapes {
+            let w = &self.params[at..at + inputs * outputs];
+            at += inputs * outputs;
+            let b = &self.params[at..at + outputs];
+            at += outputs;
+            layers.push((
+                Tensor::from_slice(w, (outputs, inputs), &dev)?,
+                Tensor::from_slice(b, outputs, &dev)?,
+            ));
+        }
+        Ok(layers)
+    }
+
+    /// Copies each layer's weight and bias into candle variables.
+    fn vars(&self) -> Result<Vec<(Var, Var)>, ModelError> {
+        let dev = Device::Cpu;
+        let mut at = 0;
+        let mut layers = Vec::with_capacity(self.shapes.len());
+        for &(inputs, outputs) in &self.shapes {
+            let w = &self.params[at..at + inputs * outputs];
+            at += inputs * outputs;
+            let b = &self.params[at..at + outputs];
+            at += outputs;
+            layers.push((
+                Var::from_slice(w, (outputs, inputs), &dev)?,
+                Var::from_slice(b, outputs, &dev)?,
+            ));
+        }
+        Ok(layers)
+    }
+
+    /// Returns the last layer's outputs, `rows × outputs`.
+    fn forward(
+        &self,
+        x: &[f32],
+        rows: usize,
+        layers: &[(Tensor, Tensor)],
+    ) -> Result<Tensor, ModelError> {
+        let mut h = Tensor::from_slice(x, (rows, self.arch.inputs), &Device::Cpu)?;
+        let last = layers.len().saturating_sub(1);
+        for (i, (w, b)) in layers.iter().enumerate() {
+            h = h.matmul(&w.t()?)?.broadcast_add(b)?;
+            if i < last {
+                h = match self.arch.activation {
+                    Activation::Relu => h.relu()?,
+                    // The exact form, as PyTorch's default `nn.GELU` and the ONNX
+                    // export; candle's `gelu` is the tanh approximation.
+                    Activation::Gelu => h.gelu_erf()?,
+                    Activation::Tanh => h.tanh()?,
+                };
+            }
+        }
+        Ok(h)
+    }
+}
+
+/// Index of the first largest value.
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_common::jobspec::{OptimizerKind, OptimizerSpec};
+
+    use super::*;
+    use crate::train::optim::Optimizer;
+
+    fn classes(n: usize) -> Task {
+        Task::Classification {
+            classes: (0..n).map(|i| format!("c{i}")).collect(),
+        }
+    }
+
+    fn arch(inputs: usize, hidden: &[usize], activation: Activation, task: Task) -> Arch {
+        Arch {
+            inputs,
+            hidden: hidden.to_vec(),
+            activation,
+            task,
+        }
+    }
+
+    fn uniform(rng: &mut StdRng, n: usize, bound: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.gen::<f32>() * 2.0 - 1.0) * bound)
+            .collect()
+    }
+
+    /// erf in f64: its Taylor series near 0, a continued fraction for erfc beyond.
+    fn erf(x: f64) -> f64 {
+        if x.abs() > 3.0 {
+            let a = x.abs();
+            let mut frac = 0.0;
+            for k in (1..=80).rev() {
+                frac = (k as f64 / 2.0) / (a + frac);
+            }
+            let erfc = (-a * a).exp() / std::f64::consts::PI.sqrt() / (a + frac);
+            return (1.0 - erfc).copysign(x);
+        }
+        let mut term = x;
+        let mut sum = x;
+        for n in 1..200 {
+            term *= -x * x / n as f64;
+            sum += term / (2 * n + 1) as f64;
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    /// The network's outputs computed independently of candle, in f64.
+    fn reference_forward(arch: &Arch, params: &[f64], x: &[f32], rows: usize) -> Vec<Vec<f64>> {
+        let shapes = arch.layer_shapes();
+        (0..rows)
+            .map(|r| {
+                let mut h: Vec<f64> = x[r * arch.inputs..(r + 1) * arch.inputs]
+                    .iter()
+                    .map(|&v| f64::from(v))
+                    .collect();
+                let mut at = 0;
+                for (l, &(inputs, outputs)) in shapes.iter().enumerate() {
+                    let w = &params[at..at + inputs * outputs];
+                    let b = &params[at + inputs * outputs..at + inputs * outputs + outputs];
+                    at += inputs * outputs + outputs;
+                    h = (0..outputs)
+                        .map(|o| {
+                            let z =
+                                b[o] + (0..inputs).map(|i| w[o * inputs + i] * h[i]).sum::<f64>();
+                            if l + 1 == shapes.len() {
+                                return z;
+                            }
+                            match arch.activation {
+                                Activation::Relu => z.max(0.0),
+                                Activation::Gelu => {
+                                    0.5 * z * (1.0 + erf(z / std::f64::consts::SQRT_2))
+                                }
+                                Activation::Tanh => z.tanh(),
+                            }
+                        })
+                        .collect();
+                }
+                h
+            })
+            .collect()
+    }
+
+    /// Σ per-example loss, in f64.
+    fn reference_loss(
+        arch: &Arch,
+        params: &[f64],
+        x: &[f32],
+        rows: usize,
+        target: Batch<'_>,
+    ) -> f64 {
+        let out = reference_forward(arch, params, x, rows);
+        out.iter()
+            .enumerate()
+            .map(|(r, z)| match target {
+                Batch::Classes(y) => {
+                    let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let lse = max + z.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+                    lse - z[y[r] as usize]
+                }
+                Batch::Values(y) => (z[0] - f64::from(y[r])).powi(2),
+            })
+            .sum()
+    }
+
+    #[test]
+    fn gradients_match_central_differences_for_every_task_and_activation() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let rows = 6;
+        let x = uniform(&mut rng, rows * 4, 1.5);
+        let labels: Vec<u32> = (0..rows as u32).map(|r| r % 3).collect();
+        let values = uniform(&mut rng, rows, 2.0);
+        let scale = 0.25;
+        for activation in [Activation::Relu, Activation::Gelu, Activation::Tanh] {
+            for (task, target) in [
+                (classes(3), Batch::Classes(&labels)),
+                (Task::Regression, Batch::Values(&values)),
+            ] {
+                let arch = arch(4, &[5, 3], activation, task);
+                let model = Model::init(arch.clone(), 11);
+                let out = model.gradient(&x, rows, target, scale).expect("gradient");
+                let p: Vec<f64> = model.params().iter().map(|&v| f64::from(v)).collect();
+                let loss = reference_loss(&arch, &p, &x, rows, target);
+                assert!(
+                    (out.loss_sum - loss).abs() < 1e-5 * loss.max(1.0),
+                    "{activation:?} {:?}: loss {} vs {loss}",
+                    arch.task,
+                    out.loss_sum
+                );
+                let h = 1e-6;
+                for i in 0..p.len() {
+                    let mut plus = p.clone();
+                    plus[i] += h;
+                    let mut minus = p.clone();
+                    minus[i] -= h;
+                    let fd = f64::from(scale)
+                        * (reference_loss(&arch, &plus, &x, rows, target)
+                            - reference_loss(&arch, &minus, &x, rows, target))
+                        / (2.0 * h);
+                    let g = f64::from(out.grads[i]);
+                    assert!(
+                        (g - fd).abs() < 1e-4 + 1e-3 * fd.abs(),
+                        "{activation:?} {:?}: parameter {i}: autograd {g}, finite differences {fd}",
+                        arch.task
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gelu_is_the_exact_erf_form() {
+        // One hidden unit that passes x through: the output is gelu(x). The tanh
+        // approximation is off by about 1e-4 at these points.
+        let arch = arch(1, &[1], Activation::Gelu, Task::Regression);
+        let model = Model::from_params(arch, vec![1.0, 0.0, 1.0, 0.0]).expect("params");
+        let x = [-2.0f32, -1.0, 0.5, 1.5, 2.5];
+        let out = model.predict(&x, x.len()).expect("predict");
+        for (&v, &y) in x.iter().zip(&out) {
+            let z = f64::from(v);
+            let exact = 0.5 * z * (1.0 + erf(z / std::f64::consts::SQRT_2));
+            assert!(
+                (f64::from(y) - exact).abs() < 2e-6,
+                "gelu({v}) = {y}, not {exact}"
+            );
+        }
+    }
+
+    #[test]
+    fn predict_matches_an_independent_forward_pass() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let arch = arch(5, &[8, 4], Activation::Tanh, classes(3));
+        let model = Model::init(arch.clone(), 5);
+        let x = uniform(&mut rng, 7 * 5, 2.0);
+        let out = model.predict(&x, 7).expect("predict");
+        assert_eq!(out.len(), 7 * 3);
+        let p: Vec<f64> = model.params().iter().map(|&v| f64::from(v)).collect();
+        let want: Vec<f64> = reference_forward(&arch, &p, &x, 7).concat();
+        for (got, want) in out.iter().zip(&want) {
+            assert!((f64::from(*got) - want).abs() < 1e-5, "{got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn row_splits_sum_to_the_whole_batch_gradient() {
+        // Distributed training sums shards' gradients, each scaled by 1/global batch.
+        let mut rng = StdRng::seed_from_u64(9);
+        let rows = 5;
+        let x = uniform(&mut rng, rows * 6, 1.0);
+        let labels = [0u32, 2, 1, 1, 0];
+        let values = uniform(&mut rng, rows, 1.0);
+        for (task, y) in [
+            (classes(3), Batch::Classes(&labels)),
+            (Task::Regression, Batch::Values(&values)),
+        ] {
+            let model = Model::init(arch(6, &[7], Activation::Gelu, task), 1);
+            let scale = 1.0 / rows as f32;
+            let split = |r: std::ops::Range<usize>| match y {
+                Batch::Classes(l) => Batch::Classes(&l[r]),
+                Batch::Values(v) => Batch::Values(&v[r]),
+            };
+            let whole = model.gradient(&x, rows, y, scale).expect("whole");
+            let a = model
+                .gradient(&x[..3 * 6], 3, split(0..3), scale)
+                .expect("first 3 rows");
+            let b = model
+                .gradient(&x[3 * 6..], 2, split(3..5), scale)
+                .expect("last 2 rows");
+            let empty = model.gradient(&[], 0, split(5..5), scale).expect("no rows");
+            assert_eq!(empty.grads, vec![0.0; model.params().len()]);
+            assert_eq!((empty.loss_sum, empty.correct), (0.0, 0));
+            for (i, g) in whole.grads.iter().enumerate() {
+                let sum = a.grads[i] + b.grads[i] + empty.grads[i];
+                assert!((g - sum).abs() < 1e-6, "parameter {i}: {g} vs {sum}");
+            }
+            assert!((whole.loss_sum - (a.loss_sum + b.loss_sum)).abs() < 1e-5);
+            assert_eq!(whole.correct, a.correct + b.correct);
+            // The whole batch's loss is not trivially zero.
+            assert!(whole.grads.iter().any(|g| g.abs() > 1e-3));
+        }
+    }
+
+    fn adamw(lr: f64) -> OptimizerSpec {
+        OptimizerSpec {
+            kind: OptimizerKind::Adamw,
+            lr,
+            momentum: 0.0,
+            weight_decay: 0.0,
+        }
+    }
+
+    #[test]
+    fn adamw_learns_a_separable_classification() {
+        // Three classes split by two hyperplanes through four features.
+        let mut rng = StdRng::seed_from_u64(21);
+        let rows = 300;
+        let x = uniform(&mut rng, rows * 4, 1.0);
+        let y: Vec<u32> = x
+            .chunks(4)
+            .map(|r| {
+                let s = r[0] + 0.5 * r[1] - r[2];
+                if s < -0.3 {
+                    0
+                } else if s < 0.3 {
+                    1
+                } else {
+                    2
+                }
+            })
+            .collect();
+        let mut model = Model::init(arch(4, &[16], Activation::Relu, classes(3)), 2);
+        let mut opt = Optimizer::new(&adamw(0.02), model.params().len());
+        let scale = 1.0 / rows as f32;
+        let first = model
+            .gradient(&x, rows, Batch::Classes(&y), scale)
+            .expect("step");
+        let mut last = first.clone();
+        for _ in 0..400 {
+            last = model
+                .gradient(&x, rows, Batch::Classes(&y), scale)
+                .expect("step");
+            opt.step(model.params_mut(), &last.grads)
+                .expect("optimizer");
+        }
+        let accuracy = last.correct as f64 / rows as f64;
+        assert!(
+            accuracy > 0.95,
+            "accuracy {accuracy}, loss {} (first {})",
+            last.loss_sum / rows as f64,
+            first.loss_sum / rows as f64
+        );
+        assert!(last.loss_sum < first.loss_sum / 4.0);
+    }
+
+    #[test]
+    fn adamw_fits_a_linear_regression() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let rows = 200;
+        let x = uniform(&mut rng, rows * 3, 1.0);
+        let y: Vec<f32> = x
+            .chunks(3)
+            .map(|r| 2.0 * r[0] - 1.5 * r[1] + 0.5 * r[2] + 0.7)
+            .collect();
+        let mut model = Model::init(arch(3, &[8], Activation::Tanh, Task::Regression), 4);
+        let mut opt = Optimizer::new(&adamw(0.02), model.params().len());
+        let scale = 1.0 / rows as f32;
+        let first = model
+            .gradient(&x, rows, Batch::Values(&y), scale)
+            .expect("step");
+        for _ in 0..400 {
+            let out = model
+                .gradient(&x, rows, Batch::Values(&y), scale)
+                .expect("step");
+            opt.step(model.params_mut(), &out.grads).expect("optimizer");
+        }
+        let pred = model.predict(&x, rows).expect("predict");
+        let mse = pred
+            .iter()
+            .zip(&y)
+            .map(|(p, y)| f64::from(p - y).powi(2))
+            .sum::<f64>()
+            / rows as f64;
+        let first_mse = first.loss_sum / rows as f64;
+        assert!(mse < 0.01, "mse {mse}, first {first_mse}");
+        assert!(
+            first_mse > 0.5,
+            "the problem was already solved: {first_mse}"
+        );
+    }
+
+    #[test]
+    fn the_seed_alone_decides_the_initial_parameters() {
+        let a = arch(64, &[32], Activation::Relu, classes(4));
+        let one = Model::init(a.clone(), 42);
+        assert_eq!(one.params(), Model::init(a.clone(), 42).params());
+        assert_ne!(one.params(), Model::init(a.clone(), 43).params());
+        // nn.Linear's bound: ±1/√inputs for weights and biases of each layer.
+        let layers = one.layers();
+        for layer in &layers {
+            let bound = 1.0 / (layer.inputs as f32).sqrt();
+            let values = layer.weight.iter().chain(&layer.bias);
+            let max = values.clone().fold(0.0f32, |m, v| m.max(v.abs()));
+            assert!(max <= bound && max > 0.9 * bound, "{max} vs {bound}");
+        }
+        assert_eq!(layers[0].weight.len(), 32 * 64);
+    }
+
+    #[test]
+    fn bad_shapes_are_errors_not_panics() {
+        let a = arch(3, &[4], Activation::Relu, classes(2));
+        let err = Model::from_params(a.clone(), vec![0.0; 5]).expect_err("short");
+        assert!(
+            matches!(err, ModelError::Params { want: 26, got: 5 }),
+            "{err}"
+        );
+        let model = Model::init(a, 0);
+        assert!(matches!(
+            model.predict(&[0.0; 7], 2),
+            Err(ModelError::Features {
+                want: 6,
+                got: 7,
+                ..
+            })
+        ));
+        assert!(matches!(
+            model.gradient(&[0.0; 5], 2, Batch::Classes(&[0, 1]), 1.0),
+            Err(ModelError::Features {
+                want: 6,
+                got: 5,
+                ..
+            })
+        ));
+        assert!(matches!(
+            model.gradient(&[0.0; 6], 2, Batch::Classes(&[0]), 1.0),
+            Err(ModelError::Targets { rows: 2, got: 1 })
+        ));
+        assert!(matches!(
+            model.gradient(&[0.0; 6], 2, Batch::Classes(&[0, 2]), 1.0),
+            Err(ModelError::Label {
+                row: 1,
+                label: 2,
+                classes: 2
+            })
+        ));
+        let err = model
+            .gradient(&[0.0; 6], 2, Batch::Values(&[0.0, 1.0]), 1.0)
+            .expect_err("values for a classification");
+        assert_eq!(
+            err.to_string(),
+            "a classification model needs class indices; got values"
+        );
+    }
+
+    #[test]
+    fn an_empty_batch_or_a_zero_scale_gives_a_zero_gradient() {
+        let model = Model::init(arch(3, &[4], Activation::Tanh, Task::Regression), 0);
+        let out = model
+            .gradient(&[], 0, Batch::Values(&[]), 0.5)
+            .expect("no rows");
+        assert_eq!(out.grads, vec![0.0; model.params().len()]);
+        assert_eq!(out.loss_sum, 0.0);
+        assert!(model.predict(&[], 0).expect("no rows").is_empty());
+        let out = model
+            .gradient(&[1.0, 2.0, 3.0], 1, Batch::Values(&[10.0]), 0.0)
+            .expect("zero scale");
+        assert_eq!(out.grads, vec![0.0; model.params().len()]);
+        assert!(out.loss_sum > 1.0, "the loss is still reported");
+    }
+}

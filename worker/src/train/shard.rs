@@ -1,0 +1,600 @@
+//! One shard of a data-parallel training job, from its task to its last report.
+//!
+//! ```text
+//!  bind data port ─► report Ready(addr) ─► pull dataset ─► model (seeded) ─► resume?
+//!        ─► rendezvous: GetJob until every rank of this attempt has an address
+//!        ─► Ring::connect ─► steps ─► (rank 0) checkpoints, final checkpoint
+//!        ─► report Succeeded                       any error ─► report Failed(why)
+//! ```
+//!
+//! Every rank holds the whole (small, tabular) dataset and the same seeded
+//! permutation of its rows for each epoch. A step takes the next `batch_size`
+//! rows of the permutation (the global batch); rank r trains on its contiguous
+//! share of them ([`partition`]), computes the gradient of its rows' summed loss
+//! scaled by 1 / global batch, and the ring sums the shards' gradients. The sum
+//! is the gradient of the global batch's mean loss, whatever the world size, so
+//! a 2-shard job follows a 1-shard job's trajectory up to float reduction order.
+//! The shards' loss sums and correct counts travel in the same all-reduce (two
+//! values after the gradient), so every rank knows the global figures.
+//!
+//! Standardisation statistics come from the whole table, computed the same way
+//! on every rank (f64 sums in row order), so every shard scales alike.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_common::client::ClusterClient;
+use kiln_common::jobspec::{DataFormat, JobSpec, ModelKind};
+use kiln_proto::v1::{
+    GetJobRequest, JobProgress, JobState, MetricPoint, ReportShard, ReportShardRequest, ShardState,
+    ShardTask,
+};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::arch::{Arch, Task};
+use super::checkpoint::{self, Checkpoint};
+use super::data::{self, partition, Dataset, Standardizer, Target};
+use super::model::{Batch, Model};
+use super::optim::Optimizer;
+use crate::collective::ring::{Ring, RingConfig};
+use crate::transfer::{self, PushOptions};
+
+/// Longest wait for every rank of an attempt to report its data address.
+pub const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(120);
+/// Pause between two looks at the job during rendezvous.
+const RENDEZVOUS_POLL: Duration = Duration::from_millis(200);
+/// Time between two progress reports of rank 0.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// What a shard needs from its worker.
+#[derive(Clone)]
+pub struct ShardContext {
+    pub client: Arc<ClusterClient>,
+    pub worker_id: String,
+    /// Scratch space for datasets and checkpoints; each shard uses its own
+    /// directory under it and removes it when done.
+    pub work_dir: PathBuf,
+    /// The host the data port binds to and peers dial.
+    pub bind_host: String,
+}
+
+/// How a shard ended without error.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    /// Cancelled, or its attempt is over (the gang restarts elsewhere).
+    Stopped,
+}
+
+type ShardResult<T> = Result<T, String>;
+
+/// Reports to the coordinators on behalf of one shard.
+struct Reporter {
+    client: Arc<ClusterClient>,
+    task: ShardTask,
+    log: Vec<String>,
+}
+
+impl Reporter {
+    fn log(&mut self, line: String) {
+        tracing::info!(job = self.task.job_id, rank = self.task.rank, "{line}");
+        self.log.push(line);
+    }
+
+    /// Sends a report with the pending log lines; returns whether to keep running.
+    async fn send(&mut self, mut report: ReportShard) -> ShardResult<bool> {
+        report.job_id = self.task.job_id;
+        report.attempt = self.task.attempt;
+        report.rank = self.task.rank;
+        report.log = std::mem::take(&mut self.log);
+        let request = ReportShardRequest {
+            report: Some(report),
+        };
+        self.client
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.report_shard(request).await.map(|r| r.into_inner()) }
+            })
+            .await
+            .map(|r| r.keep_running)
+            .map_err(|e| format!("report to the coordinators: {e}"))
+    }
+
+    async fn state(&mut self, state: ShardState) -> ShardResult<bool> {
+        self.send(ReportShard {
+            state: state as i32,
+            ..Default::default()
+        })
+        .await
+    }
+}
+
+/// Runs one shard to its end and reports how it ended; never returns an error:
+/// a failure is reported (the coordinators restart the gang).
+pub async fn run(ctx: ShardContext, task: ShardTask, cancel: CancellationToken) -> Outcome {
+    let dir = ctx.work_dir.join(format!(
+        "job{}-a{}-r{}",
+        task.job_id, task.attempt, task.rank
+    ));
+    let mut reporter = Reporter {
+        client: Arc::clone(&ctx.client),
+        task: task.clone(),
+        log: Vec::new(),
+    };
+    let result = tokio::select! {
+        r = train(&ctx, &task, &dir, &mut reporter) => r,
+        _ = cancel.cancelled() => Ok(Outcome::Stopped),
+    };
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    match result {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            tracing::warn!(job = task.job_id, rank = task.rank, %error, "shard failed");
+            let report = ReportShard {
+                state: ShardState::Failed as i32,
+                error,
+                ..Default::default()
+            };
+            if let Err(e) = reporter.send(report).await {
+                tracing::warn!(job = task.job_id, error = %e, "report a failed shard");
+            }
+            Outcome::Stopped
+        }
+    }
+}
+
+/// Reads the dataset version the spec names into memory.
+async fn load_dataset(ctx: &ShardContext, spec: &JobSpec, dir: &Path) -> ShardResult<Dataset> {
+    let reference = format!("{}@{}", spec.data.artifact, spec.data.version);
+    let out = dir.join("data");
+    let pulled = pull(Arc::clone(&ctx.client), reference.clone(), out)
+        .await
+        .map_err(|e| format!("pull the dataset {reference}: {e:#}"))?;
+    let files = data_files(&pulled.path, spec).map_err(|e| format!("dataset {reference}: {e}"))?;
+    let label = spec.data.label.clone();
+    let features = spec.data.features.clone();
+    let format = spec.data.format;
+    let path = match files.as_slice() {
+        [one] => one.clone(),
+        [] => {
+            return Err(format!(
+                "dataset {reference} holds no {} file",
+                format.extension()
+            ))
+        }
+        many => {
+            return Err(format!(
+                "dataset {reference} holds {} {} files; a training dataset is one file",
+                many.len(),
+                format.extension()
+            ))
+        }
+    };
+    tokio::task::spawn_blocking(move || {
+        let bytes = std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
+        let read = match format {
+            DataFormat::Csv => data::read_csv(bytes.as_slice(), &label, &features),
+            DataFormat::Parquet => data::read_parquet(bytes::Bytes::from(bytes), &label, &features),
+        };
+        read.map_err(|e| format!("dataset {reference}: {e}"))
+    })
+    .await
+    .map_err(|e| format!("read the dataset: {e}"))?
+}
+
+/// A boxed future that is `Send` (the transfer futures' closures otherwise trip
+/// the compiler's higher-ranked `Send` check when awaited inside a spawned task).
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Pulls `reference` quietly into `out`.
+fn pull(
+    client: Arc<ClusterClient>,
+    reference: String,
+    out: PathBuf,
+) -> BoxFuture<'static, anyhow::Result<transfer::PullReport>> {
+    Box::pin(async move { transfer::pull(client, &reference, &out, true).await })
+}
+
+/// The files of a pulled dataset the trainer reads.
+fn data_files(root: &Path, spec: &JobSpec) -> Result<Vec<PathBuf>, String> {
+    if root.is_file() {
+        return Ok(vec![root.to_path_buf()]);
+    }
+    let mut all = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(rel) = path.strip_prefix(root) {
+                all.push(rel.to_string_lossy().to_string());
+            }
+        }
+    }
+    let names: Vec<&str> = all.iter().map(String::as_str).collect();
+    Ok(spec
+        .data
+        .files(&names)
+        .into_iter()
+        .map(|p| root.join(p))
+        .collect())
+}
+
+/// The network a spec and a dataset call for.
+pub fn arch_of(spec: &JobSpec, dataset: &Dataset) -> Arch {
+    Arch {
+        inputs: dataset.features.len(),
+        hidden: match spec.model.kind {
+            ModelKind::Linear => Vec::new(),
+            ModelKind::Mlp => spec.model.hidden.iter().map(|h| *h as usize).collect(),
+        },
+        activation: spec.model.activation,
+        task: match &dataset.target {
+            Target::Classes { names, .. } => Task::Classification {
+                classes: names.clone(),
+            },
+            Target::Values(_) => Task::Regression,
+        },
+    }
+}
+
+/// Waits until every rank of this attempt has reported its data address; `None`
+/// when the attempt is over.
+async fn rendezvous(ctx: &ShardContext, task: &ShardTask) -> ShardResult<Option<Vec<String>>> {
+    let deadline = Instant::now() + RENDEZVOUS_TIMEOUT;
+    loop {
+        let request = GetJobRequest {
+            job_id: task.job_id,
+        };
+        let job = ctx
+            .client
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.get_job(request).await.map(|r| r.into_inner()) }
+            })
+            .await
+            .map_err(|e| format!("rendezvous: read job {}: {e}", task.job_id))?
+            .job
+            .ok_or("rendezvous: the coordinators sent no job")?;
+        if job.attempt != task.attempt || job.state != JobState::Running as i32 {
+            return Ok(None);
+        }
+        let mut addrs = vec![String::new(); job.shards.len()];
+        for shard in &job.shards {
+            if let Some(slot) = addrs.get_mut(shard.rank as usize) {
+                slot.clone_from(&shard.data_addr);
+            }
+        }
+        if addrs.iter().all(|a| !a.is_empty()) && addrs.len() == task.world as usize {
+            return Ok(Some(addrs));
+        }
+        if Instant::now() >= deadline {
+            let missing: Vec<String> = addrs
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| a.is_empty())
+                .map(|(r, _)| r.to_string())
+                .collect();
+            return Err(format!(
+                "rendezvous: rank(s) {} did not report within {} s",
+                missing.join(", "),
+                RENDEZVOUS_TIMEOUT.as_secs()
+            ));
+        }
+        tokio::time::sleep(RENDEZVOUS_POLL).await;
+    }
+}
+
+/// Pulls a checkpoint artifact and reads it.
+async fn load_checkpoint(
+    ctx: &ShardContext,
+    reference: &str,
+    dir: &Path,
+) -> ShardResult<Checkpoint> {
+    let out = dir.join("resume");
+    let pulled = pull(Arc::clone(&ctx.client), reference.to_string(), out)
+        .await
+        .map_err(|e| format!("pull checkpoint {reference}: {e:#}"))?;
+    let path = if pulled.path.is_dir() {
+        pulled.path.join(checkpoint::FILE_NAME)
+    } else {
+        pulled.path
+    };
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|e| format!("read checkpoint {}: {e}", path.display()))?;
+    Checkpoint::decode(&bytes).map_err(|e| format!("checkpoint {reference}: {e}"))
+}
+
+/// Pushes a checkpoint as a new version of the job's checkpoint artifact;
+/// returns its reference.
+async fn save_checkpoint(
+    ctx: &ShardContext,
+    task: &ShardTask,
+    spec: &JobSpec,
+    checkpoint: &Checkpoint,
+    dir: &Path,
+) -> ShardResult<String> {
+    let bytes = checkpoint
+        .encode()
+        .map_err(|e| format!("encode checkpoint: {e}"))?;
+    let path = dir.join(checkpoint::FILE_NAME);
+    tokio::fs::write(&path, bytes)
+        .await
+        .map_err(|e| format!("write checkpoint {}: {e}", path.display()))?;
+    let options = PushOptions {
+        name: checkpoint_artifact(task.job_id),
+        parents: vec![format!("{}@{}", spec.data.artifact, spec.data.version)],
+        produced_by: task.run_id.clone(),
+        media_type: "application/vnd.kiln.checkpoint+safetensors".into(),
+        metadata: [
+            ("kiln.job".to_string(), task.job_id.to_string()),
+            (
+                "kiln.step".to_string(),
+                checkpoint.optimizer.step.to_string(),
+            ),
+        ]
+        .into_iter()
+        .collect(),
+        quiet: true,
+        ..PushOptions::default()
+    };
+    let client = Arc::clone(&ctx.client);
+    let push: BoxFuture<'static, anyhow::Result<transfer::PushReport>> =
+        Box::pin(async move { transfer::push(client, &path, options).await });
+    let report = push.await.map_err(|e| format!("push checkpoint: {e:#}"))?;
+    Ok(format!("{}@{}", report.name, report.version))
+}
+
+/// The artifact holding a job's checkpoints, one version each.
+pub fn checkpoint_artifact(job_id: u64) -> String {
+    format!("job-{job_id}-checkpoint")
+}
+
+/// Gathers the rows `rows` of `data` into a batch.
+fn gather(data: &Dataset, rows: &[usize]) -> (Vec<f32>, Vec<u32>, Vec<f32>) {
+    let d = data.features.len();
+    let mut x = Vec::with_capacity(rows.len() * d);
+    let (mut classes, mut values) = (Vec::new(), Vec::new());
+    for &r in rows {
+        x.extend_from_slice(&data.x[r * d..(r + 1) * d]);
+        match &data.target {
+            Target::Classes { y, .. } => classes.push(y[r]),
+            Target::Values(v) => values.push(v[r]),
+        }
+    }
+    (x, classes, values)
+}
+
+fn metric(key: &str, value: f64, step: u64) -> MetricPoint {
+    MetricPoint {
+        key: key.into(),
+        value,
+        timestamp_ms: kiln_common::clock::now_ms(),
+        step: step as i64,
+    }
+}
+
+async fn train(
+    ctx: &ShardContext,
+    task: &ShardTask,
+    dir: &Path,
+    reporter: &mut Reporter,
+) -> ShardResult<Outcome> {
+    let spec = JobSpec::parse(&task.spec_toml).map_err(|e| e.to_string())?;
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let listener = TcpListener::bind((ctx.bind_host.as_str(), 0))
+        .await
+        .map_err(|e| format!("bind the data port on {}: {e}", ctx.bind_host))?;
+    let data_addr = format!(
+        "{}:{}",
+        ctx.bind_host,
+        listener
+            .local_addr()
+            .map_err(|e| format!("data port: {e}"))?
+            .port()
+    );
+    reporter.log(format!(
+        "rank {} of {} on worker {}: data port {data_addr}",
+        task.rank, task.world, ctx.worker_id
+    ));
+    let ready = ReportShard {
+        state: ShardState::Ready as i32,
+        data_addr,
+        ..Default::default()
+    };
+    if !reporter.send(ready).await? {
+        return Ok(Outcome::Stopped);
+    }
+
+    let mut dataset = load_dataset(ctx, &spec, dir).await?;
+    let standardizer = Standardizer::fit(&dataset);
+    standardizer.apply(&mut dataset.x);
+    let arch = arch_of(&spec, &dataset);
+    let mut model = Model::init(arch.clone(), spec.train.seed);
+    let n = model.params().len();
+    let mut optimizer = Optimizer::new(&spec.optimizer, n);
+    if !task.checkpoint.is_empty() {
+        let resumed = load_checkpoint(ctx, &task.checkpoint, dir).await?;
+        model = Model::from_params(arch.clone(), resumed.params)
+            .map_err(|e| format!("checkpoint {}: {e}", task.checkpoint))?;
+        optimizer = Optimizer::restore(&spec.optimizer, n, &resumed.optimizer)
+            .map_err(|e| format!("checkpoint {}: {e}", task.checkpoint))?;
+        reporter.log(format!(
+            "resumed from {} at step {}",
+            task.checkpoint,
+            optimizer.steps()
+        ));
+    }
+
+    let Some(addrs) = rendezvous(ctx, task).await? else {
+        return Ok(Outcome::Stopped);
+    };
+    let rank = task.rank as usize;
+    let world = addrs.len();
+    let mut ring = Ring::connect(listener, RingConfig::new(task.session_id, rank, addrs))
+        .await
+        .map_err(|e| format!("link the all-reduce ring: {e}"))?;
+    if !reporter.state(ShardState::Running).await? {
+        return Ok(Outcome::Stopped);
+    }
+
+    let rows = dataset.rows;
+    let batch_size = (spec.train.batch_size as usize).min(rows).max(1);
+    let steps_per_epoch = rows.div_ceil(batch_size) as u64;
+    let total_steps = steps_per_epoch * u64::from(spec.train.epochs);
+    let classification = matches!(dataset.target, Target::Classes { .. });
+    let every = spec.train.checkpoint_every_steps;
+    let mut buf = vec![0f32; n + 2];
+    let mut order: Vec<usize> = (0..rows).collect();
+    let mut order_epoch = u64::MAX;
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    let first_step = optimizer.steps();
+    let (mut epoch_loss, mut epoch_correct, mut epoch_rows) = (0f64, 0f64, 0usize);
+    let mut epoch_started = Instant::now();
+    for step in first_step..total_steps {
+        let epoch = step / steps_per_epoch;
+        if epoch != order_epoch {
+            order = (0..rows).collect();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(
+                spec.train.seed ^ (epoch + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            );
+            order.shuffle(&mut rng);
+            order_epoch = epoch;
+        }
+        let b = (step % steps_per_epoch) as usize;
+        let global = &order[b * batch_size..((b + 1) * batch_size).min(rows)];
+        let mine = &global[partition(global.len(), rank, world)];
+        let (x, classes, values) = gather(&dataset, mine);
+        let scale = 1.0 / global.len() as f32;
+        let count = mine.len();
+        // The step's arithmetic runs on a blocking thread; the model goes there and back.
+        let (back, out) = tokio::task::spawn_blocking(move || {
+            let target = if classification {
+                Batch::Classes(&classes)
+            } else {
+                Batch::Values(&values)
+            };
+            let out = model.gradient(&x, count, target, scale);
+            (model, out)
+        })
+        .await
+        .map_err(|e| format!("step {step}: {e}"))?;
+        model = back;
+        let out = out.map_err(|e| format!("step {step}: {e}"))?;
+        buf[..n].copy_from_slice(&out.grads);
+        buf[n] = out.loss_sum as f32;
+        buf[n + 1] = out.correct as f32;
+        ring.all_reduce_sum(&mut buf)
+            .await
+            .map_err(|e| format!("step {step}: all-reduce: {e}"))?;
+        optimizer
+            .step(model.params_mut(), &buf[..n])
+            .map_err(|e| format!("step {step}: optimizer: {e}"))?;
+        epoch_loss += f64::from(buf[n]);
+        epoch_correct += f64::from(buf[n + 1]);
+        epoch_rows += global.len();
+        let done = step + 1;
+        let epoch_end = done % steps_per_epoch == 0;
+        if rank != 0 {
+            continue;
+        }
+        let loss = epoch_loss / epoch_rows.max(1) as f64;
+        let accuracy = if classification {
+            epoch_correct / epoch_rows.max(1) as f64
+        } else {
+            f64::NAN
+        };
+        let samples_per_sec = ((done - first_step) as f64 * batch_size as f64)
+            / started.elapsed().as_secs_f64().max(1e-9);
+        let mut report = ReportShard::default();
+        if epoch_end {
+            let epoch_rate = epoch_rows as f64 / epoch_started.elapsed().as_secs_f64().max(1e-9);
+            report.metrics.push(metric("train_loss", loss, done));
+            if classification {
+                report
+                    .metrics
+                    .push(metric("train_accuracy", accuracy, done));
+            }
+            report
+                .metrics
+                .push(metric("samples_per_sec", epoch_rate, done));
+            reporter.log(format!(
+                "epoch {}/{} step {done}/{total_steps} loss {loss:.5}{} {epoch_rate:.0} samples/s",
+                epoch + 1,
+                spec.train.epochs,
+                if classification {
+                    format!(" accuracy {accuracy:.4}")
+                } else {
+                    String::new()
+                }
+            ));
+            (epoch_loss, epoch_correct, epoch_rows) = (0.0, 0.0, 0);
+            epoch_started = Instant::now();
+        }
+        if every > 0 && done % every == 0 && done < total_steps {
+            let saved = Checkpoint {
+                params: model.params().to_vec(),
+                optimizer: optimizer.state(),
+                meta: [("kiln.job".to_string(), task.job_id.to_string())]
+                    .into_iter()
+                    .collect(),
+            };
+            report.checkpoint = save_checkpoint(ctx, task, &spec, &saved, dir).await?;
+            report.checkpoint_step = done;
+            reporter.log(format!("checkpoint {} at step {done}", report.checkpoint));
+        }
+        let due =
+            epoch_end || !report.checkpoint.is_empty() || last_report.elapsed() >= PROGRESS_EVERY;
+        if due {
+            report.progress = Some(JobProgress {
+                epoch: (epoch + 1) as u32,
+                epochs: spec.train.epochs,
+                step: done,
+                total_steps,
+                loss,
+                accuracy,
+                samples_per_sec,
+                at_ms: kiln_common::clock::now_ms(),
+            });
+            last_report = Instant::now();
+            if !reporter.send(report).await? {
+                return Ok(Outcome::Stopped);
+            }
+        }
+    }
+
+    let mut last = ReportShard {
+        state: ShardState::Succeeded as i32,
+        ..Default::default()
+    };
+    if rank == 0 {
+        let saved = Checkpoint {
+            params: model.params().to_vec(),
+            optimizer: optimizer.state(),
+            meta: [
+                ("kiln.job".to_string(), task.job_id.to_string()),
+                ("kiln.final".to_string(), "true".to_string()),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        last.checkpoint = save_checkpoint(ctx, task, &spec, &saved, dir).await?;
+        last.checkpoint_step = optimizer.steps();
+        reporter.log(format!(
+            "finished {total_steps} step(s) in {:.1} s; final weights {}",
+            started.elapsed().as_secs_f64(),
+            last.checkpoint
+        ));
+    }
+    reporter.send(last).await?;
+    Ok(Outcome::Succeeded)
+}
