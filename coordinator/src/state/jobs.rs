@@ -349,7 +349,7 @@ pub fn apply_report(
         }
     }
     if let Some(progress) = &report.progress {
-        job.progress = Some(progress.clone());
+        job.progress = Some(*progress);
     }
     if !report.checkpoint.is_empty() && report.checkpoint_step >= job.checkpoint_step {
         job.checkpoint = report.checkpoint.clone();

@@ -253,10 +253,7 @@ async fn rendezvous(ctx: &ShardContext, task: &ShardTask) -> ShardResult<Option<
         };
         let job = ctx
             .client
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.get_job(request).await.map(|r| r.into_inner()) }
-            })
+            .call(|mut c| async move { c.get_job(request).await.map(|r| r.into_inner()) })
             .await
             .map_err(|e| format!("rendezvous: read job {}: {e}", task.job_id))?
             .job
