@@ -9,6 +9,7 @@ mod bench_artifacts;
 mod certs;
 mod jobs;
 mod local;
+mod models;
 mod runs;
 
 use std::path::{Path, PathBuf};
@@ -79,6 +80,11 @@ enum Command {
     Jobs {
         #[command(subcommand)]
         command: JobsCommand,
+    },
+    /// Lists and shows registered models.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
     },
     /// Lists, shows and compares tracked runs.
     Runs {
@@ -275,6 +281,22 @@ enum JobsCommand {
     },
     /// Cancels a job; its shards stop.
     Cancel { job: u64 },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Lists every model with its newest version.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Shows a model version (the newest unless NAME@VERSION): lineage,
+    /// signature, metrics, and how many versions exist.
+    Show {
+        model: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -814,6 +836,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Runs { command } => runs::run(cluster_client(&conn)?, command).await,
         Command::Train { command } => jobs::train(cluster_client(&conn)?, command).await,
         Command::Jobs { command } => jobs::run(cluster_client(&conn)?, command).await,
+        Command::Models { command } => models::run(cluster_client(&conn)?, command).await,
         Command::Kv { command } => {
             let client = cluster_client(&conn)?;
             match command {

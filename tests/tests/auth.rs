@@ -57,6 +57,9 @@ const TABLE: &[(&str, Need)] = &[
     ("CancelJob", Need::Write),
     ("JobLogs", Need::Read),
     ("ReportShard", Need::Node),
+    ("RegisterModel", Need::Write),
+    ("ListModels", Need::Read),
+    ("GetModel", Need::Read),
 ];
 
 /// The worker's RPCs (service `Blobs`), checked against the worker's token book.
@@ -303,6 +306,33 @@ async fn call(
             .map(drop),
         "ReportShard" => client
             .report_shard(req(ReportShardRequest::default(), token))
+            .await
+            .map(drop),
+        // No artifact: allowed callers get INVALID_ARGUMENT.
+        "RegisterModel" => client
+            .register_model(req(
+                RegisterModelRequest {
+                    model: Some(ModelVersion {
+                        name: unique,
+                        ..Default::default()
+                    }),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        "ListModels" => client
+            .list_models(req(ListModelsRequest::default(), token))
+            .await
+            .map(drop),
+        "GetModel" => client
+            .get_model(req(
+                GetModelRequest {
+                    name: unique,
+                    ..Default::default()
+                },
+                token,
+            ))
             .await
             .map(drop),
         other => panic!("no call for {other}"),

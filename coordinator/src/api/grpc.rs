@@ -967,4 +967,33 @@ impl Coordinator for Api {
         let keep_running = self.report_shard_call(request.into_inner()).await?;
         Ok(Response::new(ReportShardResponse { keep_running }))
     }
+
+    async fn register_model(
+        &self,
+        request: Request<RegisterModelRequest>,
+    ) -> Result<Response<RegisterModelResponse>, Status> {
+        let caller = self.authorize(&request, Permission::Write, "RegisterModel")?;
+        let version = self
+            .register_model_call(&caller, request.into_inner())
+            .await?;
+        Ok(Response::new(RegisterModelResponse { version }))
+    }
+
+    async fn list_models(
+        &self,
+        request: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
+        self.authorize(&request, Permission::Read, "ListModels")?;
+        Ok(Response::new(self.list_models_call().await?))
+    }
+
+    async fn get_model(
+        &self,
+        request: Request<GetModelRequest>,
+    ) -> Result<Response<GetModelResponse>, Status> {
+        self.authorize(&request, Permission::Read, "GetModel")?;
+        Ok(Response::new(
+            self.get_model_call(request.into_inner()).await?,
+        ))
+    }
 }

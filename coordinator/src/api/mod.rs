@@ -5,4 +5,5 @@ pub mod artifacts;
 pub mod grpc;
 pub mod http;
 pub mod jobs;
+pub mod models;
 pub mod tracking;

@@ -19,6 +19,8 @@
 //! job/<id:020>                 JobRecord; meta/job_seq holds the last id
 //! job_active/<id:020>          empty: the job is Pending or Running
 //! job_log/<id:020>/<seq:020>   JobLogLine
+//! model_head/<name>            u64, the newest version of a model
+//! model/<name>/v/<ver:020>     ModelVersion
 //! ```
 
 /// Prefix of the key-value namespace.
@@ -187,4 +189,22 @@ pub fn job_logs(id: u64) -> Vec<u8> {
 /// Returns the key of one log line of a job.
 pub fn job_log(id: u64, seq: u64) -> Vec<u8> {
     format!("job_log/{id:020}/{seq:020}").into_bytes()
+}
+
+/// Prefix of each model's newest version number.
+pub const MODEL_HEAD: &str = "model_head/";
+
+/// Returns the key of a model's newest version number.
+pub fn model_latest(name: &str) -> Vec<u8> {
+    format!("{MODEL_HEAD}{name}").into_bytes()
+}
+
+/// Returns the prefix of a model's versions.
+pub fn model_versions(name: &str) -> Vec<u8> {
+    format!("model/{name}/v/").into_bytes()
+}
+
+/// Returns the key of one version of a model.
+pub fn model_version(name: &str, version: u64) -> Vec<u8> {
+    format!("model/{name}/v/{version:020}").into_bytes()
 }

@@ -235,6 +235,10 @@ fn apply_kind(txn: &mut Txn<'_>, cmd: &Command) -> Result<Result<u64, Rejection>
         command::Kind::CancelJob(cancel) => {
             return super::jobs::apply_cancel(txn, cancel, now_ms);
         }
+        command::Kind::RegisterModel(register) => {
+            let who = cmd.audit.as_ref().map_or("", |a| a.who.as_str());
+            return super::models::apply_register(txn, register, now_ms, who);
+        }
     }
     Ok(Ok(0))
 }

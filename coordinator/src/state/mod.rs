@@ -4,5 +4,6 @@ pub mod artifacts;
 pub mod jobs;
 pub mod keys;
 pub mod machine;
+pub mod models;
 pub mod reader;
 pub mod tracking;

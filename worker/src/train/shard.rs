@@ -26,9 +26,10 @@ use std::time::{Duration, Instant};
 
 use kiln_common::client::ClusterClient;
 use kiln_common::jobspec::{DataFormat, JobSpec, ModelKind};
+use kiln_common::reference::ReferenceStats;
 use kiln_proto::v1::{
-    GetJobRequest, JobProgress, JobState, MetricPoint, ReportShard, ReportShardRequest, ShardState,
-    ShardTask,
+    GetJobRequest, JobProgress, JobState, MetricPoint, ModelVersion, RegisterModelRequest,
+    ReportShard, ReportShardRequest, ShardState, ShardTask, TensorSpec,
 };
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -39,6 +40,7 @@ use super::arch::{Arch, Task};
 use super::checkpoint::{self, Checkpoint};
 use super::data::{self, partition, Dataset, Standardizer, Target};
 use super::model::{Batch, Model};
+use super::onnx::{self, ExportMeta};
 use super::optim::Optimizer;
 use crate::collective::ring::{Ring, RingConfig};
 use crate::transfer::{self, PushOptions};
@@ -199,6 +201,15 @@ fn pull(
     Box::pin(async move { transfer::pull(client, &reference, &out, true).await })
 }
 
+/// Pushes the file or directory `path` quietly as a new version.
+fn push(
+    client: Arc<ClusterClient>,
+    path: PathBuf,
+    options: PushOptions,
+) -> BoxFuture<'static, anyhow::Result<transfer::PushReport>> {
+    Box::pin(async move { transfer::push(client, &path, options).await })
+}
+
 /// The files of a pulled dataset the trainer reads.
 fn data_files(root: &Path, spec: &JobSpec) -> Result<Vec<PathBuf>, String> {
     if root.is_file() {
@@ -341,11 +352,169 @@ async fn save_checkpoint(
         quiet: true,
         ..PushOptions::default()
     };
-    let client = Arc::clone(&ctx.client);
-    let push: BoxFuture<'static, anyhow::Result<transfer::PushReport>> =
-        Box::pin(async move { transfer::push(client, &path, options).await });
-    let report = push.await.map_err(|e| format!("push checkpoint: {e:#}"))?;
+    let report = push(Arc::clone(&ctx.client), path, options)
+        .await
+        .map_err(|e| format!("push checkpoint: {e:#}"))?;
     Ok(format!("{}@{}", report.name, report.version))
+}
+
+/// The last epoch's training figures, registered with the model.
+#[derive(Debug, Clone, Copy)]
+struct FinalMetrics {
+    loss: f64,
+    accuracy: f64,
+}
+
+/// The artifact holding the versions of a model (`model.onnx` and
+/// `reference.json` each).
+pub fn model_artifact(model: &str) -> String {
+    format!("{model}-model")
+}
+
+/// File names inside a model artifact.
+pub const MODEL_FILE: &str = "model.onnx";
+pub const REFERENCE_FILE: &str = "reference.json";
+
+/// Exports the trained network as ONNX with its training reference statistics,
+/// pushes both as a version of the model's artifact and registers the model
+/// version with its lineage; returns `NAME@VERSION` of the model.
+#[allow(clippy::too_many_arguments)]
+async fn publish_model(
+    ctx: &ShardContext,
+    task: &ShardTask,
+    spec: &JobSpec,
+    model: &Model,
+    standardizer: &Standardizer,
+    raw_x: &[f32],
+    dataset: &Dataset,
+    metrics: FinalMetrics,
+    dir: &Path,
+) -> ShardResult<String> {
+    let dataset_ref = format!("{}@{}", spec.data.artifact, spec.data.version);
+    let arch = model.arch().clone();
+    let meta = ExportMeta {
+        features: dataset.features.clone(),
+        label: dataset.label.clone(),
+        run_id: task.run_id.clone(),
+        dataset: dataset_ref.clone(),
+        extra: vec![("kiln.job".into(), task.job_id.to_string())],
+    };
+    let onnx = onnx::export(&arch, &model.layers(), standardizer, &meta)
+        .map_err(|e| format!("export ONNX: {e}"))?;
+    // Reference: every raw feature, then every output (probabilities for a
+    // classification, as the served model answers).
+    let rows = dataset.rows;
+    let d = dataset.features.len();
+    let outputs = model
+        .predict(&dataset.x, rows)
+        .map_err(|e| format!("predict the training data: {e}"))?;
+    let width = arch.task.outputs();
+    let served = match &arch.task {
+        Task::Classification { .. } => softmax_rows(&outputs, width),
+        Task::Regression => outputs,
+    };
+    let mut columns: Vec<(String, Vec<f32>)> = (0..d)
+        .map(|j| {
+            (
+                dataset.features[j].clone(),
+                raw_x.iter().skip(j).step_by(d).copied().collect(),
+            )
+        })
+        .collect();
+    let output_names: Vec<String> = match &arch.task {
+        Task::Classification { classes } => classes.iter().map(|c| format!("output:{c}")).collect(),
+        Task::Regression => vec!["output".into()],
+    };
+    for (k, name) in output_names.iter().enumerate() {
+        columns.push((
+            name.clone(),
+            served.iter().skip(k).step_by(width).copied().collect(),
+        ));
+    }
+    let borrowed: Vec<(&str, &[f32])> = columns
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .collect();
+    let reference = ReferenceStats::compute(&borrowed);
+    let reference =
+        serde_json::to_vec_pretty(&reference).map_err(|e| format!("reference statistics: {e}"))?;
+
+    let out = dir.join("model");
+    tokio::fs::create_dir_all(&out)
+        .await
+        .map_err(|e| format!("create {}: {e}", out.display()))?;
+    for (file, bytes) in [(MODEL_FILE, &onnx), (REFERENCE_FILE, &reference)] {
+        tokio::fs::write(out.join(file), bytes)
+            .await
+            .map_err(|e| format!("write {file}: {e}"))?;
+    }
+    let options = PushOptions {
+        name: model_artifact(&spec.name),
+        parents: vec![dataset_ref.clone()],
+        produced_by: task.run_id.clone(),
+        media_type: "application/vnd.kiln.model".into(),
+        metadata: [("kiln.job".to_string(), task.job_id.to_string())]
+            .into_iter()
+            .collect(),
+        quiet: true,
+        ..PushOptions::default()
+    };
+    let pushed = push(Arc::clone(&ctx.client), out, options)
+        .await
+        .map_err(|e| format!("push the model: {e:#}"))?;
+    let mut figures = std::collections::HashMap::new();
+    if metrics.loss.is_finite() {
+        figures.insert("train_loss".to_string(), metrics.loss);
+    }
+    if metrics.accuracy.is_finite() {
+        figures.insert("train_accuracy".to_string(), metrics.accuracy);
+    }
+    let fp32 = |name: &str, width: usize| TensorSpec {
+        name: name.into(),
+        datatype: "FP32".into(),
+        shape: vec![-1, width as i64],
+    };
+    let version = ModelVersion {
+        name: spec.name.clone(),
+        artifact: format!("{}@{}", pushed.name, pushed.version),
+        run_id: task.run_id.clone(),
+        job_id: task.job_id,
+        dataset: dataset_ref,
+        spec_digest: blake3::hash(task.spec_toml.as_bytes()).to_hex().to_string(),
+        metrics: figures,
+        inputs: vec![fp32(onnx::INPUT, d)],
+        outputs: vec![fp32(onnx::OUTPUT, width)],
+        classes: match &arch.task {
+            Task::Classification { classes } => classes.clone(),
+            Task::Regression => Vec::new(),
+        },
+        features: dataset.features.clone(),
+        ..Default::default()
+    };
+    let request = RegisterModelRequest {
+        model: Some(version),
+    };
+    let registered = ctx
+        .client
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.register_model(request).await.map(|r| r.into_inner()) }
+        })
+        .await
+        .map_err(|e| format!("register the model: {e}"))?;
+    Ok(format!("{}@{}", spec.name, registered.version))
+}
+
+/// Row-wise softmax of `rows × width` logits.
+fn softmax_rows(logits: &[f32], width: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(logits.len());
+    for row in logits.chunks(width.max(1)) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f32> = row.iter().map(|v| (v - max).exp()).collect();
+        let sum: f32 = exps.iter().sum();
+        out.extend(exps.iter().map(|e| e / sum));
+    }
+    out
 }
 
 /// The artifact holding a job's checkpoints, one version each.
@@ -413,6 +582,13 @@ async fn train(
 
     let mut dataset = load_dataset(ctx, &spec, dir).await?;
     let standardizer = Standardizer::fit(&dataset);
+    // The raw inputs feed the reference statistics (live requests arrive raw);
+    // only rank 0 publishes the model.
+    let raw_x = if task.rank == 0 {
+        dataset.x.clone()
+    } else {
+        Vec::new()
+    };
     standardizer.apply(&mut dataset.x);
     let arch = arch_of(&spec, &dataset);
     let mut model = Model::init(arch.clone(), spec.train.seed);
@@ -456,6 +632,7 @@ async fn train(
     let mut last_report = Instant::now();
     let first_step = optimizer.steps();
     let (mut epoch_loss, mut epoch_correct, mut epoch_rows) = (0f64, 0f64, 0usize);
+    let (mut last_loss, mut last_accuracy) = (f64::NAN, f64::NAN);
     let mut epoch_started = Instant::now();
     for step in first_step..total_steps {
         let epoch = step / steps_per_epoch;
@@ -535,6 +712,7 @@ async fn train(
                 }
             ));
             (epoch_loss, epoch_correct, epoch_rows) = (0.0, 0.0, 0);
+            (last_loss, last_accuracy) = (loss, accuracy);
             epoch_started = Instant::now();
         }
         if every > 0 && done % every == 0 && done < total_steps {
@@ -586,6 +764,23 @@ async fn train(
         };
         last.checkpoint = save_checkpoint(ctx, task, &spec, &saved, dir).await?;
         last.checkpoint_step = optimizer.steps();
+        let summary = FinalMetrics {
+            loss: last_loss,
+            accuracy: last_accuracy,
+        };
+        last.model = publish_model(
+            ctx,
+            task,
+            &spec,
+            &model,
+            &standardizer,
+            &raw_x,
+            &dataset,
+            summary,
+            dir,
+        )
+        .await?;
+        reporter.log(format!("registered model {}", last.model));
         reporter.log(format!(
             "finished {total_steps} step(s) in {:.1} s; final weights {}",
             started.elapsed().as_secs_f64(),
