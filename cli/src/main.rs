@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_artifacts;
+mod bench_train;
 mod certs;
 mod jobs;
 mod local;
@@ -519,6 +520,28 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The ring all-reduce's bus bandwidth against torch.distributed's gloo
+    /// (`--python` with torch installed) and memcpy.
+    Allreduce {
+        /// World sizes, comma-separated (above the core count they oversubscribe).
+        #[arg(long, default_value = "2,4")]
+        worlds: String,
+        /// Buffer sizes in MiB, comma-separated.
+        #[arg(long, default_value = "1,4,16,64,256")]
+        sizes_mib: String,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// The ring's frame size in KiB (0: its default).
+        #[arg(long, default_value_t = 0)]
+        chunk_kib: usize,
+        /// A Python with torch, to measure gloo in the same run.
+        #[arg(long)]
+        python: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Committed writes/s, commit latency and leader failover of the control plane.
     Raft {
         /// Concurrent clients per level, comma-separated.
@@ -899,6 +922,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { command } => match command {
+            BenchCommand::Allreduce {
+                worlds,
+                sizes_mib,
+                iters,
+                warmup,
+                chunk_kib,
+                python,
+                json,
+            } => {
+                let worlds: Vec<usize> = split_list(&worlds)
+                    .iter()
+                    .map(|w| {
+                        w.parse()
+                            .with_context(|| format!("--worlds: {w} is not a number"))
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                let sizes: Vec<usize> = split_list(&sizes_mib)
+                    .iter()
+                    .map(|s| {
+                        s.parse::<usize>()
+                            .map(|m| m << 20)
+                            .with_context(|| format!("--sizes-mib: {s} is not a number"))
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                if iters == 0 || worlds.iter().any(|w| *w < 2) {
+                    bail!("--iters must be above 0 and every world at least 2");
+                }
+                let report = tokio::task::spawn_blocking(move || {
+                    bench_train::allreduce(
+                        &worlds,
+                        &sizes,
+                        iters,
+                        warmup,
+                        chunk_kib << 10,
+                        python.as_deref(),
+                    )
+                })
+                .await??;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    report.print_table();
+                }
+                Ok(())
+            }
             BenchCommand::Chunking {
                 size_mib,
                 csv_mib,
