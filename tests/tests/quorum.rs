@@ -120,8 +120,13 @@ async fn writes_fail_fast_and_are_not_applied_when_the_leader_and_a_follower_cra
         .await
         .expect("a write with all nodes up");
 
-    // The CLI's token, made while the cluster can still commit it.
+    // The CLI's token, made while the cluster can still commit it, and applied on
+    // every node: the node left alive must know it to say "no quorum" rather than
+    // refuse an unknown token.
     let token = cluster.admin_token().await;
+    cluster
+        .wait_converged(&cluster.live_ids(), Duration::from_secs(10))
+        .await;
     let follower = cluster
         .live_ids()
         .into_iter()
