@@ -1,5 +1,7 @@
 //! `kiln bench allreduce`: the ring all-reduce's bus bandwidth on loopback against
 //! torch.distributed's gloo backend (scripts/bench_gloo.py) and memcpy.
+//! `kiln bench train`: one shard's training samples/s against PyTorch
+//! (scripts/bench_train_torch.py) on the same model, batch and threads.
 //!
 //! Each rank is a thread with its own single-threaded tokio runtime and its own
 //! ring links, as separate processes would be. Timing as nccl-tests and the gloo
@@ -262,6 +264,94 @@ impl Report {
                 r.algbw_gbs,
                 r.busbw_gbs,
                 ratio
+            );
+        }
+    }
+}
+
+/// Training speed of kiln's shard step and, when measured, PyTorch's.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    pub threads: usize,
+    pub steps: usize,
+    pub batch: usize,
+    pub kiln_samples_per_sec: f64,
+    pub kiln_first_loss: f64,
+    pub kiln_last_loss: f64,
+    pub torch_samples_per_sec: Option<f64>,
+    pub torch_version: Option<String>,
+}
+
+/// Runs kiln's step benchmark, then PyTorch's with `python` when given.
+pub fn train(threads: usize, steps: usize, python: Option<&str>) -> anyhow::Result<TrainReport> {
+    if threads == 0 || steps == 0 {
+        bail!("--threads and --steps must be above 0");
+    }
+    let kiln = kiln_worker::train::bench::samples_per_sec(threads, steps)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (mut torch, mut version) = (None, None);
+    if let Some(python) = python {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../scripts/bench_train_torch.py");
+        let out = Command::new(python)
+            .arg(&script)
+            .args([
+                "--threads",
+                &threads.to_string(),
+                "--steps",
+                &steps.to_string(),
+            ])
+            .output()
+            .with_context(|| format!("run {python} {} (pip install torch)", script.display()))?;
+        if !out.status.success() {
+            bail!(
+                "the PyTorch benchmark failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        // "... in 1.834 s: 139612 samples/s (loss ...)"
+        torch = text
+            .split(" samples/s")
+            .next()
+            .and_then(|head| head.split_whitespace().last())
+            .and_then(|n| n.parse::<f64>().ok());
+        if torch.is_none() {
+            bail!("the PyTorch benchmark printed no samples/s: {text}");
+        }
+        version = text
+            .lines()
+            .find_map(|l| l.split("torch ").nth(1))
+            .map(|v| v.split_whitespace().next().unwrap_or("").to_string());
+    }
+    Ok(TrainReport {
+        threads: kiln.threads,
+        steps: kiln.steps,
+        batch: kiln.batch,
+        kiln_samples_per_sec: kiln.samples_per_sec,
+        kiln_first_loss: kiln.first_loss,
+        kiln_last_loss: kiln.last_loss,
+        torch_samples_per_sec: torch,
+        torch_version: version,
+    })
+}
+
+impl TrainReport {
+    /// Prints the figures and the ratio.
+    pub fn print(&self) {
+        println!(
+            "MLP 64-256-256-10, batch {}, AdamW, {} steps, {} thread(s)",
+            self.batch, self.steps, self.threads
+        );
+        println!(
+            "kiln (candle): {:.0} samples/s (loss {:.4} -> {:.4})",
+            self.kiln_samples_per_sec, self.kiln_first_loss, self.kiln_last_loss
+        );
+        if let Some(torch) = self.torch_samples_per_sec {
+            println!(
+                "pytorch {}: {torch:.0} samples/s; kiln / pytorch = {:.2}",
+                self.torch_version.as_deref().unwrap_or("?"),
+                self.kiln_samples_per_sec / torch
             );
         }
     }

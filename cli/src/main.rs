@@ -542,6 +542,20 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// One training shard's samples/s on an MLP 64-256-256-10, batch 256, AdamW,
+    /// against PyTorch on the same model (`--python` with torch installed).
+    Train {
+        /// Threads for the matrix products (and torch's intra-op threads).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        #[arg(long, default_value_t = 1000)]
+        steps: usize,
+        /// A Python with torch, to measure PyTorch in the same run.
+        #[arg(long)]
+        python: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Committed writes/s, commit latency and leader failover of the control plane.
     Raft {
         /// Concurrent clients per level, comma-separated.
@@ -922,6 +936,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { command } => match command {
+            BenchCommand::Train {
+                threads,
+                steps,
+                python,
+                json,
+            } => {
+                let report = bench_train::train(threads, steps, python.as_deref())?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    report.print();
+                }
+                Ok(())
+            }
             BenchCommand::Allreduce {
                 worlds,
                 sizes_mib,

@@ -27,19 +27,42 @@
 //! - Matrix products (the `gemm` crate) are split into
 //!   `candle_core::utils::get_num_threads()` pieces: `RAYON_NUM_THREADS`, else the
 //!   number of physical cores, read on every product. The pieces run on the
-//!   current rayon pool (rayon's global pool, sized by `RAYON_NUM_THREADS` when it
-//!   first starts).
-//! - Element-wise operations on at least 64 Ki values run on a pool of spinning
-//!   threads that candle starts on first use, sized by `CANDLE_NUM_THREADS`, else
-//!   `RAYON_NUM_THREADS`.
+//!   current rayon pool: [`Model::gradient`] runs its pass inside candle's own
+//!   pool (`Device::with_context`, as many threads), where they start on warm
+//!   workers; that made the 2-thread benchmark a fifth faster than handing each
+//!   product to rayon's global pool.
+//! - Element-wise operations on at least 64 Ki values run on a second pool that
+//!   candle starts on first use, sized by `CANDLE_NUM_THREADS`, else
+//!   `RAYON_NUM_THREADS`. Its threads spin for a while after each operation; next
+//!   to gemm's rayon threads they oversubscribe the shard's cores: on the 2-core
+//!   CI machine, busy with other builds, the benchmark's step with gemm on 2
+//!   threads ran at 14 k samples/s with that pool at 2 threads, 99 k with it at 1
+//!   (the element-wise work inline).
 //!
 //! A shard therefore limits itself to its `cpus_per_shard` by running in its own
-//! process with `RAYON_NUM_THREADS` (and `CANDLE_NUM_THREADS`) set to that number
-//! before any candle operation: [`set_threads`] does so at the top of a process
-//! that has not started other threads yet. Two shards that shared one process would
-//! share one thread count.
+//! process with `RAYON_NUM_THREADS` set to that number and `CANDLE_NUM_THREADS` to
+//! 1, before any candle operation: the worker sets them in the shard's
+//! environment, or [`set_threads`] sets them at the top of a process that has not
+//! started other threads yet. Two shards that shared one process would share one
+//! thread count.
+//!
+//! # Speed
+//!
+//! On the benchmark's MLP (64-256-256-10, batches of 256, `super::bench`) matrix
+//! products are most of the step; the rest was shaped by profiling:
+//!
+//! - Activations are transposed (one column per example), so weight gradients
+//!   come out of gemm in the flat layout; no transposed copies.
+//! - Autograd starts at the first layer's output: candle would also compute the
+//!   never-used gradient of the features.
+//! - ReLU is a custom op with a one-pass backward (`Relu`).
+//! - glibc's mmap threshold is raised once (`raise_mmap_threshold`): page faults
+//!   on candle's fresh buffers were a fifth of the step.
+//! - The workspace enables gemm's AVX-512 kernels (`x86-v4`), chosen at run time.
 
-use candle_core::{Device, Tensor, Var};
+use std::sync::Once;
+
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor, Var};
 use kiln_common::jobspec::Activation;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -115,13 +138,13 @@ pub struct Model {
 }
 
 /// Limits candle's CPU work in this process to `threads` threads (see the module
-/// doc). It sets `RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS`, so it must run before
-/// any candle operation (the pools are sized on first use) and before the process
-/// starts other threads (changing the environment races with readers in C code).
+/// doc): matrix products on `threads`, element-wise operations inline. It sets
+/// `RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS`, so it must run before any candle
+/// operation (the pools are sized on first use) and before the process starts
+/// other threads (changing the environment races with readers in C code).
 pub fn set_threads(threads: usize) {
-    let n = threads.max(1).to_string();
-    std::env::set_var("RAYON_NUM_THREADS", &n);
-    std::env::set_var("CANDLE_NUM_THREADS", &n);
+    std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", "1");
 }
 
 /// Returns how many pieces candle splits a matrix product into in this process.
@@ -199,9 +222,11 @@ impl Model {
         if rows == 0 {
             return Ok(Vec::new());
         }
-        let layers = self.tensors()?;
-        let out = self.forward(x, rows, &layers)?;
-        Ok(out.flatten_all()?.to_vec1::<f32>()?)
+        let layers = self.tensors(usize::MAX)?;
+        let x = Tensor::from_slice(x, (rows, self.arch.inputs), &Device::Cpu)?;
+        let z = first_layer(&x, &layers[0])?;
+        let out = self.forward_from(z, &layers[1..])?;
+        Ok(out.t()?.flatten_all()?.to_vec1::<f32>()?)
     }
 
     /// Runs the forward and backward pass over `rows` examples of `x` (row-major)
@@ -216,6 +241,7 @@ impl Model {
     ) -> Result<StepOutput, ModelError> {
         self.check_features(x, rows)?;
         self.check_target(target, rows)?;
+        RAISE_MMAP_THRESHOLD.call_once(raise_mmap_threshold);
         if rows == 0 {
             return Ok(StepOutput {
                 grads: vec![0.0; self.params.len()],
@@ -223,30 +249,51 @@ impl Model {
                 correct: 0,
             });
         }
-        let vars = self.vars()?;
-        let layers: Vec<(Tensor, Tensor)> = vars
-            .iter()
-            .map(|(w, b)| (w.as_tensor().clone(), b.as_tensor().clone()))
-            .collect();
-        let out = self.forward(x, rows, &layers)?;
+        if threads() == 1 {
+            return self.pass(x, rows, target, scale);
+        }
+        // Inside candle's rayon pool each matrix product's pieces start on warm
+        // workers, the calling thread among them; outside it, every product would
+        // hand its pieces to rayon's global pool and wait for them.
+        Device::Cpu.with_context(|| self.pass(x, rows, target, scale))
+    }
+
+    /// Runs [`Model::gradient`]'s forward and backward pass on checked inputs.
+    fn pass(
+        &self,
+        x: &[f32],
+        rows: usize,
+        target: Batch<'_>,
+        scale: f32,
+    ) -> Result<StepOutput, ModelError> {
+        // The first layer's product runs outside the graph: candle's matmul backward
+        // would also compute the gradient of the features, which nothing uses (a
+        // tenth of the backward's multiply-adds on the benchmark's MLP). Autograd
+        // stops at the first layer's output z₁; its weight's gradient is dz₁·x, its
+        // bias's Σ dz₁ over the examples.
         let dev = Device::Cpu;
+        let layers = self.tensors(1)?;
+        let x = Tensor::from_slice(x, (rows, self.arch.inputs), &dev)?;
+        let z1 = Var::from_tensor(&first_layer(&x, &layers[0])?)?.into_inner();
+        let out = self.forward_from(z1.clone(), &layers[1..])?;
+        // `out` is `outputs × rows`: one column per example.
         let (per_row, correct) = match target {
             Batch::Classes(y) => {
-                let labels = Tensor::from_slice(y, (rows, 1), &dev)?;
-                let max = out.max_keepdim(1)?.detach();
+                let labels = Tensor::from_slice(y, (1, rows), &dev)?;
+                let max = out.max_keepdim(0)?.detach();
                 let shifted = out.broadcast_sub(&max)?;
-                let log_sum_exp = shifted.exp()?.sum_keepdim(1)?.log()?;
-                let picked = shifted.gather(&labels, 1)?;
-                let logits = out.to_vec2::<f32>()?;
-                let correct = logits
+                let log_sum_exp = shifted.exp()?.sum_keepdim(0)?.log()?;
+                let picked = shifted.gather(&labels, 0)?;
+                let logits = out.flatten_all()?.to_vec1::<f32>()?;
+                let correct = y
                     .iter()
-                    .zip(y)
-                    .filter(|(row, &label)| argmax(row) == label as usize)
+                    .enumerate()
+                    .filter(|&(row, &label)| argmax(&logits, row, rows) == label as usize)
                     .count();
                 ((log_sum_exp - picked)?, correct)
             }
             Batch::Values(y) => {
-                let y = Tensor::from_slice(y, (rows, 1), &dev)?;
+                let y = Tensor::from_slice(y, (1, rows), &dev)?;
                 ((out - y)?.sqr()?, 0)
             }
         };
@@ -261,9 +308,17 @@ impl Model {
             .affine(f64::from(scale), 0.0)?
             .backward()?;
         let mut grads = Vec::with_capacity(self.params.len());
-        for (w, b) in &vars {
+        let (w1, b1) = &layers[0];
+        match store.get(&z1) {
+            Some(dz1) => {
+                grads.extend(dz1.matmul(&x)?.flatten_all()?.to_vec1::<f32>()?);
+                grads.extend(dz1.sum_keepdim(1)?.flatten_all()?.to_vec1::<f32>()?);
+            }
+            None => grads.resize(w1.elem_count() + b1.elem_count(), 0.0),
+        }
+        for (w, b) in &layers[1..] {
             for var in [w, b] {
-                match store.get(var.as_tensor()) {
+                match store.get(var) {
                     Some(g) => grads.extend(g.flatten_all()?.to_vec1::<f32>()?),
                     // A zero scale cuts the graph: nothing reaches the parameters.
                     None => grads.resize(grads.len() + var.elem_count(), 0.0),
@@ -336,72 +391,138 @@ impl Model {
         Ok(())
     }
 
-    /// Copies each layer's weight and bias into candle tensors.
-    fn tensors(&self) -> Result<Vec<(Tensor, Tensor)>, ModelError> {
+    /// Copies each layer's weight (`outputs × inputs`) and bias (`outputs × 1`) into
+    /// candle tensors; those of layers from `trainable_from` on are variables, which
+    /// gradients reach.
+    fn tensors(&self, trainable_from: usize) -> Result<Vec<(Tensor, Tensor)>, ModelError> {
         let dev = Device::Cpu;
-        let mut at = 0;
-        let mut layers = Vec::with_capacity(self.shapes.len());
-        for &(inputs, outputs) in &self.shapes {
-            let w = &self.params[at..at + inputs * outputs];
-            at += inputs * outputs;
-            let b = &self.params[at..at + outputs];
-            at += outputs;
-            layers.push((
-                Tensor::from_slice(w, (outputs, inputs), &dev)?,
-                Tensor::from_slice(b, outputs, &dev)?,
-            ));
-        }
-        Ok(layers)
-    }
-
-    /// Copies each layer's weight and bias into candle variables.
-    fn vars(&self) -> Result<Vec<(Var, Var)>, ModelError> {
-        let dev = Device::Cpu;
-        let mut at = 0;
-        let mut layers = Vec::with_capacity(self.shapes.len());
-        for &(inputs, outputs) in &self.shapes {
-            let w = &self.params[at..at + inputs * outputs];
-            at += inputs * outputs;
-            let b = &self.params[at..at + outputs];
-            at += outputs;
-            layers.push((
-                Var::from_slice(w, (outputs, inputs), &dev)?,
-                Var::from_slice(b, outputs, &dev)?,
-            ));
-        }
-        Ok(layers)
-    }
-
-    /// Returns the last layer's outputs, `rows × outputs`.
-    fn forward(
-        &self,
-        x: &[f32],
-        rows: usize,
-        layers: &[(Tensor, Tensor)],
-    ) -> Result<Tensor, ModelError> {
-        let mut h = Tensor::from_slice(x, (rows, self.arch.inputs), &Device::Cpu)?;
-        let last = layers.len().saturating_sub(1);
-        for (i, (w, b)) in layers.iter().enumerate() {
-            h = h.matmul(&w.t()?)?.broadcast_add(b)?;
-            if i < last {
-                h = match self.arch.activation {
-                    Activation::Relu => h.relu()?,
-                    // The exact form, as PyTorch's default `nn.GELU` and the ONNX
-                    // export; candle's `gelu` is the tanh approximation.
-                    Activation::Gelu => h.gelu_erf()?,
-                    Activation::Tanh => h.tanh()?,
-                };
+        let tensor = |layer: usize, values: &[f32], shape: (usize, usize)| {
+            if layer >= trainable_from {
+                Var::from_slice(values, shape, &dev).map(Var::into_inner)
+            } else {
+                Tensor::from_slice(values, shape, &dev)
             }
+        };
+        let mut at = 0;
+        let mut layers = Vec::with_capacity(self.shapes.len());
+        for (layer, &(inputs, outputs)) in self.shapes.iter().enumerate() {
+            let w = tensor(
+                layer,
+                &self.params[at..at + inputs * outputs],
+                (outputs, inputs),
+            )?;
+            at += inputs * outputs;
+            let b = tensor(layer, &self.params[at..at + outputs], (outputs, 1))?;
+            at += outputs;
+            layers.push((w, b));
         }
-        Ok(h)
+        Ok(layers)
+    }
+
+    /// Runs the layers after the first on its output `z`, with the activation
+    /// after every layer but the last; returns the outputs, `outputs × rows`.
+    fn forward_from(&self, z: Tensor, layers: &[(Tensor, Tensor)]) -> Result<Tensor, ModelError> {
+        let mut z = z;
+        for (w, b) in layers {
+            let h = match self.arch.activation {
+                Activation::Relu => z.apply_op1(Relu)?,
+                // The exact form, as PyTorch's default `nn.GELU` and the ONNX
+                // export; candle's `gelu` is the tanh approximation.
+                Activation::Gelu => z.gelu_erf()?,
+                Activation::Tanh => z.tanh()?,
+            };
+            z = w.matmul(&h)?.broadcast_add(b)?;
+        }
+        Ok(z)
     }
 }
 
-/// Index of the first largest value.
-fn argmax(row: &[f32]) -> usize {
+/// Returns the first layer's output `z₁ = W₁·xᵀ + b₁` for `x` (`rows × inputs`),
+/// `outputs × rows`.
+///
+/// The pass runs on transposed activations (one column per example) so that each
+/// weight's gradient, `dz·hᵀ`, comes out of the matrix product already in the flat
+/// layout's `[outputs][inputs]` order, with no transposed copies.
+fn first_layer(x: &Tensor, (w, b): &(Tensor, Tensor)) -> Result<Tensor, ModelError> {
+    Ok(w.matmul(&x.t()?)?.broadcast_add(b)?)
+}
+
+/// ReLU with a one-pass backward. candle's own `relu` builds its backward mask
+/// with a scalar comparison, then converts it and multiplies: 90 µs for a
+/// 256 × 256 activation on the 2-core CI machine, a tenth of the benchmark's step.
+struct Relu;
+
+impl CustomOp1 for Relu {
+    fn name(&self) -> &'static str {
+        "kiln-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(values) = storage else {
+            return Err(candle_core::Error::msg("kiln-relu takes f32 values"));
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            return Err(candle_core::Error::msg(
+                "kiln-relu takes a contiguous tensor",
+            ));
+        };
+        // `v < 0` is false for NaN, which passes through as in PyTorch.
+        let out = values[start..end]
+            .iter()
+            .map(|&v| if v < 0.0 { 0.0 } else { v })
+            .collect();
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let out = res.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad_res.flatten_all()?.to_vec1::<f32>()?;
+        let masked = out
+            .iter()
+            .zip(grad)
+            .map(|(&o, g)| if o > 0.0 { g } else { 0.0 })
+            .collect();
+        Ok(Some(Tensor::from_vec(masked, res.shape(), res.device())?))
+    }
+}
+
+/// Makes [`raise_mmap_threshold`] run once per process.
+static RAISE_MMAP_THRESHOLD: Once = Once::new();
+
+/// Bytes of the allocation that raises glibc's mmap threshold: below its cap for
+/// dynamic raises (32 MiB on 64-bit), above the largest tensor of a usual step.
+const MMAP_THRESHOLD_BYTES: usize = 16 << 20;
+
+/// Allocates and frees one block of [`MMAP_THRESHOLD_BYTES`].
+///
+/// candle allocates a fresh buffer for every operation; a 256-wide layer's
+/// activations are 256 KiB per batch of 256, over glibc's initial 128 KiB mmap
+/// threshold. Each step then maps and unmaps them, or grows and trims the heap:
+/// the page faults took a fifth of the benchmark's step. glibc raises its mmap
+/// threshold to the size of a freed mapped block, and its trim threshold to twice
+/// that (mallopt(3), "dynamic mmap threshold"): after this, buffers below 16 MiB
+/// are reused from the heap. Other allocators are not affected.
+fn raise_mmap_threshold() {
+    drop(std::hint::black_box(Vec::<u8>::with_capacity(
+        MMAP_THRESHOLD_BYTES,
+    )));
+}
+
+/// Index of the first largest value in column `column` of a row-major matrix
+/// with `columns` columns.
+fn argmax(matrix: &[f32], column: usize, columns: usize) -> usize {
     let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
+    for (i, v) in matrix.iter().skip(column).step_by(columns).enumerate() {
+        if *v > matrix[best * columns + column] {
             best = i;
         }
     }
@@ -522,12 +643,17 @@ mod tests {
         let labels: Vec<u32> = (0..rows as u32).map(|r| r % 3).collect();
         let values = uniform(&mut rng, rows, 2.0);
         let scale = 0.25;
-        for activation in [Activation::Relu, Activation::Gelu, Activation::Tanh] {
+        let cases = [Activation::Relu, Activation::Gelu, Activation::Tanh]
+            .into_iter()
+            .map(|activation| (activation, &[5, 3][..]))
+            // No hidden layer: the first layer is also the last.
+            .chain([(Activation::Relu, &[][..])]);
+        for (activation, hidden) in cases {
             for (task, target) in [
                 (classes(3), Batch::Classes(&labels)),
                 (Task::Regression, Batch::Values(&values)),
             ] {
-                let arch = arch(4, &[5, 3], activation, task);
+                let arch = arch(4, hidden, activation, task);
                 let model = Model::init(arch.clone(), 11);
                 let out = model.gradient(&x, rows, target, scale).expect("gradient");
                 let p: Vec<f64> = model.params().iter().map(|&v| f64::from(v)).collect();
