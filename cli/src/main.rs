@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_artifacts;
+mod bench_nccl;
 mod bench_train;
 mod certs;
 mod jobs;
@@ -556,6 +557,24 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// NCCL all-reduce time and bandwidth on this machine's GPUs, one rank per GPU
+    /// (needs a kiln built with the cuda feature, libcuda and libnccl).
+    Nccl {
+        /// Ranks, one per GPU: CUDA devices 0 to ranks - 1.
+        #[arg(long, default_value_t = 1)]
+        ranks: usize,
+        /// Buffer sizes, comma-separated, with K, M or G (powers of 1024).
+        #[arg(long, default_value = "64M")]
+        bytes: String,
+        /// Untimed all-reduces before each timed run.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Timed all-reduces per size and path.
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Committed writes/s, commit latency and leader failover of the control plane.
     Raft {
         /// Concurrent clients per level, comma-separated.
@@ -1018,6 +1037,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 json,
             } => {
                 let report = bench_artifacts::artifacts(size_mib, &dir, base_port).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    report.print_table();
+                }
+                Ok(())
+            }
+            BenchCommand::Nccl {
+                ranks,
+                bytes,
+                warmup,
+                iters,
+                json,
+            } => {
+                let sizes = split_list(&bytes)
+                    .iter()
+                    .map(|b| bench_nccl::parse_bytes(b).context("--bytes"))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let options = bench_nccl::NcclBenchOptions {
+                    ranks,
+                    sizes,
+                    warmup,
+                    iters,
+                };
+                let report =
+                    tokio::task::spawn_blocking(move || bench_nccl::run(options)).await??;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 } else {

@@ -15,8 +15,10 @@
 //! - `blob`, `blob_service`, `scrub`: the chunk store in RocksDB, its gRPC service
 //!   (`kiln.v1.Blobs`: push, read, copy, delete chunks) and the scrubber that
 //!   re-verifies stored chunks on a schedule.
-//! - `collective`: the CPU ring all-reduce over TCP between the shards of a
-//!   training job ([`collective::Ring`]), which averages their gradient buffers.
+//! - `collective`: the all-reduce between the shards of a training job, which
+//!   averages their gradient buffers: the CPU ring over TCP ([`collective::Ring`])
+//!   or, with the `cuda` feature, NCCL on the shards' GPUs through cudarc
+//!   (`collective::nccl`); [`collective::Collective`] is either.
 //! - `train`: training shards: the supervisor starts and stops the shards the
 //!   heartbeat answers list; each pulls its data, trains with the ring all-reduce
 //!   and reports to the coordinators.

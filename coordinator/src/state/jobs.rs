@@ -194,6 +194,7 @@ pub fn apply_place(
     }
     job.attempt = place.attempt;
     job.session_id = place.session_id;
+    job.nccl_id.clear();
     job.shards = place.shards.clone();
     for shard in &mut job.shards {
         shard.state = ShardState::Assigned as i32;
@@ -357,6 +358,15 @@ pub fn apply_report(
     }
     if !report.model.is_empty() {
         job.model = report.model.clone();
+    }
+    if report.rank == 0 && !report.nccl_id.is_empty() {
+        if report.nccl_id.len() != 128 {
+            return Ok(Err(format!(
+                "an NCCL id is 128 bytes, not {}",
+                report.nccl_id.len()
+            )));
+        }
+        job.nccl_id = report.nccl_id.clone();
     }
     let shard = &mut job.shards[index];
     if !report.data_addr.is_empty() {

@@ -1,9 +1,17 @@
-//! Collectives between the shards of a data-parallel job on CPUs: after each
-//! backward pass every shard holds its own flat gradient buffer, and each must end
-//! with the mean of all of them.
+//! Collectives between the shards of a data-parallel job: after each backward
+//! pass every shard holds its own flat gradient buffer, and each must end with the
+//! mean of all of them.
 //!
-//! - [`ring`]: the [`Ring`] communicator; TCP links to its two neighbours, the
-//!   handshake that keeps other jobs out, and the chunked, pipelined all-reduce.
+//! - [`ring`]: the [`Ring`] communicator on CPUs; TCP links to its two neighbours,
+//!   the handshake that keeps other jobs out, and the chunked, pipelined
+//!   all-reduce.
+//! - `nccl` (`cuda` feature): `nccl::NcclComm`, one rank of an NCCL
+//!   communicator on one GPU through cudarc, with blocking calls; libcuda and
+//!   libnccl are loaded at run time, and a missing one is an error, not a panic.
+//! - `nccl_thread` (`cuda` feature): `nccl_thread::NcclThread`, an `NcclComm`
+//!   on a thread of its own, with async calls.
+//! - [`communicator`]: [`Collective`], either of the two for a training shard, and
+//!   the choice between them that travels with the rendezvous (rank 0's NCCL id).
 //! - This file: the [`CollectiveError`] every call returns, and the ring schedule
 //!   (which segment each rank sends and receives at each step) as pure functions,
 //!   tested without sockets.
@@ -28,20 +36,27 @@
 //! number of ranks. Each segment is reduced once, in ring order, and then copied to
 //! every rank, so all ranks end with bit-identical buffers.
 
+pub mod communicator;
+#[cfg(feature = "cuda")]
+pub mod nccl;
+#[cfg(feature = "cuda")]
+pub mod nccl_thread;
 pub mod ring;
 
 use std::ops::Range;
 use std::time::Duration;
 
+pub use communicator::{Backend, Collective, NcclConfig, NcclId};
 pub use ring::{Ring, RingConfig};
 
 /// Why a collective call failed. Failures on a link name the peer rank at the
 /// other end, so that a job can report which shard broke.
 #[derive(Debug, thiserror::Error)]
 pub enum CollectiveError {
-    /// The configuration cannot describe a ring (rank out of range, no addresses,
-    /// a zero timeout, a chunk size out of bounds).
-    #[error("invalid ring config: {0}")]
+    /// The configuration cannot describe a communicator (rank out of range, no
+    /// addresses, a zero timeout, a chunk size out of bounds, an NCCL id of the
+    /// wrong length).
+    #[error("invalid communicator config: {0}")]
     Config(String),
     /// A link to a neighbour could not be set up before the setup deadline.
     #[error("set up the link with rank {peer} at {addr}: {reason}")]
@@ -85,9 +100,21 @@ pub enum CollectiveError {
         source: std::io::Error,
     },
     /// An earlier call failed or was cancelled midway; the ring's links are closed
-    /// and the job must set up a new ring.
-    #[error("the ring failed earlier and cannot be used again: {0}")]
+    /// (or the NCCL communicator aborted) and the job must set up a new one.
+    #[error("the communicator failed earlier and cannot be used again: {0}")]
     Poisoned(String),
+    /// GPU collectives cannot run here: kiln was built without the `cuda` feature,
+    /// or the CUDA driver, libnccl or the device is missing. The message names
+    /// what is missing and where it was looked for.
+    #[error("GPU all-reduce unavailable: {0}")]
+    Unavailable(String),
+    /// A CUDA driver or NCCL call failed.
+    #[error("{op}: {reason}")]
+    Gpu { op: String, reason: String },
+    /// A GPU operation did not finish in time; an NCCL communicator that existed
+    /// was aborted.
+    #[error("{op}: not finished within {} ms", after.as_millis())]
+    Deadline { op: &'static str, after: Duration },
 }
 
 impl CollectiveError {
@@ -100,7 +127,11 @@ impl CollectiveError {
             | CollectiveError::PeerClosed { peer, .. }
             | CollectiveError::Protocol { peer, .. }
             | CollectiveError::Io { peer, .. } => Some(*peer),
-            CollectiveError::Config(_) | CollectiveError::Poisoned(_) => None,
+            CollectiveError::Config(_)
+            | CollectiveError::Poisoned(_)
+            | CollectiveError::Unavailable(_)
+            | CollectiveError::Gpu { .. }
+            | CollectiveError::Deadline { .. } => None,
         }
     }
 }

@@ -1225,7 +1225,7 @@ mod tests {
             .expect_err("poisoned");
         assert_eq!(
             err.to_string(),
-            "the ring failed earlier and cannot be used again: \
+            "the communicator failed earlier and cannot be used again: \
              an earlier all-reduce was cancelled midway"
         );
     }
@@ -1277,7 +1277,7 @@ mod tests {
             .expect_err("poisoned");
         assert_eq!(
             err.to_string(),
-            "the ring failed earlier and cannot be used again: \
+            "the communicator failed earlier and cannot be used again: \
              receive from rank 2: no progress in 1000 ms"
         );
     }
@@ -1443,7 +1443,7 @@ mod tests {
             .expect_err("rank out of range");
         assert_eq!(
             err.to_string(),
-            "invalid ring config: rank 2 in a world of 2"
+            "invalid communicator config: rank 2 in a world of 2"
         );
         config.rank = 0;
         config.chunk_bytes = 6;

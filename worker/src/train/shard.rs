@@ -42,7 +42,8 @@ use super::data::{self, partition, Dataset, Standardizer, Target};
 use super::model::{Batch, Model};
 use super::onnx::{self, ExportMeta};
 use super::optim::Optimizer;
-use crate::collective::ring::{Ring, RingConfig};
+use crate::collective::communicator::{nccl_wanted, new_nccl_id};
+use crate::collective::{Backend, Collective, NcclConfig, Ring, RingConfig};
 use crate::transfer::{self, PushOptions};
 
 /// Longest wait for every rank of an attempt to report its data address.
@@ -254,9 +255,16 @@ pub fn arch_of(spec: &JobSpec, dataset: &Dataset) -> Arch {
     }
 }
 
-/// Waits until every rank of this attempt has reported its data address; `None`
-/// when the attempt is over.
-async fn rendezvous(ctx: &ShardContext, task: &ShardTask) -> ShardResult<Option<Vec<String>>> {
+/// Where the ranks of an attempt meet: every rank's data address, and rank 0's
+/// NCCL id when the gang uses GPUs.
+struct Meeting {
+    addrs: Vec<String>,
+    nccl_id: Vec<u8>,
+}
+
+/// Waits until every rank of this attempt has reported its data address (rank 0
+/// reports its NCCL id in the same report); `None` when the attempt is over.
+async fn rendezvous(ctx: &ShardContext, task: &ShardTask) -> ShardResult<Option<Meeting>> {
     let deadline = Instant::now() + RENDEZVOUS_TIMEOUT;
     loop {
         let request = GetJobRequest {
@@ -279,7 +287,10 @@ async fn rendezvous(ctx: &ShardContext, task: &ShardTask) -> ShardResult<Option<
             }
         }
         if addrs.iter().all(|a| !a.is_empty()) && addrs.len() == task.world as usize {
-            return Ok(Some(addrs));
+            return Ok(Some(Meeting {
+                addrs,
+                nccl_id: job.nccl_id,
+            }));
         }
         if Instant::now() >= deadline {
             let missing: Vec<String> = addrs
@@ -571,9 +582,20 @@ async fn train(
         "rank {} of {} on worker {}: data port {data_addr}",
         task.rank, task.world, ctx.worker_id
     ));
+    // A GPU gang (built with `cuda`) reduces through NCCL: rank 0 makes the
+    // attempt's unique id and publishes it with its address.
+    let nccl_id = if task.rank == 0 && nccl_wanted(task.gpus.len() as u32, task.world as usize) {
+        new_nccl_id()
+            .map_err(|e| format!("create the NCCL id: {e}"))?
+            .as_bytes()
+            .to_vec()
+    } else {
+        Vec::new()
+    };
     let ready = ReportShard {
         state: ShardState::Ready as i32,
         data_addr,
+        nccl_id,
         ..Default::default()
     };
     if !reporter.send(ready).await? {
@@ -607,14 +629,36 @@ async fn train(
         ));
     }
 
-    let Some(addrs) = rendezvous(ctx, task).await? else {
+    let Some(meeting) = rendezvous(ctx, task).await? else {
         return Ok(Outcome::Stopped);
     };
     let rank = task.rank as usize;
-    let world = addrs.len();
-    let mut ring = Ring::connect(listener, RingConfig::new(task.session_id, rank, addrs))
-        .await
-        .map_err(|e| format!("link the all-reduce ring: {e}"))?;
+    let world = meeting.addrs.len();
+    let mut ring = match Backend::from_rendezvous(&meeting.nccl_id).map_err(|e| e.to_string())? {
+        Backend::Ring => Collective::from(
+            Ring::connect(
+                listener,
+                RingConfig::new(task.session_id, rank, meeting.addrs),
+            )
+            .await
+            .map_err(|e| format!("link the all-reduce ring: {e}"))?,
+        ),
+        Backend::Nccl(id) => {
+            drop(listener);
+            let device = *task
+                .gpus
+                .first()
+                .ok_or("the gang reduces through NCCL but this shard has no GPU")?
+                as usize;
+            Collective::nccl(NcclConfig::new(rank, world, id, device))
+                .await
+                .map_err(|e| format!("join the NCCL communicator: {e}"))?
+        }
+    };
+    reporter.log(format!(
+        "rank {rank}: all-reduce through {}",
+        ring.backend()
+    ));
     if !reporter.state(ShardState::Running).await? {
         return Ok(Outcome::Stopped);
     }
