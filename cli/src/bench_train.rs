@@ -322,7 +322,13 @@ pub fn train(threads: usize, steps: usize, python: Option<&str>) -> anyhow::Resu
         version = text
             .lines()
             .find_map(|l| l.split("torch ").nth(1))
-            .map(|v| v.split_whitespace().next().unwrap_or("").to_string());
+            .map(|v| {
+                v.split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .trim_end_matches(':')
+                    .to_string()
+            });
     }
     Ok(TrainReport {
         threads: kiln.threads,
