@@ -16,9 +16,12 @@ trap 'rm -rf "$demo_data"' EXIT
 awk 'BEGIN {
   srand(7); split("setosa versicolor virginica", species, " ")
   print "sepal_length,sepal_width,petal_length,petal_width,species"
-  for (i = 0; i < 200000; i++)
+  for (i = 0; i < 200000; i++) {
+    petal = 1 + 6 * rand()
+    kind = petal < 3 ? 1 : (petal < 5 ? 2 : 3)
     printf "%.2f,%.2f,%.2f,%.2f,%s\n", 4 + 4 * rand(), 2 + 2.5 * rand(),
-      1 + 6 * rand(), 0.1 + 2.4 * rand(), species[1 + int(3 * rand())]
+      petal, 0.1 + 2.4 * rand(), species[kind]
+  }
 }' > "$demo_data/iris.csv"
 "$KILN_BIN" artifact push "$demo_data/iris.csv" --name iris --tag first
 head -c 200000 "$demo_data/iris.csv" | tail -n +2 >> "$demo_data/iris.csv"
@@ -27,5 +30,38 @@ head -c 200000 "$demo_data/iris.csv" | tail -n +2 >> "$demo_data/iris.csv"
 "$KILN_BIN" artifact pull iris -o "$demo_data/pulled.csv"
 cmp "$demo_data/iris.csv" "$demo_data/pulled.csv" && echo "pulled bytes are identical"
 "$KILN_BIN" artifact log iris
+echo
+
+# Train on the first version across both workers (one shard each, gradients
+# averaged by the ring all-reduce), then show the registered model.
+cat > "$demo_data/iris.toml" <<'SPEC'
+name = "iris-mlp"
+experiment = "iris"
+
+[data]
+artifact = "iris@1"
+label = "species"
+
+[model]
+kind = "mlp"
+hidden = [16]
+activation = "relu"
+
+[optimizer]
+kind = "adamw"
+lr = 0.01
+
+[train]
+epochs = 2
+batch_size = 512
+seed = 7
+checkpoint_every_steps = 200
+
+[resources]
+shards = 2
+cpus_per_shard = 1
+SPEC
+"$KILN_BIN" train submit "$demo_data/iris.toml" --follow
+"$KILN_BIN" models show iris-mlp
 echo
 echo "stop the cluster with: $KILN_BIN local down"
