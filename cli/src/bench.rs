@@ -179,10 +179,26 @@ pub struct Ratio {
     pub kiln_over_etcd_writes_per_s: f64,
 }
 
-impl BenchReport {
+/// A benchmark's result: JSON for programs, a table for people.
+pub trait Table: serde::Serialize {
+    /// Prints the figures as a table, with the ratios to the peer.
+    fn print_table(&self);
+}
+
+/// Prints `report` as pretty JSON, or as its table.
+pub fn show<R: Table>(report: &R, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        report.print_table();
+    }
+    Ok(())
+}
+
+impl Table for BenchReport {
     /// Prints the load levels, the failover times and the kiln/etcd ratios as
     /// plain-text tables.
-    pub fn print_table(&self) {
+    fn print_table(&self) {
         println!(
             "raft bench: {} voters on loopback, each system at its defaults (kiln heartbeat \
              200 ms, election 1000-1500 ms; etcd heartbeat {} ms, election {} ms), \

@@ -184,8 +184,8 @@ pub fn chunking(buffer_mib: usize, csv_mib: usize) -> anyhow::Result<ChunkingRep
     })
 }
 
-impl ChunkingReport {
-    pub fn print_table(&self) {
+impl crate::bench::Table for ChunkingReport {
+    fn print_table(&self) {
         println!("{} ({} MiB of random bytes)", self.cpu, self.buffer_mib);
         println!("{:<34} {:>8} {:>10}", "", "GB/s", "of memcpy");
         for r in &self.rates {
@@ -231,8 +231,8 @@ pub struct ArtifactsReport {
     pub append_speedup: f64,
 }
 
-impl ArtifactsReport {
-    pub fn print_table(&self) {
+impl crate::bench::Table for ArtifactsReport {
+    fn print_table(&self) {
         println!(
             "{}; file {:.1} MB CSV",
             self.cpu,

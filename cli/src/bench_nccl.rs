@@ -64,8 +64,8 @@ pub struct NcclRow {
     pub busbw_gb_s: f64,
 }
 
-impl NcclReport {
-    pub fn print_table(&self) {
+impl crate::bench::Table for NcclReport {
+    fn print_table(&self) {
         println!("NCCL {}, {} rank(s)", self.nccl_version, self.ranks);
         for (rank, name) in self.devices.iter().enumerate() {
             println!("  rank {rank}: CUDA device {rank}, {name}");

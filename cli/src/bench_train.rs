@@ -233,9 +233,9 @@ pub fn allreduce(
     })
 }
 
-impl Report {
+impl crate::bench::Table for Report {
     /// Prints the table and, where both systems ran, kiln's ratio to gloo.
-    pub fn print_table(&self) {
+    fn print_table(&self) {
         println!(
             "CPU: {} ({} cores); memcpy {:.2} GB/s",
             self.cpu, self.cores, self.memcpy_gbs
@@ -342,9 +342,9 @@ pub fn train(threads: usize, steps: usize, python: Option<&str>) -> anyhow::Resu
     })
 }
 
-impl TrainReport {
+impl crate::bench::Table for TrainReport {
     /// Prints the figures and the ratio.
-    pub fn print(&self) {
+    fn print_table(&self) {
         println!(
             "MLP 64-256-256-10, batch {}, AdamW, {} steps, {} thread(s)",
             self.batch, self.steps, self.threads

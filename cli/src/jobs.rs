@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_common::client::ClusterClient;
+use kiln_coordinator::state::jobs::is_terminal as ended;
 use kiln_proto::v1::{
     CancelJobRequest, GetJobRequest, JobLogLine, JobLogsRequest, JobRecord, JobState,
     ListJobsRequest, ShardState, SubmitJobRequest,
@@ -211,13 +212,6 @@ async fn follow_job(client: &ClusterClient, job_id: u64) -> anyhow::Result<()> {
         }
         tokio::time::sleep(FOLLOW_POLL).await;
     }
-}
-
-fn ended(state: i32) -> bool {
-    matches!(
-        JobState::try_from(state),
-        Ok(JobState::Succeeded | JobState::Failed | JobState::Cancelled)
-    )
 }
 
 /// `kiln jobs ...`.

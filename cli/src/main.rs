@@ -962,12 +962,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 json,
             } => {
                 let report = bench_train::train(threads, steps, python.as_deref())?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                } else {
-                    report.print();
-                }
-                Ok(())
+                bench::show(&report, json)
             }
             BenchCommand::Allreduce {
                 worlds,
@@ -1007,12 +1002,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     )
                 })
                 .await??;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                } else {
-                    report.print_table();
-                }
-                Ok(())
+                bench::show(&report, json)
             }
             BenchCommand::Chunking {
                 size_mib,
@@ -1023,12 +1013,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     bench_artifacts::chunking(size_mib, csv_mib)
                 })
                 .await??;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                } else {
-                    report.print_table();
-                }
-                Ok(())
+                bench::show(&report, json)
             }
             BenchCommand::Artifacts {
                 size_mib,
@@ -1037,12 +1022,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 json,
             } => {
                 let report = bench_artifacts::artifacts(size_mib, &dir, base_port).await?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                } else {
-                    report.print_table();
-                }
-                Ok(())
+                bench::show(&report, json)
             }
             BenchCommand::Nccl {
                 ranks,
@@ -1063,12 +1043,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 let report =
                     tokio::task::spawn_blocking(move || bench_nccl::run(options)).await??;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                } else {
-                    report.print_table();
-                }
-                Ok(())
+                bench::show(&report, json)
             }
             BenchCommand::Raft {
                 clients,
@@ -1099,12 +1074,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     base_port,
                 })
                 .await?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                } else {
-                    report.print_table();
-                }
-                Ok(())
+                bench::show(&report, json)
             }
         },
     }
