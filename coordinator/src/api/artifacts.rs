@@ -16,6 +16,7 @@ use kiln_proto::v1::*;
 use prost::Message;
 
 use super::grpc::{audited, command, Api};
+use super::storage;
 use crate::auth::Caller;
 use crate::state::artifacts::{read_record, read_version, resolve};
 use crate::state::keys;
@@ -25,10 +26,6 @@ use crate::state::machine::read_counter;
 pub const MAX_PLAN_CHUNKS: usize = 65_536;
 /// Most artifacts and versions one listing returns.
 const MAX_LISTED: usize = 10_000;
-
-fn storage(e: impl std::fmt::Display) -> Error {
-    Error::Internal(e.to_string())
-}
 
 /// The workers a chunk may be sent to or read from, by state.
 struct Workers {

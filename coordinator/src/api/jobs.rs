@@ -10,6 +10,7 @@ use kiln_common::{Error, Result};
 use kiln_proto::v1::*;
 
 use super::grpc::{audited, command, Api};
+use super::storage;
 use crate::auth::Caller;
 use crate::scheduler::{self, Capacity, Decision, Gang};
 use crate::state::jobs::{read_job, MAX_JOB_LOG_LINES};
@@ -22,10 +23,6 @@ const MAX_ACTIVE_JOBS: usize = 10_000;
 /// Longest a placed shard may take to report itself (pull its data, bind its
 /// port) before the leader fails the attempt.
 pub const SHARD_START_TIMEOUT_MS: u64 = 120_000;
-
-fn storage(e: impl std::fmt::Display) -> Error {
-    Error::Internal(e.to_string())
-}
 
 /// Maps a job rejection's code prefix to the error a caller sees.
 fn rejection(e: Error) -> Error {

@@ -7,3 +7,8 @@ pub mod http;
 pub mod jobs;
 pub mod models;
 pub mod tracking;
+
+/// A storage failure as the error a caller sees.
+pub(crate) fn storage(e: impl std::fmt::Display) -> kiln_common::Error {
+    kiln_common::Error::Internal(e.to_string())
+}

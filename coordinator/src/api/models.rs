@@ -5,16 +5,13 @@ use kiln_common::{Error, Result};
 use kiln_proto::v1::*;
 
 use super::grpc::{audited, Api};
+use super::storage;
 use crate::auth::Caller;
 use crate::state::keys;
 use crate::state::models::{latest, read_model};
 
 /// Most models and versions one listing returns.
 const MAX_LISTED: usize = 10_000;
-
-fn storage(e: impl std::fmt::Display) -> Error {
-    Error::Internal(e.to_string())
-}
 
 impl Api {
     /// Registers the next version of a model.
