@@ -56,6 +56,7 @@ pub mod metrics;
 pub mod progress;
 pub mod resources;
 pub mod scrub;
+pub mod serving;
 pub mod train;
 pub mod transfer;
 

@@ -1,0 +1,137 @@
+//! Serving ONNX models behind the Open Inference Protocol (KServe v2).
+//!
+//! - `protocol`: the KServe v2 wire formats, REST JSON tensors, the binary tensor
+//!   extension and the gRPC messages, to and from [`Tensor`]s; syntax only.
+//! - `engine`: one replica's model: a tract plan with a symbolic batch dimension,
+//!   its [`Signature`], and a dynamic batcher (bounded queue, deadline per
+//!   request, inference threads) that checks requests against the signature.
+//!
+//! The boundary between them is [`Tensor`]: a name, a datatype, a shape and the
+//! values as little-endian bytes in row-major order, which is what the binary
+//! extension and gRPC's raw contents carry, so they pass through without a copy
+//! per element. Errors are [`kiln_common::Error`]s, whose kinds map to the status
+//! codes Triton uses (`InvalidArgument` 400, `NotFound` 404, `ResourceExhausted`
+//! 429, `Unavailable` 503, `Timeout` 504, `Internal` 500).
+
+pub mod engine;
+pub mod protocol;
+
+use bytes::Bytes;
+
+/// The KServe v2 datatypes kiln serves (BYTES, FP16 and BF16 are refused with a
+/// clear error: the ONNX models kiln serves take numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DataType {
+    Bool,
+    Uint8,
+    Uint16,
+    Uint32,
+    Uint64,
+    Int8,
+    Int16,
+    Int32,
+    Int64,
+    Fp32,
+    Fp64,
+}
+
+impl DataType {
+    /// Every datatype, for listings and tests.
+    pub const ALL: [DataType; 11] = [
+        DataType::Bool,
+        DataType::Uint8,
+        DataType::Uint16,
+        DataType::Uint32,
+        DataType::Uint64,
+        DataType::Int8,
+        DataType::Int16,
+        DataType::Int32,
+        DataType::Int64,
+        DataType::Fp32,
+        DataType::Fp64,
+    ];
+
+    /// The protocol's name: `FP32`, `INT64`, ...
+    pub fn name(self) -> &'static str {
+        match self {
+            DataType::Bool => "BOOL",
+            DataType::Uint8 => "UINT8",
+            DataType::Uint16 => "UINT16",
+            DataType::Uint32 => "UINT32",
+            DataType::Uint64 => "UINT64",
+            DataType::Int8 => "INT8",
+            DataType::Int16 => "INT16",
+            DataType::Int32 => "INT32",
+            DataType::Int64 => "INT64",
+            DataType::Fp32 => "FP32",
+            DataType::Fp64 => "FP64",
+        }
+    }
+
+    /// Parses a protocol name; an unknown or unsupported one is an error naming it.
+    pub fn parse(name: &str) -> kiln_common::Result<DataType> {
+        DataType::ALL
+            .into_iter()
+            .find(|d| d.name() == name)
+            .ok_or_else(|| {
+                kiln_common::Error::InvalidArgument(format!(
+                    "datatype {name:?} is not served; use one of {}",
+                    DataType::ALL.map(|d| d.name()).join(", ")
+                ))
+            })
+    }
+
+    /// Bytes per element (BOOL takes one byte, as in the binary extension).
+    pub fn size(self) -> usize {
+        match self {
+            DataType::Bool | DataType::Uint8 | DataType::Int8 => 1,
+            DataType::Uint16 | DataType::Int16 => 2,
+            DataType::Uint32 | DataType::Int32 | DataType::Fp32 => 4,
+            DataType::Uint64 | DataType::Int64 | DataType::Fp64 => 8,
+        }
+    }
+}
+
+/// A named tensor as requests and responses carry it: `data` holds
+/// `shape.product() * datatype.size()` bytes, little-endian, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<usize>,
+    pub data: Bytes,
+}
+
+impl Tensor {
+    /// Number of elements its shape holds.
+    pub fn elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// One input or output of a model: a variable dimension is `-1` (the batch
+/// dimension always is).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spec {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<i64>,
+}
+
+/// What a model takes and gives, in the model's order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Signature {
+    pub inputs: Vec<Spec>,
+    pub outputs: Vec<Spec>,
+}
+
+impl Spec {
+    /// The registry's form of this spec.
+    pub fn to_proto(&self) -> kiln_proto::v1::TensorSpec {
+        kiln_proto::v1::TensorSpec {
+            name: self.name.clone(),
+            datatype: self.datatype.name().to_string(),
+            shape: self.shape.clone(),
+        }
+    }
+}
