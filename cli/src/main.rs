@@ -9,6 +9,7 @@ mod bench_artifacts;
 mod bench_nccl;
 mod bench_train;
 mod certs;
+mod deployments;
 mod jobs;
 mod local;
 mod models;
@@ -83,10 +84,17 @@ enum Command {
         #[command(subcommand)]
         command: JobsCommand,
     },
-    /// Lists and shows registered models.
+    /// Lists, shows, registers and aliases model versions.
     Models {
         #[command(subcommand)]
         command: ModelsCommand,
+    },
+    /// Serves a model version (or an alias) on replicas behind KServe v2.
+    Deploy(DeployArgs),
+    /// Lists, shows and removes deployments.
+    Deployments {
+        #[command(subcommand)]
+        command: DeploymentsCommand,
     },
     /// Lists, shows and compares tracked runs.
     Runs {
@@ -299,6 +307,88 @@ enum ModelsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Registers an ONNX file as the next version of a model; a file tract
+    /// cannot load is refused with tract's reason.
+    Register {
+        /// The ONNX file.
+        #[arg(long)]
+        onnx: PathBuf,
+        /// The model's name.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Points ALIAS at a version of a model (`kiln deploy --model NAME@ALIAS`).
+    Alias {
+        name: String,
+        version: u64,
+        alias: String,
+    },
+}
+
+#[derive(Args)]
+struct DeployArgs {
+    /// The deployment's name, which is the model name clients call.
+    name: String,
+    /// MODEL@VERSION or MODEL@ALIAS (MODEL alone: its newest version).
+    #[arg(long)]
+    model: String,
+    /// A fixed number of replicas (default 1).
+    #[arg(long, conflicts_with_all = ["min", "max"])]
+    replicas: Option<u32>,
+    /// Autoscaling: fewest replicas.
+    #[arg(long, requires = "max")]
+    min: Option<u32>,
+    /// Autoscaling: most replicas.
+    #[arg(long, requires = "min")]
+    max: Option<u32>,
+    /// A second model version that takes --canary-percent of the requests.
+    #[arg(long, requires = "canary_percent")]
+    canary: Option<String>,
+    #[arg(long, requires = "canary")]
+    canary_percent: Option<u32>,
+    /// CPUs (and inference threads) per replica (default 1).
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Largest batch the dynamic batcher forms (default 64).
+    #[arg(long)]
+    max_batch_size: Option<u32>,
+    /// Longest a request waits for a batch to fill, in microseconds (default 500).
+    #[arg(long)]
+    max_queue_delay_us: Option<u64>,
+    /// Most requests a replica queues before answering 429 (default 1024).
+    #[arg(long)]
+    queue_capacity: Option<u32>,
+    /// Autoscaling target: requests in flight per replica (default 8).
+    #[arg(long)]
+    target_in_flight: Option<u32>,
+    /// Inference without a token.
+    #[arg(long)]
+    public: bool,
+    /// Waits until every replica of this deployment is ready and older ones
+    /// have retired.
+    #[arg(long)]
+    wait: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum DeploymentsCommand {
+    /// Lists deployments with their ready replicas.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Shows a deployment: replicas, their states and its recent decisions.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Removes a deployment; its replicas stop.
+    Rm { name: String },
 }
 
 #[derive(Subcommand)]
@@ -893,6 +983,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train { command } => jobs::train(cluster_client(&conn)?, command).await,
         Command::Jobs { command } => jobs::run(cluster_client(&conn)?, command).await,
         Command::Models { command } => models::run(cluster_client(&conn)?, command).await,
+        Command::Deploy(args) => deployments::deploy(cluster_client(&conn)?, args).await,
+        Command::Deployments { command } => deployments::run(cluster_client(&conn)?, command).await,
         Command::Kv { command } => {
             let client = cluster_client(&conn)?;
             match command {

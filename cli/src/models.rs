@@ -1,8 +1,17 @@
-//! `kiln models ls | show NAME[@VERSION]`: the model registry.
+//! `kiln models ls | show NAME[@VERSION] | register --onnx FILE --name NAME |
+//! alias NAME VERSION ALIAS`: the model registry.
+
+use std::sync::Arc;
 
 use anyhow::Context;
 use kiln_common::client::ClusterClient;
-use kiln_proto::v1::{GetModelRequest, ListModelsRequest, ModelVersion};
+use kiln_proto::v1::{
+    GetModelRequest, ListModelsRequest, ModelVersion, RegisterModelRequest, SetModelAlias,
+    SetModelAliasRequest,
+};
+use kiln_worker::serving::engine::signature_of;
+use kiln_worker::train::shard::{model_artifact, MODEL_FILE};
+use kiln_worker::transfer::{self, PushOptions};
 use serde_json::{json, Value};
 
 use crate::ModelsCommand;
@@ -32,9 +41,95 @@ fn model_json(m: &ModelVersion) -> Value {
     })
 }
 
+/// Checks an ONNX file with tract, pushes it as the next version of the model's
+/// artifact and registers it with the signature tract read.
+async fn register(
+    client: ClusterClient,
+    onnx: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<ModelVersion> {
+    kiln_common::artifact::validate_name(name)?;
+    let bytes = std::fs::read(onnx).with_context(|| format!("read {}", onnx.display()))?;
+    let signature = tokio::task::spawn_blocking(move || signature_of(&bytes))
+        .await
+        .context("join the model check")?
+        .map_err(|e| anyhow::anyhow!("{} cannot be served: {e}", onnx.display()))?;
+    // The artifact holds model.onnx, as the versions training registers do.
+    let staging = tempfile::tempdir().context("make a staging directory")?;
+    std::fs::copy(onnx, staging.path().join(MODEL_FILE))
+        .with_context(|| format!("copy {}", onnx.display()))?;
+    let client = Arc::new(client);
+    let pushed = transfer::push(
+        Arc::clone(&client),
+        staging.path(),
+        PushOptions {
+            name: model_artifact(name),
+            tags: vec![],
+            replicas: 0,
+            parents: vec![],
+            produced_by: String::new(),
+            media_type: "application/onnx".into(),
+            metadata: Default::default(),
+            quiet: true,
+        },
+    )
+    .await?;
+    let model = ModelVersion {
+        name: name.to_string(),
+        artifact: format!("{}@{}", pushed.name, pushed.version),
+        inputs: signature.inputs.iter().map(|s| s.to_proto()).collect(),
+        outputs: signature.outputs.iter().map(|s| s.to_proto()).collect(),
+        ..Default::default()
+    };
+    let request = RegisterModelRequest {
+        model: Some(model.clone()),
+    };
+    let version = client
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.register_model(request).await.map(|r| r.into_inner()) }
+        })
+        .await?
+        .version;
+    Ok(ModelVersion { version, ..model })
+}
+
 /// `kiln models ...`.
 pub async fn run(client: ClusterClient, command: ModelsCommand) -> anyhow::Result<()> {
     match command {
+        ModelsCommand::Register { onnx, name, json } => {
+            let model = register(client, &onnx, &name).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&model_json(&model))?);
+            } else {
+                println!(
+                    "registered {}@{} ({})",
+                    model.name, model.version, model.artifact
+                );
+            }
+            Ok(())
+        }
+        ModelsCommand::Alias {
+            name,
+            version,
+            alias,
+        } => {
+            let request = SetModelAliasRequest {
+                alias: Some(SetModelAlias {
+                    name: name.clone(),
+                    alias: alias.clone(),
+                    version,
+                }),
+            };
+            client
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.set_model_alias(request).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            println!("{name}@{alias} is {name}@{version}");
+            Ok(())
+        }
         ModelsCommand::Ls { json } => {
             let models = client
                 .call(|mut c| async move {
@@ -92,9 +187,11 @@ pub async fn run(client: ClusterClient, command: ModelsCommand) -> anyhow::Resul
                 })
                 .await?;
             let m = resp.model.context("the coordinators sent no model")?;
+            let aliases: std::collections::BTreeMap<&String, &u64> = resp.aliases.iter().collect();
             if json {
                 let mut doc = model_json(&m);
                 doc["versions"] = resp.versions.iter().map(model_json).collect();
+                doc["aliases"] = json!(aliases);
                 println!("{}", serde_json::to_string_pretty(&doc)?);
                 return Ok(());
             }
@@ -117,6 +214,9 @@ pub async fn run(client: ClusterClient, command: ModelsCommand) -> anyhow::Resul
             metrics.sort_by(|a, b| a.0.cmp(b.0));
             for (k, v) in metrics {
                 println!("metric:   {k} = {v:.5}");
+            }
+            for (alias, version) in &aliases {
+                println!("alias:    {alias} -> {version}");
             }
             println!("versions: {}", resp.versions.len());
             Ok(())

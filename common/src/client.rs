@@ -25,6 +25,11 @@ use crate::error::{Error, Result};
 pub type Client = CoordinatorClient<InterceptedService<Channel, BearerToken>>;
 /// A gRPC client of one worker's chunk service.
 pub type Blobs = BlobsClient<InterceptedService<Channel, BearerToken>>;
+/// A client of a worker's KServe v2 gRPC inference service.
+pub type Inference =
+    kiln_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient<
+        InterceptedService<Channel, BearerToken>,
+    >;
 
 /// Longest call to a worker's chunk service (a stream of chunks included).
 pub const DATA_CALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -166,6 +171,19 @@ impl ClusterClient {
         Ok(BlobsClient::with_interceptor(channel, self.bearer.clone())
             .max_decoding_message_size(MAX_DATA_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_DATA_MESSAGE_BYTES))
+    }
+
+    /// Returns a client of the KServe v2 gRPC service of the worker at `addr`
+    /// (its inference gRPC port), with the same TLS as the other calls; the
+    /// caller's own token travels in each request's metadata.
+    pub fn inference_for(&self, addr: &str) -> Result<Inference> {
+        let channel = self.channel(&self.data_channels, addr, DATA_CALL_TIMEOUT)?;
+        use kiln_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+        Ok(
+            GrpcInferenceServiceClient::with_interceptor(channel, self.bearer.clone())
+                .max_decoding_message_size(MAX_DATA_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_DATA_MESSAGE_BYTES),
+        )
     }
 
     /// Reads chunk `id` from the first of `replicas` (workers' chunk services) that

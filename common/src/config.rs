@@ -94,6 +94,29 @@ impl Default for HealthSettings {
     }
 }
 
+/// How the leader's autoscaler reads load and how long a change must hold
+/// before it acts (stabilisation windows, as Kubernetes' HPA and Knative have).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutoscaleSettings {
+    /// Load is averaged over this window of replica samples.
+    pub sample_window_ms: u64,
+    /// More replicas are added once the load has asked for them this long.
+    pub up_window_ms: u64,
+    /// Replicas are removed once the load has allowed it this long.
+    pub down_window_ms: u64,
+}
+
+impl Default for AutoscaleSettings {
+    fn default() -> Self {
+        AutoscaleSettings {
+            sample_window_ms: 6_000,
+            up_window_ms: 3_000,
+            down_window_ms: 60_000,
+        }
+    }
+}
+
 /// Limits against abuse by token holders (nodes are not limited).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -127,6 +150,7 @@ pub struct CoordinatorFile {
     pub raft: RaftSettings,
     pub health: HealthSettings,
     pub limits: LimitSettings,
+    pub autoscale: AutoscaleSettings,
     pub tls: TlsFiles,
     pub insecure: Option<bool>,
 }
@@ -161,6 +185,7 @@ pub struct CoordinatorConfig {
     pub raft: RaftSettings,
     pub health: HealthSettings,
     pub limits: LimitSettings,
+    pub autoscale: AutoscaleSettings,
     /// Node TLS; `None` only with `insecure`.
     pub tls: Option<NodeTls>,
 }
@@ -229,6 +254,9 @@ impl CoordinatorConfig {
                 ),
             ));
         }
+        if base.autoscale.sample_window_ms == 0 {
+            return Err(invalid("autoscale.sample_window_ms", "must be positive"));
+        }
         let tls = node_tls(
             merge_tls(overrides.tls, base.tls),
             overrides.insecure || base.insecure.unwrap_or(false),
@@ -244,6 +272,7 @@ impl CoordinatorConfig {
             raft,
             health,
             limits: base.limits,
+            autoscale: base.autoscale,
             tls,
         })
     }

@@ -21,6 +21,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod autoscaler;
 pub mod health;
 pub mod raft;
 pub mod scheduler;

@@ -146,6 +146,42 @@ pub fn schedule(
     out
 }
 
+/// Places up to `count` serving replicas of `cpus` and `memory_bytes` each,
+/// spread: each goes to the worker holding the fewest replicas of the same
+/// deployment (`held`, by worker id), then the most free CPUs. Unlike a gang,
+/// replicas are placed one by one: as many as fit. Returns the chosen worker ids
+/// and reduces `free` by what they take.
+pub fn spread(
+    count: usize,
+    cpus: u32,
+    memory_bytes: u64,
+    free: &mut [Capacity],
+    held: &std::collections::HashMap<String, usize>,
+) -> Vec<String> {
+    let mut held = held.clone();
+    let mut chosen = Vec::with_capacity(count);
+    for _ in 0..count {
+        let Some(best) = free
+            .iter_mut()
+            .filter(|c| c.cpus >= cpus && c.memory_bytes >= memory_bytes)
+            .min_by_key(|c| {
+                (
+                    held.get(&c.worker_id).copied().unwrap_or(0),
+                    Reverse(c.cpus),
+                    c.worker_id.clone(),
+                )
+            })
+        else {
+            break;
+        };
+        best.cpus -= cpus;
+        best.memory_bytes -= memory_bytes;
+        *held.entry(best.worker_id.clone()).or_default() += 1;
+        chosen.push(best.worker_id.clone());
+    }
+    chosen
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,6 +205,19 @@ mod tests {
             gpus_per_shard: gpus,
             memory_per_shard: 1 << 30,
         }
+    }
+
+    #[test]
+    fn replicas_spread_over_workers_and_stop_where_nothing_fits() {
+        let mut free = vec![worker("a", 8, 0), worker("b", 2, 0), worker("c", 1, 0)];
+        let held = std::collections::HashMap::from([("a".to_string(), 1)]);
+        let chosen = spread(4, 1, 1 << 30, &mut free, &held);
+        // b and c hold none; b has more CPUs; then a, b and c hold one each.
+        assert_eq!(chosen, vec!["b", "c", "a", "b"]);
+        let cpus: Vec<u32> = free.iter().map(|c| c.cpus).collect();
+        assert_eq!(cpus, vec![7, 0, 0]);
+        let more = spread(9, 1, 1 << 30, &mut free, &held);
+        assert_eq!(more.len(), 7, "only a has CPUs left");
     }
 
     #[test]

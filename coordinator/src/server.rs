@@ -140,6 +140,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
         reader,
         transport,
         heartbeats: HeartbeatClock::default(),
+        autoscaler: crate::autoscaler::Autoscaler::new(config.autoscale.clone()),
         peers,
         http_addr: config.http.to_string(),
         advertise: config.advertise.clone(),
@@ -325,7 +326,8 @@ async fn repair_loop(api: Api, token: CancellationToken) {
 const SCHEDULE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// On the leader, places queued training gangs and fails attempts that lost a
-/// worker (see [`Api::schedule_round`]).
+/// worker (see [`Api::schedule_round`]), then places, replaces and retires
+/// serving replicas (see [`Api::replica_round`]).
 async fn schedule_loop(api: Api, token: CancellationToken) {
     let mut interval = tokio::time::interval(SCHEDULE_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -337,9 +339,14 @@ async fn schedule_loop(api: Api, token: CancellationToken) {
         if !api.node.view().is_leader() {
             continue;
         }
+        let now_ms = kiln_common::clock::now_ms();
+        let round = async {
+            let free = api.schedule_round(now_ms).await?;
+            api.replica_round(now_ms, free).await
+        };
         let round = tokio::select! {
             _ = token.cancelled() => return,
-            round = api.schedule_round(kiln_common::clock::now_ms()) => round,
+            round = round => round,
         };
         if let Err(e) = round {
             tracing::warn!(error = %e, "scheduling round");

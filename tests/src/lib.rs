@@ -30,7 +30,7 @@ mod writer;
 
 pub use cli::{kiln_bin, peak_rss, run_kiln, run_kiln_measured, stderr_text, CLI_TIMEOUT};
 pub use cluster::{run_kiln_sync, Cluster};
-pub use http::{http_get, http_request};
+pub use http::{http_call, http_get, http_request, HttpAnswer};
 pub use port::free_port;
 pub use process::Proc;
 pub use wait::{wait_for, POLL_INTERVAL};

@@ -60,6 +60,12 @@ const TABLE: &[(&str, Need)] = &[
     ("RegisterModel", Need::Write),
     ("ListModels", Need::Read),
     ("GetModel", Need::Read),
+    ("SetModelAlias", Need::Write),
+    ("Deploy", Need::Write),
+    ("ListDeployments", Need::Read),
+    ("GetDeployment", Need::Read),
+    ("DeleteDeployment", Need::Write),
+    ("ReportReplica", Need::Node),
 ];
 
 /// The worker's RPCs (service `Blobs`), checked against the worker's token book.
@@ -333,6 +339,48 @@ async fn call(
                 },
                 token,
             ))
+            .await
+            .map(drop),
+        // No such model or deployment: allowed callers get NOT_FOUND.
+        "SetModelAlias" => client
+            .set_model_alias(req(
+                SetModelAliasRequest {
+                    alias: Some(SetModelAlias {
+                        name: unique,
+                        alias: "prod".into(),
+                        version: 1,
+                    }),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        "Deploy" => client
+            .deploy(req(
+                DeployRequest {
+                    name: unique.clone(),
+                    model: format!("{unique}@1"),
+                    replicas: 1,
+                    ..Default::default()
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        "ListDeployments" => client
+            .list_deployments(req(ListDeploymentsRequest::default(), token))
+            .await
+            .map(drop),
+        "GetDeployment" => client
+            .get_deployment(req(GetDeploymentRequest { name: unique }, token))
+            .await
+            .map(drop),
+        "DeleteDeployment" => client
+            .delete_deployment(req(DeleteDeploymentRequest { name: unique }, token))
+            .await
+            .map(drop),
+        "ReportReplica" => client
+            .report_replica(req(ReportReplicaRequest::default(), token))
             .await
             .map(drop),
         other => panic!("no call for {other}"),

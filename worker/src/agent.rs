@@ -23,7 +23,8 @@ use kiln_common::auth::TokenBook;
 use kiln_common::client::ClusterClient;
 use kiln_common::Error;
 use kiln_proto::v1::{
-    HeartbeatRequest, RegisterWorkerRequest, Resources, ShardTask, WorkerRecord, WorkerState,
+    HeartbeatRequest, RegisterWorkerRequest, ReplicaTask, Resources, Route, ShardTask,
+    WorkerRecord, WorkerState,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -33,6 +34,7 @@ use tracing::Instrument;
 
 use crate::metrics::Metrics;
 use crate::resources::ResourceProbe;
+use crate::serving::replicas::ServingTable;
 
 /// First pause between registration attempts.
 pub const REGISTER_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
@@ -62,6 +64,18 @@ impl Registration {
     pub fn is_registered(&self) -> bool {
         matches!(self, Registration::Registered { .. })
     }
+}
+
+/// Publishes a heartbeat answer's desired state, waking receivers only when it
+/// changed.
+fn publish<T: PartialEq>(sender: &watch::Sender<Vec<T>>, value: Vec<T>) {
+    sender.send_if_modified(|held| {
+        let changed = *held != value;
+        if changed {
+            *held = value;
+        }
+        changed
+    });
 }
 
 /// Returns the pause after failed registration attempt number `attempt` (from 0):
@@ -128,6 +142,12 @@ pub struct AgentSettings {
     /// The training shards the coordinators want running here, as each heartbeat
     /// answer lists them.
     pub shards: Arc<watch::Sender<Vec<ShardTask>>>,
+    /// The serving replicas the coordinators want here, likewise.
+    pub replicas: Arc<watch::Sender<Vec<ReplicaTask>>>,
+    /// Every deployment's ready replicas, for the router.
+    pub routes: Arc<watch::Sender<Vec<Route>>>,
+    /// The replicas here, whose load each heartbeat carries.
+    pub serving: Arc<ServingTable>,
 }
 
 /// The registration and heartbeat actor of one worker.
@@ -138,6 +158,9 @@ pub struct Agent {
     configured_interval: Duration,
     tokens: Arc<TokenBook>,
     shards: Arc<watch::Sender<Vec<ShardTask>>>,
+    replicas: Arc<watch::Sender<Vec<ReplicaTask>>>,
+    routes: Arc<watch::Sender<Vec<Route>>>,
+    serving: Arc<ServingTable>,
     probe: Arc<Mutex<ResourceProbe>>,
     metrics: Arc<Metrics>,
     state: watch::Sender<Registration>,
@@ -193,6 +216,9 @@ impl Agent {
             configured_interval: settings.heartbeat_interval,
             tokens: settings.tokens,
             shards: settings.shards,
+            replicas: settings.replicas,
+            routes: settings.routes,
+            serving: settings.serving,
             probe: Arc::new(Mutex::new(probe)),
             metrics,
             state,
@@ -298,6 +324,7 @@ impl Agent {
                 incarnation,
                 resources: Some(self.resources.clone()),
                 tokens_version: self.tokens.version(),
+                replica_loads: self.serving.loads(),
             };
             let call = self.client.call_with_deadline(interval, |mut client| {
                 let request = request.clone();
@@ -326,13 +353,9 @@ impl Agent {
                         self.tokens
                             .replace(response.tokens_version, response.tokens);
                     }
-                    self.shards.send_if_modified(|held| {
-                        let changed = *held != response.shards;
-                        if changed {
-                            held.clone_from(&response.shards);
-                        }
-                        changed
-                    });
+                    publish(&self.shards, response.shards);
+                    publish(&self.replicas, response.replicas);
+                    publish(&self.routes, response.routes);
                     if state != last_state {
                         tracing::info!(state = state.as_str_name(), "coordinators see this worker");
                         last_state = state;
@@ -445,6 +468,9 @@ mod tests {
                 record,
                 tokens: Arc::default(),
                 shards: Arc::new(watch::Sender::new(Vec::new())),
+                replicas: Arc::new(watch::Sender::new(Vec::new())),
+                routes: Arc::new(watch::Sender::new(Vec::new())),
+                serving: Arc::default(),
                 heartbeat_interval: Duration::from_millis(1000),
             },
             probe,

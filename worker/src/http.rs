@@ -7,16 +7,23 @@
 //!   read cluster state (viewer or more), checked against the worker's
 //!   [`TokenBook`]; the health endpoints stay open for probes.
 //!
-//! The inference routes join this server when serving arrives.
+//! - KServe v2 inference (see `serving::router`): `GET /v2` (server metadata),
+//!   `GET /v2/models/{m}[/versions/{v}]` (model metadata),
+//!   `GET /v2/models/{m}[/versions/{v}]/ready`, and
+//!   `POST /v2/models/{m}[/versions/{v}]/infer` (JSON tensors or the binary tensor
+//!   extension; no Content-Type required). The model name is the deployment's.
+//!   With TLS they need a token that may call models, unless the deployment is
+//!   public.
 
 use std::future::Future;
 use std::sync::Arc;
 
+use axum::extract::Path;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use kiln_common::auth::{Permission, TokenBook};
 use kiln_common::clock::now_ms;
@@ -27,6 +34,7 @@ use tokio::sync::watch;
 
 use crate::agent::Registration;
 use crate::metrics::{self, Metrics};
+use crate::serving::router::{Router as ServingRouter, Version, MAX_BODY_BYTES};
 
 /// What the HTTP handlers read: snapshots and counters, never the agent itself.
 #[derive(Debug, Clone)]
@@ -35,6 +43,8 @@ pub struct HttpState {
     pub registration: watch::Receiver<Registration>,
     /// The records bearer tokens are checked against; `None` without TLS.
     pub tokens: Option<Arc<TokenBook>>,
+    /// Routes inference requests to the deployments' replicas.
+    pub serving: Arc<ServingRouter>,
 }
 
 impl HttpState {
@@ -51,8 +61,105 @@ pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
+        .route("/v2", get(server_metadata))
+        .route("/v2/models/:model", get(model_metadata))
+        .route("/v2/models/:model/versions/:version", get(version_metadata))
+        .route("/v2/models/:model/ready", get(model_ready))
+        .route(
+            "/v2/models/:model/versions/:version/ready",
+            get(version_ready),
+        )
+        .route("/v2/models/:model/infer", post(infer))
+        .route(
+            "/v2/models/:model/versions/:version/infer",
+            post(version_infer),
+        )
         .merge(guarded)
         .with_state(state)
+}
+
+async fn server_metadata() -> impl IntoResponse {
+    Json(crate::serving::protocol::server_metadata(env!(
+        "CARGO_PKG_VERSION"
+    )))
+}
+
+async fn model_metadata(
+    State(state): State<HttpState>,
+    Path(model): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    state.serving.metadata(&model, Version::Any, &headers).await
+}
+
+async fn version_metadata(
+    State(state): State<HttpState>,
+    Path((model, version)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    match Version::parse(Some(&version)) {
+        Ok(version) => state.serving.metadata(&model, version, &headers).await,
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn model_ready(State(state): State<HttpState>, Path(model): Path<String>) -> Response {
+    state.serving.ready(&model, Version::Any)
+}
+
+async fn version_ready(
+    State(state): State<HttpState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Response {
+    match Version::parse(Some(&version)) {
+        Ok(version) => state.serving.ready(&model, version),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn infer(
+    State(state): State<HttpState>,
+    Path(model): Path<String>,
+    request: Request,
+) -> Response {
+    infer_version(state, model, Version::Any, request).await
+}
+
+async fn version_infer(
+    State(state): State<HttpState>,
+    Path((model, version)): Path<(String, String)>,
+    request: Request,
+) -> Response {
+    match Version::parse(Some(&version)) {
+        Ok(version) => infer_version(state, model, version, request).await,
+        Err(e) => error_response(&e),
+    }
+}
+
+/// Reads the body (at most [`MAX_BODY_BYTES`]; more is a 413 that says so) and
+/// routes the request.
+async fn infer_version(
+    state: HttpState,
+    model: String,
+    version: Version,
+    request: Request,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let body =
+        match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+            Ok(body) => body,
+            Err(_) => return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Json(json!({
+                    "error": format!("the request body is over the limit of {MAX_BODY_BYTES} bytes")
+                })),
+            )
+                .into_response(),
+        };
+    state
+        .serving
+        .infer(&model, version, &parts.headers, body)
+        .await
 }
 
 /// Lets a request through when its bearer token may read cluster state.
@@ -93,7 +200,8 @@ async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
-    let text = state.metrics.render(state.registered());
+    let mut text = state.metrics.render(state.registered());
+    text.push_str(&state.serving.table().render_metrics());
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text)
 }
 
@@ -118,6 +226,16 @@ pub(crate) mod tests {
         kiln_tests::http_get(&addr.to_string(), path, token).await
     }
 
+    /// A router with no deployments.
+    fn no_serving() -> Arc<ServingRouter> {
+        Arc::new(ServingRouter::new(
+            "w".into(),
+            Arc::default(),
+            watch::channel(Vec::new()).1,
+            None,
+        ))
+    }
+
     #[tokio::test]
     async fn endpoints_answer() {
         let metrics = Arc::new(Metrics::new(&Resources {
@@ -134,6 +252,7 @@ pub(crate) mod tests {
                 metrics,
                 registration,
                 tokens: None,
+                serving: no_serving(),
             },
             stop.clone().cancelled_owned(),
         ));
@@ -184,6 +303,7 @@ pub(crate) mod tests {
             metrics: Arc::new(Metrics::new(&Resources::default())),
             registration,
             tokens: Some(Arc::clone(&tokens)),
+            serving: no_serving(),
         };
         let server = tokio::spawn(serve(listener, state, stop.clone().cancelled_owned()));
 

@@ -22,8 +22,12 @@
 //! - `train`: training shards: the supervisor starts and stops the shards the
 //!   heartbeat answers list; each pulls its data, trains with the ring all-reduce
 //!   and reports to the coordinators.
-//! - `http`: the HTTP server (KServe v2 health endpoints, `/metrics`); it only
-//!   reads the registration `watch` and the metrics.
+//! - `serving`: ONNX models behind KServe v2: the replica supervisor starts and
+//!   stops the replicas the heartbeat answers list (pull, load, warm up, report
+//!   Ready), and the router sends each inference request to a ready replica here
+//!   or on another worker.
+//! - `http`: the HTTP server (KServe v2 health, metadata and inference endpoints,
+//!   `/metrics`).
 //!
 //! How data moves:
 //!
@@ -35,11 +39,9 @@
 //!                 └─► http: /v2/health/ready, /metrics ◄── probes, Prometheus
 //! ```
 //!
-//! [`run`] holds three listeners: HTTP (`http`), the worker's gRPC port (`listen`)
-//! and the inference gRPC port (`inference_grpc`). The two gRPC ports serve a tonic
-//! server without services for now (every call answers UNIMPLEMENTED), so that the
-//! ports are taken and reported from the start; the blob store, collectives and
-//! KServe gRPC services join them later.
+//! [`run`] holds three listeners: HTTP (`http`: health, KServe v2 REST,
+//! metrics), the worker's gRPC port (`listen`: the blob store) and the inference
+//! gRPC port (`inference_grpc`: KServe v2 gRPC).
 //!
 //! Shutdown, on cancellation of the token given to [`run`]: the agent stops first
 //! (no heartbeat leaves a worker that is going away), then the servers finish their
@@ -195,6 +197,25 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         shards.subscribe(),
         agent_stop.clone(),
     ));
+    let replicas = Arc::new(watch::Sender::new(Vec::new()));
+    let routes = Arc::new(watch::Sender::new(Vec::new()));
+    let serving_table = Arc::new(serving::replicas::ServingTable::default());
+    tokio::spawn(serving::replicas::supervise(
+        serving::replicas::ServingContext {
+            client: Arc::clone(&client),
+            worker_id: id.to_string(),
+            work_dir: config.data_dir.join("replicas"),
+        },
+        Arc::clone(&serving_table),
+        replicas.subscribe(),
+        agent_stop.clone(),
+    ));
+    let serving_router = Arc::new(serving::router::Router::new(
+        id.to_string(),
+        Arc::clone(&serving_table),
+        routes.subscribe(),
+        tls.is_some().then(|| Arc::clone(&tokens)),
+    ));
     let agent = Agent::spawn(
         Arc::clone(&client),
         AgentSettings {
@@ -202,6 +223,9 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
             heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
             tokens: Arc::clone(&tokens),
             shards,
+            replicas,
+            routes,
+            serving: serving_table,
         },
         probe,
         resources,
@@ -216,6 +240,7 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         metrics: Arc::clone(&metrics),
         registration: agent.registration(),
         tokens: tls.is_some().then(|| Arc::clone(&tokens)),
+        serving: Arc::clone(&serving_router),
     };
     let stop = servers_stop.clone().cancelled_owned();
     servers.spawn(async move {
@@ -240,6 +265,16 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
     })
     .max_decoding_message_size(kiln_common::client::MAX_DATA_MESSAGE_BYTES)
     .max_encoding_message_size(kiln_common::client::MAX_DATA_MESSAGE_BYTES);
+    let inference =
+        kiln_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer::new(
+            serving::grpc::InferenceService {
+                router: Arc::clone(&serving_router),
+                peers: Arc::clone(&client),
+                registered: agent.registration(),
+            },
+        )
+        .max_decoding_message_size(serving::router::MAX_BODY_BYTES)
+        .max_encoding_message_size(serving::router::MAX_BODY_BYTES);
     let services = [
         (
             "worker grpc",
@@ -251,7 +286,7 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
             "worker inference grpc",
             inference_grpc_listener,
             inference_grpc_addr,
-            tonic::service::Routes::default(),
+            tonic::service::Routes::new(inference),
         ),
     ];
     for (name, listener, addr, routes) in services {

@@ -41,6 +41,8 @@ pub struct Api {
     pub reader: StateReader,
     pub transport: Transport,
     pub heartbeats: HeartbeatClock,
+    /// Replica loads and pending scale decisions, in memory on the leader.
+    pub autoscaler: crate::autoscaler::Autoscaler,
     pub peers: Arc<ClusterClient>,
     pub http_addr: String,
     pub advertise: String,
@@ -177,6 +179,17 @@ impl Api {
         if let Err(e) = Api::propose(self, event, false).await {
             tracing::warn!(error = %e, "record an event in the audit log");
         }
+    }
+
+    /// Every worker record, by id.
+    pub(crate) fn workers_by_id(&self) -> Result<std::collections::BTreeMap<String, WorkerRecord>> {
+        Ok(self
+            .reader
+            .workers()
+            .map_err(super::storage)?
+            .into_iter()
+            .map(|w| (w.id.clone(), w))
+            .collect())
     }
 
     pub(crate) fn require_leader(&self) -> Result<NodeView> {
@@ -767,6 +780,8 @@ impl Coordinator for Api {
                 )))
             })?;
         self.heartbeats.beat(&req.worker_id);
+        self.autoscaler
+            .record(&req.replica_loads, std::time::Instant::now());
         let mut state = WorkerState::try_from(record.state).unwrap_or(WorkerState::Unspecified);
         if state != WorkerState::Alive {
             Api::propose(
@@ -792,11 +807,16 @@ impl Coordinator for Api {
             Vec::new()
         };
         let shards = self.shard_tasks_for(&req.worker_id)?;
+        let deployments = self.deployments()?;
+        let replicas = self.replica_tasks_for(&req.worker_id, &deployments);
+        let routes = self.routes(&deployments)?;
         Ok(Response::new(HeartbeatResponse {
             state: state as i32,
             tokens_version,
             tokens,
             shards,
+            replicas,
+            routes,
         }))
     }
 
@@ -995,5 +1015,64 @@ impl Coordinator for Api {
         Ok(Response::new(
             self.get_model_call(request.into_inner()).await?,
         ))
+    }
+
+    async fn set_model_alias(
+        &self,
+        request: Request<SetModelAliasRequest>,
+    ) -> Result<Response<SetModelAliasResponse>, Status> {
+        let caller = self.authorize(&request, Permission::Write, "SetModelAlias")?;
+        self.set_model_alias_call(&caller, request.into_inner())
+            .await?;
+        Ok(Response::new(SetModelAliasResponse {}))
+    }
+
+    async fn deploy(
+        &self,
+        request: Request<DeployRequest>,
+    ) -> Result<Response<DeployResponse>, Status> {
+        let caller = self.authorize(&request, Permission::Write, "Deploy")?;
+        let deployment = self.deploy_call(&caller, request.into_inner()).await?;
+        Ok(Response::new(DeployResponse {
+            deployment: Some(deployment),
+        }))
+    }
+
+    async fn list_deployments(
+        &self,
+        request: Request<ListDeploymentsRequest>,
+    ) -> Result<Response<ListDeploymentsResponse>, Status> {
+        self.authorize(&request, Permission::Read, "ListDeployments")?;
+        Ok(Response::new(self.list_deployments_call().await?))
+    }
+
+    async fn get_deployment(
+        &self,
+        request: Request<GetDeploymentRequest>,
+    ) -> Result<Response<GetDeploymentResponse>, Status> {
+        self.authorize(&request, Permission::Read, "GetDeployment")?;
+        let deployment = self.get_deployment_call(request.into_inner()).await?;
+        Ok(Response::new(GetDeploymentResponse {
+            deployment: Some(deployment),
+        }))
+    }
+
+    async fn delete_deployment(
+        &self,
+        request: Request<DeleteDeploymentRequest>,
+    ) -> Result<Response<DeleteDeploymentResponse>, Status> {
+        let caller = self.authorize(&request, Permission::Write, "DeleteDeployment")?;
+        self.delete_deployment_call(&caller, request.into_inner())
+            .await?;
+        Ok(Response::new(DeleteDeploymentResponse {}))
+    }
+
+    async fn report_replica(
+        &self,
+        request: Request<ReportReplicaRequest>,
+    ) -> Result<Response<ReportReplicaResponse>, Status> {
+        kiln_common::tls::require_node(&request, self.tls_enabled)?;
+        let keep_running = self.report_replica_call(request.into_inner()).await?;
+        Ok(Response::new(ReportReplicaResponse { keep_running }))
     }
 }

@@ -10,7 +10,7 @@ use kiln_common::{Error, Result};
 use kiln_proto::v1::*;
 
 use super::grpc::{audited, command, Api};
-use super::storage;
+use super::{rejection, storage};
 use crate::auth::Caller;
 use crate::scheduler::{self, Capacity, Decision, Gang};
 use crate::state::jobs::{read_job, MAX_JOB_LOG_LINES};
@@ -23,22 +23,6 @@ const MAX_ACTIVE_JOBS: usize = 10_000;
 /// Longest a placed shard may take to report itself (pull its data, bind its
 /// port) before the leader fails the attempt.
 pub const SHARD_START_TIMEOUT_MS: u64 = 120_000;
-
-/// Maps a job rejection's code prefix to the error a caller sees.
-fn rejection(e: Error) -> Error {
-    match e {
-        Error::InvalidArgument(msg) => {
-            if let Some(rest) = msg.strip_prefix("NOT_FOUND: ") {
-                Error::NotFound(rest.to_string())
-            } else if let Some(rest) = msg.strip_prefix("FAILED_PRECONDITION: ") {
-                Error::InvalidArgument(rest.to_string())
-            } else {
-                Error::InvalidArgument(msg)
-            }
-        }
-        other => other,
-    }
-}
 
 /// The spec as flat `section.key` params for the job's run.
 fn params_of(spec: &JobSpec) -> HashMap<String, String> {
@@ -370,16 +354,12 @@ impl Api {
     }
 
     /// One scheduling round on the leader: fails running attempts that lost a
-    /// worker or never started, then places what the queue allows.
-    pub async fn schedule_round(&self, now_ms: u64) -> Result<()> {
+    /// worker or never started, then places what the queue allows. Returns what
+    /// the workers have free after running shards, serving replicas and this
+    /// round's placements, for the serving round.
+    pub async fn schedule_round(&self, now_ms: u64) -> Result<Vec<Capacity>> {
         let jobs = self.active_jobs()?;
-        let workers: BTreeMap<String, WorkerRecord> = self
-            .reader
-            .workers()
-            .map_err(storage)?
-            .into_iter()
-            .map(|w| (w.id.clone(), w))
-            .collect();
+        let workers = self.workers_by_id()?;
         // Capacity: every Alive worker, less what running shards hold.
         let mut total: Vec<Capacity> = workers
             .values()
@@ -429,27 +409,45 @@ impl Api {
                 });
             }
         }
+        // Serving replicas hold their CPUs and memory like running shards.
+        let usage = self.replica_usage(&self.deployments()?);
+        for c in &mut free {
+            if let Some((cpus, memory)) = usage.get(&c.worker_id) {
+                c.cpus = c.cpus.saturating_sub(*cpus);
+                c.memory_bytes = c.memory_bytes.saturating_sub(*memory);
+            }
+        }
         let by_id: HashMap<String, &JobRecord> =
             jobs.iter().map(|j| (j.id.to_string(), j)).collect();
-        for (job_id, decision) in scheduler::schedule(&pending, &free, &total) {
+        let decisions = scheduler::schedule(&pending, &free, &total);
+        for (job_id, decision) in decisions {
             let Some(job) = by_id.get(&job_id) else {
                 continue;
             };
             let kind = match decision {
-                Decision::Start(placements) => command::Kind::PlaceJob(PlaceJob {
-                    job_id: job.id,
-                    attempt: job.attempt + 1,
-                    session_id: rand::random::<u64>() | 1,
-                    shards: placements
-                        .into_iter()
-                        .map(|p| ShardAssignment {
-                            rank: p.shard,
-                            worker_id: p.worker_id,
-                            gpus: p.gpus,
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
+                Decision::Start(placements) => {
+                    for p in &placements {
+                        if let Some(c) = free.iter_mut().find(|c| c.worker_id == p.worker_id) {
+                            c.cpus = c.cpus.saturating_sub(job.cpus_per_shard);
+                            c.memory_bytes = c.memory_bytes.saturating_sub(job.memory_per_shard);
+                            c.gpus.retain(|g| !p.gpus.contains(g));
+                        }
+                    }
+                    command::Kind::PlaceJob(PlaceJob {
+                        job_id: job.id,
+                        attempt: job.attempt + 1,
+                        session_id: rand::random::<u64>() | 1,
+                        shards: placements
+                            .into_iter()
+                            .map(|p| ShardAssignment {
+                                rank: p.shard,
+                                worker_id: p.worker_id,
+                                gpus: p.gpus,
+                                ..Default::default()
+                            })
+                            .collect(),
+                    })
+                }
                 Decision::Wait(reason) | Decision::TooLarge(reason) => {
                     let reason = if job.failures > 0 {
                         // Keep saying why it restarts; add what it waits for.
@@ -471,7 +469,7 @@ impl Api {
                 tracing::debug!(job = job.id, error = %e, "schedule a job");
             }
         }
-        Ok(())
+        Ok(free)
     }
 
     /// Why a running attempt has failed from the outside, if it has: a worker of

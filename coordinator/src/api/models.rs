@@ -84,9 +84,21 @@ impl Api {
             }
             versions.reverse();
         }
+        let prefix = keys::model_aliases(&req.name);
+        let mut aliases = std::collections::HashMap::new();
+        for (key, value) in self.reader.scan(&prefix, MAX_LISTED).map_err(storage)? {
+            let alias = String::from_utf8_lossy(&key[prefix.len()..]).to_string();
+            let version = value
+                .as_slice()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| Error::Internal(format!("alias {alias} is corrupt")))?;
+            aliases.insert(alias, version);
+        }
         Ok(GetModelResponse {
             model: Some(model),
             versions,
+            aliases,
         })
     }
 }

@@ -208,3 +208,21 @@ pub fn model_versions(name: &str) -> Vec<u8> {
 pub fn model_version(name: &str, version: u64) -> Vec<u8> {
     format!("model/{name}/v/{version:020}").into_bytes()
 }
+
+/// Returns the prefix of a model's aliases.
+pub fn model_aliases(name: &str) -> Vec<u8> {
+    format!("model_alias/{name}/").into_bytes()
+}
+
+/// Returns the key of one alias of a model (its value: the version, 8 bytes BE).
+pub fn model_alias(name: &str, alias: &str) -> Vec<u8> {
+    format!("model_alias/{name}/{alias}").into_bytes()
+}
+
+/// Prefix of every deployment.
+pub const DEPLOYMENT: &str = "deployment/";
+
+/// Returns the key of a deployment.
+pub fn deployment(name: &str) -> Vec<u8> {
+    format!("{DEPLOYMENT}{name}").into_bytes()
+}

@@ -239,6 +239,25 @@ fn apply_kind(txn: &mut Txn<'_>, cmd: &Command) -> Result<Result<u64, Rejection>
             let who = cmd.audit.as_ref().map_or("", |a| a.who.as_str());
             return super::models::apply_register(txn, register, now_ms, who);
         }
+        command::Kind::SetModelAlias(set) => {
+            return super::models::apply_set_alias(txn, set);
+        }
+        command::Kind::Deploy(deploy) => {
+            let who = cmd.audit.as_ref().map_or("", |a| a.who.as_str());
+            return super::deployments::apply_deploy(txn, deploy, now_ms, who);
+        }
+        command::Kind::RemoveDeployment(remove) => {
+            return super::deployments::apply_remove(txn, remove);
+        }
+        command::Kind::UpdateReplicas(update) => {
+            return super::deployments::apply_update_replicas(txn, update, now_ms);
+        }
+        command::Kind::ReportReplica(report) => {
+            return super::deployments::apply_report(txn, report, now_ms);
+        }
+        command::Kind::ScaleDeployment(scale) => {
+            return super::deployments::apply_scale(txn, scale, now_ms);
+        }
     }
     Ok(Ok(0))
 }

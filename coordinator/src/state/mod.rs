@@ -1,6 +1,7 @@
 //! The replicated state machine: what every coordinator applies, in log order.
 
 pub mod artifacts;
+pub mod deployments;
 pub mod jobs;
 pub mod keys;
 pub mod machine;

@@ -3,7 +3,7 @@
 //! Keys (see `keys`): `model_head/<name>` holds the newest version number (listing
 //! scans these), `model/<name>/v/<ver:020>` each [`ModelVersion`].
 
-use kiln_proto::v1::{ModelVersion, RegisterModel};
+use kiln_proto::v1::{ModelVersion, RegisterModel, SetModelAlias};
 use prost::Message;
 
 use super::artifacts::read_record;
@@ -61,4 +61,32 @@ pub fn apply_register(
         version.to_be_bytes().to_vec(),
     );
     Ok(Ok(version))
+}
+
+/// Returns the version alias `alias` of model `name` names (0: none).
+pub fn alias(state: &dyn StateRead, name: &str, alias: &str) -> Result<u64, StoreError> {
+    read_counter(state, &keys::model_alias(name, alias))
+}
+
+/// Points an alias at a version (version 0 removes it); the version must exist.
+pub fn apply_set_alias(
+    txn: &mut Txn<'_>,
+    set: &SetModelAlias,
+) -> Result<Result<u64, Rejection>, StoreError> {
+    if let Err(e) = kiln_common::artifact::validate_tag(&set.alias) {
+        return Ok(Err(format!("alias: {e}")));
+    }
+    let key = keys::model_alias(&set.name, &set.alias);
+    if set.version == 0 {
+        txn.delete(key);
+        return Ok(Ok(0));
+    }
+    if read_model(txn, &set.name, set.version)?.is_none() {
+        return Ok(Err(format!(
+            "NOT_FOUND: {}@{} does not exist",
+            set.name, set.version
+        )));
+    }
+    txn.put(key, set.version.to_be_bytes().to_vec());
+    Ok(Ok(set.version))
 }

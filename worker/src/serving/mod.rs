@@ -5,6 +5,12 @@
 //! - `engine`: one replica's model: a tract plan with a symbolic batch dimension,
 //!   its [`Signature`], and a dynamic batcher (bounded queue, deadline per
 //!   request, inference threads) that checks requests against the signature.
+//! - `replicas`: the supervisor of this worker's replicas and the table of the
+//!   ready ones.
+//! - `router`: sends each request to a ready replica of its deployment, here or
+//!   on another worker (power of two choices, canary share, one retry).
+//! - `grpc`: the KServe v2 gRPC service on the inference gRPC port, over the
+//!   same router.
 //!
 //! The boundary between them is [`Tensor`]: a name, a datatype, a shape and the
 //! values as little-endian bytes in row-major order, which is what the binary
@@ -14,7 +20,10 @@
 //! 429, `Unavailable` 503, `Timeout` 504, `Internal` 500).
 
 pub mod engine;
+pub mod grpc;
 pub mod protocol;
+pub mod replicas;
+pub mod router;
 
 use bytes::Bytes;
 

@@ -1,0 +1,246 @@
+//! `kiln deploy` and `kiln deployments ls | show | rm`: serving model versions.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use kiln_common::client::ClusterClient;
+use kiln_proto::v1::{
+    DeleteDeploymentRequest, DeployRequest, DeploymentRecord, GetDeploymentRequest,
+    ListDeploymentsRequest, ReplicaState,
+};
+use serde_json::{json, Value};
+
+use kiln_coordinator::state::deployments::{describe, target_text};
+
+use crate::{DeployArgs, DeploymentsCommand};
+
+/// Longest `kiln deploy --wait` waits for the replicas to be ready.
+const WAIT_LIMIT: Duration = Duration::from_secs(300);
+
+fn state_name(state: i32) -> &'static str {
+    match ReplicaState::try_from(state).unwrap_or(ReplicaState::Unspecified) {
+        ReplicaState::ReplicaStarting => "Starting",
+        ReplicaState::ReplicaReady => "Ready",
+        ReplicaState::ReplicaFailed => "Failed",
+        ReplicaState::Unspecified => "Unknown",
+    }
+}
+
+fn deployment_json(d: &DeploymentRecord) -> Value {
+    json!({
+        "name": d.name,
+        "model": target_text(&d.primary),
+        "artifact": d.primary.as_ref().map(|t| t.artifact.clone()),
+        "canary": d.canary.as_ref().map(|_| target_text(&d.canary)),
+        "canary_percent": d.canary_percent,
+        "replicas": d.replicas,
+        "min_replicas": d.min_replicas,
+        "max_replicas": d.max_replicas,
+        "ready_replicas": ready(d),
+        "cpus_per_replica": d.cpus_per_replica,
+        "max_batch_size": d.max_batch_size,
+        "max_queue_delay_us": d.max_queue_delay_us,
+        "queue_capacity": d.queue_capacity,
+        "target_in_flight": d.target_in_flight,
+        "public": d.public,
+        "generation": d.generation,
+        "replica_set": d.replica_set.iter().map(|r| json!({
+            "id": r.id,
+            "worker_id": r.worker_id,
+            "model": target_text(&r.target),
+            "canary": r.canary,
+            "state": state_name(r.state),
+            "reason": r.reason,
+            "generation": r.generation,
+        })).collect::<Vec<_>>(),
+        "events": d.events.iter().map(|e| json!({"at_ms": e.at_ms, "message": e.message})).collect::<Vec<_>>(),
+        "created_at_ms": d.created_at_ms,
+        "updated_at_ms": d.updated_at_ms,
+        "created_by": d.created_by,
+    })
+}
+
+/// Ready replicas of the current generation.
+fn ready(d: &DeploymentRecord) -> usize {
+    d.replica_set
+        .iter()
+        .filter(|r| r.generation == d.generation && r.state == ReplicaState::ReplicaReady as i32)
+        .count()
+}
+
+/// True once the current generation has every replica it wants ready and the
+/// older ones have retired.
+fn rolled_out(d: &DeploymentRecord) -> bool {
+    let canaries = if d.canary.is_some() {
+        kiln_coordinator::api::deployments::canary_replicas(d.replicas, d.canary_percent)
+    } else {
+        0
+    };
+    let old = d.replica_set.iter().any(|r| r.generation != d.generation);
+    !old && ready(d) >= (d.replicas + canaries) as usize
+}
+
+async fn get(client: &ClusterClient, name: &str) -> anyhow::Result<DeploymentRecord> {
+    let request = GetDeploymentRequest { name: name.into() };
+    client
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.get_deployment(request).await.map(|r| r.into_inner()) }
+        })
+        .await?
+        .deployment
+        .context("the coordinators sent no deployment")
+}
+
+/// `kiln deploy NAME --model M@V ...`.
+pub async fn deploy(client: ClusterClient, args: DeployArgs) -> anyhow::Result<()> {
+    let request = DeployRequest {
+        name: args.name.clone(),
+        model: args.model,
+        replicas: args.replicas.unwrap_or(0),
+        min_replicas: args.min.unwrap_or(0),
+        max_replicas: args.max.unwrap_or(0),
+        canary: args.canary.unwrap_or_default(),
+        canary_percent: args.canary_percent.unwrap_or(0),
+        cpus_per_replica: args.cpus.unwrap_or(0),
+        max_batch_size: args.max_batch_size.unwrap_or(0),
+        max_queue_delay_us: args.max_queue_delay_us.unwrap_or(0),
+        queue_capacity: args.queue_capacity.unwrap_or(0),
+        public: args.public,
+        target_in_flight: args.target_in_flight.unwrap_or(0),
+    };
+    let mut deployment = client
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.deploy(request).await.map(|r| r.into_inner()) }
+        })
+        .await?
+        .deployment
+        .context("the coordinators sent no deployment")?;
+    if args.wait {
+        let started = Instant::now();
+        while !rolled_out(&deployment) {
+            if started.elapsed() > WAIT_LIMIT {
+                anyhow::bail!(
+                    "deployment {} is not ready after {} s: {} of {} replicas ready; see kiln deployments show {}",
+                    deployment.name,
+                    WAIT_LIMIT.as_secs(),
+                    ready(&deployment),
+                    deployment.replicas,
+                    deployment.name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            deployment = get(&client, &args.name).await?;
+        }
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&deployment_json(&deployment))?
+        );
+    } else {
+        println!(
+            "deployment {} serves {} on {} replica(s) (generation {}){}",
+            deployment.name,
+            describe(&deployment),
+            deployment.replicas,
+            deployment.generation,
+            if args.wait { ", ready" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+/// `kiln deployments ...`.
+pub async fn run(client: ClusterClient, command: DeploymentsCommand) -> anyhow::Result<()> {
+    match command {
+        DeploymentsCommand::Ls { json } => {
+            let deployments = client
+                .call(|mut c| async move {
+                    c.list_deployments(ListDeploymentsRequest {})
+                        .await
+                        .map(|r| r.into_inner())
+                })
+                .await?
+                .deployments;
+            if json {
+                let docs: Vec<Value> = deployments.iter().map(deployment_json).collect();
+                println!("{}", serde_json::to_string_pretty(&docs)?);
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:<40} {:>8} {:>6}  SCALE",
+                "NAME", "MODEL", "REPLICAS", "READY"
+            );
+            for d in &deployments {
+                let scale = if d.min_replicas == d.max_replicas {
+                    "fixed".to_string()
+                } else {
+                    format!("{}..{}", d.min_replicas, d.max_replicas)
+                };
+                println!(
+                    "{:<24} {:<40} {:>8} {:>6}  {}",
+                    d.name,
+                    describe(d),
+                    d.replicas,
+                    ready(d),
+                    scale
+                );
+            }
+            Ok(())
+        }
+        DeploymentsCommand::Show { name, json } => {
+            let d = get(&client, &name).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&deployment_json(&d))?);
+                return Ok(());
+            }
+            println!("deployment {} (generation {})", d.name, d.generation);
+            println!("model:     {}", describe(&d));
+            println!(
+                "replicas:  {} wanted ({}..{}), {} ready; {} CPU(s) each",
+                d.replicas,
+                d.min_replicas,
+                d.max_replicas,
+                ready(&d),
+                d.cpus_per_replica
+            );
+            println!(
+                "batching:  max batch {}, max queue delay {} us, queue {} requests",
+                d.max_batch_size, d.max_queue_delay_us, d.queue_capacity
+            );
+            println!("access:    {}", if d.public { "public" } else { "token" });
+            for r in &d.replica_set {
+                println!(
+                    "replica {:>4}  {:<9} {:<20} worker {}{}{}",
+                    r.id,
+                    state_name(r.state),
+                    target_text(&r.target),
+                    r.worker_id,
+                    if r.canary { " canary" } else { "" },
+                    if r.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  ({})", r.reason)
+                    }
+                );
+            }
+            for e in &d.events {
+                println!("event  {}  {}", e.at_ms, e.message);
+            }
+            Ok(())
+        }
+        DeploymentsCommand::Rm { name } => {
+            let request = DeleteDeploymentRequest { name: name.clone() };
+            client
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.delete_deployment(request).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            println!("removed deployment {name}");
+            Ok(())
+        }
+    }
+}

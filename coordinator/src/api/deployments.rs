@@ -1,0 +1,692 @@
+//! Serving: model aliases, deployments (deploy, list, show, remove), the replicas'
+//! reports and, on the leader, the round that places, replaces and retires
+//! replicas and hands each worker its replica tasks and the routes.
+//!
+//! A replica takes traffic only once its worker reports it Ready (model loaded,
+//! warm-up inference done). A rollout places the new generation's replicas first
+//! and retires the old ones only when as many new ones are ready as the
+//! deployment wants, so there is no moment without ready replicas.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kiln_common::artifact::{parse_reference, Selector};
+use kiln_common::{Error, Result};
+use kiln_proto::v1::*;
+
+use super::grpc::{audited, command, Api};
+use super::{rejection, storage};
+use crate::auth::Caller;
+use crate::scheduler::{self, Capacity};
+use crate::state::deployments::read_deployment;
+use crate::state::keys;
+use crate::state::models::{alias, latest, read_model};
+
+/// Most deployments one listing (or one scheduling round) reads.
+const MAX_DEPLOYMENTS: usize = 1_000;
+/// Most replicas a deployment may ask for.
+pub const MAX_WANTED_REPLICAS: u32 = 64;
+/// How long a failed replica stays listed (so its reason can be read) before it
+/// is replaced.
+pub const FAILED_REPLICA_PAUSE_MS: u64 = 5_000;
+/// Longest a placed replica may take to load its model and report Ready before it
+/// is replaced on another worker.
+pub const REPLICA_START_TIMEOUT_MS: u64 = 120_000;
+
+/// Defaults of a deployment's serving settings (Triton-like).
+pub const DEFAULT_MAX_BATCH_SIZE: u32 = 64;
+pub const DEFAULT_MAX_QUEUE_DELAY_US: u64 = 500;
+pub const DEFAULT_QUEUE_CAPACITY: u32 = 1024;
+pub const DEFAULT_TARGET_IN_FLIGHT: u32 = 8;
+/// Largest batch a replica forms.
+pub const MAX_BATCH_SIZE: u32 = 4096;
+/// Longest a replica holds a request to form a batch.
+pub const MAX_QUEUE_DELAY_US: u64 = 1_000_000;
+/// Most requests a replica queues.
+pub const MAX_QUEUE_CAPACITY: u32 = 65_536;
+
+/// The canary's share of a deployment's replicas: at least one.
+pub fn canary_replicas(replicas: u32, percent: u32) -> u32 {
+    ((replicas * percent).div_ceil(100)).max(1)
+}
+
+impl Api {
+    /// Resolves `MODEL[@VERSION|@ALIAS]` to the version it names now.
+    fn resolve_model(&self, text: &str) -> Result<(ModelVersion, ModelTarget)> {
+        let (name, selector) = parse_reference(text)?;
+        let version = match &selector {
+            Selector::Latest => latest(&self.reader, &name).map_err(storage)?,
+            Selector::Version(v) => *v,
+            Selector::Tag(a) => {
+                let version = alias(&self.reader, &name, a).map_err(storage)?;
+                if version == 0 {
+                    return Err(Error::NotFound(format!("model {name} has no alias {a}")));
+                }
+                version
+            }
+        };
+        let model = read_model(&self.reader, &name, version)
+            .map_err(storage)?
+            .ok_or_else(|| {
+                Error::NotFound(if version == 0 {
+                    format!("no model is named {name}")
+                } else {
+                    format!("{name}@{version} does not exist")
+                })
+            })?;
+        let target = ModelTarget {
+            model: name,
+            version,
+            artifact: model.artifact.clone(),
+            requested: text.to_string(),
+        };
+        Ok((model, target))
+    }
+
+    /// Points an alias of a model at a version (0 removes it).
+    pub async fn set_model_alias_call(
+        &self,
+        caller: &Caller,
+        req: SetModelAliasRequest,
+    ) -> Result<()> {
+        let set = req
+            .alias
+            .ok_or_else(|| Error::InvalidArgument("set_model_alias without an alias".into()))?;
+        kiln_common::artifact::validate_tag(&set.alias)?;
+        let what = if set.version == 0 {
+            format!("remove alias {} of model {}", set.alias, set.name)
+        } else {
+            format!("alias {}@{} as {}", set.name, set.version, set.alias)
+        };
+        self.propose(
+            audited(caller, what, command::Kind::SetModelAlias(set)),
+            false,
+        )
+        .await
+        .map_err(rejection)?;
+        Ok(())
+    }
+
+    /// Creates or changes a deployment; returns it as committed.
+    pub async fn deploy_call(
+        &self,
+        caller: &Caller,
+        req: DeployRequest,
+    ) -> Result<DeploymentRecord> {
+        self.read_barrier(false).await?;
+        kiln_common::artifact::validate_name(&req.name)
+            .map_err(|e| Error::InvalidArgument(format!("deployment name: {e}")))?;
+        let (_, primary) = self.resolve_model(&req.model)?;
+        let (min, max) = match (req.replicas, req.min_replicas, req.max_replicas) {
+            (n, 0, 0) if n > 0 => (n, n),
+            (0, min, max) if min > 0 && max >= min => (min, max),
+            (0, 0, 0) => (1, 1),
+            (n, min, max) => {
+                return Err(Error::InvalidArgument(format!(
+                    "give either --replicas N (N >= 1) or --min N --max M (1 <= N <= M); got replicas {n}, min {min}, max {max}"
+                )))
+            }
+        };
+        if max > MAX_WANTED_REPLICAS {
+            return Err(Error::InvalidArgument(format!(
+                "at most {MAX_WANTED_REPLICAS} replicas per deployment; asked for {max}"
+            )));
+        }
+        let canary = if req.canary.is_empty() {
+            if req.canary_percent != 0 {
+                return Err(Error::InvalidArgument(
+                    "--canary-percent needs --canary MODEL@VERSION".into(),
+                ));
+            }
+            None
+        } else {
+            if !(1..=99).contains(&req.canary_percent) {
+                return Err(Error::InvalidArgument(format!(
+                    "--canary-percent must be 1 to 99, not {}",
+                    req.canary_percent
+                )));
+            }
+            Some(self.resolve_model(&req.canary)?.1)
+        };
+        let or = |v: u32, default: u32| if v == 0 { default } else { v };
+        let max_batch_size = or(req.max_batch_size, DEFAULT_MAX_BATCH_SIZE);
+        let max_queue_delay_us = if req.max_queue_delay_us == 0 {
+            DEFAULT_MAX_QUEUE_DELAY_US
+        } else {
+            req.max_queue_delay_us
+        };
+        let queue_capacity = or(req.queue_capacity, DEFAULT_QUEUE_CAPACITY);
+        if max_batch_size > MAX_BATCH_SIZE
+            || max_queue_delay_us > MAX_QUEUE_DELAY_US
+            || queue_capacity > MAX_QUEUE_CAPACITY
+        {
+            return Err(Error::InvalidArgument(format!(
+                "batching limits: max_batch_size <= {MAX_BATCH_SIZE}, max_queue_delay_us <= {MAX_QUEUE_DELAY_US}, queue_capacity <= {MAX_QUEUE_CAPACITY}"
+            )));
+        }
+        // An autoscaled deployment keeps its current scale within the new bounds.
+        let current = read_deployment(&self.reader, &req.name)
+            .map_err(storage)?
+            .map_or(min, |d| d.replicas.clamp(min, max));
+        let spec = DeploymentRecord {
+            name: req.name.clone(),
+            primary: Some(primary),
+            canary,
+            canary_percent: req.canary_percent,
+            replicas: if min == max { min } else { current },
+            min_replicas: min,
+            max_replicas: max,
+            cpus_per_replica: or(req.cpus_per_replica, 1),
+            memory_per_replica: 0,
+            max_batch_size,
+            max_queue_delay_us,
+            queue_capacity,
+            public: req.public,
+            target_in_flight: or(req.target_in_flight, DEFAULT_TARGET_IN_FLIGHT),
+            ..Default::default()
+        };
+        let what = format!(
+            "deploy {} as {}",
+            crate::state::deployments::describe(&spec),
+            req.name
+        );
+        let kind = command::Kind::Deploy(Deploy {
+            deployment: Some(spec),
+        });
+        self.propose(audited(caller, what, kind), false)
+            .await
+            .map_err(rejection)?;
+        read_deployment(&self.reader, &req.name)
+            .map_err(storage)?
+            .ok_or_else(|| Error::Internal(format!("deployment {} vanished", req.name)))
+    }
+
+    /// Every deployment, by name.
+    pub fn deployments(&self) -> Result<Vec<DeploymentRecord>> {
+        let mut out = Vec::new();
+        for (_, bytes) in self
+            .reader
+            .scan(keys::DEPLOYMENT.as_bytes(), MAX_DEPLOYMENTS)
+            .map_err(storage)?
+        {
+            out.push(
+                <DeploymentRecord as prost::Message>::decode(bytes.as_slice())
+                    .map_err(|e| Error::Internal(format!("decode deployment: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+
+    pub async fn list_deployments_call(&self) -> Result<ListDeploymentsResponse> {
+        self.read_barrier(false).await?;
+        Ok(ListDeploymentsResponse {
+            deployments: self.deployments()?,
+        })
+    }
+
+    pub async fn get_deployment_call(&self, req: GetDeploymentRequest) -> Result<DeploymentRecord> {
+        self.read_barrier(false).await?;
+        read_deployment(&self.reader, &req.name)
+            .map_err(storage)?
+            .ok_or_else(|| Error::NotFound(format!("deployment {} does not exist", req.name)))
+    }
+
+    pub async fn delete_deployment_call(
+        &self,
+        caller: &Caller,
+        req: DeleteDeploymentRequest,
+    ) -> Result<()> {
+        let what = format!("remove deployment {}", req.name);
+        let kind = command::Kind::RemoveDeployment(RemoveDeployment { name: req.name });
+        self.propose(audited(caller, what, kind), false)
+            .await
+            .map_err(rejection)?;
+        Ok(())
+    }
+
+    /// Applies a replica's report; returns whether it is still wanted.
+    pub async fn report_replica_call(&self, req: ReportReplicaRequest) -> Result<bool> {
+        let report = req
+            .report
+            .ok_or_else(|| Error::InvalidArgument("report_replica without a report".into()))?;
+        match self
+            .propose(command(command::Kind::ReportReplica(report)), false)
+            .await
+            .map_err(rejection)
+        {
+            Ok(_) => Ok(true),
+            Err(Error::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// CPUs and memory the replicas of every deployment hold, by worker.
+    pub fn replica_usage(&self, deployments: &[DeploymentRecord]) -> HashMap<String, (u32, u64)> {
+        let mut usage: HashMap<String, (u32, u64)> = HashMap::new();
+        for d in deployments {
+            for r in &d.replica_set {
+                let entry = usage.entry(r.worker_id.clone()).or_default();
+                entry.0 += d.cpus_per_replica;
+                entry.1 += d.memory_per_replica;
+            }
+        }
+        usage
+    }
+
+    /// The replicas worker `worker_id` should hold now.
+    pub fn replica_tasks_for(
+        &self,
+        worker_id: &str,
+        deployments: &[DeploymentRecord],
+    ) -> Vec<ReplicaTask> {
+        let mut tasks = Vec::new();
+        for d in deployments {
+            for r in &d.replica_set {
+                if r.worker_id == worker_id && r.state != ReplicaState::ReplicaFailed as i32 {
+                    tasks.push(ReplicaTask {
+                        deployment: d.name.clone(),
+                        replica_id: r.id,
+                        target: r.target.clone(),
+                        max_batch_size: d.max_batch_size,
+                        max_queue_delay_us: d.max_queue_delay_us,
+                        queue_capacity: d.queue_capacity,
+                        threads: d.cpus_per_replica,
+                    });
+                }
+            }
+        }
+        tasks
+    }
+
+    /// Every deployment's ready replicas on Alive workers, for the routers.
+    pub fn routes(&self, deployments: &[DeploymentRecord]) -> Result<Vec<Route>> {
+        let workers = self.workers_by_id()?;
+        Ok(deployments
+            .iter()
+            .map(|d| Route {
+                deployment: d.name.clone(),
+                canary_percent: if d.canary.is_some() {
+                    d.canary_percent
+                } else {
+                    0
+                },
+                public: d.public,
+                endpoints: d
+                    .replica_set
+                    .iter()
+                    .filter(|r| r.state == ReplicaState::ReplicaReady as i32)
+                    .filter_map(|r| {
+                        let w = workers.get(&r.worker_id)?;
+                        (w.state == WorkerState::Alive as i32).then(|| RouteEndpoint {
+                            replica_id: r.id,
+                            worker_id: r.worker_id.clone(),
+                            http_addr: w.inference_http_addr.clone(),
+                            grpc_addr: w.inference_grpc_addr.clone(),
+                            canary: r.canary,
+                            model: r
+                                .target
+                                .as_ref()
+                                .map(|t| t.model.clone())
+                                .unwrap_or_default(),
+                            version: r.target.as_ref().map_or(0, |t| t.version),
+                        })
+                    })
+                    .collect(),
+            })
+            .collect())
+    }
+
+    /// One serving round on the leader: applies the autoscaler's decisions, drops
+    /// replicas on Down workers, replaces
+    /// failed and stuck ones, places what each deployment lacks, and retires old
+    /// generations once the new one is ready. `free` is what the workers have
+    /// free after training shards and the replicas already placed.
+    pub async fn replica_round(&self, now_ms: u64, mut free: Vec<Capacity>) -> Result<()> {
+        let deployments = self.deployments()?;
+        let workers = self.workers_by_id()?;
+        let now = std::time::Instant::now();
+        self.autoscaler.prune(now);
+        for mut d in deployments {
+            if let Some((replicas, reason)) = self.autoscaler.decide(&d, now) {
+                let kind = command::Kind::ScaleDeployment(ScaleDeployment {
+                    name: d.name.clone(),
+                    replicas,
+                    reason,
+                });
+                match self.propose(command(kind), false).await {
+                    Ok(_) => d.replicas = replicas,
+                    Err(e) => tracing::debug!(deployment = %d.name, error = %e, "scale"),
+                }
+            }
+            let update = plan_replicas(&d, &workers, &mut free, now_ms);
+            if update.add.is_empty() && update.remove.is_empty() {
+                continue;
+            }
+            if let Err(e) = self
+                .propose(command(command::Kind::UpdateReplicas(update)), false)
+                .await
+            {
+                tracing::debug!(deployment = %d.name, error = %e, "update replicas");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// True when replica `r` is part of what `d` runs now: a primary of the current
+/// generation, or a canary of the current generation and canary target.
+fn is_current(d: &DeploymentRecord, r: &ReplicaRecord) -> bool {
+    r.generation == d.generation && (!r.canary || (d.canary.is_some() && r.target == d.canary))
+}
+
+/// Decides one deployment's replica changes: pure, so it is tested on its own.
+///
+/// Replicas on Down workers, failed ones (after a pause) and ones that never
+/// became ready are replaced. Each set (primary, canary) gets what it lacks,
+/// spread over the workers; surplus is retired, starting ones and the newest
+/// first. Replicas of an older generation (or an older canary) keep serving
+/// until every set is ready, then retire together; when the cluster has no room
+/// for the new ones, one old replica at a time makes room, as long as another
+/// ready replica keeps serving.
+pub fn plan_replicas(
+    d: &DeploymentRecord,
+    workers: &BTreeMap<String, WorkerRecord>,
+    free: &mut [Capacity],
+    now_ms: u64,
+) -> UpdateReplicas {
+    let mut remove: Vec<u64> = Vec::new();
+    let mut reasons: Vec<String> = Vec::new();
+    let ready = ReplicaState::ReplicaReady as i32;
+    let failed = ReplicaState::ReplicaFailed as i32;
+    let starting = ReplicaState::ReplicaStarting as i32;
+    for r in &d.replica_set {
+        let down = workers
+            .get(&r.worker_id)
+            .is_none_or(|w| w.state == WorkerState::Down as i32);
+        if down {
+            remove.push(r.id);
+            reasons.push(format!(
+                "replaced replica {} (worker {} is down)",
+                r.id, r.worker_id
+            ));
+        } else if r.state == failed && now_ms >= r.state_since_ms + FAILED_REPLICA_PAUSE_MS {
+            remove.push(r.id);
+            reasons.push(format!("replaced failed replica {} ({})", r.id, r.reason));
+        } else if r.state == starting && now_ms >= r.placed_at_ms + REPLICA_START_TIMEOUT_MS {
+            remove.push(r.id);
+            reasons.push(format!(
+                "replaced replica {}: not ready {} s after placement",
+                r.id,
+                REPLICA_START_TIMEOUT_MS / 1000
+            ));
+        }
+    }
+    let live: Vec<&ReplicaRecord> = d
+        .replica_set
+        .iter()
+        .filter(|r| !remove.contains(&r.id) && r.state != failed)
+        .collect();
+    let mut held: HashMap<String, usize> = HashMap::new();
+    for r in &live {
+        *held.entry(r.worker_id.clone()).or_default() += 1;
+    }
+    let mut add = Vec::new();
+    let mut all_ready = true;
+    let mut short_of_room = false;
+    let canaries = if d.canary.is_some() {
+        canary_replicas(d.replicas, d.canary_percent)
+    } else {
+        0
+    };
+    let sets = [
+        (d.primary.clone(), false, d.replicas),
+        (d.canary.clone(), true, canaries),
+    ];
+    for (target, canary, want) in sets {
+        let Some(target) = target else { continue };
+        let want = want as usize;
+        let current: Vec<&&ReplicaRecord> = live
+            .iter()
+            .filter(|r| r.canary == canary && is_current(d, r))
+            .collect();
+        if current.iter().filter(|r| r.state == ready).count() < want {
+            all_ready = false;
+        }
+        let have = current.len();
+        if have < want {
+            let workers = scheduler::spread(
+                want - have,
+                d.cpus_per_replica,
+                d.memory_per_replica,
+                free,
+                &held,
+            );
+            if workers.len() < want - have {
+                short_of_room = true;
+            }
+            for worker_id in workers {
+                *held.entry(worker_id.clone()).or_default() += 1;
+                reasons.push(format!(
+                    "placed a {} replica of {}@{} on worker {worker_id}",
+                    if canary { "canary" } else { "primary" },
+                    target.model,
+                    target.version
+                ));
+                add.push(ReplicaRecord {
+                    worker_id,
+                    target: Some(target.clone()),
+                    canary,
+                    ..Default::default()
+                });
+            }
+        } else if have > want {
+            // Scale down: starting replicas first, then the newest.
+            let mut extra: Vec<&&ReplicaRecord> = current.clone();
+            extra.sort_by_key(|r| (r.state == ready, std::cmp::Reverse(r.id)));
+            for r in extra.into_iter().take(have - want) {
+                remove.push(r.id);
+                reasons.push(format!("scaled down: retired replica {}", r.id));
+            }
+        }
+    }
+    let old: Vec<&&ReplicaRecord> = live
+        .iter()
+        .filter(|r| !is_current(d, r) && !remove.contains(&r.id))
+        .collect();
+    if all_ready {
+        for r in &old {
+            remove.push(r.id);
+            reasons.push(format!(
+                "retired replica {} of {} (the new replicas are ready)",
+                r.id,
+                r.target
+                    .as_ref()
+                    .map(|t| format!("{}@{}", t.model, t.version))
+                    .unwrap_or_default()
+            ));
+        }
+    } else if short_of_room && add.is_empty() {
+        let serving = live
+            .iter()
+            .filter(|r| r.state == ready && !remove.contains(&r.id))
+            .count();
+        // The oldest old replica, if another ready one keeps serving.
+        if let Some(r) = old.iter().min_by_key(|r| r.id) {
+            if serving - usize::from(r.state == ready) >= 1 {
+                remove.push(r.id);
+                reasons.push(format!(
+                    "retired replica {} early to make room for the rollout",
+                    r.id
+                ));
+            }
+        }
+    }
+    UpdateReplicas {
+        name: d.name.clone(),
+        generation: d.generation,
+        add,
+        remove,
+        reason: reasons.join("; "),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(id: &str, state: WorkerState) -> (String, WorkerRecord) {
+        (
+            id.to_string(),
+            WorkerRecord {
+                id: id.into(),
+                state: state as i32,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn capacity(id: &str) -> Capacity {
+        Capacity {
+            worker_id: id.into(),
+            cpus: 4,
+            gpus: vec![],
+            memory_bytes: 1 << 34,
+        }
+    }
+
+    fn target(version: u64) -> Option<ModelTarget> {
+        Some(ModelTarget {
+            model: "m".into(),
+            version,
+            artifact: format!("m-model@{version}"),
+            requested: format!("m@{version}"),
+        })
+    }
+
+    fn replica(id: u64, worker: &str, generation: u64, state: ReplicaState) -> ReplicaRecord {
+        ReplicaRecord {
+            id,
+            worker_id: worker.into(),
+            target: target(generation),
+            state: state as i32,
+            generation,
+            ..Default::default()
+        }
+    }
+
+    fn deployment(generation: u64, replicas: u32, set: Vec<ReplicaRecord>) -> DeploymentRecord {
+        DeploymentRecord {
+            name: "d".into(),
+            primary: target(generation),
+            replicas,
+            min_replicas: replicas,
+            max_replicas: replicas,
+            cpus_per_replica: 1,
+            generation,
+            replica_set: set,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_rollout_keeps_old_replicas_until_the_new_ones_are_ready() {
+        let workers = BTreeMap::from([
+            worker("a", WorkerState::Alive),
+            worker("b", WorkerState::Alive),
+        ]);
+        let mut free = vec![capacity("a"), capacity("b")];
+        let old = vec![
+            replica(1, "a", 1, ReplicaState::ReplicaReady),
+            replica(2, "b", 1, ReplicaState::ReplicaReady),
+        ];
+        let plan = plan_replicas(&deployment(2, 2, old.clone()), &workers, &mut free, 0);
+        assert_eq!(plan.add.len(), 2, "{plan:?}");
+        assert!(
+            plan.remove.is_empty(),
+            "nothing retires before the new ones are ready"
+        );
+        let mut set = old.clone();
+        set.push(replica(3, "a", 2, ReplicaState::ReplicaReady));
+        set.push(replica(4, "b", 2, ReplicaState::ReplicaStarting));
+        let plan = plan_replicas(&deployment(2, 2, set.clone()), &workers, &mut free, 0);
+        assert!(plan.add.is_empty() && plan.remove.is_empty(), "{plan:?}");
+        set[3].state = ReplicaState::ReplicaReady as i32;
+        let plan = plan_replicas(&deployment(2, 2, set), &workers, &mut free, 0);
+        assert_eq!(plan.remove, vec![1, 2]);
+    }
+
+    #[test]
+    fn replicas_on_down_workers_and_failed_ones_are_replaced() {
+        let workers = BTreeMap::from([
+            worker("a", WorkerState::Alive),
+            worker("b", WorkerState::Down),
+        ]);
+        let mut free = vec![capacity("a")];
+        let mut failed = replica(2, "a", 1, ReplicaState::ReplicaFailed);
+        failed.state_since_ms = 1_000;
+        let set = vec![replica(1, "b", 1, ReplicaState::ReplicaReady), failed];
+        let plan = plan_replicas(&deployment(1, 2, set.clone()), &workers, &mut free, 2_000);
+        assert_eq!(plan.remove, vec![1], "the failed one waits out its pause");
+        assert_eq!(plan.add.len(), 2);
+        assert!(plan.add.iter().all(|r| r.worker_id == "a"));
+        let mut free = vec![capacity("a")];
+        let plan = plan_replicas(
+            &deployment(1, 2, set),
+            &workers,
+            &mut free,
+            1_000 + FAILED_REPLICA_PAUSE_MS,
+        );
+        assert_eq!(plan.remove, vec![1, 2]);
+        assert!(plan.reason.contains("worker b is down"), "{}", plan.reason);
+    }
+
+    #[test]
+    fn a_full_cluster_rolls_out_one_replica_at_a_time() {
+        let workers = BTreeMap::from([worker("a", WorkerState::Alive)]);
+        let old = vec![
+            replica(1, "a", 1, ReplicaState::ReplicaReady),
+            replica(2, "a", 1, ReplicaState::ReplicaReady),
+        ];
+        // Both CPUs of a are taken by the old replicas.
+        let mut full = vec![Capacity {
+            cpus: 0,
+            ..capacity("a")
+        }];
+        let plan = plan_replicas(&deployment(2, 2, old.clone()), &workers, &mut full, 0);
+        assert!(plan.add.is_empty());
+        assert_eq!(
+            plan.remove,
+            vec![1],
+            "one old replica makes room: {}",
+            plan.reason
+        );
+        // With only one old replica left and nothing new ready, it keeps serving.
+        let plan = plan_replicas(&deployment(2, 2, old[1..].to_vec()), &workers, &mut full, 0);
+        assert!(plan.remove.is_empty(), "{plan:?}");
+    }
+
+    #[test]
+    fn a_canary_gets_its_own_replicas_and_they_retire_with_it() {
+        let workers = BTreeMap::from([worker("a", WorkerState::Alive)]);
+        let mut free = vec![capacity("a")];
+        let mut d = deployment(1, 3, vec![]);
+        d.canary = target(2);
+        d.canary_percent = 20;
+        let plan = plan_replicas(&d, &workers, &mut free, 0);
+        let canaries = plan.add.iter().filter(|r| r.canary).count();
+        assert_eq!((plan.add.len(), canaries), (4, 1), "3 primary + 1 canary");
+        assert_eq!(canary_replicas(10, 20), 2);
+        assert_eq!(canary_replicas(1, 5), 1);
+        // Removing the canary keeps the primaries and retires the canary once
+        // the primaries are ready.
+        let mut set: Vec<ReplicaRecord> = (1..=3)
+            .map(|id| replica(id, "a", 1, ReplicaState::ReplicaReady))
+            .collect();
+        let mut canary = replica(4, "a", 1, ReplicaState::ReplicaReady);
+        canary.canary = true;
+        canary.target = target(2);
+        set.push(canary);
+        let plan = plan_replicas(&deployment(1, 3, set), &workers, &mut free, 0);
+        assert!(plan.add.is_empty(), "{plan:?}");
+        assert_eq!(plan.remove, vec![4]);
+    }
+}

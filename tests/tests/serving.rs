@@ -1,0 +1,972 @@
+//! Serving through a real cluster (3 coordinators, workers, TLS and tokens):
+//! `kiln models register | alias`, `kiln deploy`, `kiln deployments ...`, and the
+//! KServe v2 endpoints of every worker, which route to replicas on any worker.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kiln_common::jobspec::Activation;
+use kiln_proto::inference::{model_infer_request, ModelInferRequest, ModelMetadataRequest};
+use kiln_tests::{http_call, HttpAnswer};
+use kiln_tests::{stderr_text, Cluster};
+use kiln_worker::train::arch::{Arch, Task};
+use kiln_worker::train::data::Standardizer;
+use kiln_worker::train::onnx::{export, ExportMeta};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tract_onnx::prelude::*;
+
+const FEATURES: usize = 4;
+const CLASSES: usize = 3;
+
+/// An MLP 4-16-3 with random weights from `seed`, as ONNX bytes.
+fn model_bytes(seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let arch = Arch {
+        inputs: FEATURES,
+        hidden: vec![16],
+        activation: Activation::Tanh,
+        task: Task::Classification {
+            classes: (0..CLASSES).map(|c| format!("c{c}")).collect(),
+        },
+    };
+    let flat: Vec<f32> = (0..arch.parameter_count())
+        .map(|_| rng.gen_range(-1.0..1.0))
+        .collect();
+    let standardizer = Standardizer {
+        mean: vec![0.5; FEATURES],
+        std: vec![2.0; FEATURES],
+    };
+    let meta = ExportMeta {
+        features: (0..FEATURES).map(|i| format!("f{i}")).collect(),
+        label: "kind".into(),
+        ..Default::default()
+    };
+    export(
+        &arch,
+        &arch.split(&flat).expect("parameters"),
+        &standardizer,
+        &meta,
+    )
+    .expect("export")
+}
+
+/// What tract computes in-process for `rows` rows of `x`.
+fn in_process(bytes: &[u8], rows: usize, x: &[f32]) -> Vec<f32> {
+    let plan = tract_onnx::onnx()
+        .model_for_read(&mut &bytes[..])
+        .expect("parse")
+        .into_optimized()
+        .expect("optimise")
+        .into_runnable()
+        .expect("plan");
+    let input = Tensor::from_shape(&[rows, FEATURES], x).expect("tensor");
+    let out = plan.run(tvec!(input.into())).expect("run");
+    out[0]
+        .to_plain_array_view::<f32>()
+        .expect("f32")
+        .iter()
+        .copied()
+        .collect()
+}
+
+fn write_model(dir: &Path, name: &str, seed: u64) -> (PathBuf, Vec<u8>) {
+    let bytes = model_bytes(seed);
+    let path = dir.join(name);
+    std::fs::write(&path, &bytes).expect("write model");
+    (path, bytes)
+}
+
+/// A cluster (coordinators with `config`) with the named workers alive.
+async fn cluster_with(workers: &[&str], config: &str) -> Cluster {
+    let mut cluster = Cluster::start(3, config);
+    cluster.wait_for_leader(Duration::from_secs(20)).await;
+    cluster.wait_for_agreement(Duration::from_secs(10)).await;
+    for name in workers {
+        cluster.start_worker(name);
+    }
+    let want = workers.len();
+    kiln_tests::wait_for(Duration::from_secs(30), "workers alive", || {
+        let cluster = &cluster;
+        async move {
+            let status = cluster.run_cli(&["status", "--json"]).await;
+            let status: Value =
+                serde_json::from_slice(&status.stdout).map_err(|e| e.to_string())?;
+            let alive = status["workers"]
+                .as_array()
+                .map_or(0, |w| w.iter().filter(|w| w["state"] == "alive").count());
+            if alive < want {
+                return Err(format!("{alive} worker(s) alive"));
+            }
+            Ok(())
+        }
+    })
+    .await;
+    cluster
+}
+
+async fn cli_ok(cluster: &Cluster, args: &[&str]) -> String {
+    let out = cluster.run_cli(args).await;
+    assert!(
+        out.status.success(),
+        "kiln {}: {}",
+        args.join(" "),
+        stderr_text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+async fn deployment(cluster: &Cluster, name: &str) -> Value {
+    let text = cli_ok(cluster, &["deployments", "show", name, "--json"]).await;
+    serde_json::from_str(&text).expect("deployments show --json prints JSON")
+}
+
+/// Waits until `path` answers 200 on every address in `addrs` (each worker's
+/// router has learnt the routes from its heartbeat).
+async fn wait_ready(addrs: &[String], path: &str) {
+    kiln_tests::wait_for(
+        Duration::from_secs(10),
+        "ready routes on every worker",
+        || async move {
+            for addr in addrs {
+                let ready = http_call(addr, "GET", path, &[], b"")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if ready.status != 200 {
+                    return Err(format!("{addr}{path}: {}", ready.status));
+                }
+            }
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// A JSON inference request for `rows` rows.
+fn json_request(x: &[f32], rows: usize) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "inputs": [{"name": "input", "shape": [rows, FEATURES], "datatype": "FP32", "data": x}]
+    }))
+    .expect("json")
+}
+
+async fn infer(addr: &str, path: &str, token: &str, body: &[u8]) -> HttpAnswer {
+    let auth = format!("Bearer {token}");
+    http_call(addr, "POST", path, &[("Authorization", &auth)], body)
+        .await
+        .unwrap_or_else(|e| panic!("POST {addr}{path}: {e}"))
+}
+
+fn output_of(answer: &HttpAnswer) -> Vec<f32> {
+    let doc: Value =
+        serde_json::from_slice(&answer.body).unwrap_or_else(|e| panic!("{e}: {}", answer.text()));
+    doc["outputs"][0]["data"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no output data in {doc}"))
+        .iter()
+        .map(|v| v.as_f64().expect("number") as f32)
+        .collect()
+}
+
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= 1e-6, "{what}: value {i}: {g} against {w}");
+    }
+}
+
+fn inference_addrs(cluster: &Cluster, workers: &[&str]) -> Vec<String> {
+    workers
+        .iter()
+        .map(|w| cluster.worker_flag(w, "--http"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_model_answers_json_and_binary_on_every_worker_like_tract() {
+    let workers = ["a", "b"];
+    let cluster = cluster_with(&workers, "").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, bytes) = write_model(dir.path(), "model.onnx", 5);
+
+    // A file tract cannot load is refused with tract's reason.
+    let junk = dir.path().join("junk.onnx");
+    std::fs::write(&junk, b"not a model at all").expect("write");
+    let out = cluster
+        .run_cli(&[
+            "models",
+            "register",
+            "--onnx",
+            &junk.display().to_string(),
+            "--name",
+            "junk",
+        ])
+        .await;
+    assert!(!out.status.success());
+    assert!(
+        stderr_text(&out).contains("cannot be served"),
+        "{}",
+        stderr_text(&out)
+    );
+
+    let text = cli_ok(
+        &cluster,
+        &[
+            "models",
+            "register",
+            "--onnx",
+            &path.display().to_string(),
+            "--name",
+            "blobs",
+            "--json",
+        ],
+    )
+    .await;
+    let registered: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(registered["version"], 1);
+    assert_eq!(registered["inputs"][0]["name"], "input");
+    assert_eq!(registered["inputs"][0]["shape"], json!([-1, FEATURES]));
+    cli_ok(&cluster, &["models", "alias", "blobs", "1", "prod"]).await;
+    let shown = cli_ok(&cluster, &["models", "show", "blobs", "--json"]).await;
+    let shown: Value = serde_json::from_str(&shown).expect("json");
+    assert_eq!(shown["aliases"]["prod"], 1);
+
+    // Bad deploys are refused with the reason.
+    let out = cluster
+        .run_cli(&["deploy", "nope", "--model", "blobs@7", "--replicas", "1"])
+        .await;
+    assert!(
+        stderr_text(&out).contains("blobs@7 does not exist"),
+        "{}",
+        stderr_text(&out)
+    );
+    let out = cluster
+        .run_cli(&[
+            "deploy",
+            "nope",
+            "--model",
+            "blobs@stable",
+            "--replicas",
+            "1",
+        ])
+        .await;
+    assert!(
+        stderr_text(&out).contains("no alias stable"),
+        "{}",
+        stderr_text(&out)
+    );
+
+    cli_ok(
+        &cluster,
+        &[
+            "deploy",
+            "blobs",
+            "--model",
+            "blobs@prod",
+            "--replicas",
+            "2",
+            "--wait",
+        ],
+    )
+    .await;
+    let d = deployment(&cluster, "blobs").await;
+    let hosts: std::collections::HashSet<&str> = d["replica_set"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .map(|r| r["worker_id"].as_str().expect("worker"))
+        .collect();
+    assert_eq!(hosts.len(), 2, "replicas spread over both workers: {d}");
+
+    let token = cluster
+        .create_token("caller", kiln_proto::v1::Role::Inference, 0)
+        .await;
+    let viewer = cluster
+        .create_token("looker", kiln_proto::v1::Role::Viewer, 0)
+        .await;
+    let rows = 5;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let x: Vec<f32> = (0..rows * FEATURES)
+        .map(|_| rng.gen_range(-3.0..3.0))
+        .collect();
+    let want = in_process(&bytes, rows, &x);
+    let addrs = inference_addrs(&cluster, &workers);
+    wait_ready(&addrs, "/v2/models/blobs/ready").await;
+    for addr in &addrs {
+        // Several requests, so both replicas (one local, one forwarded) answer.
+        for _ in 0..6 {
+            let answer = infer(
+                addr,
+                "/v2/models/blobs/infer",
+                &token,
+                &json_request(&x, rows),
+            )
+            .await;
+            assert_eq!(answer.status, 200, "{}", answer.text());
+            assert_close(&output_of(&answer), &want, "JSON");
+        }
+        let answer = infer(
+            addr,
+            "/v2/models/blobs/versions/1/infer",
+            &token,
+            &json_request(&x, rows),
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let doc: Value = serde_json::from_slice(&answer.body).expect("json");
+        assert_eq!(doc["model_name"], "blobs");
+        assert_eq!(doc["model_version"], "1");
+
+        // The binary tensor extension, both ways.
+        let header = serde_json::to_vec(&json!({
+            "inputs": [{"name": "input", "shape": [rows, FEATURES], "datatype": "FP32",
+                        "parameters": {"binary_data_size": rows * FEATURES * 4}}],
+            "outputs": [{"name": "output", "parameters": {"binary_data": true}}]
+        }))
+        .expect("json");
+        let mut body = header.clone();
+        for v in &x {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+        let auth = format!("Bearer {token}");
+        let json_len = header.len().to_string();
+        let answer = http_call(
+            addr,
+            "POST",
+            "/v2/models/blobs/infer",
+            &[
+                ("Authorization", &auth),
+                ("Inference-Header-Content-Length", &json_len),
+            ],
+            &body,
+        )
+        .await
+        .expect("binary request");
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let json_part: usize = answer
+            .header("inference-header-content-length")
+            .expect("binary answers carry the JSON length")
+            .parse()
+            .expect("number");
+        let floats: Vec<f32> = answer.body[json_part..]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        assert_close(&floats, &want, "binary");
+
+        let meta = http_call(
+            addr,
+            "GET",
+            "/v2/models/blobs",
+            &[("Authorization", &auth)],
+            b"",
+        )
+        .await
+        .expect("metadata");
+        assert_eq!(meta.status, 200, "{}", meta.text());
+        let meta: Value = serde_json::from_slice(&meta.body).expect("json");
+        assert_eq!(meta["inputs"][0]["datatype"], "FP32");
+        assert_eq!(meta["outputs"][0]["name"], "output");
+    }
+
+    // KServe v2 gRPC on every worker's inference gRPC port, raw contents.
+    let peers = cluster.cluster_client();
+    for w in workers {
+        let grpc_addr = cluster.worker_flag(w, "--inference-grpc");
+        let mut client = peers.inference_for(&grpc_addr).expect("grpc client");
+        let raw: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        for _ in 0..4 {
+            let mut request = tonic::Request::new(ModelInferRequest {
+                model_name: "blobs".into(),
+                inputs: vec![model_infer_request::InferInputTensor {
+                    name: "input".into(),
+                    datatype: "FP32".into(),
+                    shape: vec![rows as i64, FEATURES as i64],
+                    ..Default::default()
+                }],
+                raw_input_contents: vec![raw.clone().into()],
+                ..Default::default()
+            });
+            request.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {token}").parse().expect("metadata"),
+            );
+            let answer = client
+                .model_infer(request)
+                .await
+                .expect("ModelInfer")
+                .into_inner();
+            assert_eq!(answer.model_version, "1");
+            let floats: Vec<f32> = answer.raw_output_contents[0]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            assert_close(&floats, &want, "gRPC");
+        }
+        let mut request = tonic::Request::new(ModelMetadataRequest {
+            name: "blobs".into(),
+            version: String::new(),
+        });
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("metadata"),
+        );
+        let meta = client
+            .model_metadata(request)
+            .await
+            .expect("ModelMetadata")
+            .into_inner();
+        assert_eq!(meta.inputs[0].shape, vec![-1, FEATURES as i64]);
+        let denied = client
+            .model_infer(ModelInferRequest {
+                model_name: "blobs".into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("no token");
+        assert_eq!(denied.code(), tonic::Code::Unauthenticated, "{denied}");
+    }
+
+    // Bad requests: 4xx naming the problem, and the replicas keep serving.
+    let addr = &addrs[0];
+    let bad = |name: &str, shape: Value, datatype: &str, data: Value| {
+        serde_json::to_vec(&json!({
+            "inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data}]
+        }))
+        .expect("json")
+    };
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "wrong input name",
+            bad("pixels", json!([1, 4]), "FP32", json!([1, 2, 3, 4])),
+            400,
+            "pixels",
+        ),
+        (
+            "wrong feature count",
+            bad("input", json!([1, 5]), "FP32", json!([1, 2, 3, 4, 5])),
+            400,
+            "shape",
+        ),
+        (
+            "wrong datatype",
+            bad("input", json!([1, 4]), "INT64", json!([1, 2, 3, 4])),
+            400,
+            "INT64",
+        ),
+        (
+            "not numbers",
+            bad("input", json!([1, 4]), "FP32", json!(["a", "b", "c", "d"])),
+            400,
+            "input",
+        ),
+        (
+            "count against shape",
+            bad("input", json!([2, 4]), "FP32", json!([1, 2, 3])),
+            400,
+            "input",
+        ),
+        ("not JSON", b"{{{".to_vec(), 400, ""),
+    ];
+    for (what, body, status, needle) in cases {
+        let answer = infer(addr, "/v2/models/blobs/infer", &token, &body).await;
+        assert_eq!(answer.status, status, "{what}: {}", answer.text());
+        let doc: Value = serde_json::from_slice(&answer.body)
+            .unwrap_or_else(|e| panic!("{what}: errors are JSON ({e}): {}", answer.text()));
+        let message = doc["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: {doc}"));
+        assert!(message.contains(needle), "{what}: {message}");
+    }
+    let answer = infer(
+        addr,
+        "/v2/models/nothing/infer",
+        &token,
+        &json_request(&x, rows),
+    )
+    .await;
+    assert_eq!(answer.status, 404, "{}", answer.text());
+    let answer = infer(
+        addr,
+        "/v2/models/blobs/versions/9/infer",
+        &token,
+        &json_request(&x, rows),
+    )
+    .await;
+    assert_eq!(answer.status, 404, "{}", answer.text());
+    let answer = infer(
+        addr,
+        "/v2/models/blobs/infer",
+        &viewer,
+        &json_request(&x, rows),
+    )
+    .await;
+    assert_eq!(
+        answer.status,
+        403,
+        "a viewer may not call models: {}",
+        answer.text()
+    );
+    let answer = http_call(
+        addr,
+        "POST",
+        "/v2/models/blobs/infer",
+        &[],
+        &json_request(&x, rows),
+    )
+    .await
+    .expect("no token");
+    assert_eq!(answer.status, 401, "{}", answer.text());
+    let huge = vec![b' '; 65 << 20];
+    let answer = infer(addr, "/v2/models/blobs/infer", &token, &huge).await;
+    assert_eq!(answer.status, 413, "{}", answer.text());
+    let answer = infer(
+        addr,
+        "/v2/models/blobs/infer",
+        &token,
+        &json_request(&x, rows),
+    )
+    .await;
+    assert_eq!(
+        answer.status,
+        200,
+        "still serving after bad requests: {}",
+        answer.text()
+    );
+    assert_close(&output_of(&answer), &want, "after errors");
+
+    cli_ok(&cluster, &["deployments", "rm", "blobs"]).await;
+    kiln_tests::wait_for(Duration::from_secs(15), "the deployment to go", || {
+        let addr = addr.clone();
+        let token = token.clone();
+        let body = json_request(&x, rows);
+        async move {
+            let answer = infer(&addr, "/v2/models/blobs/infer", &token, &body).await;
+            if answer.status == 404 {
+                Ok(())
+            } else {
+                Err(format!("{}: {}", answer.status, answer.text()))
+            }
+        }
+    })
+    .await;
+}
+
+/// Sends requests round-robin over `addrs` until `stop`; returns the count of
+/// answers by status (0: the connection failed) and by model version.
+async fn load(
+    addrs: Vec<String>,
+    token: String,
+    body: Vec<u8>,
+    stop: tokio_util::sync::CancellationToken,
+) -> (HashMap<u16, usize>, HashMap<String, usize>) {
+    let mut statuses = HashMap::new();
+    let mut versions = HashMap::new();
+    let mut i = 0;
+    while !stop.is_cancelled() {
+        let addr = &addrs[i % addrs.len()];
+        i += 1;
+        let auth = format!("Bearer {token}");
+        match http_call(
+            addr,
+            "POST",
+            "/v2/models/svc/infer",
+            &[("Authorization", &auth)],
+            &body,
+        )
+        .await
+        {
+            Ok(answer) => {
+                *statuses.entry(answer.status).or_default() += 1;
+                if answer.status == 200 {
+                    let doc: Value = serde_json::from_slice(&answer.body).expect("json");
+                    let version = doc["model_version"].as_str().unwrap_or("?").to_string();
+                    *versions.entry(version).or_default() += 1;
+                } else if statuses.get(&answer.status) == Some(&1) {
+                    eprintln!("first {} answer: {}", answer.status, answer.text());
+                }
+            }
+            Err(_) => *statuses.entry(0).or_default() += 1,
+        }
+    }
+    (statuses, versions)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollouts_and_canaries_under_load_drop_nothing() {
+    let workers = ["a", "b"];
+    let cluster = cluster_with(&workers, "").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (v1, _) = write_model(dir.path(), "v1.onnx", 1);
+    let (v2, _) = write_model(dir.path(), "v2.onnx", 2);
+    for path in [&v1, &v2] {
+        cli_ok(
+            &cluster,
+            &[
+                "models",
+                "register",
+                "--onnx",
+                &path.display().to_string(),
+                "--name",
+                "svc",
+            ],
+        )
+        .await;
+    }
+    cli_ok(
+        &cluster,
+        &[
+            "deploy",
+            "svc",
+            "--model",
+            "svc@1",
+            "--replicas",
+            "2",
+            "--wait",
+        ],
+    )
+    .await;
+    let token = cluster
+        .create_token("caller", kiln_proto::v1::Role::Inference, 0)
+        .await;
+    let addrs = inference_addrs(&cluster, &workers);
+    let body = json_request(&[0.1, 0.2, 0.3, 0.4], 1);
+    wait_ready(&addrs, "/v2/models/svc/ready").await;
+
+    // A rollout to version 2 while two clients send requests: nothing fails.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(load(
+                addrs.clone(),
+                token.clone(),
+                body.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    cli_ok(
+        &cluster,
+        &[
+            "deploy",
+            "svc",
+            "--model",
+            "svc@2",
+            "--replicas",
+            "2",
+            "--wait",
+        ],
+    )
+    .await;
+    let rollout = started.elapsed();
+    // Let every router learn the new routes and the old replicas drain.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.cancel();
+    let mut statuses: HashMap<u16, usize> = HashMap::new();
+    let mut versions: HashMap<String, usize> = HashMap::new();
+    for client in clients {
+        let (s, v) = client.await.expect("client");
+        for (k, n) in s {
+            *statuses.entry(k).or_default() += n;
+        }
+        for (k, n) in v {
+            *versions.entry(k).or_default() += n;
+        }
+    }
+    let total: usize = statuses.values().sum();
+    eprintln!("rollout in {rollout:?}: {statuses:?} {versions:?}");
+    assert_eq!(
+        statuses.get(&200),
+        Some(&total),
+        "every request answered: {statuses:?}"
+    );
+    assert!(
+        versions.get("1").copied().unwrap_or(0) > 0 && versions.get("2").copied().unwrap_or(0) > 0,
+        "{versions:?}"
+    );
+    let d = deployment(&cluster, "svc").await;
+    assert!(
+        d["replica_set"]
+            .as_array()
+            .expect("replicas")
+            .iter()
+            .all(|r| r["model"] == "svc@2"),
+        "old replicas retired: {d}"
+    );
+
+    // A 20% canary of version 1 gets 20% ± 5% of 2,000 requests (one primary
+    // and one canary replica: the two workers' 4 CPUs hold the change).
+    cli_ok(
+        &cluster,
+        &[
+            "deploy",
+            "svc",
+            "--model",
+            "svc@2",
+            "--replicas",
+            "1",
+            "--canary",
+            "svc@1",
+            "--canary-percent",
+            "20",
+            "--wait",
+        ],
+    )
+    .await;
+    wait_ready(&addrs, "/v2/models/svc/versions/1/ready").await;
+    let mut canary = 0;
+    let auth = format!("Bearer {token}");
+    for i in 0..2000 {
+        let answer = http_call(
+            &addrs[i % 2],
+            "POST",
+            "/v2/models/svc/infer",
+            &[("Authorization", &auth)],
+            &body,
+        )
+        .await
+        .expect("request");
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let doc: Value = serde_json::from_slice(&answer.body).expect("json");
+        if doc["model_version"] == "1" {
+            canary += 1;
+        }
+    }
+    eprintln!("canary answered {canary} of 2000");
+    assert!(
+        (300..=500).contains(&canary),
+        "canary share {canary} of 2000 is not 20% ± 5%"
+    );
+}
+
+/// Sends requests from `clients` concurrent clients to `addr` until `stop`;
+/// returns the answers by status (0: the connection failed).
+async fn load_on(
+    addr: String,
+    model: &'static str,
+    clients: usize,
+    token: String,
+    body: Vec<u8>,
+    stop: tokio_util::sync::CancellationToken,
+) -> HashMap<u16, usize> {
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (addr, token, body, stop) =
+                (addr.clone(), token.clone(), body.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut statuses: HashMap<u16, usize> = HashMap::new();
+                let auth = format!("Bearer {token}");
+                let path = format!("/v2/models/{model}/infer");
+                while !stop.is_cancelled() {
+                    let status =
+                        match http_call(&addr, "POST", &path, &[("Authorization", &auth)], &body)
+                            .await
+                        {
+                            Ok(answer) => {
+                                if answer.status != 200 && !statuses.contains_key(&answer.status) {
+                                    eprintln!("first {}: {}", answer.status, answer.text());
+                                }
+                                answer.status
+                            }
+                            Err(_) => 0,
+                        };
+                    *statuses.entry(status).or_default() += 1;
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut total: HashMap<u16, usize> = HashMap::new();
+    for task in tasks {
+        for (k, n) in task.await.expect("client") {
+            *total.entry(k).or_default() += n;
+        }
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_costs_under_one_percent_and_its_replica_is_replaced() {
+    let workers = ["a", "b", "c"];
+    let mut cluster = cluster_with(&workers, "").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, _) = write_model(dir.path(), "m.onnx", 3);
+    cli_ok(
+        &cluster,
+        &[
+            "models",
+            "register",
+            "--onnx",
+            &path.display().to_string(),
+            "--name",
+            "kept",
+        ],
+    )
+    .await;
+    cli_ok(
+        &cluster,
+        &[
+            "deploy",
+            "kept",
+            "--model",
+            "kept@1",
+            "--replicas",
+            "2",
+            "--wait",
+        ],
+    )
+    .await;
+    let token = cluster
+        .create_token("caller", kiln_proto::v1::Role::Inference, 0)
+        .await;
+    let entry = cluster.worker_flag("a", "--http");
+    wait_ready(std::slice::from_ref(&entry), "/v2/models/kept/ready").await;
+    // The victim: a worker other than the entry that holds a replica.
+    let d = deployment(&cluster, "kept").await;
+    let holders: Vec<String> = d["replica_set"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .map(|r| r["worker_id"].as_str().expect("id").to_string())
+        .collect();
+    let victim = ["b", "c"]
+        .into_iter()
+        .find(|w| cluster.worker_id(w).is_some_and(|id| holders.contains(&id)))
+        .expect("b or c holds a replica");
+    let victim_id = cluster.worker_id(victim).expect("id");
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let body = json_request(&[0.5, -0.5, 1.0, 2.0], 1);
+    let clients = tokio::spawn(load_on(
+        entry.clone(),
+        "kept",
+        4,
+        token.clone(),
+        body,
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.kill_worker(victim);
+    let killed = Instant::now();
+    // The replacement: two ready replicas, none on the victim.
+    kiln_tests::wait_for(Duration::from_secs(40), "a replacement replica", || {
+        let cluster = &cluster;
+        let victim_id = victim_id.clone();
+        async move {
+            let d = deployment(cluster, "kept").await;
+            let ready: Vec<&Value> = d["replica_set"]
+                .as_array()
+                .expect("replicas")
+                .iter()
+                .filter(|r| r["state"] == "Ready" && r["worker_id"] != victim_id.as_str())
+                .collect();
+            let on_victim = d["replica_set"]
+                .as_array()
+                .expect("replicas")
+                .iter()
+                .any(|r| r["worker_id"] == victim_id.as_str());
+            (ready.len() == 2 && !on_victim)
+                .then_some(())
+                .ok_or(format!("{} ready elsewhere", ready.len()))
+        }
+    })
+    .await;
+    let replaced = killed.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let statuses = clients.await.expect("load");
+    let total: usize = statuses.values().sum();
+    let ok = statuses.get(&200).copied().unwrap_or(0);
+    eprintln!("replaced in {replaced:?}; {ok} of {total} answered: {statuses:?}");
+    assert!(total > 100, "the load ran: {statuses:?}");
+    assert!(ok * 100 >= total * 99, "at least 99% succeed: {statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_autoscaler_adds_replicas_under_load_and_removes_them_after() {
+    let workers = ["a", "b"];
+    let cluster = cluster_with(
+        &workers,
+        "[autoscale]\nsample_window_ms = 1500\nup_window_ms = 1000\ndown_window_ms = 3000\n",
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, _) = write_model(dir.path(), "m.onnx", 4);
+    cli_ok(
+        &cluster,
+        &[
+            "models",
+            "register",
+            "--onnx",
+            &path.display().to_string(),
+            "--name",
+            "busy",
+        ],
+    )
+    .await;
+    // Requests wait up to 20 ms for a batch, so in-flight counts show the load.
+    cli_ok(
+        &cluster,
+        &[
+            "deploy",
+            "busy",
+            "--model",
+            "busy@1",
+            "--min",
+            "1",
+            "--max",
+            "3",
+            "--target-in-flight",
+            "2",
+            "--max-queue-delay-us",
+            "20000",
+            "--wait",
+        ],
+    )
+    .await;
+    let token = cluster
+        .create_token("caller", kiln_proto::v1::Role::Inference, 0)
+        .await;
+    let entry = cluster.worker_flag("a", "--http");
+    wait_ready(std::slice::from_ref(&entry), "/v2/models/busy/ready").await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let body = json_request(&[0.5, -0.5, 1.0, 2.0], 1);
+    let clients = tokio::spawn(load_on(entry, "busy", 8, token, body, stop.clone()));
+    kiln_tests::wait_for(Duration::from_secs(30), "a scale-up", || {
+        let cluster = &cluster;
+        async move {
+            let d = deployment(cluster, "busy").await;
+            let n = d["replicas"].as_u64().unwrap_or(0);
+            (n >= 2).then_some(()).ok_or(format!("{n} replica(s)"))
+        }
+    })
+    .await;
+    stop.cancel();
+    let statuses = clients.await.expect("load");
+    assert!(statuses.get(&200).copied().unwrap_or(0) > 0, "{statuses:?}");
+    kiln_tests::wait_for(Duration::from_secs(30), "a scale-down", || {
+        let cluster = &cluster;
+        async move {
+            let d = deployment(cluster, "busy").await;
+            let n = d["replicas"].as_u64().unwrap_or(0);
+            (n == 1).then_some(()).ok_or(format!("{n} replica(s)"))
+        }
+    })
+    .await;
+    let d = deployment(&cluster, "busy").await;
+    let events: Vec<&str> = d["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .filter(|m| m.starts_with("autoscaler"))
+        .collect();
+    assert!(
+        events.len() >= 2,
+        "each decision is recorded with its reason: {events:?}"
+    );
+    assert!(events.iter().all(|m| m.contains("target 2")), "{events:?}");
+}

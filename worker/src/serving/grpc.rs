@@ -1,0 +1,234 @@
+//! The KServe v2 gRPC service (`inference.GRPCInferenceService`) on the worker's
+//! inference gRPC port: the same router as the REST endpoints, with requests
+//! forwarded to replicas on other workers through their gRPC port (metadata
+//! `kiln-replica` names the replica, as the REST header does).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kiln_common::Error;
+use kiln_proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use kiln_proto::inference::*;
+use tonic::{Request, Response, Status};
+
+use super::protocol;
+use super::replicas::LocalReplica;
+use super::router::{Failure, Router, Target, Version, DEFAULT_DEADLINE, REPLICA_HEADER};
+use kiln_common::client::ClusterClient;
+
+/// The gRPC face of a worker's router.
+pub struct InferenceService {
+    pub router: Arc<Router>,
+    /// Channels to other workers' inference ports.
+    pub peers: Arc<ClusterClient>,
+    /// False until the coordinators know this worker.
+    pub registered: tokio::sync::watch::Receiver<crate::agent::Registration>,
+}
+
+impl std::fmt::Debug for InferenceService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InferenceService").finish_non_exhaustive()
+    }
+}
+
+fn version_of(text: &str) -> kiln_common::Result<Version> {
+    Version::parse((!text.is_empty()).then_some(text))
+}
+
+fn authorization<T>(request: &Request<T>) -> Option<String> {
+    kiln_common::auth::grpc_authorization(request).map(str::to_string)
+}
+
+/// Runs a gRPC request on a replica of this worker.
+async fn local_infer(
+    replica: &LocalReplica,
+    request: ModelInferRequest,
+    deadline: Instant,
+) -> Result<ModelInferResponse, Status> {
+    let mut parsed = protocol::parse_grpc_request(request)?;
+    let inputs = std::mem::take(&mut parsed.inputs);
+    let wanted = (!parsed.outputs.is_empty())
+        .then(|| parsed.outputs.iter().map(|o| o.name.clone()).collect());
+    let outputs = replica.engine.infer(inputs, wanted, deadline).await?;
+    Ok(protocol::encode_grpc_response(
+        &replica.deployment,
+        &replica.version.to_string(),
+        &parsed,
+        outputs,
+    ))
+}
+
+impl InferenceService {
+    /// Forwards a request to a replica on another worker.
+    async fn forward(
+        &self,
+        grpc_addr: &str,
+        replica: u64,
+        authorization: Option<&str>,
+        request: ModelInferRequest,
+    ) -> Result<ModelInferResponse, Failure<Result<ModelInferResponse, Status>>> {
+        let mut client = self
+            .peers
+            .inference_for(grpc_addr)
+            .map_err(|e| Failure::Retry(e.to_string()))?;
+        let mut outgoing = Request::new(request);
+        outgoing.set_timeout(DEFAULT_DEADLINE);
+        let metadata = outgoing.metadata_mut();
+        if let Ok(value) = replica.to_string().parse() {
+            metadata.insert(REPLICA_HEADER, value);
+        }
+        if let Some(value) = authorization.and_then(|a| a.parse().ok()) {
+            metadata.insert("authorization", value);
+        }
+        match client.model_infer(outgoing).await {
+            Ok(response) => Ok(response.into_inner()),
+            // The replica has left that worker, or the worker is unreachable.
+            Err(status)
+                if status.code() == tonic::Code::Unavailable
+                    || status.code() == tonic::Code::Unknown =>
+            {
+                Err(Failure::Retry(status.message().to_string()))
+            }
+            Err(status) => Err(Failure::Final(Err(status))),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(
+        &self,
+        _request: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _request: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        let ready = self.registered.borrow().is_registered();
+        Ok(Response::new(ServerReadyResponse { ready }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        let req = request.into_inner();
+        let version = version_of(&req.version)?;
+        let route = self.router.route(&req.name)?;
+        let ready = route
+            .endpoints
+            .iter()
+            .any(|e| version == Version::Any || version == Version::Exactly(e.version));
+        Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _request: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(protocol::grpc_server_metadata(env!(
+            "CARGO_PKG_VERSION"
+        ))))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let authorization = authorization(&request);
+        let req = request.into_inner();
+        let version = version_of(&req.version)?;
+        let route = self.router.route(&req.name)?;
+        self.router.authorize(&route, authorization.as_deref())?;
+        let mut versions: Vec<u64> = route
+            .endpoints
+            .iter()
+            .map(|e| e.version)
+            .filter(|v| version == Version::Any || version == Version::Exactly(*v))
+            .collect();
+        versions.sort_unstable();
+        versions.dedup();
+        let names: Vec<String> = versions.iter().map(u64::to_string).collect();
+        if let Some(replica) = self
+            .router
+            .table()
+            .replicas(&req.name)
+            .into_iter()
+            .find(|r| version == Version::Any || version == Version::Exactly(r.version))
+        {
+            return Ok(Response::new(protocol::grpc_model_metadata(
+                &req.name,
+                &names,
+                "onnx",
+                replica.engine.signature(),
+            )));
+        }
+        let endpoint = self.router.choose(&route, version, None).ok_or_else(|| {
+            Error::Unavailable(format!("model {} has no ready replica yet", req.name))
+        })?;
+        let mut client = self.peers.inference_for(&endpoint.grpc_addr)?;
+        let mut outgoing = Request::new(req);
+        if let Some(value) = authorization.as_deref().and_then(|a| a.parse().ok()) {
+            outgoing.metadata_mut().insert("authorization", value);
+        }
+        client.model_metadata(outgoing).await
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        let deadline = Instant::now() + DEFAULT_DEADLINE;
+        let authorization = authorization(&request);
+        let forwarded = request
+            .metadata()
+            .get(REPLICA_HEADER)
+            .map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
+        let request = request.into_inner();
+        let deployment = request.model_name.clone();
+        let version = version_of(&request.model_version)?;
+        if let Some(id) = forwarded {
+            let id = id.ok_or_else(|| {
+                Status::invalid_argument(format!("bad {REPLICA_HEADER} metadata"))
+            })?;
+            let replica = self
+                .router
+                .forwarded(&deployment, id, authorization.as_deref())?
+                .ok_or_else(|| {
+                    Status::unavailable(format!(
+                        "replica {id} of {deployment} is not on this worker"
+                    ))
+                })?;
+            return local_infer(&replica, request, deadline)
+                .await
+                .map(Response::new);
+        }
+        let answer = self
+            .router
+            .dispatch(&deployment, version, authorization.as_deref(), |target| {
+                let request = request.clone();
+                let authorization = authorization.clone();
+                async move {
+                    match target {
+                        Target::Local(replica) => {
+                            Ok(local_infer(&replica, request, deadline).await)
+                        }
+                        Target::Remote(endpoint) => self
+                            .forward(
+                                &endpoint.grpc_addr,
+                                endpoint.replica_id,
+                                authorization.as_deref(),
+                                request,
+                            )
+                            .await
+                            .map(Ok),
+                    }
+                }
+            })
+            .await?;
+        answer.map(Response::new)
+    }
+}

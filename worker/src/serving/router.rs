@@ -1,0 +1,618 @@
+//! The router: every worker answers inference requests for every deployment and
+//! sends each to one ready replica, on this worker or another.
+//!
+//! - The routes (each deployment's ready replicas, its canary share, whether it
+//!   is public) arrive with every heartbeat answer.
+//! - A request names no version: it goes to the canary with the canary's
+//!   percentage, else to the primary; a request that names a version goes to a
+//!   replica of that version.
+//! - Among the candidates: the power of two choices on the requests this router
+//!   has in flight to each replica.
+//! - A replica on this worker is called in-process; one elsewhere through its
+//!   worker's inference HTTP port, marked with [`REPLICA_HEADER`] so that worker
+//!   serves it with that replica and does not route it again.
+//! - When the chosen replica fails before answering (its worker is gone, the
+//!   replica has drained), the request is retried once on another replica.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use kiln_common::auth::{Permission, TokenBook};
+use kiln_common::clock::now_ms;
+use kiln_common::http::error_response;
+use kiln_common::{Error, Result};
+use kiln_proto::v1::{Route, RouteEndpoint};
+use rand::Rng;
+use tokio::sync::watch;
+
+use super::protocol;
+use super::replicas::{LocalReplica, ServingTable};
+
+/// Marks a request forwarded by another worker's router: its value is the replica
+/// to serve it with.
+pub const REPLICA_HEADER: &str = "kiln-replica";
+/// Marks an answer that says the replica a forwarded request named is not here,
+/// which the forwarding router retries elsewhere.
+pub const MISSING_HEADER: &str = "kiln-replica-missing";
+/// The KServe binary extension's header: the JSON part's length.
+pub const JSON_LENGTH_HEADER: &str = "inference-header-content-length";
+/// Longest a request may take, queueing included, unless it asks for less.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+/// Largest inference request body.
+pub const MAX_BODY_BYTES: usize = 64 << 20;
+/// Most replicas the in-flight table tracks before it forgets idle ones.
+const MAX_TRACKED: usize = 4096;
+
+/// Which model version a request names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    Any,
+    Exactly(u64),
+}
+
+impl Version {
+    /// Parses the `{v}` of `/versions/{v}`.
+    pub fn parse(text: Option<&str>) -> Result<Version> {
+        match text {
+            None => Ok(Version::Any),
+            Some(v) => v.parse::<u64>().map(Version::Exactly).map_err(|_| {
+                Error::InvalidArgument(format!("model version {v:?} is not a version number"))
+            }),
+        }
+    }
+
+    fn admits(self, version: u64) -> bool {
+        match self {
+            Version::Any => true,
+            Version::Exactly(v) => v == version,
+        }
+    }
+
+    fn path(self) -> String {
+        match self {
+            Version::Any => String::new(),
+            Version::Exactly(v) => format!("/versions/{v}"),
+        }
+    }
+}
+
+/// Why a call to a replica did not give an answer to return.
+pub enum Failure<T> {
+    /// The replica could not take it (gone, drained, unreachable): try another.
+    Retry(String),
+    /// The answer (an error included) to return as it is.
+    Final(T),
+}
+
+/// Where [`Router::dispatch`] sends a request.
+pub enum Target {
+    /// A ready replica of this worker, called in-process.
+    Local(Arc<LocalReplica>),
+    /// A replica of another worker, called through its worker's port.
+    Remote(RouteEndpoint),
+}
+
+/// The router of one worker.
+pub struct Router {
+    worker_id: String,
+    table: Arc<ServingTable>,
+    routes: watch::Receiver<Vec<Route>>,
+    in_flight: Mutex<HashMap<(String, u64), Arc<AtomicUsize>>>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    /// Token records callers are checked against; `None` without TLS.
+    tokens: Option<Arc<TokenBook>>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("worker_id", &self.worker_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counts a request in flight to a replica while it lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Router {
+    pub fn new(
+        worker_id: String,
+        table: Arc<ServingTable>,
+        routes: watch::Receiver<Vec<Route>>,
+        tokens: Option<Arc<TokenBook>>,
+    ) -> Router {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Router {
+            worker_id,
+            table,
+            routes,
+            in_flight: Mutex::new(HashMap::new()),
+            client,
+            tokens,
+        }
+    }
+
+    /// The ready local replicas, for metrics.
+    pub fn table(&self) -> &ServingTable {
+        &self.table
+    }
+
+    /// The route of `deployment`, or NotFound.
+    pub fn route(&self, deployment: &str) -> Result<Route> {
+        self.routes
+            .borrow()
+            .iter()
+            .find(|r| r.deployment == deployment)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("model {deployment} is not deployed")))
+    }
+
+    /// Checks the caller (its `authorization` header or metadata) may call
+    /// `route`'s model.
+    pub fn authorize(&self, route: &Route, authorization: Option<&str>) -> Result<()> {
+        match &self.tokens {
+            Some(tokens) if !route.public => tokens
+                .verify(authorization, Permission::Infer, now_ms())
+                .map(drop),
+            _ => Ok(()),
+        }
+    }
+
+    /// The local replica a forwarded request names, after checking its caller.
+    pub fn forwarded(
+        &self,
+        deployment: &str,
+        replica: u64,
+        authorization: Option<&str>,
+    ) -> Result<Option<Arc<LocalReplica>>> {
+        match self.route(deployment) {
+            Ok(route) => self.authorize(&route, authorization)?,
+            Err(_) => {
+                if let Some(tokens) = &self.tokens {
+                    tokens.verify(authorization, Permission::Infer, now_ms())?;
+                }
+            }
+        }
+        Ok(self.table.replica(deployment, replica))
+    }
+
+    /// Sends one request to a replica of `deployment` chosen by [`Router::choose`]
+    /// and returns what `call` makes of it; a replica that fails with
+    /// [`Failure::Retry`] is replaced by another once.
+    pub async fn dispatch<T, F, Fut>(
+        &self,
+        deployment: &str,
+        version: Version,
+        authorization: Option<&str>,
+        call: F,
+    ) -> Result<T>
+    where
+        F: Fn(Target) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, Failure<T>>>,
+    {
+        let route = self.route(deployment)?;
+        self.authorize(&route, authorization)?;
+        let mut tried: Option<u64> = None;
+        let mut last = String::new();
+        for _ in 0..2 {
+            let Some(endpoint) = self.choose(&route, version, tried) else {
+                break;
+            };
+            tried = Some(endpoint.replica_id);
+            let _counted = {
+                let counter = self.counter(deployment, endpoint.replica_id);
+                counter.fetch_add(1, Ordering::Relaxed);
+                InFlight(counter)
+            };
+            let target = if endpoint.worker_id == self.worker_id {
+                match self.table.replica(deployment, endpoint.replica_id) {
+                    Some(replica) => Target::Local(replica),
+                    None => {
+                        last = format!("replica {} has left this worker", endpoint.replica_id);
+                        continue;
+                    }
+                }
+            } else {
+                Target::Remote(endpoint.clone())
+            };
+            match call(target).await {
+                Ok(answer) | Err(Failure::Final(answer)) => return Ok(answer),
+                Err(Failure::Retry(reason)) => {
+                    tracing::debug!(deployment, replica = endpoint.replica_id, %reason, "retrying on another replica");
+                    last = reason;
+                }
+            }
+        }
+        Err(if tried.is_none() {
+            match version {
+                Version::Exactly(v) if route.endpoints.iter().all(|e| e.version != v) => {
+                    Error::NotFound(format!("version {v} of model {deployment} is not served"))
+                }
+                _ => Error::Unavailable(format!("model {deployment} has no ready replica yet")),
+            }
+        } else {
+            Error::Unavailable(format!("no replica of {deployment} could answer: {last}"))
+        })
+    }
+
+    fn counter(&self, deployment: &str, replica: u64) -> Arc<AtomicUsize> {
+        let mut map = self.in_flight.lock().expect("in-flight lock");
+        if map.len() > MAX_TRACKED {
+            map.retain(|_, c| c.load(Ordering::Relaxed) > 0);
+        }
+        Arc::clone(
+            map.entry((deployment.to_string(), replica))
+                .or_insert_with(|| Arc::new(AtomicUsize::new(0))),
+        )
+    }
+
+    /// Picks a replica of `route` for a request: canary or primary by the
+    /// canary's share, then the less busy of two at random.
+    pub fn choose(
+        &self,
+        route: &Route,
+        version: Version,
+        exclude: Option<u64>,
+    ) -> Option<RouteEndpoint> {
+        let candidates: Vec<&RouteEndpoint> = route
+            .endpoints
+            .iter()
+            .filter(|e| version.admits(e.version) && Some(e.replica_id) != exclude)
+            .collect();
+        let mut rng = rand::thread_rng();
+        let pool: Vec<&RouteEndpoint> = if version == Version::Any {
+            // No canary share: canary replicas still draining take nothing.
+            let to_canary =
+                route.canary_percent > 0 && rng.gen_range(0..100) < route.canary_percent;
+            let side: Vec<&RouteEndpoint> = candidates
+                .iter()
+                .copied()
+                .filter(|e| e.canary == to_canary)
+                .collect();
+            if side.is_empty() {
+                candidates
+            } else {
+                side
+            }
+        } else {
+            candidates
+        };
+        match pool.len() {
+            0 => None,
+            1 => Some(pool[0].clone()),
+            n => {
+                let a = rng.gen_range(0..n);
+                let mut b = rng.gen_range(0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let load = |e: &RouteEndpoint| {
+                    self.counter(&route.deployment, e.replica_id)
+                        .load(Ordering::Relaxed)
+                };
+                let pick = if load(pool[b]) < load(pool[a]) {
+                    pool[b]
+                } else {
+                    pool[a]
+                };
+                Some(pick.clone())
+            }
+        }
+    }
+
+    /// Answers `POST /v2/models/{m}[/versions/{v}]/infer`.
+    pub async fn infer(
+        &self,
+        deployment: &str,
+        version: Version,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Response {
+        match self.try_infer(deployment, version, headers, body).await {
+            Ok(response) => response,
+            Err(e) => error_response(&e),
+        }
+    }
+
+    async fn try_infer(
+        &self,
+        deployment: &str,
+        version: Version,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Response> {
+        let deadline = Instant::now() + DEFAULT_DEADLINE;
+        let authorization = kiln_common::http::authorization(headers);
+        // A request another router forwarded: serve it here, with that replica.
+        if let Some(id) = headers.get(REPLICA_HEADER) {
+            let id: u64 = id
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| Error::InvalidArgument(format!("bad {REPLICA_HEADER} header")))?;
+            let Some(replica) = self.forwarded(deployment, id, authorization)? else {
+                let mut response = error_response(&Error::Unavailable(format!(
+                    "replica {id} of {deployment} is not on this worker"
+                )));
+                response
+                    .headers_mut()
+                    .insert(MISSING_HEADER, HeaderValue::from_static("1"));
+                return Ok(response);
+            };
+            return Ok(local_infer(&replica, headers, body, deadline).await);
+        }
+        self.dispatch(deployment, version, authorization, |target| {
+            let body = body.clone();
+            async move {
+                match target {
+                    Target::Local(replica) => {
+                        Ok(local_infer(&replica, headers, body, deadline).await)
+                    }
+                    Target::Remote(endpoint) => {
+                        self.forward(&endpoint, deployment, version, headers, body, deadline)
+                            .await
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Forwards a request to a replica on another worker, through that worker's
+    /// inference HTTP port.
+    async fn forward(
+        &self,
+        endpoint: &RouteEndpoint,
+        deployment: &str,
+        version: Version,
+        headers: &HeaderMap,
+        body: Bytes,
+        deadline: Instant,
+    ) -> std::result::Result<Response, Failure<Response>> {
+        let uri = format!(
+            "http://{}/v2/models/{deployment}{}/infer",
+            endpoint.http_addr,
+            version.path()
+        );
+        let mut request = hyper::Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header(REPLICA_HEADER, endpoint.replica_id.to_string());
+        for name in [header::AUTHORIZATION.as_str(), JSON_LENGTH_HEADER] {
+            if let Some(value) = headers.get(name) {
+                request = request.header(name, value.clone());
+            }
+        }
+        let request = request
+            .body(Full::new(body))
+            .map_err(|e| Failure::Retry(format!("build the forwarded request: {e}")))?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let answer = tokio::time::timeout(remaining, async {
+            let response = self.client.request(request).await?;
+            let (parts, body) = response.into_parts();
+            let bytes = body.collect().await?.to_bytes();
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((parts, bytes))
+        })
+        .await;
+        match answer {
+            Err(_) => Err(Failure::Final(error_response(&Error::Timeout(format!(
+                "replica {} on {} did not answer within the deadline",
+                endpoint.replica_id, endpoint.http_addr
+            ))))),
+            Ok(Err(e)) => Err(Failure::Retry(format!(
+                "replica {} on {}: {e}",
+                endpoint.replica_id, endpoint.http_addr
+            ))),
+            Ok(Ok((parts, bytes))) => {
+                if parts.headers.contains_key(MISSING_HEADER) {
+                    return Err(Failure::Retry(format!(
+                        "replica {} has left worker {}",
+                        endpoint.replica_id, endpoint.worker_id
+                    )));
+                }
+                let mut response = Response::new(Body::from(bytes));
+                *response.status_mut() = parts.status;
+                for name in [header::CONTENT_TYPE.as_str(), JSON_LENGTH_HEADER] {
+                    if let Some(value) = parts.headers.get(name) {
+                        response
+                            .headers_mut()
+                            .insert(header::HeaderName::from_static(name), value.clone());
+                    }
+                }
+                Ok(response)
+            }
+        }
+    }
+
+    /// Answers `GET /v2/models/{m}[/versions/{v}]` from a replica's signature.
+    pub async fn metadata(
+        &self,
+        deployment: &str,
+        version: Version,
+        headers: &HeaderMap,
+    ) -> Response {
+        let result = async {
+            let route = self.route(deployment)?;
+            self.authorize(&route, kiln_common::http::authorization(headers))?;
+            let mut versions: Vec<u64> = route
+                .endpoints
+                .iter()
+                .map(|e| e.version)
+                .filter(|v| version.admits(*v))
+                .collect();
+            versions.sort_unstable();
+            versions.dedup();
+            if versions.is_empty() {
+                return Err(match version {
+                    Version::Exactly(v) => {
+                        Error::NotFound(format!("version {v} of model {deployment} is not served"))
+                    }
+                    Version::Any => {
+                        Error::Unavailable(format!("model {deployment} has no ready replica yet"))
+                    }
+                });
+            }
+            let local = self
+                .table
+                .replicas(deployment)
+                .into_iter()
+                .find(|r| version.admits(r.version));
+            let names: Vec<String> = versions.iter().map(u64::to_string).collect();
+            match local {
+                Some(replica) => Ok(axum::Json(protocol::model_metadata(
+                    deployment,
+                    &names,
+                    "onnx",
+                    replica.engine.signature(),
+                ))
+                .into_response()),
+                None => {
+                    let endpoint = self.choose(&route, version, None).ok_or_else(|| {
+                        Error::Unavailable(format!("model {deployment} has no ready replica yet"))
+                    })?;
+                    self.forward_get(&endpoint, deployment, version, headers)
+                        .await
+                }
+            }
+        }
+        .await;
+        result.unwrap_or_else(|e| error_response(&e))
+    }
+
+    async fn forward_get(
+        &self,
+        endpoint: &RouteEndpoint,
+        deployment: &str,
+        version: Version,
+        headers: &HeaderMap,
+    ) -> Result<Response> {
+        let uri = format!(
+            "http://{}/v2/models/{deployment}{}",
+            endpoint.http_addr,
+            version.path()
+        );
+        let mut request = hyper::Request::builder().method(Method::GET).uri(uri);
+        if let Some(value) = headers.get(header::AUTHORIZATION) {
+            request = request.header(header::AUTHORIZATION, value.clone());
+        }
+        let request = request
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| Error::Internal(format!("build a metadata request: {e}")))?;
+        let response = tokio::time::timeout(Duration::from_secs(5), self.client.request(request))
+            .await
+            .map_err(|_| {
+                Error::Unavailable(format!("worker {} did not answer", endpoint.worker_id))
+            })?
+            .map_err(|e| Error::Unavailable(format!("worker {}: {e}", endpoint.worker_id)))?;
+        let (parts, body) = response.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| Error::Unavailable(format!("worker {}: {e}", endpoint.worker_id)))?
+            .to_bytes();
+        let mut out = Response::new(Body::from(bytes));
+        *out.status_mut() = parts.status;
+        out.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        Ok(out)
+    }
+
+    /// Answers `GET /v2/models/{m}[/versions/{v}]/ready`: 200 while a replica of
+    /// it is ready anywhere in the cluster.
+    pub fn ready(&self, deployment: &str, version: Version) -> Response {
+        let ready = self
+            .route(deployment)
+            .map(|r| r.endpoints.iter().any(|e| version.admits(e.version)));
+        match ready {
+            Ok(true) => (
+                StatusCode::OK,
+                axum::Json(serde_json::json!({"name": deployment, "ready": true})),
+            )
+                .into_response(),
+            Ok(false) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(serde_json::json!({"name": deployment, "ready": false})),
+            )
+                .into_response(),
+            Err(e) => error_response(&e),
+        }
+    }
+}
+
+/// Runs a request on a replica of this worker and encodes its answer.
+pub async fn local_infer(
+    replica: &LocalReplica,
+    headers: &HeaderMap,
+    body: Bytes,
+    deadline: Instant,
+) -> Response {
+    let result = async {
+        let json_len = match headers.get(JSON_LENGTH_HEADER) {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "the {JSON_LENGTH_HEADER} header is not a number"
+                        ))
+                    })?,
+            ),
+        };
+        let mut request = protocol::parse_rest_request(&body, json_len)?;
+        let inputs = std::mem::take(&mut request.inputs);
+        let wanted = (!request.outputs.is_empty())
+            .then(|| request.outputs.iter().map(|o| o.name.clone()).collect());
+        let outputs = replica.engine.infer(inputs, wanted, deadline).await?;
+        let encoded = protocol::encode_rest_response(
+            &replica.deployment,
+            &replica.version.to_string(),
+            &request,
+            &outputs,
+        )?;
+        let mut response = Response::new(Body::from(encoded.body));
+        let headers = response.headers_mut();
+        match encoded.json_len {
+            Some(len) => {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
+                headers.insert(JSON_LENGTH_HEADER, HeaderValue::from(len));
+            }
+            None => {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+            }
+        }
+        Ok::<_, Error>(response)
+    }
+    .await;
+    result.unwrap_or_else(|e| error_response(&e))
+}
