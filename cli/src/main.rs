@@ -7,6 +7,7 @@
 mod bench;
 mod bench_artifacts;
 mod bench_nccl;
+mod bench_serving;
 mod bench_train;
 mod certs;
 mod deployments;
@@ -647,6 +648,19 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The serving engine in-process: rows/s of a model at batch 1 and 64 on the
+    /// calling thread, and of one-row requests through the dynamic batcher (the
+    /// ceiling the servers are measured against).
+    ServingEngine {
+        /// The ONNX model (input [batch, N] FP32).
+        #[arg(long)]
+        onnx: PathBuf,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// NCCL all-reduce time and bandwidth on this machine's GPUs, one rank per GPU
     /// (needs a kiln built with the cuda feature, libcuda and libnccl).
     Nccl {
@@ -1054,6 +1068,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 json,
             } => {
                 let report = bench_train::train(threads, steps, python.as_deref())?;
+                bench::show(&report, json)
+            }
+            BenchCommand::ServingEngine {
+                onnx,
+                seconds,
+                json,
+            } => {
+                let report = bench_serving::engine(&onnx, seconds).await?;
                 bench::show(&report, json)
             }
             BenchCommand::Allreduce {
