@@ -2,7 +2,7 @@
 # The main job: build kiln, start a local cluster (3 coordinators, 2 workers) under
 # .kiln/ and show its status. Stop it with: target/.../kiln local down
 source "$(dirname "$0")/env.sh"
-kiln_install_packages
+kiln_install_packages curl python3
 cargo build -p kiln-cli
 "$KILN_BIN" local down --dir .kiln >/dev/null 2>&1 || true
 "$KILN_BIN" local up --dir .kiln
@@ -63,5 +63,21 @@ cpus_per_shard = 1
 SPEC
 "$KILN_BIN" train submit "$demo_data/iris.toml" --follow
 "$KILN_BIN" models show iris-mlp
+echo
+
+# Serve it: one replica on each worker, then a KServe v2 call through the first
+# worker (its router sends it to either replica).
+"$KILN_BIN" models alias iris-mlp 1 prod
+"$KILN_BIN" deploy iris --model iris-mlp@prod --replicas 2 --wait
+"$KILN_BIN" deployments show iris
+worker_http="$("$KILN_BIN" status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["workers"][0]["inference_http_addr"])')"
+for _ in $(seq 1 25); do
+  [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$worker_http/v2/models/iris/ready")" = 200 ] && break
+  sleep 0.2
+done
+curl -s -H "Authorization: Bearer $(cat .kiln/admin.token)" \
+  -d '{"inputs":[{"name":"input","shape":[2,4],"datatype":"FP32","data":[[5.1,3.5,1.4,0.2],[6.7,3.0,5.2,2.3]]}]}' \
+  "http://$worker_http/v2/models/iris/infer"
+echo
 echo
 echo "stop the cluster with: $KILN_BIN local down"

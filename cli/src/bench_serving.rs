@@ -30,8 +30,14 @@ impl crate::bench::Table for EngineReport {
     fn print_table(&self) {
         println!("| engine path | rows/s |");
         println!("|---|---:|");
-        println!("| tract, batch 1, calling thread | {:.0} |", self.batch1_rows_per_s);
-        println!("| tract, batch 64, calling thread | {:.0} |", self.batch64_rows_per_s);
+        println!(
+            "| tract, batch 1, calling thread | {:.0} |",
+            self.batch1_rows_per_s
+        );
+        println!(
+            "| tract, batch 64, calling thread | {:.0} |",
+            self.batch64_rows_per_s
+        );
         println!(
             "| dynamic batcher, {CALLERS} one-row callers, {} threads (mean batch {:.1}) | {:.0} |",
             self.threads, self.mean_batch, self.batched_requests_per_s
@@ -75,8 +81,8 @@ pub async fn engine(onnx: &Path, seconds: f64) -> anyhow::Result<EngineReport> {
         queue_capacity: 4 * CALLERS,
         threads,
     };
-    let engine = tokio::task::spawn_blocking(move || Engine::load(&bytes, "bench", config))
-        .await??;
+    let engine =
+        tokio::task::spawn_blocking(move || Engine::load(&bytes, "bench", config)).await??;
     let input = engine
         .signature()
         .inputs

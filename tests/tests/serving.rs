@@ -536,6 +536,51 @@ async fn a_registered_model_answers_json_and_binary_on_every_worker_like_tract()
     );
     assert_close(&output_of(&answer), &want, "after errors");
 
+    // Prometheus counters per deployment, model, version and replica.
+    let viewer_auth = format!("Bearer {viewer}");
+    let (mut served, mut failed) = (0.0, 0.0);
+    for addr in &addrs {
+        let metrics = http_call(
+            addr,
+            "GET",
+            "/metrics",
+            &[("Authorization", &viewer_auth)],
+            b"",
+        )
+        .await
+        .expect("metrics");
+        assert_eq!(metrics.status, 200, "{}", metrics.text());
+        let text = metrics.text();
+        assert!(
+            text.contains("kiln_serving_replicas{deployment=\"blobs\"} 1"),
+            "{text}"
+        );
+        for line in text.lines() {
+            if !line.starts_with(
+                "kiln_inference_requests_total{deployment=\"blobs\",model=\"blobs\",version=\"1\"",
+            ) {
+                continue;
+            }
+            let count: f64 = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .expect("a count");
+            if line.contains("outcome=\"success\"") {
+                served += count;
+            } else if line.contains("outcome=\"failed\"") {
+                failed += count;
+            }
+        }
+    }
+    assert!(
+        served >= 20.0,
+        "the replicas counted what they served: {served}"
+    );
+    // The wrong name, feature count and datatype reached a replica; the other
+    // bad requests were refused before (parse, auth, routing, size).
+    assert_eq!(failed, 3.0, "requests the engines refused");
+
     cli_ok(&cluster, &["deployments", "rm", "blobs"]).await;
     kiln_tests::wait_for(Duration::from_secs(15), "the deployment to go", || {
         let addr = addr.clone();

@@ -113,7 +113,7 @@ impl ServingTable {
             (
                 "kiln_inference_requests_total",
                 "counter",
-                "Requests answered, by outcome.",
+                "Requests answered, by outcome: success, failed (a bad request or an engine error), rejected (queue full), timeout.",
             ),
             ("kiln_inference_exec_total", "counter", "Batches executed."),
             ("kiln_inference_rows_total", "counter", "Rows inferred."),
@@ -164,14 +164,14 @@ impl ServingTable {
                     "deployment=\"{}\",model=\"{}\",version=\"{}\",replica=\"{}\"",
                     r.deployment, r.model, r.version, r.id
                 );
-                let succeeded = s
-                    .requests
-                    .saturating_sub(s.failures + s.rejected + s.timeouts);
+                // `failures` counts every error; rejected and timed-out ones
+                // are shown apart.
+                let failed = s.failures.saturating_sub(s.rejected + s.timeouts);
                 match name {
                     "kiln_inference_requests_total" => {
                         for (outcome, n) in [
-                            ("success", succeeded),
-                            ("failed", s.failures),
+                            ("success", s.requests),
+                            ("failed", failed),
                             ("rejected", s.rejected),
                             ("timeout", s.timeouts),
                         ] {
