@@ -206,12 +206,12 @@ impl Ring {
             to_right: Sender {
                 peer: right_of(config.rank, world),
                 stream: right,
-                frame: vec![0; HEADER_BYTES + config.chunk_bytes],
+
             },
             from_left: Receiver {
                 peer: left_of(config.rank, world),
                 stream: left,
-                payload: vec![0; config.chunk_bytes],
+                scratch: vec![0.0; config.chunk_bytes / F32_BYTES],
             },
         });
         tracing::info!(
@@ -408,12 +408,10 @@ impl Links {
         };
         let receiving = async {
             for piece in pieces(recv.clone(), chunk_elems) {
-                let payload = from_left.receive(&header(&piece), io_timeout).await?;
                 let values = &mut dst[piece.start - recv.start..piece.end - recv.start];
-                match combine {
-                    Combine::Add => add_le(values, payload),
-                    Combine::Replace => replace_le(values, payload),
-                }
+                from_left
+                    .receive(&header(&piece), values, combine, io_timeout)
+                    .await?;
             }
             Ok(())
         };
@@ -440,29 +438,46 @@ fn split_disjoint(buf: &mut [f32], send: Range<usize>, recv: Range<usize>) -> (&
     }
 }
 
-/// The sending end of the link to the right neighbour, with its one frame buffer.
+// Frames carry f32s as little-endian bytes, which is the host's own layout: the
+// values are sent and received in place, without an encoding pass.
+const _: () = assert!(
+    cfg!(target_endian = "little"),
+    "the ring sends f32 values in the host's byte order, which must be little-endian"
+);
+
+/// The sending end of the link to the right neighbour.
 struct Sender {
     peer: usize,
     stream: TcpStream,
-    frame: Vec<u8>,
 }
 
 impl Sender {
+    /// Writes one frame: the header, then the values' bytes straight from the
+    /// buffer (one vectored write where the socket takes it).
     async fn send(
         &mut self,
         header: &Header,
         values: &[f32],
         io_timeout: Duration,
     ) -> Result<(), CollectiveError> {
-        let frame = &mut self.frame[..HEADER_BYTES + values.len() * F32_BYTES];
-        frame[..HEADER_BYTES].copy_from_slice(&header.encode());
-        for (bytes, x) in frame[HEADER_BYTES..]
-            .chunks_exact_mut(F32_BYTES)
-            .zip(values)
-        {
-            bytes.copy_from_slice(&x.to_le_bytes());
-        }
-        match tokio::time::timeout(io_timeout, self.stream.write_all(frame)).await {
+        let head = header.encode();
+        let payload: &[u8] = bytemuck::cast_slice(values);
+        let stream = &mut self.stream;
+        let write = async {
+            let (mut head, mut payload) = (&head[..], payload);
+            while !head.is_empty() || !payload.is_empty() {
+                let parts = [std::io::IoSlice::new(head), std::io::IoSlice::new(payload)];
+                let n = stream.write_vectored(&parts).await?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                let from_head = n.min(head.len());
+                head = &head[from_head..];
+                payload = &payload[n - from_head..];
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(io_timeout, write).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(err)) => Err(link_error(self.peer, LinkOp::Send, err)),
             Err(_) => Err(CollectiveError::Timeout {
@@ -474,26 +489,31 @@ impl Sender {
     }
 }
 
-/// The receiving end of the link from the left neighbour, with its one payload
-/// buffer.
+/// The receiving end of the link from the left neighbour, with its scratch
+/// buffer for values that are added rather than taken.
 struct Receiver {
     peer: usize,
     stream: TcpStream,
-    payload: Vec<u8>,
+    scratch: Vec<f32>,
 }
 
 impl Receiver {
-    /// Reads the next frame, checks that its header is `expected` and returns its
-    /// payload.
+    /// Reads the next frame, checks that its header is `expected`, and adds its
+    /// values into `values` (reduce-scatter) or writes them over `values`
+    /// (all-gather, read straight into place).
     async fn receive(
         &mut self,
         expected: &Header,
+        values: &mut [f32],
+        combine: Combine,
         io_timeout: Duration,
-    ) -> Result<&[u8], CollectiveError> {
+    ) -> Result<(), CollectiveError> {
         let peer = self.peer;
-        let payload_len = expected.len as usize * F32_BYTES;
+        let into: &mut [f32] = match combine {
+            Combine::Add => &mut self.scratch[..values.len()],
+            Combine::Replace => values,
+        };
         let stream = &mut self.stream;
-        let payload = &mut self.payload[..payload_len];
         let read = async {
             let mut head = [0u8; HEADER_BYTES];
             stream
@@ -505,34 +525,28 @@ impl Receiver {
                 return Err(CollectiveError::Protocol { peer, reason });
             }
             stream
-                .read_exact(payload)
+                .read_exact(bytemuck::cast_slice_mut(into))
                 .await
                 .map_err(|err| link_error(peer, LinkOp::Receive, err))?;
             Ok(())
         };
         match tokio::time::timeout(io_timeout, read).await {
-            Ok(Ok(())) => Ok(&self.payload[..payload_len]),
-            Ok(Err(err)) => Err(err),
-            Err(_) => Err(CollectiveError::Timeout {
-                peer,
-                op: LinkOp::Receive,
-                after: io_timeout,
-            }),
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => return Err(err),
+            Err(_) => {
+                return Err(CollectiveError::Timeout {
+                    peer,
+                    op: LinkOp::Receive,
+                    after: io_timeout,
+                })
+            }
         }
-    }
-}
-
-/// Adds little-endian f32 `bytes` into `values`.
-fn add_le(values: &mut [f32], bytes: &[u8]) {
-    for (x, b) in values.iter_mut().zip(bytes.chunks_exact(F32_BYTES)) {
-        *x += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    }
-}
-
-/// Overwrites `values` with little-endian f32 `bytes`.
-fn replace_le(values: &mut [f32], bytes: &[u8]) {
-    for (x, b) in values.iter_mut().zip(bytes.chunks_exact(F32_BYTES)) {
-        *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        if let Combine::Add = combine {
+            for (x, y) in values.iter_mut().zip(&self.scratch) {
+                *x += *y;
+            }
+        }
+        Ok(())
     }
 }
 
