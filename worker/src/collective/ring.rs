@@ -206,7 +206,6 @@ impl Ring {
             to_right: Sender {
                 peer: right_of(config.rank, world),
                 stream: right,
-
             },
             from_left: Receiver {
                 peer: left_of(config.rank, world),

@@ -222,12 +222,14 @@ impl ServingTable {
             .push(replica);
     }
 
-    fn remove(&self, deployment: &str, id: u64) {
+    /// Removes this replica (not another with the same id: a deployment removed
+    /// and made again numbers its replicas from 1 while an old one drains).
+    fn remove(&self, replica: &Arc<LocalReplica>) {
         let mut table = self.replicas.write().expect("serving table lock");
-        if let Some(list) = table.get_mut(deployment) {
-            list.retain(|r| r.id != id);
+        if let Some(list) = table.get_mut(&replica.deployment) {
+            list.retain(|r| !Arc::ptr_eq(r, replica));
             if list.is_empty() {
-                table.remove(deployment);
+                table.remove(&replica.deployment);
             }
         }
     }
@@ -341,7 +343,7 @@ async fn run_replica(
     stop.cancelled().await;
     // Routers elsewhere may still send requests until their next heartbeat.
     tokio::time::sleep(DRAIN_GRACE).await;
-    table.remove(&task.deployment, task.replica_id);
+    table.remove(&replica);
     tracing::info!(deployment = %task.deployment, replica = task.replica_id, "replica stopped");
 }
 
