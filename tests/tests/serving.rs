@@ -536,6 +536,42 @@ async fn a_registered_model_answers_json_and_binary_on_every_worker_like_tract()
     );
     assert_close(&output_of(&answer), &want, "after errors");
 
+    // A deployment made with --public answers without a token.
+    cli_ok(
+        &cluster,
+        &[
+            "deploy",
+            "open",
+            "--model",
+            "blobs@1",
+            "--replicas",
+            "1",
+            "--public",
+            "--wait",
+        ],
+    )
+    .await;
+    wait_ready(&addrs, "/v2/models/open/ready").await;
+    for addr in &addrs {
+        let answer = http_call(
+            addr,
+            "POST",
+            "/v2/models/open/infer",
+            &[],
+            &json_request(&x, rows),
+        )
+        .await
+        .expect("public request");
+        assert_eq!(
+            answer.status,
+            200,
+            "a public deployment needs no token: {}",
+            answer.text()
+        );
+        assert_close(&output_of(&answer), &want, "public");
+    }
+    cli_ok(&cluster, &["deployments", "rm", "open"]).await;
+
     // Prometheus counters per deployment, model, version and replica.
     let viewer_auth = format!("Bearer {viewer}");
     let (mut served, mut failed) = (0.0, 0.0);
