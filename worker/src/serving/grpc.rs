@@ -117,11 +117,7 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<ModelReadyResponse>, Status> {
         let req = request.into_inner();
         let version = version_of(&req.version)?;
-        let route = self.router.route(&req.name)?;
-        let ready = route
-            .endpoints
-            .iter()
-            .any(|e| version == Version::Any || version == Version::Exactly(e.version));
+        let ready = self.router.is_ready(&req.name, version)?;
         Ok(Response::new(ModelReadyResponse { ready }))
     }
 
@@ -143,22 +139,8 @@ impl GrpcInferenceService for InferenceService {
         let version = version_of(&req.version)?;
         let route = self.router.route(&req.name)?;
         self.router.authorize(&route, authorization.as_deref())?;
-        let mut versions: Vec<u64> = route
-            .endpoints
-            .iter()
-            .map(|e| e.version)
-            .filter(|v| version == Version::Any || version == Version::Exactly(*v))
-            .collect();
-        versions.sort_unstable();
-        versions.dedup();
-        let names: Vec<String> = versions.iter().map(u64::to_string).collect();
-        if let Some(replica) = self
-            .router
-            .table()
-            .replicas(&req.name)
-            .into_iter()
-            .find(|r| version == Version::Any || version == Version::Exactly(r.version))
-        {
+        let (names, local) = self.router.served(&route, version)?;
+        if let Some(replica) = local {
             return Ok(Response::new(protocol::grpc_model_metadata(
                 &req.name,
                 &names,

@@ -70,7 +70,8 @@ impl Version {
         }
     }
 
-    fn admits(self, version: u64) -> bool {
+    /// True when a replica of `version` may answer this request.
+    pub fn admits(self, version: u64) -> bool {
         match self {
             Version::Any => true,
             Version::Exactly(v) => v == version,
@@ -445,6 +446,52 @@ impl Router {
         }
     }
 
+    /// The versions of `route` that a request for `version` may reach (ascending,
+    /// as text), and a ready replica of one of them on this worker when there is
+    /// one: what both protocols' model metadata answers from. NotFound for a
+    /// version that is not served, Unavailable while nothing is ready.
+    pub fn served(
+        &self,
+        route: &Route,
+        version: Version,
+    ) -> Result<(Vec<String>, Option<Arc<LocalReplica>>)> {
+        let mut versions: Vec<u64> = route
+            .endpoints
+            .iter()
+            .map(|e| e.version)
+            .filter(|v| version.admits(*v))
+            .collect();
+        versions.sort_unstable();
+        versions.dedup();
+        if versions.is_empty() {
+            let deployment = &route.deployment;
+            return Err(match version {
+                Version::Exactly(v) => {
+                    Error::NotFound(format!("version {v} of model {deployment} is not served"))
+                }
+                Version::Any => {
+                    Error::Unavailable(format!("model {deployment} has no ready replica yet"))
+                }
+            });
+        }
+        let local = self
+            .table
+            .replicas(&route.deployment)
+            .into_iter()
+            .find(|r| version.admits(r.version));
+        Ok((versions.iter().map(u64::to_string).collect(), local))
+    }
+
+    /// True while a replica of `deployment` that `version` admits is ready
+    /// anywhere in the cluster; NotFound for a deployment that does not exist.
+    pub fn is_ready(&self, deployment: &str, version: Version) -> Result<bool> {
+        Ok(self
+            .route(deployment)?
+            .endpoints
+            .iter()
+            .any(|e| version.admits(e.version)))
+    }
+
     /// Answers `GET /v2/models/{m}[/versions/{v}]` from a replica's signature.
     pub async fn metadata(
         &self,
@@ -455,30 +502,7 @@ impl Router {
         let result = async {
             let route = self.route(deployment)?;
             self.authorize(&route, kiln_common::http::authorization(headers))?;
-            let mut versions: Vec<u64> = route
-                .endpoints
-                .iter()
-                .map(|e| e.version)
-                .filter(|v| version.admits(*v))
-                .collect();
-            versions.sort_unstable();
-            versions.dedup();
-            if versions.is_empty() {
-                return Err(match version {
-                    Version::Exactly(v) => {
-                        Error::NotFound(format!("version {v} of model {deployment} is not served"))
-                    }
-                    Version::Any => {
-                        Error::Unavailable(format!("model {deployment} has no ready replica yet"))
-                    }
-                });
-            }
-            let local = self
-                .table
-                .replicas(deployment)
-                .into_iter()
-                .find(|r| version.admits(r.version));
-            let names: Vec<String> = versions.iter().map(u64::to_string).collect();
+            let (names, local) = self.served(&route, version)?;
             match local {
                 Some(replica) => Ok(axum::Json(protocol::model_metadata(
                     deployment,
@@ -543,9 +567,7 @@ impl Router {
     /// Answers `GET /v2/models/{m}[/versions/{v}]/ready`: 200 while a replica of
     /// it is ready anywhere in the cluster.
     pub fn ready(&self, deployment: &str, version: Version) -> Response {
-        let ready = self
-            .route(deployment)
-            .map(|r| r.endpoints.iter().any(|e| version.admits(e.version)));
+        let ready = self.is_ready(deployment, version);
         match ready {
             Ok(true) => (
                 StatusCode::OK,
