@@ -10,6 +10,7 @@ use kiln_proto::v1::{
 };
 use serde_json::{json, Value};
 
+use kiln_coordinator::api::deployments::{is_current, wanted_canaries};
 use kiln_coordinator::state::deployments::{describe, target_text};
 
 use crate::{DeployArgs, DeploymentsCommand};
@@ -60,24 +61,19 @@ fn deployment_json(d: &DeploymentRecord) -> Value {
     })
 }
 
-/// Ready replicas of the current generation.
+/// Ready replicas of what the deployment runs now (its primary and canary).
 fn ready(d: &DeploymentRecord) -> usize {
     d.replica_set
         .iter()
-        .filter(|r| r.generation == d.generation && r.state == ReplicaState::ReplicaReady as i32)
+        .filter(|r| is_current(d, r) && r.state == ReplicaState::ReplicaReady as i32)
         .count()
 }
 
-/// True once the current generation has every replica it wants ready and the
-/// older ones have retired.
+/// True once every replica the deployment wants is ready and the ones it no
+/// longer runs (an older generation or canary) have retired.
 fn rolled_out(d: &DeploymentRecord) -> bool {
-    let canaries = if d.canary.is_some() {
-        kiln_coordinator::api::deployments::canary_replicas(d.replicas, d.canary_percent)
-    } else {
-        0
-    };
-    let old = d.replica_set.iter().any(|r| r.generation != d.generation);
-    !old && ready(d) >= (d.replicas + canaries) as usize
+    let retired = d.replica_set.iter().all(|r| is_current(d, r));
+    retired && ready(d) >= (d.replicas + wanted_canaries(d)) as usize
 }
 
 async fn get(client: &ClusterClient, name: &str) -> anyhow::Result<DeploymentRecord> {

@@ -372,9 +372,18 @@ impl Api {
     }
 }
 
+/// The canary replicas `d` wants now (0 without a canary).
+pub fn wanted_canaries(d: &DeploymentRecord) -> u32 {
+    if d.canary.is_some() {
+        canary_replicas(d.replicas, d.canary_percent)
+    } else {
+        0
+    }
+}
+
 /// True when replica `r` is part of what `d` runs now: a primary of the current
 /// generation, or a canary of the current generation and canary target.
-fn is_current(d: &DeploymentRecord, r: &ReplicaRecord) -> bool {
+pub fn is_current(d: &DeploymentRecord, r: &ReplicaRecord) -> bool {
     r.generation == d.generation && (!r.canary || (d.canary.is_some() && r.target == d.canary))
 }
 
@@ -432,11 +441,7 @@ pub fn plan_replicas(
     let mut add = Vec::new();
     let mut all_ready = true;
     let mut short_of_room = false;
-    let canaries = if d.canary.is_some() {
-        canary_replicas(d.replicas, d.canary_percent)
-    } else {
-        0
-    };
+    let canaries = wanted_canaries(d);
     let sets = [
         (d.primary.clone(), false, d.replicas),
         (d.canary.clone(), true, canaries),
