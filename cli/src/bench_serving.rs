@@ -2,6 +2,11 @@
 //! at batch 1 and 64 on the calling thread, and one-row requests/s through the
 //! dynamic batcher from many concurrent tasks. The served figures of
 //! `scripts/bench_serving.sh` are compared with these (the ceiling).
+//!
+//! The cost of drift telemetry: the batcher is measured twice more, on a plain
+//! engine and on one whose monitor counts every input and output into reference
+//! bins, in turns (plain, monitored, plain, monitored) so that drift in the
+//! machine's speed falls on both.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
+use kiln_common::reference::ReferenceStats;
 use kiln_worker::serving::engine::{Engine, EngineConfig};
+use kiln_worker::serving::monitor::Monitor;
 use kiln_worker::serving::{DataType, Tensor};
 
 /// Concurrent one-row callers of the batcher.
@@ -24,6 +31,11 @@ pub struct EngineReport {
     pub batch64_rows_per_s: f64,
     pub batched_requests_per_s: f64,
     pub mean_batch: f64,
+    /// The batcher without and with a drift monitor, each the mean of two turns.
+    pub unmonitored_requests_per_s: f64,
+    pub monitored_requests_per_s: f64,
+    /// How much slower the monitored engine is, in percent.
+    pub telemetry_cost_percent: f64,
 }
 
 impl crate::bench::Table for EngineReport {
@@ -41,6 +53,18 @@ impl crate::bench::Table for EngineReport {
         println!(
             "| dynamic batcher, {CALLERS} one-row callers, {} threads (mean batch {:.1}) | {:.0} |",
             self.threads, self.mean_batch, self.batched_requests_per_s
+        );
+        println!(
+            "| dynamic batcher, unmonitored (mean of 2 turns) | {:.0} |",
+            self.unmonitored_requests_per_s
+        );
+        println!(
+            "| dynamic batcher, counting inputs and outputs for drift (mean of 2 turns) | {:.0} |",
+            self.monitored_requests_per_s
+        );
+        println!(
+            "drift telemetry costs {:.1}% of the batcher's throughput",
+            self.telemetry_cost_percent
         );
     }
 }
@@ -81,8 +105,11 @@ pub async fn engine(onnx: &Path, seconds: f64) -> anyhow::Result<EngineReport> {
         queue_capacity: 4 * CALLERS,
         threads,
     };
-    let engine =
-        tokio::task::spawn_blocking(move || Engine::load(&bytes, "bench", config)).await??;
+    let engine = tokio::task::spawn_blocking({
+        let (bytes, config) = (bytes.clone(), config.clone());
+        move || Engine::load(&bytes, "bench", config)
+    })
+    .await??;
     let input = engine
         .signature()
         .inputs
@@ -95,12 +122,46 @@ pub async fn engine(onnx: &Path, seconds: f64) -> anyhow::Result<EngineReport> {
     let batch64 = blocking(&engine, features, 64, seconds)?;
 
     let engine = Arc::new(engine);
+    let (batched_requests_per_s, mean_batch) = batched(&engine, features, seconds).await?;
+
+    let monitored =
+        tokio::task::spawn_blocking(move || Engine::load(&bytes, "bench-monitored", config))
+            .await??;
+    monitored.attach_monitor(Arc::new(monitor_for(&engine, features)?));
+    let monitored = Arc::new(monitored);
+    let mut plain = 0.0;
+    let mut counted = 0.0;
+    for _ in 0..2 {
+        plain += batched(&engine, features, seconds).await?.0 / 2.0;
+        counted += batched(&monitored, features, seconds).await?.0 / 2.0;
+    }
+    Ok(EngineReport {
+        model: onnx.display().to_string(),
+        features,
+        threads,
+        batch1_rows_per_s: batch1,
+        batch64_rows_per_s: batch64,
+        batched_requests_per_s,
+        mean_batch,
+        unmonitored_requests_per_s: plain,
+        monitored_requests_per_s: counted,
+        telemetry_cost_percent: (plain - counted) / plain * 100.0,
+    })
+}
+
+/// Requests/s and the mean batch of one-row requests from [`CALLERS`] tasks
+/// through the batcher for `seconds`.
+async fn batched(
+    engine: &Arc<Engine>,
+    features: usize,
+    seconds: f64,
+) -> anyhow::Result<(f64, f64)> {
     let before = engine.stats();
     let started = Instant::now();
     let stop = started + Duration::from_secs_f64(seconds);
     let callers: Vec<_> = (0..CALLERS)
         .map(|_| {
-            let engine = Arc::clone(&engine);
+            let engine = Arc::clone(engine);
             let input = rows(features, 1);
             tokio::spawn(async move {
                 let mut done = 0usize;
@@ -120,13 +181,49 @@ pub async fn engine(onnx: &Path, seconds: f64) -> anyhow::Result<EngineReport> {
     let elapsed = started.elapsed().as_secs_f64();
     let after = engine.stats();
     let batches = after.inferences.saturating_sub(before.inferences).max(1);
-    Ok(EngineReport {
-        model: onnx.display().to_string(),
-        features,
-        threads,
-        batch1_rows_per_s: batch1,
-        batch64_rows_per_s: batch64,
-        batched_requests_per_s: requests as f64 / elapsed,
-        mean_batch: after.rows.saturating_sub(before.rows) as f64 / batches as f64,
-    })
+    Ok((
+        requests as f64 / elapsed,
+        after.rows.saturating_sub(before.rows) as f64 / batches as f64,
+    ))
+}
+
+/// A drift monitor for the model: the reference of the benchmark's rows and of
+/// the model's answers to them.
+fn monitor_for(engine: &Engine, features: usize) -> anyhow::Result<Monitor> {
+    const ROWS: usize = 1000;
+    let input = rows(features, ROWS);
+    let values: Vec<f32> = input
+        .data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let outputs = engine.run_batch_blocking(vec![input])?;
+    let output = outputs.first().context("the model gives no output")?;
+    let k = output.shape.get(1).copied().unwrap_or(1).max(1);
+    let answers: Vec<f32> = output
+        .data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let mut columns: Vec<(String, Vec<f32>)> = (0..features)
+        .map(|j| {
+            (
+                format!("f{j}"),
+                values.iter().skip(j).step_by(features).copied().collect(),
+            )
+        })
+        .collect();
+    for j in 0..k {
+        columns.push((
+            format!("output:{j}"),
+            answers.iter().skip(j).step_by(k).copied().collect(),
+        ));
+    }
+    let borrowed: Vec<(&str, &[f32])> = columns
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .collect();
+    let reference = ReferenceStats::compute(&borrowed);
+    Monitor::new("bench", 1, features, reference, engine.signature())
+        .map_err(|e| anyhow::anyhow!("monitor the model: {e}"))
 }

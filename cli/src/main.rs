@@ -6,11 +6,13 @@
 
 mod bench;
 mod bench_artifacts;
+mod bench_drift;
 mod bench_nccl;
 mod bench_serving;
 mod bench_train;
 mod certs;
 mod deployments;
+mod drift;
 mod jobs;
 mod local;
 mod models;
@@ -96,6 +98,11 @@ enum Command {
     Deployments {
         #[command(subcommand)]
         command: DeploymentsCommand,
+    },
+    /// Drift of served data against each model version's training reference.
+    Drift {
+        #[command(subcommand)]
+        command: DriftCommand,
     },
     /// Lists, shows and compares tracked runs.
     Runs {
@@ -223,6 +230,9 @@ struct WorkerArgs {
     /// Pause between passes of the blob scrubber (0: off; default 6 hours).
     #[arg(long, env = "KILN_SCRUB_INTERVAL_MS")]
     scrub_interval_ms: Option<u64>,
+    /// Time between two telemetry reports to the leader (default 5000).
+    #[arg(long, env = "KILN_TELEMETRY_INTERVAL_MS")]
+    telemetry_interval_ms: Option<u64>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -317,6 +327,14 @@ enum ModelsCommand {
         /// The model's name.
         #[arg(long)]
         name: String,
+        /// The data the model was trained on (CSV with a header): its columns
+        /// become the drift monitor's reference, and the model's answers on it the
+        /// reference of its outputs. Without it the model is served unmonitored.
+        #[arg(long, requires = "label")]
+        reference_data: Option<PathBuf>,
+        /// The label column of --reference-data, left out of the features.
+        #[arg(long)]
+        label: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -390,6 +408,21 @@ enum DeploymentsCommand {
     },
     /// Removes a deployment; its replicas stop.
     Rm { name: String },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum DriftCommand {
+    /// Per-feature statistics and verdicts of the newest window, the trend over
+    /// the recent windows, and the alerts.
+    Status {
+        /// Only this model's versions.
+        model: Option<String>,
+        /// Windows of trend to show.
+        #[arg(long, default_value_t = 10)]
+        windows: u32,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -648,6 +681,25 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The time to judge one drift window against Evidently's DataDriftPreset on
+    /// the same data (`--python` with evidently installed), and the verdicts.
+    Drift {
+        #[arg(long, default_value_t = 100_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 100)]
+        features: usize,
+        /// Columns of the current table moved by half a standard deviation.
+        #[arg(long, default_value_t = 30)]
+        shifted: usize,
+        /// A Python with evidently, to measure it in the same run.
+        #[arg(long)]
+        python: Option<String>,
+        /// Where the tables go for the Python peer (removed after).
+        #[arg(long, default_value = "/tmp/kiln-bench-drift")]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// The serving engine in-process: rows/s of a model at batch 1 and 64 on the
     /// calling thread, and of one-row requests through the dynamic batcher (the
     /// ceiling the servers are measured against).
@@ -799,6 +851,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     inference_grpc: args.inference_grpc,
                     heartbeat_interval_ms: args.heartbeat_interval_ms,
                     scrub_interval_ms: args.scrub_interval_ms,
+                    telemetry_interval_ms: args.telemetry_interval_ms,
                     tls: args.tls.files(),
                     insecure: args.tls.insecure,
                 },
@@ -999,6 +1052,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models { command } => models::run(cluster_client(&conn)?, command).await,
         Command::Deploy(args) => deployments::deploy(cluster_client(&conn)?, args).await,
         Command::Deployments { command } => deployments::run(cluster_client(&conn)?, command).await,
+        Command::Drift { command } => drift::run(cluster_client(&conn)?, command).await,
         Command::Kv { command } => {
             let client = cluster_client(&conn)?;
             match command {
@@ -1068,6 +1122,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 json,
             } => {
                 let report = bench_train::train(threads, steps, python.as_deref())?;
+                bench::show(&report, json)
+            }
+            BenchCommand::Drift {
+                rows,
+                features,
+                shifted,
+                python,
+                dir,
+                json,
+            } => {
+                let report = bench_drift::drift(rows, features, shifted, python.as_deref(), &dir)?;
                 bench::show(&report, json)
             }
             BenchCommand::ServingEngine {

@@ -5,12 +5,15 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use kiln_common::client::ClusterClient;
+use kiln_common::reference::ReferenceStats;
 use kiln_proto::v1::{
     GetModelRequest, ListModelsRequest, ModelVersion, RegisterModelRequest, SetModelAlias,
     SetModelAliasRequest,
 };
-use kiln_worker::serving::engine::signature_of;
-use kiln_worker::train::shard::{model_artifact, MODEL_FILE};
+use kiln_worker::serving::engine::{signature_of, Engine, EngineConfig};
+use kiln_worker::serving::{DataType, Tensor};
+use kiln_worker::train::data::read_csv;
+use kiln_worker::train::shard::{model_artifact, MODEL_FILE, REFERENCE_FILE};
 use kiln_worker::transfer::{self, PushOptions};
 use serde_json::{json, Value};
 
@@ -36,28 +39,156 @@ fn model_json(m: &ModelVersion) -> Value {
         "outputs": tensors(&m.outputs),
         "classes": m.classes,
         "features": m.features,
+        "monitored": !m.reference.is_empty(),
         "created_at_ms": m.created_at_ms,
         "created_by": m.created_by,
     })
 }
 
-/// Checks an ONNX file with tract, pushes it as the next version of the model's
-/// artifact and registers it with the signature tract read.
+/// Most values (rows × features) `--reference-data` may hold.
+const MAX_REFERENCE_VALUES: usize = 100_000_000;
+/// Rows per inference when the model answers the reference data.
+const REFERENCE_BATCH: usize = 256;
+
+/// The drift reference of a model from the data it was trained on: every feature
+/// column of the CSV (all but `label`), then every column of the model's answers.
+/// The model must take the features as one FP32 `[-1, features]` input and give
+/// its answers as one FP32 `[-1, k]` output.
+fn reference_from_csv(
+    onnx: &[u8],
+    csv: &std::path::Path,
+    label: &str,
+) -> anyhow::Result<(ReferenceStats, Vec<String>)> {
+    let file = std::fs::File::open(csv).with_context(|| format!("open {}", csv.display()))?;
+    let data = read_csv(std::io::BufReader::new(file), label, &[])
+        .map_err(|e| anyhow::anyhow!("{}: {e}", csv.display()))?;
+    let d = data.features.len();
+    anyhow::ensure!(
+        data.x.len() <= MAX_REFERENCE_VALUES,
+        "{} holds {} values; the reference data may hold at most {MAX_REFERENCE_VALUES}",
+        csv.display(),
+        data.x.len()
+    );
+    let engine = Engine::load(
+        onnx,
+        "reference",
+        EngineConfig {
+            max_batch_size: REFERENCE_BATCH,
+            threads: 1,
+            ..EngineConfig::default()
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("load the model: {e}"))?;
+    let signature = engine.signature().clone();
+    let input = signature
+        .inputs
+        .iter()
+        .find(|s| s.datatype == DataType::Fp32 && s.shape.len() == 2 && s.shape[1] == d as i64)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "the model takes no FP32 input of shape [-1, {d}] for the {d} feature columns of {} ({})",
+                csv.display(),
+                data.features.join(", ")
+            )
+        })?;
+    anyhow::ensure!(
+        signature.inputs.len() == 1,
+        "the model takes {} inputs; a reference from one table needs a model of one input",
+        signature.inputs.len()
+    );
+    let output = signature
+        .outputs
+        .iter()
+        .find(|s| s.datatype == DataType::Fp32 && s.shape.len() == 2 && s.shape[1] > 0)
+        .ok_or_else(|| anyhow::anyhow!("the model gives no FP32 output of shape [-1, k]"))?
+        .clone();
+    let k = output.shape[1] as usize;
+    let mut answers: Vec<f32> = Vec::with_capacity(data.rows * k);
+    for rows in data.x.chunks(REFERENCE_BATCH * d) {
+        let tensor = Tensor {
+            name: input.name.clone(),
+            datatype: DataType::Fp32,
+            shape: vec![rows.len() / d, d],
+            data: rows
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        };
+        let outputs = engine
+            .run_batch_blocking(vec![tensor])
+            .map_err(|e| anyhow::anyhow!("run the model on the reference data: {e}"))?;
+        let answer = outputs
+            .iter()
+            .find(|t| t.name == output.name)
+            .ok_or_else(|| anyhow::anyhow!("the model did not give output {}", output.name))?;
+        answers.extend(
+            answer
+                .data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
+    }
+    engine.shutdown();
+    let mut columns: Vec<(String, Vec<f32>)> = (0..d)
+        .map(|j| {
+            (
+                data.features[j].clone(),
+                data.x.iter().skip(j).step_by(d).copied().collect(),
+            )
+        })
+        .collect();
+    for j in 0..k {
+        let name = if k == 1 {
+            "output".to_string()
+        } else {
+            format!("output:{j}")
+        };
+        columns.push((name, answers.iter().skip(j).step_by(k).copied().collect()));
+    }
+    let borrowed: Vec<(&str, &[f32])> = columns
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .collect();
+    Ok((ReferenceStats::compute(&borrowed), data.features))
+}
+
+/// Checks an ONNX file with tract, pushes it (with its drift reference, when the
+/// training data is given) as the next version of the model's artifact and
+/// registers it with the signature tract read.
 async fn register(
     client: ClusterClient,
     onnx: &std::path::Path,
     name: &str,
+    reference_data: Option<(std::path::PathBuf, String)>,
 ) -> anyhow::Result<ModelVersion> {
     kiln_common::artifact::validate_name(name)?;
     let bytes = std::fs::read(onnx).with_context(|| format!("read {}", onnx.display()))?;
-    let signature = tokio::task::spawn_blocking(move || signature_of(&bytes))
+    let checked = bytes.clone();
+    let signature = tokio::task::spawn_blocking(move || signature_of(&checked))
         .await
         .context("join the model check")?
         .map_err(|e| anyhow::anyhow!("{} cannot be served: {e}", onnx.display()))?;
-    // The artifact holds model.onnx, as the versions training registers do.
+    // The artifact holds model.onnx (and reference.json), as the versions
+    // training registers do.
     let staging = tempfile::tempdir().context("make a staging directory")?;
     std::fs::copy(onnx, staging.path().join(MODEL_FILE))
         .with_context(|| format!("copy {}", onnx.display()))?;
+    let (reference, features) = match reference_data {
+        Some((csv, label)) => {
+            let (reference, features) =
+                tokio::task::spawn_blocking(move || reference_from_csv(&bytes, &csv, &label))
+                    .await
+                    .context("join the reference computation")??;
+            std::fs::write(
+                staging.path().join(REFERENCE_FILE),
+                serde_json::to_vec_pretty(&reference)?,
+            )
+            .context("write the reference")?;
+            (reference.to_proto(), features)
+        }
+        None => (Vec::new(), Vec::new()),
+    };
     let client = Arc::new(client);
     let pushed = transfer::push(
         Arc::clone(&client),
@@ -79,6 +210,8 @@ async fn register(
         artifact: format!("{}@{}", pushed.name, pushed.version),
         inputs: signature.inputs.iter().map(|s| s.to_proto()).collect(),
         outputs: signature.outputs.iter().map(|s| s.to_proto()).collect(),
+        features,
+        reference,
         ..Default::default()
     };
     let request = RegisterModelRequest {
@@ -97,8 +230,15 @@ async fn register(
 /// `kiln models ...`.
 pub async fn run(client: ClusterClient, command: ModelsCommand) -> anyhow::Result<()> {
     match command {
-        ModelsCommand::Register { onnx, name, json } => {
-            let model = register(client, &onnx, &name).await?;
+        ModelsCommand::Register {
+            onnx,
+            name,
+            reference_data,
+            label,
+            json,
+        } => {
+            let reference = reference_data.zip(label);
+            let model = register(client, &onnx, &name, reference).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&model_json(&model))?);
             } else {

@@ -117,6 +117,31 @@ impl Default for AutoscaleSettings {
     }
 }
 
+/// How the leader's drift monitor cuts telemetry into windows and judges them.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DriftSettings {
+    /// Length of a window (windows start at multiples of it).
+    pub window_ms: u64,
+    /// A window with fewer served rows is not judged (too little to tell).
+    pub min_rows: u64,
+    /// Share of features that must drift for the dataset to drift (Evidently: 0.5).
+    pub drift_share: f64,
+    /// Windows kept per model version in the replicated state.
+    pub keep_windows: u32,
+}
+
+impl Default for DriftSettings {
+    fn default() -> Self {
+        DriftSettings {
+            window_ms: 60_000,
+            min_rows: 100,
+            drift_share: 0.5,
+            keep_windows: 1_440,
+        }
+    }
+}
+
 /// Limits against abuse by token holders (nodes are not limited).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -151,6 +176,7 @@ pub struct CoordinatorFile {
     pub health: HealthSettings,
     pub limits: LimitSettings,
     pub autoscale: AutoscaleSettings,
+    pub drift: DriftSettings,
     pub tls: TlsFiles,
     pub insecure: Option<bool>,
 }
@@ -186,6 +212,7 @@ pub struct CoordinatorConfig {
     pub health: HealthSettings,
     pub limits: LimitSettings,
     pub autoscale: AutoscaleSettings,
+    pub drift: DriftSettings,
     /// Node TLS; `None` only with `insecure`.
     pub tls: Option<NodeTls>,
 }
@@ -257,6 +284,19 @@ impl CoordinatorConfig {
         if base.autoscale.sample_window_ms == 0 {
             return Err(invalid("autoscale.sample_window_ms", "must be positive"));
         }
+        let drift = base.drift;
+        if drift.window_ms == 0 || drift.keep_windows == 0 {
+            return Err(invalid(
+                "drift.window_ms",
+                "drift.window_ms and drift.keep_windows must be positive",
+            ));
+        }
+        if !(drift.drift_share > 0.0 && drift.drift_share <= 1.0) {
+            return Err(invalid(
+                "drift.drift_share",
+                format!("must be in (0, 1], got {}", drift.drift_share),
+            ));
+        }
         let tls = node_tls(
             merge_tls(overrides.tls, base.tls),
             overrides.insecure || base.insecure.unwrap_or(false),
@@ -273,6 +313,7 @@ impl CoordinatorConfig {
             health,
             limits: base.limits,
             autoscale: base.autoscale,
+            drift,
             tls,
         })
     }
@@ -333,6 +374,7 @@ pub struct WorkerFile {
     pub inference_grpc: Option<String>,
     pub heartbeat_interval_ms: Option<u64>,
     pub scrub_interval_ms: Option<u64>,
+    pub telemetry_interval_ms: Option<u64>,
     pub tls: TlsFiles,
     pub insecure: Option<bool>,
 }
@@ -348,6 +390,7 @@ pub struct WorkerOverrides {
     pub inference_grpc: Option<String>,
     pub heartbeat_interval_ms: Option<u64>,
     pub scrub_interval_ms: Option<u64>,
+    pub telemetry_interval_ms: Option<u64>,
     pub tls: TlsFiles,
     pub insecure: bool,
 }
@@ -367,6 +410,8 @@ pub struct WorkerConfig {
     /// Pause between two passes of the blob scrubber, which reads and verifies
     /// every stored chunk; 0 turns it off.
     pub scrub_interval_ms: u64,
+    /// Time between two telemetry reports to the leader.
+    pub telemetry_interval_ms: u64,
     /// Node TLS; `None` only with `insecure`.
     pub tls: Option<NodeTls>,
 }
@@ -443,6 +488,16 @@ impl WorkerConfig {
             .scrub_interval_ms
             .or(base.scrub_interval_ms)
             .unwrap_or(DEFAULT_SCRUB_INTERVAL_MS);
+        let telemetry_interval_ms = overrides
+            .telemetry_interval_ms
+            .or(base.telemetry_interval_ms)
+            .unwrap_or(5_000);
+        if !(100..=600_000).contains(&telemetry_interval_ms) {
+            return Err(invalid(
+                "telemetry_interval_ms",
+                format!("must be between 100 and 600000, got {telemetry_interval_ms}"),
+            ));
+        }
         let tls = node_tls(
             merge_tls(overrides.tls, base.tls),
             overrides.insecure || base.insecure.unwrap_or(false),
@@ -456,6 +511,7 @@ impl WorkerConfig {
             inference_grpc,
             heartbeat_interval_ms,
             scrub_interval_ms,
+            telemetry_interval_ms,
             tls,
         })
     }

@@ -12,6 +12,8 @@
 //!   stream through a bounded window.
 //! - `client`: [`client::ClusterClient`], which finds the leader by itself, follows
 //!   leader hints and retries within a bounded deadline.
+//! - `drift`: the drift statistics (equal to scipy's) and the verdict of a window
+//!   from the mergeable counts replicas keep in each column's reference bins.
 //! - `http`: the JSON error body and status codes every HTTP server answers with.
 //! - `jobspec`: the training job spec, checked whole, every problem named.
 //! - `reference`: a model's reference statistics for drift detection: frozen
@@ -25,6 +27,7 @@ pub mod chunking;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod drift;
 pub mod error;
 pub mod http;
 pub mod jobspec;

@@ -8,10 +8,12 @@
 //! outside it; both recompute bins from raw values. kiln's replicas only count, and
 //! the coordinator adds their counts across replicas and windows, which is exact
 //! only if every replica uses the same edges, chosen once. The edges are the
-//! reference's deciles ([`BINS`] bins of about a tenth of the rows each, the
-//! customary PSI binning), so no reference bin is nearly empty and PSI's
-//! `ln(ref / cur)` stays tame on skewed features, where equal-width bins would leave
-//! most bins empty.
+//! reference's quantiles ([`BINS`] bins of about a twentieth of the rows each, as
+//! many as the Sturges bins Evidently draws for 100,000 rows), so no reference bin
+//! is nearly empty and PSI's `ln(ref / cur)` stays tame on skewed features, where
+//! equal-width bins would leave most bins empty. Each bin also keeps the sum of its
+//! values, so that distances between distributions (Wasserstein) place a bin's
+//! mass at its mean rather than at a guessed centre.
 //!
 //! The edges, for `n` finite reference values sorted as `v`:
 //!
@@ -32,10 +34,13 @@
 //! NaN and ±∞ are never binned and never enter the moments: they are counted in
 //! `non_finite`, so a missing-value rate can be compared on its own.
 
+use kiln_proto::v1::ReferenceColumn;
 use serde::{Deserialize, Serialize};
 
+use crate::{Error, Result};
+
 /// Number of bins the reference quantiles aim at (fewer where values repeat).
-pub const BINS: usize = 10;
+pub const BINS: usize = 20;
 
 /// Version of the JSON layout below, raised whenever it changes so that a reader can
 /// tell the reference of an older model version apart.
@@ -58,6 +63,10 @@ pub struct FeatureStats {
     pub edges: Vec<f32>,
     /// The reference's finite values in each bin; sums to `count`.
     pub counts: Vec<u64>,
+    /// The sum of the values in each bin (empty in references written before it
+    /// was kept).
+    #[serde(default)]
+    pub sums: Vec<f64>,
     /// Finite values.
     pub count: u64,
     /// NaN and ±∞ values, which are in no bin and no moment.
@@ -83,6 +92,16 @@ impl ReferenceStats {
                 .map(|(name, values)| FeatureStats::compute(name, values, BINS))
                 .collect(),
         }
+    }
+
+    /// Number of leading input-feature columns: the output columns that follow are
+    /// named `output` or `output:<name>` (as the trainer and `kiln models
+    /// register` write them).
+    pub fn feature_count(&self) -> usize {
+        self.columns
+            .iter()
+            .take_while(|c| !is_output_column(&c.name))
+            .count()
     }
 
     /// Returns the column called `name`.
@@ -115,6 +134,7 @@ impl FeatureStats {
         let mut stats = FeatureStats {
             name: name.to_string(),
             counts: vec![0; edges.len() + 1],
+            sums: vec![0.0; edges.len() + 1],
             edges,
             count: n as u64,
             non_finite: (values.len() - n) as u64,
@@ -126,6 +146,7 @@ impl FeatureStats {
         for &v in &finite {
             if let Some(bin) = stats.bin_of(v) {
                 stats.counts[bin] += 1;
+                stats.sums[bin] += f64::from(v);
             }
         }
         if n > 0 {
@@ -154,6 +175,92 @@ impl FeatureStats {
     pub fn bins(&self) -> usize {
         self.edges.len() + 1
     }
+
+    /// The registry's form of these statistics.
+    pub fn to_proto(&self) -> ReferenceColumn {
+        ReferenceColumn {
+            name: self.name.clone(),
+            edges: self.edges.clone(),
+            counts: self.counts.clone(),
+            sums: self.sums.clone(),
+            count: self.count,
+            non_finite: self.non_finite,
+            mean: self.mean,
+            std: self.std,
+            min: self.min,
+            max: self.max,
+        }
+    }
+
+    /// Reads the registry's form, refusing one whose bins do not hold together
+    /// (edges not strictly increasing, or counts and sums that do not match them).
+    pub fn from_proto(column: &ReferenceColumn) -> Result<FeatureStats> {
+        let bad = |what: String| {
+            Error::InvalidArgument(format!("reference column {:?}: {what}", column.name))
+        };
+        if !column.edges.iter().all(|e| e.is_finite())
+            || column.edges.windows(2).any(|w| w[0] >= w[1])
+        {
+            return Err(bad(
+                "bin edges must be finite and strictly increasing".into()
+            ));
+        }
+        let bins = column.edges.len() + 1;
+        if column.counts.len() != bins {
+            return Err(bad(format!(
+                "{} edges make {bins} bins, but there are {} counts",
+                column.edges.len(),
+                column.counts.len()
+            )));
+        }
+        if !column.sums.is_empty() && column.sums.len() != bins {
+            return Err(bad(format!(
+                "{bins} bins, but there are {} sums",
+                column.sums.len()
+            )));
+        }
+        if column.counts.iter().sum::<u64>() != column.count {
+            return Err(bad(format!(
+                "the bin counts do not add up to the count {}",
+                column.count
+            )));
+        }
+        Ok(FeatureStats {
+            name: column.name.clone(),
+            edges: column.edges.clone(),
+            counts: column.counts.clone(),
+            sums: column.sums.clone(),
+            count: column.count,
+            non_finite: column.non_finite,
+            mean: column.mean,
+            std: column.std,
+            min: column.min,
+            max: column.max,
+        })
+    }
+}
+
+impl ReferenceStats {
+    /// The registry's form: one column per feature, then per output.
+    pub fn to_proto(&self) -> Vec<ReferenceColumn> {
+        self.columns.iter().map(FeatureStats::to_proto).collect()
+    }
+
+    /// Reads the registry's form (see [`FeatureStats::from_proto`]).
+    pub fn from_proto(columns: &[ReferenceColumn]) -> Result<ReferenceStats> {
+        Ok(ReferenceStats {
+            format: FORMAT,
+            columns: columns
+                .iter()
+                .map(FeatureStats::from_proto)
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
+/// True for the name of an output (prediction) column.
+pub fn is_output_column(name: &str) -> bool {
+    name == "output" || name.starts_with("output:")
 }
 
 /// The smallest f32 greater than the finite `v` (`f32::next_up` needs Rust 1.86).
@@ -187,32 +294,31 @@ mod tests {
     }
 
     #[test]
-    fn distinct_values_split_into_deciles() {
+    fn distinct_values_split_into_equal_quantile_bins() {
         let values: Vec<f32> = (0..100).rev().map(|i| i as f32).collect();
         let s = stats(&values);
-        assert_eq!(
-            s.edges,
-            (1..10).map(|k| (k * 10) as f32).collect::<Vec<_>>()
-        );
-        assert_eq!(s.counts, vec![10; 10]);
+        assert_eq!(s.edges, (1..20).map(|k| (k * 5) as f32).collect::<Vec<_>>());
+        assert_eq!(s.counts, vec![5; 20]);
+        let first_bin: f64 = (0..5).map(f64::from).sum();
+        assert_eq!((s.sums[0], s.sums[19]), (first_bin, first_bin + 95.0 * 5.0));
         assert_eq!((s.min, s.max, s.count, s.non_finite), (0.0, 99.0, 100, 0));
         assert!((s.mean - 49.5).abs() < 1e-12);
         let std = (((100 * 100 - 1) as f64) / 12.0).sqrt();
         assert!((s.std - std).abs() < 1e-9, "{}", s.std);
         // The outer bins are open: values beyond the reference still land.
         assert_eq!(s.bin_of(-1e30), Some(0));
-        assert_eq!(s.bin_of(1e30), Some(9));
+        assert_eq!(s.bin_of(1e30), Some(19));
         assert_eq!(
-            s.bin_of(10.0),
+            s.bin_of(5.0),
             Some(1),
             "an edge belongs to the bin above it"
         );
-        assert_eq!(s.bin_of(9.99), Some(0));
+        assert_eq!(s.bin_of(4.99), Some(0));
     }
 
     #[test]
     fn uneven_row_counts_keep_bins_within_one_row_of_each_other() {
-        for n in [11usize, 23, 101, 999] {
+        for n in [41usize, 23, 101, 999] {
             let values: Vec<f32> = (0..n).map(|i| (i as f32).sqrt()).collect();
             let s = stats(&values);
             assert_eq!(s.bins(), BINS, "{n} rows");
@@ -328,5 +434,26 @@ mod tests {
         let json = serde_json::to_string(&reference).expect("to json");
         let back: ReferenceStats = serde_json::from_str(&json).expect("from json");
         assert_eq!(back, reference, "edges survive JSON bit for bit");
+        let proto = ReferenceStats::from_proto(&reference.to_proto()).expect("from proto");
+        assert_eq!(proto, reference, "and the registry's form");
+    }
+
+    #[test]
+    fn a_reference_whose_bins_do_not_hold_together_is_refused() {
+        let good = stats(&[1.0, 2.0, 3.0, 4.0]).to_proto();
+        let mut unsorted = good.clone();
+        unsorted.edges.reverse();
+        let mut short = good.clone();
+        short.counts.pop();
+        let mut miscounted = good.clone();
+        miscounted.count += 1;
+        for (bad, what) in [
+            (unsorted, "strictly increasing"),
+            (short, "counts"),
+            (miscounted, "add up"),
+        ] {
+            let err = FeatureStats::from_proto(&bad).expect_err(what).to_string();
+            assert!(err.contains(what) && err.contains("\"x\""), "{err}");
+        }
     }
 }

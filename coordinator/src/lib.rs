@@ -23,6 +23,7 @@ pub mod api;
 pub mod auth;
 pub mod autoscaler;
 pub mod health;
+pub mod monitor;
 pub mod raft;
 pub mod scheduler;
 pub mod server;

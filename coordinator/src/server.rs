@@ -141,6 +141,8 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
         transport,
         heartbeats: HeartbeatClock::default(),
         autoscaler: crate::autoscaler::Autoscaler::new(config.autoscale.clone()),
+        telemetry: crate::monitor::TelemetryStore::new(config.drift.window_ms),
+        drift: config.drift.clone(),
         peers,
         http_addr: config.http.to_string(),
         advertise: config.advertise.clone(),
@@ -198,6 +200,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
     ));
     let repair = tokio::spawn(repair_loop(api.clone(), tasks.clone()));
     let scheduling = tokio::spawn(schedule_loop(api.clone(), tasks.clone()));
+    let drift = tokio::spawn(drift_loop(api.clone(), tasks.clone()));
     if let Some(join) = config.join.clone() {
         let member = MemberRecord {
             id: config.id,
@@ -218,6 +221,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
         let _ = health.await;
         let _ = repair.await;
         let _ = scheduling.await;
+        let _ = drift.await;
         let _ = ticker.await;
     })
     .await;
@@ -329,7 +333,51 @@ const SCHEDULE_INTERVAL: Duration = Duration::from_millis(500);
 /// worker (see [`Api::schedule_round`]), then places, replaces and retires
 /// serving replicas (see [`Api::replica_round`]).
 async fn schedule_loop(api: Api, token: CancellationToken) {
-    let mut interval = tokio::time::interval(SCHEDULE_INTERVAL);
+    leader_loop(
+        api,
+        token,
+        SCHEDULE_INTERVAL,
+        "scheduling round",
+        |api, now_ms| async move {
+            let free = api.schedule_round(now_ms).await?;
+            api.replica_round(now_ms, free).await
+        },
+    )
+    .await;
+}
+
+/// Time between two drift rounds on the leader.
+const DRIFT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// On the leader, judges the drift windows that have closed (see
+/// [`Api::drift_round`]); a coordinator that is not the leader keeps no windows.
+async fn drift_loop(api: Api, token: CancellationToken) {
+    leader_loop(
+        api,
+        token,
+        DRIFT_INTERVAL,
+        "drift round",
+        |api, now_ms| async move { api.drift_round(now_ms).await },
+    )
+    .await;
+}
+
+/// Runs `round` every `every` while this coordinator leads, until `token` is
+/// cancelled (a round in progress is abandoned then); a round's error is logged
+/// as `what`. On a tick where it does not lead, it drops the leader-only memory
+/// that would be stale by the time it leads again (the drift windows).
+async fn leader_loop<F, Fut, T, E>(
+    api: Api,
+    token: CancellationToken,
+    every: Duration,
+    what: &'static str,
+    mut round: F,
+) where
+    F: FnMut(Api, u64) -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let mut interval = tokio::time::interval(every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -337,19 +385,16 @@ async fn schedule_loop(api: Api, token: CancellationToken) {
             _ = interval.tick() => {}
         }
         if !api.node.view().is_leader() {
+            api.telemetry.clear();
             continue;
         }
         let now_ms = kiln_common::clock::now_ms();
-        let round = async {
-            let free = api.schedule_round(now_ms).await?;
-            api.replica_round(now_ms, free).await
-        };
-        let round = tokio::select! {
+        let result = tokio::select! {
             _ = token.cancelled() => return,
-            round = round => round,
+            result = round(api.clone(), now_ms) => result,
         };
-        if let Err(e) = round {
-            tracing::warn!(error = %e, "scheduling round");
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "{what}");
         }
     }
 }

@@ -66,6 +66,8 @@ const TABLE: &[(&str, Need)] = &[
     ("GetDeployment", Need::Read),
     ("DeleteDeployment", Need::Write),
     ("ReportReplica", Need::Node),
+    ("ReportTelemetry", Need::Node),
+    ("DriftStatus", Need::Read),
 ];
 
 /// The worker's RPCs (service `Blobs`), checked against the worker's token book.
@@ -381,6 +383,14 @@ async fn call(
             .map(drop),
         "ReportReplica" => client
             .report_replica(req(ReportReplicaRequest::default(), token))
+            .await
+            .map(drop),
+        "ReportTelemetry" => client
+            .report_telemetry(req(TelemetryReport::default(), token))
+            .await
+            .map(drop),
+        "DriftStatus" => client
+            .drift_status(req(DriftStatusRequest::default(), token))
             .await
             .map(drop),
         other => panic!("no call for {other}"),

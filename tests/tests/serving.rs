@@ -1,6 +1,7 @@
 //! Serving through a real cluster (3 coordinators, workers, TLS and tokens):
-//! `kiln models register | alias`, `kiln deploy`, `kiln deployments ...`, and the
-//! KServe v2 endpoints of every worker, which route to replicas on any worker.
+//! `kiln models register | alias`, `kiln deploy`, `kiln deployments ...`, the
+//! KServe v2 endpoints of every worker, which route to replicas on any worker,
+//! and the drift monitor watching what they serve (`kiln drift status`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -80,11 +81,17 @@ fn write_model(dir: &Path, name: &str, seed: u64) -> (PathBuf, Vec<u8>) {
 
 /// A cluster (coordinators with `config`) with the named workers alive.
 async fn cluster_with(workers: &[&str], config: &str) -> Cluster {
+    cluster_with_args(workers, config, &[]).await
+}
+
+/// A cluster (coordinators with `config`) with the named workers alive, each
+/// started with `worker_args`.
+async fn cluster_with_args(workers: &[&str], config: &str, worker_args: &[&str]) -> Cluster {
     let mut cluster = Cluster::start(3, config);
     cluster.wait_for_leader(Duration::from_secs(20)).await;
     cluster.wait_for_agreement(Duration::from_secs(10)).await;
     for name in workers {
-        cluster.start_worker(name);
+        cluster.start_worker_with(name, worker_args);
     }
     let want = workers.len();
     kiln_tests::wait_for(Duration::from_secs(30), "workers alive", || {
@@ -1066,4 +1073,237 @@ async fn the_autoscaler_adds_replicas_under_load_and_removes_them_after() {
         "each decision is recorded with its reason: {events:?}"
     );
     assert!(events.iter().all(|m| m.contains("target 2")), "{events:?}");
+}
+
+/// `rows` rows of FEATURES standard normal values, the first `shifted` features
+/// moved by `shift` (Box-Muller over a seeded generator).
+fn normal_rows(rng: &mut rand::rngs::StdRng, rows: usize, shifted: usize, shift: f32) -> Vec<f32> {
+    (0..rows * FEATURES)
+        .map(|i| {
+            let (u, v): (f64, f64) = (rng.gen_range(1e-12..1.0), rng.gen_range(0.0..1.0));
+            let z = ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32;
+            if i % FEATURES < shifted {
+                z + shift
+            } else {
+                z
+            }
+        })
+        .collect()
+}
+
+/// Sends 16-row requests round the workers until `until` says stop; returns the
+/// rows answered. Every request must succeed.
+async fn traffic_until<F, Fut>(
+    addrs: &[String],
+    path: &str,
+    seed: u64,
+    shift: f32,
+    mut until: F,
+) -> usize
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rows = 0;
+    let mut turn = 0;
+    loop {
+        for _ in 0..10 {
+            let x = normal_rows(&mut rng, 16, 3, shift);
+            let addr = &addrs[turn % addrs.len()];
+            turn += 1;
+            let answer = http_call(addr, "POST", path, &[], &json_request(&x, 16))
+                .await
+                .unwrap_or_else(|e| panic!("POST {addr}{path}: {e}"));
+            assert_eq!(answer.status, 200, "{}", answer.text());
+            rows += 16;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if until().await {
+            return rows;
+        }
+    }
+}
+
+async fn drift_status(cluster: &Cluster, model: &str) -> Value {
+    let text = cli_ok(
+        cluster,
+        &["drift", "status", model, "--windows", "100", "--json"],
+    )
+    .await;
+    serde_json::from_str(&text).expect("drift status --json prints JSON")
+}
+
+/// Judged windows of the first monitored version in a status.
+fn judged(status: &Value) -> Vec<Value> {
+    status["models"][0]["windows"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn dataset_alerts(status: &Value) -> Vec<Value> {
+    status["alerts"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|a| a["kind"] == "dataset_drift")
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drifted_traffic_raises_an_alert_within_two_windows_and_calm_traffic_none_in_twenty() {
+    const WINDOW_MS: u64 = 1000;
+    let workers = ["a", "b"];
+    let cluster = cluster_with_args(
+        &workers,
+        &format!("[drift]\nwindow_ms = {WINDOW_MS}\nmin_rows = 300\n"),
+        &["--telemetry-interval-ms", "200"],
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, _) = write_model(dir.path(), "model.onnx", 11);
+
+    // The training data: 2,000 rows like the calm traffic below.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let x = normal_rows(&mut rng, 2000, 0, 0.0);
+    let mut csv = String::from("f0,f1,f2,f3,kind\n");
+    for (i, row) in x.chunks(FEATURES).enumerate() {
+        let cells: Vec<String> = row.iter().map(|v| v.to_string()).collect();
+        csv.push_str(&format!("{},c{}\n", cells.join(","), i % CLASSES));
+    }
+    let data = dir.path().join("train.csv");
+    std::fs::write(&data, csv).expect("write csv");
+    let registered = cli_ok(
+        &cluster,
+        &[
+            "models",
+            "register",
+            "--onnx",
+            &path.display().to_string(),
+            "--name",
+            "watched",
+            "--reference-data",
+            &data.display().to_string(),
+            "--label",
+            "kind",
+            "--json",
+        ],
+    )
+    .await;
+    let registered: Value = serde_json::from_str(&registered).expect("json");
+    assert_eq!(registered["monitored"], true, "{registered}");
+    assert_eq!(registered["features"], json!(["f0", "f1", "f2", "f3"]));
+    cli_ok(
+        &cluster,
+        &[
+            "deploy",
+            "watched",
+            "--model",
+            "watched@1",
+            "--replicas",
+            "2",
+            "--public",
+            "--wait",
+        ],
+    )
+    .await;
+    let addrs = inference_addrs(&cluster, &workers);
+    let infer_path = "/v2/models/watched/infer";
+    wait_ready(&addrs, "/v2/models/watched/ready").await;
+
+    // Calm traffic for 20 judged windows: no window drifts, no alert.
+    let started = Instant::now();
+    traffic_until(&addrs, infer_path, 2, 0.0, || async {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "20 windows took over a minute"
+        );
+        judged(&drift_status(&cluster, "watched").await).len() >= 20
+    })
+    .await;
+    let calm = drift_status(&cluster, "watched").await;
+    let windows = judged(&calm);
+    assert!(windows.len() >= 20, "{calm}");
+    for w in &windows {
+        assert_eq!(w["dataset_drift"], false, "a calm window drifted: {w}");
+        assert!(w["rows"].as_u64().expect("rows") >= 300);
+        let tests: Vec<&str> = w["columns"]
+            .as_array()
+            .expect("columns")
+            .iter()
+            .map(|c| c["test"].as_str().expect("test"))
+            .collect();
+        assert_eq!(
+            tests[..FEATURES],
+            ["wasserstein"; FEATURES],
+            "2,000 reference rows: {w}"
+        );
+    }
+    assert!(dataset_alerts(&calm).is_empty(), "{calm}");
+
+    // Three of four features move by one standard deviation: the alert opens by
+    // the end of the second window after the shift.
+    let shifted_at = kiln_common::clock::now_ms();
+    traffic_until(&addrs, infer_path, 3, 1.0, || async {
+        assert!(
+            kiln_common::clock::now_ms() < shifted_at + 10 * WINDOW_MS,
+            "no alert 10 windows after the shift"
+        );
+        !dataset_alerts(&drift_status(&cluster, "watched").await).is_empty()
+    })
+    .await;
+    let drifted = drift_status(&cluster, "watched").await;
+    let alert = dataset_alerts(&drifted)[0].clone();
+    assert_eq!(alert["state"], "firing", "{alert}");
+    assert_eq!(alert["deployments"], json!(["watched"]));
+    let opened = alert["opened_at_ms"].as_u64().expect("opened_at_ms");
+    assert!(
+        opened <= shifted_at + 2 * WINDOW_MS,
+        "the alert came {} ms after the shift, over two windows",
+        opened.saturating_sub(shifted_at)
+    );
+    let mut columns: Vec<&str> = alert["columns"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .map(|c| c.as_str().expect("name"))
+        .collect();
+    columns.sort_unstable();
+    assert_eq!(columns, ["f0", "f1", "f2"], "{alert}");
+    let text = cli_ok(&cluster, &["drift", "status", "watched"]).await;
+    assert!(
+        text.contains("dataset drift: yes") && text.contains("FIRING"),
+        "{text}"
+    );
+
+    // Every coordinator's /metrics says so, followers' included.
+    let admin = cluster.admin_token().await;
+    for id in cluster.coordinator_ids() {
+        let (code, body) =
+            kiln_tests::http_get(&cluster.http_addr(id), "/metrics", Some(&admin)).await;
+        assert_eq!(code, 200);
+        assert!(
+            body.contains(
+                r#"kiln_drift_alert_firing{model="watched",version="1",kind="dataset_drift"} 1"#
+            ),
+            "coordinator {id}: {body}"
+        );
+        assert!(body
+            .contains(r#"kiln_drift_column_drifted{model="watched",version="1",column="f0"} 1"#));
+    }
+
+    // Calm again: the alert is resolved.
+    let calm_at = Instant::now();
+    traffic_until(&addrs, infer_path, 4, 0.0, || async {
+        assert!(
+            calm_at.elapsed() < Duration::from_secs(15),
+            "the alert did not resolve"
+        );
+        dataset_alerts(&drift_status(&cluster, "watched").await)[0]["state"] == "resolved"
+    })
+    .await;
 }

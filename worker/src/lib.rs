@@ -28,6 +28,8 @@
 //!   or on another worker.
 //! - `http`: the HTTP server (KServe v2 health, metadata and inference endpoints,
 //!   `/metrics`).
+//! - `telemetry`: reports host load, replica requests and latency, and what each
+//!   model version served (counted into its reference bins) to the leader.
 //!
 //! How data moves:
 //!
@@ -59,6 +61,7 @@ pub mod progress;
 pub mod resources;
 pub mod scrub;
 pub mod serving;
+pub mod telemetry;
 pub mod train;
 pub mod transfer;
 
@@ -208,6 +211,16 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         },
         Arc::clone(&serving_table),
         replicas.subscribe(),
+        agent_stop.clone(),
+    ));
+    tokio::spawn(telemetry::telemetry_loop(
+        telemetry::TelemetryContext {
+            client: Arc::clone(&client),
+            worker_id: id.to_string(),
+            table: Arc::clone(&serving_table),
+            data_dir: config.data_dir.clone(),
+            interval: Duration::from_millis(config.telemetry_interval_ms),
+        },
         agent_stop.clone(),
     ));
     let serving_router = Arc::new(serving::router::Router::new(
@@ -472,6 +485,7 @@ mod tests {
             inference_grpc: any,
             heartbeat_interval_ms: 50,
             scrub_interval_ms: 0,
+            telemetry_interval_ms: 1_000,
             tls: None,
         }
     }

@@ -43,6 +43,10 @@ pub struct Api {
     pub heartbeats: HeartbeatClock,
     /// Replica loads and pending scale decisions, in memory on the leader.
     pub autoscaler: crate::autoscaler::Autoscaler,
+    /// Workers' telemetry merged into open drift windows, in memory on the leader.
+    pub telemetry: crate::monitor::TelemetryStore,
+    /// How drift windows are cut and judged.
+    pub drift: kiln_common::config::DriftSettings,
     pub peers: Arc<ClusterClient>,
     pub http_addr: String,
     pub advertise: String,
@@ -1074,5 +1078,25 @@ impl Coordinator for Api {
         kiln_common::tls::require_node(&request, self.tls_enabled)?;
         let keep_running = self.report_replica_call(request.into_inner()).await?;
         Ok(Response::new(ReportReplicaResponse { keep_running }))
+    }
+
+    async fn report_telemetry(
+        &self,
+        request: Request<TelemetryReport>,
+    ) -> Result<Response<ReportTelemetryResponse>, Status> {
+        kiln_common::tls::require_node(&request, self.tls_enabled)?;
+        self.require_leader()?;
+        self.report_telemetry_call(request.get_ref())?;
+        Ok(Response::new(ReportTelemetryResponse {}))
+    }
+
+    async fn drift_status(
+        &self,
+        request: Request<DriftStatusRequest>,
+    ) -> Result<Response<DriftStatusResponse>, Status> {
+        self.authorize(&request, Permission::Read, "DriftStatus")?;
+        Ok(Response::new(
+            self.drift_status_call(request.into_inner()).await?,
+        ))
     }
 }

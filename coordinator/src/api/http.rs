@@ -156,5 +156,9 @@ async fn metrics(State(api): State<Api>) -> Response {
             let _ = writeln!(out, "kiln_workers{{state=\"{state}\"}} {n}");
         }
     }
+    match api.render_drift_metrics() {
+        Ok(drift) => out.push_str(&drift),
+        Err(e) => tracing::warn!(error = %e, "render the drift metrics"),
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

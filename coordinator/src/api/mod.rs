@@ -3,6 +3,7 @@
 
 pub mod artifacts;
 pub mod deployments;
+pub mod drift;
 pub mod grpc;
 pub mod http;
 pub mod jobs;

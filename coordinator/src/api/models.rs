@@ -24,6 +24,9 @@ impl Api {
             .model
             .ok_or_else(|| Error::InvalidArgument("register_model without a model".into()))?;
         kiln_common::artifact::validate_name(&model.name)?;
+        if !model.reference.is_empty() {
+            kiln_common::reference::ReferenceStats::from_proto(&model.reference)?;
+        }
         let what = format!("register model {} from {}", model.name, model.artifact);
         let kind = command::Kind::RegisterModel(RegisterModel { model: Some(model) });
         Ok(self

@@ -21,6 +21,10 @@
 //! job_log/<id:020>/<seq:020>   JobLogLine
 //! model_head/<name>            u64, the newest version of a model
 //! model/<name>/v/<ver:020>     ModelVersion
+//! drift_seq/<model>/<ver:020>  u64, the last window number of a model version
+//! drift/<model>/<ver:020>/<seq:020>   DriftWindow
+//! drift_alert/<id:020>         DriftAlert; meta/drift_alert_seq holds the last id
+//! drift_alert_open/<model>/<ver:020>/<kind>   u64, the id of the firing alert
 //! ```
 
 /// Prefix of the key-value namespace.
@@ -225,4 +229,33 @@ pub const DEPLOYMENT: &str = "deployment/";
 /// Returns the key of a deployment.
 pub fn deployment(name: &str) -> Vec<u8> {
     format!("{DEPLOYMENT}{name}").into_bytes()
+}
+
+/// Prefix of every monitored model version's last window number.
+pub const DRIFT_SEQ: &str = "drift_seq/";
+
+/// Returns the key of a model version's last window number.
+pub fn drift_seq(model: &str, version: u64) -> Vec<u8> {
+    format!("{DRIFT_SEQ}{model}/{version:020}").into_bytes()
+}
+
+/// Returns the key of one drift window of a model version.
+pub fn drift_window(model: &str, version: u64, seq: u64) -> Vec<u8> {
+    format!("drift/{model}/{version:020}/{seq:020}").into_bytes()
+}
+
+/// The last drift alert id.
+pub const DRIFT_ALERT_SEQ: &[u8] = b"meta/drift_alert_seq";
+
+/// Alerts kept (older ones go).
+pub const MAX_DRIFT_ALERTS: u64 = 10_000;
+
+/// Returns the key of a drift alert.
+pub fn drift_alert(id: u64) -> Vec<u8> {
+    format!("drift_alert/{id:020}").into_bytes()
+}
+
+/// Returns the key of the firing alert of a kind for a model version.
+pub fn drift_alert_open(model: &str, version: u64, kind: &str) -> Vec<u8> {
+    format!("drift_alert_open/{model}/{version:020}/{kind}").into_bytes()
 }

@@ -258,6 +258,9 @@ fn apply_kind(txn: &mut Txn<'_>, cmd: &Command) -> Result<Result<u64, Rejection>
         command::Kind::ScaleDeployment(scale) => {
             return super::deployments::apply_scale(txn, scale, now_ms);
         }
+        command::Kind::RecordDrift(record) => {
+            return super::drift::apply_record(txn, record);
+        }
     }
     Ok(Ok(0))
 }

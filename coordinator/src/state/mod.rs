@@ -2,6 +2,7 @@
 
 pub mod artifacts;
 pub mod deployments;
+pub mod drift;
 pub mod jobs;
 pub mod keys;
 pub mod machine;

@@ -29,7 +29,7 @@ mod plan;
 use std::collections::VecDeque;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use kiln_common::{Error, Result};
@@ -38,7 +38,9 @@ use tract_onnx::prelude::TypedSimpleState;
 
 pub use plan::{inspect, signature_of, Plan};
 
+use super::monitor::Monitor;
 use super::{Signature, Tensor};
+use kiln_common::drift::LATENCY_BUCKETS_MS;
 
 // Tensors carry little-endian bytes, which are copied into tract's tensors as they
 // are: kiln serves from little-endian machines only.
@@ -124,6 +126,11 @@ pub struct EngineStats {
     pub queue_len: usize,
     /// Requests accepted and not yet answered (queued or running).
     pub in_flight: usize,
+    /// Answered requests by latency (queue and compute): `latency_counts[i]` took
+    /// at most `LATENCY_BUCKETS_MS[i]`, the last entry longer.
+    pub latency_counts: Vec<u64>,
+    /// Their latency, summed.
+    pub latency_us: u64,
 }
 
 /// A loaded model and its batching threads; clones share them.
@@ -155,6 +162,8 @@ struct Shared {
     /// Held by the thread forming a batch.
     forming: Mutex<()>,
     counters: Counters,
+    /// Counts served values for drift, once attached.
+    monitor: OnceLock<Arc<Monitor>>,
     /// Threads still running; the last one out closes the queue.
     threads_alive: AtomicUsize,
     /// Lets tests hold the threads between forming a batch and running it.
@@ -192,6 +201,8 @@ struct Counters {
     queue_us: AtomicU64,
     compute_us: AtomicU64,
     in_flight: AtomicUsize,
+    latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    latency_us: AtomicU64,
 }
 
 impl Engine {
@@ -215,6 +226,7 @@ impl Engine {
             arrived: Condvar::new(),
             forming: Mutex::new(()),
             counters: Counters::default(),
+            monitor: OnceLock::new(),
             threads_alive: AtomicUsize::new(0),
             #[cfg(test)]
             gate: Mutex::new(()),
@@ -267,11 +279,12 @@ impl Engine {
         deadline: Instant,
     ) -> Result<Vec<Tensor>> {
         let shared = &self.inner.shared;
+        let started = Instant::now();
         let result = match shared.enqueue(inputs, outputs, deadline) {
             Ok((answer, _in_flight)) => answer.await.unwrap_or_else(|_| Err(shared.stopped())),
             Err(e) => Err(e),
         };
-        shared.counters.record(&result);
+        shared.counters.record(&result, started.elapsed());
         result
     }
 
@@ -303,7 +316,20 @@ impl Engine {
             compute_us: c.compute_us.load(Relaxed),
             queue_len: lock(&shared.queue).requests.len(),
             in_flight: c.in_flight.load(Relaxed),
+            latency_counts: c.latency.iter().map(|b| b.load(Relaxed)).collect(),
+            latency_us: c.latency_us.load(Relaxed),
         }
+    }
+
+    /// Counts every answered batch's inputs and outputs into `monitor` from now
+    /// on; an engine takes one monitor (false when it already has one).
+    pub fn attach_monitor(&self, monitor: Arc<Monitor>) -> bool {
+        self.inner.shared.monitor.set(monitor).is_ok()
+    }
+
+    /// The monitor attached, if any.
+    pub fn monitor(&self) -> Option<&Arc<Monitor>> {
+        self.inner.shared.monitor.get()
     }
 
     /// Refuses new requests, answers queued ones `Unavailable` and lets the threads
@@ -469,6 +495,14 @@ impl Shared {
         let computed = started.elapsed();
         let failure = match answers {
             Ok(Ok(answers)) => {
+                if let Some(monitor) = self.monitor.get() {
+                    monitor.observe(
+                        batch
+                            .iter()
+                            .zip(&answers)
+                            .map(|(r, a)| (r.inputs.as_slice(), a.as_slice())),
+                    );
+                }
                 self.counters.inferences.fetch_add(1, Relaxed);
                 self.counters.rows.fetch_add(rows as u64, Relaxed);
                 for (request, answer) in batch.drain(..).zip(answers) {
@@ -555,10 +589,15 @@ impl Shared {
 }
 
 impl Counters {
-    /// Counts a request's answer.
-    fn record(&self, result: &Result<Vec<Tensor>>) {
+    /// Counts a request's answer and, when it succeeded, its latency.
+    fn record(&self, result: &Result<Vec<Tensor>>, latency: Duration) {
         let Err(error) = result else {
             self.requests.fetch_add(1, Relaxed);
+            let ms = latency.as_secs_f64() * 1e3;
+            let bucket = LATENCY_BUCKETS_MS.partition_point(|&le| le < ms);
+            self.latency[bucket].fetch_add(1, Relaxed);
+            self.latency_us
+                .fetch_add(latency.as_micros() as u64, Relaxed);
             return;
         };
         self.failures.fetch_add(1, Relaxed);

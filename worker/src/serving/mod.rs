@@ -9,6 +9,8 @@
 //!   ready ones.
 //! - `router`: sends each request to a ready replica of its deployment, here or
 //!   on another worker (power of two choices, canary share, one retry).
+//! - `monitor`: counts what a replica serves into its model version's reference
+//!   bins (drift telemetry).
 //! - `grpc`: the KServe v2 gRPC service on the inference gRPC port, over the
 //!   same router.
 //!
@@ -21,6 +23,7 @@
 
 pub mod engine;
 pub mod grpc;
+pub mod monitor;
 pub mod protocol;
 pub mod replicas;
 pub mod router;

@@ -12,13 +12,15 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use kiln_common::client::ClusterClient;
+use kiln_common::reference::ReferenceStats;
 use kiln_proto::v1::{ReplicaLoad, ReplicaState, ReplicaTask, ReportReplica, ReportReplicaRequest};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{Engine, EngineConfig};
-use crate::train::shard::MODEL_FILE;
+use super::monitor::Monitor;
+use crate::train::shard::{MODEL_FILE, REFERENCE_FILE};
 use crate::transfer;
 
 /// How long a replica that is no longer wanted keeps serving.
@@ -368,6 +370,10 @@ async fn load(ctx: &ServingContext, task: &ReplicaTask) -> Result<LocalReplica, 
     let bytes = tokio::fs::read(&file)
         .await
         .map_err(|e| format!("read {}: {e}", file.display()));
+    let reference = match pulled.path.is_dir() {
+        true => tokio::fs::read(pulled.path.join(REFERENCE_FILE)).await.ok(),
+        false => None,
+    };
     let _ = tokio::fs::remove_dir_all(&dir).await;
     let bytes = bytes?;
     let config = EngineConfig {
@@ -381,6 +387,9 @@ async fn load(ctx: &ServingContext, task: &ReplicaTask) -> Result<LocalReplica, 
         .await
         .map_err(|e| format!("load the model: {e}"))?
         .map_err(|e| format!("load {}@{}: {e}", target.model, target.version))?;
+    if let Some(reference) = reference {
+        attach_monitor(&engine, &target.model, target.version, &reference);
+    }
     Ok(LocalReplica {
         id: task.replica_id,
         deployment: task.deployment.clone(),
@@ -388,6 +397,25 @@ async fn load(ctx: &ServingContext, task: &ReplicaTask) -> Result<LocalReplica, 
         version: target.version,
         engine,
     })
+}
+
+/// Counts what the replica serves into the version's reference bins; a model
+/// whose reference does not fit it is served unmonitored, with a warning.
+fn attach_monitor(engine: &Engine, model: &str, version: u64, reference: &[u8]) {
+    let monitor = serde_json::from_slice::<ReferenceStats>(reference)
+        .map_err(|e| format!("{REFERENCE_FILE} does not parse: {e}"))
+        .and_then(|reference| {
+            let features = reference.feature_count();
+            Monitor::new(model, version, features, reference, engine.signature())
+        });
+    match monitor {
+        Ok(monitor) => {
+            engine.attach_monitor(Arc::new(monitor));
+        }
+        Err(reason) => {
+            tracing::warn!(%model, version, %reason, "served without drift monitoring");
+        }
+    }
 }
 
 /// Reports a replica's state to the coordinators, retrying with backoff.

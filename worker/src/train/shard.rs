@@ -446,9 +446,9 @@ async fn publish_model(
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_slice()))
         .collect();
-    let reference = ReferenceStats::compute(&borrowed);
-    let reference =
-        serde_json::to_vec_pretty(&reference).map_err(|e| format!("reference statistics: {e}"))?;
+    let reference_stats = ReferenceStats::compute(&borrowed);
+    let reference = serde_json::to_vec_pretty(&reference_stats)
+        .map_err(|e| format!("reference statistics: {e}"))?;
 
     let out = dir.join("model");
     tokio::fs::create_dir_all(&out)
@@ -500,6 +500,7 @@ async fn publish_model(
             Task::Regression => Vec::new(),
         },
         features: dataset.features.clone(),
+        reference: reference_stats.to_proto(),
         ..Default::default()
     };
     let request = RegisterModelRequest {
