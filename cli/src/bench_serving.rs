@@ -5,8 +5,8 @@
 //!
 //! The cost of drift telemetry: the batcher is measured twice more, on a plain
 //! engine and on one whose monitor counts every input and output into reference
-//! bins, in turns (plain, monitored, plain, monitored) so that drift in the
-//! machine's speed falls on both.
+//! bins, in four turns (plain then monitored, monitored then plain, ...) so that
+//! drift in the machine's speed falls on both.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,11 +16,13 @@ use anyhow::Context;
 use bytes::Bytes;
 use kiln_common::reference::ReferenceStats;
 use kiln_worker::serving::engine::{Engine, EngineConfig};
-use kiln_worker::serving::monitor::Monitor;
+use kiln_worker::serving::monitor::{Monitor, MAX_COUNTED_ROWS_PER_SEC};
 use kiln_worker::serving::{DataType, Tensor};
 
 /// Concurrent one-row callers of the batcher.
 const CALLERS: usize = 256;
+/// Turns of the unmonitored and monitored engines (each measured once a turn).
+const TURNS: usize = 4;
 
 #[derive(Debug, serde::Serialize)]
 pub struct EngineReport {
@@ -31,11 +33,18 @@ pub struct EngineReport {
     pub batch64_rows_per_s: f64,
     pub batched_requests_per_s: f64,
     pub mean_batch: f64,
-    /// The batcher without and with a drift monitor, each the mean of two turns.
+    /// The batcher without and with a drift monitor, each the mean of four turns.
     pub unmonitored_requests_per_s: f64,
     pub monitored_requests_per_s: f64,
     /// How much slower the monitored engine is, in percent.
     pub telemetry_cost_percent: f64,
+    /// Counting one row's inputs and outputs into their bins, on one thread.
+    pub count_ns_per_row: f64,
+    /// The engine's time per row at batch 64 on one thread.
+    pub infer_ns_per_row: f64,
+    /// The CPU share counting takes at most: the replica's row budget a second
+    /// times the cost of a row, over the machine's cores.
+    pub count_cpu_percent_at_budget: f64,
 }
 
 impl crate::bench::Table for EngineReport {
@@ -55,16 +64,24 @@ impl crate::bench::Table for EngineReport {
             self.threads, self.mean_batch, self.batched_requests_per_s
         );
         println!(
-            "| dynamic batcher, unmonitored (mean of 2 turns) | {:.0} |",
+            "| dynamic batcher, unmonitored (mean of 4 turns) | {:.0} |",
             self.unmonitored_requests_per_s
         );
         println!(
-            "| dynamic batcher, counting inputs and outputs for drift (mean of 2 turns) | {:.0} |",
+            "| dynamic batcher, counting inputs and outputs for drift (mean of 4 turns) | {:.0} |",
             self.monitored_requests_per_s
         );
         println!(
             "drift telemetry costs {:.1}% of the batcher's throughput",
             self.telemetry_cost_percent
+        );
+        println!(
+            "counting a row for drift: {:.0} ns (inferring it at batch 64: {:.0} ns); at the budget of {} rows/s that is at most {:.2}% of {} cores",
+            self.count_ns_per_row,
+            self.infer_ns_per_row,
+            MAX_COUNTED_ROWS_PER_SEC,
+            self.count_cpu_percent_at_budget,
+            self.threads
         );
     }
 }
@@ -128,12 +145,23 @@ pub async fn engine(onnx: &Path, seconds: f64) -> anyhow::Result<EngineReport> {
         tokio::task::spawn_blocking(move || Engine::load(&bytes, "bench-monitored", config))
             .await??;
     monitored.attach_monitor(Arc::new(monitor_for(&engine, features)?));
+    let count_ns_per_row = counting_cost(&engine, features, seconds)?;
+    let infer_ns_per_row = 1e9 / batch64;
     let monitored = Arc::new(monitored);
     let mut plain = 0.0;
     let mut counted = 0.0;
-    for _ in 0..2 {
-        plain += batched(&engine, features, seconds).await?.0 / 2.0;
-        counted += batched(&monitored, features, seconds).await?.0 / 2.0;
+    for turn in 0..TURNS {
+        // ABBA: each engine goes first as often as the other.
+        let (first, second) = if turn % 2 == 0 {
+            (&engine, &monitored)
+        } else {
+            (&monitored, &engine)
+        };
+        let a = batched(first, features, seconds).await?.0 / TURNS as f64;
+        let b = batched(second, features, seconds).await?.0 / TURNS as f64;
+        let (p, c) = if turn % 2 == 0 { (a, b) } else { (b, a) };
+        plain += p;
+        counted += c;
     }
     Ok(EngineReport {
         model: onnx.display().to_string(),
@@ -146,7 +174,33 @@ pub async fn engine(onnx: &Path, seconds: f64) -> anyhow::Result<EngineReport> {
         unmonitored_requests_per_s: plain,
         monitored_requests_per_s: counted,
         telemetry_cost_percent: (plain - counted) / plain * 100.0,
+        count_ns_per_row,
+        infer_ns_per_row,
+        count_cpu_percent_at_budget: MAX_COUNTED_ROWS_PER_SEC as f64 * count_ns_per_row
+            / 1e9
+            / threads as f64
+            * 100.0,
     })
+}
+
+/// Nanoseconds to count one row's inputs and outputs (batches of 64 rows, no
+/// budget) on the calling thread.
+fn counting_cost(engine: &Engine, features: usize, seconds: f64) -> anyhow::Result<f64> {
+    let monitor = monitor_for(engine, features)?.with_row_budget(u64::MAX);
+    let inputs = vec![rows(features, 64)];
+    let outputs = engine.run_batch_blocking(inputs.clone())?;
+    let batch = [(inputs.as_slice(), outputs.as_slice())];
+    let started = Instant::now();
+    let mut counted = 0usize;
+    while started.elapsed().as_secs_f64() < seconds {
+        for _ in 0..100 {
+            monitor.observe(batch.iter().copied());
+        }
+        counted += 6400;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    monitor.take();
+    Ok(elapsed * 1e9 / counted as f64)
 }
 
 /// Requests/s and the mean batch of one-row requests from [`CALLERS`] tasks
@@ -190,21 +244,32 @@ async fn batched(
 /// A drift monitor for the model: the reference of the benchmark's rows and of
 /// the model's answers to them.
 fn monitor_for(engine: &Engine, features: usize) -> anyhow::Result<Monitor> {
-    const ROWS: usize = 1000;
-    let input = rows(features, ROWS);
-    let values: Vec<f32> = input
-        .data
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    let outputs = engine.run_batch_blocking(vec![input])?;
-    let output = outputs.first().context("the model gives no output")?;
-    let k = output.shape.get(1).copied().unwrap_or(1).max(1);
-    let answers: Vec<f32> = output
-        .data
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    const ROWS: usize = 1024;
+    const CHUNK: usize = 64;
+    let decode = |data: &[u8]| -> Vec<f32> {
+        data.chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    };
+    let values = decode(&rows(features, ROWS).data);
+    let mut answers = Vec::new();
+    let mut k = 1;
+    for chunk in values.chunks(CHUNK * features) {
+        let input = Tensor {
+            name: "input".into(),
+            datatype: DataType::Fp32,
+            shape: vec![chunk.len() / features, features],
+            data: chunk
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        };
+        let outputs = engine.run_batch_blocking(vec![input])?;
+        let output = outputs.first().context("the model gives no output")?;
+        k = output.shape.get(1).copied().unwrap_or(1).max(1);
+        answers.extend(decode(&output.data));
+    }
     let mut columns: Vec<(String, Vec<f32>)> = (0..features)
         .map(|j| {
             (

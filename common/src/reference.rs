@@ -42,6 +42,10 @@ use crate::{Error, Result};
 /// Number of bins the reference quantiles aim at (fewer where values repeat).
 pub const BINS: usize = 20;
 
+/// Up to this many edges, a bin is found by counting edges rather than by
+/// binary search.
+const LINEAR_EDGES: usize = 64;
+
 /// Version of the JSON layout below, raised whenever it changes so that a reader can
 /// tell the reference of an older model version apart.
 pub const FORMAT: u32 = 1;
@@ -166,9 +170,18 @@ impl FeatureStats {
     /// apart (an `Option` rather than a sentinel index, so no caller can add a NaN to
     /// a real bin by mistake).
     pub fn bin_of(&self, value: f32) -> Option<usize> {
-        value
-            .is_finite()
-            .then(|| self.edges.partition_point(|e| *e <= value))
+        if !value.is_finite() {
+            return None;
+        }
+        // The edges are sorted, so the bin is the number of edges at or below
+        // the value. For the usual handful of edges, counting them all without
+        // a branch (which the compiler turns into vector compares) is several
+        // times faster than a binary search, whose branches mispredict.
+        Some(if self.edges.len() <= LINEAR_EDGES {
+            self.edges.iter().map(|&e| usize::from(e <= value)).sum()
+        } else {
+            self.edges.partition_point(|e| *e <= value)
+        })
     }
 
     /// Number of bins: `counts.len()`.
