@@ -44,6 +44,7 @@ fn deployment_json(d: &DeploymentRecord) -> Value {
         "queue_capacity": d.queue_capacity,
         "target_in_flight": d.target_in_flight,
         "public": d.public,
+        "drift_webhook": d.drift_webhook,
         "generation": d.generation,
         "replica_set": d.replica_set.iter().map(|r| json!({
             "id": r.id,
@@ -104,6 +105,7 @@ pub async fn deploy(client: ClusterClient, args: DeployArgs) -> anyhow::Result<(
         queue_capacity: args.queue_capacity.unwrap_or(0),
         public: args.public,
         target_in_flight: args.target_in_flight.unwrap_or(0),
+        drift_webhook: args.drift_webhook.unwrap_or_default(),
     };
     let mut deployment = client
         .call(|mut c| {
@@ -207,6 +209,9 @@ pub async fn run(client: ClusterClient, command: DeploymentsCommand) -> anyhow::
                 d.max_batch_size, d.max_queue_delay_us, d.queue_capacity
             );
             println!("access:    {}", if d.public { "public" } else { "token" });
+            if !d.drift_webhook.is_empty() {
+                println!("drift webhook: {}", d.drift_webhook);
+            }
             for r in &d.replica_set {
                 println!(
                     "replica {:>4}  {:<9} {:<20} worker {}{}{}",

@@ -385,6 +385,10 @@ struct DeployArgs {
     /// Inference without a token.
     #[arg(long)]
     public: bool,
+    /// An http:// URL that receives each drift alert of the versions this
+    /// deployment serves as a JSON POST (retried with backoff).
+    #[arg(long)]
+    drift_webhook: Option<String>,
     /// Waits until every replica of this deployment is ready and older ones
     /// have retired.
     #[arg(long)]

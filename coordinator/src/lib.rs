@@ -28,5 +28,6 @@ pub mod raft;
 pub mod scheduler;
 pub mod server;
 pub mod state;
+pub mod webhook;
 
 pub use server::run;

@@ -143,6 +143,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
         autoscaler: crate::autoscaler::Autoscaler::new(config.autoscale.clone()),
         telemetry: crate::monitor::TelemetryStore::new(config.drift.window_ms),
         drift: config.drift.clone(),
+        notifier: crate::webhook::Notifier::default(),
         peers,
         http_addr: config.http.to_string(),
         advertise: config.advertise.clone(),

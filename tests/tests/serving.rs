@@ -1125,6 +1125,72 @@ where
     }
 }
 
+/// A webhook receiver on a loopback port: it answers its first POST 503 (so the
+/// sender must retry) and every later one 200, and keeps the JSON bodies of the
+/// POSTs it accepted.
+async fn webhook_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the receiver");
+    let url = format!(
+        "http://{}/hooks/drift",
+        listener.local_addr().expect("addr")
+    );
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = std::sync::Arc::clone(&accepted);
+    tokio::spawn(async move {
+        let mut posts = 0;
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut raw = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Headers, then Content-Length bytes of body.
+            let body = loop {
+                let Ok(n) = socket.read(&mut buf).await else {
+                    break None;
+                };
+                if n == 0 {
+                    break None;
+                }
+                raw.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&raw).to_string();
+                let Some(end) = text.find("\r\n\r\n") else {
+                    continue;
+                };
+                let length = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                if raw.len() >= end + 4 + length {
+                    break Some(raw[end + 4..end + 4 + length].to_vec());
+                }
+            };
+            let Some(body) = body else { continue };
+            posts += 1;
+            let status = if posts == 1 {
+                "503 Service Unavailable"
+            } else {
+                "200 OK"
+            };
+            if posts > 1 {
+                let doc: Value = serde_json::from_slice(&body).expect("the webhook posts JSON");
+                kept.lock().expect("lock").push(doc);
+            }
+            let _ = socket
+                .write_all(
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await;
+        }
+    });
+    (url, accepted)
+}
+
 async fn drift_status(cluster: &Cluster, model: &str) -> Value {
     let text = cli_ok(
         cluster,
@@ -1197,6 +1263,7 @@ async fn drifted_traffic_raises_an_alert_within_two_windows_and_calm_traffic_non
     let registered: Value = serde_json::from_str(&registered).expect("json");
     assert_eq!(registered["monitored"], true, "{registered}");
     assert_eq!(registered["features"], json!(["f0", "f1", "f2", "f3"]));
+    let (hook, received) = webhook_receiver().await;
     cli_ok(
         &cluster,
         &[
@@ -1207,10 +1274,29 @@ async fn drifted_traffic_raises_an_alert_within_two_windows_and_calm_traffic_non
             "--replicas",
             "2",
             "--public",
+            "--drift-webhook",
+            &hook,
             "--wait",
         ],
     )
     .await;
+    let out = cluster
+        .run_cli(&[
+            "deploy",
+            "other",
+            "--model",
+            "watched@1",
+            "--replicas",
+            "1",
+            "--drift-webhook",
+            "https://hooks.example.com/x",
+        ])
+        .await;
+    assert!(
+        stderr_text(&out).contains("https receivers are not supported"),
+        "{}",
+        stderr_text(&out)
+    );
     let addrs = inference_addrs(&cluster, &workers);
     let infer_path = "/v2/models/watched/infer";
     wait_ready(&addrs, "/v2/models/watched/ready").await;
@@ -1304,6 +1390,31 @@ async fn drifted_traffic_raises_an_alert_within_two_windows_and_calm_traffic_non
             "the alert did not resolve"
         );
         dataset_alerts(&drift_status(&cluster, "watched").await)[0]["state"] == "resolved"
+    })
+    .await;
+
+    // The webhook got the alert firing (after a retry past its 503) and resolved.
+    let id = alert["id"].clone();
+    kiln_tests::wait_for(Duration::from_secs(15), "webhook posts", || {
+        let received = std::sync::Arc::clone(&received);
+        let id = id.clone();
+        async move {
+            let posts = received.lock().expect("lock").clone();
+            let of_alert: Vec<&Value> = posts.iter().filter(|p| p["alert"]["id"] == id).collect();
+            let statuses: Vec<&str> = of_alert
+                .iter()
+                .filter_map(|p| p["status"].as_str())
+                .collect();
+            if statuses.contains(&"firing") && statuses.contains(&"resolved") {
+                for p in of_alert {
+                    assert_eq!(p["deployment"], "watched");
+                    assert_eq!(p["alert"]["kind"], "dataset_drift");
+                }
+                Ok(())
+            } else {
+                Err(format!("posts so far: {posts:?}"))
+            }
+        }
     })
     .await;
 }

@@ -182,6 +182,7 @@ impl Api {
             queue_capacity,
             public: req.public,
             target_in_flight: or(req.target_in_flight, DEFAULT_TARGET_IN_FLIGHT),
+            drift_webhook: crate::webhook::checked_url(&req.drift_webhook)?,
             ..Default::default()
         };
         let what = format!(

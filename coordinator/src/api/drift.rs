@@ -94,14 +94,51 @@ impl Api {
                     continue;
                 }
             };
+            let before = self.open_alerts(&closed.model, closed.version)?;
             let kind = command::Kind::RecordDrift(RecordDrift {
                 window: Some(window),
                 keep_windows: self.drift.keep_windows,
             });
             self.propose(command(kind), false).await?;
             recorded += 1;
+            let after = self.open_alerts(&closed.model, closed.version)?;
+            for (was, is) in before.into_iter().zip(after) {
+                if was != is {
+                    // Opened (is), resolved (was), or both.
+                    for id in [was, is].into_iter().filter(|&id| id != 0) {
+                        self.notify(id)?;
+                    }
+                }
+            }
         }
         Ok(recorded)
+    }
+
+    /// The firing alert of each kind for a model version (0: none), in
+    /// [`crate::state::drift::KINDS`] order.
+    fn open_alerts(&self, model: &str, version: u64) -> Result<Vec<u64>> {
+        crate::state::drift::KINDS
+            .iter()
+            .map(|(kind, _)| {
+                crate::state::drift::open_alert(&self.reader, model, version, kind).map_err(storage)
+            })
+            .collect()
+    }
+
+    /// Sends alert `id` to the webhook of every deployment it names that has one.
+    fn notify(&self, id: u64) -> Result<()> {
+        let Some(alert) = read_alert(&self.reader, id).map_err(storage)? else {
+            return Ok(());
+        };
+        for name in &alert.deployments {
+            let deployment =
+                crate::state::deployments::read_deployment(&self.reader, name).map_err(storage)?;
+            if let Some(d) = deployment.filter(|d| !d.drift_webhook.is_empty()) {
+                self.notifier
+                    .send(d.drift_webhook, crate::webhook::payload(&alert, name));
+            }
+        }
+        Ok(())
     }
 
     /// The newest windows of each monitored version (of `model`, or all) and the

@@ -47,6 +47,8 @@ pub struct Api {
     pub telemetry: crate::monitor::TelemetryStore,
     /// How drift windows are cut and judged.
     pub drift: kiln_common::config::DriftSettings,
+    /// Sends drift alerts to deployments' webhooks.
+    pub notifier: crate::webhook::Notifier,
     pub peers: Arc<ClusterClient>,
     pub http_addr: String,
     pub advertise: String,
