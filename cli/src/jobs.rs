@@ -22,16 +22,7 @@ use crate::{JobsCommand, TrainCommand};
 /// Time between two looks at a followed job.
 const FOLLOW_POLL: Duration = Duration::from_millis(500);
 
-fn state_name(state: i32) -> &'static str {
-    match JobState::try_from(state) {
-        Ok(JobState::Pending) => "Pending",
-        Ok(JobState::Running) => "Running",
-        Ok(JobState::Succeeded) => "Succeeded",
-        Ok(JobState::Failed) => "Failed",
-        Ok(JobState::Cancelled) => "Cancelled",
-        _ => "Unknown",
-    }
-}
+use kiln_common::status::job_state_name as state_name;
 
 fn shard_state_name(state: i32) -> &'static str {
     match ShardState::try_from(state) {

@@ -1634,4 +1634,71 @@ fn print_status(s: &kiln_proto::v1::ClusterStatusResponse) {
             w.inference_grpc_addr
         );
     }
+    if !s.hosts.is_empty() {
+        println!("\nhost load (last telemetry)");
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        for h in &s.hosts {
+            let host = h.host.clone().unwrap_or_default();
+            let gpus: Vec<String> = host
+                .gpus
+                .iter()
+                .map(|g| {
+                    format!(
+                        "gpu{} {}% {:.1}/{:.1} GiB",
+                        g.index,
+                        g.utilization_percent,
+                        gib(g.memory_used_bytes),
+                        gib(g.memory_total_bytes)
+                    )
+                })
+                .collect();
+            println!(
+                "  {}  cpu {:>5.1}%  mem {:.1}/{:.1} GiB  disk free {:.1}/{:.1} GiB  {}s ago{}",
+                h.worker_id,
+                host.cpu_percent,
+                gib(host.memory_used_bytes),
+                gib(host.memory_total_bytes),
+                gib(host.disk_free_bytes),
+                gib(host.disk_total_bytes),
+                kiln_common::clock::now_ms().saturating_sub(h.reported_at_ms) / 1000,
+                if gpus.is_empty() {
+                    String::new()
+                } else {
+                    format!("  {}", gpus.join(", "))
+                }
+            );
+        }
+    }
+    println!("\ndeployments");
+    if s.deployments.is_empty() {
+        println!("  (none)");
+    }
+    for d in &s.deployments {
+        let health = if d.ready >= d.wanted && d.failed == 0 {
+            "healthy"
+        } else {
+            "degraded"
+        };
+        println!(
+            "  {:<20} {:<24} {health:<9} ready {}/{}  starting {}  failed {}{}",
+            d.name,
+            d.model,
+            d.ready,
+            d.wanted,
+            d.starting,
+            d.failed,
+            if d.canary.is_empty() {
+                String::new()
+            } else {
+                format!("  canary {}", d.canary)
+            }
+        );
+    }
+    println!("\njobs (pending and running)");
+    if s.jobs.is_empty() {
+        println!("  (none)");
+    }
+    for j in &s.jobs {
+        println!("  {:<6} {:<24} {:<8} {}", j.id, j.name, j.state, j.reason);
+    }
 }

@@ -1,7 +1,7 @@
 //! The JSON shape of cluster status, shared by `kiln status --json` and the
 //! coordinator's `GET /api/v1/status`. Field names are a contract (DESIGN §6).
 
-use kiln_proto::v1::{ClusterStatusResponse, Resources, WorkerRecord, WorkerState};
+use kiln_proto::v1::{ClusterStatusResponse, JobState, Resources, WorkerRecord, WorkerState};
 use serde_json::{json, Value};
 
 /// Returns the lowercase name of a worker state.
@@ -11,6 +11,18 @@ pub fn worker_state_name(state: i32) -> &'static str {
         Ok(WorkerState::Suspect) => "suspect",
         Ok(WorkerState::Down) => "down",
         _ => "unknown",
+    }
+}
+
+/// Returns the name of a job state, as `kiln jobs` shows it.
+pub fn job_state_name(state: i32) -> &'static str {
+    match JobState::try_from(state) {
+        Ok(JobState::Pending) => "Pending",
+        Ok(JobState::Running) => "Running",
+        Ok(JobState::Succeeded) => "Succeeded",
+        Ok(JobState::Failed) => "Failed",
+        Ok(JobState::Cancelled) => "Cancelled",
+        _ => "Unknown",
     }
 }
 
@@ -62,6 +74,40 @@ pub fn cluster_status_json(s: &ClusterStatusResponse) -> Value {
             "applied_index": c.applied_index,
         })).collect::<Vec<_>>(),
         "workers": s.workers.iter().map(worker_json).collect::<Vec<_>>(),
+        "hosts": s.hosts.iter().map(|h| {
+            let host = h.host.clone().unwrap_or_default();
+            json!({
+                "worker_id": h.worker_id,
+                "reported_at_ms": h.reported_at_ms,
+                "cpu_percent": host.cpu_percent,
+                "memory_used_bytes": host.memory_used_bytes,
+                "memory_total_bytes": host.memory_total_bytes,
+                "disk_free_bytes": host.disk_free_bytes,
+                "disk_total_bytes": host.disk_total_bytes,
+                "gpus": host.gpus.iter().map(|g| json!({
+                    "index": g.index,
+                    "name": g.name,
+                    "utilization_percent": g.utilization_percent,
+                    "memory_used_bytes": g.memory_used_bytes,
+                    "memory_total_bytes": g.memory_total_bytes,
+                })).collect::<Vec<_>>(),
+            })
+        }).collect::<Vec<_>>(),
+        "deployments": s.deployments.iter().map(|d| json!({
+            "name": d.name,
+            "model": d.model,
+            "canary": (!d.canary.is_empty()).then_some(&d.canary),
+            "wanted": d.wanted,
+            "ready": d.ready,
+            "starting": d.starting,
+            "failed": d.failed,
+        })).collect::<Vec<_>>(),
+        "jobs": s.jobs.iter().map(|j| json!({
+            "id": j.id,
+            "name": j.name,
+            "state": j.state,
+            "reason": j.reason,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -89,6 +135,14 @@ mod tests {
                 state: WorkerState::Suspect as i32,
                 ..Default::default()
             }],
+            deployments: vec![kiln_proto::v1::DeploymentHealth {
+                name: "iris".into(),
+                model: "iris@2".into(),
+                wanted: 2,
+                ready: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
         };
         let v = cluster_status_json(&s);
         assert_eq!(v["leader_id"], 2);
@@ -107,5 +161,9 @@ mod tests {
             assert!(v["workers"][0].get(key).is_some(), "worker.{key}");
         }
         assert_eq!(v["workers"][0]["state"], "suspect");
+        assert_eq!(v["deployments"][0]["ready"], 1);
+        assert!(v["deployments"][0]["canary"].is_null());
+        assert_eq!(v["hosts"], serde_json::json!([]));
+        assert_eq!(v["jobs"], serde_json::json!([]));
     }
 }

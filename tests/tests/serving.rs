@@ -1301,6 +1301,35 @@ async fn drifted_traffic_raises_an_alert_within_two_windows_and_calm_traffic_non
     let infer_path = "/v2/models/watched/infer";
     wait_ready(&addrs, "/v2/models/watched/ready").await;
 
+    // `kiln status` shows each worker's load and the deployment's health.
+    kiln_tests::wait_for(Duration::from_secs(10), "health in kiln status", || {
+        let cluster = &cluster;
+        async move {
+            let text = cluster.run_cli(&["status", "--json"]).await;
+            let status: Value = serde_json::from_slice(&text.stdout).map_err(|e| e.to_string())?;
+            let hosts = status["hosts"].as_array().map_or(0, Vec::len);
+            let watched = status["deployments"]
+                .as_array()
+                .and_then(|d| d.iter().find(|d| d["name"] == "watched").cloned())
+                .unwrap_or_default();
+            let memory = status["hosts"][0]["memory_total_bytes"]
+                .as_u64()
+                .unwrap_or(0);
+            if hosts == 2 && memory > 0 && watched["ready"] == 2 && watched["wanted"] == 2 {
+                assert_eq!(watched["model"], "watched@1");
+                Ok(())
+            } else {
+                Err(format!("{status}"))
+            }
+        }
+    })
+    .await;
+    let text = cli_ok(&cluster, &["status"]).await;
+    assert!(
+        text.contains("host load") && text.contains("healthy"),
+        "{text}"
+    );
+
     // Calm traffic for 20 judged windows: no window drifts, no alert.
     let started = Instant::now();
     traffic_until(&addrs, infer_path, 2, 0.0, || async {

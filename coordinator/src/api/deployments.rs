@@ -202,6 +202,31 @@ impl Api {
     }
 
     /// Every deployment, by name.
+    /// Each deployment's replicas by state, for `kiln status`.
+    pub fn deployment_health(&self) -> Result<Vec<DeploymentHealth>> {
+        Ok(self
+            .deployments()?
+            .iter()
+            .map(|d| {
+                let count = |state: ReplicaState| {
+                    d.replica_set
+                        .iter()
+                        .filter(|r| r.state == state as i32)
+                        .count() as u32
+                };
+                DeploymentHealth {
+                    name: d.name.clone(),
+                    model: crate::state::deployments::target_text(&d.primary),
+                    canary: crate::state::deployments::target_text(&d.canary),
+                    wanted: d.replicas,
+                    ready: count(ReplicaState::ReplicaReady),
+                    starting: count(ReplicaState::ReplicaStarting),
+                    failed: count(ReplicaState::ReplicaFailed),
+                }
+            })
+            .collect())
+    }
+
     pub fn deployments(&self) -> Result<Vec<DeploymentRecord>> {
         let mut out = Vec::new();
         for (_, bytes) in self

@@ -311,12 +311,25 @@ impl Api {
             .reader
             .workers()
             .map_err(|e| Error::Internal(e.to_string()))?;
+        let hosts = self
+            .telemetry
+            .hosts()
+            .into_iter()
+            .map(|(worker_id, reported_at_ms, host)| HostHealth {
+                worker_id,
+                reported_at_ms,
+                host: Some(host),
+            })
+            .collect();
         Ok(ClusterStatusResponse {
             leader_id: view.leader_id,
             term: view.term,
             commit_index: view.commit_index,
             coordinators,
             workers,
+            hosts,
+            deployments: self.deployment_health()?,
+            jobs: self.job_health()?,
         })
     }
 

@@ -305,6 +305,20 @@ impl Api {
     }
 
     /// The jobs that have not ended.
+    /// The pending and running jobs, for `kiln status`.
+    pub fn job_health(&self) -> Result<Vec<JobHealth>> {
+        Ok(self
+            .active_jobs()?
+            .iter()
+            .map(|j| JobHealth {
+                id: j.id,
+                name: j.name.clone(),
+                state: kiln_common::status::job_state_name(j.state).to_string(),
+                reason: j.reason.clone(),
+            })
+            .collect())
+    }
+
     fn active_jobs(&self) -> Result<Vec<JobRecord>> {
         let mut jobs = Vec::new();
         for (key, _) in self

@@ -583,8 +583,15 @@ impl RaftNode {
         }
         let read_states = ready.take_read_states();
         let committed = ready.take_committed_entries();
-        self.apply(committed)?;
         let hs = ready.hs().cloned();
+        if let Some(last) = committed.last() {
+            // The commit index of what is applied goes to the WAL before the apply
+            // batch, so no restart finds an entry applied beyond the stored commit
+            // index. Only up to the last applied entry: committed entries are
+            // persisted ones, while the Ready's commit index may run past them.
+            self.raw.mut_store().set_commit(last.index)?;
+        }
+        self.apply(committed)?;
         if !ready.entries().is_empty() || ready.must_sync() {
             self.raw.mut_store().persist(ready.entries(), hs.as_ref())?;
         } else if let Some(hs) = hs {

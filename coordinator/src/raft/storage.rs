@@ -83,7 +83,7 @@ pub trait RaftStore: Storage + Send {
         self.persist(&[], Some(hs))
     }
 
-    /// Raises the commit index in the hard state.
+    /// Raises the commit index in the hard state (a lower one changes nothing).
     fn set_commit(&mut self, commit: u64) -> Result<(), StoreError>;
 
     /// Writes a batch of applied effects with its applied position.
@@ -224,6 +224,12 @@ impl RocksStore {
             .map_err(store_err("read applied index"))?
         {
             self.applied = kiln_proto_decode(&bytes)?;
+        }
+        // An applied entry was committed. The commit index is written without a
+        // sync, so a crash can keep an apply batch and lose the commit index
+        // written with it; raft-rs refuses to start with applied > committed.
+        if self.applied.index > self.hard_state.commit {
+            self.hard_state.commit = self.applied.index;
         }
         let log = cf(&self.db, CF_LOG);
         let mut iter = self.db.raw_iterator_cf(&log);
@@ -518,6 +524,9 @@ impl RaftStore for RocksStore {
     fn set_commit(&mut self, commit: u64) -> Result<(), StoreError> {
         // No sync: a lost commit index is learned again from the leader, and the
         // WAL orders this write before any apply batch that depends on it.
+        if commit <= self.hard_state.commit {
+            return Ok(());
+        }
         let mut hs = self.hard_state.clone();
         hs.commit = commit;
         let mut batch = WriteBatch::default();
@@ -786,7 +795,8 @@ impl RaftStore for MemStore {
     }
 
     fn set_commit(&mut self, commit: u64) -> Result<(), StoreError> {
-        self.disk().hard_state.commit = commit;
+        let mut d = self.disk();
+        d.hard_state.commit = d.hard_state.commit.max(commit);
         Ok(())
     }
 
