@@ -24,6 +24,8 @@ use kiln_proto::v1::{HostTelemetry, TelemetryReport};
 
 /// Most windows open at once (model versions × starts).
 pub const MAX_OPEN_WINDOWS: usize = 1024;
+/// A worker's last host report is forgotten after this long without another.
+pub const HOST_FORGET_MS: u64 = 10 * 60_000;
 /// Most model versions whose reference is kept parsed.
 const MAX_REFERENCES: usize = 1024;
 
@@ -185,9 +187,15 @@ impl TelemetryStore {
         self.lock().windows.clear();
     }
 
-    /// The last host report of each worker, with when it arrived.
+    /// The last host report of each worker, with when it arrived; a worker
+    /// silent for [`HOST_FORGET_MS`] is forgotten.
     pub fn hosts(&self) -> Vec<(String, u64, HostTelemetry)> {
-        self.lock()
+        let now_ms = kiln_common::clock::now_ms();
+        let mut inner = self.lock();
+        inner
+            .hosts
+            .retain(|_, (at, _)| now_ms.saturating_sub(*at) < HOST_FORGET_MS);
+        inner
             .hosts
             .iter()
             .map(|(id, (at, host))| (id.clone(), *at, host.clone()))

@@ -87,21 +87,29 @@ impl Api {
                 );
                 continue;
             }
-            let window = match judge(&closed, self.drift.drift_share) {
+            // Off the executor: an exact KS p-value over thousands of rows per
+            // column can take tens of milliseconds.
+            let (model, version) = (closed.model.clone(), closed.version);
+            let share = self.drift.drift_share;
+            let judged = tokio::task::spawn_blocking(move || judge(&closed, share))
+                .await
+                .map_err(|e| Error::Internal(format!("drift judge task: {e}")))
+                .and_then(|judged| judged);
+            let window = match judged {
                 Ok(window) => window,
                 Err(e) => {
-                    tracing::warn!(model = %closed.model, version = closed.version, error = %e, "drift window not judged");
+                    tracing::warn!(%model, %version, error = %e, "drift window not judged");
                     continue;
                 }
             };
-            let before = self.open_alerts(&closed.model, closed.version)?;
+            let before = self.open_alerts(&model, version)?;
             let kind = command::Kind::RecordDrift(RecordDrift {
                 window: Some(window),
                 keep_windows: self.drift.keep_windows,
             });
             self.propose(command(kind), false).await?;
             recorded += 1;
-            let after = self.open_alerts(&closed.model, closed.version)?;
+            let after = self.open_alerts(&model, version)?;
             for (was, is) in before.into_iter().zip(after) {
                 if was != is {
                     // Opened (is), resolved (was), or both.
@@ -233,7 +241,7 @@ impl Api {
         let mut families: Vec<(&str, &str, Vec<String>)> = vec![
             ("kiln_drift_share", "Share of drifted columns in the newest judged window, by kind (features, outputs).", Vec::new()),
             ("kiln_drift_detected", "1 when the newest window drifts, by kind (dataset, prediction).", Vec::new()),
-            ("kiln_drift_window_rows", "Rows served in the newest judged window.", Vec::new()),
+            ("kiln_drift_window_rows", "Rows counted in the newest judged window (every served row, or an even sample above each replica's budget).", Vec::new()),
             ("kiln_drift_statistic", "Each column's value of the test that judges it (a p-value or a distance).", Vec::new()),
             ("kiln_drift_column_drifted", "1 when a column drifted in the newest window.", Vec::new()),
             ("kiln_drift_psi", "Each column's population stability index.", Vec::new()),
