@@ -45,6 +45,12 @@ fn deployment_json(d: &DeploymentRecord) -> Value {
         "target_in_flight": d.target_in_flight,
         "public": d.public,
         "drift_webhook": d.drift_webhook,
+        "retrain": d.retrain.as_ref().map(|r| json!({
+            "dataset": r.dataset,
+            "canary_percent": r.canary_percent,
+            "job_id": (r.job_id != 0).then_some(r.job_id),
+            "alert_id": (r.alert_id != 0).then_some(r.alert_id),
+        })),
         "generation": d.generation,
         "replica_set": d.replica_set.iter().map(|r| json!({
             "id": r.id,
@@ -106,6 +112,14 @@ pub async fn deploy(client: ClusterClient, args: DeployArgs) -> anyhow::Result<(
         public: args.public,
         target_in_flight: args.target_in_flight.unwrap_or(0),
         drift_webhook: args.drift_webhook.unwrap_or_default(),
+        retrain_job: match &args.retrain_job {
+            Some(path) => {
+                std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?
+            }
+            None => String::new(),
+        },
+        retrain_dataset: args.retrain_dataset.unwrap_or_default(),
+        retrain_canary_percent: args.retrain_canary_percent.unwrap_or(0),
     };
     let mut deployment = client
         .call(|mut c| {

@@ -389,6 +389,16 @@ struct DeployArgs {
     /// deployment serves as a JSON POST (retried with backoff).
     #[arg(long)]
     drift_webhook: Option<String>,
+    /// A job spec to submit when the served version's data drifts, with its
+    /// dataset at the newest version of --retrain-dataset.
+    #[arg(long, requires = "retrain_dataset")]
+    retrain_job: Option<PathBuf>,
+    /// The dataset artifact the retraining job learns from.
+    #[arg(long, requires = "retrain_job")]
+    retrain_dataset: Option<String>,
+    /// Share of requests the retrained version gets as a canary (default 10).
+    #[arg(long)]
+    retrain_canary_percent: Option<u32>,
     /// Waits until every replica of this deployment is ready and older ones
     /// have retired.
     #[arg(long)]

@@ -1264,6 +1264,26 @@ async fn drifted_traffic_raises_an_alert_within_two_windows_and_calm_traffic_non
     assert_eq!(registered["monitored"], true, "{registered}");
     assert_eq!(registered["features"], json!(["f0", "f1", "f2", "f3"]));
     let (hook, received) = webhook_receiver().await;
+    // The training data is also the retraining dataset.
+    cli_ok(
+        &cluster,
+        &[
+            "artifact",
+            "push",
+            &data.display().to_string(),
+            "--name",
+            "watched-data",
+        ],
+    )
+    .await;
+    let job = dir.path().join("retrain.toml");
+    std::fs::write(
+        &job,
+        "name = \"watched-retrained\"\nexperiment = \"watched\"\n\n[data]\nartifact = \"placeholder@1\"\nlabel = \"kind\"\n\n\
+         [model]\nkind = \"mlp\"\nhidden = [8]\nactivation = \"tanh\"\n\n[optimizer]\nkind = \"adamw\"\nlr = 0.01\n\n\
+         [train]\nepochs = 2\nbatch_size = 64\nseed = 3\ncheckpoint_every_steps = 1000\n\n[resources]\nshards = 1\ncpus_per_shard = 1\n",
+    )
+    .expect("write the job spec");
     cli_ok(
         &cluster,
         &[
@@ -1276,6 +1296,10 @@ async fn drifted_traffic_raises_an_alert_within_two_windows_and_calm_traffic_non
             "--public",
             "--drift-webhook",
             &hook,
+            "--retrain-job",
+            &job.display().to_string(),
+            "--retrain-dataset",
+            "watched-data",
             "--wait",
         ],
     )
@@ -1394,6 +1418,29 @@ async fn drifted_traffic_raises_an_alert_within_two_windows_and_calm_traffic_non
         text.contains("dataset drift: yes") && text.contains("FIRING"),
         "{text}"
     );
+
+    // The retrain policy submitted its job on the dataset's newest version.
+    let (job_id, d) = kiln_tests::wait_for(Duration::from_secs(10), "the retraining job", || {
+        let cluster = &cluster;
+        async move {
+            let d = deployment(cluster, "watched").await;
+            match d["retrain"]["job_id"].as_u64() {
+                Some(id) => Ok((id, d)),
+                None => Err(format!("{d}")),
+            }
+        }
+    })
+    .await;
+    assert_eq!(d["retrain"]["alert_id"], alert["id"], "{d}");
+    assert!(
+        d["events"]
+            .to_string()
+            .contains(&format!("retraining as job {job_id} on watched-data@1")),
+        "{d}"
+    );
+    let shown = cli_ok(&cluster, &["jobs", "show", &job_id.to_string(), "--json"]).await;
+    let shown: Value = serde_json::from_str(&shown).expect("json");
+    assert_eq!(shown["name"], "watched-retrained", "{shown}");
 
     // Every coordinator's /metrics says so, followers' included.
     let admin = cluster.admin_token().await;

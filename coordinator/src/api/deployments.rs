@@ -183,6 +183,7 @@ impl Api {
             public: req.public,
             target_in_flight: or(req.target_in_flight, DEFAULT_TARGET_IN_FLIGHT),
             drift_webhook: crate::webhook::checked_url(&req.drift_webhook)?,
+            retrain: retrain_policy(&req)?,
             ..Default::default()
         };
         let what = format!(
@@ -202,6 +203,67 @@ impl Api {
     }
 
     /// Every deployment, by name.
+    /// Submits the retraining job of every deployment whose policy a newly opened
+    /// dataset-drift alert calls for: the alert is about the deployment's primary
+    /// version, and no job of the policy is still pending or running. The job is
+    /// the policy's spec with its dataset at the newest version.
+    pub async fn retrain_on(&self, alert: &DriftAlert) -> Result<()> {
+        if alert.kind != "dataset_drift" {
+            return Ok(());
+        }
+        for name in &alert.deployments {
+            let Some(d) = read_deployment(&self.reader, name).map_err(storage)? else {
+                continue;
+            };
+            let Some(policy) = d.retrain.clone() else {
+                continue;
+            };
+            let serves = d
+                .primary
+                .as_ref()
+                .is_some_and(|p| p.model == alert.model && p.version == alert.version);
+            if !serves || policy.alert_id == alert.id {
+                continue;
+            }
+            if policy.job_id != 0 {
+                let job =
+                    crate::state::jobs::read_job(&self.reader, policy.job_id).map_err(storage)?;
+                if job.is_some_and(|j| !crate::state::jobs::is_terminal(j.state)) {
+                    tracing::info!(deployment = %name, job = policy.job_id, "drift again while retraining; no second job");
+                    continue;
+                }
+            }
+            let newest = crate::state::machine::read_counter(
+                &self.reader,
+                &keys::artifact_latest(&policy.dataset),
+            )
+            .map_err(storage)?;
+            if newest == 0 {
+                tracing::warn!(deployment = %name, dataset = %policy.dataset, "no version of the retraining dataset; not retraining");
+                continue;
+            }
+            let spec_toml = with_dataset(&policy.job_spec, &policy.dataset, newest)?;
+            let submitted = self
+                .submit_job_call(&Caller::Node, SubmitJobRequest { spec_toml })
+                .await?;
+            let message = format!(
+                "drift alert #{}: retraining as job {} on {}@{newest}",
+                alert.id, submitted.job_id, policy.dataset
+            );
+            tracing::info!(deployment = %name, %message, "retrain");
+            let kind = command::Kind::RecordRetrain(RecordRetrain {
+                deployment: name.clone(),
+                job_id: submitted.job_id,
+                alert_id: alert.id,
+                message,
+            });
+            self.propose(command(kind), false)
+                .await
+                .map_err(rejection)?;
+        }
+        Ok(())
+    }
+
     /// Each deployment's replicas by state, for `kiln status`.
     pub fn deployment_health(&self) -> Result<Vec<DeploymentHealth>> {
         Ok(self
@@ -560,9 +622,106 @@ pub fn plan_replicas(
     }
 }
 
+/// The retrain policy a deploy asks for: the job spec must parse (every problem
+/// named) and the dataset be an artifact name.
+fn retrain_policy(req: &DeployRequest) -> Result<Option<RetrainPolicy>> {
+    if req.retrain_job.is_empty() && req.retrain_dataset.is_empty() {
+        return Ok(None);
+    }
+    if req.retrain_job.is_empty() || req.retrain_dataset.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a retrain policy needs both a job spec and a dataset".into(),
+        ));
+    }
+    kiln_common::artifact::validate_name(&req.retrain_dataset)?;
+    // The spec must parse as it will be submitted (with some version named).
+    kiln_common::jobspec::JobSpec::parse(&with_dataset(&req.retrain_job, &req.retrain_dataset, 1)?)
+        .map_err(|e| Error::InvalidArgument(format!("retrain job spec: {e}")))?;
+    let canary_percent = match req.retrain_canary_percent {
+        0 => 10,
+        p @ 1..=100 => p,
+        p => {
+            return Err(Error::InvalidArgument(format!(
+                "retrain canary percent must be 1 to 100, got {p}"
+            )))
+        }
+    };
+    Ok(Some(RetrainPolicy {
+        job_spec: req.retrain_job.clone(),
+        dataset: req.retrain_dataset.clone(),
+        canary_percent,
+        job_id: 0,
+        alert_id: 0,
+    }))
+}
+
+/// A job spec with `[data] artifact = "DATASET@VERSION"`.
+fn with_dataset(spec: &str, dataset: &str, version: u64) -> Result<String> {
+    let mut doc: toml::Table = spec
+        .parse()
+        .map_err(|e| Error::InvalidArgument(format!("retrain job spec: {e}")))?;
+    let data = doc
+        .entry("data")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(data) = data else {
+        return Err(Error::InvalidArgument(
+            "retrain job spec: data must be a table".into(),
+        ));
+    };
+    data.insert(
+        "artifact".into(),
+        toml::Value::String(format!("{dataset}@{version}")),
+    );
+    toml::to_string(&doc).map_err(|e| Error::Internal(format!("write the retrain job spec: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SPEC: &str = "name = \"m\"\n[data]\nartifact = \"old@1\"\nlabel = \"y\"\n";
+
+    #[test]
+    fn a_retrain_spec_learns_from_the_newest_dataset_version() {
+        let spec = with_dataset(SPEC, "fresh", 7).expect("rewrite");
+        let parsed = kiln_common::jobspec::JobSpec::parse(&spec).expect("parses");
+        assert_eq!(
+            (parsed.data.artifact.as_str(), parsed.data.version),
+            ("fresh", 7)
+        );
+        assert_eq!(parsed.data.label, "y", "the rest of the spec is kept");
+    }
+
+    #[test]
+    fn a_retrain_policy_is_checked_at_deploy_time() {
+        let req = |job: &str, dataset: &str, percent: u32| DeployRequest {
+            retrain_job: job.into(),
+            retrain_dataset: dataset.into(),
+            retrain_canary_percent: percent,
+            ..DeployRequest::default()
+        };
+        assert_eq!(retrain_policy(&req("", "", 0)).expect("none"), None);
+        let policy = retrain_policy(&req(SPEC, "data", 0))
+            .expect("valid")
+            .expect("a policy");
+        assert_eq!((policy.canary_percent, policy.job_id), (10, 0));
+        for (bad, why) in [
+            (req(SPEC, "", 0), "both a job spec and a dataset"),
+            (
+                req(
+                    "name = \"m\"\n[data]\nlabel = \"y\"\nbogus = 1\n",
+                    "data",
+                    0,
+                ),
+                "bogus",
+            ),
+            (req("not toml at all [", "data", 0), "retrain job spec"),
+            (req(SPEC, "data", 101), "1 to 100"),
+        ] {
+            let err = retrain_policy(&bad).expect_err(why).to_string();
+            assert!(err.contains(why), "{why}: {err}");
+        }
+    }
 
     fn worker(id: &str, state: WorkerState) -> (String, WorkerRecord) {
         (

@@ -114,7 +114,7 @@ impl Api {
                 if was != is {
                     // Opened (is), resolved (was), or both.
                     for id in [was, is].into_iter().filter(|&id| id != 0) {
-                        self.notify(id)?;
+                        self.notify(id).await?;
                     }
                 }
             }
@@ -133,11 +133,17 @@ impl Api {
             .collect()
     }
 
-    /// Sends alert `id` to the webhook of every deployment it names that has one.
-    fn notify(&self, id: u64) -> Result<()> {
+    /// Sends alert `id` to the webhook of every deployment it names that has one,
+    /// and, when it has just opened, starts the retraining it calls for.
+    async fn notify(&self, id: u64) -> Result<()> {
         let Some(alert) = read_alert(&self.reader, id).map_err(storage)? else {
             return Ok(());
         };
+        if alert.resolved_at_ms == 0 {
+            if let Err(e) = self.retrain_on(&alert).await {
+                tracing::warn!(alert = id, error = %e, "retraining not started");
+            }
+        }
         for name in &alert.deployments {
             let deployment =
                 crate::state::deployments::read_deployment(&self.reader, name).map_err(storage)?;

@@ -286,6 +286,32 @@ pub fn apply_report(
     Ok(Ok(1))
 }
 
+/// Records the retraining job the leader submitted for a deployment.
+pub fn apply_retrain(
+    txn: &mut Txn<'_>,
+    record: &kiln_proto::v1::RecordRetrain,
+    now_ms: u64,
+) -> Result<Result<u64, Rejection>, StoreError> {
+    let Some(mut deployment) = read_deployment(txn, &record.deployment)? else {
+        return Ok(Err(format!(
+            "NOT_FOUND: no deployment {}",
+            record.deployment
+        )));
+    };
+    let Some(policy) = deployment.retrain.as_mut() else {
+        return Ok(Err(format!(
+            "deployment {} has no retrain policy",
+            record.deployment
+        )));
+    };
+    policy.job_id = record.job_id;
+    policy.alert_id = record.alert_id;
+    record_event(&mut deployment, now_ms, record.message.clone());
+    deployment.updated_at_ms = now_ms;
+    write(txn, &deployment);
+    Ok(Ok(record.job_id))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -261,6 +261,9 @@ fn apply_kind(txn: &mut Txn<'_>, cmd: &Command) -> Result<Result<u64, Rejection>
         command::Kind::RecordDrift(record) => {
             return super::drift::apply_record(txn, record);
         }
+        command::Kind::RecordRetrain(record) => {
+            return super::deployments::apply_retrain(txn, record, now_ms);
+        }
     }
     Ok(Ok(0))
 }
