@@ -351,14 +351,18 @@ async fn schedule_loop(api: Api, token: CancellationToken) {
 const DRIFT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// On the leader, judges the drift windows that have closed (see
-/// [`Api::drift_round`]); a coordinator that is not the leader keeps no windows.
+/// [`Api::drift_round`]) and follows retraining jobs to their canary (see
+/// [`Api::retrain_round`]); a coordinator that is not the leader keeps no windows.
 async fn drift_loop(api: Api, token: CancellationToken) {
     leader_loop(
         api,
         token,
         DRIFT_INTERVAL,
         "drift round",
-        |api, now_ms| async move { api.drift_round(now_ms).await },
+        |api, now_ms| async move {
+            api.drift_round(now_ms).await?;
+            api.retrain_round().await
+        },
     )
     .await;
 }

@@ -1493,4 +1493,33 @@ async fn drifted_traffic_raises_an_alert_within_two_windows_and_calm_traffic_non
         }
     })
     .await;
+
+    // The retraining job ends, and the version it registered becomes the canary.
+    let d = kiln_tests::wait_for(Duration::from_secs(120), "the retrained canary", || {
+        let cluster = &cluster;
+        async move {
+            let d = deployment(cluster, "watched").await;
+            if d["canary"] == "watched-retrained@1" {
+                Ok(d)
+            } else {
+                Err(format!("{d}"))
+            }
+        }
+    })
+    .await;
+    assert_eq!(d["canary_percent"], 10, "{d}");
+    assert_eq!(
+        d["model"], "watched@1",
+        "the primary stays until the canary is judged"
+    );
+    assert!(
+        d["retrain"]["job_id"].is_null(),
+        "the policy is free again: {d}"
+    );
+    assert!(
+        d["events"].to_string().contains(&format!(
+            "retraining job {job_id} registered watched-retrained@1; canary at 10%"
+        )),
+        "{d}"
+    );
 }

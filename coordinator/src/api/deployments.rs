@@ -264,6 +264,78 @@ impl Api {
         Ok(())
     }
 
+    /// Follows the retraining jobs of retrain policies: once one has ended, a
+    /// version it registered becomes the deployment's canary at the policy's
+    /// percent (a job that failed, or registered nothing, is recorded as such),
+    /// and the policy is free for the next alert.
+    pub async fn retrain_round(&self) -> Result<()> {
+        for d in self.deployments()? {
+            let Some(policy) = d.retrain.clone() else {
+                continue;
+            };
+            if policy.job_id == 0 {
+                continue;
+            }
+            let Some(job) =
+                crate::state::jobs::read_job(&self.reader, policy.job_id).map_err(storage)?
+            else {
+                continue;
+            };
+            if !crate::state::jobs::is_terminal(job.state) {
+                continue;
+            }
+            let message = if job.state != JobState::Succeeded as i32 {
+                format!(
+                    "retraining job {} ended {}: {}; no canary",
+                    job.id,
+                    kiln_common::status::job_state_name(job.state),
+                    job.reason
+                )
+            } else {
+                match self.model_of_job(&job)? {
+                    Some(version) => {
+                        let canary = format!("{}@{}", version.name, version.version);
+                        self.deploy_call(&Caller::Node, canary_request(&d, &canary, &policy))
+                            .await?;
+                        format!(
+                            "retraining job {} registered {canary}; canary at {}%",
+                            job.id, policy.canary_percent
+                        )
+                    }
+                    None => format!(
+                        "retraining job {} succeeded but registered no model version",
+                        job.id
+                    ),
+                }
+            };
+            tracing::info!(deployment = %d.name, %message, "retrain");
+            let kind = command::Kind::RecordRetrain(RecordRetrain {
+                deployment: d.name.clone(),
+                job_id: 0,
+                alert_id: policy.alert_id,
+                message,
+            });
+            self.propose(command(kind), false)
+                .await
+                .map_err(rejection)?;
+        }
+        Ok(())
+    }
+
+    /// The model version a job registered: of the model named as the job, the
+    /// newest of the last few versions that names the job.
+    fn model_of_job(&self, job: &JobRecord) -> Result<Option<ModelVersion>> {
+        let newest = latest(&self.reader, &job.name).map_err(storage)?;
+        for version in (newest.saturating_sub(16) + 1..=newest).rev() {
+            if let Some(m) = read_model(&self.reader, &job.name, version).map_err(storage)? {
+                if m.job_id == job.id {
+                    return Ok(Some(m));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// Each deployment's replicas by state, for `kiln status`.
     pub fn deployment_health(&self) -> Result<Vec<DeploymentHealth>> {
         Ok(self
@@ -639,10 +711,10 @@ fn retrain_policy(req: &DeployRequest) -> Result<Option<RetrainPolicy>> {
         .map_err(|e| Error::InvalidArgument(format!("retrain job spec: {e}")))?;
     let canary_percent = match req.retrain_canary_percent {
         0 => 10,
-        p @ 1..=100 => p,
+        p @ 1..=99 => p,
         p => {
             return Err(Error::InvalidArgument(format!(
-                "retrain canary percent must be 1 to 100, got {p}"
+                "retrain canary percent must be 1 to 99, got {p}"
             )))
         }
     };
@@ -653,6 +725,30 @@ fn retrain_policy(req: &DeployRequest) -> Result<Option<RetrainPolicy>> {
         job_id: 0,
         alert_id: 0,
     }))
+}
+
+/// The deploy that keeps `d` as it is and adds `canary` at the policy's percent.
+fn canary_request(d: &DeploymentRecord, canary: &str, policy: &RetrainPolicy) -> DeployRequest {
+    let autoscaled = d.min_replicas != d.max_replicas;
+    DeployRequest {
+        name: d.name.clone(),
+        model: crate::state::deployments::target_text(&d.primary),
+        replicas: if autoscaled { 0 } else { d.replicas },
+        min_replicas: if autoscaled { d.min_replicas } else { 0 },
+        max_replicas: if autoscaled { d.max_replicas } else { 0 },
+        canary: canary.to_string(),
+        canary_percent: policy.canary_percent,
+        cpus_per_replica: d.cpus_per_replica,
+        max_batch_size: d.max_batch_size,
+        max_queue_delay_us: d.max_queue_delay_us,
+        queue_capacity: d.queue_capacity,
+        public: d.public,
+        target_in_flight: d.target_in_flight,
+        drift_webhook: d.drift_webhook.clone(),
+        retrain_job: policy.job_spec.clone(),
+        retrain_dataset: policy.dataset.clone(),
+        retrain_canary_percent: policy.canary_percent,
+    }
 }
 
 /// A job spec with `[data] artifact = "DATASET@VERSION"`.
@@ -716,7 +812,7 @@ mod tests {
                 "bogus",
             ),
             (req("not toml at all [", "data", 0), "retrain job spec"),
-            (req(SPEC, "data", 101), "1 to 100"),
+            (req(SPEC, "data", 100), "1 to 99"),
         ] {
             let err = retrain_policy(&bad).expect_err(why).to_string();
             assert!(err.contains(why), "{why}: {err}");
