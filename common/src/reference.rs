@@ -232,7 +232,11 @@ impl FeatureStats {
                 column.sums.len()
             )));
         }
-        if column.counts.iter().sum::<u64>() != column.count {
+        let total = column
+            .counts
+            .iter()
+            .try_fold(0u64, |sum, &c| sum.checked_add(c));
+        if total != Some(column.count) {
             return Err(bad(format!(
                 "the bin counts do not add up to the count {}",
                 column.count

@@ -120,7 +120,9 @@ impl TelemetryStore {
                     columns
                 }
                 Err(e) => {
-                    tracing::warn!(worker = %report.worker_id, error = %e, "telemetry counts refused");
+                    // A version registered before references were kept sends counts
+                    // every report: not worth a warning each time.
+                    tracing::debug!(worker = %report.worker_id, error = %e, "telemetry counts refused");
                     refused += 1;
                     continue;
                 }
@@ -146,7 +148,7 @@ impl TelemetryStore {
                     .collect(),
                 deployments: BTreeSet::new(),
             });
-            window.rows += model.rows;
+            window.rows = window.rows.saturating_add(model.rows);
             for (into, from) in window.columns.iter_mut().zip(&columns) {
                 // Same reference, same bins: cannot fail.
                 let _ = into.merge(from);

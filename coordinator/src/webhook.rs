@@ -1,9 +1,10 @@
 //! Drift alert webhooks: the leader POSTs each alert that opens or resolves, as
 //! JSON, to the `drift_webhook` of every deployment that served the version.
 //!
-//! Delivery is at least once while the leader lives: each POST is retried with
-//! doubling pauses (0.5 s up to 8 s, [`ATTEMPTS`] tries, [`ATTEMPT_TIMEOUT`] each)
-//! until the receiver answers 2xx; a 4xx other than 408 and 429 is final. At most
+//! Delivery is retried, not guaranteed: each POST is retried with doubling pauses
+//! (0.5 s up to 8 s, [`ATTEMPTS`] tries over about 45 s, [`ATTEMPT_TIMEOUT`]
+//! each) until the receiver answers 2xx, then given up with a warning; a 4xx
+//! other than 408 and 429 is final. At most
 //! [`MAX_IN_FLIGHT`] deliveries run at once; beyond that an alert's POST is
 //! dropped with a warning (the alert itself is in the replicated state and in
 //! `kiln drift status` either way). A delivery in progress when the leader

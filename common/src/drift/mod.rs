@@ -122,12 +122,12 @@ impl LiveColumn {
             )));
         }
         for (a, b) in self.counts.iter_mut().zip(&other.counts) {
-            *a += b;
+            *a = a.saturating_add(*b);
         }
         for (a, b) in self.sums.iter_mut().zip(&other.sums) {
             *a += b;
         }
-        self.non_finite += other.non_finite;
+        self.non_finite = self.non_finite.saturating_add(other.non_finite);
         self.min = self.min.min(other.min);
         self.max = self.max.max(other.max);
         Ok(())

@@ -202,7 +202,6 @@ impl Api {
             .ok_or_else(|| Error::Internal(format!("deployment {} vanished", req.name)))
     }
 
-    /// Every deployment, by name.
     /// Submits the retraining job of every deployment whose policy a newly opened
     /// dataset-drift alert calls for: the alert is about the deployment's primary
     /// version, and no job of the policy is still pending or running. The job is
@@ -295,12 +294,19 @@ impl Api {
                 match self.model_of_job(&job)? {
                     Some(version) => {
                         let canary = format!("{}@{}", version.name, version.version);
-                        self.deploy_call(&Caller::Node, canary_request(&d, &canary, &policy))
-                            .await?;
-                        format!(
-                            "retraining job {} registered {canary}; canary at {}%",
-                            job.id, policy.canary_percent
-                        )
+                        match self
+                            .deploy_call(&Caller::Node, canary_request(&d, &canary, &policy))
+                            .await
+                        {
+                            Ok(_) => format!(
+                                "retraining job {} registered {canary}; canary at {}%",
+                                job.id, policy.canary_percent
+                            ),
+                            Err(e) => format!(
+                                "retraining job {} registered {canary}, but the canary was refused: {e}",
+                                job.id
+                            ),
+                        }
                     }
                     None => format!(
                         "retraining job {} succeeded but registered no model version",
@@ -315,9 +321,9 @@ impl Api {
                 alert_id: policy.alert_id,
                 message,
             });
-            self.propose(command(kind), false)
-                .await
-                .map_err(rejection)?;
+            if let Err(e) = self.propose(command(kind), false).await {
+                tracing::warn!(deployment = %d.name, error = %e, "record the retraining outcome");
+            }
         }
         Ok(())
     }
@@ -361,6 +367,7 @@ impl Api {
             .collect())
     }
 
+    /// Every deployment, by name.
     pub fn deployments(&self) -> Result<Vec<DeploymentRecord>> {
         let mut out = Vec::new();
         for (_, bytes) in self

@@ -102,24 +102,39 @@ impl Api {
                     continue;
                 }
             };
-            let before = self.open_alerts(&model, version)?;
-            let kind = command::Kind::RecordDrift(RecordDrift {
-                window: Some(window),
-                keep_windows: self.drift.keep_windows,
-            });
-            self.propose(command(kind), false).await?;
-            recorded += 1;
-            let after = self.open_alerts(&model, version)?;
-            for (was, is) in before.into_iter().zip(after) {
-                if was != is {
-                    // Opened (is), resolved (was), or both.
-                    for id in [was, is].into_iter().filter(|&id| id != 0) {
-                        self.notify(id).await?;
-                    }
+            // One window's failure (a lost leadership, a storage error) costs that
+            // window only; the others taken with it are still recorded.
+            match self.record_window(&model, version, window).await {
+                Ok(()) => recorded += 1,
+                Err(e) => {
+                    tracing::warn!(%model, %version, error = %e, "drift window not recorded")
                 }
             }
         }
         Ok(recorded)
+    }
+
+    /// Proposes a judged window, then tells the webhooks (and the retrain
+    /// policies) of the alerts it opened or resolved.
+    async fn record_window(&self, model: &str, version: u64, window: DriftWindow) -> Result<()> {
+        let before = self.open_alerts(model, version)?;
+        let kind = command::Kind::RecordDrift(RecordDrift {
+            window: Some(window),
+            keep_windows: self.drift.keep_windows,
+        });
+        self.propose(command(kind), false).await?;
+        let after = self.open_alerts(model, version)?;
+        for (was, is) in before.into_iter().zip(after) {
+            if was != is {
+                // Opened (is), resolved (was), or both.
+                for id in [was, is].into_iter().filter(|&id| id != 0) {
+                    if let Err(e) = self.notify(id).await {
+                        tracing::warn!(alert = id, error = %e, "drift alert not sent");
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The firing alert of each kind for a model version (0: none), in

@@ -304,7 +304,6 @@ impl Api {
         }
     }
 
-    /// The jobs that have not ended.
     /// The pending and running jobs, for `kiln status`.
     pub fn job_health(&self) -> Result<Vec<JobHealth>> {
         Ok(self
@@ -319,6 +318,7 @@ impl Api {
             .collect())
     }
 
+    /// The jobs that have not ended.
     fn active_jobs(&self) -> Result<Vec<JobRecord>> {
         let mut jobs = Vec::new();
         for (key, _) in self
