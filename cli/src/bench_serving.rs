@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
-use kiln_common::reference::ReferenceStats;
 use kiln_worker::serving::engine::{Engine, EngineConfig};
 use kiln_worker::serving::monitor::{Monitor, MAX_COUNTED_ROWS_PER_SEC};
 use kiln_worker::serving::{DataType, Tensor};
@@ -245,50 +244,13 @@ async fn batched(
 /// the model's answers to them.
 fn monitor_for(engine: &Engine, features: usize) -> anyhow::Result<Monitor> {
     const ROWS: usize = 1024;
-    const CHUNK: usize = 64;
-    let decode = |data: &[u8]| -> Vec<f32> {
-        data.chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()
-    };
-    let values = decode(&rows(features, ROWS).data);
-    let mut answers = Vec::new();
-    let mut k = 1;
-    for chunk in values.chunks(CHUNK * features) {
-        let input = Tensor {
-            name: "input".into(),
-            datatype: DataType::Fp32,
-            shape: vec![chunk.len() / features, features],
-            data: chunk
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>()
-                .into(),
-        };
-        let outputs = engine.run_batch_blocking(vec![input])?;
-        let output = outputs.first().context("the model gives no output")?;
-        k = output.shape.get(1).copied().unwrap_or(1).max(1);
-        answers.extend(decode(&output.data));
-    }
-    let mut columns: Vec<(String, Vec<f32>)> = (0..features)
-        .map(|j| {
-            (
-                format!("f{j}"),
-                values.iter().skip(j).step_by(features).copied().collect(),
-            )
-        })
+    let x: Vec<f32> = rows(features, ROWS)
+        .data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
-    for j in 0..k {
-        columns.push((
-            format!("output:{j}"),
-            answers.iter().skip(j).step_by(k).copied().collect(),
-        ));
-    }
-    let borrowed: Vec<(&str, &[f32])> = columns
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_slice()))
-        .collect();
-    let reference = ReferenceStats::compute(&borrowed);
+    let names: Vec<String> = (0..features).map(|j| format!("f{j}")).collect();
+    let reference = crate::models::reference_of_model(engine, &names, &x)?;
     Monitor::new("bench", 1, features, reference, engine.signature())
         .map_err(|e| anyhow::anyhow!("monitor the model: {e}"))
 }

@@ -52,8 +52,6 @@ const REFERENCE_BATCH: usize = 256;
 
 /// The drift reference of a model from the data it was trained on: every feature
 /// column of the CSV (all but `label`), then every column of the model's answers.
-/// The model must take the features as one FP32 `[-1, features]` input and give
-/// its answers as one FP32 `[-1, k]` output.
 fn reference_from_csv(
     onnx: &[u8],
     csv: &std::path::Path,
@@ -62,7 +60,6 @@ fn reference_from_csv(
     let file = std::fs::File::open(csv).with_context(|| format!("open {}", csv.display()))?;
     let data = read_csv(std::io::BufReader::new(file), label, &[])
         .map_err(|e| anyhow::anyhow!("{}: {e}", csv.display()))?;
-    let d = data.features.len();
     anyhow::ensure!(
         data.x.len() <= MAX_REFERENCE_VALUES,
         "{} holds {} values; the reference data may hold at most {MAX_REFERENCE_VALUES}",
@@ -79,16 +76,32 @@ fn reference_from_csv(
         },
     )
     .map_err(|e| anyhow::anyhow!("load the model: {e}"))?;
-    let signature = engine.signature().clone();
+    let reference = reference_of_model(&engine, &data.features, &data.x)
+        .with_context(|| format!("the reference data {}", csv.display()));
+    engine.shutdown();
+    Ok((reference?, data.features))
+}
+
+/// The reference of a model on row-major inputs `x` (rows of `features.len()`
+/// values): those columns, then the columns of the model's answers (`output`, or
+/// `output:<j>` for several), run through `engine` in batches of at most its
+/// max batch size. The model must take the features as one FP32
+/// `[-1, features]` input and answer with an FP32 `[-1, k]` output.
+pub fn reference_of_model(
+    engine: &Engine,
+    features: &[String],
+    x: &[f32],
+) -> anyhow::Result<ReferenceStats> {
+    let d = features.len();
+    let signature = engine.signature();
     let input = signature
         .inputs
         .iter()
         .find(|s| s.datatype == DataType::Fp32 && s.shape.len() == 2 && s.shape[1] == d as i64)
         .ok_or_else(|| {
             anyhow::anyhow!(
-                "the model takes no FP32 input of shape [-1, {d}] for the {d} feature columns of {} ({})",
-                csv.display(),
-                data.features.join(", ")
+                "the model takes no FP32 input of shape [-1, {d}] for the {d} feature columns ({})",
+                features.join(", ")
             )
         })?;
     anyhow::ensure!(
@@ -100,15 +113,15 @@ fn reference_from_csv(
         .outputs
         .iter()
         .find(|s| s.datatype == DataType::Fp32 && s.shape.len() == 2 && s.shape[1] > 0)
-        .ok_or_else(|| anyhow::anyhow!("the model gives no FP32 output of shape [-1, k]"))?
-        .clone();
+        .ok_or_else(|| anyhow::anyhow!("the model gives no FP32 output of shape [-1, k]"))?;
     let k = output.shape[1] as usize;
-    let mut answers: Vec<f32> = Vec::with_capacity(data.rows * k);
-    for rows in data.x.chunks(REFERENCE_BATCH * d) {
+    let batch = engine.config().max_batch_size.max(1);
+    let mut answers: Vec<f32> = Vec::with_capacity(x.len() / d.max(1) * k);
+    for rows in x.chunks(batch * d.max(1)) {
         let tensor = Tensor {
             name: input.name.clone(),
             datatype: DataType::Fp32,
-            shape: vec![rows.len() / d, d],
+            shape: vec![rows.len() / d.max(1), d],
             data: rows
                 .iter()
                 .flat_map(|v| v.to_le_bytes())
@@ -117,7 +130,7 @@ fn reference_from_csv(
         };
         let outputs = engine
             .run_batch_blocking(vec![tensor])
-            .map_err(|e| anyhow::anyhow!("run the model on the reference data: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("run the model: {e}"))?;
         let answer = outputs
             .iter()
             .find(|t| t.name == output.name)
@@ -129,28 +142,11 @@ fn reference_from_csv(
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
         );
     }
-    engine.shutdown();
-    let mut columns: Vec<(String, Vec<f32>)> = (0..d)
-        .map(|j| {
-            (
-                data.features[j].clone(),
-                data.x.iter().skip(j).step_by(d).copied().collect(),
-            )
-        })
-        .collect();
-    for j in 0..k {
-        let name = if k == 1 {
-            "output".to_string()
-        } else {
-            format!("output:{j}")
-        };
-        columns.push((name, answers.iter().skip(j).step_by(k).copied().collect()));
-    }
-    let borrowed: Vec<(&str, &[f32])> = columns
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_slice()))
-        .collect();
-    Ok((ReferenceStats::compute(&borrowed), data.features))
+    let outputs: Vec<String> = match k {
+        1 => vec!["output".to_string()],
+        _ => (0..k).map(|j| format!("output:{j}")).collect(),
+    };
+    Ok(ReferenceStats::from_rows(features, x, &outputs, &answers))
 }
 
 /// Checks an ONNX file with tract, pushes it (with its drift reference, when the

@@ -98,6 +98,40 @@ impl ReferenceStats {
         }
     }
 
+    /// The statistics of a model's data given as row-major tables: `x` holds
+    /// rows of `features.len()` input values, `y` the same rows of
+    /// `outputs.len()` answers; features come first, as [`Self::feature_count`]
+    /// expects.
+    pub fn from_rows(
+        features: &[String],
+        x: &[f32],
+        outputs: &[String],
+        y: &[f32],
+    ) -> ReferenceStats {
+        let column = |table: &[f32], width: usize, j: usize| -> Vec<f32> {
+            table
+                .iter()
+                .skip(j)
+                .step_by(width.max(1))
+                .copied()
+                .collect()
+        };
+        let columns: Vec<(&str, Vec<f32>)> = features
+            .iter()
+            .enumerate()
+            .map(|(j, name)| (name.as_str(), column(x, features.len(), j)))
+            .chain(
+                outputs
+                    .iter()
+                    .enumerate()
+                    .map(|(j, name)| (name.as_str(), column(y, outputs.len(), j))),
+            )
+            .collect();
+        let borrowed: Vec<(&str, &[f32])> =
+            columns.iter().map(|(n, v)| (*n, v.as_slice())).collect();
+        ReferenceStats::compute(&borrowed)
+    }
+
     /// Number of leading input-feature columns: the output columns that follow are
     /// named `output` or `output:<name>` (as the trainer and `kiln models
     /// register` write them).
@@ -453,6 +487,21 @@ mod tests {
         assert_eq!(back, reference, "edges survive JSON bit for bit");
         let proto = ReferenceStats::from_proto(&reference.to_proto()).expect("from proto");
         assert_eq!(proto, reference, "and the registry's form");
+    }
+
+    #[test]
+    fn row_major_tables_split_into_named_columns() {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let x = [1.0, 10.0, 2.0, 20.0, 3.0, 30.0];
+        let y = [0.5, 0.7, 0.9];
+        let r = ReferenceStats::from_rows(&names(&["a", "b"]), &x, &names(&["output"]), &y);
+        let by_hand = ReferenceStats::compute(&[
+            ("a", &[1.0, 2.0, 3.0]),
+            ("b", &[10.0, 20.0, 30.0]),
+            ("output", &[0.5, 0.7, 0.9]),
+        ]);
+        assert_eq!(r, by_hand);
+        assert_eq!(r.feature_count(), 2);
     }
 
     #[test]

@@ -424,29 +424,12 @@ async fn publish_model(
         Task::Classification { .. } => softmax_rows(&outputs, width),
         Task::Regression => outputs,
     };
-    let mut columns: Vec<(String, Vec<f32>)> = (0..d)
-        .map(|j| {
-            (
-                dataset.features[j].clone(),
-                raw_x.iter().skip(j).step_by(d).copied().collect(),
-            )
-        })
-        .collect();
     let output_names: Vec<String> = match &arch.task {
         Task::Classification { classes } => classes.iter().map(|c| format!("output:{c}")).collect(),
         Task::Regression => vec!["output".into()],
     };
-    for (k, name) in output_names.iter().enumerate() {
-        columns.push((
-            name.clone(),
-            served.iter().skip(k).step_by(width).copied().collect(),
-        ));
-    }
-    let borrowed: Vec<(&str, &[f32])> = columns
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_slice()))
-        .collect();
-    let reference_stats = ReferenceStats::compute(&borrowed);
+    let reference_stats =
+        ReferenceStats::from_rows(&dataset.features, raw_x, &output_names, &served);
     let reference = serde_json::to_vec_pretty(&reference_stats)
         .map_err(|e| format!("reference statistics: {e}"))?;
 
