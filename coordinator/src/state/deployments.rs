@@ -9,7 +9,7 @@
 
 use kiln_proto::v1::{
     Deploy, DeploymentEvent, DeploymentRecord, RemoveDeployment, ReplicaState, ReportReplica,
-    ScaleDeployment, UpdateReplicas,
+    RetrainPolicy, ScaleDeployment, UpdateReplicas,
 };
 use prost::Message;
 
@@ -116,6 +116,7 @@ pub fn apply_deploy(
             } else {
                 old.generation
             };
+            let retrain = carried_policy(old.retrain, spec.retrain.clone());
             DeploymentRecord {
                 generation,
                 next_replica_id: old.next_replica_id,
@@ -123,6 +124,7 @@ pub fn apply_deploy(
                 events: old.events,
                 created_at_ms: old.created_at_ms,
                 created_by: old.created_by,
+                retrain,
                 ..spec.clone()
             }
         }
@@ -144,6 +146,21 @@ pub fn apply_deploy(
     Ok(Ok(record.generation))
 }
 
+/// The retrain policy after a redeploy: one with the same job spec and dataset
+/// keeps following its job, alert and canary (a canary started by the policy is
+/// itself such a redeploy); a new or changed policy starts afresh.
+fn carried_policy(old: Option<RetrainPolicy>, new: Option<RetrainPolicy>) -> Option<RetrainPolicy> {
+    match (old, new) {
+        (Some(old), Some(new)) if old.job_spec == new.job_spec && old.dataset == new.dataset => {
+            Some(RetrainPolicy {
+                canary_percent: new.canary_percent,
+                ..old
+            })
+        }
+        (_, new) => new,
+    }
+}
+
 /// Removes a deployment; its workers stop its replicas at their next heartbeat.
 pub fn apply_remove(
     txn: &mut Txn<'_>,
@@ -156,6 +173,7 @@ pub fn apply_remove(
         )));
     }
     txn.delete(keys::deployment(&remove.name));
+    super::serving::forget(txn, &remove.name)?;
     Ok(Ok(0))
 }
 
@@ -306,6 +324,8 @@ pub fn apply_retrain(
     };
     policy.job_id = record.job_id;
     policy.alert_id = record.alert_id;
+    policy.canary = record.canary.clone();
+    policy.canary_since_ms = record.canary_since_ms;
     record_event(&mut deployment, now_ms, record.message.clone());
     deployment.updated_at_ms = now_ms;
     write(txn, &deployment);

@@ -259,3 +259,13 @@ pub fn drift_alert(id: u64) -> Vec<u8> {
 pub fn drift_alert_open(model: &str, version: u64, kind: &str) -> Vec<u8> {
     format!("drift_alert_open/{model}/{version:020}/{kind}").into_bytes()
 }
+
+/// Returns the key of a deployment's last serving window number.
+pub fn serving_seq(deployment: &str) -> Vec<u8> {
+    format!("serving_seq/{deployment}").into_bytes()
+}
+
+/// Returns the key of one serving window of a deployment.
+pub fn serving_window(deployment: &str, seq: u64) -> Vec<u8> {
+    format!("serving/{deployment}/{seq:020}").into_bytes()
+}

@@ -264,6 +264,9 @@ fn apply_kind(txn: &mut Txn<'_>, cmd: &Command) -> Result<Result<u64, Rejection>
         command::Kind::RecordRetrain(record) => {
             return super::deployments::apply_retrain(txn, record, now_ms);
         }
+        command::Kind::RecordServing(record) => {
+            return super::serving::apply_record(txn, record);
+        }
     }
     Ok(Ok(0))
 }

@@ -8,4 +8,5 @@ pub mod keys;
 pub mod machine;
 pub mod models;
 pub mod reader;
+pub mod serving;
 pub mod tracking;
