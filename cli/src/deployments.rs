@@ -50,6 +50,8 @@ fn deployment_json(d: &DeploymentRecord) -> Value {
             "canary_percent": r.canary_percent,
             "job_id": (r.job_id != 0).then_some(r.job_id),
             "alert_id": (r.alert_id != 0).then_some(r.alert_id),
+            "canary": (!r.canary.is_empty()).then_some(r.canary.clone()),
+            "canary_since_ms": (r.canary_since_ms != 0).then_some(r.canary_since_ms),
         })),
         "generation": d.generation,
         "replica_set": d.replica_set.iter().map(|r| json!({

@@ -142,6 +142,40 @@ impl Default for DriftSettings {
     }
 }
 
+/// How the leader judges a canary a retrain policy started: after
+/// `judge_after_ms` and `min_requests` answered by the canary, it is promoted when
+/// its error rate and p99 latency are no worse than the primary's over the same
+/// time (within the tolerances), rolled back otherwise; a canary that gets too
+/// little traffic to judge within `max_wait_ms` is rolled back.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CanarySettings {
+    pub judge_after_ms: u64,
+    pub min_requests: u64,
+    /// Most the canary's error rate may exceed the primary's (a share: 0.01 is
+    /// one point).
+    pub error_tolerance: f64,
+    /// Most the canary's p99 may exceed the primary's, relative (0.25: 25%).
+    pub latency_tolerance: f64,
+    /// A p99 difference under this many milliseconds always passes (latency
+    /// histograms have coarse buckets).
+    pub latency_slack_ms: f64,
+    pub max_wait_ms: u64,
+}
+
+impl Default for CanarySettings {
+    fn default() -> Self {
+        CanarySettings {
+            judge_after_ms: 60_000,
+            min_requests: 200,
+            error_tolerance: 0.01,
+            latency_tolerance: 0.25,
+            latency_slack_ms: 1.0,
+            max_wait_ms: 3_600_000,
+        }
+    }
+}
+
 /// Limits against abuse by token holders (nodes are not limited).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -177,6 +211,7 @@ pub struct CoordinatorFile {
     pub limits: LimitSettings,
     pub autoscale: AutoscaleSettings,
     pub drift: DriftSettings,
+    pub canary: CanarySettings,
     pub tls: TlsFiles,
     pub insecure: Option<bool>,
 }
@@ -213,6 +248,7 @@ pub struct CoordinatorConfig {
     pub limits: LimitSettings,
     pub autoscale: AutoscaleSettings,
     pub drift: DriftSettings,
+    pub canary: CanarySettings,
     /// Node TLS; `None` only with `insecure`.
     pub tls: Option<NodeTls>,
 }
@@ -297,6 +333,27 @@ impl CoordinatorConfig {
                 format!("must be in (0, 1], got {}", drift.drift_share),
             ));
         }
+        let canary = base.canary;
+        let tolerances = [
+            canary.error_tolerance,
+            canary.latency_tolerance,
+            canary.latency_slack_ms,
+        ];
+        if tolerances.iter().any(|t| !(t.is_finite() && *t >= 0.0)) {
+            return Err(invalid(
+                "canary",
+                "error_tolerance, latency_tolerance and latency_slack_ms must be finite and not negative",
+            ));
+        }
+        if canary.min_requests == 0 || canary.max_wait_ms < canary.judge_after_ms {
+            return Err(invalid(
+                "canary",
+                format!(
+                    "min_requests must be positive and max_wait_ms ({}) at least judge_after_ms ({})",
+                    canary.max_wait_ms, canary.judge_after_ms
+                ),
+            ));
+        }
         let tls = node_tls(
             merge_tls(overrides.tls, base.tls),
             overrides.insecure || base.insecure.unwrap_or(false),
@@ -314,6 +371,7 @@ impl CoordinatorConfig {
             limits: base.limits,
             autoscale: base.autoscale,
             drift,
+            canary,
             tls,
         })
     }

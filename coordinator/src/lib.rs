@@ -11,6 +11,8 @@
 //! - `health`: worker heartbeats and the Alive → Suspect → Down policy.
 //! - `scheduler`: gang placement of training jobs (all shards or none, best fit,
 //!   priority then age), as pure functions the leader's scheduler loop will call.
+//! - `monitor`: the leader's telemetry windows; `canary`: the verdict on a
+//!   retrain policy's canary; `webhook`: alert deliveries.
 //! - `api`: the gRPC service and the HTTP endpoints.
 //! - `server`: wiring and ordered shutdown.
 //!
@@ -22,6 +24,7 @@
 pub mod api;
 pub mod auth;
 pub mod autoscaler;
+pub mod canary;
 pub mod health;
 pub mod monitor;
 pub mod raft;

@@ -20,17 +20,22 @@ use std::sync::{Arc, Mutex, PoisonError};
 use kiln_common::drift::LiveColumn;
 use kiln_common::reference::ReferenceStats;
 use kiln_common::{Error, Result};
-use kiln_proto::v1::{HostTelemetry, TelemetryReport};
+use kiln_proto::v1::{HostTelemetry, ReplicaTelemetry, ServingWindow, TelemetryReport};
 
 /// Most windows open at once (model versions × starts).
 pub const MAX_OPEN_WINDOWS: usize = 1024;
 /// A worker's last host report is forgotten after this long without another.
 pub const HOST_FORGET_MS: u64 = 10 * 60_000;
+/// Most serving windows open at once (deployments × versions × starts).
+pub const MAX_OPEN_SERVING: usize = 4096;
 /// Most model versions whose reference is kept parsed.
 const MAX_REFERENCES: usize = 1024;
 
 /// A model version: name and version.
 pub type VersionKey = (String, u64);
+
+/// A deployment, a model version it serves and a window start.
+type ServingSlot = (String, VersionKey, u64);
 
 /// One model version's counts over one window.
 #[derive(Debug, Clone)]
@@ -57,6 +62,8 @@ pub struct ClosedWindow {
 struct Inner {
     windows: BTreeMap<(VersionKey, u64), OpenWindow>,
     references: HashMap<VersionKey, Arc<ReferenceStats>>,
+    /// Serving counts by deployment, model version and window start.
+    serving: BTreeMap<ServingSlot, ServingWindow>,
     hosts: BTreeMap<String, (u64, HostTelemetry)>,
 }
 
@@ -101,6 +108,48 @@ impl TelemetryStore {
             inner
                 .hosts
                 .insert(report.worker_id.clone(), (now_ms, host.clone()));
+        }
+        for replica in &report.replicas {
+            let counts = ServingWindow {
+                requests: replica.requests,
+                failures: replica.failures,
+                rejected: replica.rejected,
+                timeouts: replica.timeouts,
+                rows: replica.rows,
+                latency_counts: replica.latency_counts.clone(),
+                latency_sum_ms: replica.latency_sum_ms,
+                ..ServingWindow::default()
+            };
+            if !is_idle(replica) {
+                refused += inner.add_serving(
+                    (
+                        replica.deployment.clone(),
+                        (replica.model.clone(), replica.version),
+                        start_ms,
+                    ),
+                    self.window_ms,
+                    &counts,
+                );
+            }
+        }
+        for feedback in &report.feedback {
+            let counts = ServingWindow {
+                labelled: feedback.labelled,
+                correct: feedback.correct,
+                abs_error_sum: feedback.abs_error_sum,
+                squared_error_sum: feedback.squared_error_sum,
+                classification: feedback.classification,
+                ..ServingWindow::default()
+            };
+            refused += inner.add_serving(
+                (
+                    feedback.deployment.clone(),
+                    (feedback.model.clone(), feedback.version),
+                    start_ms,
+                ),
+                self.window_ms,
+                &counts,
+            );
         }
         for model in &report.models {
             let key = (model.model.clone(), model.version);
@@ -184,9 +233,27 @@ impl TelemetryStore {
             .collect()
     }
 
+    /// Takes every serving window whose end has passed at `now_ms`, in
+    /// deployment, version and start order.
+    pub fn take_closed_serving(&self, now_ms: u64) -> Vec<ServingWindow> {
+        let mut inner = self.lock();
+        let closed: Vec<_> = inner
+            .serving
+            .keys()
+            .filter(|(_, _, start)| start + self.window_ms <= now_ms)
+            .cloned()
+            .collect();
+        closed
+            .into_iter()
+            .filter_map(|slot| inner.serving.remove(&slot))
+            .collect()
+    }
+
     /// Forgets the open windows (on losing the leadership).
     pub fn clear(&self) {
-        self.lock().windows.clear();
+        let mut inner = self.lock();
+        inner.windows.clear();
+        inner.serving.clear();
     }
 
     /// The last host report of each worker, with when it arrived; a worker
@@ -203,6 +270,34 @@ impl TelemetryStore {
             .map(|(id, (at, host))| (id.clone(), *at, host.clone()))
             .collect()
     }
+}
+
+impl Inner {
+    /// Adds one report's serving counts to the window of their deployment and
+    /// version; returns 1 when the window could not open (too many are), else 0.
+    fn add_serving(&mut self, slot: ServingSlot, window_ms: u64, counts: &ServingWindow) -> usize {
+        if !self.serving.contains_key(&slot) && self.serving.len() >= MAX_OPEN_SERVING {
+            tracing::warn!(deployment = %slot.0, model = %slot.1 .0, version = slot.1 .1, "too many open serving windows; counts dropped");
+            return 1;
+        }
+        let window = self.serving.entry(slot).or_insert_with_key(
+            |(deployment, (model, version), start_ms)| ServingWindow {
+                deployment: deployment.clone(),
+                model: model.clone(),
+                version: *version,
+                start_ms: *start_ms,
+                end_ms: start_ms + window_ms,
+                ..ServingWindow::default()
+            },
+        );
+        crate::state::serving::add_into(window, counts);
+        0
+    }
+}
+
+/// Whether a replica's report counts nothing (an idle replica still reports).
+fn is_idle(replica: &ReplicaTelemetry) -> bool {
+    replica.requests == 0 && replica.rejected == 0 && replica.failures == 0 && replica.timeouts == 0
 }
 
 /// Checks a model's reported counts against its reference: one column per

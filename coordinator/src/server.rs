@@ -143,6 +143,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
         autoscaler: crate::autoscaler::Autoscaler::new(config.autoscale.clone()),
         telemetry: crate::monitor::TelemetryStore::new(config.drift.window_ms),
         drift: config.drift.clone(),
+        canary: config.canary.clone(),
         notifier: crate::webhook::Notifier::default(),
         peers,
         http_addr: config.http.to_string(),
@@ -351,7 +352,8 @@ async fn schedule_loop(api: Api, token: CancellationToken) {
 const DRIFT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// On the leader, judges the drift windows that have closed (see
-/// [`Api::drift_round`]) and follows retraining jobs to their canary (see
+/// [`Api::drift_round`]), records the serving windows (see [`Api::serving_round`])
+/// and follows retraining jobs to their canary and its verdict (see
 /// [`Api::retrain_round`]); a coordinator that is not the leader keeps no windows.
 async fn drift_loop(api: Api, token: CancellationToken) {
     leader_loop(
@@ -361,7 +363,8 @@ async fn drift_loop(api: Api, token: CancellationToken) {
         "drift round",
         |api, now_ms| async move {
             api.drift_round(now_ms).await?;
-            api.retrain_round().await
+            api.serving_round(now_ms).await?;
+            api.retrain_round(now_ms).await
         },
     )
     .await;

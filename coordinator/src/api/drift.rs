@@ -6,6 +6,8 @@
 //!   against its model version's reference (`kiln_common::drift`) and proposes
 //!   the verdict; applying it keeps the window and opens or resolves alerts
 //!   (`state::drift`).
+//! - [`Api::serving_round`] (leader, every second): records what each
+//!   deployment served of each version in every closed window (`state::serving`).
 //! - [`Api::drift_status_call`]: the newest windows of each monitored version and
 //!   the alert history, for `kiln drift status` and the dashboard.
 //! - [`Api::render_drift_metrics`]: the latest verdicts as Prometheus gauges on
@@ -112,6 +114,20 @@ impl Api {
             }
         }
         Ok(recorded)
+    }
+
+    /// Records the serving windows that closed by `now_ms` (every deployment and
+    /// version that served in them); returns how many.
+    pub async fn serving_round(&self, now_ms: u64) -> Result<usize> {
+        let closed = self.telemetry.take_closed_serving(now_ms);
+        for chunk in closed.chunks(crate::state::serving::MAX_WINDOWS_PER_RECORD) {
+            let kind = command::Kind::RecordServing(RecordServing {
+                windows: chunk.to_vec(),
+                keep_windows: self.drift.keep_windows,
+            });
+            self.propose(command(kind), false).await?;
+        }
+        Ok(closed.len())
     }
 
     /// Proposes a judged window, then tells the webhooks (and the retrain
@@ -355,7 +371,7 @@ fn judge(closed: &ClosedWindow, drift_share: f64) -> Result<DriftWindow> {
 }
 
 /// A label value with `\`, `"` and newlines escaped.
-fn escape(value: &str) -> String {
+pub(super) fn escape(value: &str) -> String {
     value
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -363,7 +379,7 @@ fn escape(value: &str) -> String {
 }
 
 /// A sample value as Prometheus writes it (NaN for a statistic not computed).
-fn number(v: f64) -> String {
+pub(super) fn number(v: f64) -> String {
     if v.is_nan() {
         "NaN".into()
     } else if v.is_infinite() {

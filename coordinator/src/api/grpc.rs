@@ -47,6 +47,7 @@ pub struct Api {
     pub telemetry: crate::monitor::TelemetryStore,
     /// How drift windows are cut and judged.
     pub drift: kiln_common::config::DriftSettings,
+    pub canary: kiln_common::config::CanarySettings,
     /// Sends drift alerts to deployments' webhooks.
     pub notifier: crate::webhook::Notifier,
     pub peers: Arc<ClusterClient>,

@@ -160,5 +160,9 @@ async fn metrics(State(api): State<Api>) -> Response {
         Ok(drift) => out.push_str(&drift),
         Err(e) => tracing::warn!(error = %e, "render the drift metrics"),
     }
+    match api.render_serving_metrics(now_ms()) {
+        Ok(live) => out.push_str(&live),
+        Err(e) => tracing::warn!(error = %e, "render the serving metrics"),
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

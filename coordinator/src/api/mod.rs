@@ -7,7 +7,9 @@ pub mod drift;
 pub mod grpc;
 pub mod http;
 pub mod jobs;
+pub mod live;
 pub mod models;
+pub mod retrain;
 pub mod tracking;
 
 /// A storage failure as the error a caller sees.

@@ -125,4 +125,5 @@ pub fn add_into(into: &mut ServingWindow, from: &ServingWindow) {
     into.correct = into.correct.saturating_add(from.correct);
     into.abs_error_sum += from.abs_error_sum;
     into.squared_error_sum += from.squared_error_sum;
+    into.classification |= from.classification;
 }

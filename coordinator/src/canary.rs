@@ -1,0 +1,173 @@
+//! The verdict on a canary a retrain policy started: promote it when it answers
+//! no worse than the primary over the same time, roll it back otherwise.
+//!
+//! Both versions are judged on the serving windows recorded since the canary
+//! started (`state::serving`), summed over the cluster: the error rate (failed
+//! and timed-out requests over requests; requests refused because a queue was
+//! full are load, not errors of the model) and the p99 latency from the merged
+//! histograms. The tolerances are `[canary]` settings: a canary is no worse when
+//! its error rate is at most the primary's plus `error_tolerance`, and its p99 at
+//! most the primary's times `1 + latency_tolerance` (or within
+//! `latency_slack_ms` of it, as histogram buckets are coarse).
+
+use kiln_common::config::CanarySettings;
+use kiln_common::drift::latency_quantile;
+use kiln_proto::v1::ServingWindow;
+
+/// What to do with a canary now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Not enough time or traffic yet; says how far along it is.
+    Wait(String),
+    Promote(String),
+    RollBack(String),
+}
+
+/// Judges `canary` against `primary`, both summed over the windows since the
+/// canary started `elapsed_ms` ago.
+pub fn judge(
+    settings: &CanarySettings,
+    canary: &ServingWindow,
+    primary: &ServingWindow,
+    elapsed_ms: u64,
+) -> Verdict {
+    if elapsed_ms < settings.judge_after_ms || canary.requests < settings.min_requests {
+        let progress = format!(
+            "{} of {} requests, {} of {} s",
+            canary.requests,
+            settings.min_requests,
+            elapsed_ms / 1000,
+            settings.judge_after_ms / 1000
+        );
+        if elapsed_ms >= settings.max_wait_ms {
+            return Verdict::RollBack(format!(
+                "too little traffic to judge within {} s ({progress})",
+                settings.max_wait_ms / 1000
+            ));
+        }
+        return Verdict::Wait(progress);
+    }
+    let (canary_errors, primary_errors) = (error_rate(canary), error_rate(primary));
+    let canary_p99 = latency_quantile(&canary.latency_counts, 0.99);
+    let primary_p99 = latency_quantile(&primary.latency_counts, 0.99);
+    let summary = format!(
+        "{} requests, error rate {} vs {} for the primary, p99 {} vs {}",
+        canary.requests,
+        percent(canary_errors),
+        percent(primary_errors),
+        millis(canary_p99),
+        millis(primary_p99)
+    );
+    if canary_errors > primary_errors + settings.error_tolerance {
+        return Verdict::RollBack(format!("error rate worse: {summary}"));
+    }
+    if let (Some(c), Some(p)) = (canary_p99, primary_p99) {
+        if c > p * (1.0 + settings.latency_tolerance) && c - p > settings.latency_slack_ms {
+            return Verdict::RollBack(format!("p99 latency worse: {summary}"));
+        }
+    }
+    Verdict::Promote(summary)
+}
+
+/// Failed and timed-out requests over requests (0 without requests).
+pub fn error_rate(w: &ServingWindow) -> f64 {
+    if w.requests == 0 {
+        0.0
+    } else {
+        w.failures.saturating_add(w.timeouts) as f64 / w.requests as f64
+    }
+}
+
+fn percent(share: f64) -> String {
+    format!("{:.2}%", share * 100.0)
+}
+
+fn millis(ms: Option<f64>) -> String {
+    ms.map_or_else(|| "n/a".into(), |ms| format!("{ms:.2} ms"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_common::drift::LATENCY_BUCKETS_MS;
+
+    /// `requests` requests, `failures` of them failed, all in one latency bucket.
+    fn served(requests: u64, failures: u64, bucket: usize) -> ServingWindow {
+        let mut latency_counts = vec![0; LATENCY_BUCKETS_MS.len() + 1];
+        latency_counts[bucket] = requests;
+        ServingWindow {
+            requests,
+            failures,
+            latency_counts,
+            ..ServingWindow::default()
+        }
+    }
+
+    fn settings() -> CanarySettings {
+        CanarySettings {
+            judge_after_ms: 10_000,
+            min_requests: 100,
+            max_wait_ms: 60_000,
+            ..CanarySettings::default()
+        }
+    }
+
+    #[test]
+    fn a_canary_waits_for_time_and_traffic_then_gives_up() {
+        let s = settings();
+        let primary = served(1000, 0, 2);
+        assert!(matches!(
+            judge(&s, &served(500, 0, 2), &primary, 9_999),
+            Verdict::Wait(_)
+        ));
+        let Verdict::Wait(progress) = judge(&s, &served(99, 0, 2), &primary, 20_000) else {
+            panic!("too few requests must wait");
+        };
+        assert!(progress.contains("99 of 100 requests"), "{progress}");
+        let Verdict::RollBack(why) = judge(&s, &served(99, 0, 2), &primary, 60_000) else {
+            panic!("a canary without traffic for max_wait_ms is rolled back");
+        };
+        assert!(why.contains("too little traffic"), "{why}");
+    }
+
+    #[test]
+    fn a_canary_no_worse_is_promoted_and_a_worse_one_rolled_back() {
+        let s = settings();
+        let primary = served(1000, 10, 3); // 1% errors, p99 in (2.5, 5] ms
+        let Verdict::Promote(summary) = judge(&s, &served(200, 3, 3), &primary, 10_000) else {
+            panic!("1.5% vs 1% errors is within one point");
+        };
+        assert!(summary.contains("1.50% vs 1.00%"), "{summary}");
+        let Verdict::RollBack(why) = judge(&s, &served(200, 10, 3), &primary, 10_000) else {
+            panic!("5% vs 1% errors is worse");
+        };
+        assert!(why.starts_with("error rate worse"), "{why}");
+        // Two buckets slower: p99 about 24.85 ms vs 4.975 ms.
+        let Verdict::RollBack(why) = judge(&s, &served(200, 0, 5), &primary, 10_000) else {
+            panic!("a slower canary is worse");
+        };
+        assert!(why.starts_with("p99 latency worse"), "{why}");
+        // Faster is fine, and so is a canary whose primary had no traffic.
+        assert!(matches!(
+            judge(&s, &served(200, 0, 1), &primary, 10_000),
+            Verdict::Promote(_)
+        ));
+        assert!(matches!(
+            judge(&s, &served(200, 0, 1), &ServingWindow::default(), 10_000),
+            Verdict::Promote(_)
+        ));
+    }
+
+    #[test]
+    fn timeouts_count_as_errors_and_rejections_do_not() {
+        let w = ServingWindow {
+            requests: 100,
+            failures: 1,
+            timeouts: 2,
+            rejected: 50,
+            ..ServingWindow::default()
+        };
+        assert!((error_rate(&w) - 0.03).abs() < 1e-12);
+        assert_eq!(error_rate(&ServingWindow::default()), 0.0);
+    }
+}
