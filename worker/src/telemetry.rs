@@ -169,6 +169,7 @@ pub async fn telemetry_loop(ctx: TelemetryContext, stop: CancellationToken) {
             host: Some(host),
             replicas,
             models: pending.values().cloned().collect(),
+            feedback: Vec::new(),
         };
         let result = ctx
             .client

@@ -46,6 +46,37 @@ pub const LATENCY_BUCKETS_MS: [f64; 14] = [
     0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
 ];
 
+/// The `q` quantile (0 to 1) of a latency histogram over [`LATENCY_BUCKETS_MS`]
+/// (one more count for everything slower), in milliseconds, interpolated
+/// linearly inside its bucket as Prometheus' `histogram_quantile` does; a
+/// quantile in the overflow bucket reads as the last bound. `None` for an empty
+/// histogram or a `q` outside [0, 1].
+pub fn latency_quantile(counts: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = counts.iter().fold(0u64, |a, &c| a.saturating_add(c));
+    if total == 0 || !(0.0..=1.0).contains(&q) {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut below = 0u64;
+    for (i, &count) in counts.iter().enumerate() {
+        let upto = below.saturating_add(count);
+        if count > 0 && upto as f64 >= rank {
+            let Some(&upper) = LATENCY_BUCKETS_MS.get(i) else {
+                return LATENCY_BUCKETS_MS.last().copied();
+            };
+            let lower = if i == 0 {
+                0.0
+            } else {
+                LATENCY_BUCKETS_MS[i - 1]
+            };
+            let within = (rank - below as f64) / count as f64;
+            return Some(lower + (upper - lower) * within.clamp(0.0, 1.0));
+        }
+        below = upto;
+    }
+    LATENCY_BUCKETS_MS.last().copied()
+}
+
 /// Reference rows above which Evidently switches from p-value tests to distances.
 const SMALL_REFERENCE: u64 = 1000;
 /// At most this many distinct values make a column discrete for the test choice.
@@ -375,6 +406,27 @@ fn normed_wasserstein(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn latency_quantiles_interpolate_inside_their_bucket() {
+        // 100 requests: 50 under 0.5 ms, 40 in (0.5, 1], 10 in (1, 2.5].
+        let mut counts = vec![0u64; LATENCY_BUCKETS_MS.len() + 1];
+        counts[0] = 50;
+        counts[1] = 40;
+        counts[2] = 10;
+        assert_eq!(latency_quantile(&counts, 0.5), Some(0.5));
+        let p70 = latency_quantile(&counts, 0.7).expect("p70");
+        assert!((p70 - 0.75).abs() < 1e-12, "{p70}");
+        let p99 = latency_quantile(&counts, 0.99).expect("p99");
+        assert!((p99 - (1.0 + 1.5 * 0.9)).abs() < 1e-12, "{p99}");
+        assert_eq!(latency_quantile(&counts, 0.0), Some(0.0));
+        // Everything slower than the last bound reads as that bound.
+        let mut slow = vec![0u64; LATENCY_BUCKETS_MS.len() + 1];
+        slow[LATENCY_BUCKETS_MS.len()] = 3;
+        assert_eq!(latency_quantile(&slow, 0.99), Some(10_000.0));
+        assert_eq!(latency_quantile(&[0, 0], 0.5), None);
+        assert_eq!(latency_quantile(&counts, 1.5), None);
+    }
+
     use super::*;
 
     /// A deterministic normal sample (Box-Muller over xorshift).

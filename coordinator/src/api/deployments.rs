@@ -255,6 +255,7 @@ impl Api {
                 job_id: submitted.job_id,
                 alert_id: alert.id,
                 message,
+                ..Default::default()
             });
             self.propose(command(kind), false)
                 .await
@@ -320,6 +321,7 @@ impl Api {
                 job_id: 0,
                 alert_id: policy.alert_id,
                 message,
+                ..Default::default()
             });
             if let Err(e) = self.propose(command(kind), false).await {
                 tracing::warn!(deployment = %d.name, error = %e, "record the retraining outcome");
@@ -731,6 +733,7 @@ fn retrain_policy(req: &DeployRequest) -> Result<Option<RetrainPolicy>> {
         canary_percent,
         job_id: 0,
         alert_id: 0,
+        ..Default::default()
     }))
 }
 
