@@ -249,6 +249,6 @@ mod tests {
         assert_eq!(bytes(3 * 1024 * 1024 * 1024), "3.0 GiB");
         assert_eq!(ago(0, 5), "-");
         assert_eq!(ago(1_000, 31_000), "30 s ago");
-        assert_eq!(ago(1, 3 * 3_600_000), "3 h ago");
+        assert_eq!(ago(1_000, 3 * 3_600_000 + 1_000), "3 h ago");
     }
 }

@@ -316,11 +316,12 @@ async fn deployment_page(api: &Api, Path(name): Path<String>) -> Page {
     // Whether each version served answers classes (accuracy) or values (RMSE).
     let mut classifiers: HashMap<(String, u64), bool> = HashMap::new();
     for w in &windows {
-        let key = (w.model.clone(), w.version);
-        if !classifiers.contains_key(&key) {
+        if let std::collections::hash_map::Entry::Vacant(slot) =
+            classifiers.entry((w.model.clone(), w.version))
+        {
             let model = crate::state::models::read_model(&api.reader, &w.model, w.version)
                 .map_err(storage)?;
-            classifiers.insert(key, model.is_some_and(|m| !m.classes.is_empty()));
+            slot.insert(model.is_some_and(|m| !m.classes.is_empty()));
         }
     }
     let classifier = |model: &str, version: u64| {

@@ -27,7 +27,7 @@ pub fn jobs(jobs: &[JobRecord], now_ms: u64) -> String {
     let rows: Vec<Vec<Cell>> = jobs
         .iter()
         .map(|j| {
-            let p = j.progress.clone().unwrap_or_default();
+            let p = j.progress.unwrap_or_default();
             vec![
                 Cell::Html(link(&format!("/ui/jobs/{}", j.id), &j.id.to_string())),
                 Cell::Html(link(&format!("/ui/jobs/{}", j.id), &j.name)),
@@ -105,7 +105,7 @@ pub fn job(
     now_ms: u64,
 ) -> String {
     let mut out = String::new();
-    let p = job.progress.clone().unwrap_or_default();
+    let p = job.progress.unwrap_or_default();
     let run_cell = if job.run_id.is_empty() {
         Cell::text("-")
     } else {
