@@ -1187,6 +1187,7 @@ impl KilnCluster {
             coordinator_config: tls.then(|| "[limits]\ntoken_writes_per_sec = 0\n".to_string()),
             // Plaintext like the etcd it is compared with, unless TLS is priced.
             insecure: !tls,
+            worker_args: Vec::new(),
         };
         let info = local::up_with(&options, Detach::No)
             .await

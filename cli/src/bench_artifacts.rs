@@ -391,6 +391,7 @@ pub async fn artifacts(
         base_port,
         coordinator_config: None,
         insecure: false,
+        worker_args: Vec::new(),
     };
     let info = local::up_with(&options, Detach::No)
         .await

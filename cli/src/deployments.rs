@@ -85,7 +85,8 @@ fn rolled_out(d: &DeploymentRecord) -> bool {
     retired && ready(d) >= (d.replicas + wanted_canaries(d)) as usize
 }
 
-async fn get(client: &ClusterClient, name: &str) -> anyhow::Result<DeploymentRecord> {
+/// The deployment `name`, as the coordinators have it.
+pub(crate) async fn get(client: &ClusterClient, name: &str) -> anyhow::Result<DeploymentRecord> {
     let request = GetDeploymentRequest { name: name.into() };
     client
         .call(|mut c| {

@@ -92,6 +92,7 @@ fn alert_json(a: &DriftAlert) -> Value {
         "state": if a.resolved_at_ms == 0 { "firing" } else { "resolved" },
         "opened_at_ms": a.opened_at_ms,
         "resolved_at_ms": (a.resolved_at_ms != 0).then_some(a.resolved_at_ms),
+        "resolution": (!a.resolution.is_empty()).then_some(a.resolution.clone()),
         "columns": a.columns,
         "drifted_share": a.drifted_share,
         "deployments": a.deployments,
@@ -225,6 +226,9 @@ fn print_status(status: &DriftStatusResponse) {
             a.windows,
             a.columns.join(", ")
         );
+        if !a.resolution.is_empty() {
+            println!("      resolved by: {}", a.resolution);
+        }
     }
 }
 

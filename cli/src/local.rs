@@ -91,6 +91,8 @@ pub struct LocalOptions {
     /// Runs without TLS; otherwise a cluster CA and node certificates are made
     /// under `DIR/certs` (and kept for the next `up`).
     pub insecure: bool,
+    /// Extra flags for every worker (e.g. `--telemetry-interval-ms 1000`).
+    pub worker_args: Vec<String>,
 }
 
 impl Default for LocalOptions {
@@ -102,6 +104,7 @@ impl Default for LocalOptions {
             base_port: 7070,
             coordinator_config: None,
             insecure: false,
+            worker_args: Vec::new(),
         }
     }
 }
@@ -371,6 +374,7 @@ fn plan(opts: &LocalOptions, dir: &Path) -> anyhow::Result<Vec<Plan>> {
             inference_grpc_addr.clone(),
         ];
         let mut args = args;
+        args.extend(opts.worker_args.iter().cloned());
         args.extend(tls_args(opts, dir, &name));
         plans.push(Plan {
             node: NodeInfo {
@@ -1067,6 +1071,7 @@ mod tests {
             base_port: 7070,
             coordinator_config: Some("[raft]\ntick_ms = 50\n".into()),
             insecure: false,
+            worker_args: Vec::new(),
         }
     }
 

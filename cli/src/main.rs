@@ -11,6 +11,7 @@ mod bench_nccl;
 mod bench_serving;
 mod bench_train;
 mod certs;
+mod demo;
 mod deployments;
 mod drift;
 mod jobs;
@@ -108,6 +109,19 @@ enum Command {
     Runs {
         #[command(subcommand)]
         command: RunsCommand,
+    },
+    /// The whole life of a model on a fresh local cluster: data, 2-shard
+    /// training, deployment, traffic, drift, retraining, canary and promotion.
+    /// Replaces the local cluster under --dir.
+    Demo {
+        #[arg(long, default_value = ".kiln")]
+        dir: PathBuf,
+        /// Seed of the generated data and traffic.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// First port of the local cluster's layout.
+        #[arg(long, default_value_t = 7070)]
+        base_port: u16,
     },
     /// Reads and writes the small replicated key-value namespace.
     Kv {
@@ -895,6 +909,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     base_port,
                     coordinator_config,
                     insecure,
+                    worker_args: Vec::new(),
                 };
                 let info = local::up(&opts).await?;
                 local::print_endpoints(&info);
@@ -1067,6 +1082,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Deploy(args) => deployments::deploy(cluster_client(&conn)?, args).await,
         Command::Deployments { command } => deployments::run(cluster_client(&conn)?, command).await,
         Command::Drift { command } => drift::run(cluster_client(&conn)?, command).await,
+        Command::Demo {
+            dir,
+            seed,
+            base_port,
+        } => {
+            demo::run(demo::DemoOptions {
+                dir,
+                seed,
+                base_port,
+            })
+            .await
+        }
         Command::Kv { command } => {
             let client = cluster_client(&conn)?;
             match command {

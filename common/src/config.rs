@@ -160,6 +160,11 @@ pub struct CanarySettings {
     /// A p99 difference under this many milliseconds always passes (latency
     /// histograms have coarse buckets).
     pub latency_slack_ms: f64,
+    /// With ground truth for both versions (`min_labelled` answers each): most
+    /// the canary's accuracy may fall below the primary's (a share), or its RMSE
+    /// rise above it (relative).
+    pub quality_tolerance: f64,
+    pub min_labelled: u64,
     pub max_wait_ms: u64,
 }
 
@@ -171,6 +176,8 @@ impl Default for CanarySettings {
             error_tolerance: 0.01,
             latency_tolerance: 0.25,
             latency_slack_ms: 1.0,
+            quality_tolerance: 0.02,
+            min_labelled: 50,
             max_wait_ms: 3_600_000,
         }
     }
@@ -338,11 +345,12 @@ impl CoordinatorConfig {
             canary.error_tolerance,
             canary.latency_tolerance,
             canary.latency_slack_ms,
+            canary.quality_tolerance,
         ];
         if tolerances.iter().any(|t| !(t.is_finite() && *t >= 0.0)) {
             return Err(invalid(
                 "canary",
-                "error_tolerance, latency_tolerance and latency_slack_ms must be finite and not negative",
+                "error_tolerance, latency_tolerance, latency_slack_ms and quality_tolerance must be finite and not negative",
             ));
         }
         if canary.min_requests == 0 || canary.max_wait_ms < canary.judge_after_ms {

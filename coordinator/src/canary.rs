@@ -8,7 +8,11 @@
 //! histograms. The tolerances are `[canary]` settings: a canary is no worse when
 //! its error rate is at most the primary's plus `error_tolerance`, and its p99 at
 //! most the primary's times `1 + latency_tolerance` (or within
-//! `latency_slack_ms` of it, as histogram buckets are coarse).
+//! `latency_slack_ms` of it, as histogram buckets are coarse). When the feedback
+//! endpoint brought labels for at least `min_labelled` answers of each version,
+//! the answers must be no worse either: the canary's accuracy at least the
+//! primary's less `quality_tolerance` (classification), or its RMSE at most the
+//! primary's times `1 + quality_tolerance` (regression).
 
 use kiln_common::config::CanarySettings;
 use kiln_common::drift::latency_quantile;
@@ -50,7 +54,7 @@ pub fn judge(
     let (canary_errors, primary_errors) = (error_rate(canary), error_rate(primary));
     let canary_p99 = latency_quantile(&canary.latency_counts, 0.99);
     let primary_p99 = latency_quantile(&primary.latency_counts, 0.99);
-    let summary = format!(
+    let mut summary = format!(
         "{} requests, error rate {} vs {} for the primary, p99 {} vs {}",
         canary.requests,
         percent(canary_errors),
@@ -58,6 +62,18 @@ pub fn judge(
         millis(canary_p99),
         millis(primary_p99)
     );
+    let labelled = canary.labelled.min(primary.labelled) >= settings.min_labelled;
+    let quality_worse = if !labelled {
+        false
+    } else if canary.classification {
+        let (c, p) = (accuracy(canary), accuracy(primary));
+        summary.push_str(&format!(", accuracy {} vs {}", percent(c), percent(p)));
+        c < p - settings.quality_tolerance
+    } else {
+        let (c, p) = (rmse(canary), rmse(primary));
+        summary.push_str(&format!(", RMSE {c:.4} vs {p:.4}"));
+        c > p * (1.0 + settings.quality_tolerance)
+    };
     if canary_errors > primary_errors + settings.error_tolerance {
         return Verdict::RollBack(format!("error rate worse: {summary}"));
     }
@@ -66,7 +82,28 @@ pub fn judge(
             return Verdict::RollBack(format!("p99 latency worse: {summary}"));
         }
     }
+    if quality_worse {
+        return Verdict::RollBack(format!("answers worse against the labels: {summary}"));
+    }
     Verdict::Promote(summary)
+}
+
+/// Labelled answers that were right (0 without labels).
+pub fn accuracy(w: &ServingWindow) -> f64 {
+    if w.labelled == 0 {
+        0.0
+    } else {
+        w.correct as f64 / w.labelled as f64
+    }
+}
+
+/// Root mean squared error of the labelled answers (0 without labels).
+pub fn rmse(w: &ServingWindow) -> f64 {
+    if w.labelled == 0 {
+        0.0
+    } else {
+        (w.squared_error_sum / w.labelled as f64).sqrt()
+    }
 }
 
 /// Failed and timed-out requests over requests (0 without requests).
@@ -155,6 +192,46 @@ mod tests {
         assert!(matches!(
             judge(&s, &served(200, 0, 1), &ServingWindow::default(), 10_000),
             Verdict::Promote(_)
+        ));
+    }
+
+    #[test]
+    fn with_enough_labels_the_answers_must_be_no_worse() {
+        let s = settings();
+        let labelled = |correct: u64, labelled: u64| ServingWindow {
+            labelled,
+            correct,
+            classification: true,
+            ..served(1000, 0, 2)
+        };
+        let Verdict::Promote(summary) = judge(&s, &labelled(93, 100), &labelled(58, 100), 10_000)
+        else {
+            panic!("a more accurate canary passes");
+        };
+        assert!(summary.ends_with("accuracy 93.00% vs 58.00%"), "{summary}");
+        let Verdict::RollBack(why) = judge(&s, &labelled(50, 100), &labelled(60, 100), 10_000)
+        else {
+            panic!("ten points less accurate is worse");
+        };
+        assert!(why.starts_with("answers worse against the labels"), "{why}");
+        // Too few labels: the accuracy is not judged.
+        assert!(matches!(
+            judge(&s, &labelled(5, 10), &labelled(60, 100), 10_000),
+            Verdict::Promote(_)
+        ));
+        // Regression: RMSE.
+        let errors = |squared_error_sum: f64| ServingWindow {
+            labelled: 100,
+            squared_error_sum,
+            ..served(1000, 0, 2)
+        };
+        assert!(matches!(
+            judge(&s, &errors(100.0), &errors(100.0), 10_000),
+            Verdict::Promote(_)
+        ));
+        assert!(matches!(
+            judge(&s, &errors(400.0), &errors(100.0), 10_000),
+            Verdict::RollBack(_)
         ));
     }
 

@@ -71,6 +71,7 @@ pub fn payload(alert: &DriftAlert, deployment: &str) -> serde_json::Value {
             "columns": alert.columns,
             "drifted_share": alert.drifted_share,
             "windows": alert.windows,
+            "resolution": (!alert.resolution.is_empty()).then_some(alert.resolution.clone()),
         },
     })
 }

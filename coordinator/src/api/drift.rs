@@ -155,7 +155,7 @@ impl Api {
 
     /// The firing alert of each kind for a model version (0: none), in
     /// [`crate::state::drift::KINDS`] order.
-    fn open_alerts(&self, model: &str, version: u64) -> Result<Vec<u64>> {
+    pub(super) fn open_alerts(&self, model: &str, version: u64) -> Result<Vec<u64>> {
         crate::state::drift::KINDS
             .iter()
             .map(|(kind, _)| {
@@ -166,7 +166,7 @@ impl Api {
 
     /// Sends alert `id` to the webhook of every deployment it names that has one,
     /// and, when it has just opened, starts the retraining it calls for.
-    async fn notify(&self, id: u64) -> Result<()> {
+    pub(super) async fn notify(&self, id: u64) -> Result<()> {
         let Some(alert) = read_alert(&self.reader, id).map_err(storage)? else {
             return Ok(());
         };

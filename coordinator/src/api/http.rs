@@ -1,6 +1,7 @@
 //! The coordinator's HTTP endpoints: `GET /api/v1/status` (the status JSON of
 //! DESIGN §6), `GET /health`, `GET /metrics` (Prometheus text format) and the
-//! experiment tracking API under `/api/2.0/mlflow` (see `tracking`).
+//! experiment tracking API under `/api/2.0/mlflow` (see `tracking`) and the
+//! dashboard under `/ui` (see `dashboard`, which checks its own token cookie).
 //!
 //! With TLS on the gRPC port, every endpoint but `/health` (a liveness probe that
 //! tells nothing but role and term) needs a bearer token with the viewer role or
@@ -37,6 +38,7 @@ pub fn router(api: Api) -> Router {
         .route("/health", get(health))
         .merge(guarded)
         .merge(super::tracking::routes())
+        .merge(super::dashboard::routes(api.clone()))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(api)

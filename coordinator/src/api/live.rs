@@ -13,7 +13,7 @@ use kiln_proto::v1::ServingWindow;
 
 use super::grpc::Api;
 use super::storage;
-use crate::canary::error_rate;
+use crate::canary::{accuracy, error_rate, rmse};
 use crate::state::serving::{add_into, windows_since};
 
 /// Live accuracy covers the labels of this long.
@@ -42,20 +42,21 @@ impl LiveVersion {
 
     /// Correct answers over labelled ones (classification), over the span.
     pub fn accuracy(&self) -> Option<f64> {
-        (self.span.classification && self.span.labelled > 0)
-            .then(|| self.span.correct as f64 / self.span.labelled as f64)
+        (self.span.classification && self.span.labelled > 0).then(|| accuracy(&self.span))
     }
 
     /// Root mean squared error against the labels (regression), over the span.
     pub fn rmse(&self) -> Option<f64> {
-        (!self.span.classification && self.span.labelled > 0)
-            .then(|| (self.span.squared_error_sum / self.span.labelled as f64).sqrt())
+        (!self.span.classification && self.span.labelled > 0).then(|| rmse(&self.span))
     }
 }
 
+/// A deployment's live figures per model version (name, version).
+pub type LiveByVersion = BTreeMap<(String, u64), LiveVersion>;
+
 /// Groups windows by model version: the newest of each and the sums of all.
-pub fn by_version(windows: &[ServingWindow]) -> BTreeMap<(String, u64), LiveVersion> {
-    let mut out: BTreeMap<(String, u64), LiveVersion> = BTreeMap::new();
+pub fn by_version(windows: &[ServingWindow]) -> LiveByVersion {
+    let mut out = LiveByVersion::new();
     for w in windows {
         let live = out.entry((w.model.clone(), w.version)).or_default();
         if live.span.model.is_empty() {
@@ -79,10 +80,7 @@ pub fn by_version(windows: &[ServingWindow]) -> BTreeMap<(String, u64), LiveVers
 impl Api {
     /// Each deployment's live figures per model version over the last
     /// [`LIVE_SPAN_MS`] before `now_ms`.
-    pub fn live_serving(
-        &self,
-        now_ms: u64,
-    ) -> Result<Vec<(String, BTreeMap<(String, u64), LiveVersion>)>> {
+    pub fn live_serving(&self, now_ms: u64) -> Result<Vec<(String, LiveByVersion)>> {
         let since = now_ms.saturating_sub(LIVE_SPAN_MS);
         self.deployments()?
             .into_iter()

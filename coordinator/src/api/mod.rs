@@ -1,7 +1,8 @@
 //! The coordinator's APIs: gRPC (Raft transport, client and worker calls) and HTTP
-//! (status JSON, Prometheus metrics).
+//! (status JSON, Prometheus metrics, the dashboard).
 
 pub mod artifacts;
+pub mod dashboard;
 pub mod deployments;
 pub mod drift;
 pub mod grpc;

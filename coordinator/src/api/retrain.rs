@@ -116,6 +116,11 @@ impl Api {
                 }
             };
             tracing::info!(deployment = %d.name, message = %record.message, "retrain");
+            let retiring = if record.retired_model.is_empty() {
+                Vec::new()
+            } else {
+                self.open_alerts(&record.retired_model, record.retired_version)?
+            };
             let kind = command::Kind::RecordRetrain(RecordRetrain {
                 deployment: d.name.clone(),
                 alert_id: policy.alert_id,
@@ -123,6 +128,13 @@ impl Api {
             });
             if let Err(e) = self.propose(command(kind), false).await {
                 tracing::warn!(deployment = %d.name, error = %e, "record the retrain policy step");
+                continue;
+            }
+            // The retired version's alerts resolved: their webhooks hear it.
+            for id in retiring.into_iter().filter(|&id| id != 0) {
+                if let Err(e) = self.notify(id).await {
+                    tracing::warn!(alert = id, error = %e, "drift alert not sent");
+                }
             }
         }
         Ok(())
@@ -254,10 +266,26 @@ impl Api {
         };
         self.deploy_call(&Caller::Node, redeploy_request(d, policy, &model, None))
             .await?;
-        Ok(Some(RecordRetrain {
+        let mut record = RecordRetrain {
             message,
             ..RecordRetrain::default()
-        }))
+        };
+        // A promoted canary retires the old primary; unless another deployment
+        // still serves it, its firing alerts can never resolve by a window.
+        if let Some(old) = d.primary.as_ref().filter(|_| model != primary) {
+            let served_elsewhere = self.deployments()?.iter().any(|other| {
+                other.name != d.name
+                    && [&other.primary, &other.canary].into_iter().any(|t| {
+                        t.as_ref()
+                            .is_some_and(|t| t.model == old.model && t.version == old.version)
+                    })
+            });
+            if !served_elsewhere {
+                record.retired_model = old.model.clone();
+                record.retired_version = old.version;
+            }
+        }
+        Ok(Some(record))
     }
 
     /// The model version a job registered: of the model named as the job, the
@@ -303,8 +331,7 @@ pub(super) fn retrain_policy(req: &DeployRequest) -> Result<Option<RetrainPolicy
         job_spec: req.retrain_job.clone(),
         dataset: req.retrain_dataset.clone(),
         canary_percent,
-        job_id: 0,
-        alert_id: 0,
+        ..RetrainPolicy::default()
     }))
 }
 

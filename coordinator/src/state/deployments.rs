@@ -326,6 +326,15 @@ pub fn apply_retrain(
     policy.alert_id = record.alert_id;
     policy.canary = record.canary.clone();
     policy.canary_since_ms = record.canary_since_ms;
+    if !record.retired_model.is_empty() {
+        super::drift::resolve_retired(
+            txn,
+            &record.retired_model,
+            record.retired_version,
+            now_ms,
+            &record.message,
+        )?;
+    }
     record_event(&mut deployment, now_ms, record.message.clone());
     deployment.updated_at_ms = now_ms;
     write(txn, &deployment);

@@ -131,6 +131,7 @@ fn update_alert(
                 columns,
                 deployments: window.deployments.clone(),
                 windows: 1,
+                resolution: String::new(),
             };
             txn.put(keys::drift_alert(id), alert.encode_to_vec());
             txn.put(open_key, id.to_be_bytes().to_vec());
@@ -140,6 +141,33 @@ fn update_alert(
             Ok(Some(AlertChange::Opened(id)))
         }
     }
+}
+
+/// Resolves the firing alerts of a model version that serves no more (no window
+/// will come to resolve them), noting `why`; returns their ids.
+pub fn resolve_retired(
+    txn: &mut Txn<'_>,
+    model: &str,
+    version: u64,
+    at_ms: u64,
+    why: &str,
+) -> Result<Vec<u64>, StoreError> {
+    let mut resolved = Vec::new();
+    for (kind, _) in KINDS {
+        let open_key = keys::drift_alert_open(model, version, kind);
+        let id = read_counter(txn, &open_key)?;
+        if id == 0 {
+            continue;
+        }
+        if let Some(mut alert) = read_alert(txn, id)? {
+            alert.resolved_at_ms = at_ms;
+            alert.resolution = why.to_string();
+            txn.put(keys::drift_alert(id), alert.encode_to_vec());
+        }
+        txn.delete(open_key);
+        resolved.push(id);
+    }
+    Ok(resolved)
 }
 
 #[cfg(test)]
@@ -239,6 +267,39 @@ mod tests {
             open_alert(&state, "iris", 2, "dataset_drift").expect("read"),
             2
         );
+    }
+
+    #[test]
+    fn a_retired_version_has_its_firing_alerts_resolved() {
+        let mut state = Map::default();
+        apply(&mut state, window(0, true), 10);
+        let id = open_alert(&state, "iris", 2, "dataset_drift").expect("read");
+        let writes = {
+            let mut txn = Txn::new(&state);
+            let resolved =
+                resolve_retired(&mut txn, "iris", 2, 9_000, "iris@3 promoted").expect("storage");
+            assert_eq!(resolved, vec![id]);
+            txn.writes
+        };
+        for (k, v) in writes {
+            match v {
+                Some(v) => state.0.insert(k, v),
+                None => state.0.remove(&k),
+            };
+        }
+        assert_eq!(
+            open_alert(&state, "iris", 2, "dataset_drift").expect("read"),
+            0
+        );
+        let alert = read_alert(&state, id).expect("read").expect("alert");
+        assert_eq!(
+            (alert.resolved_at_ms, alert.resolution.as_str()),
+            (9_000, "iris@3 promoted")
+        );
+        let mut txn = Txn::new(&state);
+        assert!(resolve_retired(&mut txn, "iris", 2, 9_500, "again")
+            .expect("storage")
+            .is_empty());
     }
 
     #[test]
