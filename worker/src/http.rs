@@ -14,6 +14,9 @@
 //!   extension; no Content-Type required). The model name is the deployment's.
 //!   With TLS they need a token that may call models, unless the deployment is
 //!   public.
+//! - `POST /v2/models/{m}/feedback`: labels for earlier requests' ids (see
+//!   `serving::feedback`), with the same authorization as inference; the body
+//!   is at most [`MAX_FEEDBACK_BODY_BYTES`].
 
 use std::future::Future;
 use std::sync::Arc;
@@ -34,6 +37,7 @@ use tokio::sync::watch;
 
 use crate::agent::Registration;
 use crate::metrics::{self, Metrics};
+use crate::serving::feedback::MAX_FEEDBACK_BODY_BYTES;
 use crate::serving::router::{Router as ServingRouter, Version, MAX_BODY_BYTES};
 
 /// What the HTTP handlers read: snapshots and counters, never the agent itself.
@@ -70,6 +74,7 @@ pub fn router(state: HttpState) -> Router {
             get(version_ready),
         )
         .route("/v2/models/:model/infer", post(infer))
+        .route("/v2/models/:model/feedback", post(feedback))
         .route(
             "/v2/models/:model/versions/:version/infer",
             post(version_infer),
@@ -145,21 +150,45 @@ async fn infer_version(
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    let body =
-        match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
-            Ok(body) => body,
-            Err(_) => return (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                Json(json!({
-                    "error": format!("the request body is over the limit of {MAX_BODY_BYTES} bytes")
-                })),
-            )
-                .into_response(),
-        };
+    let body = match read_body(body, MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
     state
         .serving
         .infer(&model, version, &parts.headers, body)
         .await
+}
+
+/// Reads a feedback body (at most [`MAX_FEEDBACK_BODY_BYTES`]) and labels it.
+async fn feedback(
+    State(state): State<HttpState>,
+    Path(model): Path<String>,
+    request: Request,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    match read_body(body, MAX_FEEDBACK_BODY_BYTES).await {
+        Ok(body) => {
+            state
+                .serving
+                .post_feedback(&model, &parts.headers, &body)
+                .await
+        }
+        Err(response) => response,
+    }
+}
+
+/// Reads a whole body of at most `limit` bytes; more is a 413 that says so.
+async fn read_body(body: axum::body::Body, limit: usize) -> Result<axum::body::Bytes, Response> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Json(json!({
+                "error": format!("the request body is over the limit of {limit} bytes")
+            })),
+        )
+            .into_response()
+    })
 }
 
 /// Lets a request through when its bearer token may read cluster state.
@@ -202,6 +231,7 @@ async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
     let mut text = state.metrics.render(state.registered());
     text.push_str(&state.serving.table().render_metrics());
+    text.push_str(&state.serving.feedback().render_metrics());
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text)
 }
 

@@ -213,21 +213,22 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         replicas.subscribe(),
         agent_stop.clone(),
     ));
-    tokio::spawn(telemetry::telemetry_loop(
-        telemetry::TelemetryContext {
-            client: Arc::clone(&client),
-            worker_id: id.to_string(),
-            table: Arc::clone(&serving_table),
-            data_dir: config.data_dir.clone(),
-            interval: Duration::from_millis(config.telemetry_interval_ms),
-        },
-        agent_stop.clone(),
-    ));
     let serving_router = Arc::new(serving::router::Router::new(
         id.to_string(),
         Arc::clone(&serving_table),
         routes.subscribe(),
         tls.is_some().then(|| Arc::clone(&tokens)),
+    ));
+    tokio::spawn(telemetry::telemetry_loop(
+        telemetry::TelemetryContext {
+            client: Arc::clone(&client),
+            worker_id: id.to_string(),
+            table: Arc::clone(&serving_table),
+            feedback: Arc::clone(serving_router.feedback()),
+            data_dir: config.data_dir.clone(),
+            interval: Duration::from_millis(config.telemetry_interval_ms),
+        },
+        agent_stop.clone(),
     ));
     let agent = Agent::spawn(
         Arc::clone(&client),

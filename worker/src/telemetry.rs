@@ -1,13 +1,14 @@
 //! Telemetry to the leader, every `telemetry_interval_ms`: the host (CPU, memory,
 //! the data disk, GPUs through NVML when present), each replica's requests and
-//! latency histogram since the last report, and what each model version served,
-//! counted into its reference bins (the drift monitor's input).
+//! latency histogram since the last report, what each model version served,
+//! counted into its reference bins (the drift monitor's input), and the labels
+//! the feedback endpoint matched, scored per model version.
 //!
 //! Everything in a report is a delta, so reports add up on the leader. A report
-//! that cannot be sent is not lost: its model counts are merged into the next one
-//! (counts add, so the pending report stays the size of one report however long
-//! the leader is away), and replica deltas are taken against the last report that
-//! went through.
+//! that cannot be sent is not lost: its model counts and feedback scores are
+//! merged into the next one (counts add, so the pending report stays the size of
+//! one report however long the leader is away), and replica deltas are taken
+//! against the last report that went through.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,8 @@ use std::time::Duration;
 use kiln_common::client::ClusterClient;
 use kiln_common::drift::LiveColumn;
 use kiln_proto::v1::{
-    GpuTelemetry, HostTelemetry, ModelTelemetry, ReplicaTelemetry, TelemetryReport,
+    FeedbackTelemetry, GpuTelemetry, HostTelemetry, ModelTelemetry, ReplicaTelemetry,
+    TelemetryReport,
 };
 use nvml_wrapper::Nvml;
 use sysinfo::{CpuRefreshKind, DiskRefreshKind, Disks, MemoryRefreshKind, System};
@@ -25,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::resources::pick_disk;
 use crate::serving::engine::EngineStats;
+use crate::serving::feedback::{self, Feedback};
 use crate::serving::replicas::ServingTable;
 
 /// Reads the host's load; blocking (it reads `/proc` and calls NVML).
@@ -101,6 +104,8 @@ pub struct TelemetryContext {
     pub client: Arc<ClusterClient>,
     pub worker_id: String,
     pub table: Arc<ServingTable>,
+    /// Scores of the labels matched since the last report.
+    pub feedback: Arc<Feedback>,
     pub data_dir: PathBuf,
     pub interval: Duration,
 }
@@ -115,6 +120,7 @@ pub async fn telemetry_loop(ctx: TelemetryContext, stop: CancellationToken) {
     };
     let mut sent: HashMap<(String, u64), EngineStats> = HashMap::new();
     let mut pending: HashMap<(String, u64), ModelTelemetry> = HashMap::new();
+    let mut pending_feedback: HashMap<(String, String, u64), FeedbackTelemetry> = HashMap::new();
     let mut interval = tokio::time::interval(ctx.interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     interval.tick().await;
@@ -141,6 +147,9 @@ pub async fn telemetry_loop(ctx: TelemetryContext, stop: CancellationToken) {
             .filter_map(|r| r.engine.monitor()?.take())
         {
             merge_model(&mut pending, model);
+        }
+        for scored in ctx.feedback.take_scores() {
+            merge_feedback(&mut pending_feedback, scored);
         }
         let now: Vec<_> = ctx
             .table
@@ -169,7 +178,7 @@ pub async fn telemetry_loop(ctx: TelemetryContext, stop: CancellationToken) {
             host: Some(host),
             replicas,
             models: pending.values().cloned().collect(),
-            ..TelemetryReport::default()
+            feedback: pending_feedback.values().cloned().collect(),
         };
         let result = ctx
             .client
@@ -181,6 +190,7 @@ pub async fn telemetry_loop(ctx: TelemetryContext, stop: CancellationToken) {
         match result {
             Ok(_) => {
                 pending.clear();
+                pending_feedback.clear();
                 sent = now
                     .into_iter()
                     .map(|(deployment, id, _, _, stats)| ((deployment, id), stats))
@@ -213,6 +223,24 @@ fn merge_model(pending: &mut HashMap<(String, u64), ModelTelemetry>, model: Mode
         });
         if let Ok(merged) = merged {
             *into = merged.to_proto();
+        }
+    }
+}
+
+/// Adds a model version's feedback scores to those waiting to be sent.
+fn merge_feedback(
+    pending: &mut HashMap<(String, String, u64), FeedbackTelemetry>,
+    scored: FeedbackTelemetry,
+) {
+    let key = (
+        scored.deployment.clone(),
+        scored.model.clone(),
+        scored.version,
+    );
+    match pending.get_mut(&key) {
+        Some(waiting) => feedback::merge(waiting, &scored),
+        None => {
+            pending.insert(key, scored);
         }
     }
 }
@@ -301,5 +329,28 @@ mod tests {
         assert_eq!(merged.columns[0].counts, vec![7, 2]);
         assert_eq!(merged.columns[0].non_finite, 2);
         assert_eq!((merged.columns[0].min, merged.columns[0].max), (0.0, 5.0));
+    }
+
+    #[test]
+    fn unsent_feedback_scores_add_up_into_the_next_report() {
+        let scored = |deployment: &str, labelled: u64, correct: u64| FeedbackTelemetry {
+            deployment: deployment.into(),
+            model: "m".into(),
+            version: 2,
+            labelled,
+            correct,
+            abs_error_sum: 0.5,
+            squared_error_sum: 0.25,
+            classification: true,
+        };
+        let mut pending = HashMap::new();
+        merge_feedback(&mut pending, scored("a", 3, 1));
+        merge_feedback(&mut pending, scored("a", 4, 4));
+        merge_feedback(&mut pending, scored("b", 1, 0));
+        assert_eq!(pending.len(), 2);
+        let a = &pending[&("a".to_string(), "m".to_string(), 2)];
+        assert_eq!((a.labelled, a.correct), (7, 5));
+        assert_eq!((a.abs_error_sum, a.squared_error_sum), (1.0, 0.5));
+        assert!(a.classification);
     }
 }

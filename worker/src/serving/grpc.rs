@@ -11,6 +11,7 @@ use kiln_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use kiln_proto::inference::*;
 use tonic::{Request, Response, Status};
 
+use super::feedback::Feedback;
 use super::protocol;
 use super::replicas::LocalReplica;
 use super::router::{Failure, Router, Target, Version, DEFAULT_DEADLINE, REPLICA_HEADER};
@@ -39,9 +40,11 @@ fn authorization<T>(request: &Request<T>) -> Option<String> {
     kiln_common::auth::grpc_authorization(request).map(str::to_string)
 }
 
-/// Runs a gRPC request on a replica of this worker.
+/// Runs a gRPC request on a replica of this worker and remembers its answer for
+/// feedback, under the caller's id or a new one that the response carries.
 async fn local_infer(
     replica: &LocalReplica,
+    feedback: &Feedback,
     request: ModelInferRequest,
     deadline: Instant,
 ) -> Result<ModelInferResponse, Status> {
@@ -49,7 +52,11 @@ async fn local_infer(
     let inputs = std::mem::take(&mut parsed.inputs);
     let wanted = (!parsed.outputs.is_empty())
         .then(|| parsed.outputs.iter().map(|o| o.name.clone()).collect());
-    let outputs = replica.engine.infer(inputs, wanted, deadline).await?;
+    feedback.ensure_id(&mut parsed.id);
+    let id = parsed.id.as_deref().unwrap_or_default();
+    let outputs = feedback
+        .infer(replica, id, inputs, wanted, deadline)
+        .await?;
     Ok(protocol::encode_grpc_response(
         &replica.deployment,
         &replica.version.to_string(),
@@ -184,7 +191,7 @@ impl GrpcInferenceService for InferenceService {
                         "replica {id} of {deployment} is not on this worker"
                     ))
                 })?;
-            return local_infer(&replica, request, deadline)
+            return local_infer(&replica, self.router.feedback(), request, deadline)
                 .await
                 .map(Response::new);
         }
@@ -196,7 +203,10 @@ impl GrpcInferenceService for InferenceService {
                 async move {
                     match target {
                         Target::Local(replica) => {
-                            Ok(local_infer(&replica, request, deadline).await)
+                            Ok(
+                                local_infer(&replica, self.router.feedback(), request, deadline)
+                                    .await,
+                            )
                         }
                         Target::Remote(endpoint) => self
                             .forward(

@@ -13,6 +13,9 @@
 //!   bins (drift telemetry).
 //! - `grpc`: the KServe v2 gRPC service on the inference gRPC port, over the
 //!   same router.
+//! - `feedback`: ground truth: the answers of recent requests by id (bounded),
+//!   labels matched to them and scored per model version for telemetry; the
+//!   router serves `POST /v2/models/{m}/feedback` over it.
 //!
 //! The boundary between them is [`Tensor`]: a name, a datatype, a shape and the
 //! values as little-endian bytes in row-major order, which is what the binary
@@ -22,6 +25,7 @@
 //! 429, `Unavailable` 503, `Timeout` 504, `Internal` 500).
 
 pub mod engine;
+pub mod feedback;
 pub mod grpc;
 pub mod monitor;
 pub mod protocol;

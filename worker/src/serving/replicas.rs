@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{Engine, EngineConfig};
+use super::feedback::{AnswerSpec, TaskMetadata};
 use super::monitor::Monitor;
 use crate::train::shard::{MODEL_FILE, REFERENCE_FILE};
 use crate::transfer;
@@ -36,6 +37,9 @@ pub struct LocalReplica {
     pub model: String,
     pub version: u64,
     pub engine: Engine,
+    /// How its answers are read for the feedback endpoint; `None` when the
+    /// model's first output is not one answer per row.
+    pub answers: Option<Arc<AnswerSpec>>,
 }
 
 impl std::fmt::Debug for LocalReplica {
@@ -382,6 +386,7 @@ async fn load(ctx: &ServingContext, task: &ReplicaTask) -> Result<LocalReplica, 
         queue_capacity: task.queue_capacity.max(1) as usize,
         threads: task.threads.max(1) as usize,
     };
+    let meta = TaskMetadata::of_onnx(&bytes);
     let name = task.deployment.clone();
     let engine = tokio::task::spawn_blocking(move || Engine::load(&bytes, &name, config))
         .await
@@ -390,12 +395,17 @@ async fn load(ctx: &ServingContext, task: &ReplicaTask) -> Result<LocalReplica, 
     if let Some(reference) = reference {
         attach_monitor(&engine, &target.model, target.version, &reference);
     }
+    let answers = AnswerSpec::of(&target.model, target.version, engine.signature(), &meta);
+    if answers.is_none() {
+        tracing::info!(model = %target.model, version = target.version, "the first output is not one answer per row; no feedback for this version");
+    }
     Ok(LocalReplica {
         id: task.replica_id,
         deployment: task.deployment.clone(),
         model: target.model,
         version: target.version,
         engine,
+        answers: answers.map(Arc::new),
     })
 }
 

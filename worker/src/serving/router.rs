@@ -13,8 +13,13 @@
 //!   serves it with that replica and does not route it again.
 //! - When the chosen replica fails before answering (its worker is gone, the
 //!   replica has drained), the request is retried once on another replica.
+//! - The worker whose replica answers gives a request without an id one (the
+//!   response carries it) and remembers the answer under it (`feedback`); a label
+//!   posted to `/v2/models/{m}/feedback` on any worker is matched there, or on
+//!   the deployment's other workers, each asked once and marked with
+//!   [`FORWARDED_HEADER`] so that they do not ask again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,7 +28,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use kiln_common::auth::{Permission, TokenBook};
@@ -34,6 +39,10 @@ use kiln_proto::v1::{Route, RouteEndpoint};
 use rand::Rng;
 use tokio::sync::watch;
 
+use super::feedback::{
+    self, Feedback, FeedbackAnswer, FeedbackItem, FORWARDED_HEADER, FORWARD_BUDGET,
+    FORWARD_TIMEOUT, MAX_FEEDBACK_BODY_BYTES,
+};
 use super::protocol;
 use super::replicas::{LocalReplica, ServingTable};
 
@@ -51,6 +60,10 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 pub const MAX_BODY_BYTES: usize = 64 << 20;
 /// Most replicas the in-flight table tracks before it forgets idle ones.
 const MAX_TRACKED: usize = 4096;
+/// Longest wait for another worker's model metadata.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest model metadata answer read from another worker.
+const MAX_METADATA_BYTES: usize = 16 << 20;
 
 /// Which model version a request names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +124,8 @@ pub struct Router {
     client: Client<HttpConnector, Full<Bytes>>,
     /// Token records callers are checked against; `None` without TLS.
     tokens: Option<Arc<TokenBook>>,
+    /// The answers of this worker's replicas, for the feedback endpoint.
+    feedback: Arc<Feedback>,
 }
 
 impl std::fmt::Debug for Router {
@@ -145,6 +160,7 @@ impl Router {
             .pool_max_idle_per_host(256)
             .build(connector);
         Router {
+            feedback: Arc::new(Feedback::new(&worker_id)),
             worker_id,
             table,
             routes,
@@ -157,6 +173,11 @@ impl Router {
     /// The ready local replicas, for metrics.
     pub fn table(&self) -> &ServingTable {
         &self.table
+    }
+
+    /// The answers remembered here and the scores of labels not yet reported.
+    pub fn feedback(&self) -> &Arc<Feedback> {
+        &self.feedback
     }
 
     /// The route of `deployment`, or NotFound.
@@ -361,14 +382,14 @@ impl Router {
                     .insert(MISSING_HEADER, HeaderValue::from_static("1"));
                 return Ok(response);
             };
-            return Ok(local_infer(&replica, headers, body, deadline).await);
+            return Ok(local_infer(&replica, &self.feedback, headers, body, deadline).await);
         }
         self.dispatch(deployment, version, authorization, |target| {
             let body = body.clone();
             async move {
                 match target {
                     Target::Local(replica) => {
-                        Ok(local_infer(&replica, headers, body, deadline).await)
+                        Ok(local_infer(&replica, &self.feedback, headers, body, deadline).await)
                     }
                     Target::Remote(endpoint) => {
                         self.forward(&endpoint, deployment, version, headers, body, deadline)
@@ -543,18 +564,10 @@ impl Router {
         let request = request
             .body(Full::new(Bytes::new()))
             .map_err(|e| Error::Internal(format!("build a metadata request: {e}")))?;
-        let response = tokio::time::timeout(Duration::from_secs(5), self.client.request(request))
+        let (parts, bytes) = self
+            .call_peer(request, METADATA_TIMEOUT, MAX_METADATA_BYTES)
             .await
-            .map_err(|_| {
-                Error::Unavailable(format!("worker {} did not answer", endpoint.worker_id))
-            })?
             .map_err(|e| Error::Unavailable(format!("worker {}: {e}", endpoint.worker_id)))?;
-        let (parts, body) = response.into_parts();
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|e| Error::Unavailable(format!("worker {}: {e}", endpoint.worker_id)))?
-            .to_bytes();
         let mut out = Response::new(Body::from(bytes));
         *out.status_mut() = parts.status;
         out.headers_mut().insert(
@@ -562,6 +575,140 @@ impl Router {
             HeaderValue::from_static("application/json"),
         );
         Ok(out)
+    }
+
+    /// Sends `request` to another worker and reads its answer (at most
+    /// `max_bytes` of body) within `timeout`; the error says what failed.
+    async fn call_peer(
+        &self,
+        request: hyper::Request<Full<Bytes>>,
+        timeout: Duration,
+        max_bytes: usize,
+    ) -> std::result::Result<(axum::http::response::Parts, Bytes), String> {
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (parts, body) = response.into_parts();
+            let bytes = Limited::new(body, max_bytes)
+                .collect()
+                .await
+                .map_err(|e| format!("read the answer: {e}"))?
+                .to_bytes();
+            Ok((parts, bytes))
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| format!("did not answer within {timeout:?}"))?
+    }
+
+    /// Answers `POST /v2/models/{m}/feedback` (see `serving::feedback`): 200 with
+    /// what was matched, unknown and rejected, or the error that kept the body
+    /// from being read.
+    pub async fn post_feedback(
+        &self,
+        deployment: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Response {
+        match self.try_feedback(deployment, headers, body).await {
+            Ok(answer) => axum::Json(answer).into_response(),
+            Err(e) => error_response(&e),
+        }
+    }
+
+    /// Labels what this worker remembers, then, unless the call was forwarded,
+    /// asks each other worker that serves the deployment about what is still
+    /// unknown, one after the other, so that no label is counted twice.
+    async fn try_feedback(
+        &self,
+        deployment: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<FeedbackAnswer> {
+        let route = self.route(deployment)?;
+        self.authorize(&route, kiln_common::http::authorization(headers))?;
+        let items = feedback::parse_body(body)?;
+        let (mut answer, mut unknown) = self.feedback.label(deployment, items);
+        if headers.contains_key(FORWARDED_HEADER) {
+            return Ok(answer);
+        }
+        let budget = Instant::now() + FORWARD_BUDGET;
+        let mut asked: HashSet<&str> = HashSet::new();
+        for endpoint in &route.endpoints {
+            if unknown.is_empty() {
+                break;
+            }
+            if endpoint.worker_id == self.worker_id || !asked.insert(endpoint.worker_id.as_str()) {
+                continue;
+            }
+            let timeout = budget
+                .saturating_duration_since(Instant::now())
+                .min(FORWARD_TIMEOUT);
+            if timeout.is_zero() {
+                tracing::warn!(
+                    deployment,
+                    "feedback: no time left to ask the other workers"
+                );
+                break;
+            }
+            match self
+                .forward_feedback(endpoint, deployment, headers, &unknown, timeout)
+                .await
+            {
+                Ok(theirs) => {
+                    unknown = feedback::still_unknown(unknown, &theirs);
+                    answer.matched += theirs.matched;
+                    answer.rejected.extend(theirs.rejected);
+                }
+                Err(reason) => {
+                    tracing::warn!(deployment, worker = %endpoint.worker_id, %reason, "feedback not forwarded");
+                }
+            }
+        }
+        answer.unknown = unknown.into_iter().map(|item| item.id).collect();
+        Ok(answer)
+    }
+
+    /// Asks another worker to label `items`, marked as forwarded.
+    async fn forward_feedback(
+        &self,
+        endpoint: &RouteEndpoint,
+        deployment: &str,
+        headers: &HeaderMap,
+        items: &[FeedbackItem],
+        timeout: Duration,
+    ) -> std::result::Result<FeedbackAnswer, String> {
+        let body = serde_json::to_vec(&serde_json::json!({ "feedback": items }))
+            .map_err(|e| format!("encode the items: {e}"))?;
+        let uri = format!(
+            "http://{}/v2/models/{deployment}/feedback",
+            endpoint.http_addr
+        );
+        let mut request = hyper::Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header(FORWARDED_HEADER, "1")
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(value) = headers.get(header::AUTHORIZATION) {
+            request = request.header(header::AUTHORIZATION, value.clone());
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| format!("build the request: {e}"))?;
+        let (parts, bytes) = self
+            .call_peer(request, timeout, MAX_FEEDBACK_BODY_BYTES)
+            .await?;
+        if parts.status != StatusCode::OK {
+            return Err(format!(
+                "status {}: {}",
+                parts.status,
+                String::from_utf8_lossy(&bytes)
+            ));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| format!("parse the answer: {e}"))
     }
 
     /// Answers `GET /v2/models/{m}[/versions/{v}]/ready`: 200 while a replica of
@@ -584,9 +731,11 @@ impl Router {
     }
 }
 
-/// Runs a request on a replica of this worker and encodes its answer.
+/// Runs a request on a replica of this worker, remembers its answer for
+/// feedback (under the caller's id or a new one) and encodes it.
 pub async fn local_infer(
     replica: &LocalReplica,
+    feedback: &Feedback,
     headers: &HeaderMap,
     body: Bytes,
     deadline: Instant,
@@ -609,7 +758,11 @@ pub async fn local_infer(
         let inputs = std::mem::take(&mut request.inputs);
         let wanted = (!request.outputs.is_empty())
             .then(|| request.outputs.iter().map(|o| o.name.clone()).collect());
-        let outputs = replica.engine.infer(inputs, wanted, deadline).await?;
+        feedback.ensure_id(&mut request.id);
+        let id = request.id.as_deref().unwrap_or_default();
+        let outputs = feedback
+            .infer(replica, id, inputs, wanted, deadline)
+            .await?;
         let encoded = protocol::encode_rest_response(
             &replica.deployment,
             &replica.version.to_string(),
