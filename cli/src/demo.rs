@@ -199,6 +199,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         5,
         "traffic from the calm world, labelled as the truth arrives",
     );
+    wait_ready(&info, "risk").await?;
     let traffic = Traffic::start(&info, &conn.token, opts.seed + 1)?;
     let calm_until = Instant::now() + Duration::from_secs(14);
     while Instant::now() < calm_until {
@@ -525,8 +526,53 @@ async fn http_call(
     Ok((code, String::from_utf8_lossy(&bytes).into_owned()))
 }
 
-/// POSTs `body` and returns the JSON of a 200 answer.
+/// Waits until every worker's router routes `deployment` to a ready replica (a
+/// worker learns the routes at its next heartbeat).
+async fn wait_ready(info: &ClusterInfo, deployment: &str) -> anyhow::Result<()> {
+    let client = http_client();
+    let path = format!("/v2/models/{deployment}/ready");
+    for worker in &info.workers {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (code, _) = http_call(&client, &worker.http_addr, "GET", &path, None, None).await?;
+            if code == 200 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} does not route {deployment} after 30 s",
+                    worker.http_addr
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+/// POSTs `body` and returns the JSON of a 200 answer. A 503 (no ready replica
+/// for a moment, as routes change in a rollout) is retried a few times.
 async fn post_json(
+    client: &HttpClient,
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &Value,
+) -> anyhow::Result<Value> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match post_json_once(client, addr, path, token, body).await {
+            Err(e) if tries < 5 && format!("{e:#}").contains("answered 503") => {
+                tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// POSTs `body` once and returns the JSON of a 200 answer.
+async fn post_json_once(
     client: &HttpClient,
     addr: &str,
     path: &str,
