@@ -519,17 +519,25 @@ async fn labels_posted_to_any_worker_become_the_live_accuracy_of_the_version() {
         );
     }
 
-    // The workers say how much they still remember (nothing: every id was labelled).
+    // The workers say how much they still remember: nothing, every id was
+    // labelled (the viewer token reaches the workers with a heartbeat).
     let viewer = cluster
         .create_token("looker", kiln_proto::v1::Role::Viewer, 0)
         .await;
     for addr in &addrs {
-        let (status, text) = kiln_tests::http_get(addr, "/metrics", Some(&viewer)).await;
-        assert_eq!(status, 200, "{text}");
-        assert!(
-            text.contains("\nkiln_feedback_remembered_requests 0\n"),
-            "{text}"
-        );
+        kiln_tests::wait_for(Duration::from_secs(10), "worker metrics", || {
+            let (addr, viewer) = (addr, &viewer);
+            async move {
+                let (status, text) = kiln_tests::http_get(addr, "/metrics", Some(viewer)).await;
+                if status != 200 {
+                    return Err(format!("status {status}: {text}"));
+                }
+                text.contains("\nkiln_feedback_remembered_requests 0\n")
+                    .then_some(())
+                    .ok_or(text)
+            }
+        })
+        .await;
     }
     cluster.assert_healthy();
 }
