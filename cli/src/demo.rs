@@ -43,9 +43,11 @@ use serde_json::{json, Value};
 use crate::local::{self, ClusterInfo, LocalOptions};
 
 /// The coordinators' settings for the demo: windows of 4 s (60 s by default),
-/// canaries judged after 12 s and 100 requests.
+/// canaries judged after 12 s and 100 requests. The demo's story is the answers'
+/// accuracy; a p99 within 25 ms passes, as five processes and the traffic share
+/// two cores here and a latency spike would otherwise decide the verdict.
 const DEMO_CONFIG: &str = "[drift]\nwindow_ms = 4000\nmin_rows = 200\n\n\
-    [canary]\njudge_after_ms = 12000\nmin_requests = 100\nmin_labelled = 50\nlatency_slack_ms = 5.0\n";
+    [canary]\njudge_after_ms = 12000\nmin_requests = 100\nmin_labelled = 50\nlatency_slack_ms = 25.0\n";
 /// Features of the generated data.
 const FEATURES: [&str; 4] = ["income", "debt", "age", "tenure"];
 /// Classes of the label, in the order the trainer numbers them (sorted).
