@@ -157,13 +157,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     );
     let work = opts.dir.join("demo");
     std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
-    let calm = work.join("calm.csv");
-    write(&calm, &World::Calm.csv(&mut rng, DATASET_ROWS))?;
-    kiln(
-        &conn,
-        &["artifact", "push", &path(&calm), "--name", "risk-data"],
-    )
-    .await?;
+    push_world(&conn, &work, World::Calm, &mut rng).await?;
 
     heading(3, "train it: 2 shards averaging gradients every step");
     let spec = work.join("risk.toml");
@@ -213,13 +207,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     timeline.mark("calm traffic: no drift");
 
     heading(6, "the world shifts: new data, shifted traffic");
-    let shifted = work.join("shifted.csv");
-    write(&shifted, &World::Shifted.csv(&mut rng, DATASET_ROWS))?;
-    kiln(
-        &conn,
-        &["artifact", "push", &path(&shifted), "--name", "risk-data"],
-    )
-    .await?;
+    push_world(&conn, &work, World::Shifted, &mut rng).await?;
     traffic.shift();
     let shifted_at = Instant::now();
     timeline.mark("traffic shifted");
@@ -331,6 +319,23 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         bail!("the retrained canary was not promoted: {verdict}");
     }
     Ok(())
+}
+
+/// Writes [`DATASET_ROWS`] rows of `world` under `work` and pushes them as the
+/// next version of `risk-data`.
+async fn push_world(
+    conn: &Connection,
+    work: &Path,
+    world: World,
+    rng: &mut StdRng,
+) -> anyhow::Result<()> {
+    let file = work.join(format!("{world:?}.csv").to_lowercase());
+    write(&file, &world.csv(rng, DATASET_ROWS))?;
+    kiln(
+        conn,
+        &["artifact", "push", &path(&file), "--name", "risk-data"],
+    )
+    .await
 }
 
 /// Stops the local cluster under `opts.dir` (if any), removes the directory and
