@@ -40,7 +40,9 @@ f:close()
 LUA
 done
 
-(cd "$work" && KILN_LOG=warn "$KILN_BIN" local up --coordinators 1 --workers 1 >/dev/null)
+# Plain HTTP like the peer, so both sides pay the same per-request cost: a cluster
+# with TLS serves HTTPS (docs/architecture.md, Security).
+(cd "$work" && KILN_LOG=warn "$KILN_BIN" local up --insecure --coordinators 1 --workers 1 >/dev/null)
 kiln() { (cd "$work" && "$KILN_BIN" "$@"); }
 kiln models register --onnx "$work/mlp.onnx" --name mlp >&2
 kiln deploy mlp --model mlp@1 --replicas 1 --cpus 2 --public --wait >&2

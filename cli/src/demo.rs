@@ -32,9 +32,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use kiln_common::client::{ClientOptions, ClusterClient};
+use kiln_common::https::{self, ClientSettings, HttpClient};
+use kiln_common::tls::TlsMaterial;
 use kiln_proto::v1::DriftStatusRequest;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -290,7 +290,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     timeline.print();
     println!("\ntraffic: {}", served.line());
     let (coordinator_http, token) = (&info.coordinators[0].http_addr, conn.token.clone());
-    match live_figures(coordinator_http, token.as_deref()).await {
+    let http = Http::of(&info)?;
+    match live_figures(&http, coordinator_http, token.as_deref()).await {
         Ok(lines) if !lines.is_empty() => {
             println!("\nlive accuracy against the labels sent (last 15 minutes):");
             for line in lines {
@@ -300,9 +301,16 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         Ok(_) => println!("\nno live accuracy recorded"),
         Err(e) => println!("\nlive accuracy not read: {e:#}"),
     }
-    println!("\ndashboard: http://{coordinator_http}/ui  (any coordinator serves it)");
+    let scheme = http.scheme;
+    println!("\ndashboard: {scheme}://{coordinator_http}/ui  (any coordinator serves it)");
+    if let Some(ca) = &info.ca {
+        println!(
+            "(its certificate is signed by the cluster CA {}: trust that file in the browser, or accept the warning)",
+            path(ca)
+        );
+    }
     if let Some(token) = &token {
-        println!("open it with: http://{coordinator_http}/ui/login?token={token}");
+        println!("open it with: {scheme}://{coordinator_http}/ui/login?token={token}");
         println!(
             "(the admin token; it is also in {})",
             path(&opts.dir.join("admin.token"))
@@ -481,9 +489,12 @@ impl Timeline {
 }
 
 /// The live accuracy lines of a coordinator's `/metrics`.
-async fn live_figures(http_addr: &str, token: Option<&str>) -> anyhow::Result<Vec<String>> {
-    let client = http_client();
-    let (code, body) = http_call(&client, http_addr, "GET", "/metrics", token, None).await?;
+async fn live_figures(
+    http: &Http,
+    http_addr: &str,
+    token: Option<&str>,
+) -> anyhow::Result<Vec<String>> {
+    let (code, body) = http_call(http, http_addr, "GET", "/metrics", token, None).await?;
     if code != 200 {
         bail!("GET /metrics answered {code}");
     }
@@ -496,15 +507,27 @@ async fn live_figures(http_addr: &str, token: Option<&str>) -> anyhow::Result<Ve
         .collect())
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+/// How the demo calls the cluster's HTTP ports: HTTPS trusting the cluster CA,
+/// or plain HTTP when the cluster runs `--insecure`.
+#[derive(Clone)]
+struct Http {
+    client: HttpClient,
+    scheme: &'static str,
+}
 
-fn http_client() -> HttpClient {
-    Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+impl Http {
+    fn of(info: &ClusterInfo) -> anyhow::Result<Http> {
+        let tls = info.ca.as_deref().map(TlsMaterial::client).transpose()?;
+        Ok(Http {
+            client: https::http_client(tls.as_ref(), ClientSettings::default())?,
+            scheme: https::scheme(tls.is_some()),
+        })
+    }
 }
 
 /// One HTTP/1.1 call on loopback; the status and the body as text.
 async fn http_call(
-    client: &HttpClient,
+    http: &Http,
     addr: &str,
     method: &str,
     path: &str,
@@ -513,14 +536,14 @@ async fn http_call(
 ) -> anyhow::Result<(u16, String)> {
     let mut request = hyper::Request::builder()
         .method(method)
-        .uri(format!("http://{addr}{path}"))
+        .uri(format!("{}://{addr}{path}", http.scheme))
         .header(hyper::header::CONTENT_TYPE, "application/json");
     if let Some(token) = token {
         request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
     }
     let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
     let request = request.body(Full::new(body))?;
-    let response = tokio::time::timeout(CALL_TIMEOUT, client.request(request))
+    let response = tokio::time::timeout(CALL_TIMEOUT, http.client.request(request))
         .await
         .with_context(|| format!("{method} {addr}{path} timed out"))?
         .with_context(|| format!("{method} {addr}{path}"))?;
@@ -536,12 +559,12 @@ async fn http_call(
 /// Waits until every worker's router routes `deployment` to a ready replica (a
 /// worker learns the routes at its next heartbeat).
 async fn wait_ready(info: &ClusterInfo, deployment: &str) -> anyhow::Result<()> {
-    let client = http_client();
+    let http = Http::of(info)?;
     let path = format!("/v2/models/{deployment}/ready");
     for worker in &info.workers {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let (code, _) = http_call(&client, &worker.http_addr, "GET", &path, None, None).await?;
+            let (code, _) = http_call(&http, &worker.http_addr, "GET", &path, None, None).await?;
             if code == 200 {
                 break;
             }
@@ -560,7 +583,7 @@ async fn wait_ready(info: &ClusterInfo, deployment: &str) -> anyhow::Result<()> 
 /// POSTs `body` and returns the JSON of a 200 answer. A 503 (no ready replica
 /// for a moment, as routes change in a rollout) is retried a few times.
 async fn post_json(
-    client: &HttpClient,
+    http: &Http,
     addr: &str,
     path: &str,
     token: Option<&str>,
@@ -569,7 +592,7 @@ async fn post_json(
     let mut tries = 0;
     loop {
         tries += 1;
-        match post_json_once(client, addr, path, token, body).await {
+        match post_json_once(http, addr, path, token, body).await {
             Err(e) if tries < 5 && format!("{e:#}").contains("answered 503") => {
                 tokio::time::sleep(Duration::from_millis(200 * tries)).await;
             }
@@ -580,13 +603,13 @@ async fn post_json(
 
 /// POSTs `body` once and returns the JSON of a 200 answer.
 async fn post_json_once(
-    client: &HttpClient,
+    http: &Http,
     addr: &str,
     path: &str,
     token: Option<&str>,
     body: &Value,
 ) -> anyhow::Result<Value> {
-    let (code, text) = http_call(client, addr, "POST", path, token, Some(body)).await?;
+    let (code, text) = http_call(http, addr, "POST", path, token, Some(body)).await?;
     if code != 200 {
         bail!("POST {addr}{path} answered {code}: {text}");
     }
@@ -645,14 +668,15 @@ impl Traffic {
             bail!("the cluster has no workers to send traffic to");
         }
         let shared = Arc::new(TrafficState::default());
+        let http = Http::of(info)?;
         let tasks = (0..CLIENTS)
             .map(|k| {
+                let http = http.clone();
                 let shared = Arc::clone(&shared);
                 let workers = workers.clone();
                 let token = token.clone();
                 tokio::spawn(async move {
                     let mut rng = StdRng::seed_from_u64(seed + k as u64);
-                    let client = http_client();
                     let mut n = 0u64;
                     while !shared.stop.load(Ordering::Relaxed) {
                         n += 1;
@@ -660,7 +684,7 @@ impl Traffic {
                         let turn = (n as usize + k) % workers.len();
                         let other = (turn + 1) % workers.len();
                         if let Err(e) = one_request(
-                            &client,
+                            &http,
                             &shared,
                             &mut rng,
                             (&workers[turn], &workers[other]),
@@ -729,7 +753,7 @@ impl Traffic {
 
 /// One inference request and the feedback for its answer.
 async fn one_request(
-    client: &HttpClient,
+    http: &Http,
     shared: &TrafficState,
     rng: &mut StdRng,
     (infer_at, feedback_at): (&str, &str),
@@ -752,7 +776,7 @@ async fn one_request(
             "data": data,
         }],
     });
-    let answer = post_json(client, infer_at, "/v2/models/risk/infer", token, &request).await?;
+    let answer = post_json(http, infer_at, "/v2/models/risk/infer", token, &request).await?;
     let version = answer["model_version"].as_str().unwrap_or("?").to_string();
     shared.requests.fetch_add(1, Ordering::Relaxed);
     *shared
@@ -766,7 +790,7 @@ async fn one_request(
     let labels: Vec<&str> = rows.iter().map(|(_, class)| *class).collect();
     let feedback = json!({"feedback": [{"id": id, "labels": labels}]});
     let matched = post_json(
-        client,
+        http,
         feedback_at,
         "/v2/models/risk/feedback",
         token,

@@ -15,6 +15,8 @@
 //! - `drift`: the drift statistics (equal to scipy's) and the verdict of a window
 //!   from the mergeable counts replicas keep in each column's reference bins.
 //! - `http`: the JSON error body and status codes every HTTP server answers with.
+//! - `https`: the server loop of every HTTP port (HTTPS with the node's cluster
+//!   certificate, plain HTTP only with `--insecure`) and the one HTTP client.
 //! - `jobspec`: the training job spec, checked whole, every problem named.
 //! - `reference`: a model's reference statistics for drift detection: frozen
 //!   quantile bins, training counts and moments per feature and prediction column.
@@ -30,6 +32,7 @@ pub mod config;
 pub mod drift;
 pub mod error;
 pub mod http;
+pub mod https;
 pub mod jobspec;
 pub mod logging;
 pub mod reference;

@@ -1,5 +1,8 @@
 //! The `tracing` subscriber every role installs: compact lines on stderr, filtered by
-//! `KILN_LOG` (then `RUST_LOG`), `info` by default.
+//! `KILN_LOG` (then `RUST_LOG`), `info` by default; colours only on a terminal, so
+//! log files, `docker logs` and journald get plain text.
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
@@ -11,6 +14,7 @@ pub fn init() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(true)
         .try_init();
 }

@@ -8,9 +8,12 @@
 //! certificate. A certificate from any other CA fails the handshake.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
 use crate::error::{Error, Result};
@@ -65,6 +68,58 @@ impl TlsMaterial {
             .client_auth_optional(true))
     }
 
+    /// Returns the rustls settings of an HTTPS port: this node's identity,
+    /// client certificates verified against the CA when presented, HTTP/2 or
+    /// HTTP/1.1 by ALPN.
+    pub fn https_server_config(&self) -> Result<rustls::ServerConfig> {
+        let (cert, key) = self.identity.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("an HTTPS server needs a certificate and key".into())
+        })?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(self.roots()?),
+            crypto(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| Error::InvalidArgument(format!("tls ca: {e}")))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(crypto())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Internal(format!("tls protocol versions: {e}")))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(parse_certs("tls cert", cert)?, parse_key(key)?)
+            .map_err(|e| Error::InvalidArgument(format!("tls cert and key: {e}")))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(config)
+    }
+
+    /// Returns the rustls settings of an HTTPS client: servers must present a
+    /// certificate the cluster CA signed; a node presents its own.
+    pub fn https_client_config(&self) -> Result<rustls::ClientConfig> {
+        let builder = rustls::ClientConfig::builder_with_provider(crypto())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Internal(format!("tls protocol versions: {e}")))?
+            .with_root_certificates(self.roots()?);
+        // No ALPN here: hyper-rustls sets it from the HTTP versions it enables,
+        // and a server without ALPN speaks HTTP/1.1.
+        match &self.identity {
+            Some((cert, key)) => builder
+                .with_client_auth_cert(parse_certs("tls cert", cert)?, parse_key(key)?)
+                .map_err(|e| Error::InvalidArgument(format!("tls cert and key: {e}"))),
+            None => Ok(builder.with_no_client_auth()),
+        }
+    }
+
+    /// The cluster CA as a rustls trust store.
+    fn roots(&self) -> Result<rustls::RootCertStore> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in parse_certs("tls ca", &self.ca_pem)? {
+            roots
+                .add(cert)
+                .map_err(|e| Error::InvalidArgument(format!("tls ca: {e}")))?;
+        }
+        Ok(roots)
+    }
+
     fn client_config(&self, host: &str) -> ClientTlsConfig {
         let mut config = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
@@ -74,6 +129,31 @@ impl TlsMaterial {
         }
         config
     }
+}
+
+/// The cryptography every kiln TLS connection uses: ring, as tonic's.
+pub(crate) fn crypto() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Parses the certificates of a PEM file; at least one must be there.
+fn parse_certs(what: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?;
+    if certs.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: no PEM certificate in the file"
+        )));
+    }
+    Ok(certs)
+}
+
+/// Parses the private key of a PEM file.
+fn parse_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>> {
+    rustls_pemfile::private_key(&mut &pem[..])
+        .map_err(|e| Error::InvalidArgument(format!("tls key: {e}")))?
+        .ok_or_else(|| Error::InvalidArgument("tls key: no PEM private key in the file".into()))
 }
 
 /// Returns an endpoint for the kiln gRPC server at `addr` (HOST:PORT): over TLS

@@ -189,10 +189,9 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
     let http = {
         let token = tasks.clone();
         let router = crate::api::http::router(api.clone());
+        let https = kiln_common::https::acceptor(tls.as_ref()).context("coordinator https")?;
         tokio::spawn(async move {
-            axum::serve(http_listener, router)
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await
+            kiln_common::https::serve(http_listener, router, https, token.cancelled_owned()).await
         })
     };
     let health = tokio::spawn(health_loop(

@@ -144,6 +144,10 @@ impl Cluster {
             "--http".to_string(),
             format!("127.0.0.1:{http_port}"),
         ];
+        crate::trust(
+            &format!("127.0.0.1:{http_port}"),
+            &self.certs.join("ca.pem"),
+        );
         args.extend(extra);
         args.extend(self.node_tls_args(&name));
         if let Some(config) = &self.config {
@@ -281,6 +285,8 @@ impl Cluster {
         );
         let data_dir = self.dir.path().join(format!("worker-{name}"));
         let addr = format!("127.0.0.1:{}", free_port());
+        let http = format!("127.0.0.1:{}", free_port());
+        crate::trust(&http, &self.certs.join("ca.pem"));
         let args = vec![
             "worker".to_string(),
             "--data-dir".to_string(),
@@ -290,7 +296,7 @@ impl Cluster {
             "--listen".to_string(),
             addr.clone(),
             "--http".to_string(),
-            format!("127.0.0.1:{}", free_port()),
+            http,
             "--inference-grpc".to_string(),
             format!("127.0.0.1:{}", free_port()),
         ];

@@ -1,18 +1,99 @@
 //! [`http_get`] and [`http_request`]: one HTTP/1.1 request over a fresh loopback
 //! connection, with a bearer token and a JSON body when given; enough to drive
 //! kiln's HTTP endpoints without an HTTP client.
+//!
+//! A [`Cluster`](crate::Cluster) with TLS registers each node's HTTP address
+//! with [`trust`]; requests to those addresses go over HTTPS, verified against
+//! that cluster's CA, and all others in plaintext.
 
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use kiln_common::tls::TlsMaterial;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
 
 /// Longest time one request may take.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The HTTPS addresses of this process's clusters and the client settings that
+/// trust each one's CA.
+fn trusted() -> &'static Mutex<HashMap<String, TlsConnector>> {
+    static TRUSTED: OnceLock<Mutex<HashMap<String, TlsConnector>>> = OnceLock::new();
+    TRUSTED.get_or_init(Mutex::default)
+}
+
+/// Records that `addr` speaks HTTPS with a certificate signed by the CA in `ca`.
+pub fn trust(addr: &str, ca: &Path) {
+    let config = TlsMaterial::client(ca)
+        .and_then(|tls| tls.https_client_config())
+        .unwrap_or_else(|e| panic!("client tls settings for {}: {e}", ca.display()));
+    trusted()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(addr.to_string(), TlsConnector::from(Arc::new(config)));
+}
+
+/// A connection to a kiln HTTP port, plain or TLS.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// How a request reaches its address.
+#[derive(Clone, Copy, PartialEq)]
+enum Transport {
+    /// HTTPS when [`trust`] registered the address, plain HTTP otherwise.
+    AsRegistered,
+    /// Plain HTTP whatever the address speaks.
+    Plaintext,
+}
+
+/// Connects to `addr`, over TLS when [`trust`] registered it and `transport`
+/// allows.
+async fn connect(addr: &str, transport: Transport) -> std::io::Result<Box<dyn Io>> {
+    let stream = TcpStream::connect(addr).await?;
+    if transport == Transport::Plaintext {
+        return Ok(Box::new(stream));
+    }
+    let connector = trusted()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(addr)
+        .cloned();
+    let Some(connector) = connector else {
+        return Ok(Box::new(stream));
+    };
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    Ok(Box::new(connector.connect(name, stream).await?))
+}
+
 /// Sends `GET path` to `addr` (`host:port`); returns the status code and the body.
 pub async fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
     http_request(addr, "GET", path, token, None).await
+}
+
+/// Sends `GET path` in plain HTTP even to an address that speaks HTTPS; returns
+/// the status code and the body.
+pub async fn http_get_plaintext(addr: &str, path: &str) -> (u16, String) {
+    request(Transport::Plaintext, addr, "GET", path, None, None).await
+}
+
+/// Reads a connection to its end. A TLS peer that closes without a
+/// close_notify alert after a whole answer counts as an end, as for browsers.
+async fn read_all(stream: &mut Box<dyn Io>) -> std::io::Result<Vec<u8>> {
+    let mut response = Vec::new();
+    match stream.read_to_end(&mut response).await {
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {
+            Ok(response)
+        }
+        Err(e) => Err(e),
+        Ok(_) => Ok(response),
+    }
 }
 
 /// Sends `method path` with an optional JSON body and bearer token; returns the
@@ -24,8 +105,21 @@ pub async fn http_request(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, String) {
+    request(Transport::AsRegistered, addr, method, path, token, body).await
+}
+
+async fn request(
+    transport: Transport,
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
     let exchange = async {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let mut stream = connect(addr, transport)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
         let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
         let content = body.map_or_else(String::new, |b| {
             format!(
@@ -38,9 +132,8 @@ pub async fn http_request(
             body.unwrap_or_default()
         );
         stream.write_all(request.as_bytes()).await.expect("send");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.expect("read");
-        response
+        let response = read_all(&mut stream).await.expect("read");
+        String::from_utf8(response).expect("a text answer")
     };
     let response = tokio::time::timeout(HTTP_TIMEOUT, exchange)
         .await
@@ -91,7 +184,7 @@ pub async fn http_call(
     body: &[u8],
 ) -> std::io::Result<HttpAnswer> {
     let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
+        let mut stream = connect(addr, Transport::AsRegistered).await?;
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n",
             body.len()
@@ -102,9 +195,7 @@ pub async fn http_call(
         head.push_str("\r\n");
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(body).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, std::io::Error>(response)
+        read_all(&mut stream).await
     };
     let response = tokio::time::timeout(HTTP_TIMEOUT, exchange)
         .await

@@ -12,7 +12,8 @@
 //! - `cluster`: [`Cluster`], coordinators and workers in one temporary dir; it
 //!   crashes, stops, restarts and adds nodes, hands out clients, and on a failing
 //!   test prints the tail of every node's log and keeps the dir.
-//! - `http`: [`http_get`], one GET with an optional bearer token.
+//! - `http`: [`http_get`], one GET with an optional bearer token, over HTTPS to
+//!   the addresses a TLS cluster registered with [`trust`].
 //! - `writer`: [`Writer`], a background client that writes distinct keys and
 //!   remembers what was attempted and what was acknowledged, and [`WriterLog`],
 //!   which checks those writes against a node afterwards.
@@ -30,7 +31,7 @@ mod writer;
 
 pub use cli::{kiln_bin, peak_rss, run_kiln, run_kiln_measured, stderr_text, CLI_TIMEOUT};
 pub use cluster::{run_kiln_sync, Cluster};
-pub use http::{http_call, http_get, http_request, HttpAnswer};
+pub use http::{http_call, http_get, http_get_plaintext, http_request, trust, HttpAnswer};
 pub use port::free_port;
 pub use process::Proc;
 pub use wait::{wait_for, POLL_INTERVAL};

@@ -10,7 +10,7 @@ use kiln_common::tls::{endpoint, TlsMaterial};
 use kiln_proto::v1::blobs_client::BlobsClient;
 use kiln_proto::v1::coordinator_client::CoordinatorClient;
 use kiln_proto::v1::*;
-use kiln_tests::Cluster;
+use kiln_tests::{run_kiln_sync, Cluster};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -646,6 +646,64 @@ async fn every_endpoint_checks_its_caller() {
         }
     }
     assert!(scanned > 10, "scanned only {scanned} files");
+    cluster.assert_healthy();
+}
+
+/// The coordinators' and workers' HTTP ports speak HTTPS only, with certificates
+/// of the cluster CA: a plain HTTP request is told so, and a client that trusts
+/// another CA fails the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_ports_speak_https_with_the_cluster_certificates() {
+    let mut cluster = Cluster::start(1, "");
+    cluster.wait_for_leader(Duration::from_secs(20)).await;
+    cluster.start_worker("a");
+    let other_ca = cluster.dir().join("other-ca");
+    run_kiln_sync(
+        cluster.bin(),
+        &["certs", "init", "--dir", &other_ca.display().to_string()],
+    );
+    let stranger = tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        TlsMaterial::client(&other_ca.join("ca.pem"))
+            .and_then(|tls| tls.https_client_config())
+            .expect("client settings for the other CA"),
+    ));
+    let ports = [
+        ("coordinator", cluster.http_addr(1), "/health"),
+        (
+            "worker",
+            cluster.worker_flag("a", "--http"),
+            "/v2/health/live",
+        ),
+    ];
+    for (node, addr, probe) in ports {
+        kiln_tests::wait_for(Duration::from_secs(15), "the port to answer", || {
+            let addr = addr.clone();
+            async move {
+                match kiln_tests::http_get(&addr, probe, None).await {
+                    (200, _) => Ok(()),
+                    (code, body) => Err(format!("{code}: {body}")),
+                }
+            }
+        })
+        .await;
+        let (code, body) = kiln_tests::http_get_plaintext(&addr, probe).await;
+        assert_eq!(code, 400, "{node} answered plain HTTP: {body}");
+        assert!(body.contains("this port speaks HTTPS"), "{node}: {body}");
+
+        let tcp = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1")
+            .expect("a server name");
+        let Err(error) = stranger.connect(name, tcp).await else {
+            panic!("{node}: a handshake with another CA must fail");
+        };
+        // Both CAs are named alike, so the check fails on the signature.
+        assert!(
+            error.to_string().contains("invalid peer certificate"),
+            "{node}: {error}"
+        );
+    }
     cluster.assert_healthy();
 }
 

@@ -5,7 +5,7 @@
 //! `/ui/login?token=...&next=PAGE`, so the cookie does the rest; and the token
 //! checks of the pages with a plain HTTP client.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kiln_tests::{http_call, stderr_text, v1::Role, Cluster, HttpAnswer};
@@ -54,10 +54,36 @@ fn encode(text: &str) -> String {
 /// Loads `page` in a fresh headless Chromium profile through the login link,
 /// and returns the DOM it rendered. Chromium runs under `timeout`, which kills
 /// its whole process group if it hangs.
-async fn dump_dom(chromium: &Path, addr: &str, token: &str, page: &str) -> String {
+/// Headless Chromium and the key of the coordinator it reads from: Chromium has
+/// no cluster CA to verify with, so the test pins that coordinator's public key
+/// (`--ignore-certificate-errors-spki-list`, the SHA-256 of its SPKI); any other
+/// certificate still fails.
+struct Browser {
+    bin: PathBuf,
+    pin: String,
+}
+
+impl Browser {
+    fn new(cluster: &Cluster, coordinator: u64) -> Browser {
+        use base64::Engine as _;
+        let key_file = cluster
+            .certs_dir()
+            .join(format!("coordinator-{coordinator}-key.pem"));
+        let pem = std::fs::read_to_string(&key_file)
+            .unwrap_or_else(|e| panic!("read {}: {e}", key_file.display()));
+        let key = rcgen::KeyPair::from_pem(&pem).expect("a PEM key");
+        let digest = ring::digest::digest(&ring::digest::SHA256, &key.public_key_der());
+        Browser {
+            bin: chromium(),
+            pin: base64::engine::general_purpose::STANDARD.encode(digest.as_ref()),
+        }
+    }
+}
+
+async fn dump_dom(browser: &Browser, addr: &str, token: &str, page: &str) -> String {
     let profile = tempfile::tempdir().expect("a profile dir");
     let url = format!(
-        "http://{addr}/ui/login?token={}&next={}",
+        "https://{addr}/ui/login?token={}&next={}",
         encode(token),
         encode(page)
     );
@@ -65,7 +91,7 @@ async fn dump_dom(chromium: &Path, addr: &str, token: &str, page: &str) -> Strin
     command
         .arg("--kill-after=5")
         .arg(CHROMIUM_TIMEOUT.as_secs().to_string())
-        .arg(chromium)
+        .arg(&browser.bin)
         .args([
             "--headless",
             "--no-sandbox",
@@ -75,6 +101,10 @@ async fn dump_dom(chromium: &Path, addr: &str, token: &str, page: &str) -> Strin
             "--disable-extensions",
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!(
+            "--ignore-certificate-errors-spki-list={}",
+            browser.pin
+        ))
         .arg("--dump-dom")
         .arg(&url)
         .stdin(std::process::Stdio::null())
@@ -171,7 +201,6 @@ fn assert_login_form(answer: &HttpAnswer, status: u16, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_page_shows_the_cluster_in_headless_chromium() {
-    let chromium = chromium();
     let test_started = Instant::now();
     let mut cluster = Cluster::start(
         3,
@@ -323,6 +352,7 @@ async fn every_dashboard_page_shows_the_cluster_in_headless_chromium() {
         .expect("a follower");
     // The follower draws the pages from its own replica.
     let http = cluster.http_addr(follower);
+    let browser = Browser::new(&cluster, follower);
 
     // Without the cookie: the login form, 401.
     for page in ["/ui", "/ui/jobs", "/ui/drift/dash-a/1"] {
@@ -353,6 +383,7 @@ async fn every_dashboard_page_shows_the_cluster_in_headless_chromium() {
     let cookie = answer.header("set-cookie").expect("a cookie").to_string();
     for part in [
         "kiln_token=",
+        "Secure",
         "HttpOnly",
         "SameSite=Strict",
         "Path=/ui",
@@ -385,7 +416,7 @@ async fn every_dashboard_page_shows_the_cluster_in_headless_chromium() {
 
     // Every page in Chromium.
     let chromium_started = Instant::now();
-    let dom = dump_dom(&chromium, &http, &viewer, "/ui").await;
+    let dom = dump_dom(&browser, &http, &viewer, "/ui").await;
     assert!(
         dom.contains(&format!("id=\"leader\">coordinator {leader}</b>")),
         "the overview does not name leader {leader}: {dom}"
@@ -396,10 +427,10 @@ async fn every_dashboard_page_shows_the_cluster_in_headless_chromium() {
     }
     assert!(dom.contains("href=\"/ui/deployments/dash\""), "{dom}");
 
-    let dom = dump_dom(&chromium, &http, &viewer, "/ui/jobs").await;
+    let dom = dump_dom(&browser, &http, &viewer, "/ui/jobs").await;
     assert!(dom.contains("dash-a") && dom.contains("dash-b"), "{dom}");
     let page = format!("/ui/jobs/{}", job_ids[0]);
-    let dom = dump_dom(&chromium, &http, &viewer, &page).await;
+    let dom = dump_dom(&browser, &http, &viewer, &page).await;
     assert!(dom.contains("Job ") && dom.contains("dash-a"), "{dom}");
     let points = attribute_after(&dom, "data-series=\"train_loss\"", "points")
         .unwrap_or_else(|| panic!("no loss line on {page}: {dom}"));
@@ -408,7 +439,7 @@ async fn every_dashboard_page_shows_the_cluster_in_headless_chromium() {
         "the loss line has fewer than 2 points: {points:?}"
     );
 
-    let dom = dump_dom(&chromium, &http, &viewer, "/ui/runs").await;
+    let dom = dump_dom(&browser, &http, &viewer, "/ui/runs").await;
     for run in &run_ids {
         assert!(
             dom.contains(&format!("value=\"{run}\"")),
@@ -416,7 +447,7 @@ async fn every_dashboard_page_shows_the_cluster_in_headless_chromium() {
         );
     }
     let page = format!("/ui/runs/compare?ids={}", run_ids.join(","));
-    let dom = dump_dom(&chromium, &http, &viewer, &page).await;
+    let dom = dump_dom(&browser, &http, &viewer, &page).await;
     for needle in [
         "dash-a",
         "dash-b",
@@ -432,9 +463,9 @@ async fn every_dashboard_page_shows_the_cluster_in_headless_chromium() {
         "one curve per run: {dom}"
     );
 
-    let dom = dump_dom(&chromium, &http, &viewer, "/ui/deployments").await;
+    let dom = dump_dom(&browser, &http, &viewer, "/ui/deployments").await;
     assert!(dom.contains("href=\"/ui/deployments/dash\""), "{dom}");
-    let dom = dump_dom(&chromium, &http, &viewer, "/ui/deployments/dash").await;
+    let dom = dump_dom(&browser, &http, &viewer, "/ui/deployments/dash").await;
     assert!(dom.contains("dash-a@1"), "{dom}");
     let windows: u64 = attribute_after(&dom, "id=\"traffic\"", "data-windows")
         .and_then(|n| n.parse().ok())
@@ -447,9 +478,9 @@ async fn every_dashboard_page_shows_the_cluster_in_headless_chromium() {
         "{windows} serving windows but no request rate chart: {dom}"
     );
 
-    let dom = dump_dom(&chromium, &http, &viewer, "/ui/drift").await;
+    let dom = dump_dom(&browser, &http, &viewer, "/ui/drift").await;
     assert!(dom.contains("href=\"/ui/drift/dash-a/1\""), "{dom}");
-    let dom = dump_dom(&chromium, &http, &viewer, "/ui/drift/dash-a/1").await;
+    let dom = dump_dom(&browser, &http, &viewer, "/ui/drift/dash-a/1").await;
     for feature in ["f0", "f1", "f2", "f3"] {
         let start = dom
             .find(&format!("data-column=\"{feature}\""))

@@ -202,16 +202,15 @@ async fn require_viewer(State(state): State<HttpState>, request: Request, next: 
     next.run(request).await
 }
 
-/// Serves [`router`] on `listener` until `shutdown` completes, then lets open
-/// requests finish.
+/// Serves [`router`] on `listener` (HTTPS with `tls`) until `shutdown`
+/// completes, then lets open requests finish.
 pub async fn serve(
     listener: TcpListener,
     state: HttpState,
+    tls: Option<kiln_common::https::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    kiln_common::https::serve(listener, router(state), tls, shutdown).await
 }
 
 async fn live() -> impl IntoResponse {
@@ -258,12 +257,15 @@ pub(crate) mod tests {
 
     /// A router with no deployments.
     fn no_serving() -> Arc<ServingRouter> {
-        Arc::new(ServingRouter::new(
-            "w".into(),
-            Arc::default(),
-            watch::channel(Vec::new()).1,
-            None,
-        ))
+        Arc::new(
+            ServingRouter::new(
+                "w".into(),
+                Arc::default(),
+                watch::channel(Vec::new()).1,
+                None,
+            )
+            .expect("a plain http client"),
+        )
     }
 
     #[tokio::test]
@@ -284,6 +286,7 @@ pub(crate) mod tests {
                 tokens: None,
                 serving: no_serving(),
             },
+            None,
             stop.clone().cancelled_owned(),
         ));
 
@@ -335,7 +338,7 @@ pub(crate) mod tests {
             tokens: Some(Arc::clone(&tokens)),
             serving: no_serving(),
         };
-        let server = tokio::spawn(serve(listener, state, stop.clone().cancelled_owned()));
+        let server = tokio::spawn(serve(listener, state, None, stop.clone().cancelled_owned()));
 
         let (status, body) = http_get(addr, "/metrics").await;
         assert_eq!(status, 401, "{body}");

@@ -213,12 +213,15 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         replicas.subscribe(),
         agent_stop.clone(),
     ));
-    let serving_router = Arc::new(serving::router::Router::new(
-        id.to_string(),
-        Arc::clone(&serving_table),
-        routes.subscribe(),
-        tls.is_some().then(|| Arc::clone(&tokens)),
-    ));
+    let serving_router = Arc::new(
+        serving::router::Router::new(
+            id.to_string(),
+            Arc::clone(&serving_table),
+            routes.subscribe(),
+            tls.as_ref().map(|tls| (tls, Arc::clone(&tokens))),
+        )
+        .context("worker http client")?,
+    );
     tokio::spawn(telemetry::telemetry_loop(
         telemetry::TelemetryContext {
             client: Arc::clone(&client),
@@ -257,8 +260,9 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         serving: Arc::clone(&serving_router),
     };
     let stop = servers_stop.clone().cancelled_owned();
+    let https = kiln_common::https::acceptor(tls.as_ref()).context("worker https")?;
     servers.spawn(async move {
-        http::serve(http_listener, state, stop)
+        http::serve(http_listener, state, https, stop)
             .await
             .with_context(|| format!("serve worker http {http_addr}"))
     });

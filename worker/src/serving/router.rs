@@ -29,11 +29,11 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use kiln_common::auth::{Permission, TokenBook};
 use kiln_common::clock::now_ms;
 use kiln_common::http::error_response;
+use kiln_common::https::{self, HttpClient};
+use kiln_common::tls::TlsMaterial;
 use kiln_common::{Error, Result};
 use kiln_proto::v1::{Route, RouteEndpoint};
 use rand::Rng;
@@ -121,7 +121,10 @@ pub struct Router {
     table: Arc<ServingTable>,
     routes: watch::Receiver<Vec<Route>>,
     in_flight: Mutex<HashMap<(String, u64), Arc<AtomicUsize>>>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// Calls the other workers' inference HTTP ports, over HTTPS with TLS.
+    client: HttpClient,
+    /// `https` with TLS, `http` without (`--insecure`).
+    scheme: &'static str,
     /// Token records callers are checked against; `None` without TLS.
     tokens: Option<Arc<TokenBook>>,
     /// The answers of this worker's replicas, for the feedback endpoint.
@@ -146,28 +149,32 @@ impl Drop for InFlight {
 }
 
 impl Router {
+    /// A router; `secure` holds this worker's TLS identity, with which it calls
+    /// the other workers, and the token records it checks callers against
+    /// (`None` with `--insecure`).
     pub fn new(
         worker_id: String,
         table: Arc<ServingTable>,
         routes: watch::Receiver<Vec<Route>>,
-        tokens: Option<Arc<TokenBook>>,
-    ) -> Router {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(256)
-            .build(connector);
-        Router {
+        secure: Option<(&TlsMaterial, Arc<TokenBook>)>,
+    ) -> Result<Router> {
+        let client = https::http_client(
+            secure.as_ref().map(|(tls, _)| *tls),
+            https::ClientSettings {
+                pool_max_idle_per_host: 256,
+                ..https::ClientSettings::default()
+            },
+        )?;
+        Ok(Router {
             feedback: Arc::new(Feedback::new(&worker_id)),
             worker_id,
             table,
             routes,
             in_flight: Mutex::new(HashMap::new()),
             client,
-            tokens,
-        }
+            scheme: https::scheme(secure.is_some()),
+            tokens: secure.map(|(_, tokens)| tokens),
+        })
     }
 
     /// The ready local replicas, for metrics.
@@ -413,7 +420,8 @@ impl Router {
         deadline: Instant,
     ) -> std::result::Result<Response, Failure<Response>> {
         let uri = format!(
-            "http://{}/v2/models/{deployment}{}/infer",
+            "{}://{}/v2/models/{deployment}{}/infer",
+            self.scheme,
             endpoint.http_addr,
             version.path()
         );
@@ -553,7 +561,8 @@ impl Router {
         headers: &HeaderMap,
     ) -> Result<Response> {
         let uri = format!(
-            "http://{}/v2/models/{deployment}{}",
+            "{}://{}/v2/models/{deployment}{}",
+            self.scheme,
             endpoint.http_addr,
             version.path()
         );
@@ -684,8 +693,8 @@ impl Router {
         let body = serde_json::to_vec(&serde_json::json!({ "feedback": items }))
             .map_err(|e| format!("encode the items: {e}"))?;
         let uri = format!(
-            "http://{}/v2/models/{deployment}/feedback",
-            endpoint.http_addr
+            "{}://{}/v2/models/{deployment}/feedback",
+            self.scheme, endpoint.http_addr
         );
         let mut request = hyper::Request::builder()
             .method(Method::POST)

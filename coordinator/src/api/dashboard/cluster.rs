@@ -9,8 +9,14 @@ use kiln_proto::v1::{ClusterStatusResponse, DriftAlert};
 
 use super::html::{ago, bytes, esc, link, note, percent, table, url_part, Cell};
 
-/// Returns the overview's body.
-pub fn overview(status: &ClusterStatusResponse, firing: &[DriftAlert], now_ms: u64) -> String {
+/// Returns the overview's body; `scheme` (`https` or `http`) is how the other
+/// coordinators' dashboards are linked.
+pub fn overview(
+    status: &ClusterStatusResponse,
+    firing: &[DriftAlert],
+    scheme: &str,
+    now_ms: u64,
+) -> String {
     let mut out = String::new();
     let leader = status
         .coordinators
@@ -38,7 +44,10 @@ pub fn overview(status: &ClusterStatusResponse, firing: &[DriftAlert], now_ms: u
             let http = if c.http_addr.is_empty() {
                 Cell::text("-")
             } else {
-                Cell::Html(link(&format!("http://{}/ui", c.http_addr), &c.http_addr))
+                Cell::Html(link(
+                    &format!("{scheme}://{}/ui", c.http_addr),
+                    &c.http_addr,
+                ))
             };
             vec![
                 Cell::Num(c.id.to_string()),
@@ -209,6 +218,7 @@ mod tests {
                 CoordinatorStatus {
                     id: 2,
                     addr: "127.0.0.1:7070".into(),
+                    http_addr: "127.0.0.1:7080".into(),
                     role: "leader".into(),
                     healthy: true,
                     ..Default::default()
@@ -228,12 +238,16 @@ mod tests {
             }],
             ..Default::default()
         };
-        let body = overview(&status, &[], 0);
+        let body = overview(&status, &[], "https", 0);
         assert!(body.contains("<b id=\"leader\">coordinator 2</b> at 127.0.0.1:7070"));
+        assert!(
+            body.contains("<a href=\"https://127.0.0.1:7080/ui\">127.0.0.1:7080</a>"),
+            "{body}"
+        );
         assert!(body.contains("w-&lt;1&gt;"));
         assert!(body.contains("<a href=\"/ui/deployments/iris\">iris</a>"));
         assert!(body.contains("1 / 2"));
-        let leaderless = overview(&ClusterStatusResponse::default(), &[], 0);
+        let leaderless = overview(&ClusterStatusResponse::default(), &[], "https", 0);
         assert!(leaderless.contains("no leader known"));
     }
 }

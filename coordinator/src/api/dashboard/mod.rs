@@ -162,7 +162,12 @@ async fn overview_page(api: &Api) -> Page {
         .collect();
     Ok((
         "Cluster".to_string(),
-        cluster::overview(&status, &firing, now_ms()),
+        cluster::overview(
+            &status,
+            &firing,
+            kiln_common::https::scheme(api.tls_enabled),
+            now_ms(),
+        ),
     ))
 }
 

@@ -1,5 +1,5 @@
 //! Who may see the dashboard. With TLS (a secure cluster) every page needs a
-//! token with the viewer role or more, kept in an HttpOnly cookie that
+//! token with the viewer role or more, kept in a Secure, HttpOnly cookie that
 //! `/ui/login` sets after checking the token the same way as a bearer header
 //! (`auth::authorize_bearer`, then `Api::admit`); without TLS the pages are open,
 //! like the other HTTP endpoints.
@@ -170,7 +170,7 @@ fn login(api: &Api, token: &str, next: &str) -> Response {
     match checked {
         Ok(_) => {
             let cookie = format!(
-                "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/ui; Max-Age={COOKIE_MAX_AGE_S}"
+                "{COOKIE}={token}; Secure; HttpOnly; SameSite=Strict; Path=/ui; Max-Age={COOKIE_MAX_AGE_S}"
             );
             let mut response = see_other(next);
             match HeaderValue::from_str(&cookie) {
@@ -187,7 +187,7 @@ fn login(api: &Api, token: &str, next: &str) -> Response {
 
 /// A cookie that replaces the token with nothing and expires at once.
 fn clear_cookie() -> HeaderValue {
-    HeaderValue::from_static("kiln_token=; HttpOnly; SameSite=Strict; Path=/ui; Max-Age=0")
+    HeaderValue::from_static("kiln_token=; Secure; HttpOnly; SameSite=Strict; Path=/ui; Max-Age=0")
 }
 
 /// 303 See Other to a local path (checked by [`local_next`]).
