@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
-# Every test: unit, property, storage conformance and the cluster tests that start
-# real kiln processes on loopback ports, then `kiln demo` end to end (on its own
-# cluster in a temporary directory, stopped afterwards). Chromium (Debian's
-# package) renders the dashboard pages in the dashboard test.
+# Every test: the systemd units' check, unit, property, storage conformance and the
+# cluster tests that start real kiln processes on loopback ports, then `kiln demo`
+# end to end (on its own cluster in a temporary directory, stopped afterwards).
+# Chromium (Debian's package) renders the dashboard pages in the dashboard test.
 source "$(dirname "$0")/env.sh"
 kiln_install_packages chromium
+
+# The systemd units are checked by systemd-analyze (Debian's systemd package,
+# which works without systemd running); skipped only where it cannot be installed.
+if command -v systemd-analyze >/dev/null 2>&1 ||
+  { kiln_install_packages systemd && command -v systemd-analyze >/dev/null 2>&1; }; then
+  deploy/systemd/verify.sh
+else
+  echo "SKIPPED deploy/systemd/verify.sh: systemd-analyze is missing and the systemd package could not be installed" >&2
+fi
+
 cargo build -p kiln-cli
 cargo test --workspace -- --test-threads=2
 
