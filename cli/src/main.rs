@@ -52,6 +52,15 @@ struct Cli {
     /// Bearer token (default: the local cluster's admin token, from .kiln/).
     #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A node certificate of the cluster CA (with --key and --ca): the CLI calls
+    /// as a cluster node, which may do everything. For bootstrapping, such as
+    /// making the first admin token of a new cluster; tokens are for the rest.
+    // Checked in `cluster_client`: clap cannot name a missing global argument.
+    #[arg(long, global = true, env = "KILN_CERT")]
+    cert: Option<PathBuf>,
+    /// The private key of --cert.
+    #[arg(long, global = true, env = "KILN_KEY")]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -848,6 +857,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         coordinator: cli.coordinator,
         ca: cli.ca,
         token: cli.token,
+        node: match (cli.cert, cli.key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => bail!("--cert needs --key, the certificate's private key"),
+            (None, Some(_)) => bail!("--key needs --cert"),
+        },
     };
     match cli.command {
         Command::Coordinator(args) => {
@@ -1591,6 +1606,8 @@ struct Connection {
     coordinator: Option<String>,
     ca: Option<PathBuf>,
     token: Option<String>,
+    /// A node certificate and key to call with (`--cert`, `--key`).
+    node: Option<(PathBuf, PathBuf)>,
 }
 
 fn cluster_client(cli: &Connection) -> anyhow::Result<ClusterClient> {
@@ -1613,9 +1630,13 @@ fn cluster_client(cli: &Connection) -> anyhow::Result<ClusterClient> {
     let ca = ca
         .map(Path::to_path_buf)
         .or_else(|| local.as_ref().and_then(|info| info.ca.clone()));
-    let tls = match ca {
-        Some(path) => Some(kiln_common::tls::TlsMaterial::client(&path)?),
-        None => None,
+    let tls = match (ca, &cli.node) {
+        (Some(ca), Some((cert, key))) => Some(kiln_common::tls::TlsMaterial::node(&ca, cert, key)?),
+        (Some(ca), None) => Some(kiln_common::tls::TlsMaterial::client(&ca)?),
+        (None, Some(_)) => {
+            bail!("--cert needs --ca, the cluster CA that signed it and the coordinators' certificates")
+        }
+        (None, None) => None,
     };
     let token = match (&cli.token, &local) {
         (Some(token), _) => Some(token.clone()),

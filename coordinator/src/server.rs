@@ -70,6 +70,19 @@ fn bootstrap(store: &mut RocksStore, config: &CoordinatorConfig) -> Result<(), S
     Ok(())
 }
 
+/// The HTTP address others reach this coordinator at: `--http` itself, or, when
+/// it listens on every interface (0.0.0.0, [::]), the host of `--advertise` with
+/// the HTTP port, so that links and clients get an address they can dial.
+fn advertised_http(config: &CoordinatorConfig) -> String {
+    if !config.http.ip().is_unspecified() {
+        return config.http.to_string();
+    }
+    match config.advertise.rsplit_once(':') {
+        Some((host, _)) => format!("{host}:{}", config.http.port()),
+        None => config.http.to_string(),
+    }
+}
+
 /// Runs a coordinator until `shutdown` is cancelled.
 pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let span = tracing::info_span!("coordinator", node_id = config.id);
@@ -146,7 +159,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
         canary: config.canary.clone(),
         notifier: crate::webhook::Notifier::default(),
         peers,
-        http_addr: config.http.to_string(),
+        http_addr: advertised_http(&config),
         advertise: config.advertise.clone(),
         snapshot_dir,
         tls_enabled: tls.is_some(),
@@ -206,7 +219,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
         let member = MemberRecord {
             id: config.id,
             addr: config.advertise.clone(),
-            http_addr: config.http.to_string(),
+            http_addr: advertised_http(&config),
         };
         tokio::spawn(join_cluster(join, member, tls.clone(), tasks.clone()));
     }
@@ -453,5 +466,40 @@ async fn health_loop(
                 Err(e) => tracing::warn!(worker = %w.id, error = %e, "record worker health"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_common::config::CoordinatorOverrides;
+
+    fn config(http: &str, advertise: &str) -> CoordinatorConfig {
+        CoordinatorConfig::load(
+            None,
+            CoordinatorOverrides {
+                http: Some(http.into()),
+                advertise: Some(advertise.into()),
+                insecure: true,
+                ..CoordinatorOverrides::default()
+            },
+        )
+        .expect("a valid config")
+    }
+
+    #[test]
+    fn a_coordinator_on_every_interface_advertises_its_hosts_http_port() {
+        assert_eq!(
+            advertised_http(&config("0.0.0.0:7080", "coordinator-2:7070")),
+            "coordinator-2:7080"
+        );
+        assert_eq!(
+            advertised_http(&config("[::]:9080", "[fd00::2]:7070")),
+            "[fd00::2]:9080"
+        );
+        assert_eq!(
+            advertised_http(&config("10.0.0.5:7080", "host5:7070")),
+            "10.0.0.5:7080"
+        );
     }
 }

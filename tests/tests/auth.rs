@@ -707,6 +707,105 @@ async fn http_ports_speak_https_with_the_cluster_certificates() {
     cluster.assert_healthy();
 }
 
+/// An operator who holds a node certificate makes a new cluster's first admin
+/// token with the CLI (`--cert`, `--key`); a certificate of another CA cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_makes_the_first_admin_token_with_a_node_certificate() {
+    let cluster = Cluster::start(1, "");
+    cluster.wait_for_leader(Duration::from_secs(20)).await;
+    let certs = cluster.certs_dir().to_path_buf();
+    let file = |name: &str| certs.join(name).display().to_string();
+    let (ca, cert, key) = (file("ca.pem"), file("harness.pem"), file("harness-key.pem"));
+    let addr = cluster.addr(1);
+    let global = ["--coordinator", addr.as_str(), "--ca", ca.as_str()];
+    let as_node = |cert: &str, key: &str, args: &[&str]| {
+        let mut full: Vec<String> = global.iter().map(|a| a.to_string()).collect();
+        full.extend(["--cert", cert, "--key", key].map(str::to_string));
+        full.extend(args.iter().map(|a| a.to_string()));
+        full
+    };
+    let run = |args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        kiln_tests::run_kiln(&args, kiln_tests::CLI_TIMEOUT).await
+    };
+
+    let made = run(as_node(
+        &cert,
+        &key,
+        &["token", "create", "--name", "first", "--role", "admin"],
+    ))
+    .await;
+    assert!(made.status.success(), "{}", kiln_tests::stderr_text(&made));
+    let stdout = String::from_utf8_lossy(&made.stdout);
+    let token = stdout
+        .lines()
+        .find(|l| l.starts_with("kt.first."))
+        .unwrap_or_else(|| panic!("no token printed: {stdout}"))
+        .to_string();
+    let mut listed: Vec<String> = global.iter().map(|a| a.to_string()).collect();
+    listed.extend(["--token", token.as_str(), "token", "ls"].map(str::to_string));
+    let listed = run(listed).await;
+    assert!(
+        listed.status.success(),
+        "{}",
+        kiln_tests::stderr_text(&listed)
+    );
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("first"));
+
+    // --cert without --ca is refused before anything is sent.
+    let alone = run([
+        "--coordinator",
+        addr.as_str(),
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+        "token",
+        "ls",
+    ]
+    .map(str::to_string)
+    .to_vec())
+    .await;
+    assert!(!alone.status.success());
+    let complaint = String::from_utf8_lossy(&alone.stderr);
+    assert!(complaint.contains("--ca"), "{complaint}");
+
+    // A node certificate of another CA is refused at the handshake.
+    let other = cluster.dir().join("other-ca");
+    let other_dir = other.display().to_string();
+    run_kiln_sync(cluster.bin(), &["certs", "init", "--dir", &other_dir]);
+    run_kiln_sync(
+        cluster.bin(),
+        &[
+            "certs",
+            "issue",
+            "--dir",
+            &other_dir,
+            "--node",
+            "intruder",
+            "--san",
+            "127.0.0.1",
+        ],
+    );
+    let intruder = run(as_node(
+        &other.join("intruder.pem").display().to_string(),
+        &other.join("intruder-key.pem").display().to_string(),
+        &["token", "create", "--name", "second", "--role", "admin"],
+    ))
+    .await;
+    assert!(
+        !intruder.status.success(),
+        "a foreign node certificate made a token"
+    );
+    let listed = run(global
+        .iter()
+        .map(|a| a.to_string())
+        .chain(["--token", token.as_str(), "token", "ls"].map(str::to_string))
+        .collect())
+    .await;
+    assert!(!String::from_utf8_lossy(&listed.stdout).contains("second"));
+}
+
 /// Every HTTP endpoint and what it needs; `None`: open to anyone (probes).
 const HTTP_TABLE: &[(&str, Option<Need>)] = &[
     ("/api/v1/status", Some(Need::Read)),
