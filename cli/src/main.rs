@@ -56,10 +56,11 @@ struct Cli {
     /// as a cluster node, which may do everything. For bootstrapping, such as
     /// making the first admin token of a new cluster; tokens are for the rest.
     // Checked in `cluster_client`: clap cannot name a missing global argument.
-    #[arg(long, global = true, env = "KILN_CERT")]
+    // Own ids: a global argument's id must not clash with a subcommand's (`kv put KEY`).
+    #[arg(long = "cert", id = "node_cert", global = true, env = "KILN_CERT")]
     cert: Option<PathBuf>,
     /// The private key of --cert.
-    #[arg(long, global = true, env = "KILN_KEY")]
+    #[arg(long = "key", id = "node_key", global = true, env = "KILN_KEY")]
     key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
