@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test: the systemd units' check, unit, property, storage conformance and the
-# cluster tests that start real kiln processes on loopback ports, then `kiln demo`
-# end to end (on its own cluster in a temporary directory, stopped afterwards).
+# cluster tests that start real kiln processes on loopback ports, the container
+# image and the compose cluster (where Docker runs), then `kiln demo` end to end
+# (on its own cluster in a temporary directory, stopped afterwards).
 # Chromium (Debian's package) renders the dashboard pages in the dashboard test.
 source "$(dirname "$0")/env.sh"
 kiln_install_packages chromium
@@ -17,6 +18,19 @@ fi
 
 cargo build -p kiln-cli
 cargo test --workspace -- --test-threads=2
+
+# The container image and the compose cluster, where a Docker Engine runs: the
+# image built from this binary, its smoke test, then 3 coordinators and 3 workers
+# in compose running `kiln demo --existing`.
+if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 &&
+  command -v docker-compose >/dev/null 2>&1; then
+  kiln_install_packages debootstrap
+  deploy/docker/build.sh --tag kiln:ci
+  deploy/docker/smoke.sh --tag kiln:ci
+  KILN_IMAGE=kiln:ci deploy/compose/test.sh
+else
+  echo "SKIPPED deploy/docker/smoke.sh and deploy/compose/test.sh: no Docker Engine with docker-compose here" >&2
+fi
 
 demo_dir="$(mktemp -d)"
 trap '"$KILN_BIN" local down --dir "$demo_dir/cluster" >/dev/null 2>&1 || true; rm -rf "$demo_dir"' EXIT

@@ -70,7 +70,8 @@ fn civil_from_days(days: i64) -> (i32, u8, u8) {
     (y as i32, m, d)
 }
 
-fn write_new(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
+/// Writes a new file with `mode`; refuses to replace one.
+pub fn write_new(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -148,6 +149,39 @@ pub fn issue(dir: &Path, name: &str, sans: &[String]) -> anyhow::Result<Issued> 
     Ok(out)
 }
 
+/// Makes what is missing in `dir`: the CA, then a certificate for each of
+/// `nodes` valid for its own name and `sans`; returns the files made. Existing
+/// files are kept (a node whose certificate or key is there is skipped).
+pub fn ensure(dir: &Path, nodes: &[String], sans: &[String]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut made = Vec::new();
+    let (cert, key) = (dir.join(CA_CERT), dir.join(CA_KEY));
+    match (cert.exists(), key.exists()) {
+        (true, true) => {}
+        (false, false) => {
+            let ca = init(dir)?;
+            made.extend([ca.cert, ca.key]);
+        }
+        _ => bail!(
+            "{} holds half a CA ({} or {} is missing): restore it or start afresh",
+            dir.display(),
+            CA_CERT,
+            CA_KEY
+        ),
+    }
+    for node in nodes {
+        if dir.join(format!("{node}.pem")).exists() || dir.join(format!("{node}-key.pem")).exists()
+        {
+            continue;
+        }
+        let names: Vec<String> = std::iter::once(node.clone())
+            .chain(sans.iter().filter(|s| *s != node).cloned())
+            .collect();
+        let issued = issue(dir, node, &names)?;
+        made.extend([issued.cert, issued.key]);
+    }
+    Ok(made)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,5 +222,26 @@ mod tests {
         );
         assert!(issue(dir.path(), "bad/name", &["x".into()]).is_err());
         assert!(issue(dir.path(), "n2", &[]).is_err());
+    }
+
+    #[test]
+    fn ensure_makes_only_what_is_missing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let nodes = ["c-1".to_string(), "w-1".to_string()];
+        let made = ensure(dir.path(), &nodes, &["localhost".into()]).expect("ensure");
+        assert_eq!(made.len(), 6, "{made:?}");
+        let ca = std::fs::read(dir.path().join(CA_CERT)).expect("ca");
+        let c1 = std::fs::read(dir.path().join("c-1.pem")).expect("c-1");
+        let again = ["c-1".to_string(), "w-1".to_string(), "w-2".to_string()];
+        let made = ensure(dir.path(), &again, &["localhost".into()]).expect("ensure again");
+        assert_eq!(
+            made,
+            vec![dir.path().join("w-2.pem"), dir.path().join("w-2-key.pem")]
+        );
+        assert_eq!(std::fs::read(dir.path().join(CA_CERT)).expect("ca"), ca);
+        assert_eq!(std::fs::read(dir.path().join("c-1.pem")).expect("c-1"), c1);
+        std::fs::remove_file(dir.path().join(CA_KEY)).expect("remove the CA key");
+        let error = ensure(dir.path(), &nodes, &[]).expect_err("half a CA");
+        assert!(error.to_string().contains("half a CA"), "{error}");
     }
 }

@@ -66,9 +66,26 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// What `kiln demo` was asked.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
+    /// The local cluster's directory; with `existing`, where the generated data
+    /// and job spec are written.
     pub dir: PathBuf,
     pub seed: u64,
     pub base_port: u16,
+    /// Runs against this cluster instead of starting a local one.
+    pub existing: Option<ExistingCluster>,
+}
+
+/// A running cluster the demo uses instead of a fresh local one (such as the
+/// compose cluster). Its `[drift]` and `[canary]` settings decide how long the
+/// demo takes: deploy/compose's demo override gives it the demo's.
+#[derive(Debug, Clone)]
+pub struct ExistingCluster {
+    pub coordinators: Vec<String>,
+    pub ca: Option<PathBuf>,
+    pub token: Option<String>,
+    /// The host name the coordinators reach this process at, for the drift
+    /// webhook (127.0.0.1 when they run on this machine).
+    pub webhook_host: String,
 }
 
 /// The two worlds the data comes from. In the shifted one, incomes, debts and
@@ -145,9 +162,21 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let mut timeline = Timeline::new(started);
     let mut rng = StdRng::seed_from_u64(opts.seed);
 
-    heading(1, "a fresh local cluster: 3 coordinators, 2 workers");
-    let info = fresh_cluster(&opts).await?;
-    let conn = Connection::of(&info)?;
+    let (info, conn) = match &opts.existing {
+        None => {
+            heading(1, "a fresh local cluster: 3 coordinators, 2 workers");
+            let info = fresh_cluster(&opts).await?;
+            let token = local::read_token(&info)?;
+            let conn = Connection::of(&info, token)?;
+            (info, conn)
+        }
+        Some(existing) => {
+            heading(1, "the running cluster");
+            let info = existing_cluster(existing).await?;
+            let conn = Connection::of(&info, existing.token.clone())?;
+            (info, conn)
+        }
+    };
     kiln(&conn, &["status"]).await?;
     timeline.mark("cluster up");
 
@@ -167,7 +196,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     timeline.mark("risk-model@1 trained and registered");
 
     heading(4, "deploy it, watched for drift, with a retrain policy");
-    let hook = WebhookReceiver::start().await?;
+    let webhook_host = opts
+        .existing
+        .as_ref()
+        .map_or("127.0.0.1", |e| e.webhook_host.as_str());
+    let hook = WebhookReceiver::start(webhook_host).await?;
     kiln(
         &conn,
         &[
@@ -309,19 +342,21 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             path(ca)
         );
     }
-    if let Some(token) = &token {
-        println!("open it with: {scheme}://{coordinator_http}/ui/login?token={token}");
+    if opts.existing.is_none() {
+        if let Some(token) = &token {
+            println!("open it with: {scheme}://{coordinator_http}/ui/login?token={token}");
+            println!(
+                "(the admin token; it is also in {})",
+                path(&opts.dir.join("admin.token"))
+            );
+        }
         println!(
-            "(the admin token; it is also in {})",
-            path(&opts.dir.join("admin.token"))
+            "\nthe cluster keeps running under {}: try `kiln drift status`, `kiln runs ls`, \
+             `kiln deployments show risk`; stop it with `kiln local down --dir {}`",
+            path(&opts.dir),
+            path(&opts.dir)
         );
     }
-    println!(
-        "\nthe cluster keeps running under {}: try `kiln drift status`, `kiln runs ls`, \
-         `kiln deployments show risk`; stop it with `kiln local down --dir {}`",
-        path(&opts.dir),
-        path(&opts.dir)
-    );
     println!("demo done in {:.0} s", started.elapsed().as_secs_f64());
     if !verdict.contains("promoted") {
         bail!("the retrained canary was not promoted: {verdict}");
@@ -344,6 +379,76 @@ async fn push_world(
         &["artifact", "push", &path(&file), "--name", "risk-data"],
     )
     .await
+}
+
+/// Describes a running cluster the way `cluster.json` describes a local one,
+/// from its status: the coordinators' addresses and the workers' inference
+/// HTTP addresses.
+async fn existing_cluster(existing: &ExistingCluster) -> anyhow::Result<ClusterInfo> {
+    let client = ClusterClient::new(
+        existing.coordinators.clone(),
+        ClientOptions {
+            tls: existing
+                .ca
+                .as_deref()
+                .map(TlsMaterial::client)
+                .transpose()?,
+            token: existing.token.clone(),
+            ..ClientOptions::default()
+        },
+    )?;
+    let status = client
+        .call(|mut c| async move {
+            c.cluster_status(kiln_proto::v1::ClusterStatusRequest {})
+                .await
+                .map(|r| r.into_inner())
+        })
+        .await
+        .context("read the cluster's status")?;
+    let node = |name: String, id: String, addr: &str, http_addr: &str| local::NodeInfo {
+        name,
+        id,
+        addr: addr.to_string(),
+        http_addr: http_addr.to_string(),
+        inference_grpc_addr: None,
+        pid: 0,
+        data_dir: PathBuf::new(),
+        log: PathBuf::new(),
+        args: Vec::new(),
+    };
+    let info = ClusterInfo {
+        coordinators: status
+            .coordinators
+            .iter()
+            .filter(|c| !c.http_addr.is_empty())
+            .map(|c| {
+                node(
+                    format!("coordinator-{}", c.id),
+                    c.id.to_string(),
+                    &c.addr,
+                    &c.http_addr,
+                )
+            })
+            .collect(),
+        workers: status
+            .workers
+            .iter()
+            .filter(|w| w.state == kiln_proto::v1::WorkerState::Alive as i32)
+            .map(|w| node(w.id.clone(), w.id.clone(), &w.addr, &w.inference_http_addr))
+            .collect(),
+        ca: existing.ca.clone(),
+        token_file: None,
+    };
+    if info.coordinators.is_empty() {
+        bail!("the cluster's status names no coordinator with an HTTP address");
+    }
+    if info.workers.len() < 2 {
+        bail!(
+            "the demo needs 2 live workers; the cluster has {}",
+            info.workers.len()
+        );
+    }
+    Ok(info)
 }
 
 /// Stops the local cluster under `opts.dir` (if any), removes the directory and
@@ -391,8 +496,7 @@ struct Connection {
 }
 
 impl Connection {
-    fn of(info: &ClusterInfo) -> anyhow::Result<Connection> {
-        let token = local::read_token(info)?;
+    fn of(info: &ClusterInfo, token: Option<String>) -> anyhow::Result<Connection> {
         let mut flags = vec![
             "--coordinator".to_string(),
             info.coordinator_addrs().join(","),
@@ -403,8 +507,15 @@ impl Connection {
         if let Some(token) = &token {
             flags.extend(["--token".to_string(), token.clone()]);
         }
+        let client = local::admin_client(
+            info,
+            ClientOptions {
+                token: token.clone(),
+                ..ClientOptions::default()
+            },
+        )?;
         Ok(Connection {
-            client: local::admin_client(info, ClientOptions::default())?,
+            client,
             flags,
             token,
         })
@@ -812,12 +923,18 @@ struct WebhookReceiver {
 }
 
 impl WebhookReceiver {
-    async fn start() -> anyhow::Result<WebhookReceiver> {
+    /// Listens on a free port, on loopback when `host` is a loopback address and
+    /// on every interface otherwise; the coordinators post to `host`.
+    async fn start(host: &str) -> anyhow::Result<WebhookReceiver> {
         use axum::routing::post;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let loopback = host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+        let bind = if loopback { host } else { "0.0.0.0" };
+        let listener = tokio::net::TcpListener::bind((bind, 0))
             .await
             .context("bind the webhook receiver")?;
-        let url = format!("http://{}/alerts", listener.local_addr()?);
+        let url = format!("http://{host}:{}/alerts", listener.local_addr()?.port());
         let received: Arc<Mutex<Vec<Value>>> = Arc::default();
         let kept = Arc::clone(&received);
         let app = axum::Router::new().route(

@@ -154,14 +154,19 @@ pub fn client_tls(info: &ClusterInfo) -> anyhow::Result<Option<kiln_common::tls:
     }
 }
 
-/// Returns a client of the local cluster's coordinators that acts as its admin
-/// (the CA and the admin token of `info`), with the other settings of `options`.
+/// Returns a client of the cluster's coordinators that acts as its admin (the
+/// CA of `info`, and the token of `options` or else `info`'s admin token), with
+/// the other settings of `options`.
 pub fn admin_client(info: &ClusterInfo, options: ClientOptions) -> anyhow::Result<ClusterClient> {
+    let token = match options.token.clone() {
+        Some(token) => Some(token),
+        None => read_token(info)?,
+    };
     Ok(ClusterClient::new(
         info.coordinator_addrs(),
         ClientOptions {
             tls: client_tls(info)?,
-            token: read_token(info)?,
+            token,
             ..options
         },
     )?)

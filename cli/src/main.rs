@@ -52,15 +52,31 @@ struct Cli {
     /// Bearer token (default: the local cluster's admin token, from .kiln/).
     #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file that holds the bearer token (as `token create --out` writes it);
+    /// --token wins when both are given.
+    #[arg(long, global = true, env = "KILN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// A node certificate of the cluster CA (with --key and --ca): the CLI calls
     /// as a cluster node, which may do everything. For bootstrapping, such as
     /// making the first admin token of a new cluster; tokens are for the rest.
     // Checked in `cluster_client`: clap cannot name a missing global argument.
     // Own ids: a global argument's id must not clash with a subcommand's (`kv put KEY`).
-    #[arg(long = "cert", id = "node_cert", global = true, env = "KILN_CERT")]
+    #[arg(
+        long = "cert",
+        id = "node_cert",
+        value_name = "FILE",
+        global = true,
+        env = "KILN_CERT"
+    )]
     cert: Option<PathBuf>,
     /// The private key of --cert.
-    #[arg(long = "key", id = "node_key", global = true, env = "KILN_KEY")]
+    #[arg(
+        long = "key",
+        id = "node_key",
+        value_name = "FILE",
+        global = true,
+        env = "KILN_KEY"
+    )]
     key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -132,6 +148,15 @@ enum Command {
         /// First port of the local cluster's layout.
         #[arg(long, default_value_t = 7070)]
         base_port: u16,
+        /// Runs against the cluster that --coordinator (with --ca and --token or
+        /// --token-file) names instead of a fresh local one; --dir then only
+        /// holds the generated data.
+        #[arg(long)]
+        existing: bool,
+        /// With --existing: the host name the coordinators reach this process at,
+        /// for the drift webhook.
+        #[arg(long, default_value = "127.0.0.1")]
+        webhook_host: String,
     },
     /// Reads and writes the small replicated key-value namespace.
     Kv {
@@ -572,6 +597,11 @@ enum TokenCommand {
         /// Lifetime, e.g. 90d, 12h, 30m (default: no expiry).
         #[arg(long)]
         expires: Option<String>,
+        /// Writes the token to FILE (mode 0600) instead of printing it. When FILE
+        /// exists already nothing is created, so an init job that runs on every
+        /// start makes the token once.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Lists tokens (names, roles, times; never secrets).
     Ls {
@@ -623,6 +653,21 @@ enum CertsCommand {
     Init {
         #[arg(long)]
         dir: PathBuf,
+    },
+    /// Makes what is missing in DIR: the CA, and a certificate for each of
+    /// --nodes valid for the node's own name and every --san. Keeps whatever
+    /// exists, so a container cluster's init job can run it on every start.
+    Ensure {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node names, which are also the host names they are reached at
+        /// (comma-separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+        /// More names or addresses for every certificate, such as localhost for
+        /// health probes (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        san: Vec<String>,
     },
     /// Signs a node certificate (NAME.pem, NAME-key.pem) with the CA in DIR.
     Issue {
@@ -857,7 +902,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let conn = Connection {
         coordinator: cli.coordinator,
         ca: cli.ca,
-        token: cli.token,
+        token: match (cli.token, cli.token_file) {
+            (Some(token), _) => Some(token),
+            (None, Some(file)) => Some(
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("read the token file {}", file.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        },
         node: match (cli.cert, cli.key) {
             (Some(cert), Some(key)) => Some((cert, key)),
             (None, None) => None,
@@ -944,7 +998,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     name,
                     role,
                     expires,
+                    out,
                 } => {
+                    if let Some(out) = out.as_deref().filter(|out| out.exists()) {
+                        println!("{} exists already: no new token", out.display());
+                        return Ok(());
+                    }
                     let req = kiln_proto::v1::CreateTokenRequest {
                         name,
                         role: parse_role(&role)? as i32,
@@ -960,8 +1019,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             async move { c.create_token(req).await.map(|r| r.into_inner()) }
                         })
                         .await?;
-                    // The one time the secret is shown.
-                    println!("{}", resp.token);
+                    match out {
+                        Some(out) => {
+                            certs::write_new(&out, &format!("{}\n", resp.token), 0o600)?;
+                            println!("token {} written to {}", req.name, out.display());
+                        }
+                        // The one time the secret is shown.
+                        None => println!("{}", resp.token),
+                    }
                 }
                 TokenCommand::Ls { json } => {
                     let resp = client
@@ -1062,6 +1127,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 Ok(())
             }
+            CertsCommand::Ensure { dir, nodes, san } => {
+                for made in certs::ensure(&dir, &nodes, &san)? {
+                    println!("made {}", made.display());
+                }
+                Ok(())
+            }
             CertsCommand::Issue { dir, node, san } => {
                 let issued = certs::issue(&dir, &node, &san)?;
                 println!(
@@ -1102,11 +1173,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dir,
             seed,
             base_port,
+            existing,
+            webhook_host,
         } => {
+            let existing = if existing {
+                let Some(coordinators) = conn.coordinator.as_deref() else {
+                    bail!("--existing needs --coordinator (or KILN_COORDINATOR): the cluster to run against");
+                };
+                Some(demo::ExistingCluster {
+                    coordinators: split_list(coordinators),
+                    ca: conn.ca.clone(),
+                    token: conn.token.clone(),
+                    webhook_host,
+                })
+            } else {
+                None
+            };
             demo::run(demo::DemoOptions {
                 dir,
                 seed,
                 base_port,
+                existing,
             })
             .await
         }
