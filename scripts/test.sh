@@ -27,7 +27,7 @@ if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 &&
   kiln_install_packages debootstrap
   deploy/docker/build.sh --tag kiln:ci
   deploy/docker/smoke.sh --tag kiln:ci
-  KILN_IMAGE=kiln:ci deploy/compose/test.sh
+  KILN_COMPOSE_IMAGE=kiln:ci deploy/compose/test.sh
 else
   echo "SKIPPED deploy/docker/smoke.sh and deploy/compose/test.sh: no Docker Engine with docker-compose here" >&2
 fi

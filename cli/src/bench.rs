@@ -560,6 +560,7 @@ impl KilnTarget {
                 max_backoff: MAX_BACKOFF,
                 tls,
                 token,
+                ..ClientOptions::default()
             },
         )
         .context("create kiln client")?;

@@ -19,6 +19,7 @@ mod local;
 mod models;
 mod runs;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -52,6 +53,11 @@ struct Cli {
     /// Bearer token (default: the local cluster's admin token, from .kiln/).
     #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Dial another address for a node the cluster names: NAME:PORT=HOST:PORT,
+    /// comma-separated (as curl's --resolve), for reaching a cluster through
+    /// published ports, such as the compose cluster's from its host.
+    #[arg(long, global = true, env = "KILN_RESOLVE", value_delimiter = ',')]
+    resolve: Vec<String>,
     /// A file that holds the bearer token (as `token create --out` writes it);
     /// --token wins when both are given.
     #[arg(long, global = true, env = "KILN_TOKEN_FILE")]
@@ -912,6 +918,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ),
             (None, None) => None,
         },
+        resolve: parse_resolve(&cli.resolve)?,
         node: match (cli.cert, cli.key) {
             (Some(cert), Some(key)) => Some((cert, key)),
             (None, None) => None,
@@ -1406,6 +1413,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// Variables read outside clap: the log filter, and the binary the tests run.
 const OTHER_VARIABLES: &[&str] = &["KILN_LOG", "KILN_BIN"];
 
+/// The prefix of deploy/compose's settings (`KILN_COMPOSE_IMAGE`, ...), which
+/// docker-compose reads, not kiln: a shell that drives the compose cluster also
+/// runs the CLI.
+const COMPOSE_PREFIX: &str = "KILN_COMPOSE_";
+
 /// Refuses `KILN_*` variables that no flag reads: a misspelt one would otherwise be
 /// ignored without a word.
 fn check_kiln_variables() -> anyhow::Result<()> {
@@ -1425,7 +1437,10 @@ fn check_kiln_variables() -> anyhow::Result<()> {
     collect(&Cli::command(), &mut known);
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
-        if name.starts_with("KILN_") && !known.contains(name.as_ref()) {
+        if name.starts_with("KILN_")
+            && !name.starts_with(COMPOSE_PREFIX)
+            && !known.contains(name.as_ref())
+        {
             bail!(
                 "unknown variable {name}: kiln reads {}",
                 known.iter().cloned().collect::<Vec<_>>().join(", ")
@@ -1696,6 +1711,22 @@ struct Connection {
     token: Option<String>,
     /// A node certificate and key to call with (`--cert`, `--key`).
     node: Option<(PathBuf, PathBuf)>,
+    /// Addresses to dial instead (`--resolve`).
+    resolve: HashMap<String, String>,
+}
+
+/// Parses `--resolve` entries (`NAME:PORT=HOST:PORT`).
+fn parse_resolve(entries: &[String]) -> anyhow::Result<HashMap<String, String>> {
+    let mut map = HashMap::new();
+    for entry in entries.iter().filter(|e| !e.trim().is_empty()) {
+        let Some((name, dial)) = entry.trim().split_once('=') else {
+            bail!("--resolve {entry}: expected NAME:PORT=HOST:PORT");
+        };
+        kiln_common::config::parse_host_port("--resolve", name)?;
+        kiln_common::config::parse_host_port("--resolve", dial)?;
+        map.insert(name.to_string(), dial.to_string());
+    }
+    Ok(map)
 }
 
 fn cluster_client(cli: &Connection) -> anyhow::Result<ClusterClient> {
@@ -1736,6 +1767,7 @@ fn cluster_client(cli: &Connection) -> anyhow::Result<ClusterClient> {
         ClientOptions {
             tls,
             token,
+            resolve: cli.resolve.clone(),
             ..ClientOptions::default()
         },
     )?)

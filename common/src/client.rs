@@ -82,6 +82,10 @@ pub struct ClientOptions {
     pub tls: Option<crate::tls::TlsMaterial>,
     /// Bearer token sent with every call.
     pub token: Option<String>,
+    /// Addresses dialled instead of the ones the cluster names (`NAME:PORT` to
+    /// `HOST:PORT`), for a client outside the cluster's network that reaches
+    /// the nodes through published ports (`kiln --resolve`).
+    pub resolve: HashMap<String, String>,
 }
 
 impl std::fmt::Debug for ClientOptions {
@@ -91,6 +95,7 @@ impl std::fmt::Debug for ClientOptions {
             .field("attempt_timeout", &self.attempt_timeout)
             .field("deadline", &self.deadline)
             .field("tls", &self.tls.is_some())
+            .field("resolve", &self.resolve)
             // Never print the secret.
             .field("token", &self.token.as_ref().map(|_| ".."))
             .finish()
@@ -107,6 +112,7 @@ impl Default for ClientOptions {
             max_backoff: Duration::from_millis(300),
             tls: None,
             token: None,
+            resolve: HashMap::new(),
         }
     }
 }
@@ -230,8 +236,10 @@ impl ClusterClient {
         if let Some(channel) = channels.get(addr) {
             return Ok(channel.clone());
         }
-        let channel = crate::tls::endpoint(
+        let dial = self.options.resolve.get(addr).map_or(addr, String::as_str);
+        let channel = crate::tls::endpoint_at(
             addr,
+            dial,
             self.options.tls.as_ref(),
             self.options.connect_timeout,
         )?

@@ -163,8 +163,20 @@ pub fn endpoint(
     tls: Option<&TlsMaterial>,
     connect_timeout: Duration,
 ) -> Result<Endpoint> {
+    endpoint_at(addr, addr, tls, connect_timeout)
+}
+
+/// Returns an endpoint for the kiln gRPC server named `addr` that connects to
+/// `dial` instead (HOST:PORT each), as curl's `--resolve` does: the TLS check
+/// still expects `addr`'s host in the server's certificate.
+pub fn endpoint_at(
+    addr: &str,
+    dial: &str,
+    tls: Option<&TlsMaterial>,
+    connect_timeout: Duration,
+) -> Result<Endpoint> {
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{dial}"))
         .map_err(|e| Error::InvalidArgument(format!("address {addr}: {e}")))?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)

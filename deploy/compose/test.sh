@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The compose cluster end to end: builds the image (unless KILN_IMAGE names one),
+# The compose cluster end to end: builds the image (unless KILN_COMPOSE_IMAGE names one),
 # starts 3 coordinators and 3 workers with the demo's drift windows, waits until
 # every node is healthy and the admin token exists, checks `kiln status` through
 # the `cli` service and the published HTTPS ports from this machine, then runs
@@ -7,58 +7,18 @@
 # network, volumes) is removed at the end, whatever happened.
 #
 #   deploy/compose/test.sh [--keep]     # --keep: leave the cluster running
-set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-root="$(cd "$here/../.." && pwd)"
 keep=0
 [ "${1:-}" = "--keep" ] && keep=1
-
-if [ -z "${KILN_IMAGE:-}" ]; then
-  "$root/deploy/docker/build.sh" --tag kiln:compose-test >&2
-  export KILN_IMAGE=kiln:compose-test
-fi
-export COMPOSE_PROJECT_NAME="kiln-test-$$"
-export KILN_COORDINATOR_CONFIG=./demo.toml
-compose() { docker-compose -f "$here/compose.yaml" "$@"; }
-work="$(mktemp -d)"
-cleanup() {
-  local rc=$?
-  if [ "$rc" -ne 0 ]; then
-    echo "--- the nodes' last log lines" >&2
-    compose logs --no-color --tail 30 >&2 || true
-  fi
-  if [ "$keep" -eq 0 ]; then
-    compose --profile cli --profile demo down -v --remove-orphans >/dev/null 2>&1 || true
-  fi
-  rm -rf "$work"
-  exit "$rc"
-}
-trap cleanup EXIT
+label="compose test"
+export KILN_COMPOSE_COORDINATOR_CONFIG=./demo.toml
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 started=$(date +%s)
 compose up -d >&2
-
-# Bounded wait: every node healthy and the admin-token job done (exit 0).
-nodes="coordinator-1 coordinator-2 coordinator-3 worker-1 worker-2 worker-3"
-deadline=$((started + 240))
-while :; do
-  unhealthy=""
-  for node in $nodes; do
-    id="$(compose ps -q "$node")"
-    state="$(docker inspect -f '{{.State.Health.Status}}' "$id" 2>/dev/null || echo missing)"
-    [ "$state" = healthy ] || unhealthy="$unhealthy $node:$state"
-  done
-  token_id="$(compose ps -q admin-token)"
-  token_state="$(docker inspect -f '{{.State.Status}}/{{.State.ExitCode}}' "$token_id" 2>/dev/null || echo missing)"
-  [ -z "$unhealthy" ] && [ "$token_state" = exited/0 ] && break
-  if [ "$(date +%s)" -gt "$deadline" ]; then
-    echo "compose test: not healthy after 240 s:$unhealthy admin-token:$token_state" >&2
-    exit 1
-  fi
-  sleep 2
-done
+wait_healthy 240
 healthy=$(($(date +%s) - started))
 echo "compose test: 3 coordinators and 3 workers healthy, admin token made, in ${healthy} s"
+fetch_credentials
 
 # kiln status through the cli service: a leader, 3 coordinators, 3 live workers.
 compose run --rm cli status --json >"$work/status.json"
@@ -76,16 +36,27 @@ print("compose test: kiln status: leader %d, coordinators %s, 3 workers alive" %
 EOF
 
 # The published ports speak HTTPS with the cluster's certificates.
-docker cp "$(compose ps -q coordinator-1)":/etc/kiln/certs/ca.pem "$work/ca.pem" >/dev/null
-for port in 7080 7081 7082; do
-  curl -fsS --max-time 5 --cacert "$work/ca.pem" "https://127.0.0.1:$port/health" >/dev/null
+# curl checks each certificate against the node's name (--resolve).
+for i in 1 2 3; do
+  port=$((7079 + i))
+  curl -fsS --max-time 5 --cacert "$work/ca.pem" --resolve "coordinator-$i:$port:$pub" \
+    "https://coordinator-$i:$port/health" >/dev/null
+  port=$((7998 + 2 * i))
+  curl -fsS --max-time 5 --cacert "$work/ca.pem" --resolve "worker-$i:$port:$pub" \
+    "https://worker-$i:$port/v2/health/live" >/dev/null
 done
-for port in 8000 8002 8004; do
-  curl -fsS --max-time 5 --cacert "$work/ca.pem" "https://127.0.0.1:$port/v2/health/live" >/dev/null
-done
-code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:7080/health")"
+code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://$pub:7080/health")"
 [ "$code" = 400 ] || { echo "compose test: plain HTTP to 7080 answered $code, not 400" >&2; exit 1; }
 echo "compose test: published ports 7080-7082 and 8000-8004 answer HTTPS (plain HTTP: 400)"
+
+# The CLI on this machine, through the published gRPC ports (--resolve): status,
+# and an artifact pushed to the workers and read back byte for byte.
+host_kiln status >/dev/null
+head -c 3000000 /dev/urandom >"$work/blob.bin"
+host_kiln artifact push "$work/blob.bin" --name compose-check >/dev/null
+host_kiln artifact pull compose-check@1 -o "$work/pulled.bin" >/dev/null
+cmp "$work/blob.bin" "$work/pulled.bin"
+echo "compose test: the CLI on this machine (--resolve) pushed and pulled an artifact through the published ports"
 
 # The demo against the cluster, bounded.
 timeout 600 docker-compose -f "$here/compose.yaml" run --rm demo

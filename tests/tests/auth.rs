@@ -806,6 +806,54 @@ async fn the_cli_makes_the_first_admin_token_with_a_node_certificate() {
     assert!(!String::from_utf8_lossy(&listed.stdout).contains("second"));
 }
 
+/// `--resolve NAME:PORT=HOST:PORT` dials another address for a node name and
+/// still checks the certificate against the name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_reaches_a_named_node_through_another_address() {
+    let cluster = Cluster::start(1, "");
+    cluster.wait_for_leader(Duration::from_secs(20)).await;
+    let token = cluster.admin_token().await;
+    let ca = cluster.certs_dir().join("ca.pem").display().to_string();
+    let real = cluster.addr(1);
+    let status = |coordinator: String, resolve: Option<String>| {
+        let (ca, token) = (ca.clone(), token.clone());
+        async move {
+            let mut args = vec!["--coordinator".to_string(), coordinator];
+            if let Some(resolve) = resolve {
+                args.extend(["--resolve".to_string(), resolve]);
+            }
+            args.extend(["--ca", &ca, "--token", &token, "status", "--json"].map(str::to_string));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            kiln_tests::run_kiln(&args, kiln_tests::CLI_TIMEOUT).await
+        }
+    };
+    // `localhost` is in the certificate; port 1 has no server.
+    let named = "localhost:1".to_string();
+    let unreachable = status(named.clone(), None).await;
+    assert!(!unreachable.status.success(), "nothing listens on {named}");
+    let through = status(named.clone(), Some(format!("{named}={real}"))).await;
+    assert!(
+        through.status.success(),
+        "{}",
+        kiln_tests::stderr_text(&through)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&through.stdout).expect("status JSON");
+    assert_eq!(doc["leader_id"], 1, "{doc}");
+    // A name the certificate does not hold fails the check, whatever is dialled.
+    let stranger = "kiln-elsewhere.invalid:1".to_string();
+    let refused = status(stranger.clone(), Some(format!("{stranger}={real}"))).await;
+    assert!(
+        !refused.status.success(),
+        "a name outside the certificate was accepted"
+    );
+    let bad = status(named, Some("localhost:1".into())).await;
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("NAME:PORT=HOST:PORT"),
+        "{}",
+        kiln_tests::stderr_text(&bad)
+    );
+}
+
 /// Every HTTP endpoint and what it needs; `None`: open to anyone (probes).
 const HTTP_TABLE: &[(&str, Option<Need>)] = &[
     ("/api/v1/status", Some(Need::Read)),
