@@ -20,16 +20,17 @@ cargo build -p kiln-cli
 cargo test --workspace -- --test-threads=2
 
 # The container image and the compose cluster, where a Docker Engine runs: the
-# image built from this binary, its smoke test, then 3 coordinators and 3 workers
-# in compose running `kiln demo --existing`.
+# image built from this binary, its smoke test, 3 coordinators and 3 workers in
+# compose running `kiln demo --existing`, then the fault suite (about 4 minutes).
 if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 &&
   command -v docker-compose >/dev/null 2>&1; then
   kiln_install_packages debootstrap
   deploy/docker/build.sh --tag kiln:ci
   deploy/docker/smoke.sh --tag kiln:ci
   KILN_COMPOSE_IMAGE=kiln:ci deploy/compose/test.sh
+  KILN_COMPOSE_IMAGE=kiln:ci deploy/compose/faults.sh
 else
-  echo "SKIPPED deploy/docker/smoke.sh and deploy/compose/test.sh: no Docker Engine with docker-compose here" >&2
+  echo "SKIPPED deploy/docker/smoke.sh, deploy/compose/test.sh and faults.sh: no Docker Engine with docker-compose here" >&2
 fi
 
 demo_dir="$(mktemp -d)"

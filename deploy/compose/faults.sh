@@ -1,0 +1,284 @@
+#!/usr/bin/env bash
+# The fault suite across containers: the compose cluster (3 coordinators, 3
+# workers) under a writing client, a training job and inference traffic, while
+# one fault after another strikes:
+#
+#   leader partitioned   docker network disconnect of the leader, 15 s, reconnect
+#   leader killed        docker kill of the leader, 10 s, docker start
+#   worker killed        docker kill of a worker that runs a shard, 15 s, docker start
+#   worker paused        docker pause of a worker, 10 s, docker unpause
+#   full restart         docker-compose restart of every node
+#
+# Recovery is the time from the fault until the cluster does its job again: a
+# write is acknowledged (coordinator faults and the full restart), the training
+# gang runs again from its checkpoint (killed worker), or the paused worker answers again
+# (from the unpause). Each row also counts the inference requests answered from
+# the fault until the cluster was healthy again. At the end it checks
+# that no acknowledged write is lost (each one read back), the artifact pushed
+# first is still readable byte for byte, the job succeeded, and at least 99% of
+# the inference requests were answered (a client that is refused by one worker
+# tries the next, as a load balancer would). It prints a table of faults,
+# outcomes and recovery times, and exits non-zero when a check fails.
+#
+#   deploy/compose/faults.sh [--keep]
+keep=0
+[ "${1:-}" = "--keep" ] && keep=1
+label="fault suite"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+compose up -d >&2
+wait_healthy 240
+fetch_credentials
+network="${COMPOSE_PROJECT_NAME}_kiln"
+container() { compose ps -q "$1"; }
+now_ms() { date +%s%3N; }
+
+# --- the workload ----------------------------------------------------------
+python3 - "$work/data.csv" <<'EOF'
+import random, sys
+random.seed(3)
+with open(sys.argv[1], "w") as f:
+    f.write("a,b,c,d,label\n")
+    for _ in range(20000):
+        x = [random.gauss(0, 1) for _ in range(4)]
+        f.write("%.4f,%.4f,%.4f,%.4f,%s\n" % (*x, "hi" if x[0] + x[1] > 0 else "lo"))
+EOF
+host_kiln artifact push "$work/data.csv" --name faults-data >/dev/null
+spec() {
+  cat <<EOF
+name = "faults-model"
+experiment = "faults"
+
+[data]
+artifact = "faults-data@1"
+label = "label"
+
+[model]
+kind = "mlp"
+hidden = [64, 64]
+activation = "relu"
+
+[optimizer]
+kind = "adamw"
+lr = 0.005
+
+[train]
+epochs = $1
+batch_size = 64
+seed = 7
+checkpoint_every_steps = 1000
+
+[resources]
+shards = 2
+cpus_per_shard = 1
+EOF
+}
+spec 2 >"$work/quick.toml"
+host_kiln train submit "$work/quick.toml" --follow >/dev/null
+host_kiln deploy faults --model faults-model@1 --replicas 3 --public --wait >/dev/null
+echo "$label: dataset pushed, faults-model@1 trained, deployed on 3 replicas"
+
+# The writer: one key after another; a key is acknowledged when `kv put` exits 0.
+stop="$work/stop"
+writer() {
+  local i=0
+  while [ ! -e "$stop" ]; do
+    i=$((i + 1))
+    if host_kiln kv put "fault-$i" "value-$i" >/dev/null 2>&1; then
+      echo "$(now_ms) $i" >>"$work/acked"
+    fi
+  done
+}
+# Inference: each request goes to the workers in turn; a refused or failed one
+# is sent to the next worker, up to all three.
+body='{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[0.5,-0.2,1.0,0.1]}]}'
+traffic() {
+  local n=0 k answered
+  while [ ! -e "$stop" ]; do
+    n=$((n + 1))
+    answered=no
+    for k in 0 1 2; do
+      local w=$(( (n + k) % 3 + 1 ))
+      local port=$((7998 + 2 * w))
+      if curl -fsS -o /dev/null --max-time 2 --cacert "$work/ca.pem" \
+        --resolve "worker-$w:$port:$pub" -X POST -d "$body" \
+        "https://worker-$w:$port/v2/models/faults/infer" 2>/dev/null; then
+        answered=yes
+        break
+      fi
+    done
+    echo "$(now_ms) $answered" >>"$work/answers"
+    # A client that no worker answered waits a little before the next request.
+    [ "$answered" = yes ] || sleep 0.2
+  done
+}
+touch "$work/acked" "$work/answers"
+writer &
+writer_pid=$!
+traffic &
+traffic_pid=$!
+spec 200 >"$work/long.toml"
+job="$(host_kiln train submit "$work/long.toml" | awk '$1 == "job" && $3 == "submitted" {print $2}')"
+[ -n "$job" ] || { echo "$label: no job id from train submit" >&2; exit 1; }
+sleep 5
+
+# --- the faults ------------------------------------------------------------
+leader_name() {
+  host_kiln status --json | python3 -c 'import json,sys; print("coordinator-%d" % json.load(sys.stdin)["leader_id"])'
+}
+# Waits until a write is acknowledged; prints the milliseconds since $1.
+until_write() {
+  local since=$1 deadline=$(($(date +%s) + 120))
+  until host_kiln kv put fault-probe "$(now_ms)" >/dev/null 2>&1; do
+    [ "$(date +%s)" -lt "$deadline" ] || { echo "no write within 120 s" >&2; return 1; }
+    sleep 0.2
+  done
+  echo $(($(now_ms) - since))
+}
+# Waits until the job's gang runs again, every shard Running, on a later
+# attempt than $2 (or the job has ended); prints the ms since $1.
+until_gang_runs() {
+  local since=$1 attempt=$2 deadline=$(($(date +%s) + 180))
+  until host_kiln jobs show "$job" --json 2>/dev/null | python3 -c '
+import json, sys
+j = json.load(sys.stdin)
+done = j["state"] in ("Succeeded", "Failed", "Cancelled")
+back = j["state"] == "Running" and j["attempt"] > int(sys.argv[1]) and j["shards"] and all(
+    s["state"] == "Running" for s in j["shards"])
+sys.exit(0 if done or back else 1)' "$attempt"; do
+    [ "$(date +%s)" -lt "$deadline" ] || { echo "the gang did not run again within 180 s" >&2; return 1; }
+    sleep 0.5
+  done
+  echo $(($(now_ms) - since))
+}
+# Waits until worker $2 answers an inference request; prints the ms since $1.
+until_worker_answers() {
+  local since=$1 w=${2#worker-} deadline=$(($(date +%s) + 120))
+  local port=$((7998 + 2 * w))
+  until curl -fsS -o /dev/null --max-time 2 --cacert "$work/ca.pem" \
+    --resolve "worker-$w:$port:$pub" -X POST -d "$body" \
+    "https://worker-$w:$port/v2/models/faults/infer" 2>/dev/null; do
+    [ "$(date +%s)" -lt "$deadline" ] || { echo "worker-$w did not answer within 120 s" >&2; return 1; }
+    sleep 0.2
+  done
+  echo $(($(now_ms) - since))
+}
+shard_worker() {
+  host_kiln jobs show "$job" --json | python3 -c '
+import json, sys
+j = json.load(sys.stdin)
+ids = [s["worker_id"] for s in j["shards"] if s["worker_id"]]
+print(ids[0] if ids else "")'
+}
+job_attempt() {
+  host_kiln jobs show "$job" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["attempt"])'
+}
+worker_named() {  # the compose service of worker id $1
+  host_kiln status --json | python3 -c '
+import json, sys
+for w in json.load(sys.stdin)["workers"]:
+    if w["id"] == sys.argv[1]:
+        print(w["addr"].split(":")[0])' "$1"
+}
+table="$work/table"
+mark() { from=$(wc -l <"$work/answers"); }
+# One row: the fault, what was done, the recovery time, and the inference
+# requests answered since `mark`.
+record() {
+  local answers ok
+  tail -n +"$((from + 1))" "$work/answers" >"$work/window"
+  answers=$(wc -l <"$work/window")
+  ok=$(grep -c ' yes$' "$work/window" || true)
+  printf '%-20s %-44s %10s %10s\n' "$1" "$2" "$3" "$ok/$answers" >>"$table"
+}
+
+victim="$(leader_name)"
+mark
+t0=$(now_ms)
+docker network disconnect "$network" "$(container "$victim")"
+took=$(until_write "$t0")
+sleep 15
+docker network connect --alias "$victim" "$network" "$(container "$victim")"
+wait_healthy 120
+record "leader partitioned" "$victim cut off 15 s; new leader" "${took} ms"
+
+victim="$(leader_name)"
+mark
+t0=$(now_ms)
+docker kill "$(container "$victim")" >/dev/null
+took=$(until_write "$t0")
+sleep 10
+docker start "$(container "$victim")" >/dev/null
+wait_healthy 120
+record "leader killed" "$victim killed, restarted after 10 s" "${took} ms"
+
+victim_id="$(shard_worker)"
+victim="$(worker_named "$victim_id")"
+[ -n "$victim" ] || { echo "$label: no worker runs a shard of job $job" >&2; exit 1; }
+attempt="$(job_attempt)"
+mark
+t0=$(now_ms)
+docker kill "$(container "$victim")" >/dev/null
+# Back after 15 s: the other workers' CPUs are held by the deployment's replicas,
+# which the scheduler moved there, so the gang may wait for this one.
+sleep 15
+docker start "$(container "$victim")" >/dev/null
+took=$(until_gang_runs "$t0" "$attempt")
+wait_healthy 120
+record "worker killed" "$victim (ran a shard) killed 15 s; gang back" "${took} ms"
+
+victim=worker-2
+mark
+docker pause "$(container "$victim")" >/dev/null
+sleep 10
+docker unpause "$(container "$victim")" >/dev/null
+t1=$(now_ms)
+took=$(until_worker_answers "$t1" "$victim")
+wait_healthy 120
+record "worker paused" "$victim paused 10 s; answers again" "${took} ms"
+
+mark
+t0=$(now_ms)
+compose restart -t 30 $nodes >/dev/null 2>&1
+took=$(until_write "$t0")
+wait_healthy 180
+record "full restart" "all 6 nodes restarted" "${took} ms"
+
+# --- the checks ------------------------------------------------------------
+touch "$stop"
+wait "$writer_pid" "$traffic_pid" || true
+failed=0
+acked=$(wc -l <"$work/acked")
+lost=0
+while read -r _ i; do
+  got="$(host_kiln kv get "fault-$i" 2>/dev/null || true)"
+  [ "$got" = "value-$i" ] || { lost=$((lost + 1)); echo "lost fault-$i: got '$got'" >&2; }
+done <"$work/acked"
+[ "$lost" -eq 0 ] || failed=1
+host_kiln artifact pull faults-data@1 -o "$work/pulled.csv" >/dev/null
+cmp -s "$work/data.csv" "$work/pulled.csv" || { echo "faults-data@1 came back different" >&2; failed=1; }
+deadline=$(($(date +%s) + 600))
+while :; do
+  state="$(host_kiln jobs show "$job" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])')"
+  case "$state" in
+    Succeeded) break ;;
+    Failed|Cancelled) echo "job $job ended $state" >&2; failed=1; break ;;
+  esac
+  [ "$(date +%s)" -lt "$deadline" ] || { echo "job $job still $state after 600 s" >&2; failed=1; break; }
+  sleep 2
+done
+requests=$(wc -l <"$work/answers")
+answered=$(grep -c ' yes$' "$work/answers" || true)
+ratio=$(python3 -c "print('%.2f' % (100.0 * $answered / max($requests, 1)))")
+python3 -c "import sys; sys.exit(0 if $answered >= 0.99 * $requests else 1)" || failed=1
+
+echo
+printf '%-20s %-44s %10s %10s\n' "fault" "what" "recovery" "answered"
+cat "$table"
+echo
+echo "writes acknowledged: $acked, lost: $lost"
+echo "artifact faults-data@1 read back: $(cmp -s "$work/data.csv" "$work/pulled.csv" && echo identical || echo DIFFERENT)"
+echo "training job $job: $state"
+echo "inference: $answered of $requests requests answered ($ratio%)"
+[ "$failed" -eq 0 ] || { echo "$label: FAILED" >&2; exit 1; }
+echo "$label: passed"
