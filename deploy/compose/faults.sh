@@ -15,7 +15,8 @@
 # (from the unpause). Each row also counts the inference requests answered from
 # the fault until the cluster was healthy again. At the end it checks
 # that no acknowledged write is lost (each one read back), the artifact pushed
-# first is still readable byte for byte, the job succeeded, and at least 99% of
+# first is still readable byte for byte, the job succeeded, no shard was started
+# on two workers in one attempt (from the workers' own logs), and at least 99% of
 # the inference requests were answered (a client that is refused by one worker
 # tries the next, as a load balancer would). It prints a table of faults,
 # outcomes and recovery times, and exits non-zero when a check fails.
@@ -48,6 +49,8 @@ spec() {
   cat <<EOF
 name = "faults-model"
 experiment = "faults"
+# Five faults in a row may each cost the gang a restart.
+max_failures = 10
 
 [data]
 artifact = "faults-data@1"
@@ -267,6 +270,16 @@ while :; do
   [ "$(date +%s)" -lt "$deadline" ] || { echo "job $job still $state after 600 s" >&2; failed=1; break; }
   sleep 2
 done
+# No shard ran twice: what the workers themselves started (their logs survive a
+# kill and a restart), at most one worker per attempt and rank of the job.
+for w in worker-1 worker-2 worker-3; do
+  docker logs "$(container "$w")" 2>&1 |
+    sed -n "s/.*starting a training shard job=$job attempt=\([0-9]*\) rank=\([0-9]*\).*/\1 \2 $w/p"
+done | sort -u >"$work/shards"
+twice="$(awk '{n[$1" "$2]++} END {for (k in n) if (n[k] > 1) print k}' "$work/shards")"
+attempts="$(awk '{print $1}' "$work/shards" | sort -u | wc -l)"
+[ -z "$twice" ] || { echo "shards started on two workers (attempt rank): $twice" >&2; failed=1; }
+[ "$attempts" -ge 2 ] || { echo "the job ran $attempts attempt(s): the worker fault did not restart its gang" >&2; failed=1; }
 requests=$(wc -l <"$work/answers")
 answered=$(grep -c ' yes$' "$work/answers" || true)
 ratio=$(python3 -c "print('%.2f' % (100.0 * $answered / max($requests, 1)))")
@@ -278,7 +291,7 @@ cat "$table"
 echo
 echo "writes acknowledged: $acked, lost: $lost"
 echo "artifact faults-data@1 read back: $(cmp -s "$work/data.csv" "$work/pulled.csv" && echo identical || echo DIFFERENT)"
-echo "training job $job: $state"
+echo "training job $job: $state; $(wc -l <"$work/shards") shard starts over $attempts attempts, none on two workers at once${twice:+ -- TWICE: $twice}"
 echo "inference: $answered of $requests requests answered ($ratio%)"
 [ "$failed" -eq 0 ] || { echo "$label: FAILED" >&2; exit 1; }
 echo "$label: passed"
