@@ -280,6 +280,28 @@ async fn labels_posted_to_any_worker_become_the_live_accuracy_of_the_version() {
         .iter()
         .map(|w| cluster.worker_id(w).expect("worker id")[..8].to_string())
         .collect();
+    // A worker learns new tokens with its next heartbeat: until then it answers
+    // 401 to this one, after that 403 on /metrics (an inference token may not read).
+    kiln_tests::wait_for(
+        Duration::from_secs(10),
+        "both workers to know the token",
+        || {
+            let (addrs, auth) = (&addrs, &auth);
+            async move {
+                for addr in addrs {
+                    let answer =
+                        http_call(addr, "GET", "/metrics", &[("Authorization", auth)], b"")
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    if answer.status != 403 {
+                        return Err(format!("{addr}: {}", answer.status));
+                    }
+                }
+                Ok(())
+            }
+        },
+    )
+    .await;
     let ready = format!("/v2/models/{DEPLOYMENT}/ready");
     kiln_tests::wait_for(Duration::from_secs(10), "routes on both workers", || {
         let (addrs, ready) = (&addrs, &ready);
