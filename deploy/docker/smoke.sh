@@ -117,7 +117,10 @@ echo "TLS handshake with $run-tls:7070 verified against ca.pem (HTTP $code)"
 
 echo "== 4. the CLI"
 cli status
-cli status --json | grep -Eq "\"inference_http_addr\": *\"$run-worker:8000\"" ||
+# Captured first: `grep -q` stops reading at its match, and with pipefail the
+# writer's broken pipe would fail the check.
+status_json="$(cli status --json)"
+grep -Eq "\"inference_http_addr\": *\"$run-worker:8000\"" <<<"$status_json" ||
   { echo "smoke.sh: kiln status does not list the worker" >&2; exit 1; }
 cli kv put smoke "$run"
 
