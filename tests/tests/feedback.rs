@@ -280,43 +280,31 @@ async fn labels_posted_to_any_worker_become_the_live_accuracy_of_the_version() {
         .iter()
         .map(|w| cluster.worker_id(w).expect("worker id")[..8].to_string())
         .collect();
-    // A worker learns new tokens with its next heartbeat: until then it answers
-    // 401 to this one, after that 403 on /metrics (an inference token may not read).
+    // Each worker must route the deployment and know the token: it learns new
+    // tokens with its next heartbeat, answering 401 to this one until then and
+    // 403 on /metrics after (an inference token may not read).
+    let ready = format!("/v2/models/{DEPLOYMENT}/ready");
+    let checks = [(ready.as_str(), 200), ("/metrics", 403)];
     kiln_tests::wait_for(
         Duration::from_secs(10),
-        "both workers to know the token",
+        "routes and the token on both workers",
         || {
-            let (addrs, auth) = (&addrs, &auth);
+            let (addrs, auth, checks) = (&addrs, &auth, &checks);
             async move {
                 for addr in addrs {
-                    let answer =
-                        http_call(addr, "GET", "/metrics", &[("Authorization", auth)], b"")
+                    for &(path, want) in checks {
+                        let answer = http_call(addr, "GET", path, &[("Authorization", auth)], b"")
                             .await
                             .map_err(|e| e.to_string())?;
-                    if answer.status != 403 {
-                        return Err(format!("{addr}: {}", answer.status));
+                        if answer.status != want {
+                            return Err(format!("{addr}{path}: {}", answer.status));
+                        }
                     }
                 }
                 Ok(())
             }
         },
     )
-    .await;
-    let ready = format!("/v2/models/{DEPLOYMENT}/ready");
-    kiln_tests::wait_for(Duration::from_secs(10), "routes on both workers", || {
-        let (addrs, ready) = (&addrs, &ready);
-        async move {
-            for addr in addrs {
-                let answer = http_call(addr, "GET", ready, &[], b"")
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if answer.status != 200 {
-                    return Err(format!("{addr}: {}", answer.status));
-                }
-            }
-            Ok(())
-        }
-    })
     .await;
 
     // Requests through both workers: ids given by the caller, and none (until
