@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_common::config::HealthSettings;
-use kiln_proto::v1::WorkerState;
+use kiln_proto::v1::{RunningShard, WorkerState};
 
 /// Returns the state a worker should move to after `silence` without heartbeats,
 /// or `None` when it should stay as it is. Only degrades: recovery comes with a
@@ -35,6 +35,15 @@ pub fn assess(
     (rank(target) > rank(current)).then_some(target)
 }
 
+/// How long a worker's training shards may run without a heartbeat answer: two
+/// heartbeat intervals short of the Down threshold (at least half of it), so a
+/// worker cut off from the leader stops its shards before the leader calls it
+/// Down and places their gang again.
+pub fn shard_lease_ms(settings: &HealthSettings, heartbeat_interval_ms: u64) -> u64 {
+    let down = settings.down_after_ms;
+    down.saturating_sub(2 * heartbeat_interval_ms).max(down / 2)
+}
+
 /// Last heartbeat of each worker, as seen by this coordinator while it leads.
 #[derive(Clone, Default)]
 pub struct HeartbeatClock {
@@ -44,7 +53,18 @@ pub struct HeartbeatClock {
 #[derive(Default)]
 struct ClockInner {
     last_seen: HashMap<String, Instant>,
+    /// The training shards each worker said in its last heartbeat it runs.
+    running: HashMap<String, Vec<RunningShard>>,
     leading_since: Option<Instant>,
+}
+
+/// Where the earlier attempt of a job may still run, as the leader knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stopping {
+    /// The worker said in its last heartbeat that it still runs this shard.
+    Running(String, RunningShard),
+    /// The worker has not sent a heartbeat to this leader yet.
+    Unheard(String),
 }
 
 impl HeartbeatClock {
@@ -56,6 +76,35 @@ impl HeartbeatClock {
             .insert(worker_id.to_string(), Instant::now());
     }
 
+    /// Records a heartbeat from `worker_id` now, with the shards it runs.
+    pub fn beat_running(&self, worker_id: &str, running: Vec<RunningShard>) {
+        let mut inner = self.inner.lock().expect("heartbeat clock poisoned");
+        inner
+            .last_seen
+            .insert(worker_id.to_string(), Instant::now());
+        inner.running.insert(worker_id.to_string(), running);
+    }
+
+    /// Where a shard of `job_id` may still run among `workers` (those not Down):
+    /// a worker that reported one in its last heartbeat, or one this leader has
+    /// not heard from yet. Empty when every such worker has said it runs none.
+    pub fn stopping(&self, job_id: u64, workers: &[&str]) -> Vec<Stopping> {
+        let inner = self.inner.lock().expect("heartbeat clock poisoned");
+        let mut out = Vec::new();
+        for worker in workers {
+            match inner.running.get(*worker) {
+                None => out.push(Stopping::Unheard(worker.to_string())),
+                Some(shards) => out.extend(
+                    shards
+                        .iter()
+                        .filter(|s| s.job_id == job_id)
+                        .map(|s| Stopping::Running(worker.to_string(), *s)),
+                ),
+            }
+        }
+        out
+    }
+
     /// Starts or stops the clocks as leadership is gained or lost.
     pub fn set_leading(&self, leading: bool) {
         let mut inner = self.inner.lock().expect("heartbeat clock poisoned");
@@ -63,6 +112,7 @@ impl HeartbeatClock {
             (true, None) => {
                 inner.leading_since = Some(Instant::now());
                 inner.last_seen.clear();
+                inner.running.clear();
             }
             (false, Some(_)) => inner.leading_since = None,
             _ => {}
@@ -120,5 +170,46 @@ mod tests {
             .is_some_and(|d| d < Duration::from_secs(1)));
         clock.set_leading(false);
         assert!(clock.silence("w").is_none());
+    }
+
+    #[test]
+    fn the_shard_lease_ends_two_heartbeats_before_down() {
+        let s = HealthSettings {
+            suspect_after_ms: 3000,
+            down_after_ms: 10000,
+        };
+        assert_eq!(shard_lease_ms(&s, 1000), 8000);
+        // Never below half the Down threshold, whatever the interval.
+        assert_eq!(shard_lease_ms(&s, 4000), 5000);
+    }
+
+    #[test]
+    fn a_gang_waits_for_workers_that_run_its_shards_or_have_not_reported() {
+        let clock = HeartbeatClock::default();
+        clock.set_leading(true);
+        let shard = |job_id, attempt, rank| RunningShard {
+            job_id,
+            attempt,
+            rank,
+        };
+        clock.beat_running("a", vec![shard(7, 1, 0), shard(8, 1, 0)]);
+        clock.beat_running("b", vec![shard(8, 2, 1)]);
+        assert_eq!(
+            clock.stopping(7, &["a", "b", "c"]),
+            vec![
+                Stopping::Running("a".into(), shard(7, 1, 0)),
+                Stopping::Unheard("c".into())
+            ]
+        );
+        clock.beat_running("a", vec![shard(8, 1, 0)]);
+        clock.beat_running("c", Vec::new());
+        assert!(clock.stopping(7, &["a", "b", "c"]).is_empty());
+        // A new leader has heard from nobody.
+        clock.set_leading(false);
+        clock.set_leading(true);
+        assert_eq!(
+            clock.stopping(7, &["a"]),
+            vec![Stopping::Unheard("a".into())]
+        );
     }
 }

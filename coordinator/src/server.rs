@@ -148,6 +148,8 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
             ..ClientOptions::default()
         },
     )?);
+    // Three heartbeats fit in the suspect window, at most one a second.
+    let heartbeat_interval_ms = (config.health.suspect_after_ms / 3).clamp(10, 1000);
     let api = Api {
         node: node.clone(),
         reader,
@@ -170,8 +172,8 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
             config.limits.token_writes_per_sec,
             config.limits.token_write_burst,
         )),
-        // Three heartbeats fit in the suspect window, at most one a second.
-        heartbeat_interval_ms: (config.health.suspect_after_ms / 3).clamp(10, 1000),
+        heartbeat_interval_ms,
+        shard_lease_ms: crate::health::shard_lease_ms(&config.health, heartbeat_interval_ms),
     };
 
     let grpc = {

@@ -25,6 +25,11 @@ cleanup() {
   if [ "$rc" -ne 0 ]; then
     echo "--- the nodes' last log lines" >&2
     compose logs --no-color --tail 30 >&2 || true
+    # Everything the script gathered, and every node's whole log, for a look later.
+    local kept="${TMPDIR:-/tmp}/$COMPOSE_PROJECT_NAME-failed"
+    cp -a "$work" "$kept" 2>/dev/null || true
+    compose logs --no-color -t >"$kept/nodes.log" 2>&1 || true
+    echo "$label: its files and the nodes' logs are kept in $kept" >&2
   fi
   if [ "${keep:-0}" -eq 0 ]; then
     compose --profile cli --profile demo down -v --remove-orphans >/dev/null 2>&1 || true

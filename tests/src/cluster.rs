@@ -335,6 +335,35 @@ impl Cluster {
         proc.kill();
     }
 
+    /// Freezes worker `name` (SIGSTOP) until [`Cluster::resume_worker`].
+    pub fn pause_worker(&self, name: &str) {
+        self.running_worker(name).pause();
+    }
+
+    /// Lets a frozen worker `name` run again (SIGCONT).
+    pub fn resume_worker(&self, name: &str) {
+        self.running_worker(name).resume();
+    }
+
+    fn running_worker(&self, name: &str) -> &Proc {
+        let node = self
+            .workers
+            .get(name)
+            .unwrap_or_else(|| panic!("no worker {name} in this cluster"));
+        node.proc
+            .as_ref()
+            .unwrap_or_else(|| panic!("worker {name} is not running"))
+    }
+
+    /// Returns what worker `name` has logged so far.
+    pub fn worker_log(&self, name: &str) -> String {
+        let node = self
+            .workers
+            .get(name)
+            .unwrap_or_else(|| panic!("no worker {name} in this cluster"));
+        std::fs::read_to_string(&node.log).unwrap_or_default()
+    }
+
     /// Starts worker `name` again with the same flags and data dir.
     pub fn restart_worker(&mut self, name: &str) {
         let bin = self.bin.clone();

@@ -73,6 +73,17 @@ impl Proc {
         self.child.try_wait().ok().flatten()
     }
 
+    /// Freezes the process with SIGSTOP (a hung machine: it neither runs nor
+    /// answers, and its sockets stay open).
+    pub fn pause(&self) {
+        send_signal(self.pid(), libc::SIGSTOP, "SIGSTOP");
+    }
+
+    /// Lets a frozen process run again with SIGCONT.
+    pub fn resume(&self) {
+        send_signal(self.pid(), libc::SIGCONT, "SIGCONT");
+    }
+
     /// Kills the process with SIGKILL (a crash: nothing is flushed) and reaps it.
     pub fn kill(mut self) {
         self.kill_and_reap();
@@ -113,15 +124,19 @@ impl Drop for Proc {
     }
 }
 
-#[allow(unsafe_code)]
 fn send_sigterm(pid: u32) {
+    send_signal(pid, libc::SIGTERM, "SIGTERM");
+}
+
+#[allow(unsafe_code)]
+fn send_signal(pid: u32, signal: libc::c_int, name: &str) {
     let pid = libc::pid_t::try_from(pid).expect("a child pid fits in pid_t");
     // SAFETY: kill(2) takes two integers and touches none of our memory. The pid is
     // that of our own child, not yet reaped, so it cannot name another process.
-    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    let rc = unsafe { libc::kill(pid, signal) };
     if rc != 0 {
         panic!(
-            "send SIGTERM to pid {pid}: {}",
+            "send {name} to pid {pid}: {}",
             std::io::Error::last_os_error()
         );
     }

@@ -77,6 +77,24 @@ async fn three_nodes_elect_one_leader_and_read_linearizably_through_every_node()
             }
         }
     }
+
+    // The CLI reads many keys in one call, one value a line in the order asked,
+    // and names every key it did not find.
+    let out = cluster
+        .run_cli(&["kv", "get", "lin-4-3", "lin-0-1", "lin-2-2"])
+        .await;
+    assert!(out.status.success(), "{}", kiln_tests::stderr_text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "from 3 in round 4\nfrom 1 in round 0\nfrom 2 in round 2\n"
+    );
+    let out = cluster
+        .run_cli(&["kv", "get", "lin-0-1", "nope-1", "nope-2"])
+        .await;
+    assert!(!out.status.success(), "missing keys read without an error");
+    let stderr = kiln_tests::stderr_text(&out);
+    assert!(stderr.contains("not found: nope-1, nope-2"), "{stderr}");
+    assert!(out.stdout.is_empty(), "printed values despite missing keys");
     cluster.assert_healthy();
 }
 

@@ -436,3 +436,139 @@ async fn a_killed_workers_gang_restarts_from_its_checkpoint_and_matches_an_undis
         "accuracy {after} after the restart, {before} undisturbed"
     );
 }
+
+/// The log lines of `log` that say `what` about a shard of `job` at `attempt`,
+/// with their timestamps (RFC 3339 UTC, which sort as text).
+fn shard_lines<'a>(log: &'a str, what: &str, job: u64, attempt: u64) -> Vec<&'a str> {
+    let needle = format!("job={job} attempt={attempt} ");
+    log.lines()
+        .filter(|l| l.contains(what) && l.contains(&needle))
+        .collect()
+}
+
+fn stamp(line: &str) -> &str {
+    line.split_whitespace().next().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_worker_stops_its_shard_on_its_lease_and_the_gang_moves_only_after_the_rest_stopped(
+) {
+    let (cluster, dir) = cluster_with_data(&["a", "b", "c"], 3000).await;
+    let cores = worker_cores(&cluster).await;
+    let job = submit(
+        &cluster,
+        dir.path(),
+        "long.toml",
+        &spec("long", 2, cores, 400, ""),
+    )
+    .await;
+    let running = kiln_tests::wait_for(Duration::from_secs(120), "the job training", || {
+        let cluster = &cluster;
+        async move {
+            let doc = show(cluster, job).await;
+            if doc["state"] == "Running" && doc["progress"]["step"].as_u64() > Some(0) {
+                Ok(doc)
+            } else {
+                Err(format!("{} ({})", doc["state"], doc["reason"]))
+            }
+        }
+    })
+    .await;
+    let worker_of = |rank: usize| {
+        let id = running["shards"][rank]["worker_id"]
+            .as_str()
+            .expect("worker")
+            .to_string();
+        ["a", "b", "c"]
+            .into_iter()
+            .find(|w| cluster.worker_id(w).as_deref() == Some(id.as_str()))
+            .expect("a worker of the cluster")
+    };
+    let (frozen, survivor) = (worker_of(1), worker_of(0));
+    let frozen_id = cluster.worker_id(frozen).expect("id");
+    // A hung machine: its shard's peer waits on an open socket (the ring's I/O
+    // timeout is minutes), so only the leader's Down verdict restarts the gang.
+    cluster.pause_worker(frozen);
+    let moved = kiln_tests::wait_for(
+        Duration::from_secs(90),
+        "the gang running again without the frozen worker",
+        || {
+            let cluster = &cluster;
+            async move {
+                let doc = show(cluster, job).await;
+                let all_running = doc["shards"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().all(|s| s["state"] == "Running"));
+                if doc["attempt"].as_u64() >= Some(2) && doc["state"] == "Running" && all_running {
+                    Ok(doc)
+                } else {
+                    Err(format!(
+                        "attempt {} {} ({})",
+                        doc["attempt"], doc["state"], doc["reason"]
+                    ))
+                }
+            }
+        },
+    )
+    .await;
+    for shard in moved["shards"].as_array().expect("shards") {
+        assert_ne!(shard["worker_id"], frozen_id.as_str(), "{moved}");
+    }
+    cluster.resume_worker(frozen);
+    // Woken, the frozen worker finds its lease lapsed and stops its shard with a
+    // failure, before a heartbeat could tell it anything.
+    let stopped = kiln_tests::wait_for(
+        Duration::from_secs(30),
+        "the woken worker's shard stopped",
+        || {
+            let log = cluster.worker_log(frozen);
+            std::future::ready(
+                if shard_lines(&log, "a training shard ended", job, 1).is_empty() {
+                    Err("no end of its shard logged yet".to_string())
+                } else {
+                    Ok(log)
+                },
+            )
+        },
+    )
+    .await;
+    assert_eq!(
+        shard_lines(
+            &stopped,
+            "no answer from the coordinators within its lease",
+            job,
+            1
+        )
+        .len(),
+        1,
+        "the woken shard did not stop on its lease:\n{stopped}"
+    );
+    // The survivor's shard of attempt 1 ended before any shard of attempt 2
+    // started, on any worker: the leader held the gang until it had.
+    let survivor_log = cluster.worker_log(survivor);
+    let ended = shard_lines(&survivor_log, "a training shard ended", job, 1);
+    assert_eq!(ended.len(), 1, "{survivor_log}");
+    let ended_at = stamp(ended[0]);
+    assert!(
+        ended_at.starts_with("20"),
+        "a log line without a timestamp: {}",
+        ended[0]
+    );
+    let attempt = moved["attempt"].as_u64().expect("attempt");
+    let mut started = 0;
+    for w in ["a", "b", "c"] {
+        let log = cluster.worker_log(w);
+        for line in shard_lines(&log, "starting a training shard", job, attempt) {
+            started += 1;
+            assert!(
+                stamp(line) > ended_at,
+                "worker {w} started attempt {attempt} at {} before the survivor's attempt-1 shard ended at {ended_at}",
+                stamp(line)
+            );
+        }
+    }
+    assert_eq!(started, 2, "attempt {attempt}'s two shards");
+    let out = cluster.run_cli(&["jobs", "cancel", &job.to_string()]).await;
+    assert!(out.status.success(), "cancel: {}", stderr_text(&out));
+    wait_state(&cluster, job, "Cancelled", Duration::from_secs(30)).await;
+}

@@ -23,8 +23,8 @@ use kiln_common::auth::TokenBook;
 use kiln_common::client::ClusterClient;
 use kiln_common::Error;
 use kiln_proto::v1::{
-    HeartbeatRequest, RegisterWorkerRequest, ReplicaTask, Resources, Route, ShardTask,
-    WorkerRecord, WorkerState,
+    HeartbeatRequest, RegisterWorkerRequest, ReplicaTask, Resources, Route, RunningShard,
+    ShardTask, WorkerRecord, WorkerState,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -35,6 +35,7 @@ use tracing::Instrument;
 use crate::metrics::Metrics;
 use crate::resources::ResourceProbe;
 use crate::serving::replicas::ServingTable;
+use crate::train::supervisor::ShardLease;
 
 /// First pause between registration attempts.
 pub const REGISTER_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
@@ -148,6 +149,10 @@ pub struct AgentSettings {
     pub routes: Arc<watch::Sender<Vec<Route>>>,
     /// The replicas here, whose load each heartbeat carries.
     pub serving: Arc<ServingTable>,
+    /// The training shards' lease, renewed by each answer.
+    pub lease: Arc<ShardLease>,
+    /// The training shards running here, which each heartbeat carries.
+    pub running_shards: watch::Receiver<Vec<RunningShard>>,
 }
 
 /// The registration and heartbeat actor of one worker.
@@ -161,6 +166,8 @@ pub struct Agent {
     replicas: Arc<watch::Sender<Vec<ReplicaTask>>>,
     routes: Arc<watch::Sender<Vec<Route>>>,
     serving: Arc<ServingTable>,
+    lease: Arc<ShardLease>,
+    running_shards: watch::Receiver<Vec<RunningShard>>,
     probe: Arc<Mutex<ResourceProbe>>,
     metrics: Arc<Metrics>,
     state: watch::Sender<Registration>,
@@ -219,6 +226,8 @@ impl Agent {
             replicas: settings.replicas,
             routes: settings.routes,
             serving: settings.serving,
+            lease: settings.lease,
+            running_shards: settings.running_shards,
             probe: Arc::new(Mutex::new(probe)),
             metrics,
             state,
@@ -279,6 +288,8 @@ impl Agent {
                         failed_attempts = failures.succeeded().unwrap_or(0),
                         "registered with the coordinators"
                     );
+                    self.lease.set_term_ms(response.shard_lease_ms);
+                    self.lease.renew();
                     self.state.send_replace(Registration::Registered {
                         incarnation: response.incarnation,
                     });
@@ -325,6 +336,7 @@ impl Agent {
                 resources: Some(self.resources.clone()),
                 tokens_version: self.tokens.version(),
                 replica_loads: self.serving.loads(),
+                running_shards: self.running_shards.borrow().clone(),
             };
             let call = self.client.call_with_deadline(interval, |mut client| {
                 let request = request.clone();
@@ -337,6 +349,7 @@ impl Agent {
             };
             match result {
                 Ok(response) => {
+                    self.lease.renew();
                     if let Some(failed) = failures.succeeded() {
                         tracing::info!(failed, "heartbeats answered again");
                     }
@@ -471,6 +484,8 @@ mod tests {
                 replicas: Arc::new(watch::Sender::new(Vec::new())),
                 routes: Arc::new(watch::Sender::new(Vec::new())),
                 serving: Arc::default(),
+                lease: Arc::default(),
+                running_shards: watch::channel(Vec::new()).1,
                 heartbeat_interval: Duration::from_millis(1000),
             },
             probe,

@@ -190,6 +190,8 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
     let metrics = Arc::new(Metrics::new(&resources));
     let agent_stop = shutdown.child_token();
     let shards = Arc::new(watch::Sender::new(Vec::new()));
+    let lease = Arc::new(train::supervisor::ShardLease::default());
+    let running_shards = Arc::new(watch::Sender::new(Vec::new()));
     tokio::spawn(train::supervisor::supervise(
         train::shard::ShardContext {
             client: Arc::clone(&client),
@@ -198,6 +200,8 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
             bind_host: config.advertise_host.clone(),
         },
         shards.subscribe(),
+        Arc::clone(&lease),
+        Arc::clone(&running_shards),
         agent_stop.clone(),
     ));
     let replicas = Arc::new(watch::Sender::new(Vec::new()));
@@ -243,6 +247,8 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
             replicas,
             routes,
             serving: serving_table,
+            lease,
+            running_shards: running_shards.subscribe(),
         },
         probe,
         resources,

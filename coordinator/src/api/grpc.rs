@@ -57,11 +57,17 @@ pub struct Api {
     /// With TLS, node-only calls need a client certificate from the cluster CA.
     pub tls_enabled: bool,
     pub heartbeat_interval_ms: u64,
+    /// How long a worker's shards may run without a heartbeat answer
+    /// ([`crate::health::shard_lease_ms`]).
+    pub shard_lease_ms: u64,
     /// Bounds the audit proposals of refused calls in flight.
     pub denials: Arc<tokio::sync::Semaphore>,
     /// Per-token rate limits on state-changing calls.
     pub limiter: Arc<auth::RateLimiter>,
 }
+
+/// Most running shards one heartbeat may list.
+pub const MAX_RUNNING_SHARDS: usize = 4096;
 
 /// Audit proposals of refused calls in flight at once, per coordinator.
 pub const MAX_DENIALS_IN_FLIGHT: usize = 64;
@@ -779,6 +785,7 @@ impl Coordinator for Api {
         Ok(Response::new(RegisterWorkerResponse {
             incarnation,
             heartbeat_interval_ms: self.heartbeat_interval_ms,
+            shard_lease_ms: self.shard_lease_ms,
         }))
     }
 
@@ -799,7 +806,14 @@ impl Coordinator for Api {
                     req.worker_id
                 )))
             })?;
-        self.heartbeats.beat(&req.worker_id);
+        if req.running_shards.len() > MAX_RUNNING_SHARDS {
+            return Err(Status::invalid_argument(format!(
+                "a heartbeat lists {} running shards; at most {MAX_RUNNING_SHARDS}",
+                req.running_shards.len()
+            )));
+        }
+        self.heartbeats
+            .beat_running(&req.worker_id, req.running_shards.clone());
         self.autoscaler
             .record(&req.replica_loads, std::time::Instant::now());
         let mut state = WorkerState::try_from(record.state).unwrap_or(WorkerState::Unspecified);

@@ -12,6 +12,7 @@ use kiln_proto::v1::*;
 use super::grpc::{audited, command, Api};
 use super::{rejection, storage};
 use crate::auth::Caller;
+use crate::health::Stopping;
 use crate::scheduler::{self, Capacity, Decision, Gang};
 use crate::state::jobs::{read_job, MAX_JOB_LOG_LINES};
 use crate::state::keys;
@@ -23,6 +24,25 @@ const MAX_ACTIVE_JOBS: usize = 10_000;
 /// Longest a placed shard may take to report itself (pull its data, bind its
 /// port) before the leader fails the attempt.
 pub const SHARD_START_TIMEOUT_MS: u64 = 120_000;
+
+/// The command that records why a pending job waits, or `None` when the job
+/// already says so. A restarted job keeps saying why it restarts and adds what it
+/// waits for.
+fn waiting(job: &JobRecord, reason: String) -> Option<command::Kind> {
+    let reason = if job.failures > 0 {
+        let why = job.reason.split(" (waiting: ").next().unwrap_or_default();
+        format!("{why} (waiting: {reason})")
+    } else {
+        reason
+    };
+    if reason == job.reason {
+        return None;
+    }
+    Some(command::Kind::SetJobWaiting(SetJobWaiting {
+        job_id: job.id,
+        reason,
+    }))
+}
 
 /// The spec as flat `section.key` params for the job's run.
 fn params_of(spec: &JobSpec) -> HashMap<String, String> {
@@ -391,6 +411,8 @@ impl Api {
         total.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
         let mut free = total.clone();
         let mut pending = Vec::new();
+        // Restarted gangs whose earlier attempt may still run somewhere.
+        let mut held: Vec<(&JobRecord, String)> = Vec::new();
         for job in &jobs {
             if job.state == JobState::Running as i32 {
                 if let Some(reason) = self.attempt_failure(job, &workers, now_ms) {
@@ -412,6 +434,10 @@ impl Api {
                     }
                 }
             } else if job.state == JobState::Pending as i32 {
+                if let Some(reason) = self.earlier_attempt_stopping(job, &workers) {
+                    held.push((job, reason));
+                    continue;
+                }
                 pending.push(Gang {
                     job_id: job.id.to_string(),
                     priority: job.priority,
@@ -462,28 +488,53 @@ impl Api {
                             .collect(),
                     })
                 }
-                Decision::Wait(reason) | Decision::TooLarge(reason) => {
-                    let reason = if job.failures > 0 {
-                        // Keep saying why it restarts; add what it waits for.
-                        let why = job.reason.split(" (waiting: ").next().unwrap_or_default();
-                        format!("{why} (waiting: {reason})")
-                    } else {
-                        reason
-                    };
-                    if reason == job.reason {
-                        continue;
-                    }
-                    command::Kind::SetJobWaiting(SetJobWaiting {
-                        job_id: job.id,
-                        reason,
-                    })
-                }
+                Decision::Wait(reason) | Decision::TooLarge(reason) => match waiting(job, reason) {
+                    Some(kind) => kind,
+                    None => continue,
+                },
             };
             if let Err(e) = self.propose(command(kind), false).await {
                 tracing::debug!(job = job.id, error = %e, "schedule a job");
             }
         }
+        for (job, reason) in held {
+            if let Some(kind) = waiting(job, reason) {
+                if let Err(e) = self.propose(command(kind), false).await {
+                    tracing::debug!(job = job.id, error = %e, "hold a restarted job");
+                }
+            }
+        }
         Ok(free)
+    }
+
+    /// Why a restarted gang must not be placed yet, if it must not: a worker that
+    /// is not Down still runs a shard of the job's earlier attempt (stopping it
+    /// takes a heartbeat), or has not told this leader what it runs. A Down
+    /// worker's shards have stopped by themselves: their lease
+    /// ([`crate::health::shard_lease_ms`]) ends before the worker is Down.
+    fn earlier_attempt_stopping(
+        &self,
+        job: &JobRecord,
+        workers: &BTreeMap<String, WorkerRecord>,
+    ) -> Option<String> {
+        if job.attempt == 0 {
+            return None;
+        }
+        let live: Vec<&str> = workers
+            .values()
+            .filter(|w| w.state != WorkerState::Down as i32)
+            .map(|w| w.id.as_str())
+            .collect();
+        let first = self.heartbeats.stopping(job.id, &live).into_iter().next()?;
+        Some(match first {
+            Stopping::Running(worker, shard) => format!(
+                "attempt {}'s rank {} is still stopping on worker {worker}",
+                shard.attempt, shard.rank
+            ),
+            Stopping::Unheard(worker) => {
+                format!("worker {worker} has not told this leader which shards it runs")
+            }
+        })
     }
 
     /// Why a running attempt has failed from the outside, if it has: a worker of

@@ -71,6 +71,8 @@ pub enum Outcome {
     Succeeded,
     /// Cancelled, or its attempt is over (the gang restarts elsewhere).
     Stopped,
+    /// It failed and reported why.
+    Failed,
 }
 
 type ShardResult<T> = Result<T, String>;
@@ -118,7 +120,14 @@ impl Reporter {
 
 /// Runs one shard to its end and reports how it ended; never returns an error:
 /// a failure is reported (the coordinators restart the gang).
-pub async fn run(ctx: ShardContext, task: ShardTask, cancel: CancellationToken) -> Outcome {
+/// `cancel` stops it quietly; `lapse` stops it with a failure report (the
+/// worker's lease lapsed: the gang must be placed again).
+pub async fn run(
+    ctx: ShardContext,
+    task: ShardTask,
+    cancel: CancellationToken,
+    lapse: CancellationToken,
+) -> Outcome {
     let dir = ctx.work_dir.join(format!(
         "job{}-a{}-r{}",
         task.job_id, task.attempt, task.rank
@@ -131,6 +140,11 @@ pub async fn run(ctx: ShardContext, task: ShardTask, cancel: CancellationToken) 
     let result = tokio::select! {
         r = train(&ctx, &task, &dir, &mut reporter) => r,
         _ = cancel.cancelled() => Ok(Outcome::Stopped),
+        _ = lapse.cancelled() => Err(
+            "the worker had no answer from the coordinators within the shard lease; \
+             stopped so that the gang can be placed again"
+                .to_string(),
+        ),
     };
     let _ = tokio::fs::remove_dir_all(&dir).await;
     match result {
@@ -145,7 +159,7 @@ pub async fn run(ctx: ShardContext, task: ShardTask, cancel: CancellationToken) 
             if let Err(e) = reporter.send(report).await {
                 tracing::warn!(job = task.job_id, error = %e, "report a failed shard");
             }
-            Outcome::Stopped
+            Outcome::Failed
         }
     }
 }
