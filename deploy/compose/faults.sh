@@ -12,18 +12,20 @@
 #
 # Recovery is the time from the fault until the cluster does its job again: a
 # write is acknowledged (coordinator faults and the full restart), the training
-# gang runs again from its checkpoint (killed worker), or the paused worker answers again
-# (from the unpause). Each row also counts the inference requests answered from
-# the fault until the cluster was healthy again. At the end it checks
-# that no acknowledged write is lost (all read back in one linearizable
-# `kv get`), every version of every artifact (the dataset, models, checkpoints)
-# pulls whole and verified, the dataset byte for byte, the job succeeded, no
-# shard ran twice (shard_check.py, from the workers' own logs and Docker's
-# events: no attempt and rank started on two workers, and no shard of an attempt
-# started before every shard of the attempts before it had stopped), and at
-# least 99% of the inference requests were answered (a client that is refused
-# by one worker tries the next, as a load balancer would). It prints a table of
-# faults, outcomes and recovery times, and exits non-zero when a check fails.
+# gang runs again from its checkpoint (killed worker), or the paused worker
+# answers again (from the unpause). After each fault, once the cluster is healthy
+# again, it checks that no acknowledged write is lost (all read back in one
+# linearizable `kv get`), each artifact's newest version pulls whole and
+# verified, and no shard ran twice (shard_check.py, from the workers' own logs
+# and Docker's events: no attempt and rank started on two workers, and no shard
+# of an attempt started before every shard of the attempts before it had
+# stopped); it counts the inference requests answered from the fault on. At
+# the end it checks the writes and shards again, every version of every artifact
+# (the dataset, models, checkpoints) and the dataset byte for byte, that the job
+# succeeded, and that at least 99% of all inference requests were answered (a
+# client that is refused by one worker tries the next, as a load balancer
+# would). It prints a table of faults, recovery times and those outcomes, and
+# exits non-zero when a check fails.
 #
 #   deploy/compose/faults.sh [--keep]
 keep=0
@@ -195,16 +197,87 @@ for w in json.load(sys.stdin)["workers"]:
     if w["id"] == sys.argv[1]:
         print(w["addr"].split(":")[0])' "$1"
 }
+# --- the checks, run after each fault and at the end --------------------------
+failed=0
+# Prints how many of the writes acknowledged so far are lost: all read back in
+# one linearizable `kv get`.
+writes_lost() {
+  local lost
+  cp "$work/acked" "$work/acked-now"
+  [ -s "$work/acked-now" ] || { echo "none acknowledged"; return; }
+  mapfile -t keys < <(awk '{print "fault-" $2}' "$work/acked-now")
+  awk '{print "value-" $2}' "$work/acked-now" >"$work/expected"
+  if host_kiln kv get "${keys[@]}" >"$work/got" 2>"$work/got.err"; then
+    lost=$(paste -d ' ' "$work/expected" "$work/got" | awk '$1 != $2' | wc -l)
+  else
+    cat "$work/got.err" >&2
+    lost=$(sed -n 's/.*not found: //p' "$work/got.err" | tr ',' '\n' | grep -c . || true)
+    [ "$lost" -gt 0 ] || lost="unknown (the read failed)"
+  fi
+  echo "$lost"
+}
+# Pulls artifact versions whole ($1: "newest", each artifact's newest version,
+# or "all", every version of every artifact); the transfer checks each chunk's
+# hash and each file's digest, and the bytes must add up to the version's size.
+# Prints "unreadable/pulled".
+artifacts_unreadable() {
+  local versions=0 unreadable=0 name entry v size got_bytes out
+  for name in $(host_kiln artifact ls --json | python3 -c 'import json,sys; print(" ".join(a["name"] for a in json.load(sys.stdin)))'); do
+    for entry in $(host_kiln artifact log "$name" --json | python3 -c '
+import json, sys
+versions = json.load(sys.stdin)  # newest first
+if sys.argv[1] == "newest":
+    versions = versions[:1]
+print(" ".join("%d:%d" % (v["version"], v["size"]) for v in versions))' "$1"); do
+      v=${entry%%:*} size=${entry#*:}
+      versions=$((versions + 1))
+      out="$work/pulled-$name-$v"
+      if ! got_bytes=$(host_kiln artifact pull "$name@$v" -o "$out" --json 2>"$work/pull.err" |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes"])'); then
+        echo "$name@$v is not readable: $(tail -1 "$work/pull.err")" >&2
+        unreadable=$((unreadable + 1))
+      elif [ "$got_bytes" != "$size" ]; then
+        echo "$name@$v: pulled $got_bytes bytes of $size" >&2
+        unreadable=$((unreadable + 1))
+      fi
+      rm -rf "$out"
+    done
+  done
+  echo "$unreadable/$versions"
+}
+# No shard ran twice so far: the workers' own logs (they survive a kill and a
+# restart; Docker stamps each line) and the Docker events recorded since the
+# start, through shard_check.py ($1: --running while the job may still run).
+# Prints its summary line; fails when it does.
+shards_checked() {
+  local w rc=0
+  for w in worker-1 worker-2 worker-3; do
+    docker logs -t "$(container "$w")" 2>&1 | sed "s/^/$w /"
+  done >"$work/worker-logs"
+  python3 "$here/shard_check.py" "$job" "$work/worker-logs" "$work/events" "$@" >"$work/shard-check" || rc=1
+  sed '$d' "$work/shard-check" >&2
+  tail -1 "$work/shard-check"
+  return "$rc"
+}
+
 table="$work/table"
+row() { printf '%-20s %-42s %9s %8s %9s %8s %10s\n' "$@" >>"$table"; }
+row "fault" "what" "recovery" "writes" "artifacts" "shards" "answered"
+row "" "" "" "lost" "unread" "" ""
 mark() { from=$(wc -l <"$work/answers"); }
-# One row: the fault, what was done, the recovery time, and the inference
-# requests answered since `mark`.
+# One row: the fault, what was done, the recovery time, then the checks now:
+# acknowledged writes lost, newest artifact versions unreadable, whether any
+# shard ran twice, and the inference requests answered since `mark`.
 record() {
-  local answers ok
+  local answers ok lost unread shards=ok
   tail -n +"$((from + 1))" "$work/answers" >"$work/window"
   answers=$(wc -l <"$work/window")
   ok=$(grep -c ' yes$' "$work/window" || true)
-  printf '%-20s %-44s %10s %10s\n' "$1" "$2" "$3" "$ok/$answers" >>"$table"
+  lost=$(writes_lost)
+  unread=$(artifacts_unreadable newest)
+  shards_checked --running >/dev/null || shards=TWICE
+  [ "$lost" = 0 ] && [ "${unread%%/*}" = 0 ] && [ "$shards" = ok ] || failed=1
+  row "$1" "$2" "$3" "$lost" "$unread" "$shards" "$ok/$answers"
 }
 
 victim="$(leader_name)"
@@ -256,43 +329,15 @@ took=$(until_write "$t0")
 wait_healthy 180
 record "full restart" "all 6 nodes restarted" "${took} ms"
 
-# --- the checks ------------------------------------------------------------
+# --- at the end --------------------------------------------------------------
 touch "$stop"
 wait "$writer_pid" "$traffic_pid" || true
-failed=0
 acked=$(wc -l <"$work/acked")
 [ "$acked" -gt 0 ] || { echo "no write was acknowledged" >&2; failed=1; }
-mapfile -t keys < <(awk '{print "fault-" $2}' "$work/acked")
-awk '{print "value-" $2}' "$work/acked" >"$work/expected"
-if host_kiln kv get "${keys[@]}" >"$work/got" 2>"$work/got.err"; then
-  lost=$(paste -d ' ' "$work/expected" "$work/got" | awk '$1 != $2' | wc -l)
-else
-  cat "$work/got.err" >&2
-  lost=$(sed -n 's/.*not found: //p' "$work/got.err" | tr ',' '\n' | grep -c . || true)
-  [ "$lost" -gt 0 ] || lost="unknown (the read failed)"
-fi
+lost=$(writes_lost)
 [ "$lost" = 0 ] || failed=1
-# Every version of every artifact pulls whole: the transfer checks each chunk's
-# hash and each file's digest, and the bytes must add up to the version's size.
-versions=0
-unreadable=0
-for name in $(host_kiln artifact ls --json | python3 -c 'import json,sys; print(" ".join(a["name"] for a in json.load(sys.stdin)))'); do
-  for entry in $(host_kiln artifact log "$name" --json |
-    python3 -c 'import json,sys; print(" ".join("%d:%d" % (v["version"], v["size"]) for v in json.load(sys.stdin)))'); do
-    v=${entry%%:*} size=${entry#*:}
-    versions=$((versions + 1))
-    out="$work/pulled-$name-$v"
-    if ! got_bytes=$(host_kiln artifact pull "$name@$v" -o "$out" --json 2>"$work/pull.err" |
-      python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes"])'); then
-      echo "$name@$v is not readable: $(tail -1 "$work/pull.err")" >&2
-      unreadable=$((unreadable + 1))
-    elif [ "$got_bytes" != "$size" ]; then
-      echo "$name@$v: pulled $got_bytes bytes of $size" >&2
-      unreadable=$((unreadable + 1))
-    fi
-    rm -rf "$out"
-  done
-done
+artifacts=$(artifacts_unreadable all)
+unreadable=${artifacts%%/*} versions=${artifacts#*/}
 # The dataset, the model and its checkpoints at least.
 [ "$versions" -ge 3 ] || { echo "only $versions artifact version(s) listed" >&2; failed=1; }
 [ "$unreadable" -eq 0 ] || failed=1
@@ -308,15 +353,8 @@ while :; do
   [ "$(date +%s)" -lt "$deadline" ] || { echo "job $job still $state after 600 s" >&2; failed=1; break; }
   sleep 2
 done
-# No shard ran twice: the workers' own logs (they survive a kill and a restart;
-# Docker stamps each line) and Docker's events.
-for w in worker-1 worker-2 worker-3; do
-  docker logs -t "$(container "$w")" 2>&1 | sed "s/^/$w /"
-done >"$work/worker-logs"
+shards="$(shards_checked)" || failed=1
 kill "$events_pid" 2>/dev/null || true
-python3 "$here/shard_check.py" "$job" "$work/worker-logs" "$work/events" >"$work/shard-check" || failed=1
-sed '$d' "$work/shard-check" >&2
-shards="$(tail -1 "$work/shard-check")"
 attempts="$(echo "$shards" | awk '{print $5}')"
 [ "${attempts:-0}" -ge 2 ] || { echo "the job ran ${attempts:-0} attempt(s): the worker fault did not restart its gang" >&2; failed=1; }
 requests=$(wc -l <"$work/answers")
@@ -325,7 +363,6 @@ ratio=$(python3 -c "print('%.2f' % (100.0 * $answered / max($requests, 1)))")
 python3 -c "import sys; sys.exit(0 if $answered >= 0.99 * $requests else 1)" || failed=1
 
 echo
-printf '%-20s %-44s %10s %10s\n' "fault" "what" "recovery" "answered"
 cat "$table"
 echo
 echo "writes acknowledged: $acked, lost: $lost"

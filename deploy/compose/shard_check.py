@@ -2,7 +2,10 @@
 logged (`docker logs -t`, each line prefixed with the worker's name) and Docker's
 events (`die`, `pause`, `unpause` of the containers).
 
-    shard_check.py JOB WORKER_LOGS EVENTS
+    shard_check.py JOB WORKER_LOGS EVENTS [--running]
+
+With --running (while the job runs) a run that has not stopped yet is running
+now: no error by itself, but no later attempt may have started beside it.
 
 A shard run is (worker, attempt, rank), from its first "starting a training
 shard" line to its last "a training shard ended" line, or to its container's
@@ -29,7 +32,7 @@ def seconds(stamp):
     return t.timestamp() + float("0." + (frac or "0"))
 
 
-def main(job, logs, events):
+def main(job, logs, events, running_ok=False):
     pattern = re.compile(
         r"(starting a training shard|a training shard ended|stopping a training shard: no answer)"
         r".*? job=%s attempt=(\d+) rank=(\d+)" % re.escape(job)
@@ -80,7 +83,7 @@ def main(job, logs, events):
             paused = [t for t, a in acts if a == "pause" and run["start"] <= t <= run["lapse"]]
             if paused and run["end"] is not None:
                 run["end"] = min(run["end"], paused[-1])
-        if run["end"] is None:
+        if run["end"] is None and not running_ok:
             problems.append("rank %d of attempt %d on %s never stopped" % (rank, attempt, worker))
 
     placed = {}
@@ -95,13 +98,15 @@ def main(job, logs, events):
     gaps = []
     for (w1, a1, r1), early in sorted(runs.items()):
         for (w2, a2, r2), late in sorted(runs.items()):
-            if a1 < a2 and early.get("end") is not None and "start" in late:
-                gap = late["start"] - early["end"]
+            if a1 < a2 and "start" in early and "start" in late:
+                end = early["end"] if early.get("end") is not None else float("inf")
+                gap = late["start"] - end
                 gaps.append(gap)
                 if gap < 0:
                     problems.append(
-                        "rank %d of attempt %d (%s) started %.3f s before rank %d of attempt %d (%s) stopped"
-                        % (r2, a2, w2, -gap, r1, a1, w1)
+                        "rank %d of attempt %d (%s) started %s rank %d of attempt %d (%s) stopped"
+                        % (r2, a2, w2, "before" if gap == float("-inf") else "%.3f s before" % -gap,
+                           r1, a1, w1)
                     )
     for p in problems:
         print(p)
@@ -112,7 +117,7 @@ def main(job, logs, events):
             len(runs),
             len(attempts),
             len(gaps),
-            "%.3f s" % min(gaps) if gaps else "-",
+            "%.3f s" % min(gaps) if gaps and min(gaps) != float("-inf") else "-",
             "; FAILED" if problems else "",
         )
     )
@@ -120,4 +125,4 @@ def main(job, logs, events):
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:4]))
+    sys.exit(main(*sys.argv[1:4], running_ok="--running" in sys.argv[4:]))
