@@ -142,6 +142,17 @@ impl Default for DriftSettings {
     }
 }
 
+/// How the leader's scheduler treats the queue.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerSettings {
+    /// When the job at the head of the queue does not fit, stop running jobs of
+    /// lower priority to make room; they go back to the queue and resume from
+    /// their checkpoints, and a preemption does not count against their
+    /// `max_failures`. Off by default.
+    pub preemption: bool,
+}
+
 /// How the leader judges a canary a retrain policy started: after
 /// `judge_after_ms` and `min_requests` answered by the canary, it is promoted when
 /// its error rate and p99 latency are no worse than the primary's over the same
@@ -219,6 +230,7 @@ pub struct CoordinatorFile {
     pub autoscale: AutoscaleSettings,
     pub drift: DriftSettings,
     pub canary: CanarySettings,
+    pub scheduler: SchedulerSettings,
     pub tls: TlsFiles,
     pub insecure: Option<bool>,
 }
@@ -256,6 +268,7 @@ pub struct CoordinatorConfig {
     pub autoscale: AutoscaleSettings,
     pub drift: DriftSettings,
     pub canary: CanarySettings,
+    pub scheduler: SchedulerSettings,
     /// Node TLS; `None` only with `insecure`.
     pub tls: Option<NodeTls>,
 }
@@ -380,6 +393,7 @@ impl CoordinatorConfig {
             autoscale: base.autoscale,
             drift,
             canary,
+            scheduler: base.scheduler,
             tls,
         })
     }

@@ -12,6 +12,10 @@
 //!   never starved by a stream of small ones. A job that could not fit even on the
 //!   whole cluster, empty, does not hold anything back: it waits, with that reason,
 //!   until machines join.
+//! - With preemption on, the job at the head of the queue that must wait may stop
+//!   running gangs of lower priority ([`preemption`]): the lowest priority first,
+//!   the most recently started first among equals (the least work lost), as few as
+//!   make room. They go back to the queue and resume from their checkpoints.
 
 use std::cmp::Reverse;
 
@@ -146,6 +150,64 @@ pub fn schedule(
     out
 }
 
+/// A running gang that preemption may stop, and what it holds on each worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub job_id: String,
+    pub priority: i32,
+    pub started_at_ms: u64,
+    /// Per worker, what the gang's shards there hold.
+    pub held: Vec<Capacity>,
+}
+
+/// Which running gangs to stop so that `gang` fits in `free` plus what they hold:
+/// only gangs of lower priority, the lowest priority first and, among equals, the
+/// most recently started; as few as it takes (a victim whose resources turn out
+/// not to be needed is spared). `None` when stopping every one of them would still
+/// not make room.
+pub fn preemption(gang: &Gang, free: &[Capacity], running: &[Holder]) -> Option<Vec<String>> {
+    let mut candidates: Vec<&Holder> = running
+        .iter()
+        .filter(|h| h.priority < gang.priority)
+        .collect();
+    candidates.sort_by_key(|h| (h.priority, Reverse(h.started_at_ms), h.job_id.clone()));
+    let fits_with = |victims: &[&Holder]| {
+        let mut trial = free.to_vec();
+        for victim in victims {
+            for held in &victim.held {
+                if let Some(c) = trial.iter_mut().find(|c| c.worker_id == held.worker_id) {
+                    c.cpus += held.cpus;
+                    c.memory_bytes += held.memory_bytes;
+                    c.gpus.extend(&held.gpus);
+                }
+            }
+        }
+        place(gang, &mut trial).is_some()
+    };
+    let mut victims: Vec<&Holder> = Vec::new();
+    for candidate in candidates {
+        if fits_with(&victims) {
+            break;
+        }
+        victims.push(candidate);
+    }
+    if !fits_with(&victims) {
+        return None;
+    }
+    // Spare the victims the gang does not need after all, the earliest chosen
+    // (the ones the order preferred to stop) last.
+    let mut i = victims.len();
+    while i > 0 {
+        i -= 1;
+        let mut without = victims.clone();
+        without.remove(i);
+        if fits_with(&without) {
+            victims = without;
+        }
+    }
+    Some(victims.into_iter().map(|h| h.job_id.clone()).collect())
+}
+
 /// Places up to `count` serving replicas of `cpus` and `memory_bytes` each,
 /// spread: each goes to the worker holding the fewest replicas of the same
 /// deployment (`held`, by worker id), then the most free CPUs. Unlike a gang,
@@ -205,6 +267,53 @@ mod tests {
             gpus_per_shard: gpus,
             memory_per_shard: 1 << 30,
         }
+    }
+
+    fn holder(id: &str, priority: i32, started: u64, held: &[(&str, u32)]) -> Holder {
+        Holder {
+            job_id: id.into(),
+            priority,
+            started_at_ms: started,
+            held: held
+                .iter()
+                .map(|(w, cpus)| Capacity {
+                    worker_id: w.to_string(),
+                    cpus: *cpus,
+                    gpus: Vec::new(),
+                    memory_bytes: 0,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn preemption_stops_the_fewest_lowest_priority_newest_gangs() {
+        // Two workers of 4 CPUs, all busy: old-low (2+2), new-low (1+1), mid (1+1).
+        let free = vec![worker("a", 0, 0), worker("b", 0, 0)];
+        let running = vec![
+            holder("old-low", 1, 100, &[("a", 2), ("b", 2)]),
+            holder("new-low", 1, 200, &[("a", 1), ("b", 1)]),
+            holder("mid", 5, 150, &[("a", 1), ("b", 1)]),
+        ];
+        // Two shards of 1 CPU: the newest of the lowest priority is enough.
+        let urgent = gang("urgent", 9, 300, 2, 1, 0);
+        assert_eq!(
+            preemption(&urgent, &free, &running),
+            Some(vec!["new-low".to_string()])
+        );
+        // Two shards of 2 CPUs: new-low alone is too small, so old-low is stopped
+        // too, then new-low is spared as old-low alone makes room.
+        let bigger = gang("bigger", 9, 300, 2, 2, 0);
+        assert_eq!(
+            preemption(&bigger, &free, &running),
+            Some(vec!["old-low".to_string()])
+        );
+        // Only gangs of lower priority may be stopped: mid is not, for a job of 5.
+        let peer = gang("peer", 5, 300, 2, 4, 0);
+        assert_eq!(preemption(&peer, &free, &running), None);
+        // A gang that would not fit even with every lower one stopped stops none.
+        let huge = gang("huge", 9, 300, 3, 4, 0);
+        assert_eq!(preemption(&huge, &free, &running), None);
     }
 
     #[test]

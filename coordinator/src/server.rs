@@ -174,6 +174,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
         )),
         heartbeat_interval_ms,
         shard_lease_ms: crate::health::shard_lease_ms(&config.health, heartbeat_interval_ms),
+        preemption: config.scheduler.preemption,
     };
 
     let grpc = {

@@ -12,7 +12,16 @@ use serde_json::Value;
 
 /// A cluster with the named workers, and a dataset pushed as `blobs@1`.
 async fn cluster_with_data(workers: &[&str], rows: usize) -> (Cluster, tempfile::TempDir) {
-    let mut cluster = Cluster::start(3, "");
+    cluster_with_config(workers, rows, "").await
+}
+
+/// The same, with `config` as the coordinators' configuration file.
+async fn cluster_with_config(
+    workers: &[&str],
+    rows: usize,
+    config: &str,
+) -> (Cluster, tempfile::TempDir) {
+    let mut cluster = Cluster::start(3, config);
     cluster.wait_for_leader(Duration::from_secs(20)).await;
     cluster.wait_for_agreement(Duration::from_secs(10)).await;
     for name in workers {
@@ -156,6 +165,34 @@ async fn wait_state(cluster: &Cluster, job: u64, state: &str, timeout: Duration)
             );
         } else {
             Err(format!("{} ({})", doc["state"], doc["reason"]))
+        }
+    })
+    .await
+}
+
+/// Whether a job runs and has written a checkpoint.
+fn checkpointed(doc: &Value) -> bool {
+    doc["state"] == "Running" && doc["checkpoint_step"].as_u64() > Some(0)
+}
+
+/// Waits until job `job`'s record satisfies `ready`; returns the record.
+async fn wait_job(
+    cluster: &Cluster,
+    job: u64,
+    timeout: Duration,
+    what: &str,
+    ready: impl Fn(&Value) -> bool,
+) -> Value {
+    let ready = &ready;
+    kiln_tests::wait_for(timeout, what, || async move {
+        let doc = show(cluster, job).await;
+        if ready(&doc) {
+            Ok(doc)
+        } else {
+            Err(format!(
+                "attempt {} {} at step {} ({})",
+                doc["attempt"], doc["state"], doc["progress"]["step"], doc["reason"]
+            ))
         }
     })
     .await
@@ -375,23 +412,12 @@ async fn a_killed_workers_gang_restarts_from_its_checkpoint_and_matches_an_undis
         &spec("hit", 2, cores, epochs, ""),
     )
     .await;
-    let running = kiln_tests::wait_for(
+    let running = wait_job(
+        &cluster,
+        hit,
         Duration::from_secs(120),
         "a checkpoint of the second job",
-        || {
-            let cluster = &cluster;
-            async move {
-                let doc = show(cluster, hit).await;
-                if doc["checkpoint_step"].as_u64().unwrap_or(0) > 0 && doc["state"] == "Running" {
-                    Ok(doc)
-                } else {
-                    Err(format!(
-                        "{} at step {}",
-                        doc["state"], doc["progress"]["step"]
-                    ))
-                }
-            }
-        },
+        checkpointed,
     )
     .await;
     let total = running["progress"]["total_steps"]
@@ -462,17 +488,13 @@ async fn a_frozen_worker_stops_its_shard_on_its_lease_and_the_gang_moves_only_af
         &spec("long", 2, cores, 400, ""),
     )
     .await;
-    let running = kiln_tests::wait_for(Duration::from_secs(120), "the job training", || {
-        let cluster = &cluster;
-        async move {
-            let doc = show(cluster, job).await;
-            if doc["state"] == "Running" && doc["progress"]["step"].as_u64() > Some(0) {
-                Ok(doc)
-            } else {
-                Err(format!("{} ({})", doc["state"], doc["reason"]))
-            }
-        }
-    })
+    let running = wait_job(
+        &cluster,
+        job,
+        Duration::from_secs(120),
+        "the job training",
+        |doc| doc["state"] == "Running" && doc["progress"]["step"].as_u64() > Some(0),
+    )
     .await;
     let worker_of = |rank: usize| {
         let id = running["shards"][rank]["worker_id"]
@@ -489,25 +511,16 @@ async fn a_frozen_worker_stops_its_shard_on_its_lease_and_the_gang_moves_only_af
     // A hung machine: its shard's peer waits on an open socket (the ring's I/O
     // timeout is minutes), so only the leader's Down verdict restarts the gang.
     cluster.pause_worker(frozen);
-    let moved = kiln_tests::wait_for(
+    let moved = wait_job(
+        &cluster,
+        job,
         Duration::from_secs(90),
         "the gang running again without the frozen worker",
-        || {
-            let cluster = &cluster;
-            async move {
-                let doc = show(cluster, job).await;
-                let all_running = doc["shards"]
-                    .as_array()
-                    .is_some_and(|s| s.iter().all(|s| s["state"] == "Running"));
-                if doc["attempt"].as_u64() >= Some(2) && doc["state"] == "Running" && all_running {
-                    Ok(doc)
-                } else {
-                    Err(format!(
-                        "attempt {} {} ({})",
-                        doc["attempt"], doc["state"], doc["reason"]
-                    ))
-                }
-            }
+        |doc| {
+            let all_running = doc["shards"]
+                .as_array()
+                .is_some_and(|s| s.iter().all(|s| s["state"] == "Running"));
+            doc["attempt"].as_u64() >= Some(2) && doc["state"] == "Running" && all_running
         },
     )
     .await;
@@ -571,4 +584,96 @@ async fn a_frozen_worker_stops_its_shard_on_its_lease_and_the_gang_moves_only_af
     let out = cluster.run_cli(&["jobs", "cancel", &job.to_string()]).await;
     assert!(out.status.success(), "cancel: {}", stderr_text(&out));
     wait_state(&cluster, job, "Cancelled", Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_higher_priority_job_preempts_a_lower_one_which_resumes_from_its_checkpoint() {
+    let (cluster, dir) =
+        cluster_with_config(&["a", "b"], 3000, "[scheduler]\npreemption = true\n").await;
+    let cores = worker_cores(&cluster).await;
+    // The low job takes every core of both workers.
+    let low = submit(
+        &cluster,
+        dir.path(),
+        "low.toml",
+        &spec("low", 2, cores, 300, "priority = 1"),
+    )
+    .await;
+    wait_job(
+        &cluster,
+        low,
+        Duration::from_secs(120),
+        "a checkpoint of the low job",
+        checkpointed,
+    )
+    .await;
+    // An equal priority waits; a higher one stops the low job.
+    let peer = submit(
+        &cluster,
+        dir.path(),
+        "peer.toml",
+        &spec("peer", 1, 1, 1, "priority = 1"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(show(&cluster, low).await["state"], "Running");
+    assert_eq!(show(&cluster, peer).await["state"], "Pending");
+    let out = cluster
+        .run_cli(&["jobs", "cancel", &peer.to_string()])
+        .await;
+    assert!(out.status.success(), "{}", stderr_text(&out));
+    let high = submit(
+        &cluster,
+        dir.path(),
+        "high.toml",
+        &spec("high", 2, cores, 2, "priority = 5"),
+    )
+    .await;
+    let by = format!("preempted by job {high}");
+    let preempted = wait_job(
+        &cluster,
+        low,
+        Duration::from_secs(60),
+        "the low job preempted",
+        |doc| doc["reason"].as_str().unwrap_or_default().contains(&by),
+    )
+    .await;
+    assert_eq!(preempted["state"], "Pending", "{preempted}");
+    wait_state(&cluster, high, "Succeeded", Duration::from_secs(120)).await;
+    // The low job comes back on its own, from its checkpoint, and a preemption
+    // is not a failure.
+    let back = wait_job(
+        &cluster,
+        low,
+        Duration::from_secs(60),
+        "the low job running again",
+        |doc| doc["state"] == "Running" && doc["attempt"].as_u64() >= Some(2),
+    )
+    .await;
+    assert_eq!(back["failures"].as_u64(), Some(0), "{back}");
+    let logs = cluster.run_cli(&["jobs", "logs", &low.to_string()]).await;
+    let logs = String::from_utf8_lossy(&logs.stdout).to_string();
+    assert!(
+        logs.contains("attempt 1 preempted: preempted by job"),
+        "{logs}"
+    );
+    kiln_tests::wait_for(
+        Duration::from_secs(60),
+        "the low job resumed from its checkpoint",
+        || {
+            let cluster = &cluster;
+            async move {
+                let logs = cluster.run_cli(&["jobs", "logs", &low.to_string()]).await;
+                let logs = String::from_utf8_lossy(&logs.stdout).to_string();
+                if logs.contains("resumed from job-") {
+                    Ok(())
+                } else {
+                    Err("not yet".to_string())
+                }
+            }
+        },
+    )
+    .await;
+    let out = cluster.run_cli(&["jobs", "cancel", &low.to_string()]).await;
+    assert!(out.status.success(), "{}", stderr_text(&out));
 }

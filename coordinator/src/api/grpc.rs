@@ -60,6 +60,8 @@ pub struct Api {
     /// How long a worker's shards may run without a heartbeat answer
     /// ([`crate::health::shard_lease_ms`]).
     pub shard_lease_ms: u64,
+    /// Whether the scheduler may stop lower-priority gangs for the queue's head.
+    pub preemption: bool,
     /// Bounds the audit proposals of refused calls in flight.
     pub denials: Arc<tokio::sync::Semaphore>,
     /// Per-token rate limits on state-changing calls.

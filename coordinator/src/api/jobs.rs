@@ -25,11 +25,28 @@ const MAX_ACTIVE_JOBS: usize = 10_000;
 /// port) before the leader fails the attempt.
 pub const SHARD_START_TIMEOUT_MS: u64 = 120_000;
 
+/// Why a restarted gang must not be placed yet: a worker that is not Down still
+/// runs a shard of the job's earlier attempt (stopping it takes a heartbeat), or
+/// has not told this leader what it runs. A Down worker's shards have stopped by
+/// themselves: their lease ([`crate::health::shard_lease_ms`]) ends before the
+/// worker is Down.
+fn stopping_reason(stopping: &Stopping) -> String {
+    match stopping {
+        Stopping::Running(worker, shard) => format!(
+            "attempt {}'s rank {} is still stopping on worker {worker}",
+            shard.attempt, shard.rank
+        ),
+        Stopping::Unheard(worker) => {
+            format!("worker {worker} has not told this leader which shards it runs")
+        }
+    }
+}
+
 /// The command that records why a pending job waits, or `None` when the job
-/// already says so. A restarted job keeps saying why it restarts and adds what it
-/// waits for.
+/// already says so. A restarted or preempted job keeps saying why and adds what
+/// it waits for.
 fn waiting(job: &JobRecord, reason: String) -> Option<command::Kind> {
-    let reason = if job.failures > 0 {
+    let reason = if job.attempt > 0 {
         let why = job.reason.split(" (waiting: ").next().unwrap_or_default();
         format!("{why} (waiting: {reason})")
     } else {
@@ -410,7 +427,15 @@ impl Api {
             .collect();
         total.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
         let mut free = total.clone();
+        // Workers that are not Down: where an earlier attempt's shard may still run.
+        let live: Vec<&str> = workers
+            .values()
+            .filter(|w| w.state != WorkerState::Down as i32)
+            .map(|w| w.id.as_str())
+            .collect();
         let mut pending = Vec::new();
+        // Running gangs that preemption may stop.
+        let mut holders = Vec::new();
         // Restarted gangs whose earlier attempt may still run somewhere.
         let mut held: Vec<(&JobRecord, String)> = Vec::new();
         for job in &jobs {
@@ -420,23 +445,51 @@ impl Api {
                         job_id: job.id,
                         attempt: job.attempt,
                         reason,
+                        ..Default::default()
                     });
                     if let Err(e) = self.propose(command(kind), false).await {
                         tracing::debug!(job = job.id, error = %e, "fail a job attempt");
                     }
                     continue;
                 }
+                let mut holds: Vec<Capacity> = Vec::new();
                 for shard in &job.shards {
                     if let Some(c) = free.iter_mut().find(|c| c.worker_id == shard.worker_id) {
                         c.cpus = c.cpus.saturating_sub(job.cpus_per_shard);
                         c.memory_bytes = c.memory_bytes.saturating_sub(job.memory_per_shard);
                         c.gpus.retain(|g| !shard.gpus.contains(g));
                     }
+                    holds.push(Capacity {
+                        worker_id: shard.worker_id.clone(),
+                        cpus: job.cpus_per_shard,
+                        gpus: shard.gpus.clone(),
+                        memory_bytes: job.memory_per_shard,
+                    });
                 }
+                holders.push(scheduler::Holder {
+                    job_id: job.id.to_string(),
+                    priority: job.priority,
+                    started_at_ms: job.attempt_started_at_ms,
+                    held: holds,
+                });
             } else if job.state == JobState::Pending as i32 {
-                if let Some(reason) = self.earlier_attempt_stopping(job, &workers) {
-                    held.push((job, reason));
-                    continue;
+                if job.attempt > 0 {
+                    // A restarted gang waits until its earlier attempt has
+                    // stopped everywhere; a stopping shard still holds what it took.
+                    let stopping = self.heartbeats.stopping(job.id, &live);
+                    for s in &stopping {
+                        if let Stopping::Running(worker, _) = s {
+                            if let Some(c) = free.iter_mut().find(|c| &c.worker_id == worker) {
+                                c.cpus = c.cpus.saturating_sub(job.cpus_per_shard);
+                                c.memory_bytes =
+                                    c.memory_bytes.saturating_sub(job.memory_per_shard);
+                            }
+                        }
+                    }
+                    if let Some(first) = stopping.first() {
+                        held.push((job, stopping_reason(first)));
+                        continue;
+                    }
                 }
                 pending.push(Gang {
                     job_id: job.id.to_string(),
@@ -460,6 +513,15 @@ impl Api {
         let by_id: HashMap<String, &JobRecord> =
             jobs.iter().map(|j| (j.id.to_string(), j)).collect();
         let decisions = scheduler::schedule(&pending, &free, &total);
+        // One change at a time: no preemption while an earlier one's shards still
+        // stop, nor in a round that starts a gang (what is free is changing).
+        let starts = decisions
+            .iter()
+            .any(|(_, d)| matches!(d, Decision::Start(_)));
+        if self.preemption && held.is_empty() && !starts {
+            self.preempt_for_the_head(&decisions, &pending, &free, &holders)
+                .await;
+        }
         for (job_id, decision) in decisions {
             let Some(job) = by_id.get(&job_id) else {
                 continue;
@@ -507,34 +569,60 @@ impl Api {
         Ok(free)
     }
 
-    /// Why a restarted gang must not be placed yet, if it must not: a worker that
-    /// is not Down still runs a shard of the job's earlier attempt (stopping it
-    /// takes a heartbeat), or has not told this leader what it runs. A Down
-    /// worker's shards have stopped by themselves: their lease
-    /// ([`crate::health::shard_lease_ms`]) ends before the worker is Down.
-    fn earlier_attempt_stopping(
+    /// Stops the running gangs of lower priority that the head of the queue
+    /// needs, when it must wait and stopping them makes room
+    /// ([`scheduler::preemption`]).
+    async fn preempt_for_the_head(
         &self,
-        job: &JobRecord,
-        workers: &BTreeMap<String, WorkerRecord>,
-    ) -> Option<String> {
-        if job.attempt == 0 {
-            return None;
-        }
-        let live: Vec<&str> = workers
-            .values()
-            .filter(|w| w.state != WorkerState::Down as i32)
-            .map(|w| w.id.as_str())
-            .collect();
-        let first = self.heartbeats.stopping(job.id, &live).into_iter().next()?;
-        Some(match first {
-            Stopping::Running(worker, shard) => format!(
-                "attempt {}'s rank {} is still stopping on worker {worker}",
-                shard.attempt, shard.rank
-            ),
-            Stopping::Unheard(worker) => {
-                format!("worker {worker} has not told this leader which shards it runs")
+        decisions: &[(String, Decision)],
+        pending: &[Gang],
+        free: &[Capacity],
+        holders: &[scheduler::Holder],
+    ) {
+        // The first job that must wait for resources; those behind it wait for it.
+        let Some((head_id, _)) = decisions
+            .iter()
+            .find(|(_, d)| matches!(d, Decision::Wait(_)))
+        else {
+            return;
+        };
+        let Some(head) = pending.iter().find(|g| &g.job_id == head_id) else {
+            return;
+        };
+        let Some(victims) = scheduler::preemption(head, free, holders) else {
+            return;
+        };
+        for victim in victims {
+            let Some(holder) = holders.iter().find(|h| h.job_id == victim) else {
+                continue;
+            };
+            let Ok(job_id) = victim.parse::<u64>() else {
+                continue;
+            };
+            let attempt = match read_job(&self.reader, job_id) {
+                Ok(Some(job)) => job.attempt,
+                _ => continue,
+            };
+            tracing::info!(
+                job = job_id,
+                priority = holder.priority,
+                for_job = %head.job_id,
+                for_priority = head.priority,
+                "preempting a training job"
+            );
+            let kind = command::Kind::FailJobAttempt(FailJobAttempt {
+                job_id,
+                attempt,
+                reason: format!(
+                    "preempted by job {} (priority {} over {})",
+                    head.job_id, head.priority, holder.priority
+                ),
+                preempted: true,
+            });
+            if let Err(e) = self.propose(command(kind), false).await {
+                tracing::debug!(job = job_id, error = %e, "preempt a job");
             }
-        })
+        }
     }
 
     /// Why a running attempt has failed from the outside, if it has: a worker of

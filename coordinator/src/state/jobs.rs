@@ -273,19 +273,42 @@ fn append_log(txn: &mut Txn<'_>, job: &mut JobRecord, now_ms: u64, rank: u32, li
     }
 }
 
+/// Where a gang placed again resumes: its newest checkpoint, or the start.
+fn resume_point(job: &JobRecord) -> String {
+    if job.checkpoint.is_empty() {
+        "the start".to_string()
+    } else {
+        format!(
+            "checkpoint {} (step {})",
+            job.checkpoint, job.checkpoint_step
+        )
+    }
+}
+
 /// Ends the current attempt with `reason`: the gang goes back to the queue to be
-/// placed again, unless it has failed more than `max_failures` times.
+/// placed again, unless it has failed more than `max_failures` times. A
+/// preempted attempt goes back to the queue without counting a failure.
 fn fail_attempt(
     txn: &mut Txn<'_>,
     job: &mut JobRecord,
     reason: &str,
+    preempted: bool,
     now_ms: u64,
 ) -> Result<(), StoreError> {
-    job.failures += 1;
+    if !preempted {
+        job.failures += 1;
+    }
     for shard in &mut job.shards {
         if shard.state != ShardState::Failed as i32 && shard.state != ShardState::Succeeded as i32 {
             shard.state = ShardState::Failed as i32;
         }
+    }
+    if preempted {
+        job.state = JobState::Pending as i32;
+        job.reason = format!("{reason}; resumes from {}", resume_point(job));
+        let line = format!("attempt {} preempted: {reason}", job.attempt);
+        append_log(txn, job, now_ms, 0, &[line]);
+        return Ok(());
     }
     if job.failures > job.max_failures {
         job.state = JobState::Failed as i32;
@@ -299,14 +322,7 @@ fn fail_attempt(
         job.state = JobState::Pending as i32;
         job.reason = format!(
             "restarting from {} after failure {} of at most {}: {reason}",
-            if job.checkpoint.is_empty() {
-                "the start".to_string()
-            } else {
-                format!(
-                    "checkpoint {} (step {})",
-                    job.checkpoint, job.checkpoint_step
-                )
-            },
+            resume_point(job),
             job.failures,
             job.max_failures
         );
@@ -382,7 +398,7 @@ pub fn apply_report(
             "rank {} on worker {}: {}",
             shard.rank, shard.worker_id, report.error
         );
-        fail_attempt(txn, &mut job, &reason, now_ms)?;
+        fail_attempt(txn, &mut job, &reason, false, now_ms)?;
         write(txn, &job);
         return Ok(Ok(0));
     }
@@ -424,7 +440,7 @@ pub fn apply_fail_attempt(
             fail.attempt, job.id
         )));
     }
-    fail_attempt(txn, &mut job, &fail.reason, now_ms)?;
+    fail_attempt(txn, &mut job, &fail.reason, fail.preempted, now_ms)?;
     write(txn, &job);
     Ok(Ok(0))
 }
