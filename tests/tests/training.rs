@@ -677,3 +677,53 @@ async fn a_higher_priority_job_preempts_a_lower_one_which_resumes_from_its_check
     let out = cluster.run_cli(&["jobs", "cancel", &low.to_string()]).await;
     assert!(out.status.success(), "{}", stderr_text(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dataset_in_parts_trains_as_the_same_rows_in_one_file() {
+    let (cluster, dir) = cluster_with_data(&["a"], 600).await;
+    // The same rows as blobs@1, split in two files of a directory version (with
+    // a file of another format beside them, which the trainer leaves alone).
+    let whole = std::fs::read_to_string(dir.path().join("blobs.csv")).expect("read data");
+    let (header, rows) = whole.split_once('\n').expect("a header");
+    let rows: Vec<&str> = rows.lines().collect();
+    let parts = dir.path().join("parts");
+    std::fs::create_dir_all(&parts).expect("mkdir");
+    let (first, second) = rows.split_at(rows.len() / 3);
+    for (name, chunk) in [("part-0.csv", first), ("part-1.csv", second)] {
+        std::fs::write(
+            parts.join(name),
+            format!("{header}\n{}\n", chunk.join("\n")),
+        )
+        .expect("write part");
+    }
+    std::fs::write(parts.join("README.txt"), "two parts of blobs").expect("write");
+    let parts_text = parts.display().to_string();
+    let push = cluster
+        .run_cli(&["artifact", "push", &parts_text, "--name", "blobs-parts"])
+        .await;
+    assert!(push.status.success(), "{}", stderr_text(&push));
+    let one_file = submit(
+        &cluster,
+        dir.path(),
+        "file.toml",
+        &spec("from-file", 1, 1, 2, ""),
+    )
+    .await;
+    let in_parts = submit(
+        &cluster,
+        dir.path(),
+        "parts.toml",
+        &spec("from-parts", 1, 1, 2, "").replace("blobs@1", "blobs-parts@1"),
+    )
+    .await;
+    let one_file = wait_state(&cluster, one_file, "Succeeded", Duration::from_secs(120)).await;
+    let in_parts = wait_state(&cluster, in_parts, "Succeeded", Duration::from_secs(120)).await;
+    assert_eq!(
+        one_file["progress"]["total_steps"], in_parts["progress"]["total_steps"],
+        "{in_parts}"
+    );
+    // The same rows in the same order, the same seed: the same weights.
+    let a = final_params(&cluster, dir.path(), &one_file).await;
+    let b = final_params(&cluster, dir.path(), &in_parts).await;
+    assert_eq!(a, b);
+}

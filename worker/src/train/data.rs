@@ -73,10 +73,77 @@ pub enum DataError {
     Parquet(String),
     #[error("the table has no rows")]
     Empty,
+    #[error("its columns ({0}) are not the first file's ({1})")]
+    Columns(String, String),
+}
+
+/// One file of a dataset, in its format.
+pub enum Source {
+    Csv(bytes::Bytes),
+    Parquet(bytes::Bytes),
+}
+
+/// Reads the files of a dataset, in the order given, as one table: every file must
+/// have the same columns (in any order); rows follow one another. `features`
+/// empty means every column but the label. With more than one file an error
+/// names the file.
+pub fn read_tables(
+    files: Vec<(String, Source)>,
+    label: &str,
+    features: &[String],
+) -> Result<Dataset, String> {
+    let many = files.len() > 1;
+    let mut table = None;
+    for (name, source) in files {
+        let read = match source {
+            Source::Csv(bytes) => csv_rows(bytes.as_ref(), &mut table, label, features),
+            Source::Parquet(bytes) => parquet_rows(bytes, &mut table, label, features),
+        };
+        read.map_err(|e| {
+            if many {
+                format!("{name}: {e}")
+            } else {
+                e.to_string()
+            }
+        })?;
+    }
+    table
+        .ok_or_else(|| "the dataset has no file".to_string())?
+        .finish()
+        .map_err(|e| e.to_string())
+}
+
+/// Starts the table with `header`, or goes on with the next source of it.
+fn begin<'t>(
+    table: &'t mut Option<TableBuilder>,
+    header: &[String],
+    label: &str,
+    features: &[String],
+    first_row: usize,
+) -> Result<&'t mut TableBuilder, DataError> {
+    match table {
+        Some(t) => {
+            t.next_source(header, first_row)?;
+            Ok(t)
+        }
+        None => Ok(table.insert(TableBuilder::new(header, label, features, first_row)?)),
+    }
 }
 
 /// Reads a CSV with a header; `features` empty means every column but the label.
 pub fn read_csv(source: impl Read, label: &str, features: &[String]) -> Result<Dataset, DataError> {
+    let mut table = None;
+    csv_rows(source, &mut table, label, features)?;
+    table.ok_or(DataError::NoHeader)?.finish()
+}
+
+/// Adds a CSV's rows to `table` (started from its header when there is none yet).
+fn csv_rows(
+    source: impl Read,
+    table: &mut Option<TableBuilder>,
+    label: &str,
+    features: &[String],
+) -> Result<(), DataError> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .from_reader(source);
@@ -92,7 +159,7 @@ pub fn read_csv(source: impl Read, label: &str, features: &[String]) -> Result<D
     if header.is_empty() || header.iter().all(String::is_empty) {
         return Err(DataError::NoHeader);
     }
-    let mut table = TableBuilder::new(&header, label, features, 2)?;
+    let table = begin(table, &header, label, features, 2)?;
     for record in reader.records() {
         let record = record.map_err(|e| DataError::Malformed {
             row: table.next_row(),
@@ -100,7 +167,7 @@ pub fn read_csv(source: impl Read, label: &str, features: &[String]) -> Result<D
         })?;
         table.push_row(|at| Cell::Text(record.get(at).unwrap_or("").trim()))?;
     }
-    table.finish()
+    Ok(())
 }
 
 /// Reads a Parquet file (any compression the `parquet` crate was built with: snappy,
@@ -112,6 +179,19 @@ pub fn read_parquet<R: ChunkReader + 'static>(
     label: &str,
     features: &[String],
 ) -> Result<Dataset, DataError> {
+    let mut table = None;
+    parquet_rows(source, &mut table, label, features)?;
+    table.ok_or(DataError::Empty)?.finish()
+}
+
+/// Adds a Parquet file's rows to `table` (started from its schema when there is
+/// none yet).
+fn parquet_rows<R: ChunkReader + 'static>(
+    source: R,
+    table: &mut Option<TableBuilder>,
+    label: &str,
+    features: &[String],
+) -> Result<(), DataError> {
     let parquet = |e: parquet::errors::ParquetError| DataError::Parquet(e.to_string());
     let reader = SerializedFileReader::new(source).map_err(parquet)?;
     let header: Vec<String> = reader
@@ -123,7 +203,7 @@ pub fn read_parquet<R: ChunkReader + 'static>(
         .iter()
         .map(|f| f.name().to_string())
         .collect();
-    let mut table = TableBuilder::new(&header, label, features, 1)?;
+    let table = begin(table, &header, label, features, 1)?;
     for record in reader.get_row_iter(None).map_err(parquet)? {
         let record = record.map_err(|e| DataError::Malformed {
             row: table.next_row(),
@@ -136,7 +216,7 @@ pub fn read_parquet<R: ChunkReader + 'static>(
                 .map_or(Cell::Null, |(_, field)| parquet_cell(field))
         })?;
     }
-    table.finish()
+    Ok(())
 }
 
 /// A Parquet value as a table cell.
@@ -229,6 +309,10 @@ struct TableBuilder {
     labels: Vec<Label>,
     /// The source's number for the first data row (see [`DataError`]).
     first_row: usize,
+    /// Rows read from earlier sources.
+    rows_before: usize,
+    /// The first source's columns, sorted: every later source must have them.
+    columns: Vec<String>,
 }
 
 impl TableBuilder {
@@ -256,6 +340,8 @@ impl TableBuilder {
             .iter()
             .map(|f| index(f))
             .collect::<Result<_, _>>()?;
+        let mut columns = header.to_vec();
+        columns.sort();
         Ok(TableBuilder {
             label: label.to_string(),
             label_at,
@@ -264,12 +350,33 @@ impl TableBuilder {
             x: Vec::new(),
             labels: Vec::new(),
             first_row,
+            rows_before: 0,
+            columns,
         })
+    }
+
+    /// Goes on with the next source, whose columns must be the first one's (in
+    /// any order).
+    fn next_source(&mut self, header: &[String], first_row: usize) -> Result<(), DataError> {
+        let mut columns = header.to_vec();
+        columns.sort();
+        if columns != self.columns {
+            return Err(DataError::Columns(
+                header.join(", "),
+                self.columns.join(", "),
+            ));
+        }
+        let at = |name: &str| header.iter().position(|h| h == name).unwrap_or(0);
+        self.label_at = at(&self.label);
+        self.feature_at = self.features.iter().map(|f| at(f)).collect();
+        self.first_row = first_row;
+        self.rows_before = self.labels.len();
+        Ok(())
     }
 
     /// The source's number for the row that comes next.
     fn next_row(&self) -> usize {
-        self.first_row + self.labels.len()
+        self.first_row + self.labels.len() - self.rows_before
     }
 
     /// Adds the next row, whose cell in column `at` is `cell(at)`.
@@ -439,6 +546,66 @@ mod tests {
         }
         let only = read_csv(IRIS.as_bytes(), "species", &["petal".into()]).expect("read");
         assert_eq!(only.x, vec![1.4, 4.7, 6.0, 1.4]);
+    }
+
+    #[test]
+    fn a_dataset_in_parts_reads_as_one_table() {
+        let csv = |text: &str| Source::Csv(bytes::Bytes::from(text.to_string()));
+        // The second part has its columns in another order and a class of its own.
+        let parts = vec![
+            (
+                "part-0.csv".to_string(),
+                csv("sepal,petal,species\n5.1,1.4,setosa\n"),
+            ),
+            (
+                "part-1.csv".to_string(),
+                csv("species,petal,sepal\nvirginica,6.0,6.3\nsetosa,1.4,4.9\n"),
+            ),
+        ];
+        let data = read_tables(parts, "species", &[]).expect("read");
+        assert_eq!(data.features, vec!["sepal", "petal"]);
+        assert_eq!(data.rows, 3);
+        assert_eq!(data.x, vec![5.1, 1.4, 6.3, 6.0, 4.9, 1.4]);
+        assert_eq!(
+            data.target,
+            Target::Classes {
+                names: vec!["setosa".into(), "virginica".into()],
+                y: vec![0, 1, 0]
+            }
+        );
+        // A part with other columns, or a bad value, is named with its own row.
+        let parts = vec![
+            (
+                "part-0.csv".to_string(),
+                csv("sepal,petal,species\n5.1,1.4,setosa\n"),
+            ),
+            (
+                "part-1.csv".to_string(),
+                csv("sepal,species\n6.3,virginica\n"),
+            ),
+        ];
+        let err = read_tables(parts, "species", &[]).expect_err("columns differ");
+        assert!(
+            err.starts_with("part-1.csv: its columns (sepal, species) are not the first file's"),
+            "{err}"
+        );
+        let parts = vec![
+            (
+                "part-0.csv".to_string(),
+                csv("sepal,petal,species\n5.1,1.4,setosa\n"),
+            ),
+            (
+                "part-1.csv".to_string(),
+                csv("sepal,petal,species\n6.3,x,virginica\n"),
+            ),
+        ];
+        let err = read_tables(parts, "species", &[]).expect_err("not a number");
+        assert_eq!(err, "part-1.csv: row 2, column petal: 'x' is not a number");
+        // One file: the error is the file's own, as before.
+        let one = vec![("data.csv".to_string(), csv("a,y\n1,\n"))];
+        assert!(!read_tables(one, "y", &[])
+            .expect_err("empty label")
+            .starts_with("data.csv"));
     }
 
     #[test]
@@ -621,6 +788,20 @@ mod tests {
                 read_parquet(iris(Compression::UNCOMPRESSED), "species", &some).expect("parquet"),
                 read_csv(IRIS_CSV.as_bytes(), "species", &some).expect("csv"),
             );
+        }
+
+        #[test]
+        fn parquet_parts_read_as_one_table() {
+            let part = || Source::Parquet(iris(Compression::SNAPPY));
+            let parts = vec![
+                ("a.parquet".to_string(), part()),
+                ("b.parquet".to_string(), part()),
+            ];
+            let data = read_tables(parts, "species", &[]).expect("read");
+            let one = read_parquet(iris(Compression::SNAPPY), "species", &[]).expect("read");
+            assert_eq!(data.rows, 2 * one.rows);
+            assert_eq!(data.x[..one.x.len()], one.x[..]);
+            assert_eq!(data.x[one.x.len()..], one.x[..]);
         }
 
         #[test]

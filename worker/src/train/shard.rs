@@ -172,32 +172,38 @@ async fn load_dataset(ctx: &ShardContext, spec: &JobSpec, dir: &Path) -> ShardRe
         .await
         .map_err(|e| format!("pull the dataset {reference}: {e:#}"))?;
     let files = data_files(&pulled.path, spec).map_err(|e| format!("dataset {reference}: {e}"))?;
+    if files.is_empty() {
+        return Err(format!(
+            "dataset {reference} holds no {} file",
+            spec.data.format.extension()
+        ));
+    }
     let label = spec.data.label.clone();
     let features = spec.data.features.clone();
     let format = spec.data.format;
-    let path = match files.as_slice() {
-        [one] => one.clone(),
-        [] => {
-            return Err(format!(
-                "dataset {reference} holds no {} file",
-                format.extension()
-            ))
-        }
-        many => {
-            return Err(format!(
-                "dataset {reference} holds {} {} files; a training dataset is one file",
-                many.len(),
-                format.extension()
-            ))
-        }
-    };
+    let root = pulled.path.clone();
+    // Every file in path order, one table: a dataset may be split in parts.
     tokio::task::spawn_blocking(move || {
-        let bytes = std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
-        let read = match format {
-            DataFormat::Csv => data::read_csv(bytes.as_slice(), &label, &features),
-            DataFormat::Parquet => data::read_parquet(bytes::Bytes::from(bytes), &label, &features),
-        };
-        read.map_err(|e| format!("dataset {reference}: {e}"))
+        let mut sources = Vec::with_capacity(files.len());
+        for path in files {
+            let bytes = bytes::Bytes::from(
+                std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?,
+            );
+            let name = path
+                .strip_prefix(&root)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            sources.push((
+                name,
+                match format {
+                    DataFormat::Csv => data::Source::Csv(bytes),
+                    DataFormat::Parquet => data::Source::Parquet(bytes),
+                },
+            ));
+        }
+        data::read_tables(sources, &label, &features)
+            .map_err(|e| format!("dataset {reference}: {e}"))
     })
     .await
     .map_err(|e| format!("read the dataset: {e}"))?
