@@ -53,8 +53,9 @@ pub struct HeartbeatClock {
 #[derive(Default)]
 struct ClockInner {
     last_seen: HashMap<String, Instant>,
-    /// The training shards each worker said in its last heartbeat it runs.
-    running: HashMap<String, Vec<RunningShard>>,
+    /// The training shards each worker said in its last heartbeat it runs;
+    /// `None` for a worker too old to list them.
+    running: HashMap<String, Option<Vec<RunningShard>>>,
     leading_since: Option<Instant>,
 }
 
@@ -76,8 +77,9 @@ impl HeartbeatClock {
             .insert(worker_id.to_string(), Instant::now());
     }
 
-    /// Records a heartbeat from `worker_id` now, with the shards it runs.
-    pub fn beat_running(&self, worker_id: &str, running: Vec<RunningShard>) {
+    /// Records a heartbeat from `worker_id` now, with the shards it runs (`None`:
+    /// it does not list them).
+    pub fn beat_running(&self, worker_id: &str, running: Option<Vec<RunningShard>>) {
         let mut inner = self.inner.lock().expect("heartbeat clock poisoned");
         inner
             .last_seen
@@ -85,16 +87,27 @@ impl HeartbeatClock {
         inner.running.insert(worker_id.to_string(), running);
     }
 
+    /// Whether `worker_id` said in its last heartbeat that it runs `shard`;
+    /// `None` when it has not told this leader (not heard yet, or too old to list
+    /// its shards).
+    pub fn runs(&self, worker_id: &str, shard: &RunningShard) -> Option<bool> {
+        let inner = self.inner.lock().expect("heartbeat clock poisoned");
+        let listed = inner.running.get(worker_id)?.as_ref()?;
+        Some(listed.contains(shard))
+    }
+
     /// Where a shard of `job_id` may still run among `workers` (those not Down):
     /// a worker that reported one in its last heartbeat, or one this leader has
-    /// not heard from yet. Empty when every such worker has said it runs none.
+    /// not heard from yet. Empty when every such worker has said it runs none
+    /// (a worker too old to list its shards says nothing and holds nothing).
     pub fn stopping(&self, job_id: u64, workers: &[&str]) -> Vec<Stopping> {
         let inner = self.inner.lock().expect("heartbeat clock poisoned");
         let mut out = Vec::new();
         for worker in workers {
             match inner.running.get(*worker) {
                 None => out.push(Stopping::Unheard(worker.to_string())),
-                Some(shards) => out.extend(
+                Some(None) => {}
+                Some(Some(shards)) => out.extend(
                     shards
                         .iter()
                         .filter(|s| s.job_id == job_id)
@@ -192,8 +205,8 @@ mod tests {
             attempt,
             rank,
         };
-        clock.beat_running("a", vec![shard(7, 1, 0), shard(8, 1, 0)]);
-        clock.beat_running("b", vec![shard(8, 2, 1)]);
+        clock.beat_running("a", Some(vec![shard(7, 1, 0), shard(8, 1, 0)]));
+        clock.beat_running("b", Some(vec![shard(8, 2, 1)]));
         assert_eq!(
             clock.stopping(7, &["a", "b", "c"]),
             vec![
@@ -201,9 +214,15 @@ mod tests {
                 Stopping::Unheard("c".into())
             ]
         );
-        clock.beat_running("a", vec![shard(8, 1, 0)]);
-        clock.beat_running("c", Vec::new());
+        clock.beat_running("a", Some(vec![shard(8, 1, 0)]));
+        clock.beat_running("c", Some(Vec::new()));
         assert!(clock.stopping(7, &["a", "b", "c"]).is_empty());
+        assert_eq!(clock.runs("a", &shard(8, 1, 0)), Some(true));
+        assert_eq!(clock.runs("a", &shard(7, 1, 0)), Some(false));
+        // A worker too old to list its shards holds nothing and tells nothing.
+        clock.beat_running("old", None);
+        assert!(clock.stopping(7, &["old"]).is_empty());
+        assert_eq!(clock.runs("old", &shard(7, 1, 0)), None);
         // A new leader has heard from nobody.
         clock.set_leading(false);
         clock.set_leading(true);

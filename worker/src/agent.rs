@@ -337,6 +337,7 @@ impl Agent {
                 tokens_version: self.tokens.version(),
                 replica_loads: self.serving.loads(),
                 running_shards: self.running_shards.borrow().clone(),
+                lists_running_shards: true,
             };
             let call = self.client.call_with_deadline(interval, |mut client| {
                 let request = request.clone();

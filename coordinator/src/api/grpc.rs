@@ -814,8 +814,10 @@ impl Coordinator for Api {
                 req.running_shards.len()
             )));
         }
-        self.heartbeats
-            .beat_running(&req.worker_id, req.running_shards.clone());
+        self.heartbeats.beat_running(
+            &req.worker_id,
+            req.lists_running_shards.then(|| req.running_shards.clone()),
+        );
         self.autoscaler
             .record(&req.replica_loads, std::time::Instant::now());
         let mut state = WorkerState::try_from(record.state).unwrap_or(WorkerState::Unspecified);

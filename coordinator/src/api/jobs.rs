@@ -24,6 +24,10 @@ const MAX_ACTIVE_JOBS: usize = 10_000;
 /// Longest a placed shard may take to report itself (pull its data, bind its
 /// port) before the leader fails the attempt.
 pub const SHARD_START_TIMEOUT_MS: u64 = 120_000;
+/// How long after placing an attempt the leader starts to judge its shards by
+/// the workers' heartbeats: a worker lists a shard from the heartbeat after the
+/// one that brought it, a few seconds at most.
+pub const SHARD_GONE_GRACE_MS: u64 = 10_000;
 
 /// Why a restarted gang must not be placed yet: a worker that is not Down still
 /// runs a shard of the job's earlier attempt (stopping it takes a heartbeat), or
@@ -626,7 +630,10 @@ impl Api {
     }
 
     /// Why a running attempt has failed from the outside, if it has: a worker of
-    /// its gang is Down, or a shard has not reported within the start timeout.
+    /// its gang is Down, a shard has not reported within the start timeout, or a
+    /// shard that started is no longer running on its worker, as the worker's
+    /// heartbeats say (it stopped without a report reaching the leader: its lease
+    /// lapsed while the coordinators were unreachable, or its worker restarted).
     fn attempt_failure(
         &self,
         job: &JobRecord,
@@ -651,6 +658,23 @@ impl Api {
             }
         }
         let placed_at = job.attempt_started_at_ms;
+        if now_ms.saturating_sub(placed_at) > SHARD_GONE_GRACE_MS {
+            for shard in &job.shards {
+                let started = shard.state == ShardState::Ready as i32
+                    || shard.state == ShardState::Running as i32;
+                let key = RunningShard {
+                    job_id: job.id,
+                    attempt: job.attempt,
+                    rank: shard.rank,
+                };
+                if started && self.heartbeats.runs(&shard.worker_id, &key) == Some(false) {
+                    return Some(format!(
+                        "rank {} is no longer running on worker {} (it stopped without a report)",
+                        shard.rank, shard.worker_id
+                    ));
+                }
+            }
+        }
         let silent = job
             .shards
             .iter()
