@@ -482,11 +482,18 @@ impl Api {
                     // stopped everywhere; a stopping shard still holds what it took.
                     let stopping = self.heartbeats.stopping(job.id, &live);
                     for s in &stopping {
-                        if let Stopping::Running(worker, _) = s {
+                        if let Stopping::Running(worker, running) = s {
+                            // Its GPUs are those of its rank's last placement there.
+                            let gpus: &[u32] = job
+                                .shards
+                                .iter()
+                                .find(|p| p.rank == running.rank && &p.worker_id == worker)
+                                .map_or(&[], |p| p.gpus.as_slice());
                             if let Some(c) = free.iter_mut().find(|c| &c.worker_id == worker) {
                                 c.cpus = c.cpus.saturating_sub(job.cpus_per_shard);
                                 c.memory_bytes =
                                     c.memory_bytes.saturating_sub(job.memory_per_shard);
+                                c.gpus.retain(|g| !gpus.contains(g));
                             }
                         }
                     }
