@@ -60,6 +60,25 @@ pub enum Decision {
     TooLarge(String),
 }
 
+/// Takes what `held` (one shard's, or one gang's on one worker) holds out of
+/// its worker in `capacity`; nothing when the worker is not there (not Alive).
+pub fn take(capacity: &mut [Capacity], held: &Capacity) {
+    if let Some(c) = capacity.iter_mut().find(|c| c.worker_id == held.worker_id) {
+        c.cpus = c.cpus.saturating_sub(held.cpus);
+        c.memory_bytes = c.memory_bytes.saturating_sub(held.memory_bytes);
+        c.gpus.retain(|g| !held.gpus.contains(g));
+    }
+}
+
+/// Gives what `held` holds back to its worker in `capacity`.
+fn give(capacity: &mut [Capacity], held: &Capacity) {
+    if let Some(c) = capacity.iter_mut().find(|c| c.worker_id == held.worker_id) {
+        c.cpus += held.cpus;
+        c.memory_bytes += held.memory_bytes;
+        c.gpus.extend(&held.gpus);
+    }
+}
+
 fn fits(c: &Capacity, g: &Gang) -> bool {
     c.cpus >= g.cpus_per_shard
         && c.gpus.len() as u32 >= g.gpus_per_shard
@@ -156,7 +175,7 @@ pub struct Holder {
     pub job_id: String,
     pub priority: i32,
     pub started_at_ms: u64,
-    /// Per worker, what the gang's shards there hold.
+    /// What each of the gang's shards holds on its worker.
     pub held: Vec<Capacity>,
 }
 
@@ -173,14 +192,8 @@ pub fn preemption(gang: &Gang, free: &[Capacity], running: &[Holder]) -> Option<
     candidates.sort_by_key(|h| (h.priority, Reverse(h.started_at_ms), h.job_id.clone()));
     let fits_with = |victims: &[&Holder]| {
         let mut trial = free.to_vec();
-        for victim in victims {
-            for held in &victim.held {
-                if let Some(c) = trial.iter_mut().find(|c| c.worker_id == held.worker_id) {
-                    c.cpus += held.cpus;
-                    c.memory_bytes += held.memory_bytes;
-                    c.gpus.extend(&held.gpus);
-                }
-            }
+        for held in victims.iter().flat_map(|v| &v.held) {
+            give(&mut trial, held);
         }
         place(gang, &mut trial).is_some()
     };

@@ -106,20 +106,23 @@ writer() {
     fi
   done
 }
+# One inference request to worker $1 (1-3), through its published port.
+body='{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[0.5,-0.2,1.0,0.1]}]}'
+infer() {
+  local port=$((7998 + 2 * $1))
+  curl -fsS -o /dev/null --max-time 2 --cacert "$work/ca.pem" \
+    --resolve "worker-$1:$port:$pub" -X POST -d "$body" \
+    "https://worker-$1:$port/v2/models/faults/infer" 2>/dev/null
+}
 # Inference: each request goes to the workers in turn; a refused or failed one
 # is sent to the next worker, up to all three.
-body='{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[0.5,-0.2,1.0,0.1]}]}'
 traffic() {
   local n=0 k answered
   while [ ! -e "$stop" ]; do
     n=$((n + 1))
     answered=no
     for k in 0 1 2; do
-      local w=$(( (n + k) % 3 + 1 ))
-      local port=$((7998 + 2 * w))
-      if curl -fsS -o /dev/null --max-time 2 --cacert "$work/ca.pem" \
-        --resolve "worker-$w:$port:$pub" -X POST -d "$body" \
-        "https://worker-$w:$port/v2/models/faults/infer" 2>/dev/null; then
+      if infer $(((n + k) % 3 + 1)); then
         answered=yes
         break
       fi
@@ -143,52 +146,43 @@ sleep 5
 leader_name() {
   host_kiln status --json | python3 -c 'import json,sys; print("coordinator-%d" % json.load(sys.stdin)["leader_id"])'
 }
-# Waits until a write is acknowledged; prints the milliseconds since $1.
-until_write() {
-  local since=$1 deadline=$(($(date +%s) + 120))
-  until host_kiln kv put fault-probe "$(now_ms)" >/dev/null 2>&1; do
-    [ "$(date +%s)" -lt "$deadline" ] || { echo "no write within 120 s" >&2; return 1; }
+# Runs "$@" until it succeeds, at most $2 seconds; prints the milliseconds
+# since $1 (epoch ms), or fails naming what it waited for.
+recovered() {
+  local since=$1 limit=$2 deadline=$(($(date +%s) + $2))
+  shift 2
+  until "$@" >/dev/null 2>&1; do
+    [ "$(date +%s)" -lt "$deadline" ] || { echo "not within $limit s: $*" >&2; return 1; }
     sleep 0.2
   done
   echo $(($(now_ms) - since))
 }
-# Waits until the job's gang runs again, every shard Running, on a later
-# attempt than $2 (or the job has ended); prints the ms since $1.
-until_gang_runs() {
-  local since=$1 attempt=$2 deadline=$(($(date +%s) + 180))
-  until host_kiln jobs show "$job" --json 2>/dev/null | python3 -c '
+write_probe() { host_kiln kv put fault-probe "$(now_ms)"; }
+# The job's record, as `kiln jobs show --json` prints it.
+job_json() { host_kiln jobs show "$job" --json; }
+# Whether the job's gang runs again, every shard Running, on a later attempt
+# than $1, or the job has ended.
+gang_runs() {
+  job_json | python3 -c '
 import json, sys
 j = json.load(sys.stdin)
 done = j["state"] in ("Succeeded", "Failed", "Cancelled")
 back = j["state"] == "Running" and j["attempt"] > int(sys.argv[1]) and j["shards"] and all(
     s["state"] == "Running" for s in j["shards"])
-sys.exit(0 if done or back else 1)' "$attempt"; do
-    [ "$(date +%s)" -lt "$deadline" ] || { echo "the gang did not run again within 180 s" >&2; return 1; }
-    sleep 0.5
-  done
-  echo $(($(now_ms) - since))
+sys.exit(0 if done or back else 1)' "$1"
 }
-# Waits until worker $2 answers an inference request; prints the ms since $1.
-until_worker_answers() {
-  local since=$1 w=${2#worker-} deadline=$(($(date +%s) + 120))
-  local port=$((7998 + 2 * w))
-  until curl -fsS -o /dev/null --max-time 2 --cacert "$work/ca.pem" \
-    --resolve "worker-$w:$port:$pub" -X POST -d "$body" \
-    "https://worker-$w:$port/v2/models/faults/infer" 2>/dev/null; do
-    [ "$(date +%s)" -lt "$deadline" ] || { echo "worker-$w did not answer within 120 s" >&2; return 1; }
-    sleep 0.2
-  done
-  echo $(($(now_ms) - since))
+job_ended() {
+  case "$(job_field state)" in Succeeded | Failed | Cancelled) ;; *) return 1 ;; esac
 }
 shard_worker() {
-  host_kiln jobs show "$job" --json | python3 -c '
+  job_json | python3 -c '
 import json, sys
 j = json.load(sys.stdin)
 ids = [s["worker_id"] for s in j["shards"] if s["worker_id"]]
 print(ids[0] if ids else "")'
 }
-job_attempt() {
-  host_kiln jobs show "$job" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["attempt"])'
+job_field() {  # the job record's top-level field $1
+  job_json | python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"
 }
 worker_named() {  # the compose service of worker id $1
   host_kiln status --json | python3 -c '
@@ -284,7 +278,7 @@ victim="$(leader_name)"
 mark
 t0=$(now_ms)
 docker network disconnect "$network" "$(container "$victim")"
-took=$(until_write "$t0")
+took=$(recovered "$t0" 120 write_probe)
 sleep 15
 docker network connect --alias "$victim" "$network" "$(container "$victim")"
 wait_healthy 120
@@ -294,7 +288,7 @@ victim="$(leader_name)"
 mark
 t0=$(now_ms)
 docker kill "$(container "$victim")" >/dev/null
-took=$(until_write "$t0")
+took=$(recovered "$t0" 120 write_probe)
 sleep 10
 docker start "$(container "$victim")" >/dev/null
 wait_healthy 120
@@ -303,11 +297,11 @@ record "leader killed" "$victim killed, restarted after 10 s" "${took} ms"
 victim_id="$(shard_worker)"
 victim="$(worker_named "$victim_id")"
 [ -n "$victim" ] || { echo "$label: no worker runs a shard of job $job" >&2; exit 1; }
-attempt="$(job_attempt)"
+attempt="$(job_field attempt)"
 mark
 t0=$(now_ms)
 docker kill "$(container "$victim")" >/dev/null
-took=$(until_gang_runs "$t0" "$attempt")
+took=$(recovered "$t0" 180 gang_runs "$attempt")
 docker start "$(container "$victim")" >/dev/null
 wait_healthy 120
 record "worker killed" "$victim (ran a shard) killed; gang back" "${took} ms"
@@ -318,14 +312,14 @@ docker pause "$(container "$victim")" >/dev/null
 sleep 10
 docker unpause "$(container "$victim")" >/dev/null
 t1=$(now_ms)
-took=$(until_worker_answers "$t1" "$victim")
+took=$(recovered "$t1" 120 infer "${victim#worker-}")
 wait_healthy 120
 record "worker paused" "$victim paused 10 s; answers again" "${took} ms"
 
 mark
 t0=$(now_ms)
 compose restart -t 30 $nodes >/dev/null 2>&1
-took=$(until_write "$t0")
+took=$(recovered "$t0" 120 write_probe)
 wait_healthy 180
 record "full restart" "all 6 nodes restarted" "${took} ms"
 
@@ -342,17 +336,11 @@ unreadable=${artifacts%%/*} versions=${artifacts#*/}
 [ "$versions" -ge 3 ] || { echo "only $versions artifact version(s) listed" >&2; failed=1; }
 [ "$unreadable" -eq 0 ] || failed=1
 host_kiln artifact pull faults-data@1 -o "$work/pulled.csv" >/dev/null
-cmp -s "$work/data.csv" "$work/pulled.csv" || { echo "faults-data@1 came back different" >&2; failed=1; }
-deadline=$(($(date +%s) + 600))
-while :; do
-  state="$(host_kiln jobs show "$job" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])')"
-  case "$state" in
-    Succeeded) break ;;
-    Failed|Cancelled) echo "job $job ended $state" >&2; failed=1; break ;;
-  esac
-  [ "$(date +%s)" -lt "$deadline" ] || { echo "job $job still $state after 600 s" >&2; failed=1; break; }
-  sleep 2
-done
+dataset=identical
+cmp -s "$work/data.csv" "$work/pulled.csv" || { dataset=DIFFERENT; failed=1; }
+recovered "$(now_ms)" 600 job_ended >/dev/null || failed=1
+state="$(job_field state)"
+[ "$state" = Succeeded ] || { echo "job $job ended $state" >&2; failed=1; }
 shards="$(shards_checked)" || failed=1
 kill "$events_pid" 2>/dev/null || true
 attempts="$(echo "$shards" | awk '{print $5}')"
@@ -366,7 +354,7 @@ echo
 cat "$table"
 echo
 echo "writes acknowledged: $acked, lost: $lost"
-echo "artifacts: $versions versions pulled whole, $unreadable unreadable; faults-data@1 $(cmp -s "$work/data.csv" "$work/pulled.csv" && echo identical || echo DIFFERENT)"
+echo "artifacts: $versions versions pulled whole, $unreadable unreadable; faults-data@1 $dataset"
 echo "training job $job: $state; $shards"
 echo "inference: $answered of $requests requests answered ($ratio%)"
 [ "$failed" -eq 0 ] || { echo "$label: FAILED" >&2; exit 1; }

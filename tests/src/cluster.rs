@@ -319,6 +319,12 @@ impl Cluster {
         );
     }
 
+    fn worker(&self, name: &str) -> &Node {
+        self.workers
+            .get(name)
+            .unwrap_or_else(|| panic!("no worker {name} in this cluster"))
+    }
+
     fn worker_mut(&mut self, name: &str) -> &mut Node {
         self.workers
             .get_mut(name)
@@ -346,22 +352,15 @@ impl Cluster {
     }
 
     fn running_worker(&self, name: &str) -> &Proc {
-        let node = self
-            .workers
-            .get(name)
-            .unwrap_or_else(|| panic!("no worker {name} in this cluster"));
-        node.proc
+        self.worker(name)
+            .proc
             .as_ref()
             .unwrap_or_else(|| panic!("worker {name} is not running"))
     }
 
     /// Returns what worker `name` has logged so far.
     pub fn worker_log(&self, name: &str) -> String {
-        let node = self
-            .workers
-            .get(name)
-            .unwrap_or_else(|| panic!("no worker {name} in this cluster"));
-        std::fs::read_to_string(&node.log).unwrap_or_default()
+        std::fs::read_to_string(&self.worker(name).log).unwrap_or_default()
     }
 
     /// Starts worker `name` again with the same flags and data dir.
@@ -378,19 +377,12 @@ impl Cluster {
 
     /// Returns the gRPC address of worker `name`.
     pub fn worker_addr(&self, name: &str) -> String {
-        self.workers
-            .get(name)
-            .map(|node| node.addr.clone())
-            .unwrap_or_else(|| panic!("no worker {name} in this cluster"))
+        self.worker(name).addr.clone()
     }
 
     /// Returns the value of `flag` on worker `name`'s command line.
     pub fn worker_flag(&self, name: &str, flag: &str) -> String {
-        let node = self
-            .workers
-            .get(name)
-            .unwrap_or_else(|| panic!("no worker {name} in this cluster"));
-        node.flag(flag)
+        self.worker(name).flag(flag)
     }
 
     /// Returns the HTTP address (`--http`) of coordinator `id`.
@@ -403,11 +395,7 @@ impl Cluster {
 
     /// Returns the id worker `name` keeps in `DATA_DIR/worker-id`, once written.
     pub fn worker_id(&self, name: &str) -> Option<String> {
-        let node = self
-            .workers
-            .get(name)
-            .unwrap_or_else(|| panic!("no worker {name} in this cluster"));
-        std::fs::read_to_string(node.data_dir.join("worker-id"))
+        std::fs::read_to_string(self.worker(name).data_dir.join("worker-id"))
             .ok()
             .map(|text| text.trim().to_string())
             .filter(|id| !id.is_empty())
@@ -741,15 +729,7 @@ impl Cluster {
 
     /// Returns the peak resident memory (VmHWM) of running worker `name`, in bytes.
     pub fn worker_peak_rss(&self, name: &str) -> u64 {
-        let node = self
-            .workers
-            .get(name)
-            .unwrap_or_else(|| panic!("no worker {name} in this cluster"));
-        let pid = node
-            .proc
-            .as_ref()
-            .unwrap_or_else(|| panic!("worker {name} is not running"))
-            .pid();
+        let pid = self.running_worker(name).pid();
         crate::cli::peak_rss(pid).unwrap_or_else(|| panic!("read the memory of worker {name}"))
     }
 

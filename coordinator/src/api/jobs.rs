@@ -29,6 +29,16 @@ pub const SHARD_START_TIMEOUT_MS: u64 = 120_000;
 /// one that brought it, a few seconds at most.
 pub const SHARD_GONE_GRACE_MS: u64 = 10_000;
 
+/// What one shard of `job` holds on `worker_id`.
+fn shard_holds(job: &JobRecord, worker_id: &str, gpus: &[u32]) -> Capacity {
+    Capacity {
+        worker_id: worker_id.to_string(),
+        cpus: job.cpus_per_shard,
+        gpus: gpus.to_vec(),
+        memory_bytes: job.memory_per_shard,
+    }
+}
+
 /// Why a restarted gang must not be placed yet: a worker that is not Down still
 /// runs a shard of the job's earlier attempt (stopping it takes a heartbeat), or
 /// has not told this leader what it runs. A Down worker's shards have stopped by
@@ -456,25 +466,19 @@ impl Api {
                     }
                     continue;
                 }
-                let mut holds: Vec<Capacity> = Vec::new();
-                for shard in &job.shards {
-                    if let Some(c) = free.iter_mut().find(|c| c.worker_id == shard.worker_id) {
-                        c.cpus = c.cpus.saturating_sub(job.cpus_per_shard);
-                        c.memory_bytes = c.memory_bytes.saturating_sub(job.memory_per_shard);
-                        c.gpus.retain(|g| !shard.gpus.contains(g));
-                    }
-                    holds.push(Capacity {
-                        worker_id: shard.worker_id.clone(),
-                        cpus: job.cpus_per_shard,
-                        gpus: shard.gpus.clone(),
-                        memory_bytes: job.memory_per_shard,
-                    });
+                let held: Vec<Capacity> = job
+                    .shards
+                    .iter()
+                    .map(|shard| shard_holds(job, &shard.worker_id, &shard.gpus))
+                    .collect();
+                for h in &held {
+                    scheduler::take(&mut free, h);
                 }
                 holders.push(scheduler::Holder {
                     job_id: job.id.to_string(),
                     priority: job.priority,
                     started_at_ms: job.attempt_started_at_ms,
-                    held: holds,
+                    held,
                 });
             } else if job.state == JobState::Pending as i32 {
                 if job.attempt > 0 {
@@ -489,12 +493,7 @@ impl Api {
                                 .iter()
                                 .find(|p| p.rank == running.rank && &p.worker_id == worker)
                                 .map_or(&[], |p| p.gpus.as_slice());
-                            if let Some(c) = free.iter_mut().find(|c| &c.worker_id == worker) {
-                                c.cpus = c.cpus.saturating_sub(job.cpus_per_shard);
-                                c.memory_bytes =
-                                    c.memory_bytes.saturating_sub(job.memory_per_shard);
-                                c.gpus.retain(|g| !gpus.contains(g));
-                            }
+                            scheduler::take(&mut free, &shard_holds(job, worker, gpus));
                         }
                     }
                     if let Some(first) = stopping.first() {
@@ -530,7 +529,7 @@ impl Api {
             .iter()
             .any(|(_, d)| matches!(d, Decision::Start(_)));
         if self.preemption && held.is_empty() && !starts {
-            self.preempt_for_the_head(&decisions, &pending, &free, &holders)
+            self.preempt_for_the_head(&decisions, &pending, &free, &holders, &by_id)
                 .await;
         }
         for (job_id, decision) in decisions {
@@ -540,11 +539,7 @@ impl Api {
             let kind = match decision {
                 Decision::Start(placements) => {
                     for p in &placements {
-                        if let Some(c) = free.iter_mut().find(|c| c.worker_id == p.worker_id) {
-                            c.cpus = c.cpus.saturating_sub(job.cpus_per_shard);
-                            c.memory_bytes = c.memory_bytes.saturating_sub(job.memory_per_shard);
-                            c.gpus.retain(|g| !p.gpus.contains(g));
-                        }
+                        scheduler::take(&mut free, &shard_holds(job, &p.worker_id, &p.gpus));
                     }
                     command::Kind::PlaceJob(PlaceJob {
                         job_id: job.id,
@@ -589,6 +584,7 @@ impl Api {
         pending: &[Gang],
         free: &[Capacity],
         holders: &[scheduler::Holder],
+        jobs: &HashMap<String, &JobRecord>,
     ) {
         // The first job that must wait for resources; those behind it wait for it.
         let Some((head_id, _)) = decisions
@@ -603,35 +599,25 @@ impl Api {
         let Some(victims) = scheduler::preemption(head, free, holders) else {
             return;
         };
-        for victim in victims {
-            let Some(holder) = holders.iter().find(|h| h.job_id == victim) else {
-                continue;
-            };
-            let Ok(job_id) = victim.parse::<u64>() else {
-                continue;
-            };
-            let attempt = match read_job(&self.reader, job_id) {
-                Ok(Some(job)) => job.attempt,
-                _ => continue,
-            };
+        for victim in victims.iter().filter_map(|id| jobs.get(id)) {
             tracing::info!(
-                job = job_id,
-                priority = holder.priority,
+                job = victim.id,
+                priority = victim.priority,
                 for_job = %head.job_id,
                 for_priority = head.priority,
                 "preempting a training job"
             );
             let kind = command::Kind::FailJobAttempt(FailJobAttempt {
-                job_id,
-                attempt,
+                job_id: victim.id,
+                attempt: victim.attempt,
                 reason: format!(
                     "preempted by job {} (priority {} over {})",
-                    head.job_id, head.priority, holder.priority
+                    head.job_id, head.priority, victim.priority
                 ),
                 preempted: true,
             });
             if let Err(e) = self.propose(command(kind), false).await {
-                tracing::debug!(job = job_id, error = %e, "preempt a job");
+                tracing::debug!(job = victim.id, error = %e, "preempt a job");
             }
         }
     }

@@ -306,11 +306,7 @@ fn fail_attempt(
     if preempted {
         job.state = JobState::Pending as i32;
         job.reason = format!("{reason}; resumes from {}", resume_point(job));
-        let line = format!("attempt {} preempted: {reason}", job.attempt);
-        append_log(txn, job, now_ms, 0, &[line]);
-        return Ok(());
-    }
-    if job.failures > job.max_failures {
+    } else if job.failures > job.max_failures {
         job.state = JobState::Failed as i32;
         job.reason = format!(
             "failed {} time(s), more than max_failures = {}; last: {reason}",
@@ -327,7 +323,8 @@ fn fail_attempt(
             job.max_failures
         );
     }
-    let line = format!("attempt {} failed: {reason}", job.attempt);
+    let how = if preempted { "preempted" } else { "failed" };
+    let line = format!("attempt {} {how}: {reason}", job.attempt);
     append_log(txn, job, now_ms, 0, &[line]);
     Ok(())
 }

@@ -78,6 +78,7 @@ pub enum DataError {
 }
 
 /// One file of a dataset, in its format.
+#[derive(Debug)]
 pub enum Source {
     Csv(bytes::Bytes),
     Parquet(bytes::Bytes),
@@ -85,16 +86,19 @@ pub enum Source {
 
 /// Reads the files of a dataset, in the order given, as one table: every file must
 /// have the same columns (in any order); rows follow one another. `features`
-/// empty means every column but the label. With more than one file an error
-/// names the file.
-pub fn read_tables(
-    files: Vec<(String, Source)>,
-    label: &str,
-    features: &[String],
-) -> Result<Dataset, String> {
+/// empty means every column but the label. Each file is loaded as the iterator
+/// comes to it (an error loading it ends the read), so only one file's bytes are
+/// held at a time. With more than one file an error names the file.
+pub fn read_tables<I>(files: I, label: &str, features: &[String]) -> Result<Dataset, String>
+where
+    I: IntoIterator<Item = Result<(String, Source), String>>,
+    I::IntoIter: ExactSizeIterator,
+{
+    let files = files.into_iter();
     let many = files.len() > 1;
     let mut table = None;
-    for (name, source) in files {
+    for file in files {
+        let (name, source) = file?;
         let read = match source {
             Source::Csv(bytes) => csv_rows(bytes.as_ref(), &mut table, label, features),
             Source::Parquet(bytes) => parquet_rows(bytes, &mut table, label, features),
@@ -550,19 +554,23 @@ mod tests {
 
     #[test]
     fn a_dataset_in_parts_reads_as_one_table() {
-        let csv = |text: &str| Source::Csv(bytes::Bytes::from(text.to_string()));
+        const FIRST: &str = "sepal,petal,species\n5.1,1.4,setosa\n";
+        // part-0.csv with FIRST, then part-1.csv with `second`.
+        let parts = |second: &str| {
+            [("part-0.csv", FIRST), ("part-1.csv", second)].map(|(name, text)| {
+                Ok((
+                    name.to_string(),
+                    Source::Csv(bytes::Bytes::from(text.to_string())),
+                ))
+            })
+        };
         // The second part has its columns in another order and a class of its own.
-        let parts = vec![
-            (
-                "part-0.csv".to_string(),
-                csv("sepal,petal,species\n5.1,1.4,setosa\n"),
-            ),
-            (
-                "part-1.csv".to_string(),
-                csv("species,petal,sepal\nvirginica,6.0,6.3\nsetosa,1.4,4.9\n"),
-            ),
-        ];
-        let data = read_tables(parts, "species", &[]).expect("read");
+        let data = read_tables(
+            parts("species,petal,sepal\nvirginica,6.0,6.3\nsetosa,1.4,4.9\n"),
+            "species",
+            &[],
+        )
+        .expect("read");
         assert_eq!(data.features, vec!["sepal", "petal"]);
         assert_eq!(data.rows, 3);
         assert_eq!(data.x, vec![5.1, 1.4, 6.3, 6.0, 4.9, 1.4]);
@@ -574,35 +582,31 @@ mod tests {
             }
         );
         // A part with other columns, or a bad value, is named with its own row.
-        let parts = vec![
-            (
-                "part-0.csv".to_string(),
-                csv("sepal,petal,species\n5.1,1.4,setosa\n"),
-            ),
-            (
-                "part-1.csv".to_string(),
-                csv("sepal,species\n6.3,virginica\n"),
-            ),
-        ];
-        let err = read_tables(parts, "species", &[]).expect_err("columns differ");
+        let err = read_tables(parts("sepal,species\n6.3,virginica\n"), "species", &[])
+            .expect_err("columns differ");
         assert!(
             err.starts_with("part-1.csv: its columns (sepal, species) are not the first file's"),
             "{err}"
         );
-        let parts = vec![
-            (
-                "part-0.csv".to_string(),
-                csv("sepal,petal,species\n5.1,1.4,setosa\n"),
-            ),
-            (
-                "part-1.csv".to_string(),
-                csv("sepal,petal,species\n6.3,x,virginica\n"),
-            ),
-        ];
-        let err = read_tables(parts, "species", &[]).expect_err("not a number");
+        let err = read_tables(
+            parts("sepal,petal,species\n6.3,x,virginica\n"),
+            "species",
+            &[],
+        )
+        .expect_err("not a number");
         assert_eq!(err, "part-1.csv: row 2, column petal: 'x' is not a number");
+        // A part that cannot be loaded ends the read with its error.
+        let [first, _] = parts(FIRST);
+        let unreadable = [first, Err("read part-1.csv: permission denied".to_string())];
+        assert_eq!(
+            read_tables(unreadable, "species", &[]).expect_err("unreadable"),
+            "read part-1.csv: permission denied"
+        );
         // One file: the error is the file's own, as before.
-        let one = vec![("data.csv".to_string(), csv("a,y\n1,\n"))];
+        let one = [Ok((
+            "data.csv".to_string(),
+            Source::Csv(bytes::Bytes::from_static(b"a,y\n1,\n")),
+        ))];
         assert!(!read_tables(one, "y", &[])
             .expect_err("empty label")
             .starts_with("data.csv"));
@@ -792,11 +796,8 @@ mod tests {
 
         #[test]
         fn parquet_parts_read_as_one_table() {
-            let part = || Source::Parquet(iris(Compression::SNAPPY));
-            let parts = vec![
-                ("a.parquet".to_string(), part()),
-                ("b.parquet".to_string(), part()),
-            ];
+            let parts = ["a.parquet", "b.parquet"]
+                .map(|name| Ok((name.to_string(), Source::Parquet(iris(Compression::SNAPPY)))));
             let data = read_tables(parts, "species", &[]).expect("read");
             let one = read_parquet(iris(Compression::SNAPPY), "species", &[]).expect("read");
             assert_eq!(data.rows, 2 * one.rows);

@@ -182,10 +182,10 @@ async fn load_dataset(ctx: &ShardContext, spec: &JobSpec, dir: &Path) -> ShardRe
     let features = spec.data.features.clone();
     let format = spec.data.format;
     let root = pulled.path.clone();
-    // Every file in path order, one table: a dataset may be split in parts.
+    // Every file in path order, one table: a dataset may be split in parts. Each
+    // file is read from disk as the table reaches it.
     tokio::task::spawn_blocking(move || {
-        let mut sources = Vec::with_capacity(files.len());
-        for path in files {
+        let sources = files.into_iter().map(|path| {
             let bytes = bytes::Bytes::from(
                 std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?,
             );
@@ -194,14 +194,14 @@ async fn load_dataset(ctx: &ShardContext, spec: &JobSpec, dir: &Path) -> ShardRe
                 .unwrap_or(&path)
                 .display()
                 .to_string();
-            sources.push((
+            Ok((
                 name,
                 match format {
                     DataFormat::Csv => data::Source::Csv(bytes),
                     DataFormat::Parquet => data::Source::Parquet(bytes),
                 },
-            ));
-        }
+            ))
+        });
         data::read_tables(sources, &label, &features)
             .map_err(|e| format!("dataset {reference}: {e}"))
     })
