@@ -8,11 +8,13 @@
 //! state. Coordinators check tokens against their state; workers against a
 //! [`TokenBook`] the leader refreshes with every heartbeat, so that a worker keeps
 //! checking tokens while the coordinators are away and a revocation reaches it
-//! within one heartbeat. Without TLS (`--insecure`) nothing is checked.
+//! within one heartbeat; a token it does not hold makes it ask for a heartbeat at
+//! once ([`TokenBook::verify_fresh`]). Without TLS (`--insecure`) nothing is checked.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kiln_proto::v1::{Role, TokenRecord};
 use rand::RngCore;
@@ -205,10 +207,35 @@ pub fn verify_bearer(
 
 /// The token records a worker checks callers against: a copy of the replicated
 /// ones, replaced whole whenever the leader sends a newer version.
-#[derive(Debug, Default)]
+///
+/// A well-formed token the records do not accept may be newer than them (made or
+/// rotated since the last heartbeat): [`TokenBook::verify_fresh`] then asks the
+/// agent for a heartbeat at once and checks again with its answer, so a token
+/// works on every worker as soon as `kiln token create` returns.
+#[derive(Debug)]
 pub struct TokenBook {
     inner: RwLock<(u64, HashMap<String, TokenRecord>)>,
+    /// Callers wait for a heartbeat started after they asked for one.
+    wanted: tokio::sync::Notify,
+    /// Sequence number of the last heartbeat started.
+    started: AtomicU64,
+    /// Sequence number of the last heartbeat answered (records replaced by then).
+    answered: tokio::sync::watch::Sender<u64>,
 }
+
+impl Default for TokenBook {
+    fn default() -> TokenBook {
+        TokenBook {
+            inner: RwLock::default(),
+            wanted: tokio::sync::Notify::new(),
+            started: AtomicU64::new(0),
+            answered: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+/// Longest a caller waits for a heartbeat to bring newer token records.
+pub const TOKEN_REFRESH_WAIT: Duration = Duration::from_secs(2);
 
 impl TokenBook {
     /// Returns the version of the records held (0: none received yet).
@@ -222,6 +249,78 @@ impl TokenBook {
         if let Ok(mut guard) = self.inner.write() {
             *guard = (version, map);
         }
+    }
+
+    /// Checks a bearer header like [`TokenBook::verify`]; when the records do not
+    /// hold the token's name or secret, waits (at most [`TOKEN_REFRESH_WAIT`]) for a
+    /// heartbeat started after this call and checks again with its records.
+    pub async fn verify_fresh(
+        &self,
+        authorization: Option<&str>,
+        need: Permission,
+        now_ms: impl Fn() -> u64,
+    ) -> Result<Caller> {
+        let first = self.verify(authorization, need, now_ms());
+        if !matches!(first, Err(Error::Unauthenticated(_))) || !self.may_be_newer(authorization) {
+            return first;
+        }
+        let mut answered = self.answered.subscribe();
+        let after = self.started.load(Ordering::Acquire);
+        self.wanted.notify_one();
+        let fresh = answered.wait_for(|&seq| seq > after);
+        if tokio::time::timeout(TOKEN_REFRESH_WAIT, fresh)
+            .await
+            .is_err()
+        {
+            return first;
+        }
+        self.verify(authorization, need, now_ms())
+    }
+
+    /// Whether `authorization` is a well-formed token these records hold no match
+    /// for (an unknown name, or a known name with another secret).
+    fn may_be_newer(&self, authorization: Option<&str>) -> bool {
+        let Some((name, secret)) = authorization
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .and_then(parse)
+        else {
+            return false;
+        };
+        if validate_name(name).is_err() {
+            return false;
+        }
+        let Ok(guard) = self.inner.read() else {
+            return false;
+        };
+        match guard.1.get(name) {
+            None => true,
+            // blake3::Hash compares in constant time.
+            Some(record) => <[u8; 32]>::try_from(record.hash.as_slice()).map_or(true, |h| {
+                blake3::Hash::from_bytes(h) != digest(&record.salt, secret)
+            }),
+        }
+    }
+
+    /// Waits until a caller asks for a heartbeat (see [`TokenBook::verify_fresh`]).
+    pub async fn refresh_wanted(&self) {
+        self.wanted.notified().await;
+    }
+
+    /// Records that a heartbeat starts; returns its sequence number for
+    /// [`TokenBook::heartbeat_answered`].
+    pub fn heartbeat_started(&self) -> u64 {
+        self.started.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Records that heartbeat `seq` was answered and its records (if any) applied.
+    pub fn heartbeat_answered(&self, seq: u64) {
+        self.answered.send_if_modified(|last| {
+            let newer = seq > *last;
+            if newer {
+                *last = seq;
+            }
+            newer
+        });
     }
 
     /// Checks a bearer header as [`verify_bearer`] does, against these records.
@@ -332,6 +431,100 @@ mod tests {
         assert!(allows(Role::Viewer, Read) && !allows(Role::Viewer, Write));
         assert!(!allows(Role::Viewer, Infer));
         assert!(allows(Role::Inference, Infer) && !allows(Role::Inference, Read));
+    }
+
+    /// An agent stand-in: at each wanted refresh, installs the next of `versions`
+    /// (the last one stays) and answers; returns how many heartbeats it made once
+    /// `stop` fires.
+    fn agent(
+        book: std::sync::Arc<TokenBook>,
+        versions: Vec<Vec<TokenRecord>>,
+        mut stop: tokio::sync::oneshot::Receiver<()>,
+    ) -> tokio::task::JoinHandle<usize> {
+        tokio::spawn(async move {
+            let mut beats = 0usize;
+            loop {
+                tokio::select! {
+                    _ = book.refresh_wanted() => {}
+                    _ = &mut stop => return beats,
+                }
+                let seq = book.heartbeat_started();
+                let records = &versions[beats.min(versions.len() - 1)];
+                book.replace(beats as u64 + 2, records.clone());
+                book.heartbeat_answered(seq);
+                beats += 1;
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn a_token_newer_than_the_records_passes_after_one_early_heartbeat() {
+        let book = std::sync::Arc::new(TokenBook::default());
+        let (old, old_record) = mint("old", Role::Viewer, 1, 0);
+        let (new, new_record) = mint("new", Role::Viewer, 1, 0);
+        // "old" rotated: same name, another secret.
+        let (rotated, rotated_record) = mint("old", Role::Viewer, 1, 0);
+        book.replace(1, vec![old_record.clone()]);
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let beats = agent(
+            std::sync::Arc::clone(&book),
+            vec![
+                vec![old_record, new_record.clone()],
+                vec![new_record, rotated_record],
+            ],
+            stopped,
+        );
+        let bearer = |t: &str| format!("Bearer {t}");
+        let now = || 10;
+
+        // Known and right: no heartbeat asked for.
+        book.verify_fresh(Some(&bearer(&old)), Permission::Read, now)
+            .await
+            .expect("old token");
+        // Unknown name: one heartbeat brings it.
+        book.verify_fresh(Some(&bearer(&new)), Permission::Read, now)
+            .await
+            .expect("a token made since the last heartbeat");
+        // Known name, other secret (rotated since): the refreshed records hold it.
+        book.verify_fresh(Some(&bearer(&rotated)), Permission::Read, now)
+            .await
+            .expect("a rotated token");
+        // Still wrong after the refresh: refused, after one more heartbeat.
+        let forged = format!("Bearer {TOKEN_PREFIX}new.{}", "0".repeat(43));
+        let err = book
+            .verify_fresh(Some(&forged), Permission::Read, now)
+            .await
+            .expect_err("forged");
+        assert!(matches!(err, Error::Unauthenticated(_)), "{err}");
+        // Malformed, or a right token lacking the permission: no heartbeat.
+        assert!(book
+            .verify_fresh(Some("Bearer nope"), Permission::Read, now)
+            .await
+            .is_err());
+        let err = book
+            .verify_fresh(Some(&bearer(&new)), Permission::Admin, now)
+            .await
+            .expect_err("a viewer may not administer");
+        assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
+        stop.send(()).expect("agent running");
+        assert_eq!(beats.await.expect("agent"), 3);
+    }
+
+    #[tokio::test]
+    async fn with_no_heartbeat_an_unknown_token_is_refused_after_the_bounded_wait() {
+        let book = TokenBook::default();
+        let (token, _) = mint("late", Role::Viewer, 1, 0);
+        let started = std::time::Instant::now();
+        let err = book
+            .verify_fresh(Some(&format!("Bearer {token}")), Permission::Read, || 10)
+            .await
+            .expect_err("no records");
+        assert!(matches!(err, Error::Unauthenticated(_)), "{err}");
+        let waited = started.elapsed();
+        assert!(
+            waited >= TOKEN_REFRESH_WAIT && waited < TOKEN_REFRESH_WAIT * 2,
+            "waited {waited:?}"
+        );
     }
 
     #[test]

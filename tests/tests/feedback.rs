@@ -280,9 +280,9 @@ async fn labels_posted_to_any_worker_become_the_live_accuracy_of_the_version() {
         .iter()
         .map(|w| cluster.worker_id(w).expect("worker id")[..8].to_string())
         .collect();
-    // Each worker must route the deployment and know the token: it learns new
-    // tokens with its next heartbeat, answering 401 to this one until then and
-    // 403 on /metrics after (an inference token may not read).
+    // Each worker must route the deployment; it knows the token at once (a token
+    // it does not hold makes it ask for the records first), answering 403 on
+    // /metrics (an inference token may not read).
     let ready = format!("/v2/models/{DEPLOYMENT}/ready");
     let checks = [(ready.as_str(), 200), ("/metrics", 403)];
     kiln_tests::wait_for(
@@ -530,7 +530,7 @@ async fn labels_posted_to_any_worker_become_the_live_accuracy_of_the_version() {
     }
 
     // The workers say how much they still remember: nothing, every id was
-    // labelled (the viewer token reaches the workers with a heartbeat).
+    // labelled.
     let viewer = cluster
         .create_token("looker", kiln_proto::v1::Role::Viewer, 0)
         .await;

@@ -43,6 +43,9 @@ pub const REGISTER_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 pub const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Heartbeats between two reads of the data disk's free space.
 pub const DISK_REFRESH_EVERY_HEARTBEATS: u64 = 10;
+/// Shortest time between heartbeats that callers with unknown tokens ask for, so
+/// that a flood of bad tokens costs the coordinators at most five beats a second.
+const EARLY_BEAT_GAP: Duration = Duration::from_millis(200);
 const _: () = assert!(DISK_REFRESH_EVERY_HEARTBEATS > 0);
 /// Shortest heartbeat interval, whoever sets it (a zero interval would spin).
 pub const HEARTBEAT_INTERVAL_MIN: Duration = Duration::from_millis(10);
@@ -320,11 +323,28 @@ impl Agent {
         let mut failures = FailureLog::default();
         let mut last_state = WorkerState::Unspecified;
         let mut beats_until_disk_refresh = DISK_REFRESH_EVERY_HEARTBEATS;
+        let mut last_beat: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return HeartbeatEnd::Cancelled,
                 _ = ticker.tick() => {}
+                // A caller holds a token the records may be too old for: beat now,
+                // but no more often than EARLY_BEAT_GAP.
+                _ = self.tokens.refresh_wanted() => {
+                    if let Some(wait) = last_beat
+                        .map(|t| EARLY_BEAT_GAP.saturating_sub(t.elapsed()))
+                        .filter(|w| !w.is_zero())
+                    {
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => return HeartbeatEnd::Cancelled,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                    ticker.reset();
+                }
             }
+            last_beat = Some(Instant::now());
+            let beat = self.tokens.heartbeat_started();
             beats_until_disk_refresh -= 1;
             if beats_until_disk_refresh == 0 {
                 beats_until_disk_refresh = DISK_REFRESH_EVERY_HEARTBEATS;
@@ -367,6 +387,7 @@ impl Agent {
                         self.tokens
                             .replace(response.tokens_version, response.tokens);
                     }
+                    self.tokens.heartbeat_answered(beat);
                     publish(&self.shards, response.shards);
                     publish(&self.replicas, response.replicas);
                     publish(&self.routes, response.routes);

@@ -50,16 +50,27 @@ const COPIES_IN_FLIGHT: usize = 4;
 pub const MAX_WRITERS: usize = 4;
 
 impl BlobService {
-    fn authorize<T>(&self, request: &Request<T>, need: Permission) -> kiln_common::Result<()> {
-        let Some(tokens) = &self.tokens else {
-            return Ok(());
-        };
-        if kiln_common::tls::is_node(request) {
-            return Ok(());
+    /// Checks the caller may do `need`; the future holds the request's header,
+    /// not the request (a stream is not `Sync`).
+    fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        need: Permission,
+    ) -> impl std::future::Future<Output = kiln_common::Result<()>> + '_ {
+        let tokens = self
+            .tokens
+            .as_ref()
+            .filter(|_| !kiln_common::tls::is_node(request));
+        let header = grpc_authorization(request).map(str::to_owned);
+        async move {
+            match tokens {
+                Some(tokens) => tokens
+                    .verify_fresh(header.as_deref(), need, now_ms)
+                    .await
+                    .map(drop),
+                None => Ok(()),
+            }
         }
-        tokens
-            .verify(grpc_authorization(request), need, now_ms())
-            .map(drop)
     }
 
     /// Refuses a caller that is not a cluster node (with TLS).
@@ -118,7 +129,7 @@ impl Blobs for BlobService {
         &self,
         request: Request<Streaming<PutChunksRequest>>,
     ) -> Result<Response<PutChunksResponse>, Status> {
-        self.authorize(&request, Permission::Write)?;
+        self.authorize(&request, Permission::Write).await?;
         let _permit = self
             .writers
             .acquire()
@@ -157,7 +168,7 @@ impl Blobs for BlobService {
         &self,
         request: Request<GetChunkRequest>,
     ) -> Result<Response<GetChunkResponse>, Status> {
-        self.authorize(&request, Permission::Read)?;
+        self.authorize(&request, Permission::Read).await?;
         let id = ChunkId::from_slice(&request.get_ref().id, "get_chunk").map_err(Status::from)?;
         let store = self.store.clone();
         let read = tokio::task::spawn_blocking(move || store.get(id))
@@ -181,7 +192,7 @@ impl Blobs for BlobService {
         &self,
         request: Request<HasChunksRequest>,
     ) -> Result<Response<HasChunksResponse>, Status> {
-        self.authorize(&request, Permission::Read)?;
+        self.authorize(&request, Permission::Read).await?;
         let ids = request.into_inner().ids;
         if ids.len() > MAX_HAS_IDS {
             return Err(Status::invalid_argument(format!(

@@ -195,7 +195,7 @@ async fn read_body(body: axum::body::Body, limit: usize) -> Result<axum::body::B
 async fn require_viewer(State(state): State<HttpState>, request: Request, next: Next) -> Response {
     if let Some(tokens) = &state.tokens {
         let header = authorization(request.headers());
-        if let Err(e) = tokens.verify(header, Permission::Read, now_ms()) {
+        if let Err(e) = tokens.verify_fresh(header, Permission::Read, now_ms).await {
             return error_response(&e);
         }
     }

@@ -256,8 +256,9 @@ async fn send_batch(
             let (batch, encoded) = (Arc::clone(&batch), Arc::clone(&encoded));
             let missing = Arc::clone(&missing);
             sends.spawn(async move {
-                // A token made a moment ago reaches a worker with its next heartbeat
-                // (1 s): an UNAUTHENTICATED answer is retried until then.
+                // A worker that does not hold a token asks for the records first,
+                // but gives up after 2 s when the coordinators do not answer (an
+                // election): an UNAUTHENTICATED answer is retried a few times.
                 let mut attempts = 0;
                 loop {
                     attempts += 1;

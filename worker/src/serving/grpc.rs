@@ -145,7 +145,9 @@ impl GrpcInferenceService for InferenceService {
         let req = request.into_inner();
         let version = version_of(&req.version)?;
         let route = self.router.route(&req.name)?;
-        self.router.authorize(&route, authorization.as_deref())?;
+        self.router
+            .authorize(&route, authorization.as_deref())
+            .await?;
         let (names, local) = self.router.served(&route, version)?;
         if let Some(replica) = local {
             return Ok(Response::new(protocol::grpc_model_metadata(
@@ -185,7 +187,8 @@ impl GrpcInferenceService for InferenceService {
             })?;
             let replica = self
                 .router
-                .forwarded(&deployment, id, authorization.as_deref())?
+                .forwarded(&deployment, id, authorization.as_deref())
+                .await?
                 .ok_or_else(|| {
                     Status::unavailable(format!(
                         "replica {id} of {deployment} is not on this worker"

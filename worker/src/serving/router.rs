@@ -199,27 +199,30 @@ impl Router {
 
     /// Checks the caller (its `authorization` header or metadata) may call
     /// `route`'s model.
-    pub fn authorize(&self, route: &Route, authorization: Option<&str>) -> Result<()> {
+    pub async fn authorize(&self, route: &Route, authorization: Option<&str>) -> Result<()> {
         match &self.tokens {
             Some(tokens) if !route.public => tokens
-                .verify(authorization, Permission::Infer, now_ms())
+                .verify_fresh(authorization, Permission::Infer, now_ms)
+                .await
                 .map(drop),
             _ => Ok(()),
         }
     }
 
     /// The local replica a forwarded request names, after checking its caller.
-    pub fn forwarded(
+    pub async fn forwarded(
         &self,
         deployment: &str,
         replica: u64,
         authorization: Option<&str>,
     ) -> Result<Option<Arc<LocalReplica>>> {
         match self.route(deployment) {
-            Ok(route) => self.authorize(&route, authorization)?,
+            Ok(route) => self.authorize(&route, authorization).await?,
             Err(_) => {
                 if let Some(tokens) = &self.tokens {
-                    tokens.verify(authorization, Permission::Infer, now_ms())?;
+                    tokens
+                        .verify_fresh(authorization, Permission::Infer, now_ms)
+                        .await?;
                 }
             }
         }
@@ -241,7 +244,7 @@ impl Router {
         Fut: std::future::Future<Output = std::result::Result<T, Failure<T>>>,
     {
         let route = self.route(deployment)?;
-        self.authorize(&route, authorization)?;
+        self.authorize(&route, authorization).await?;
         let mut tried: Option<u64> = None;
         let mut last = String::new();
         for _ in 0..2 {
@@ -380,7 +383,7 @@ impl Router {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .ok_or_else(|| Error::InvalidArgument(format!("bad {REPLICA_HEADER} header")))?;
-            let Some(replica) = self.forwarded(deployment, id, authorization)? else {
+            let Some(replica) = self.forwarded(deployment, id, authorization).await? else {
                 let mut response = error_response(&Error::Unavailable(format!(
                     "replica {id} of {deployment} is not on this worker"
                 )));
@@ -530,7 +533,8 @@ impl Router {
     ) -> Response {
         let result = async {
             let route = self.route(deployment)?;
-            self.authorize(&route, kiln_common::http::authorization(headers))?;
+            self.authorize(&route, kiln_common::http::authorization(headers))
+                .await?;
             let (names, local) = self.served(&route, version)?;
             match local {
                 Some(replica) => Ok(axum::Json(protocol::model_metadata(
@@ -638,7 +642,8 @@ impl Router {
         body: &[u8],
     ) -> Result<FeedbackAnswer> {
         let route = self.route(deployment)?;
-        self.authorize(&route, kiln_common::http::authorization(headers))?;
+        self.authorize(&route, kiln_common::http::authorization(headers))
+            .await?;
         let items = feedback::parse_body(body)?;
         let (mut answer, mut unknown) = self.feedback.label(deployment, items);
         if headers.contains_key(FORWARDED_HEADER) {
