@@ -24,5 +24,6 @@ pub mod data;
 pub mod model;
 pub mod onnx;
 pub mod optim;
+pub mod sgemm;
 pub mod shard;
 pub mod supervisor;

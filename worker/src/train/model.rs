@@ -58,7 +58,9 @@
 //! - ReLU is a custom op with a one-pass backward (`Relu`).
 //! - glibc's mmap threshold is raised once (`raise_mmap_threshold`): page faults
 //!   on candle's fresh buffers were a fifth of the step.
-//! - The workspace enables gemm's AVX-512 kernels (`x86-v4`), chosen at run time.
+//! - Matrix products run on our own AVX-512 kernel (`super::sgemm`) where the
+//!   CPU has AVX-512F, backward included; elsewhere on candle's (the `gemm` crate,
+//!   whose AVX-512 kernels the workspace enables with `x86-v4`).
 
 use std::sync::Once;
 
@@ -68,6 +70,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::arch::{Arch, Dense, Task};
+use super::sgemm;
 
 /// One batch's targets, as the rows of [`super::data::Target`].
 #[derive(Debug, Clone, Copy)]
@@ -311,7 +314,7 @@ impl Model {
         let (w1, b1) = &layers[0];
         match store.get(&z1) {
             Some(dz1) => {
-                grads.extend(dz1.matmul(&x)?.flatten_all()?.to_vec1::<f32>()?);
+                grads.extend(sgemm::product(dz1, &x)?.flatten_all()?.to_vec1::<f32>()?);
                 grads.extend(dz1.sum_keepdim(1)?.flatten_all()?.to_vec1::<f32>()?);
             }
             None => grads.resize(w1.elem_count() + b1.elem_count(), 0.0),
@@ -431,7 +434,7 @@ impl Model {
                 Activation::Gelu => z.gelu_erf()?,
                 Activation::Tanh => z.tanh()?,
             };
-            z = w.matmul(&h)?.broadcast_add(b)?;
+            z = sgemm::product(w, &h)?.broadcast_add(b)?;
         }
         Ok(z)
     }
@@ -444,7 +447,7 @@ impl Model {
 /// weight's gradient, `dz·hᵀ`, comes out of the matrix product already in the flat
 /// layout's `[outputs][inputs]` order, with no transposed copies.
 fn first_layer(x: &Tensor, (w, b): &(Tensor, Tensor)) -> Result<Tensor, ModelError> {
-    Ok(w.matmul(&x.t()?)?.broadcast_add(b)?)
+    Ok(sgemm::product(w, &x.t()?)?.broadcast_add(b)?)
 }
 
 /// ReLU with a one-pass backward. candle's own `relu` builds its backward mask
