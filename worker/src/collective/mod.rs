@@ -208,7 +208,7 @@ pub(crate) fn segment(len: usize, world: usize, index: usize) -> Range<usize> {
 /// empty piece, so that every step exchanges at least one frame and a rank that is
 /// out of step is noticed at once.
 pub(crate) fn pieces(range: Range<usize>, max: usize) -> impl Iterator<Item = Range<usize>> {
-    debug_assert!(max > 0, "pieces of zero elements never end");
+    assert!(max > 0, "pieces of zero elements never end");
     let count = range.len().div_ceil(max).max(1);
     (0..count).map(move |i| {
         let start = range.start + i * max;

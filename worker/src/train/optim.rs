@@ -182,7 +182,7 @@ impl AdamW {
     /// square root round exactly either way, so both give the same bits.
     fn apply(&self, params: &mut [f32], grads: &[f32], first: &mut [f32], second: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if super::sgemm::supported() {
+        if super::sgemm::has_avx512() {
             // SAFETY: the CPU has AVX-512F (checked at run time).
             #[allow(unsafe_code)]
             unsafe {

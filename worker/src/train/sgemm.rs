@@ -1,5 +1,5 @@
-//! Single-precision matrix products for the trainer's CPU pass, with an AVX-512
-//! kernel of our own.
+//! Single-precision matrix products for the trainer's CPU pass, with AVX-512 and
+//! AVX2 kernels of our own.
 //!
 //! The trainer's step is mostly six matrix products of at most 256 × 256 × 256
 //! (the benchmark's MLP; `super::bench`). On those sizes the `gemm` crate that
@@ -12,19 +12,20 @@
 //!
 //!   for each depth block of KC:              pack B's block into NR-column panels
 //!     for each MR-row panel of A (threads):  pack it, then for each B panel:
-//!       microkernel: an MR × NR tile of C in 24 zmm registers, KC rank-1 updates
+//!       microkernel: an MR × NR tile of C in registers, KC rank-1 updates
 //! ```
 //!
-//! - The tile is 12 rows × 32 columns: 24 accumulators, two loads of B and twelve
-//!   broadcasts of A per depth step, so the FMA units, not the loads, set the pace.
+//! - The AVX-512 tile is 12 rows × 32 columns: 24 accumulators, two loads of B
+//!   and twelve broadcasts of A per depth step, so the FMA units, not the loads,
+//!   set the pace. The AVX2 tile (with FMA) is 6 × 16: 12 of its 16 registers.
 //! - Packing copies A and B once per block whatever their strides, so transposed
 //!   operands (the backward pass's `dz·hᵀ` and `Wᵀ·dz`) cost no more than others.
-//! - Edge tiles pad the packed panels with zeros and store through column masks.
+//! - Edge tiles pad the packed panels with zeros and store only their valid part.
 //! - With several threads (the caller's rayon pool) the row panels are shared out;
 //!   B is packed once for all of them.
 //!
-//! [`supported`] says whether this CPU runs the kernel (AVX-512F, detected once);
-//! elsewhere the caller uses candle's product.
+//! [`best`] picks the kernel this CPU runs (detected once); where neither runs,
+//! [`product`] uses candle's.
 
 #![allow(unsafe_code)]
 
@@ -33,31 +34,71 @@ use std::sync::OnceLock;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Rows of a microkernel tile.
-const MR: usize = 12;
-// The kernel's unrolled rank-1 update names rows 0 to 11.
-const _: () = assert!(MR == 12);
-/// Columns of a microkernel tile: two 16-lane registers.
-const NR: usize = 32;
+/// Most rows of a microkernel tile (AVX-512's).
+const MAX_MR: usize = 12;
+const _: () = assert!(Isa::Avx512.tile().0 <= MAX_MR && Isa::Avx2.tile().0 <= MAX_MR);
 /// Depth of one packed block: an A panel (12 KiB) stays in L1 and the B block
 /// (up to `KC × NC` values, 512 KiB) in L2.
 const KC: usize = 256;
 /// Columns of one packed B block.
 const NC: usize = 512;
 
-/// Whether this CPU runs the AVX-512 kernel.
-pub fn supported() -> bool {
-    static SUPPORTED: OnceLock<bool> = OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
+/// The instruction sets a kernel is written for, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512F: a 12 × 32 tile in 24 of the 32 zmm registers.
+    Avx512,
+    /// AVX2 with FMA: a 6 × 16 tile in 12 of the 16 ymm registers.
+    Avx2,
+}
+
+impl Isa {
+    /// Rows and columns of its tile.
+    const fn tile(self) -> (usize, usize) {
+        match self {
+            Isa::Avx512 => (12, 32),
+            Isa::Avx2 => (6, 16),
+        }
+    }
+
+    /// Whether this CPU runs it.
+    fn available(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            std::arch::is_x86_feature_detected!("avx512f")
+            match self {
+                Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+                Isa::Avx2 => {
+                    std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                }
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
+            let _ = self;
             false
         }
+    }
+}
+
+/// The best kernel this CPU runs (detected once), or none.
+pub fn best() -> Option<Isa> {
+    static BEST: OnceLock<Option<Isa>> = OnceLock::new();
+    *BEST.get_or_init(|| {
+        [Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .find(|isa| isa.available())
     })
+}
+
+/// Whether this CPU runs one of the kernels.
+pub fn supported() -> bool {
+    best().is_some()
+}
+
+/// Whether this CPU has AVX-512F.
+pub fn has_avx512() -> bool {
+    best() == Some(Isa::Avx512)
 }
 
 /// A read-only matrix: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
@@ -81,6 +122,17 @@ impl View<'_> {
             .zip((self.cols - 1).checked_mul(self.col_stride))
             .and_then(|(r, c)| r.checked_add(c));
         last.is_some_and(|last| last < self.data.len())
+    }
+
+    /// The same values, rows and columns swapped.
+    fn transposed(&self) -> View<'_> {
+        View {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
     }
 
     fn at(&self, i: usize, j: usize) -> f32 {
@@ -107,13 +159,33 @@ pub enum ShapeError {
     },
     #[error("a view's strides reach past its data")]
     Strides,
-    #[error("this CPU lacks AVX-512F")]
+    #[error("this CPU has neither AVX-512F nor AVX2 with FMA")]
     Unsupported,
 }
 
 /// Computes `c = a · b` (or `c += a · b` with `accumulate`), `c` row-major
-/// `a.rows × b.cols`, on the current rayon pool's threads when `parallel`.
+/// `a.rows × b.cols`, on the current rayon pool's threads when `parallel`, with
+/// the best kernel this CPU runs.
 pub fn matmul(
+    c: &mut [f32],
+    a: View<'_>,
+    b: View<'_>,
+    accumulate: bool,
+    parallel: bool,
+) -> Result<(), ShapeError> {
+    matmul_with(
+        best().ok_or(ShapeError::Unsupported)?,
+        c,
+        a,
+        b,
+        accumulate,
+        parallel,
+    )
+}
+
+/// [`matmul`] with a given kernel.
+fn matmul_with(
+    isa: Isa,
     c: &mut [f32],
     a: View<'_>,
     b: View<'_>,
@@ -140,7 +212,7 @@ pub fn matmul(
     if !a.fits() || !b.fits() {
         return Err(ShapeError::Strides);
     }
-    if !supported() {
+    if !isa.available() {
         return Err(ShapeError::Unsupported);
     }
     if m == 0 || n == 0 {
@@ -152,77 +224,74 @@ pub fn matmul(
         }
         return Ok(());
     }
-    let mut packed_b = vec![0f32; NC.min(n.next_multiple_of(NR)) * KC.min(k)];
-    for jc in (0..n).step_by(NC) {
-        let nc = NC.min(n - jc);
-        for pc in (0..k).step_by(KC) {
-            let kc = KC.min(k - pc);
-            let panels = nc.div_ceil(NR);
-            let packed_b = &mut packed_b[..panels * NR * kc];
-            pack_b(packed_b, &b, pc, kc, jc, nc);
-            let add = accumulate || pc > 0;
-            let packed_b = &*packed_b;
-            let panel = |(ip, rows): (usize, &mut [f32])| {
-                let mut packed_a = [0f32; MR * KC];
-                let i0 = ip * MR;
-                let mr = MR.min(m - i0);
-                pack_a(&mut packed_a[..MR * kc], &a, i0, mr, pc, kc);
-                for jp in 0..panels {
-                    let j0 = jc + jp * NR;
-                    let cols = NR.min(n - j0);
-                    let b_panel = &packed_b[jp * NR * kc..(jp + 1) * NR * kc];
-                    // SAFETY: `supported()` checked AVX-512F; the panels hold
-                    // `MR × kc` and `NR × kc` values; the tile's `mr` rows of
-                    // `cols` values from column `j0` lie inside `rows` (row-major,
-                    // `n` per row).
-                    unsafe {
-                        kernel(
-                            kc,
-                            packed_a.as_ptr(),
-                            b_panel.as_ptr(),
-                            rows.as_mut_ptr().add(j0),
-                            n,
-                            mr,
-                            cols,
-                            add,
-                        );
-                    }
-                }
-            };
-            if parallel && m > MR {
-                c.par_chunks_mut(MR * n).enumerate().for_each(panel);
-            } else {
-                c.chunks_mut(MR * n).enumerate().for_each(panel);
-            }
-        }
+    // Each tile's sizes are constants in its own copy of the loops: packing with
+    // run-time sizes cost a tenth of the benchmark's step.
+    const AVX512: (usize, usize) = Isa::Avx512.tile();
+    const AVX2: (usize, usize) = Isa::Avx2.tile();
+    match isa {
+        Isa::Avx512 => blocked::<{ AVX512.0 }, { AVX512.1 }>(isa, c, a, b, accumulate, parallel),
+        Isa::Avx2 => blocked::<{ AVX2.0 }, { AVX2.1 }>(isa, c, a, b, accumulate, parallel),
     }
     Ok(())
 }
 
-/// Copies rows `i0..i0 + mr` and depths `pc..pc + kc` of `a` into `out` in the
-/// kernel's order, `out[p * MR + i]`, padding missing rows with zeros.
-fn pack_a(out: &mut [f32], a: &View<'_>, i0: usize, mr: usize, pc: usize, kc: usize) {
-    if mr < MR {
-        out.fill(0.0);
-    }
-    if a.col_stride == 1 {
-        // Row-major: read each row's run of depths, write it down a column.
-        for i in 0..mr {
-            let start = (i0 + i) * a.row_stride + pc;
-            for (p, &value) in a.data[start..start + kc].iter().enumerate() {
-                out[p * MR + i] = value;
-            }
-        }
-    } else if a.row_stride == 1 {
-        // Transposed: each depth's rows are one run.
-        for p in 0..kc {
-            let start = (pc + p) * a.col_stride + i0;
-            out[p * MR..p * MR + mr].copy_from_slice(&a.data[start..start + mr]);
-        }
-    } else {
-        for p in 0..kc {
-            for i in 0..mr {
-                out[p * MR + i] = a.at(i0 + i, pc + p);
+/// The blocked product of checked, non-empty operands with `isa`'s `MR × NR`
+/// tile.
+fn blocked<const MR: usize, const NR: usize>(
+    isa: Isa,
+    c: &mut [f32],
+    a: View<'_>,
+    b: View<'_>,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let (mr_tile, nr) = (MR, NR);
+    let mut packed_b = vec![0f32; NC.min(n.next_multiple_of(nr)) * KC.min(k)];
+    let a_t = a.transposed();
+    for jc in (0..n).step_by(NC) {
+        let nc = NC.min(n - jc);
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            let panels = nc.div_ceil(nr);
+            let packed_b = &mut packed_b[..panels * nr * kc];
+            pack_b::<NR>(packed_b, &b, pc, kc, jc, nc);
+            let add = accumulate || pc > 0;
+            let packed_b = &*packed_b;
+            let panel = |(ip, rows): (usize, &mut [f32])| {
+                let mut packed_a = [0f32; MAX_MR * KC];
+                let i0 = ip * MR;
+                let mr = MR.min(m - i0);
+                // A's rows as the kernel reads them, `packed_a[p * MR + i]`: a
+                // panel of A's transpose.
+                pack_panel::<MR>(&mut packed_a[..MR * kc], &a_t, pc, kc, i0, mr);
+                for jp in 0..panels {
+                    let j0 = jc + jp * nr;
+                    let cols = nr.min(n - j0);
+                    let b_panel = &packed_b[jp * nr * kc..(jp + 1) * nr * kc];
+                    // SAFETY: `isa.available()` checked the CPU; the panels hold
+                    // a tile's rows × kc and columns × kc values; the tile's `mr`
+                    // rows of `cols` values from column `j0` lie inside `rows`
+                    // (row-major, `n` per row).
+                    unsafe {
+                        let job = Tile {
+                            kc,
+                            a: packed_a.as_ptr(),
+                            b: b_panel.as_ptr(),
+                            c: rows.as_mut_ptr().add(j0),
+                            ldc: n,
+                            rows: mr,
+                            cols,
+                            accumulate: add,
+                        };
+                        tile(isa, &job);
+                    }
+                }
+            };
+            if parallel && m > mr_tile {
+                c.par_chunks_mut(mr_tile * n).enumerate().for_each(panel);
+            } else {
+                c.chunks_mut(mr_tile * n).enumerate().for_each(panel);
             }
         }
     }
@@ -230,47 +299,80 @@ fn pack_a(out: &mut [f32], a: &View<'_>, i0: usize, mr: usize, pc: usize, kc: us
 
 /// Copies depths `pc..pc + kc` and columns `jc..jc + nc` of `b` into `out` as
 /// `NR`-column panels, `out[panel * NR * kc + p * NR + j]`, padding with zeros.
-fn pack_b(out: &mut [f32], b: &View<'_>, pc: usize, kc: usize, jc: usize, nc: usize) {
+fn pack_b<const NR: usize>(
+    out: &mut [f32],
+    b: &View<'_>,
+    pc: usize,
+    kc: usize,
+    jc: usize,
+    nc: usize,
+) {
     for (panel, chunk) in out.chunks_mut(NR * kc).enumerate() {
         let j0 = jc + panel * NR;
-        let cols = NR.min(jc + nc - j0);
-        if cols < NR {
-            chunk.fill(0.0);
+        pack_panel::<NR>(chunk, b, pc, kc, j0, NR.min(jc + nc - j0));
+    }
+}
+
+/// Copies rows `pc..pc + kc` and columns `j0..j0 + cols` of `v` into `out`,
+/// `out[p * W + j]`, padding the columns past `cols` with zeros.
+fn pack_panel<const W: usize>(
+    out: &mut [f32],
+    v: &View<'_>,
+    pc: usize,
+    kc: usize,
+    j0: usize,
+    cols: usize,
+) {
+    if cols < W {
+        out.fill(0.0);
+    }
+    if v.col_stride == 1 {
+        // Each row's columns are one run.
+        for p in 0..kc {
+            let start = (pc + p) * v.row_stride + j0;
+            out[p * W..p * W + cols].copy_from_slice(&v.data[start..start + cols]);
         }
-        if b.col_stride == 1 {
-            // Row-major: each depth's columns are one run.
-            for p in 0..kc {
-                let start = (pc + p) * b.row_stride + j0;
-                chunk[p * NR..p * NR + cols].copy_from_slice(&b.data[start..start + cols]);
+    } else if v.row_stride == 1 {
+        // Each column's rows are one run: read it, write it down the panel.
+        for j in 0..cols {
+            let start = (j0 + j) * v.col_stride + pc;
+            for (p, &value) in v.data[start..start + kc].iter().enumerate() {
+                out[p * W + j] = value;
             }
-        } else if b.row_stride == 1 {
-            // Transposed: read each column's run of depths, write it down.
+        }
+    } else {
+        for p in 0..kc {
             for j in 0..cols {
-                let start = (j0 + j) * b.col_stride + pc;
-                for (p, &value) in b.data[start..start + kc].iter().enumerate() {
-                    chunk[p * NR + j] = value;
-                }
-            }
-        } else {
-            for p in 0..kc {
-                for j in 0..cols {
-                    chunk[p * NR + j] = b.at(pc + p, j0 + j);
-                }
+                out[p * W + j] = v.at(pc + p, j0 + j);
             }
         }
     }
 }
 
-/// One `MR × NR` tile: `c[i][j] (+)= Σ_p a[p][i] · b[p][j]` for the first `rows`
-/// rows and `cols` columns, `c` row-major with `ldc` values per row.
+/// One tile of `isa`'s kernel: `c[i][j] (+)= Σ_p a[p][i] · b[p][j]` for the
+/// first `rows` rows and `cols` columns, `c` row-major with `ldc` values per row.
 ///
 /// # Safety
-/// The CPU has AVX-512F; `a` holds `MR × kc` values and `b` `NR × kc`; `c`'s
-/// `rows` rows of `cols` values, `ldc` apart, are writable.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel(
+/// The CPU runs `isa`; `a` holds the tile's rows × `kc` values and `b` its
+/// columns × `kc`; `c`'s `rows` rows of `cols` values, `ldc` apart, are writable.
+unsafe fn tile(isa: Isa, job: &Tile) {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        Isa::Avx512 => avx512(job),
+        Isa::Avx2 => avx2(job),
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (isa, job);
+        unreachable!("no kernel runs on this architecture");
+    }
+}
+
+/// One tile's work: `kc` rank-1 updates from the packed panels `a` and `b`, into
+/// the first `rows` rows and `cols` columns at `c` (row-major, `ldc` per row),
+/// added to what is there with `accumulate`.
+#[derive(Clone, Copy)]
+struct Tile {
     kc: usize,
     a: *const f32,
     b: *const f32,
@@ -279,75 +381,107 @@ unsafe fn kernel(
     rows: usize,
     cols: usize,
     accumulate: bool,
-) {
-    use std::arch::x86_64::*;
-    // Every accumulator is named by a constant index, so that all 24 stay in
-    // registers: a loop over rows with a run-time bound would put them in memory.
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-    let (mut a_p, mut b_p) = (a, b);
-    for _ in 0..kc {
-        let b0 = _mm512_loadu_ps(b_p);
-        let b1 = _mm512_loadu_ps(b_p.add(16));
-        macro_rules! rank1 {
-            ($($i:literal)*) => {$(
-                let ai = _mm512_set1_ps(*a_p.add($i));
-                acc[$i][0] = _mm512_fmadd_ps(ai, b0, acc[$i][0]);
-                acc[$i][1] = _mm512_fmadd_ps(ai, b1, acc[$i][1]);
-            )*};
-        }
-        rank1!(0 1 2 3 4 5 6 7 8 9 10 11);
-        a_p = a_p.add(MR);
-        b_p = b_p.add(NR);
-    }
-    let mut tile = [0f32; MR * NR];
-    let t = tile.as_mut_ptr();
-    macro_rules! spill {
-        ($($i:literal)*) => {$(
-            _mm512_storeu_ps(t.add($i * NR), acc[$i][0]);
-            _mm512_storeu_ps(t.add($i * NR + 16), acc[$i][1]);
-        )*};
-    }
-    spill!(0 1 2 3 4 5 6 7 8 9 10 11);
-    let mask = |from: usize| -> __mmask16 {
-        let n = cols.saturating_sub(from).min(16);
-        ((1u32 << n) - 1) as __mmask16
-    };
-    let (m0, m1) = (mask(0), mask(16));
-    for i in 0..rows {
-        let out = c.add(i * ldc);
-        // Masked-off lanes are never touched, so the second half's address may
-        // lie past the row's end.
-        let upper = out.wrapping_add(16);
-        let mut v0 = _mm512_loadu_ps(t.add(i * NR));
-        let mut v1 = _mm512_loadu_ps(t.add(i * NR + 16));
-        if accumulate {
-            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, out));
-            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, upper));
-        }
-        _mm512_mask_storeu_ps(out, m0, v0);
-        _mm512_mask_storeu_ps(upper, m1, v1);
-    }
 }
 
-/// Never called: `matmul` refuses before reaching the kernel where AVX-512F is
-/// not compiled in.
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel(
-    _kc: usize,
-    _a: *const f32,
-    _b: *const f32,
-    _c: *mut f32,
-    _ldc: usize,
-    _rows: usize,
-    _cols: usize,
-    _accumulate: bool,
+/// Defines a tile kernel from its instruction set's intrinsics: the rank-1
+/// updates into two registers per row, then the tile through memory into `c`.
+///
+/// Every accumulator is named by a constant row index, so that all stay in
+/// registers: a loop over rows with a run-time bound would put them in memory.
+macro_rules! tile_kernel {
+    (
+        $(#[$doc:meta])*
+        $name:ident, $feature:literal, $isa:expr, $lanes:literal,
+        $zero:ident, $load:ident, $set1:ident, $fma:ident, $store:ident,
+        rows: $($row:literal)*
+    ) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// As [`tile`], on a CPU with this instruction set.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        unsafe fn $name(job: &Tile) {
+            use std::arch::x86_64::*;
+            let Tile { kc, a, b, c, ldc, rows, cols, accumulate } = *job;
+            const MR: usize = $isa.tile().0;
+            const NR: usize = $isa.tile().1;
+            const _: () = assert!(NR == 2 * $lanes && MR == [$($row),*].len());
+            let mut acc = [[$zero(); 2]; MR];
+            let (mut a_p, mut b_p) = (a, b);
+            for _ in 0..kc {
+                let b0 = $load(b_p);
+                let b1 = $load(b_p.add($lanes));
+                $(
+                    let ai = $set1(*a_p.add($row));
+                    acc[$row][0] = $fma(ai, b0, acc[$row][0]);
+                    acc[$row][1] = $fma(ai, b1, acc[$row][1]);
+                )*
+                a_p = a_p.add(MR);
+                b_p = b_p.add(NR);
+            }
+            let mut tile = [0f32; MR * NR];
+            let t = tile.as_mut_ptr();
+            $(
+                $store(t.add($row * NR), acc[$row][0]);
+                $store(t.add($row * NR + $lanes), acc[$row][1]);
+            )*
+            store_tile::<NR>(&tile, c, ldc, rows, cols, accumulate);
+        }
+    };
+}
+
+tile_kernel!(
+    /// The AVX-512 tile, 12 × 32.
+    avx512, "avx512f", Isa::Avx512, 16,
+    _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps,
+    rows: 0 1 2 3 4 5 6 7 8 9 10 11
+);
+
+tile_kernel!(
+    /// The AVX2 tile, 6 × 16 (the shape BLIS uses on Haswell).
+    avx2, "avx2,fma", Isa::Avx2, 8,
+    _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps,
+    rows: 0 1 2 3 4 5
+);
+
+/// Writes (or adds) the first `rows` × `cols` values of a computed tile, `NR`
+/// per row, into `c`. Inlined into each kernel, so that its loops (of constant
+/// length for full rows) become the kernel's vector instructions.
+///
+/// # Safety
+/// `c`'s `rows` rows of `cols` values, `ldc` apart, are writable.
+#[inline(always)]
+unsafe fn store_tile<const NR: usize>(
+    tile: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
 ) {
-    unreachable!("the AVX-512 kernel on a CPU without it")
+    for (i, computed) in tile.chunks_exact(NR).take(rows).enumerate() {
+        let out = std::slice::from_raw_parts_mut(c.add(i * ldc), cols);
+        if let Ok(full) = <&mut [f32; NR]>::try_from(&mut *out) {
+            if accumulate {
+                for (o, v) in full.iter_mut().zip(computed) {
+                    *o += *v;
+                }
+            } else {
+                for (o, v) in full.iter_mut().zip(computed) {
+                    *o = *v;
+                }
+            }
+        } else {
+            for (o, v) in out.iter_mut().zip(computed) {
+                *o = if accumulate { *o + *v } else { *v };
+            }
+        }
+    }
 }
 
 /// `a · b` for two 2-D f32 CPU tensors: with [`matmul`] where [`supported`]
-/// (its backward runs the same kernel), else candle's `matmul`.
+/// (its backward runs the same kernels), else candle's `matmul`.
 pub fn product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     let ours = supported()
         && a.rank() == 2
@@ -467,8 +601,12 @@ mod tests {
 
     #[test]
     fn products_match_the_textbook_sum_on_every_edge_and_layout() {
-        if !supported() {
-            eprintln!("skipped: this CPU lacks AVX-512F; candle's product is used");
+        let kernels: Vec<Isa> = [Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .filter(|isa| isa.available())
+            .collect();
+        if kernels.is_empty() {
+            eprintln!("skipped: this CPU runs no kernel; candle's product is used");
             return;
         }
         let mut rng = StdRng::seed_from_u64(3);
@@ -501,17 +639,21 @@ mod tests {
             let a_values = random(m * k, &mut rng);
             let b_values = random(k * n, &mut rng);
             let start = random(m * n, &mut rng);
-            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let layouts = [(false, false), (true, false), (false, true), (true, true)];
+            for (isa, (ta, tb)) in kernels
+                .iter()
+                .flat_map(|isa| layouts.iter().map(move |l| (*isa, *l)))
+            {
                 let a = stored(&a_values, m, k, ta);
                 let b = stored(&b_values, k, n, tb);
                 let want = naive(&a, &b);
-                let what = format!("case {case}: {m}×{k}·{k}×{n}, transposed {ta}/{tb}");
+                let what = format!("{isa:?} case {case}: {m}×{k}·{k}×{n}, transposed {ta}/{tb}");
                 let mut c = vec![f32::NAN; m * n];
-                matmul(&mut c, a, b, false, false).expect("product");
+                matmul_with(isa, &mut c, a, b, false, false).expect("product");
                 assert_near(&c, &want, k, &what);
                 // The same on two threads, adding to what is there.
                 let mut c = start.clone();
-                pool.install(|| matmul(&mut c, a, b, true, true))
+                pool.install(|| matmul_with(isa, &mut c, a, b, true, true))
                     .expect("product");
                 let want: Vec<f64> = want
                     .iter()
