@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use kiln_worker::collective::ring::{Ring, RingConfig};
+use kiln_worker::collective::ring::{Ring, RingConfig, RingKey};
 use serde::Serialize;
 
 /// One size's figures for one system.
@@ -72,6 +72,7 @@ fn ring(
         .map(|l| l.local_addr().map(|a| a.to_string()))
         .collect::<Result<_, _>>()?;
     let session = rand::random::<u64>();
+    let key = RingKey::random();
     let mut threads = Vec::new();
     for (rank, listener) in listeners.into_iter().enumerate() {
         let addrs = addrs.clone();
@@ -84,7 +85,7 @@ fn ring(
                 runtime.block_on(async move {
                     listener.set_nonblocking(true)?;
                     let listener = tokio::net::TcpListener::from_std(listener)?;
-                    let mut config = RingConfig::new(session, rank, addrs);
+                    let mut config = RingConfig::new(session, key, rank, addrs);
                     if chunk_bytes > 0 {
                         config.chunk_bytes = chunk_bytes;
                     }

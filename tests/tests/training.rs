@@ -248,6 +248,21 @@ async fn two_shards_end_with_the_weights_of_one_shard() {
         .collect();
     assert_eq!(workers.len(), 2);
     assert_ne!(workers[0], workers[1], "{two}");
+    // The ring's key went to the shards' workers only: callers never see it.
+    let id = two["id"].as_u64().expect("id");
+    let record = cluster
+        .cluster_client()
+        .call(|mut c| async move {
+            c.get_job(kiln_proto::v1::GetJobRequest { job_id: id })
+                .await
+                .map(|r| r.into_inner())
+        })
+        .await
+        .expect("get job")
+        .job
+        .expect("a job");
+    assert!(record.session_id != 0, "placed: {record:?}");
+    assert!(record.ring_key.is_empty(), "GetJob shows the ring key");
 
     let a = final_params(&cluster, dir.path(), &one).await;
     let b = final_params(&cluster, dir.path(), &two).await;

@@ -30,6 +30,13 @@ pub const SHARD_START_TIMEOUT_MS: u64 = 120_000;
 pub const SHARD_GONE_GRACE_MS: u64 = 10_000;
 
 /// What one shard of `job` holds on `worker_id`.
+/// A job record as callers see it: without the ring key, which only the job's
+/// shards (through their workers' heartbeats) may hold.
+fn without_secrets(mut job: JobRecord) -> JobRecord {
+    job.ring_key.clear();
+    job
+}
+
 fn shard_holds(job: &JobRecord, worker_id: &str, gpus: &[u32]) -> Capacity {
     Capacity {
         worker_id: worker_id.to_string(),
@@ -281,7 +288,7 @@ impl Api {
         let mut id = seq;
         while id > 0 && jobs.len() < max {
             if let Some(job) = read_job(&self.reader, id).map_err(storage)? {
-                jobs.push(job);
+                jobs.push(without_secrets(job));
             }
             id -= 1;
         }
@@ -294,7 +301,9 @@ impl Api {
         let job = read_job(&self.reader, req.job_id)
             .map_err(storage)?
             .ok_or_else(|| Error::NotFound(format!("job {} does not exist", req.job_id)))?;
-        Ok(GetJobResponse { job: Some(job) })
+        Ok(GetJobResponse {
+            job: Some(without_secrets(job)),
+        })
     }
 
     /// Cancels a job; its shards stop at their next heartbeat or report.
@@ -406,6 +415,7 @@ impl Api {
                         rank: shard.rank,
                         world,
                         session_id: job.session_id,
+                        ring_key: job.ring_key.clone(),
                         spec_toml: job.spec_toml.clone(),
                         run_id: job.run_id.clone(),
                         checkpoint: job.checkpoint.clone(),
@@ -545,6 +555,7 @@ impl Api {
                         job_id: job.id,
                         attempt: job.attempt + 1,
                         session_id: rand::random::<u64>() | 1,
+                        ring_key: rand::random::<[u8; 32]>().to_vec(),
                         shards: placements
                             .into_iter()
                             .map(|p| ShardAssignment {

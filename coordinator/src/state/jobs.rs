@@ -194,6 +194,7 @@ pub fn apply_place(
     }
     job.attempt = place.attempt;
     job.session_id = place.session_id;
+    job.ring_key = place.ring_key.clone();
     job.nccl_id.clear();
     job.shards = place.shards.clone();
     for shard in &mut job.shards {

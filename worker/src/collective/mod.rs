@@ -47,7 +47,7 @@ use std::ops::Range;
 use std::time::Duration;
 
 pub use communicator::{Backend, Collective, NcclConfig, NcclId};
-pub use ring::{Ring, RingConfig};
+pub use ring::{Ring, RingConfig, RingKey};
 
 /// Why a collective call failed. Failures on a link name the peer rank at the
 /// other end, so that a job can report which shard broke.

@@ -16,11 +16,25 @@
 //! does not speak the protocol is dropped; either way the listener keeps waiting
 //! for its real left neighbour.
 //!
+//! The session id is no secret, so both ends then prove they hold the attempt's
+//! [`RingKey`] (32 random bytes the leader draws at placement and sends only to
+//! the attempt's workers, over mutual TLS): each sends a fresh nonce and a keyed
+//! BLAKE3 of the hello and both nonces, under its own label, and checks the
+//! other's. A process that does not hold the key can neither join a ring nor pose
+//! as a neighbour that gradients are sent to; replaying an old handshake fails on
+//! the fresh nonces. The frames themselves are not authenticated or encrypted: on
+//! a network where someone can inject into an established TCP stream, run the
+//! data plane on a private network (docs/operations.md).
+//!
 //! Wire format, all integers little endian:
 //!
 //! ```text
 //!  hello  (32 B): "KILNRING" | version u32 | session u64 | world u32 | from u32 | to u32
 //!  verdict(32 B): "KILNRING" | version u32 | verdict u32 | session u64 | world u32 | rank u32
+//!  then, when accepted:
+//!    listener  → listener nonce (32 B)
+//!    connector → connector nonce (32 B) | keyed BLAKE3 "connector" proof (32 B)
+//!    listener  → verdict (32 B: accepted, or wrong key) | "listener" proof (32 B, if accepted)
 //!  frame: header (32 B): step u64 | buffer len u64 | offset u64 | len u32 | op u32
 //!         payload: len f32 values (little endian)
 //! ```
@@ -73,16 +87,70 @@ pub const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 const MAGIC: [u8; 8] = *b"KILNRING";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HELLO_BYTES: usize = 32;
 const HEADER_BYTES: usize = 32;
 const F32_BYTES: usize = std::mem::size_of::<f32>();
+
+/// A job attempt's ring key: 32 random bytes the leader draws at placement and
+/// sends only to the attempt's workers (over mutual TLS). Its `Debug` shows no
+/// byte of it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RingKey(pub [u8; 32]);
+
+impl RingKey {
+    /// A fresh random key (for rings made outside a cluster: benchmarks, tests).
+    pub fn random() -> RingKey {
+        RingKey(rand::random())
+    }
+
+    /// The key a shard task carries, or why it is not one.
+    pub fn from_task(bytes: &[u8]) -> Result<RingKey, CollectiveError> {
+        <[u8; 32]>::try_from(bytes).map(RingKey).map_err(|_| {
+            CollectiveError::Config(format!(
+                "the ring key is {} bytes, not 32 (a leader older than this worker?)",
+                bytes.len()
+            ))
+        })
+    }
+
+    /// This side's proof that it holds the key, bound to the link's hello and
+    /// both nonces; the two sides use different labels, so that neither proof can
+    /// be sent back as the other.
+    fn proof(
+        &self,
+        side: &str,
+        hello: &Hello,
+        listener: &[u8; 32],
+        connector: &[u8; 32],
+    ) -> blake3::Hash {
+        let mut hasher = blake3::Hasher::new_keyed(&self.0);
+        hasher.update(b"kiln ring v2 ");
+        hasher.update(side.as_bytes());
+        hasher.update(&hello.encode());
+        hasher.update(listener);
+        hasher.update(connector);
+        hasher.finalize()
+    }
+}
+
+impl std::fmt::Debug for RingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RingKey(..)")
+    }
+}
+
+/// Labels of the two proofs.
+const CONNECTOR: &str = "connector";
+const LISTENER: &str = "listener";
 
 /// Where a rank sits in its ring and how long it waits.
 #[derive(Debug, Clone)]
 pub struct RingConfig {
     /// Identifies the job attempt; only ranks with the same id link up.
     pub session_id: u64,
+    /// The attempt's secret: both ends of a link prove they hold it.
+    pub key: RingKey,
     /// This rank, from 0.
     pub rank: usize,
     /// The data-plane address (`host:port`) of every rank, indexed by rank; the
@@ -98,9 +166,10 @@ pub struct RingConfig {
 
 impl RingConfig {
     /// Returns a config with the default timeouts and chunk size.
-    pub fn new(session_id: u64, rank: usize, addrs: Vec<String>) -> RingConfig {
+    pub fn new(session_id: u64, key: RingKey, rank: usize, addrs: Vec<String>) -> RingConfig {
         RingConfig {
             session_id,
+            key,
             rank,
             addrs,
             setup_timeout: DEFAULT_SETUP_TIMEOUT,
@@ -700,6 +769,8 @@ enum Verdict {
     WrongSession,
     WrongWorld,
     WrongRank,
+    /// The connecting rank's proof of the ring key was wrong.
+    WrongKey,
     /// A code this version does not know.
     Unknown(u32),
 }
@@ -712,6 +783,7 @@ impl Verdict {
             Verdict::WrongSession => 2,
             Verdict::WrongWorld => 3,
             Verdict::WrongRank => 4,
+            Verdict::WrongKey => 5,
             Verdict::Unknown(code) => code,
         }
     }
@@ -723,6 +795,7 @@ impl Verdict {
             2 => Verdict::WrongSession,
             3 => Verdict::WrongWorld,
             4 => Verdict::WrongRank,
+            5 => Verdict::WrongKey,
             other => Verdict::Unknown(other),
         }
     }
@@ -755,6 +828,7 @@ impl Reply {
 #[derive(Debug, Clone, Copy)]
 struct Identity {
     session_id: u64,
+    key: RingKey,
     world: u32,
     rank: u32,
 }
@@ -763,6 +837,7 @@ impl Identity {
     fn of(config: &RingConfig) -> Identity {
         Identity {
             session_id: config.session_id,
+            key: config.key,
             world: u32::try_from(config.addrs.len()).expect("validated: the world fits u32"),
             rank: u32::try_from(config.rank).expect("validated: the rank is below the world"),
         }
@@ -843,6 +918,11 @@ impl Identity {
                     reply.rank, self.rank
                 ))
             }
+            Verdict::WrongKey => Some(
+                "it refused this rank's proof of the ring key: the two were given \
+                 different keys (another job or attempt, or not a kiln shard)"
+                    .into(),
+            ),
             Verdict::Unknown(code) => Some(format!("unknown verdict {code}")),
         }
     }
@@ -902,34 +982,73 @@ async fn connect_right(
         from: me.rank,
         to: u32::try_from(peer).expect("validated: ranks fit u32"),
     };
+    let refused = |reason: String| CollectiveError::Refused {
+        peer,
+        addr: addr.to_string(),
+        reason,
+    };
     let handshake = async {
-        stream.write_all(&hello.encode()).await?;
-        let mut reply = [0u8; HELLO_BYTES];
-        stream.read_exact(&mut reply).await?;
-        Ok::<_, std::io::Error>(reply)
-    };
-    let reply = match tokio::time::timeout_at(deadline, handshake).await {
-        Ok(Ok(reply)) => reply,
-        Ok(Err(err)) => return Err(setup_error(format!("handshake: {err}"))),
-        Err(_) => {
-            return Err(setup_error(
-                "no handshake reply within the setup timeout".into(),
-            ))
+        stream
+            .write_all(&hello.encode())
+            .await
+            .map_err(|err| setup_error(format!("handshake: {err}")))?;
+        let reply = read_reply(&mut stream).await.map_err(&setup_error)?;
+        if let Some(reason) = me.refusal(&reply, hello.to) {
+            return Err(refused(reason));
         }
+        // Accepted so far: the listener's nonce, then this rank's nonce and proof,
+        // then the listener's verdict on it and its own proof.
+        let connector: [u8; 32] = rand::random();
+        let proof = async {
+            let mut listener = [0u8; 32];
+            stream.read_exact(&mut listener).await?;
+            let mine = me.key.proof(CONNECTOR, &hello, &listener, &connector);
+            let mut message = [0u8; 64];
+            message[..32].copy_from_slice(&connector);
+            message[32..].copy_from_slice(mine.as_bytes());
+            stream.write_all(&message).await?;
+            Ok::<_, std::io::Error>(listener)
+        };
+        let listener = proof
+            .await
+            .map_err(|err| setup_error(format!("key proof: {err}")))?;
+        let verdict = read_reply(&mut stream).await.map_err(&setup_error)?;
+        if let Some(reason) = me.refusal(&verdict, hello.to) {
+            return Err(refused(reason));
+        }
+        let mut theirs = [0u8; 32];
+        stream
+            .read_exact(&mut theirs)
+            .await
+            .map_err(|err| setup_error(format!("key proof: {err}")))?;
+        // blake3::Hash compares in constant time.
+        if blake3::Hash::from(theirs) != me.key.proof(LISTENER, &hello, &listener, &connector) {
+            return Err(refused(
+                "its proof of the ring key is wrong: it was given another key \
+                 (another job or attempt, or not a kiln shard)"
+                    .into(),
+            ));
+        }
+        Ok(())
     };
-    let Some(reply) = Reply::decode(&reply) else {
-        return Err(setup_error(
-            "it answered with something other than a ring handshake".into(),
-        ));
-    };
-    match me.refusal(&reply, hello.to) {
-        None => Ok(stream),
-        Some(reason) => Err(CollectiveError::Refused {
-            peer,
-            addr: addr.to_string(),
-            reason,
-        }),
+    match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok(())) => Ok(stream),
+        Ok(Err(err)) => Err(err),
+        Err(_) => Err(setup_error(
+            "the handshake did not complete within the setup timeout".into(),
+        )),
     }
+}
+
+/// Reads a listener's 32-byte reply.
+async fn read_reply(stream: &mut TcpStream) -> Result<Reply, String> {
+    let mut bytes = [0u8; HELLO_BYTES];
+    stream
+        .read_exact(&mut bytes)
+        .await
+        .map_err(|err| format!("handshake: {err}"))?;
+    Reply::decode(&bytes)
+        .ok_or_else(|| "it answered with something other than a ring handshake".into())
 }
 
 /// Accepts the left neighbour on `listener`, refusing any other connection and
@@ -1000,18 +1119,48 @@ async fn admit(stream: &mut TcpStream, me: &Identity) -> Result<(), String> {
         return Err("not a ring handshake".into());
     };
     let (verdict, reason) = me.judge(&hello);
-    let reply = Reply {
+    let reply = |verdict| Reply {
         version: VERSION,
         verdict,
         session_id: me.session_id,
         world: me.world,
         rank: me.rank,
     };
+    let send_failed = |err: std::io::Error| format!("send verdict: {err}");
     stream
-        .write_all(&reply.encode())
+        .write_all(&reply(verdict).encode())
         .await
-        .map_err(|err| format!("send verdict: {err}"))?;
-    reason.map_or(Ok(()), Err)
+        .map_err(send_failed)?;
+    if let Some(reason) = reason {
+        return Err(reason);
+    }
+    // The key proofs: this rank's nonce out, the connector's nonce and proof in.
+    let listener: [u8; 32] = rand::random();
+    stream.write_all(&listener).await.map_err(send_failed)?;
+    let mut message = [0u8; 64];
+    stream
+        .read_exact(&mut message)
+        .await
+        .map_err(|err| format!("read key proof: {err}"))?;
+    let connector: [u8; 32] = message[..32].try_into().expect("32 bytes");
+    let theirs: [u8; 32] = message[32..].try_into().expect("32 bytes");
+    // blake3::Hash compares in constant time.
+    if blake3::Hash::from(theirs) != me.key.proof(CONNECTOR, &hello, &listener, &connector) {
+        stream
+            .write_all(&reply(Verdict::WrongKey).encode())
+            .await
+            .map_err(send_failed)?;
+        return Err(format!(
+            "rank {} holds another ring key (another job or attempt, or not a kiln shard)",
+            hello.from
+        ));
+    }
+    let mine = me.key.proof(LISTENER, &hello, &listener, &connector);
+    let mut answer = [0u8; HELLO_BYTES + 32];
+    answer[..HELLO_BYTES].copy_from_slice(&reply(Verdict::Accepted).encode());
+    answer[HELLO_BYTES..].copy_from_slice(mine.as_bytes());
+    stream.write_all(&answer).await.map_err(send_failed)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1020,6 +1169,7 @@ mod tests {
     use std::time::Instant as StdInstant;
 
     const SESSION: u64 = 0x6b69_6c6e;
+    const TEST_KEY: RingKey = RingKey([7; 32]);
 
     /// Binds `world` loopback listeners and returns them with their addresses.
     async fn bind_loopback(world: usize) -> (Vec<TcpListener>, Vec<String>) {
@@ -1037,7 +1187,7 @@ mod tests {
         RingConfig {
             setup_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(2),
-            ..RingConfig::new(SESSION, rank, addrs.to_vec())
+            ..RingConfig::new(SESSION, TEST_KEY, rank, addrs.to_vec())
         }
     }
 
@@ -1335,24 +1485,52 @@ mod tests {
         );
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_wrong_session_is_refused_with_a_clear_error() {
-        // A shard of an earlier attempt (session - 1), still running as rank 1,
-        // reaches rank 0 of the new attempt before the new rank 1 is up.
+    /// Has an intruder, rank 1 of a ring changed by `tweak`, reach rank 0 of a
+    /// real ring before its rank 1 is up; returns the intruder's error and the real
+    /// ring's addresses, after checking that rank 0 went on waiting for its real
+    /// left neighbour and the real ring reduces.
+    async fn intruder_refused(
+        tweak: impl FnOnce(&mut RingConfig),
+    ) -> (CollectiveError, Vec<String>) {
         let (mut listeners, addrs) = bind_loopback(2).await;
         let rank1 = listeners.pop().expect("rank 1");
         let rank0 = listeners.pop().expect("rank 0");
         let ring0 = tokio::spawn(Ring::connect(rank0, test_config(0, &addrs)));
-        let (mut stale_listener, stale_addrs) = bind_loopback(1).await;
-        let mut stale = test_config(1, &[addrs[0].clone(), stale_addrs[0].clone()]);
-        stale.session_id = SESSION - 1;
-        let err = Ring::connect(stale_listener.pop().expect("stale"), stale)
+        let (mut intruder_listener, intruder_addrs) = bind_loopback(1).await;
+        let mut intruder = test_config(1, &[addrs[0].clone(), intruder_addrs[0].clone()]);
+        tweak(&mut intruder);
+        let err = Ring::connect(intruder_listener.pop().expect("intruder"), intruder)
             .await
             .expect_err("refused");
         assert!(
             matches!(&err, CollectiveError::Refused { peer: 0, .. }),
             "{err}"
         );
+        rank1_joins(ring0, rank1, &addrs, "after the intruder").await;
+        (err, addrs)
+    }
+
+    /// Links the real rank 1 to rank 0 (still waiting in `ring0`) and checks that
+    /// the pair reduces.
+    async fn rank1_joins(
+        ring0: tokio::task::JoinHandle<Result<Ring, CollectiveError>>,
+        rank1: TcpListener,
+        addrs: &[String],
+        what: &str,
+    ) {
+        let ring1 = Ring::connect(rank1, test_config(1, addrs))
+            .await
+            .expect("rank 1 links");
+        let ring0 = ring0.await.expect("join").expect("rank 0 links");
+        let (_, outputs) = reduce_ok(vec![ring0, ring1], inputs(2, 10, 0), Op::Mean).await;
+        check(&outputs, 10, 0, Op::Mean, what);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wrong_session_is_refused_with_a_clear_error() {
+        // A shard of an earlier attempt (session - 1), still running as rank 1,
+        // reaches rank 0 of the new attempt before the new rank 1 is up.
+        let (err, addrs) = intruder_refused(|c| c.session_id = SESSION - 1).await;
         assert_eq!(
             err.to_string(),
             format!(
@@ -1362,14 +1540,60 @@ mod tests {
                 SESSION - 1
             )
         );
+    }
 
-        // Rank 0 refused it and went on waiting for its real left neighbour.
-        let ring1 = Ring::connect(rank1, test_config(1, &addrs))
-            .await
-            .expect("rank 1 links");
-        let ring0 = ring0.await.expect("join").expect("rank 0 links");
-        let (_, outputs) = reduce_ok(vec![ring0, ring1], inputs(2, 10, 0), Op::Mean).await;
-        check(&outputs, 10, 0, Op::Mean, "after the stale rank");
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rank_without_the_ring_key_is_refused_and_setup_goes_on() {
+        // An impostor that knows the session id (it is no secret) but not the
+        // attempt's key.
+        let (err, _) = intruder_refused(|c| c.key = RingKey([8; 32])).await;
+        assert!(
+            err.to_string()
+                .contains("refused this rank's proof of the ring key"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listener_that_cannot_prove_the_key_is_refused() {
+        // Something listens at rank 1's address and accepts every hello, but does
+        // not hold the key: rank 0 must not send it gradients.
+        let (mut listeners, addrs) = bind_loopback(2).await;
+        let fake = listeners.pop().expect("rank 1's address");
+        let rank0 = listeners.pop().expect("rank 0");
+        let pretender = tokio::spawn(async move {
+            let (mut stream, _) = fake.accept().await.expect("accept");
+            let mut hello = [0u8; HELLO_BYTES];
+            stream.read_exact(&mut hello).await.expect("hello");
+            let hello = Hello::decode(&hello).expect("a hello");
+            let accepted = Reply {
+                version: VERSION,
+                verdict: Verdict::Accepted,
+                session_id: hello.session_id,
+                world: hello.world,
+                rank: hello.to,
+            };
+            stream.write_all(&accepted.encode()).await.expect("reply");
+            stream.write_all(&[1; 32]).await.expect("nonce");
+            let mut proof = [0u8; 64];
+            stream.read_exact(&mut proof).await.expect("proof");
+            stream.write_all(&accepted.encode()).await.expect("verdict");
+            stream.write_all(&[0; 32]).await.expect("a made-up proof");
+            stream
+        });
+        let mut config = test_config(0, &addrs);
+        config.setup_timeout = Duration::from_secs(2);
+        let err = Ring::connect(rank0, config).await.expect_err("refused");
+        assert!(
+            matches!(&err, CollectiveError::Refused { peer: 1, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("its proof of the ring key is wrong"),
+            "{err}"
+        );
+        drop(pretender.await.expect("pretender"));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1405,12 +1629,7 @@ mod tests {
         assert_eq!(reply.verdict, Verdict::WrongRank);
         assert_eq!(reply.rank, 0);
 
-        let ring1 = Ring::connect(rank1, test_config(1, &addrs))
-            .await
-            .expect("rank 1 links");
-        let ring0 = ring0.await.expect("join").expect("rank 0 links");
-        let (_, outputs) = reduce_ok(vec![ring0, ring1], inputs(2, 10, 0), Op::Mean).await;
-        check(&outputs, 10, 0, Op::Mean, "after strays");
+        rank1_joins(ring0, rank1, &addrs, "after strays").await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1500,6 +1719,7 @@ mod tests {
     fn a_refusal_with_odd_values_is_reported_not_a_panic() {
         let me = Identity {
             session_id: 1,
+            key: TEST_KEY,
             world: 2,
             rank: 1,
         };

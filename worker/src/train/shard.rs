@@ -43,7 +43,7 @@ use super::model::{Batch, Model};
 use super::onnx::{self, ExportMeta};
 use super::optim::Optimizer;
 use crate::collective::communicator::{nccl_wanted, new_nccl_id};
-use crate::collective::{Backend, Collective, NcclConfig, Ring, RingConfig};
+use crate::collective::{Backend, Collective, NcclConfig, Ring, RingConfig, RingKey};
 use crate::transfer::{self, PushOptions};
 
 /// Longest wait for every rank of an attempt to report its data address.
@@ -642,7 +642,12 @@ async fn train(
         Backend::Ring => Collective::from(
             Ring::connect(
                 listener,
-                RingConfig::new(task.session_id, rank, meeting.addrs),
+                RingConfig::new(
+                    task.session_id,
+                    RingKey::from_task(&task.ring_key).map_err(|e| e.to_string())?,
+                    rank,
+                    meeting.addrs,
+                ),
             )
             .await
             .map_err(|e| format!("link the all-reduce ring: {e}"))?,
