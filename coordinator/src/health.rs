@@ -56,6 +56,10 @@ struct ClockInner {
     /// The training shards each worker said in its last heartbeat it runs;
     /// `None` for a worker too old to list them.
     running: HashMap<String, Option<Vec<RunningShard>>>,
+    /// The training shards this leader's last heartbeat answer to each worker
+    /// told it to run: the worker may start them before its next heartbeat
+    /// lists them.
+    delivered: HashMap<String, Vec<RunningShard>>,
     leading_since: Option<Instant>,
 }
 
@@ -87,6 +91,12 @@ impl HeartbeatClock {
         inner.running.insert(worker_id.to_string(), running);
     }
 
+    /// Records the shards the answer to `worker_id`'s heartbeat tells it to run.
+    pub fn delivered(&self, worker_id: &str, shards: Vec<RunningShard>) {
+        let mut inner = self.inner.lock().expect("heartbeat clock poisoned");
+        inner.delivered.insert(worker_id.to_string(), shards);
+    }
+
     /// Whether `worker_id` said in its last heartbeat that it runs `shard`;
     /// `None` when it has not told this leader (not heard yet, or too old to list
     /// its shards).
@@ -97,7 +107,8 @@ impl HeartbeatClock {
     }
 
     /// Where a shard of `job_id` may still run among `workers` (those not Down):
-    /// a worker that reported one in its last heartbeat, or one this leader has
+    /// a worker that reported one in its last heartbeat, or was told to run one
+    /// in the answer to it (it may have started it since), or one this leader has
     /// not heard from yet. Empty when every such worker has said it runs none
     /// (a worker too old to list its shards says nothing and holds nothing).
     pub fn stopping(&self, job_id: u64, workers: &[&str]) -> Vec<Stopping> {
@@ -107,12 +118,21 @@ impl HeartbeatClock {
             match inner.running.get(*worker) {
                 None => out.push(Stopping::Unheard(worker.to_string())),
                 Some(None) => {}
-                Some(Some(shards)) => out.extend(
-                    shards
+                Some(Some(shards)) => {
+                    let told = inner.delivered.get(*worker).map_or(&[][..], Vec::as_slice);
+                    let mut mine: Vec<RunningShard> = shards
                         .iter()
+                        .chain(told)
                         .filter(|s| s.job_id == job_id)
-                        .map(|s| Stopping::Running(worker.to_string(), *s)),
-                ),
+                        .copied()
+                        .collect();
+                    mine.sort_by_key(|s| (s.attempt, s.rank));
+                    mine.dedup();
+                    out.extend(
+                        mine.into_iter()
+                            .map(|s| Stopping::Running(worker.to_string(), s)),
+                    );
+                }
             }
         }
         out
@@ -126,6 +146,7 @@ impl HeartbeatClock {
                 inner.leading_since = Some(Instant::now());
                 inner.last_seen.clear();
                 inner.running.clear();
+                inner.delivered.clear();
             }
             (false, Some(_)) => inner.leading_since = None,
             _ => {}
@@ -230,5 +251,39 @@ mod tests {
             clock.stopping(7, &["a"]),
             vec![Stopping::Unheard("a".into())]
         );
+    }
+
+    #[test]
+    fn a_shard_told_to_a_worker_holds_its_gang_until_a_heartbeat_lists_it_or_not() {
+        // The fault suite's race: the answer to a heartbeat that listed nothing
+        // tells the worker to run rank 1 of attempt 3; the attempt fails before
+        // the next heartbeat, which would be the first to list the shard.
+        let clock = HeartbeatClock::default();
+        clock.set_leading(true);
+        let told = RunningShard {
+            job_id: 2,
+            attempt: 3,
+            rank: 1,
+        };
+        clock.beat_running("w", Some(Vec::new()));
+        clock.delivered("w", vec![told]);
+        assert_eq!(
+            clock.stopping(2, &["w"]),
+            vec![Stopping::Running("w".into(), told)]
+        );
+        // The next heartbeat lists it (the attempt is over: nothing is told).
+        clock.beat_running("w", Some(vec![told]));
+        clock.delivered("w", Vec::new());
+        assert_eq!(
+            clock.stopping(2, &["w"]),
+            vec![Stopping::Running("w".into(), told)]
+        );
+        // Listed and told at once: one entry.
+        clock.delivered("w", vec![told]);
+        assert_eq!(clock.stopping(2, &["w"]).len(), 1);
+        // It stopped, and nothing more is told.
+        clock.beat_running("w", Some(Vec::new()));
+        clock.delivered("w", Vec::new());
+        assert!(clock.stopping(2, &["w"]).is_empty());
     }
 }

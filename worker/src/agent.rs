@@ -345,6 +345,8 @@ impl Agent {
             }
             last_beat = Some(Instant::now());
             let beat = self.tokens.heartbeat_started();
+            // Counted in beats, early ones included: at most five a second, so a
+            // flood of unknown tokens reads the disk at most every two seconds.
             beats_until_disk_refresh -= 1;
             if beats_until_disk_refresh == 0 {
                 beats_until_disk_refresh = DISK_REFRESH_EVERY_HEARTBEATS;

@@ -845,6 +845,18 @@ impl Coordinator for Api {
             Vec::new()
         };
         let shards = self.shard_tasks_for(&req.worker_id)?;
+        // Until the worker's next heartbeat lists them, these may run there.
+        self.heartbeats.delivered(
+            &req.worker_id,
+            shards
+                .iter()
+                .map(|t| RunningShard {
+                    job_id: t.job_id,
+                    attempt: t.attempt,
+                    rank: t.rank,
+                })
+                .collect(),
+        );
         let deployments = self.deployments()?;
         let replicas = self.replica_tasks_for(&req.worker_id, &deployments);
         let routes = self.routes(&deployments)?;

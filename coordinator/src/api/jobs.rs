@@ -29,14 +29,14 @@ pub const SHARD_START_TIMEOUT_MS: u64 = 120_000;
 /// one that brought it, a few seconds at most.
 pub const SHARD_GONE_GRACE_MS: u64 = 10_000;
 
-/// What one shard of `job` holds on `worker_id`.
-/// A job record as callers see it: without the ring key, which only the job's
-/// shards (through their workers' heartbeats) may hold.
+/// A job record as callers see it: without the ring key, which only cluster
+/// nodes (the attempt's workers, through their heartbeats) may hold.
 fn without_secrets(mut job: JobRecord) -> JobRecord {
     job.ring_key.clear();
     job
 }
 
+/// What one shard of `job` holds on `worker_id`.
 fn shard_holds(job: &JobRecord, worker_id: &str, gpus: &[u32]) -> Capacity {
     Capacity {
         worker_id: worker_id.to_string(),

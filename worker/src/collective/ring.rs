@@ -18,7 +18,7 @@
 //!
 //! The session id is no secret, so both ends then prove they hold the attempt's
 //! [`RingKey`] (32 random bytes the leader draws at placement and sends only to
-//! the attempt's workers, over mutual TLS): each sends a fresh nonce and a keyed
+//! cluster nodes, in the attempt's shard tasks, over mutual TLS): each sends a fresh nonce and a keyed
 //! BLAKE3 of the hello and both nonces, under its own label, and checks the
 //! other's. A process that does not hold the key can neither join a ring nor pose
 //! as a neighbour that gradients are sent to; replaying an old handshake fails on
@@ -93,8 +93,8 @@ const HEADER_BYTES: usize = 32;
 const F32_BYTES: usize = std::mem::size_of::<f32>();
 
 /// A job attempt's ring key: 32 random bytes the leader draws at placement and
-/// sends only to the attempt's workers (over mutual TLS). Its `Debug` shows no
-/// byte of it.
+/// sends only to cluster nodes, in the attempt's shard tasks (over mutual TLS).
+/// Its `Debug` shows no byte of it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct RingKey(pub [u8; 32]);
 

@@ -159,6 +159,8 @@ pub enum ShapeError {
     },
     #[error("a view's strides reach past its data")]
     Strides,
+    #[error("a {m}×{n} product has more values than memory can address")]
+    TooLarge { m: usize, n: usize },
     #[error("this CPU has neither AVX-512F nor AVX2 with FMA")]
     Unsupported,
 }
@@ -201,11 +203,14 @@ fn matmul_with(
             n,
         });
     }
-    if c.len() != m * n {
+    // Zero strides let a small buffer back a huge view: the product's size is
+    // checked, not assumed to fit.
+    let want = m.checked_mul(n).ok_or(ShapeError::TooLarge { m, n })?;
+    if c.len() != want {
         return Err(ShapeError::Output {
             m,
             n,
-            want: m * n,
+            want,
             got: c.len(),
         });
     }
@@ -514,7 +519,11 @@ impl CustomOp2 for Product {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let a = view(s1, l1)?;
         let b = view(s2, l2)?;
-        let mut c = vec![0f32; a.rows * b.cols];
+        let len = a
+            .rows
+            .checked_mul(b.cols)
+            .ok_or_else(|| candle_core::Error::msg("kiln-matmul: the product is too large"))?;
+        let mut c = vec![0f32; len];
         matmul(&mut c, a, b, false, super::model::threads() > 1)
             .map_err(|e| candle_core::Error::msg(format!("kiln-matmul: {e}")))?;
         Ok((CpuStorage::F32(c), Shape::from((a.rows, b.cols))))
@@ -691,6 +700,31 @@ mod tests {
         let mut two = vec![0f32; 2];
         let err = matmul(&mut two, view(2, 4), view(4, 1), false, false).expect_err("strides");
         assert_eq!(err, ShapeError::Strides);
+        // Zero strides let one value back a view of any size: a product whose
+        // size overflows is refused, never written past its output.
+        let one = [1f32];
+        let huge = View {
+            data: &one,
+            rows: usize::MAX / 2,
+            cols: 1,
+            row_stride: 0,
+            col_stride: 0,
+        };
+        let wide = View {
+            data: &one,
+            rows: 1,
+            cols: 3,
+            row_stride: 0,
+            col_stride: 0,
+        };
+        let err = matmul(&mut two, huge, wide, false, false).expect_err("too large");
+        assert_eq!(
+            err,
+            ShapeError::TooLarge {
+                m: usize::MAX / 2,
+                n: 3
+            }
+        );
     }
 
     #[test]
