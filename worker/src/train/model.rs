@@ -58,9 +58,9 @@
 //! - ReLU is a custom op with a one-pass backward (`Relu`).
 //! - glibc's mmap threshold is raised once (`raise_mmap_threshold`): page faults
 //!   on candle's fresh buffers were a fifth of the step.
-//! - Matrix products run on our own AVX-512 kernel (`super::sgemm`) where the
-//!   CPU has AVX-512F, backward included; elsewhere on candle's (the `gemm` crate,
-//!   whose AVX-512 kernels the workspace enables with `x86-v4`).
+//! - Matrix products run on our own kernels (`super::sgemm`), backward included,
+//!   where the CPU has AVX-512F or AVX2 with FMA; elsewhere on candle's (the
+//!   `gemm` crate).
 
 use std::sync::Once;
 

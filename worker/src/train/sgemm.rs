@@ -251,16 +251,19 @@ fn blocked<const MR: usize, const NR: usize>(
     parallel: bool,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    let (mr_tile, nr) = (MR, NR);
-    let mut packed_b = vec![0f32; NC.min(n.next_multiple_of(nr)) * KC.min(k)];
+    let mut packed_b = vec![0f32; NC.min(n.next_multiple_of(NR)) * KC.min(k)];
     let a_t = a.transposed();
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
-            let panels = nc.div_ceil(nr);
-            let packed_b = &mut packed_b[..panels * nr * kc];
-            pack_b::<NR>(packed_b, &b, pc, kc, jc, nc);
+            let panels = nc.div_ceil(NR);
+            // B's block as `NR`-column panels, `[panel][p][j]`.
+            let packed_b = &mut packed_b[..panels * NR * kc];
+            for (jp, chunk) in packed_b.chunks_mut(NR * kc).enumerate() {
+                let j0 = jc + jp * NR;
+                pack_panel::<NR>(chunk, &b, pc, kc, j0, NR.min(n - j0));
+            }
             let add = accumulate || pc > 0;
             let packed_b = &*packed_b;
             let panel = |(ip, rows): (usize, &mut [f32])| {
@@ -271,9 +274,9 @@ fn blocked<const MR: usize, const NR: usize>(
                 // panel of A's transpose.
                 pack_panel::<MR>(&mut packed_a[..MR * kc], &a_t, pc, kc, i0, mr);
                 for jp in 0..panels {
-                    let j0 = jc + jp * nr;
-                    let cols = nr.min(n - j0);
-                    let b_panel = &packed_b[jp * nr * kc..(jp + 1) * nr * kc];
+                    let j0 = jc + jp * NR;
+                    let cols = NR.min(n - j0);
+                    let b_panel = &packed_b[jp * NR * kc..(jp + 1) * NR * kc];
                     // SAFETY: `isa.available()` checked the CPU; the panels hold
                     // a tile's rows × kc and columns × kc values; the tile's `mr`
                     // rows of `cols` values from column `j0` lie inside `rows`
@@ -293,28 +296,12 @@ fn blocked<const MR: usize, const NR: usize>(
                     }
                 }
             };
-            if parallel && m > mr_tile {
-                c.par_chunks_mut(mr_tile * n).enumerate().for_each(panel);
+            if parallel && m > MR {
+                c.par_chunks_mut(MR * n).enumerate().for_each(panel);
             } else {
-                c.chunks_mut(mr_tile * n).enumerate().for_each(panel);
+                c.chunks_mut(MR * n).enumerate().for_each(panel);
             }
         }
-    }
-}
-
-/// Copies depths `pc..pc + kc` and columns `jc..jc + nc` of `b` into `out` as
-/// `NR`-column panels, `out[panel * NR * kc + p * NR + j]`, padding with zeros.
-fn pack_b<const NR: usize>(
-    out: &mut [f32],
-    b: &View<'_>,
-    pc: usize,
-    kc: usize,
-    jc: usize,
-    nc: usize,
-) {
-    for (panel, chunk) in out.chunks_mut(NR * kc).enumerate() {
-        let j0 = jc + panel * NR;
-        pack_panel::<NR>(chunk, b, pc, kc, j0, NR.min(jc + nc - j0));
     }
 }
 
