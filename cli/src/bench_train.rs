@@ -4,7 +4,9 @@
 //! (scripts/bench_train_torch.py) on the same model, batch and threads.
 //!
 //! Each rank is a thread with its own single-threaded tokio runtime and its own
-//! ring links, as separate processes would be. Timing as nccl-tests and the gloo
+//! ring links, as separate processes would be; `kiln ring` rows link them with
+//! shared-memory lanes (ranks on one host do by default), `kiln tcp` rows with
+//! TCP loopback only (as between hosts). Timing as nccl-tests and the gloo
 //! script do it: every iteration starts after a barrier (a one-value all-reduce),
 //! each rank times its own call, and the iteration counts the slowest rank.
 //! algbw = bytes / time; busbw = algbw · 2(n-1)/n.
@@ -13,7 +15,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use kiln_worker::collective::ring::{Ring, RingConfig, RingKey};
+use kiln_worker::collective::ring::{Carrier, Ring, RingConfig, RingKey};
 use serde::Serialize;
 
 /// One size's figures for one system.
@@ -55,6 +57,24 @@ fn row(system: &str, world: usize, bytes: usize, mut times: Vec<f64>) -> Row {
     }
 }
 
+/// A carrier as `--carriers` names it: `lane` (shared memory, as ranks on one
+/// host use by default) or `tcp` (loopback only, as between hosts).
+pub fn carrier(name: &str) -> anyhow::Result<Carrier> {
+    match name {
+        "lane" => Ok(Carrier::Lane),
+        "tcp" => Ok(Carrier::Tcp),
+        other => bail!("--carriers: {other} is not lane or tcp"),
+    }
+}
+
+/// The report's name for the ring over `carrier`.
+fn system(carrier: Carrier) -> &'static str {
+    match carrier {
+        Carrier::Lane => "kiln ring",
+        Carrier::Tcp => "kiln tcp",
+    }
+}
+
 /// Times kiln's ring: per size, `iters` timed all-reduces after `warmup`.
 fn ring(
     world: usize,
@@ -62,6 +82,7 @@ fn ring(
     iters: usize,
     warmup: usize,
     chunk_bytes: usize,
+    carrier: Carrier,
 ) -> anyhow::Result<Vec<Row>> {
     let listeners: Vec<std::net::TcpListener> = (0..world)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
@@ -89,7 +110,14 @@ fn ring(
                     if chunk_bytes > 0 {
                         config.chunk_bytes = chunk_bytes;
                     }
+                    if carrier == Carrier::Tcp {
+                        config.lanes = None;
+                    }
                     let mut ring = Ring::connect(listener, config).await?;
+                    let carried = ring.carriers().map(|(to_right, _)| to_right);
+                    if carried != Some(carrier) {
+                        bail!("rank {rank} links through {carried:?}, not {carrier}");
+                    }
                     let mut all = Vec::new();
                     for bytes in sizes {
                         let mut buf = vec![(rank + 1) as f32; bytes / 4];
@@ -127,7 +155,7 @@ fn ring(
             let slowest: Vec<f64> = (0..iters)
                 .map(|k| per_rank.iter().map(|r| r[i][k]).fold(0.0, f64::max))
                 .collect();
-            row("kiln ring", world, bytes, slowest)
+            row(system(carrier), world, bytes, slowest)
         })
         .collect())
 }
@@ -200,19 +228,22 @@ fn memcpy_gbs() -> f64 {
     src.len() as f64 / best / 1e9
 }
 
-/// Measures the ring (and gloo when `python` is given) for each world and size;
-/// `chunk_bytes` 0 keeps the ring's default frame size.
+/// Measures the ring over each carrier (and gloo when `python` is given) for
+/// each world and size; `chunk_bytes` 0 keeps the ring's default TCP frame size.
 pub fn allreduce(
     worlds: &[usize],
     sizes: &[usize],
     iters: usize,
     warmup: usize,
     chunk_bytes: usize,
+    carriers: &[Carrier],
     python: Option<&str>,
 ) -> anyhow::Result<Report> {
     let mut rows = Vec::new();
     for &world in worlds {
-        rows.extend(ring(world, sizes, iters, warmup, chunk_bytes)?);
+        for &carrier in carriers {
+            rows.extend(ring(world, sizes, iters, warmup, chunk_bytes, carrier)?);
+        }
         if let Some(python) = python {
             rows.extend(gloo(python, world, sizes, iters, warmup)?);
         }

@@ -287,29 +287,25 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         7,
         "the retrain policy: train on the newest data, canary, judge",
     );
-    let job = wait_for("the retraining job", &traffic, || async {
+    // Each step is read from the deployment's history, which keeps them all: a
+    // probe that comes after the job has ended, or after the canary was judged,
+    // still sees every step.
+    let progress = || async {
         let d = crate::deployments::get(&conn.client, "risk").await?;
-        Ok(d.retrain.filter(|r| r.job_id != 0).map(|r| r.job_id))
+        RetrainProgress::of(&d.events)
+    };
+    let job = wait_for("the retraining job", &traffic, || async {
+        Ok(progress().await?.job)
     })
     .await?;
     timeline.mark(&format!("retraining job {job} submitted on risk-data@2"));
     let canary = wait_for("the retrained canary", &traffic, || async {
-        let d = crate::deployments::get(&conn.client, "risk").await?;
-        Ok(d.canary.map(|t| format!("{}@{}", t.model, t.version)))
+        Ok(progress().await?.canary)
     })
     .await?;
     timeline.mark(&format!("{canary} on canary at 25%"));
     let verdict = wait_for("the canary's verdict", &traffic, || async {
-        let d = crate::deployments::get(&conn.client, "risk").await?;
-        let judged = d.retrain.as_ref().is_some_and(|r| r.canary.is_empty());
-        Ok(judged.then(|| {
-            d.events
-                .iter()
-                .rev()
-                .find(|e| e.message.starts_with(&format!("canary {canary}")))
-                .map(|e| e.message.clone())
-                .unwrap_or_default()
-        }))
+        Ok(progress().await?.verdict)
     })
     .await?;
     timeline.mark(&verdict);
@@ -545,6 +541,60 @@ fn path(p: &Path) -> String {
 
 fn write(file: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(file, text).with_context(|| format!("write {}", file.display()))
+}
+
+/// How far the retrain policy got after the newest drift alert that started a
+/// job, as the deployment's history tells it (the coordinator's messages in
+/// `api/retrain.rs`).
+#[derive(Debug, Default, PartialEq)]
+struct RetrainProgress {
+    job: Option<u64>,
+    /// `MODEL@VERSION` the job registered, started as the canary.
+    canary: Option<String>,
+    /// The canary's promotion or rollback.
+    verdict: Option<String>,
+}
+
+impl RetrainProgress {
+    /// An error when the policy stopped short of a canary: the job failed,
+    /// registered nothing, or its canary was refused.
+    fn of(events: &[kiln_proto::v1::DeploymentEvent]) -> anyhow::Result<RetrainProgress> {
+        let mut progress = RetrainProgress::default();
+        let Some(at) = events.iter().rposition(|e| {
+            e.message.starts_with("drift alert #") && e.message.contains(": retraining as job ")
+        }) else {
+            return Ok(progress);
+        };
+        let job = events[at]
+            .message
+            .split(": retraining as job ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|id| id.parse::<u64>().ok())
+            .with_context(|| format!("no job id in the event {:?}", events[at].message))?;
+        progress.job = Some(job);
+        let later = &events[at + 1..];
+        let of_job = format!("retraining job {job} ");
+        let Some(step) = later.iter().find(|e| e.message.starts_with(&of_job)) else {
+            return Ok(progress);
+        };
+        let canary = step
+            .message
+            .strip_prefix(&format!("{of_job}registered "))
+            .and_then(|rest| rest.strip_suffix('%'))
+            .and_then(|rest| rest.split_once("; canary at "))
+            .map(|(canary, _)| canary.to_string());
+        let Some(canary) = canary else {
+            bail!("the retrain policy stopped: {}", step.message);
+        };
+        let judged = format!("canary {canary} ");
+        progress.verdict = later
+            .iter()
+            .find(|e| e.message.starts_with(&judged))
+            .map(|e| e.message.clone());
+        progress.canary = Some(canary);
+        Ok(progress)
+    }
 }
 
 /// Polls `probe` every second until it gives a value, while the traffic keeps
@@ -981,6 +1031,66 @@ impl WebhookReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn history(messages: &[&str]) -> Vec<kiln_proto::v1::DeploymentEvent> {
+        messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| kiln_proto::v1::DeploymentEvent {
+                at_ms: i as u64,
+                message: m.to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_retrain_progress_is_read_from_the_history_however_late() {
+        let ready = "replica 3 on worker w1 is ready";
+        let submitted = "drift alert #4: retraining as job 2 on risk-data@2";
+        let canary = "retraining job 2 registered risk-model@2; canary at 25%";
+        let promoted = "canary risk-model@2 promoted over risk-model@1: 120 requests";
+        let of = |messages: &[&str]| RetrainProgress::of(&history(messages)).expect("progress");
+        assert_eq!(of(&[ready]), RetrainProgress::default());
+        assert_eq!(
+            of(&[ready, submitted]),
+            RetrainProgress {
+                job: Some(2),
+                ..RetrainProgress::default()
+            }
+        );
+        assert_eq!(
+            of(&[submitted, ready, canary]),
+            RetrainProgress {
+                job: Some(2),
+                canary: Some("risk-model@2".into()),
+                verdict: None,
+            }
+        );
+        // Every step already done when first read.
+        let done = of(&[submitted, canary, ready, promoted]);
+        assert_eq!(done.verdict.as_deref(), Some(promoted));
+        // A newer alert's job is the one followed; the earlier cycle is history.
+        let newer = of(&[
+            submitted,
+            canary,
+            promoted,
+            "drift alert #9: retraining as job 5 on risk-data@3",
+        ]);
+        assert_eq!((newer.job, newer.canary), (Some(5), None));
+    }
+
+    #[test]
+    fn a_retrain_that_stops_short_of_a_canary_is_an_error_naming_why() {
+        for step in [
+            "retraining job 2 ended Failed: shard 1 failed; no canary",
+            "retraining job 2 succeeded but registered no model version",
+            "retraining job 2 registered risk-model@2, but the canary was refused: no workers",
+        ] {
+            let events = history(&["drift alert #4: retraining as job 2 on risk-data@2", step]);
+            let error = RetrainProgress::of(&events).expect_err(step).to_string();
+            assert!(error.contains(step), "{error}");
+        }
+    }
 
     #[test]
     fn the_worlds_are_seeded_and_differ() {

@@ -749,9 +749,13 @@ enum BenchCommand {
         iters: usize,
         #[arg(long, default_value_t = 5)]
         warmup: usize,
-        /// The ring's frame size in KiB (0: its default).
+        /// The ring's TCP frame size in KiB (0: its default).
         #[arg(long, default_value_t = 0)]
         chunk_kib: usize,
+        /// What carries the ring's frames, comma-separated: `lane` (shared
+        /// memory, as ranks on one host use) and `tcp` (as between hosts).
+        #[arg(long, default_value = "lane,tcp")]
+        carriers: String,
         /// A Python with torch, to measure gloo in the same run.
         #[arg(long)]
         python: Option<String>,
@@ -1312,9 +1316,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 iters,
                 warmup,
                 chunk_kib,
+                carriers,
                 python,
                 json,
             } => {
+                let carriers: Vec<_> = split_list(&carriers)
+                    .iter()
+                    .map(|c| bench_train::carrier(c))
+                    .collect::<anyhow::Result<_>>()?;
                 let worlds: Vec<usize> = split_list(&worlds)
                     .iter()
                     .map(|w| {
@@ -1340,6 +1349,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         iters,
                         warmup,
                         chunk_kib << 10,
+                        &carriers,
                         python.as_deref(),
                     )
                 })

@@ -1502,9 +1502,9 @@ async fn drifted_traffic_raises_an_alert_within_two_windows_and_calm_traffic_non
         d["model"], "watched@1",
         "the primary stays until the canary is judged"
     );
-    assert!(
-        d["retrain"]["job_id"].is_null(),
-        "the policy is free again: {d}"
+    assert_eq!(
+        d["retrain"]["job_id"], job_id,
+        "the policy names the job that trained its canary: {d}"
     );
     assert!(
         d["events"].to_string().contains(&format!(
@@ -1523,7 +1523,10 @@ async fn drifted_traffic_raises_an_alert_within_two_windows_and_calm_traffic_non
             canary_at.elapsed() < Duration::from_secs(60),
             "the canary was not judged within a minute: {d}"
         );
-        d["model"] == "watched-retrained@1" && d["canary"].is_null()
+        // The promotion is deployed first, then recorded on the policy.
+        d["model"] == "watched-retrained@1"
+            && d["canary"].is_null()
+            && d["retrain"]["canary"].is_null()
     })
     .await;
     let d = deployment(&cluster, "watched").await;
@@ -1532,7 +1535,10 @@ async fn drifted_traffic_raises_an_alert_within_two_windows_and_calm_traffic_non
         events.contains("canary watched-retrained@1 promoted over watched@1: "),
         "{d}"
     );
-    assert!(d["retrain"]["canary"].is_null(), "the policy is free: {d}");
+    assert!(
+        d["retrain"]["canary"].is_null() && d["retrain"]["job_id"].is_null(),
+        "the policy is free: {d}"
+    );
     // The serving windows the verdict read are gauges on /metrics.
     let (code, body) = kiln_tests::http_get(
         &cluster.http_addr(cluster.coordinator_ids()[0]),

@@ -296,6 +296,17 @@ async fn two_shards_end_with_the_weights_of_one_shard() {
         .await;
     let logs = String::from_utf8_lossy(&logs.stdout).to_string();
     assert!(logs.contains("epoch 3/3"), "{logs}");
+
+    // The two workers share this host's /dev/shm: the ring's values went
+    // through shared-memory lanes both ways.
+    let logs = cluster.run_cli(&["jobs", "logs", &id.to_string()]).await;
+    let logs = String::from_utf8_lossy(&logs.stdout).to_string();
+    for (rank, peer) in [(0, 1), (1, 0)] {
+        let line = format!(
+            "rank {rank}: all-reduce through ring (to rank {peer}: shared memory, from rank {peer}: shared memory)"
+        );
+        assert!(logs.contains(&line), "no {line:?} in {logs}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -94,7 +94,8 @@ impl Api {
     /// makes the version it registered the deployment's canary at the policy's
     /// percent (a job that failed, or registered nothing, is recorded as such); a
     /// canary is judged on what it served since it started and promoted or rolled
-    /// back (see [`crate::canary`]). Then the policy is free for the next alert.
+    /// back (see [`crate::canary`]). Then the policy is free for the next alert
+    /// (its job and canary cleared).
     pub async fn retrain_round(&self, now_ms: u64) -> Result<()> {
         for d in self.deployments()? {
             let Some(policy) = d.retrain.clone() else {
@@ -188,6 +189,9 @@ impl Api {
                     "retraining job {} registered {canary}; canary at {}%",
                     job.id, policy.canary_percent
                 ),
+                // The job stays on the policy while its canary is judged, so
+                // `deployments show` names what trained the canary.
+                job_id: job.id,
                 canary,
                 canary_since_ms: now_ms,
                 ..RecordRetrain::default()

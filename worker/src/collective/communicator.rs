@@ -197,12 +197,20 @@ impl Collective {
         }
     }
 
-    /// Returns "ring" or "nccl", for logs.
-    pub fn backend(&self) -> &'static str {
+    /// Returns "ring" or "nccl", for logs; a linked ring says what carries its
+    /// links ("ring (to rank 1: shared memory, from rank 1: tcp)").
+    pub fn backend(&self) -> String {
         match self {
-            Collective::Ring(_) => "ring",
+            Collective::Ring(ring) => match ring.carriers() {
+                Some((to_right, from_left)) => format!(
+                    "ring (to rank {}: {to_right}, from rank {}: {from_left})",
+                    super::right_of(ring.rank(), ring.world()),
+                    super::left_of(ring.rank(), ring.world())
+                ),
+                None => "ring".into(),
+            },
             #[cfg(feature = "cuda")]
-            Collective::Nccl(_) => "nccl",
+            Collective::Nccl(_) => "nccl".into(),
         }
     }
 

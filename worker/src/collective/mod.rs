@@ -5,6 +5,8 @@
 //! - [`ring`]: the [`Ring`] communicator on CPUs; TCP links to its two neighbours,
 //!   the handshake that keeps other jobs out, and the chunked, pipelined
 //!   all-reduce.
+//! - [`lane`]: shared-memory lanes that carry a link's values when both ranks
+//!   are on one host (the TCP link keeps headers, credits and failure detection).
 //! - `nccl` (`cuda` feature): `nccl::NcclComm`, one rank of an NCCL
 //!   communicator on one GPU through cudarc, with blocking calls; libcuda and
 //!   libnccl are loaded at run time, and a missing one is an error, not a panic.
@@ -37,6 +39,7 @@
 //! every rank, so all ranks end with bit-identical buffers.
 
 pub mod communicator;
+pub mod lane;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 #[cfg(feature = "cuda")]
@@ -47,7 +50,8 @@ use std::ops::Range;
 use std::time::Duration;
 
 pub use communicator::{Backend, Collective, NcclConfig, NcclId};
-pub use ring::{Ring, RingConfig, RingKey};
+pub use lane::LaneConfig;
+pub use ring::{Carrier, Ring, RingConfig, RingKey};
 
 /// Why a collective call failed. Failures on a link name the peer rank at the
 /// other end, so that a job can report which shard broke.

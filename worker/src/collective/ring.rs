@@ -26,6 +26,12 @@
 //! a network where someone can inject into an established TCP stream, run the
 //! data plane on a private network (docs/operations.md).
 //!
+//! Last, each rank offers its right neighbour a shared-memory lane
+//! ([`super::lane`]): when both are on one host, the values of every frame on
+//! that link go through it, and the TCP link carries only headers one way and a
+//! credit byte per slot the other. Otherwise (another host, lanes off, no room in
+//! the tmpfs) the frames go over TCP, values and all.
+//!
 //! Wire format, all integers little endian:
 //!
 //! ```text
@@ -35,12 +41,17 @@
 //!    listener  → listener nonce (32 B)
 //!    connector → connector nonce (32 B) | keyed BLAKE3 "connector" proof (32 B)
 //!    listener  → verdict (32 B: accepted, or wrong key) | "listener" proof (32 B, if accepted)
+//!    connector → lane offer (72 B): "KILNLANE" | kind u32 (0 none, 1 lane) | slots u32 |
+//!                slot bytes u32 | 0 u32 | file name nonce (16 B) | token (32 B)
+//!    listener  → answer u32 (1: mapped, 0: frames over TCP)
 //!  frame: header (32 B): step u64 | buffer len u64 | offset u64 | len u32 | op u32
-//!         payload: len f32 values (little endian)
+//!         payload over TCP: len f32 values (little endian); through a lane, the
+//!         values are in the next slot and the receiver answers each header with
+//!         one credit byte (0xC5) once it has read the slot
 //! ```
 //!
 //! Each step of the schedule moves one segment to the right neighbour in frames of
-//! at most [`RingConfig::chunk_bytes`], while the segment from the left neighbour
+//! at most [`RingConfig::chunk_bytes`] (or a lane's slot), while the segment from the left neighbour
 //! streams in and is added or copied frame by frame; an empty segment still sends
 //! one empty frame. `step` counts ring steps since setup, so a rank that missed a
 //! call, or called with another buffer length or operation, is reported as a
@@ -59,6 +70,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
+use super::lane::{Lane, LaneConfig, Offer, ANSWER_BYTES, CREDIT, MAX_SLOTS, OFFER_BYTES};
 use super::{
     all_gather_steps, left_of, pieces, reduce_scatter_steps, reduced_segment, right_of, segment,
     CollectiveError, LinkOp, Step,
@@ -87,7 +99,7 @@ pub const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 const MAGIC: [u8; 8] = *b"KILNRING";
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 const HELLO_BYTES: usize = 32;
 const HEADER_BYTES: usize = 32;
 const F32_BYTES: usize = std::mem::size_of::<f32>();
@@ -160,8 +172,12 @@ pub struct RingConfig {
     pub setup_timeout: Duration,
     /// Longest wait for one frame to be sent or received.
     pub io_timeout: Duration,
-    /// Largest frame payload in bytes: a multiple of 4 up to [`MAX_CHUNK_BYTES`].
+    /// Largest frame payload in bytes over TCP: a multiple of 4 up to
+    /// [`MAX_CHUNK_BYTES`].
     pub chunk_bytes: usize,
+    /// Shared-memory lanes to a right neighbour on the same host (see
+    /// [`super::lane`]); `None`: every link carries its frames over TCP.
+    pub lanes: Option<LaneConfig>,
 }
 
 impl RingConfig {
@@ -175,6 +191,7 @@ impl RingConfig {
             setup_timeout: DEFAULT_SETUP_TIMEOUT,
             io_timeout: DEFAULT_IO_TIMEOUT,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
+            lanes: Some(LaneConfig::default()),
         }
     }
 
@@ -202,7 +219,38 @@ impl RingConfig {
                 self.chunk_bytes
             ));
         }
+        if let Some(problem) = self.lanes.as_ref().and_then(LaneConfig::invalid) {
+            return invalid(problem);
+        }
         Ok(())
+    }
+}
+
+/// What carries a link's frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carrier {
+    /// Headers and values over the TCP link.
+    Tcp,
+    /// Values through a shared-memory lane, headers and credits over TCP.
+    Lane,
+}
+
+impl Carrier {
+    fn of(has_lane: bool) -> Carrier {
+        if has_lane {
+            Carrier::Lane
+        } else {
+            Carrier::Tcp
+        }
+    }
+}
+
+impl std::fmt::Display for Carrier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Carrier::Tcp => "tcp",
+            Carrier::Lane => "shared memory",
+        })
     }
 }
 
@@ -261,34 +309,62 @@ impl Ring {
         let deadline = Instant::now() + config.setup_timeout;
         // Accepting is polled first: a hello that has arrived gets its verdict
         // before this rank gives up on a refusal of its own.
-        let (left, right) = tokio::try_join!(
+        let (mut left, mut right) = tokio::try_join!(
             accept_left(&listener, &config, deadline),
             connect_right(&config, deadline)
         )?;
+        let (right_lane, left_lane) = tokio::try_join!(
+            offer_lane(&mut right, &config, deadline),
+            take_lane(&mut left, &config, deadline)
+        )?;
         let chunk_elems = config.chunk_bytes / F32_BYTES;
-        ring.links = Some(Links {
-            rank: config.rank,
-            world,
-            io_timeout: config.io_timeout,
-            chunk_elems,
-            step: 0,
-            to_right: Sender {
-                peer: right_of(config.rank, world),
-                stream: right,
+        let to_right = Sender {
+            peer: right_of(config.rank, world),
+            stream: right,
+            chunk_elems: right_lane.as_ref().map_or(chunk_elems, Lane::slot_elems),
+            lane: right_lane.map(|lane| SendLane {
+                lane,
+                next: 0,
+                in_flight: 0,
+            }),
+        };
+        let from_left = Receiver {
+            peer: left_of(config.rank, world),
+            stream: left,
+            chunk_elems: left_lane.as_ref().map_or(chunk_elems, Lane::slot_elems),
+            // Only frames over TCP land in scratch before they are added.
+            scratch: if left_lane.is_some() {
+                Vec::new()
+            } else {
+                vec![0.0; chunk_elems]
             },
-            from_left: Receiver {
-                peer: left_of(config.rank, world),
-                stream: left,
-                scratch: vec![0.0; config.chunk_bytes / F32_BYTES],
-            },
-        });
+            lane: left_lane.map(|lane| RecvLane { lane, next: 0 }),
+        };
         tracing::info!(
             session_id = config.session_id,
             rank = config.rank,
             world,
+            to_right = %to_right.carrier(),
+            from_left = %from_left.carrier(),
             "ring linked"
         );
+        ring.links = Some(Links {
+            rank: config.rank,
+            world,
+            io_timeout: config.io_timeout,
+            step: 0,
+            to_right,
+            from_left,
+        });
         Ok(ring)
+    }
+
+    /// What carries the frames to the right neighbour and from the left one;
+    /// `None` in a world of one or once the ring has failed.
+    pub fn carriers(&self) -> Option<(Carrier, Carrier)> {
+        self.links
+            .as_ref()
+            .map(|links| (links.to_right.carrier(), links.from_left.carrier()))
     }
 
     /// Returns this rank.
@@ -408,7 +484,6 @@ struct Links {
     rank: usize,
     world: usize,
     io_timeout: Duration,
-    chunk_elems: usize,
     /// Ring steps taken since setup.
     step: u64,
     to_right: Sender,
@@ -448,19 +523,18 @@ impl Links {
         let Links {
             world,
             io_timeout,
-            chunk_elems,
             step: step_no,
             to_right,
             from_left,
             ..
         } = self;
-        let (world, io_timeout, chunk_elems) = (*world, *io_timeout, *chunk_elems);
+        let (world, io_timeout) = (*world, *io_timeout);
         let buf_len = buf.len();
         let header = |piece: &Range<usize>| Header {
             step: *step_no,
             buf_len: buf_len as u64,
             offset: piece.start as u64,
-            len: u32::try_from(piece.len()).expect("a piece is at most MAX_CHUNK_BYTES"),
+            len: u32::try_from(piece.len()).expect("a piece is at most a slot or a chunk"),
             op: op.code(),
         };
         let send = segment(buf_len, world, step.send);
@@ -468,14 +542,14 @@ impl Links {
         let (src, dst) = split_disjoint(buf, send.clone(), recv.clone());
 
         let sending = async {
-            for piece in pieces(send.clone(), chunk_elems) {
+            for piece in pieces(send.clone(), to_right.chunk_elems) {
                 let values = &src[piece.start - send.start..piece.end - send.start];
                 to_right.send(&header(&piece), values, io_timeout).await?;
             }
             Ok(())
         };
         let receiving = async {
-            for piece in pieces(recv.clone(), chunk_elems) {
+            for piece in pieces(recv.clone(), from_left.chunk_elems) {
                 let values = &mut dst[piece.start - recv.start..piece.end - recv.start];
                 from_left
                     .receive(&header(&piece), values, combine, io_timeout)
@@ -517,17 +591,36 @@ const _: () = assert!(
 struct Sender {
     peer: usize,
     stream: TcpStream,
+    /// Largest frame, in values: the lane's slot, or the TCP chunk.
+    chunk_elems: usize,
+    lane: Option<SendLane>,
+}
+
+/// A lane's sending side: the next slot to fill and how many filled slots the
+/// receiver has not yet given back.
+struct SendLane {
+    lane: Lane,
+    next: usize,
+    in_flight: usize,
 }
 
 impl Sender {
-    /// Writes one frame: the header, then the values' bytes straight from the
-    /// buffer (one vectored write where the socket takes it).
+    fn carrier(&self) -> Carrier {
+        Carrier::of(self.lane.is_some())
+    }
+
+    /// Sends one frame: over TCP, the header and then the values' bytes straight
+    /// from the buffer (one vectored write where the socket takes it); through a
+    /// lane, the values into the next free slot and then the header.
     async fn send(
         &mut self,
         header: &Header,
         values: &[f32],
         io_timeout: Duration,
     ) -> Result<(), CollectiveError> {
+        if self.lane.is_some() {
+            return self.send_through_lane(header, values, io_timeout).await;
+        }
         let head = header.encode();
         let payload: &[u8] = bytemuck::cast_slice(values);
         let stream = &mut self.stream;
@@ -545,30 +638,90 @@ impl Sender {
             }
             Ok(())
         };
-        match tokio::time::timeout(io_timeout, write).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => Err(link_error(self.peer, LinkOp::Send, err)),
-            Err(_) => Err(CollectiveError::Timeout {
-                peer: self.peer,
-                op: LinkOp::Send,
-                after: io_timeout,
-            }),
-        }
+        let peer = self.peer;
+        within(io_timeout, peer, LinkOp::Send, async {
+            write
+                .await
+                .map_err(|err| link_error(peer, LinkOp::Send, err))
+        })
+        .await
+    }
+
+    /// Waits for a free slot (reading the credits the receiver sent back), puts
+    /// the values in it, and sends the header that hands it over.
+    async fn send_through_lane(
+        &mut self,
+        header: &Header,
+        values: &[f32],
+        io_timeout: Duration,
+    ) -> Result<(), CollectiveError> {
+        let peer = self.peer;
+        let Sender { stream, lane, .. } = self;
+        let lane = lane.as_mut().expect("checked by send");
+        let slots = lane.lane.slots();
+        let step = async {
+            while lane.in_flight == slots {
+                let mut credits = [0u8; MAX_SLOTS];
+                // At most one credit per slot in flight can be due.
+                let n = stream
+                    .read(&mut credits[..lane.in_flight])
+                    .await
+                    .map_err(|err| link_error(peer, LinkOp::Send, err))?;
+                if n == 0 {
+                    return Err(CollectiveError::PeerClosed {
+                        peer,
+                        op: LinkOp::Send,
+                        how: "end of stream",
+                    });
+                }
+                if let Some(bad) = credits[..n].iter().find(|&&byte| byte != CREDIT) {
+                    return Err(CollectiveError::Protocol {
+                        peer,
+                        reason: format!("a lane credit of {bad:#04x}"),
+                    });
+                }
+                lane.in_flight -= n;
+            }
+            lane.lane.put(lane.next, values);
+            stream
+                .write_all(&header.encode())
+                .await
+                .map_err(|err| link_error(peer, LinkOp::Send, err))?;
+            lane.next = (lane.next + 1) % slots;
+            lane.in_flight += 1;
+            Ok(())
+        };
+        within(io_timeout, peer, LinkOp::Send, step).await
     }
 }
 
 /// The receiving end of the link from the left neighbour, with its scratch
-/// buffer for values that are added rather than taken.
+/// buffer for values that arrive over TCP and are added rather than taken.
 struct Receiver {
     peer: usize,
     stream: TcpStream,
+    /// Largest frame, in values: the lane's slot, or the TCP chunk.
+    chunk_elems: usize,
     scratch: Vec<f32>,
+    lane: Option<RecvLane>,
+}
+
+/// A lane's receiving side: the slot the next frame is in.
+struct RecvLane {
+    lane: Lane,
+    next: usize,
 }
 
 impl Receiver {
+    fn carrier(&self) -> Carrier {
+        Carrier::of(self.lane.is_some())
+    }
+
     /// Reads the next frame, checks that its header is `expected`, and adds its
     /// values into `values` (reduce-scatter) or writes them over `values`
-    /// (all-gather, read straight into place).
+    /// (all-gather). Over TCP, added values land in scratch first and taken ones
+    /// are read straight into place; through a lane both come out of their slot,
+    /// which a credit then gives back.
     async fn receive(
         &mut self,
         expected: &Header,
@@ -577,44 +730,79 @@ impl Receiver {
         io_timeout: Duration,
     ) -> Result<(), CollectiveError> {
         let peer = self.peer;
+        let Receiver {
+            stream,
+            lane,
+            scratch,
+            ..
+        } = self;
+        if let Some(lane) = lane {
+            let step = async {
+                read_header(stream, peer, expected).await?;
+                lane.lane
+                    .take(lane.next, values, matches!(combine, Combine::Add));
+                lane.next = (lane.next + 1) % lane.lane.slots();
+                stream
+                    .write_all(&[CREDIT])
+                    .await
+                    .map_err(|err| link_error(peer, LinkOp::Receive, err))
+            };
+            return within(io_timeout, peer, LinkOp::Receive, step).await;
+        }
         let into: &mut [f32] = match combine {
-            Combine::Add => &mut self.scratch[..values.len()],
+            Combine::Add => &mut scratch[..values.len()],
             Combine::Replace => values,
         };
-        let stream = &mut self.stream;
         let read = async {
-            let mut head = [0u8; HEADER_BYTES];
-            stream
-                .read_exact(&mut head)
-                .await
-                .map_err(|err| link_error(peer, LinkOp::Receive, err))?;
-            let got = Header::decode(&head);
-            if let Some(reason) = expected.mismatch(&got) {
-                return Err(CollectiveError::Protocol { peer, reason });
-            }
+            read_header(stream, peer, expected).await?;
             stream
                 .read_exact(bytemuck::cast_slice_mut(into))
                 .await
-                .map_err(|err| link_error(peer, LinkOp::Receive, err))?;
-            Ok(())
+                .map_err(|err| link_error(peer, LinkOp::Receive, err))
         };
-        match tokio::time::timeout(io_timeout, read).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => return Err(err),
-            Err(_) => {
-                return Err(CollectiveError::Timeout {
-                    peer,
-                    op: LinkOp::Receive,
-                    after: io_timeout,
-                })
-            }
-        }
+        within(io_timeout, peer, LinkOp::Receive, read).await?;
         if let Combine::Add = combine {
-            for (x, y) in values.iter_mut().zip(&self.scratch) {
+            for (x, y) in values.iter_mut().zip(scratch.iter()) {
                 *x += *y;
             }
         }
         Ok(())
+    }
+}
+
+/// Reads a frame header from the left neighbour and checks that it is the one
+/// `expected`.
+async fn read_header(
+    stream: &mut TcpStream,
+    peer: usize,
+    expected: &Header,
+) -> Result<(), CollectiveError> {
+    let mut head = [0u8; HEADER_BYTES];
+    stream
+        .read_exact(&mut head)
+        .await
+        .map_err(|err| link_error(peer, LinkOp::Receive, err))?;
+    match expected.mismatch(&Header::decode(&head)) {
+        Some(reason) => Err(CollectiveError::Protocol { peer, reason }),
+        None => Ok(()),
+    }
+}
+
+/// Runs one frame's work on a link, failing with a timeout naming the peer when
+/// it makes no progress for `io_timeout`.
+async fn within<T>(
+    io_timeout: Duration,
+    peer: usize,
+    op: LinkOp,
+    work: impl std::future::Future<Output = Result<T, CollectiveError>>,
+) -> Result<T, CollectiveError> {
+    match tokio::time::timeout(io_timeout, work).await {
+        Ok(result) => result,
+        Err(_) => Err(CollectiveError::Timeout {
+            peer,
+            op,
+            after: io_timeout,
+        }),
     }
 }
 
@@ -1163,6 +1351,103 @@ async fn admit(stream: &mut TcpStream, me: &Identity) -> Result<(), String> {
     Ok(())
 }
 
+/// The connector's side of the lane exchange, once the right neighbour has
+/// accepted this rank: offers it a new lane (or none, when lanes are off or none
+/// can be made here) and returns the lane if the neighbour mapped it. The lane's
+/// file is unlinked before this returns, mapped or not.
+async fn offer_lane(
+    stream: &mut TcpStream,
+    config: &RingConfig,
+    deadline: Instant,
+) -> Result<Option<Lane>, CollectiveError> {
+    let peer = right_of(config.rank, config.addrs.len());
+    let setup_error = |reason: String| CollectiveError::Setup {
+        peer,
+        addr: config.addrs[peer].clone(),
+        reason,
+    };
+    let made = config
+        .lanes
+        .as_ref()
+        .and_then(|lanes| match Lane::create(lanes) {
+            Ok(made) => Some(made),
+            Err(err) => {
+                tracing::info!(peer, dir = %lanes.dir.display(), error = %err,
+                    "no shared-memory lane to the right neighbour; frames go over TCP");
+                None
+            }
+        });
+    let exchange = async {
+        let offer = made.as_ref().map(|(_, offer, _)| offer);
+        stream.write_all(&Offer::encode(offer)).await?;
+        let mut answer = [0u8; ANSWER_BYTES];
+        stream.read_exact(&mut answer).await?;
+        Ok::<_, std::io::Error>(u32::from_le_bytes(answer))
+    };
+    let answer =
+        match tokio::time::timeout_at(deadline.min(Instant::now() + HANDSHAKE_TIMEOUT), exchange)
+            .await
+        {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(err)) => return Err(setup_error(format!("lane offer: {err}"))),
+            Err(_) => return Err(setup_error("lane offer: no answer in time".into())),
+        };
+    match (made, answer) {
+        (Some((lane, _, _unlink)), 1) => Ok(Some(lane)),
+        (_, 0) => Ok(None),
+        (None, 1) => Err(setup_error("it mapped a lane it was not offered".into())),
+        (_, other) => Err(setup_error(format!(
+            "it answered the lane offer with {other}"
+        ))),
+    }
+}
+
+/// The listener's side of the lane exchange: maps the lane the left neighbour
+/// offers when this rank uses lanes and the file is there (on another host it
+/// is not), and answers.
+async fn take_lane(
+    stream: &mut TcpStream,
+    config: &RingConfig,
+    deadline: Instant,
+) -> Result<Option<Lane>, CollectiveError> {
+    let peer = left_of(config.rank, config.addrs.len());
+    let exchange = async {
+        let mut bytes = [0u8; OFFER_BYTES];
+        stream
+            .read_exact(&mut bytes)
+            .await
+            .map_err(|err| format!("lane offer: {err}"))?;
+        let offer = Offer::decode(&bytes).map_err(|reason| format!("lane offer: {reason}"))?;
+        let lane = match (offer, &config.lanes) {
+            (Some(offer), Some(lanes)) => match Lane::open(&lanes.dir, &offer) {
+                Ok(lane) => Some(lane),
+                Err(reason) => {
+                    tracing::info!(peer, %reason,
+                        "declined the left neighbour's shared-memory lane; frames come over TCP");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let answer = u32::from(lane.is_some());
+        stream
+            .write_all(&answer.to_le_bytes())
+            .await
+            .map_err(|err| format!("lane answer: {err}"))?;
+        Ok(lane)
+    };
+    match tokio::time::timeout_at(deadline.min(Instant::now() + HANDSHAKE_TIMEOUT), exchange).await
+    {
+        Ok(result) => result,
+        Err(_) => Err("no lane offer in time".into()),
+    }
+    .map_err(|reason| CollectiveError::Setup {
+        peer,
+        addr: config.addrs[peer].clone(),
+        reason,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1296,21 +1581,112 @@ mod tests {
         }
     }
 
+    /// Frames over TCP only.
+    fn tcp(config: &mut RingConfig) {
+        config.lanes = None;
+    }
+
+    /// Lanes of two one-page slots: every call wraps around them many times.
+    fn small_lanes(config: &mut RingConfig) {
+        config.lanes = Some(LaneConfig {
+            slots: 2,
+            slot_bytes: 4096,
+            ..LaneConfig::default()
+        });
+    }
+
+    /// The carrier of both links of every rank.
+    fn carriers(rings: &[Ring]) -> Vec<(Carrier, Carrier)> {
+        rings
+            .iter()
+            .map(|ring| ring.carriers().expect("linked"))
+            .collect()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mean_is_right_and_bit_identical_on_every_rank() {
-        for world in 1..=4 {
-            let mut rings = ring_of(world, |_| {}).await;
-            for len in [0, 1, world - 1, 1000, 1_000_003] {
-                let (next, outputs) = reduce_ok(rings, inputs(world, len, 0), Op::Mean).await;
-                rings = next;
-                check(
-                    &outputs,
-                    len,
-                    0,
-                    Op::Mean,
-                    &format!("world {world}, len {len}"),
-                );
+        for (carrier, tweak) in [
+            (Carrier::Tcp, tcp as fn(&mut RingConfig)),
+            (Carrier::Lane, |_: &mut RingConfig| {}),
+        ] {
+            for world in 1..=4 {
+                let mut rings = ring_of(world, tweak).await;
+                if world > 1 {
+                    assert_eq!(carriers(&rings), vec![(carrier, carrier); world]);
+                }
+                for len in [0, 1, world - 1, 1000, 1_000_003] {
+                    let (next, outputs) = reduce_ok(rings, inputs(world, len, 0), Op::Mean).await;
+                    rings = next;
+                    check(
+                        &outputs,
+                        len,
+                        0,
+                        Op::Mean,
+                        &format!("{carrier}: world {world}, len {len}"),
+                    );
+                }
             }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ranks_on_one_host_share_lanes_and_leave_no_file_behind() {
+        const WORLD: usize = 3;
+        let dir = tempfile::tempdir().expect("dir");
+        let shared = dir.path().to_path_buf();
+        let mut rings = ring_of(WORLD, |config| {
+            small_lanes(config);
+            if let Some(lanes) = config.lanes.as_mut() {
+                lanes.dir = shared.clone();
+            }
+        })
+        .await;
+        assert_eq!(
+            carriers(&rings),
+            vec![(Carrier::Lane, Carrier::Lane); WORLD]
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path()).expect("list").collect();
+        assert!(left.is_empty(), "lane files left: {left:?}");
+        // 1,024 values a slot: hundreds of frames a step around two slots.
+        for (round, len) in [100_003, 7, 0, 300_000].into_iter().enumerate() {
+            let op = if round % 2 == 0 { Op::Mean } else { Op::Sum };
+            let (next, outputs) = reduce_ok(rings, inputs(WORLD, len, round), op).await;
+            rings = next;
+            check(&outputs, len, round, op, &format!("round {round}"));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn links_whose_ends_share_no_tmpfs_carry_frames_over_tcp() {
+        // Ranks 0 and 1 share a directory, rank 2 has its own (another host, as
+        // far as lanes go), rank 3 has lanes off.
+        const WORLD: usize = 4;
+        let one_host = tempfile::tempdir().expect("dir");
+        let another = tempfile::tempdir().expect("dir");
+        let dirs = [one_host.path(), one_host.path(), another.path()];
+        let mut rings = ring_of(WORLD, |config| {
+            small_lanes(config);
+            match dirs.get(config.rank) {
+                Some(dir) => config.lanes.as_mut().expect("on").dir = dir.to_path_buf(),
+                None => config.lanes = None,
+            }
+        })
+        .await;
+        use Carrier::{Lane, Tcp};
+        assert_eq!(
+            carriers(&rings),
+            [(Lane, Tcp), (Tcp, Lane), (Tcp, Tcp), (Tcp, Tcp)]
+        );
+        for dir in [one_host.path(), another.path()] {
+            let left: Vec<_> = std::fs::read_dir(dir).expect("list").collect();
+            assert!(left.is_empty(), "lane files left: {left:?}");
+        }
+        // Lane frames (a page) and TCP frames (256 KiB) in one ring.
+        for round in 0..3 {
+            let len = 500_000 + round;
+            let (next, outputs) = reduce_ok(rings, inputs(WORLD, len, round), Op::Mean).await;
+            rings = next;
+            check(&outputs, len, round, Op::Mean, &format!("round {round}"));
         }
     }
 
@@ -1337,25 +1713,46 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn repeated_calls_stay_in_step() {
         const WORLD: usize = 3;
-        // Tiny frames: many per step, and empty segments in the short rounds.
-        let mut rings = ring_of(WORLD, |config| config.chunk_bytes = 64).await;
-        for round in 0..50 {
-            let len = (round * 37) % 200;
-            let op = if round % 2 == 0 { Op::Mean } else { Op::Sum };
-            let (next, outputs) = reduce_ok(rings, inputs(WORLD, len, round), op).await;
-            rings = next;
-            check(&outputs, len, round, op, &format!("round {round}"));
-        }
-        let steps = 50 * 2 * (WORLD as u64 - 1);
-        for ring in &rings {
-            assert_eq!(ring.links.as_ref().map(|links| links.step), Some(steps));
+        // Tiny frames over TCP, many frames around small lanes; empty segments in
+        // the short rounds.
+        for tweak in [
+            (|config: &mut RingConfig| {
+                tcp(config);
+                config.chunk_bytes = 64;
+            }) as fn(&mut RingConfig),
+            small_lanes,
+        ] {
+            let mut rings = ring_of(WORLD, tweak).await;
+            for round in 0..50 {
+                let len = (round * 37) % 200 + (round % 3) * 1500;
+                let op = if round % 2 == 0 { Op::Mean } else { Op::Sum };
+                let (next, outputs) = reduce_ok(rings, inputs(WORLD, len, round), op).await;
+                rings = next;
+                check(&outputs, len, round, op, &format!("round {round}"));
+            }
+            let steps = 50 * 2 * (WORLD as u64 - 1);
+            for ring in &rings {
+                assert_eq!(ring.links.as_ref().map(|links| links.step), Some(steps));
+            }
         }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_peer_killed_midway_fails_the_others_within_the_timeout() {
-        const LEN: usize = 4 << 20;
-        let mut rings = ring_of(3, |_| {}).await;
+        a_peer_killed_midway(tcp).await;
+        a_peer_killed_midway(|_| {}).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_peer_fails_the_others_within_the_timeout() {
+        a_stalled_peer(tcp).await;
+        a_stalled_peer(|_| {}).await;
+    }
+
+    async fn a_peer_killed_midway(carrier: fn(&mut RingConfig)) {
+        // Large enough that no rank finishes within the 5 ms before the cut.
+        const LEN: usize = 16 << 20;
+        let mut rings = ring_of(3, carrier).await;
         let mut victim = rings.pop().expect("rank 2");
         let started = StdInstant::now();
         let survivors = tokio::spawn(reduce_on_all(rings, inputs(2, LEN, 0), Op::Mean));
@@ -1393,11 +1790,11 @@ mod tests {
         );
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_stalled_peer_fails_the_others_within_the_timeout() {
+    async fn a_stalled_peer(carrier: fn(&mut RingConfig)) {
         // Rank 1 waits longer than rank 0, so that it hears of rank 0's failure
         // before its own timer could fire.
         let mut rings = ring_of(3, |config| {
+            carrier(config);
             config.io_timeout = Duration::from_secs(if config.rank == 0 { 1 } else { 10 })
         })
         .await;
