@@ -58,6 +58,12 @@ fn job_json(job: &JobRecord) -> Value {
         "attempt": job.attempt,
         "failures": job.failures,
         "max_failures": job.max_failures,
+        "resources": {
+            "shards": job.shards_wanted,
+            "cpus_per_shard": job.cpus_per_shard,
+            "gpus_per_shard": job.gpus_per_shard,
+            "memory_mib_per_shard": job.memory_per_shard >> 20,
+        },
         "shards": job.shards.iter().map(|s| json!({
             "rank": s.rank, "worker_id": s.worker_id, "gpus": s.gpus,
             "state": shard_state_name(s.state), "data_addr": s.data_addr, "error": s.error,

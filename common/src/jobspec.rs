@@ -35,6 +35,7 @@
 //! shards = 2
 //! cpus_per_shard = 1
 //! gpus_per_shard = 0
+//! memory_mib_per_shard = 0 # held on the worker while a shard runs; 0: not counted
 //! ```
 
 use std::fmt;
@@ -152,7 +153,13 @@ pub struct ResourceSpec {
     pub shards: u32,
     pub cpus_per_shard: u32,
     pub gpus_per_shard: u32,
+    /// MiB of the worker's memory a shard holds while it runs (0: not counted,
+    /// as Ray's default `memory` request).
+    pub memory_mib_per_shard: u64,
 }
+
+/// Largest `memory_mib_per_shard`: 64 TiB.
+pub const MAX_MEMORY_MIB: i64 = 64 << 20;
 
 /// A checked job spec.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -544,6 +551,7 @@ impl JobSpec {
         let shards = r.integer("shards", Some(1), 1, i64::from(MAX_SHARDS));
         let cpus_per_shard = r.integer("cpus_per_shard", Some(1), 0, 1024);
         let gpus_per_shard = r.integer("gpus_per_shard", Some(0), 0, 16);
+        let memory_mib_per_shard = r.integer("memory_mib_per_shard", Some(0), 0, MAX_MEMORY_MIB);
         r.finish();
         if let (Some(b), Some(s)) = (batch_size, shards) {
             if b < s {
@@ -595,6 +603,7 @@ impl JobSpec {
                 shards: shards.ok_or_else(missing)? as u32,
                 cpus_per_shard: cpus_per_shard.ok_or_else(missing)? as u32,
                 gpus_per_shard: gpus_per_shard.ok_or_else(missing)? as u32,
+                memory_mib_per_shard: memory_mib_per_shard.ok_or_else(missing)? as u64,
             },
         })
     }
@@ -647,7 +656,14 @@ shards = 2
         assert_eq!(spec.optimizer.momentum, 0.9);
         assert_eq!(spec.resources.shards, 2);
         assert_eq!(spec.resources.cpus_per_shard, 1);
+        assert_eq!(
+            spec.resources.memory_mib_per_shard, 0,
+            "not counted by default"
+        );
         assert_eq!(spec.max_failures, 3);
+        let with_memory =
+            JobSpec::parse(&format!("{GOOD}memory_mib_per_shard = 2048\n")).expect("valid");
+        assert_eq!(with_memory.resources.memory_mib_per_shard, 2048);
         let minimal = JobSpec::parse("name = \"m\"\n[data]\nartifact = \"d@1\"\nlabel = \"y\"\n")
             .expect("defaults");
         assert_eq!(minimal.model.kind, ModelKind::Mlp);
@@ -681,6 +697,7 @@ learning = 1
 
 [resources]
 shards = 4
+memory_mib_per_shard = -1
 "#;
         let errors = JobSpec::parse(bad).expect_err("invalid").0;
         let text = errors.join("\n");
@@ -694,10 +711,11 @@ shards = 4
             "train.epochs = 0 is out of range",
             "unknown key train.learning",
             "train.batch_size = 1 is smaller than resources.shards = 4",
+            "resources.memory_mib_per_shard = -1 is out of range 0..=67108864",
         ] {
             assert!(text.contains(wanted), "missing '{wanted}' in:\n{text}");
         }
-        assert_eq!(errors.len(), 9, "{text}");
+        assert_eq!(errors.len(), 10, "{text}");
     }
 
     #[test]

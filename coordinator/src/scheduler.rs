@@ -354,6 +354,33 @@ mod tests {
     }
 
     #[test]
+    fn memory_bounds_the_shards_a_worker_takes() {
+        // Plenty of CPUs; 1 GiB a shard: 2 fit on "small", 3 on "big".
+        let total = vec![
+            Capacity {
+                memory_bytes: 2 << 30,
+                ..worker("small", 16, 0)
+            },
+            Capacity {
+                memory_bytes: 3 << 30,
+                ..worker("big", 16, 0)
+            },
+        ];
+        let mut free = total.clone();
+        let placed = place(&gang("j", 0, 0, 5, 1, 0), &mut free).expect("fits");
+        let on = |id: &str| placed.iter().filter(|p| p.worker_id == id).count();
+        assert_eq!((on("small"), on("big")), (2, 3));
+        assert!(free.iter().all(|c| c.memory_bytes == 0), "{free:?}");
+        let decisions = schedule(&[gang("k", 0, 0, 6, 1, 0)], &total, &total);
+        match &decisions[0].1 {
+            Decision::TooLarge(why) => {
+                assert!(why.contains(&format!("{} bytes each", 1u64 << 30)), "{why}")
+            }
+            other => panic!("six 1 GiB shards on 5 GiB: {other:?}"),
+        }
+    }
+
+    #[test]
     fn gpus_are_packed_best_fit() {
         // One 2-GPU shard goes to the worker with 2 free, keeping the 8-GPU one whole.
         let mut free = vec![worker("big", 32, 8), worker("small", 32, 2)];

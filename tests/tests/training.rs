@@ -358,6 +358,53 @@ async fn a_gang_that_does_not_fit_waits_then_runs() {
         .await;
     assert!(out.status.success(), "{}", stderr_text(&out));
     assert_eq!(show(&cluster, again).await["state"], "Cancelled");
+
+    // Memory is held like cores: a shard that takes 60% of a worker's memory
+    // leaves no room for another beside it, though cores are free.
+    let out = cluster.run_cli(&["status", "--json"]).await;
+    let status: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let memory_mib = status["workers"][0]["resources"]["memory_bytes"]
+        .as_u64()
+        .expect("memory")
+        >> 20;
+    let heavy_spec = |name: &str, shards: u32, epochs: u32| {
+        spec(name, shards, 1, epochs, "").replace(
+            "cpus_per_shard = 1",
+            &format!(
+                "cpus_per_shard = 1\nmemory_mib_per_shard = {}",
+                memory_mib * 6 / 10
+            ),
+        )
+    };
+    let heavy = submit(
+        &cluster,
+        dir.path(),
+        "heavy.toml",
+        &heavy_spec("heavy", 2, 20),
+    )
+    .await;
+    let running = wait_state(&cluster, heavy, "Running", Duration::from_secs(30)).await;
+    assert_eq!(
+        running["resources"]["memory_mib_per_shard"],
+        memory_mib * 6 / 10,
+        "{running}"
+    );
+    let beside = submit(
+        &cluster,
+        dir.path(),
+        "beside.toml",
+        &heavy_spec("beside", 1, 1),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let waiting = show(&cluster, beside).await;
+    assert_eq!(waiting["state"], "Pending", "{waiting}");
+    assert_eq!(
+        waiting["reason"], "waiting for resources held by running jobs",
+        "{waiting}"
+    );
+    wait_state(&cluster, heavy, "Succeeded", Duration::from_secs(240)).await;
+    wait_state(&cluster, beside, "Succeeded", Duration::from_secs(120)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -392,6 +439,14 @@ async fn bad_specs_are_refused_at_submit_with_the_reason() {
                 "cpus_per_shard = 1\ngpus_per_shard = 4",
             ),
             "4 GPU(s)",
+        ),
+        (
+            "more memory than any worker has",
+            good.replace(
+                "cpus_per_shard = 1",
+                "cpus_per_shard = 1\nmemory_mib_per_shard = 67108864",
+            ),
+            "67108864 MiB of memory; no worker has that",
         ),
     ];
     for (what, text, needle) in cases {

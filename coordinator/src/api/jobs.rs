@@ -194,26 +194,29 @@ impl Api {
             .iter()
             .filter(|w| w.state != WorkerState::Down as i32)
             .collect();
+        let memory_bytes = spec.resources.memory_mib_per_shard << 20;
         let fits = usable.iter().any(|w| {
             let r = w.resources.clone().unwrap_or_default();
             r.cpu_cores >= spec.resources.cpus_per_shard
                 && r.gpus.len() as u32 >= spec.resources.gpus_per_shard
+                && r.memory_bytes >= memory_bytes
         });
         if !fits {
-            let most_gpus = usable
-                .iter()
-                .map(|w| w.resources.as_ref().map_or(0, |r| r.gpus.len()))
-                .max()
-                .unwrap_or(0);
-            let most_cpus = usable
-                .iter()
-                .map(|w| w.resources.as_ref().map_or(0, |r| r.cpu_cores))
-                .max()
-                .unwrap_or(0);
+            let most = |of: &dyn Fn(&kiln_proto::v1::Resources) -> u64| {
+                usable
+                    .iter()
+                    .filter_map(|w| w.resources.as_ref().map(of))
+                    .max()
+                    .unwrap_or(0)
+            };
+            let most_gpus = most(&|r| r.gpus.len() as u64);
+            let most_cpus = most(&|r| u64::from(r.cpu_cores));
+            let most_mib = most(&|r| r.memory_bytes >> 20);
             problems.push(format!(
-                "resources: a shard needs {} CPU(s) and {} GPU(s); no worker has that (of {} live worker(s), the most are {most_cpus} CPU(s) and {most_gpus} GPU(s))",
+                "resources: a shard needs {} CPU(s), {} GPU(s) and {} MiB of memory; no worker has that (of {} live worker(s), the most are {most_cpus} CPU(s), {most_gpus} GPU(s) and {most_mib} MiB)",
                 spec.resources.cpus_per_shard,
                 spec.resources.gpus_per_shard,
+                spec.resources.memory_mib_per_shard,
                 usable.len()
             ));
         }
@@ -252,7 +255,7 @@ impl Api {
             shards_wanted: spec.resources.shards,
             cpus_per_shard: spec.resources.cpus_per_shard,
             gpus_per_shard: spec.resources.gpus_per_shard,
-            memory_per_shard: 0,
+            memory_per_shard: spec.resources.memory_mib_per_shard << 20,
             max_failures: spec.max_failures,
             run_id: run_id.clone(),
             ..Default::default()

@@ -59,11 +59,16 @@ const PAGE: usize = 4096;
 
 const MAGIC: [u8; 8] = *b"KILNLANE";
 /// Bytes of an offer on the wire.
-pub const OFFER_BYTES: usize = 72;
+pub(crate) const OFFER_BYTES: usize = 72;
 /// Bytes of the answer to an offer.
-pub const ANSWER_BYTES: usize = 4;
+pub(crate) const ANSWER_BYTES: usize = 4;
 /// The byte a receiver sends back for each slot it has finished with.
-pub const CREDIT: u8 = 0xC5;
+pub(crate) const CREDIT: u8 = 0xC5;
+/// Lane files start with this; the rest of the name is random.
+const PREFIX: &str = "kiln-lane-";
+/// A lane file this old is left by a process that died before its neighbour
+/// answered (a live one is unlinked within the handshake's 5 s).
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Where lanes are made and how large.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,7 +111,7 @@ fn geometry_problem(slots: usize, slot_bytes: usize) -> Option<String> {
 
 /// A lane's file name, geometry and token, as the sender offers them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Offer {
+pub(crate) struct Offer {
     pub name: [u8; 16],
     pub slots: u32,
     pub slot_bytes: u32,
@@ -115,7 +120,7 @@ pub struct Offer {
 
 impl Offer {
     /// Encodes this offer, or the absence of one (`None`: frames go over TCP).
-    pub fn encode(offer: Option<&Offer>) -> [u8; OFFER_BYTES] {
+    pub(crate) fn encode(offer: Option<&Offer>) -> [u8; OFFER_BYTES] {
         let mut out = [0u8; OFFER_BYTES];
         out[0..8].copy_from_slice(&MAGIC);
         if let Some(offer) = offer {
@@ -130,9 +135,12 @@ impl Offer {
 
     /// Decodes an offer: `Ok(None)` when the sender offers no lane, an error for
     /// bytes that are not an offer.
-    pub fn decode(bytes: &[u8; OFFER_BYTES]) -> Result<Option<Offer>, String> {
+    pub(crate) fn decode(bytes: &[u8; OFFER_BYTES]) -> Result<Option<Offer>, String> {
         if bytes[0..8] != MAGIC {
             return Err("not a lane offer".into());
+        }
+        if bytes[20..24] != [0; 4] {
+            return Err("a lane offer with its reserved bytes set".into());
         }
         let word =
             |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("four bytes"));
@@ -149,12 +157,12 @@ impl Offer {
     }
 
     fn file_name(&self) -> String {
-        format!("kiln-lane-{}", hex::encode(self.name))
+        format!("{PREFIX}{}", hex::encode(self.name))
     }
 }
 
 /// A mapped lane: a header page, then `slots` slots of `slot_bytes`.
-pub struct Lane {
+pub(crate) struct Lane {
     map: MmapRaw,
     slots: usize,
     slot_bytes: usize,
@@ -172,7 +180,7 @@ impl std::fmt::Debug for Lane {
 /// A lane file that is unlinked when dropped: the sender keeps it only until
 /// the receiver has answered.
 #[derive(Debug)]
-pub struct Unlink(PathBuf);
+pub(crate) struct Unlink(PathBuf);
 
 impl Drop for Unlink {
     fn drop(&mut self) {
@@ -190,11 +198,13 @@ fn file_bytes(slots: usize, slot_bytes: usize) -> usize {
 
 impl Lane {
     /// Creates, reserves and maps a new lane file under `config.dir`, with a
-    /// fresh name and token. The returned guard unlinks the file.
-    pub fn create(config: &LaneConfig) -> io::Result<(Lane, Offer, Unlink)> {
+    /// fresh name and token. The returned guard unlinks the file. Stale lane
+    /// files of this user there go first.
+    pub(crate) fn create(config: &LaneConfig) -> io::Result<(Lane, Offer, Unlink)> {
         if let Some(problem) = config.invalid() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, problem));
         }
+        sweep_stale(&config.dir, STALE_AFTER);
         let offer = Offer {
             name: rand::random(),
             slots: u32::try_from(config.slots).expect("bounded by MAX_SLOTS"),
@@ -224,7 +234,7 @@ impl Lane {
     /// Opens and maps the lane `offer` names under `dir`, checking that it is the
     /// very file the sender made: a regular file of this user, of the offered
     /// size, with the offered token.
-    pub fn open(dir: &Path, offer: &Offer) -> Result<Lane, String> {
+    pub(crate) fn open(dir: &Path, offer: &Offer) -> Result<Lane, String> {
         let (slots, slot_bytes) = (offer.slots as usize, offer.slot_bytes as usize);
         if let Some(problem) = geometry_problem(slots, slot_bytes) {
             return Err(problem);
@@ -273,12 +283,12 @@ impl Lane {
     }
 
     /// Slots in this lane.
-    pub fn slots(&self) -> usize {
+    pub(crate) fn slots(&self) -> usize {
         self.slots
     }
 
     /// Largest frame, in f32 values.
-    pub fn slot_elems(&self) -> usize {
+    pub(crate) fn slot_elems(&self) -> usize {
         self.slot_bytes / std::mem::size_of::<f32>()
     }
 
@@ -316,33 +326,81 @@ impl Lane {
             .cast::<f32>()
     }
 
-    /// Copies `values` into `slot` (the sender's side). The caller holds the
-    /// slot: the receiver has sent the credit for its previous frame.
-    pub fn put(&self, slot: usize, values: &[f32]) {
+    /// Copies `values` into `slot` (the sender's side).
+    ///
+    /// # Safety
+    ///
+    /// Nothing may read or write the slot meanwhile: the caller is the lane's
+    /// one sender, and the receiver has given the slot back (its credit for the
+    /// slot's previous frame has arrived) and will not read it before the header
+    /// the caller sends after this returns.
+    pub(crate) unsafe fn put(&self, slot: usize, values: &[f32]) {
         let to = self.slot_ptr(slot, values.len());
-        // SAFETY: `to` has room for `values.len()` values (slot_ptr's asserts) and
-        // the receiver does not touch the slot until this frame's header reaches it.
+        // SAFETY: `to` has room for `values.len()` values (slot_ptr's asserts);
+        // nothing else touches the slot (this function's contract).
         unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), to, values.len()) };
-        // The header that follows on the TCP link publishes the values.
+        // The writes are published by the header that follows through the
+        // socket (a syscall, which orders them); this fence only keeps the
+        // compiler from moving them past it.
         fence(Ordering::Release);
     }
 
     /// Adds the first `into.len()` values of `slot` into `into`, or copies them
-    /// over it (the receiver's side). The caller has received the slot's header
-    /// and has not yet sent its credit.
-    pub fn take(&self, slot: usize, into: &mut [f32], add: bool) {
+    /// over it (the receiver's side). No reference to the shared memory is
+    /// made: the values are read through the raw pointer.
+    ///
+    /// # Safety
+    ///
+    /// Nothing may write the slot meanwhile: the caller is the lane's one
+    /// receiver, has received the header of the frame in the slot, and has not
+    /// yet sent the credit that gives it back.
+    pub(crate) unsafe fn take(&self, slot: usize, into: &mut [f32], add: bool) {
         fence(Ordering::Acquire);
-        let from = self.slot_ptr(slot, into.len());
-        // SAFETY: the slot holds `into.len()` values (slot_ptr's asserts), written
-        // by the sender before the header this rank has received; the sender does
-        // not write it again before this rank's credit.
-        let values = unsafe { std::slice::from_raw_parts(from.cast_const(), into.len()) };
+        let from = self.slot_ptr(slot, into.len()).cast_const();
         if add {
-            for (x, y) in into.iter_mut().zip(values) {
-                *x += *y;
+            for (i, x) in into.iter_mut().enumerate() {
+                // SAFETY: `i < into.len()`, which the slot holds (slot_ptr's
+                // asserts); nothing writes it meanwhile (this function's contract).
+                *x += unsafe { from.add(i).read() };
             }
         } else {
-            into.copy_from_slice(values);
+            // SAFETY: as above, for the whole run of `into.len()` values.
+            unsafe { std::ptr::copy_nonoverlapping(from, into.as_mut_ptr(), into.len()) };
+        }
+    }
+}
+
+/// Removes this user's lane files under `dir` last changed more than `age`
+/// ago: a process killed between making one and its neighbour's answer leaves
+/// it behind. Best effort: what cannot be read or removed stays.
+fn sweep_stale(dir: &Path, age: std::time::Duration) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with(PREFIX) {
+            continue;
+        }
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        let old = meta
+            .modified()
+            .ok()
+            .and_then(|at| at.elapsed().ok())
+            .is_some_and(|elapsed| elapsed > age);
+        if meta.is_file() && meta.uid() == me && old {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(path = %entry.path().display(), "removed a stale lane file")
+                }
+                Err(e) => {
+                    tracing::debug!(path = %entry.path().display(), error = %e, "stale lane file stays")
+                }
+            }
         }
     }
 }
@@ -384,14 +442,20 @@ mod tests {
             0,
             "the file is gone once offered"
         );
-        sender.put(1, &[1.0, 2.0, 3.0]);
         let mut into = [10.0, 20.0, 30.0];
-        receiver.take(1, &mut into, true);
+        // SAFETY: one thread, each slot written then read.
+        unsafe {
+            sender.put(1, &[1.0, 2.0, 3.0]);
+            receiver.take(1, &mut into, true);
+        }
         assert_eq!(into, [11.0, 22.0, 33.0]);
         let full: Vec<f32> = (0..receiver.slot_elems()).map(|i| i as f32).collect();
-        sender.put(0, &full);
         let mut copy = vec![0.0; full.len()];
-        receiver.take(0, &mut copy, false);
+        // SAFETY: as above.
+        unsafe {
+            sender.put(0, &full);
+            receiver.take(0, &mut copy, false);
+        }
         assert_eq!(copy, full);
     }
 
@@ -403,11 +467,17 @@ mod tests {
             slot_bytes: 1 << 20,
             token: [9; 32],
         };
-        assert_eq!(Offer::decode(&Offer::encode(Some(&offer))), Ok(Some(offer)));
+        assert_eq!(
+            Offer::decode(&Offer::encode(Some(&offer))),
+            Ok(Some(offer.clone()))
+        );
         assert_eq!(Offer::decode(&Offer::encode(None)), Ok(None));
         let mut bad = Offer::encode(None);
         bad[8] = 5;
         assert_eq!(Offer::decode(&bad), Err("unknown lane kind 5".into()));
+        let mut reserved = Offer::encode(Some(&offer));
+        reserved[21] = 1;
+        assert!(Offer::decode(&reserved).is_err());
         assert_eq!(
             Offer::decode(&[0; OFFER_BYTES]),
             Err("not a lane offer".into())
@@ -456,6 +526,25 @@ mod tests {
         .expect("symlink");
         let link = Lane::open(dir.path(), &planted).expect_err("a symlink");
         assert!(link.contains("open"), "{link}");
+    }
+
+    #[test]
+    fn stale_lane_files_of_this_user_are_swept_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (_lane, offer, _unlink) = Lane::create(&config(dir.path())).expect("create");
+        let other = dir.path().join("kiln-notes");
+        std::fs::write(&other, b"keep").expect("write");
+        sweep_stale(dir.path(), std::time::Duration::from_secs(600));
+        assert!(
+            dir.path().join(offer.file_name()).exists(),
+            "a fresh lane stays"
+        );
+        sweep_stale(dir.path(), std::time::Duration::ZERO);
+        assert!(
+            !dir.path().join(offer.file_name()).exists(),
+            "a stale lane goes"
+        );
+        assert!(other.exists(), "only lane files are swept");
     }
 
     #[test]

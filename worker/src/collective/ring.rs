@@ -308,14 +308,20 @@ impl Ring {
         }
         let deadline = Instant::now() + config.setup_timeout;
         // Accepting is polled first: a hello that has arrived gets its verdict
-        // before this rank gives up on a refusal of its own.
-        let (mut left, mut right) = tokio::try_join!(
-            accept_left(&listener, &config, deadline),
-            connect_right(&config, deadline)
-        )?;
-        let (right_lane, left_lane) = tokio::try_join!(
-            offer_lane(&mut right, &config, deadline),
-            take_lane(&mut left, &config, deadline)
+        // before this rank gives up on a refusal of its own. Each link settles
+        // its lane as soon as it is up, whatever the other link is waiting for
+        // (a neighbour's neighbour may still be loading its data).
+        let ((left, left_lane), (right, right_lane)) = tokio::try_join!(
+            async {
+                let mut left = accept_left(&listener, &config, deadline).await?;
+                let lane = take_lane(&mut left, &config, deadline).await?;
+                Ok::<_, CollectiveError>((left, lane))
+            },
+            async {
+                let mut right = connect_right(&config, deadline).await?;
+                let lane = offer_lane(&mut right, &config, deadline).await?;
+                Ok::<_, CollectiveError>((right, lane))
+            }
         )?;
         let chunk_elems = config.chunk_bytes / F32_BYTES;
         let to_right = Sender {
@@ -682,7 +688,13 @@ impl Sender {
                 }
                 lane.in_flight -= n;
             }
-            lane.lane.put(lane.next, values);
+            // SAFETY: the lane's one sender; with fewer than `slots` frames in
+            // flight, slot `next` was given back by its credit (or never used), and
+            // the receiver reads it only after the header sent next.
+            #[allow(unsafe_code)]
+            unsafe {
+                lane.lane.put(lane.next, values)
+            };
             stream
                 .write_all(&header.encode())
                 .await
@@ -739,8 +751,14 @@ impl Receiver {
         if let Some(lane) = lane {
             let step = async {
                 read_header(stream, peer, expected).await?;
-                lane.lane
-                    .take(lane.next, values, matches!(combine, Combine::Add));
+                // SAFETY: the lane's one receiver; the header of the frame in slot
+                // `next` has arrived, and the sender writes the slot again only
+                // after the credit sent below.
+                #[allow(unsafe_code)]
+                unsafe {
+                    lane.lane
+                        .take(lane.next, values, matches!(combine, Combine::Add))
+                };
                 lane.next = (lane.next + 1) % lane.lane.slots();
                 stream
                     .write_all(&[CREDIT])
@@ -1581,18 +1599,38 @@ mod tests {
         }
     }
 
-    /// Frames over TCP only.
-    fn tcp(config: &mut RingConfig) {
-        config.lanes = None;
+    /// Lanes of two one-page slots: every call wraps around them many times.
+    fn small_slots(config: &mut RingConfig) {
+        if let Some(lanes) = config.lanes.as_mut() {
+            lanes.slots = 2;
+            lanes.slot_bytes = 4096;
+        }
     }
 
-    /// Lanes of two one-page slots: every call wraps around them many times.
-    fn small_lanes(config: &mut RingConfig) {
-        config.lanes = Some(LaneConfig {
-            slots: 2,
-            slot_bytes: 4096,
-            ..LaneConfig::default()
-        });
+    /// A ring of `world` ranks, changed by `tweak`, whose every link uses
+    /// `carrier` (lanes in a directory of the test's own, so that the host's
+    /// /dev/shm does not matter); checked.
+    async fn ring_over(
+        world: usize,
+        carrier: Carrier,
+        tweak: impl Fn(&mut RingConfig),
+    ) -> Vec<Ring> {
+        let dir = tempfile::tempdir().expect("dir");
+        let rings = ring_of(world, |config| {
+            config.lanes = match carrier {
+                Carrier::Tcp => None,
+                Carrier::Lane => Some(LaneConfig {
+                    dir: dir.path().to_path_buf(),
+                    ..LaneConfig::default()
+                }),
+            };
+            tweak(config);
+        })
+        .await;
+        if world > 1 {
+            assert_eq!(carriers(&rings), vec![(carrier, carrier); world]);
+        }
+        rings
     }
 
     /// The carrier of both links of every rank.
@@ -1605,15 +1643,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mean_is_right_and_bit_identical_on_every_rank() {
-        for (carrier, tweak) in [
-            (Carrier::Tcp, tcp as fn(&mut RingConfig)),
-            (Carrier::Lane, |_: &mut RingConfig| {}),
-        ] {
+        for carrier in [Carrier::Tcp, Carrier::Lane] {
             for world in 1..=4 {
-                let mut rings = ring_of(world, tweak).await;
-                if world > 1 {
-                    assert_eq!(carriers(&rings), vec![(carrier, carrier); world]);
-                }
+                let mut rings = ring_over(world, carrier, |_| {}).await;
                 for len in [0, 1, world - 1, 1000, 1_000_003] {
                     let (next, outputs) = reduce_ok(rings, inputs(world, len, 0), Op::Mean).await;
                     rings = next;
@@ -1635,10 +1667,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let shared = dir.path().to_path_buf();
         let mut rings = ring_of(WORLD, |config| {
-            small_lanes(config);
             if let Some(lanes) = config.lanes.as_mut() {
                 lanes.dir = shared.clone();
             }
+            small_slots(config);
         })
         .await;
         assert_eq!(
@@ -1665,11 +1697,11 @@ mod tests {
         let another = tempfile::tempdir().expect("dir");
         let dirs = [one_host.path(), one_host.path(), another.path()];
         let mut rings = ring_of(WORLD, |config| {
-            small_lanes(config);
             match dirs.get(config.rank) {
                 Some(dir) => config.lanes.as_mut().expect("on").dir = dir.to_path_buf(),
                 None => config.lanes = None,
             }
+            small_slots(config);
         })
         .await;
         use Carrier::{Lane, Tcp};
@@ -1715,14 +1747,12 @@ mod tests {
         const WORLD: usize = 3;
         // Tiny frames over TCP, many frames around small lanes; empty segments in
         // the short rounds.
-        for tweak in [
-            (|config: &mut RingConfig| {
-                tcp(config);
+        for carrier in [Carrier::Tcp, Carrier::Lane] {
+            let mut rings = ring_over(WORLD, carrier, |config| {
                 config.chunk_bytes = 64;
-            }) as fn(&mut RingConfig),
-            small_lanes,
-        ] {
-            let mut rings = ring_of(WORLD, tweak).await;
+                small_slots(config);
+            })
+            .await;
             for round in 0..50 {
                 let len = (round * 37) % 200 + (round % 3) * 1500;
                 let op = if round % 2 == 0 { Op::Mean } else { Op::Sum };
@@ -1739,20 +1769,118 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_peer_killed_midway_fails_the_others_within_the_timeout() {
-        a_peer_killed_midway(tcp).await;
-        a_peer_killed_midway(|_| {}).await;
+        a_peer_killed_midway(Carrier::Tcp).await;
+        a_peer_killed_midway(Carrier::Lane).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stalled_peer_fails_the_others_within_the_timeout() {
-        a_stalled_peer(tcp).await;
-        a_stalled_peer(|_| {}).await;
+        a_stalled_peer(Carrier::Tcp).await;
+        a_stalled_peer(Carrier::Lane).await;
     }
 
-    async fn a_peer_killed_midway(carrier: fn(&mut RingConfig)) {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rank_later_than_the_handshake_timeout_still_links() {
+        // Rank 3 comes 6 s late (still loading its data): its neighbours' other
+        // links settle their lanes meanwhile instead of giving up on them.
+        const WORLD: usize = 4;
+        let (listeners, addrs) = bind_loopback(WORLD).await;
+        let tasks: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, listener)| {
+                let config = test_config(rank, &addrs);
+                tokio::spawn(async move {
+                    if rank == WORLD - 1 {
+                        tokio::time::sleep(HANDSHAKE_TIMEOUT + Duration::from_secs(1)).await;
+                    }
+                    Ring::connect(listener, config).await
+                })
+            })
+            .collect();
+        let mut rings = Vec::new();
+        for task in tasks {
+            rings.push(task.await.expect("join").expect("linked"));
+        }
+        let (_, outputs) = reduce_ok(rings, inputs(WORLD, 1000, 0), Op::Mean).await;
+        check(&outputs, 1000, 0, Op::Mean, "a late rank");
+    }
+
+    #[tokio::test]
+    async fn a_lane_sender_waits_for_credits_and_refuses_a_bad_one() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (lane, _offer, _unlink) = Lane::create(&LaneConfig {
+            dir: dir.path().to_path_buf(),
+            slots: 2,
+            slot_bytes: 4096,
+        })
+        .expect("lane");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (near, far) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (near, mut far) = (near.expect("connect"), far.expect("accept").0);
+        let mut sender = Sender {
+            peer: 1,
+            stream: near,
+            chunk_elems: lane.slot_elems(),
+            lane: Some(SendLane {
+                lane,
+                next: 0,
+                in_flight: 0,
+            }),
+        };
+        let header = |step| Header {
+            step,
+            buf_len: 10,
+            offset: 0,
+            len: 1,
+            op: Op::Sum.code(),
+        };
+        let wait = Duration::from_millis(300);
+        // Two slots: two frames go at once; the third waits for a credit.
+        sender.send(&header(0), &[1.0], wait).await.expect("slot 0");
+        sender.send(&header(1), &[2.0], wait).await.expect("slot 1");
+        let err = sender
+            .send(&header(2), &[3.0], wait)
+            .await
+            .expect_err("no credit came");
+        assert_eq!(err.to_string(), "send to rank 1: no progress in 300 ms");
+        far.write_all(&[CREDIT]).await.expect("credit");
+        sender
+            .send(&header(2), &[3.0], wait)
+            .await
+            .expect("slot 0 again");
+        let mut heads = [0u8; 3 * HEADER_BYTES];
+        far.read_exact(&mut heads).await.expect("headers");
+        let steps: Vec<u64> = heads
+            .chunks(HEADER_BYTES)
+            .map(|h| Header::decode(h.try_into().expect("32 bytes")).step)
+            .collect();
+        assert_eq!(steps, [0, 1, 2]);
+        far.write_all(&[0]).await.expect("a bad credit");
+        let err = sender
+            .send(&header(3), &[4.0], wait)
+            .await
+            .expect_err("bad credit");
+        assert_eq!(
+            err.to_string(),
+            "receive from rank 1: a lane credit of 0x00"
+        );
+        drop(far);
+        let err = sender
+            .send(&header(4), &[5.0], wait)
+            .await
+            .expect_err("the receiver is gone");
+        assert!(
+            matches!(err, CollectiveError::PeerClosed { peer: 1, .. }),
+            "{err}"
+        );
+    }
+
+    async fn a_peer_killed_midway(carrier: Carrier) {
         // Large enough that no rank finishes within the 5 ms before the cut.
         const LEN: usize = 16 << 20;
-        let mut rings = ring_of(3, carrier).await;
+        let mut rings = ring_over(3, carrier, |_| {}).await;
         let mut victim = rings.pop().expect("rank 2");
         let started = StdInstant::now();
         let survivors = tokio::spawn(reduce_on_all(rings, inputs(2, LEN, 0), Op::Mean));
@@ -1790,11 +1918,10 @@ mod tests {
         );
     }
 
-    async fn a_stalled_peer(carrier: fn(&mut RingConfig)) {
+    async fn a_stalled_peer(carrier: Carrier) {
         // Rank 1 waits longer than rank 0, so that it hears of rank 0's failure
         // before its own timer could fire.
-        let mut rings = ring_of(3, |config| {
-            carrier(config);
+        let mut rings = ring_over(3, carrier, |config| {
             config.io_timeout = Duration::from_secs(if config.rank == 0 { 1 } else { 10 })
         })
         .await;

@@ -136,8 +136,14 @@ pub fn job(
         vec![
             Cell::text("shards"),
             Cell::text(format!(
-                "{} × {} CPU, {} GPU",
-                job.shards_wanted, job.cpus_per_shard, job.gpus_per_shard
+                "{} × {} CPU, {} GPU{}",
+                job.shards_wanted,
+                job.cpus_per_shard,
+                job.gpus_per_shard,
+                match job.memory_per_shard >> 20 {
+                    0 => String::new(),
+                    mib => format!(", {mib} MiB"),
+                }
             )),
         ],
         vec![
