@@ -158,6 +158,10 @@ pub fn claimed_name(authorization: Option<&str>) -> Option<String> {
     Some(name.to_string())
 }
 
+/// The one answer for an unknown token name and for a known name with another
+/// secret, so that names cannot be probed.
+const INVALID_TOKEN: &str = "invalid or revoked token";
+
 /// Checks a bearer `authorization` header against the token records `lookup`
 /// finds, and returns the caller, or an error when it may not do `need`.
 pub fn verify_bearer(
@@ -176,7 +180,7 @@ pub fn verify_bearer(
         parse(token).ok_or_else(|| Error::Unauthenticated("malformed token".into()))?;
     let record = lookup(name)?
         // One answer for unknown and revoked names, so names cannot be probed.
-        .ok_or_else(|| Error::Unauthenticated("invalid or revoked token".into()))?;
+        .ok_or_else(|| Error::Unauthenticated(INVALID_TOKEN.into()))?;
     let expected = blake3::Hash::from_bytes(
         record
             .hash
@@ -186,7 +190,7 @@ pub fn verify_bearer(
     );
     // blake3::Hash compares in constant time.
     if digest(&record.salt, secret) != expected {
-        return Err(Error::Unauthenticated("invalid or revoked token".into()));
+        return Err(Error::Unauthenticated(INVALID_TOKEN.into()));
     }
     if record.expires_at_ms != 0 && now_ms >= record.expires_at_ms {
         return Err(Error::Unauthenticated(format!("token {name} has expired")));
@@ -261,7 +265,10 @@ impl TokenBook {
         now_ms: impl Fn() -> u64,
     ) -> Result<Caller> {
         let first = self.verify(authorization, need, now_ms());
-        if !matches!(first, Err(Error::Unauthenticated(_))) || !self.may_be_newer(authorization) {
+        // Only a well-formed token these records hold no match for (an unknown
+        // name, or a known name with another secret) may be newer than them.
+        let unmatched = matches!(&first, Err(Error::Unauthenticated(m)) if m == INVALID_TOKEN);
+        if !unmatched || claimed_name(authorization).is_none() {
             return first;
         }
         let mut answered = self.answered.subscribe();
@@ -275,30 +282,6 @@ impl TokenBook {
             return first;
         }
         self.verify(authorization, need, now_ms())
-    }
-
-    /// Whether `authorization` is a well-formed token these records hold no match
-    /// for (an unknown name, or a known name with another secret).
-    fn may_be_newer(&self, authorization: Option<&str>) -> bool {
-        let Some((name, secret)) = authorization
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .and_then(parse)
-        else {
-            return false;
-        };
-        if validate_name(name).is_err() {
-            return false;
-        }
-        let Ok(guard) = self.inner.read() else {
-            return false;
-        };
-        match guard.1.get(name) {
-            None => true,
-            // blake3::Hash compares in constant time.
-            Some(record) => <[u8; 32]>::try_from(record.hash.as_slice()).map_or(true, |h| {
-                blake3::Hash::from_bytes(h) != digest(&record.salt, secret)
-            }),
-        }
     }
 
     /// Waits until a caller asks for a heartbeat (see [`TokenBook::verify_fresh`]).
