@@ -624,8 +624,10 @@ impl Sender {
         values: &[f32],
         io_timeout: Duration,
     ) -> Result<(), CollectiveError> {
-        if self.lane.is_some() {
-            return self.send_through_lane(header, values, io_timeout).await;
+        if let Some(lane) = &mut self.lane {
+            return lane
+                .send(&mut self.stream, self.peer, header, values, io_timeout)
+                .await;
         }
         let head = header.encode();
         let payload: &[u8] = bytemuck::cast_slice(values);
@@ -652,25 +654,26 @@ impl Sender {
         })
         .await
     }
+}
 
-    /// Waits for a free slot (reading the credits the receiver sent back), puts
-    /// the values in it, and sends the header that hands it over.
-    async fn send_through_lane(
+impl SendLane {
+    /// Waits for a free slot (reading the credits the receiver sent back on
+    /// `stream`), puts the values in it, and sends the header that hands it over.
+    async fn send(
         &mut self,
+        stream: &mut TcpStream,
+        peer: usize,
         header: &Header,
         values: &[f32],
         io_timeout: Duration,
     ) -> Result<(), CollectiveError> {
-        let peer = self.peer;
-        let Sender { stream, lane, .. } = self;
-        let lane = lane.as_mut().expect("checked by send");
-        let slots = lane.lane.slots();
+        let slots = self.lane.slots();
         let step = async {
-            while lane.in_flight == slots {
+            while self.in_flight == slots {
                 let mut credits = [0u8; MAX_SLOTS];
                 // At most one credit per slot in flight can be due.
                 let n = stream
-                    .read(&mut credits[..lane.in_flight])
+                    .read(&mut credits[..self.in_flight])
                     .await
                     .map_err(|err| link_error(peer, LinkOp::Send, err))?;
                 if n == 0 {
@@ -686,21 +689,21 @@ impl Sender {
                         reason: format!("a lane credit of {bad:#04x}"),
                     });
                 }
-                lane.in_flight -= n;
+                self.in_flight -= n;
             }
             // SAFETY: the lane's one sender; with fewer than `slots` frames in
             // flight, slot `next` was given back by its credit (or never used), and
             // the receiver reads it only after the header sent next.
             #[allow(unsafe_code)]
             unsafe {
-                lane.lane.put(lane.next, values)
+                self.lane.put(self.next, values)
             };
             stream
                 .write_all(&header.encode())
                 .await
                 .map_err(|err| link_error(peer, LinkOp::Send, err))?;
-            lane.next = (lane.next + 1) % slots;
-            lane.in_flight += 1;
+            self.next = (self.next + 1) % slots;
+            self.in_flight += 1;
             Ok(())
         };
         within(io_timeout, peer, LinkOp::Send, step).await
@@ -1279,37 +1282,54 @@ async fn accept_left(
             Err(_) => {
                 let problem =
                     last_problem.map_or(String::new(), |p| format!("; last problem: {p}"));
-                return Err(CollectiveError::Setup {
+                return Err(setup_failed(
+                    config,
                     peer,
-                    addr: config.addrs[peer].clone(),
-                    reason: format!(
+                    format!(
                         "it did not connect within the setup timeout ({} ms){problem}",
                         config.setup_timeout.as_millis()
                     ),
-                });
+                ));
             }
         };
-        let handshake_deadline = deadline.min(Instant::now() + HANDSHAKE_TIMEOUT);
-        match tokio::time::timeout_at(handshake_deadline, admit(&mut stream, &me)).await {
-            Ok(Ok(())) => {
-                if let Err(err) = stream.set_nodelay(true) {
-                    return Err(CollectiveError::Setup {
+        match within_handshake(deadline, "no hello in time", admit(&mut stream, &me)).await {
+            Ok(()) => {
+                return match stream.set_nodelay(true) {
+                    Ok(()) => Ok(stream),
+                    Err(err) => Err(setup_failed(
+                        config,
                         peer,
-                        addr: config.addrs[peer].clone(),
-                        reason: format!("set TCP_NODELAY: {err}"),
-                    });
-                }
-                return Ok(stream);
+                        format!("set TCP_NODELAY: {err}"),
+                    )),
+                };
             }
-            Ok(Err(reason)) => {
+            Err(reason) => {
                 tracing::warn!(%from, %reason, "refused a ring connection");
                 last_problem = Some(format!("refused {from}: {reason}"));
             }
-            Err(_) => {
-                tracing::warn!(%from, "refused a ring connection that sent no hello in time");
-                last_problem = Some(format!("refused {from}: no hello in time"));
-            }
         }
+    }
+}
+
+/// Runs one exchange of a link's setup, bounded by [`HANDSHAKE_TIMEOUT`] and the
+/// setup deadline; `late` says what did not come in time.
+async fn within_handshake<T>(
+    deadline: Instant,
+    late: &str,
+    exchange: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    let bound = deadline.min(Instant::now() + HANDSHAKE_TIMEOUT);
+    tokio::time::timeout_at(bound, exchange)
+        .await
+        .unwrap_or_else(|_| Err(late.to_string()))
+}
+
+/// A failed setup of the link with rank `peer`.
+fn setup_failed(config: &RingConfig, peer: usize, reason: String) -> CollectiveError {
+    CollectiveError::Setup {
+        peer,
+        addr: config.addrs[peer].clone(),
+        reason,
     }
 }
 
@@ -1379,11 +1399,6 @@ async fn offer_lane(
     deadline: Instant,
 ) -> Result<Option<Lane>, CollectiveError> {
     let peer = right_of(config.rank, config.addrs.len());
-    let setup_error = |reason: String| CollectiveError::Setup {
-        peer,
-        addr: config.addrs[peer].clone(),
-        reason,
-    };
     let made = config
         .lanes
         .as_ref()
@@ -1395,29 +1410,26 @@ async fn offer_lane(
                 None
             }
         });
+    // `made` moves in: its file is unlinked when the exchange ends, however.
     let exchange = async {
         let offer = made.as_ref().map(|(_, offer, _)| offer);
-        stream.write_all(&Offer::encode(offer)).await?;
-        let mut answer = [0u8; ANSWER_BYTES];
-        stream.read_exact(&mut answer).await?;
-        Ok::<_, std::io::Error>(u32::from_le_bytes(answer))
-    };
-    let answer =
-        match tokio::time::timeout_at(deadline.min(Instant::now() + HANDSHAKE_TIMEOUT), exchange)
+        let failed = |err: std::io::Error| format!("lane offer: {err}");
+        stream
+            .write_all(&Offer::encode(offer))
             .await
-        {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(err)) => return Err(setup_error(format!("lane offer: {err}"))),
-            Err(_) => return Err(setup_error("lane offer: no answer in time".into())),
-        };
-    match (made, answer) {
-        (Some((lane, _, _unlink)), 1) => Ok(Some(lane)),
-        (_, 0) => Ok(None),
-        (None, 1) => Err(setup_error("it mapped a lane it was not offered".into())),
-        (_, other) => Err(setup_error(format!(
-            "it answered the lane offer with {other}"
-        ))),
-    }
+            .map_err(failed)?;
+        let mut answer = [0u8; ANSWER_BYTES];
+        stream.read_exact(&mut answer).await.map_err(failed)?;
+        match (made, u32::from_le_bytes(answer)) {
+            (Some((lane, _, _unlink)), 1) => Ok(Some(lane)),
+            (_, 0) => Ok(None),
+            (None, 1) => Err("it mapped a lane it was not offered".into()),
+            (_, other) => Err(format!("it answered the lane offer with {other}")),
+        }
+    };
+    within_handshake(deadline, "lane offer: no answer in time", exchange)
+        .await
+        .map_err(|reason| setup_failed(config, peer, reason))
 }
 
 /// The listener's side of the lane exchange: maps the lane the left neighbour
@@ -1454,16 +1466,9 @@ async fn take_lane(
             .map_err(|err| format!("lane answer: {err}"))?;
         Ok(lane)
     };
-    match tokio::time::timeout_at(deadline.min(Instant::now() + HANDSHAKE_TIMEOUT), exchange).await
-    {
-        Ok(result) => result,
-        Err(_) => Err("no lane offer in time".into()),
-    }
-    .map_err(|reason| CollectiveError::Setup {
-        peer,
-        addr: config.addrs[peer].clone(),
-        reason,
-    })
+    within_handshake(deadline, "no lane offer in time", exchange)
+        .await
+        .map_err(|reason| setup_failed(config, peer, reason))
 }
 
 #[cfg(test)]
