@@ -11,8 +11,12 @@
 # puts it on LD_LIBRARY_PATH under a name cudarc opens (cudarc looks for
 # libnccl.so, not NCCL's soname libnccl.so.2, so a link is made in a scratch
 # directory), then runs `kiln bench nccl` with one rank, and with one rank per GPU
-# when there are several. With a kiln-worker test binary built with the cuda
-# feature, it also runs the collective::nccl unit tests on the GPU. Either binary
+# when there are several; `kiln bench train --gpu 0` (the training pass on the
+# GPU against PyTorch's on the same GPU, when a python3 there has torch); and
+# scripts/gpu-job.sh (one training job on the GPU through a local cluster). It
+# finds libcublas and libnvrtc as it finds libnccl. With a kiln-worker test binary
+# built with the cuda feature, it also runs the collective::nccl, train::gpu and
+# cuda unit tests on the GPU. Either binary
 # may come gzipped (name ending in .gz), to fit a carry limit.
 #
 # Exit status: 0 when every run passed; the first failure's status otherwise.
@@ -50,18 +54,8 @@ for d in /usr/local/nvidia/lib64 /usr/lib/wsl/lib; do
   fi
 done
 
-section "libnccl"
-ldconfig -p | grep -i nccl || echo "libnccl not in the ldconfig cache"
-candidates=()
-while read -r path; do
-  [ -n "$path" ] && candidates+=("$path")
-done < <(ldconfig -p | awk '/libnccl\.so/ {print $NF}')
-for dir in /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib64 /usr/lib \
-  /usr/local/cuda/lib64 /usr/local/cuda-*/lib64 /usr/local/cuda/targets/*/lib \
-  /usr/local/lib /opt/conda/lib /opt/nccl/lib /usr/local/nccl/lib; do
-  for f in "$dir"/libnccl.so*; do [ -e "$f" ] && candidates+=("$f"); done
-done
-# Python wheels (nvidia-nccl-cu12/cu13, as torch installs them).
+# Python site directories, where pip's nvidia-* wheels (as torch installs them)
+# put the CUDA libraries.
 pythons=()
 for py in python3 python /opt/conda/bin/python /usr/local/bin/python3; do
   command -v "$py" >/dev/null 2>&1 && pythons+=("$py")
@@ -75,29 +69,60 @@ done
 site_dirs+=(/usr/lib/python3*/dist-packages /usr/local/lib/python3*/dist-packages
   /usr/local/lib/python3*/site-packages "$HOME"/.local/lib/python3*/site-packages
   /opt/conda/lib/python3*/site-packages)
-for d in "${site_dirs[@]}"; do
-  for f in "$d"/nvidia/nccl/lib/libnccl.so*; do [ -e "$f" ] && candidates+=("$f"); done
-done
-nccl=""
-for f in ${candidates[@]+"${candidates[@]}"}; do
-  real=$(readlink -f "$f")
-  echo "found $f -> $real"
-  [ -z "$nccl" ] && nccl=$real
-done
 
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-if [ -n "$nccl" ]; then
-  # The name cudarc opens first; the soname too, for NCCL's own plugins.
-  ln -s "$nccl" "$scratch/libnccl.so"
-  ln -s "$nccl" "$scratch/libnccl.so.2"
-  echo "using $nccl (linked as $scratch/libnccl.so)"
-  strings "$nccl" 2>/dev/null | grep -m1 -E '^NCCL version' || true
-else
-  echo "no libnccl on this machine: kiln must fail below with a clear 'libnccl not found'"
-fi
+lib_dirs=()
+
+# find_library NAME: finds libNAME.so* (ldconfig, the usual library directories,
+# the CUDA toolkit, Python's nvidia wheels, conda) and links it into the scratch
+# directory as libNAME.so, the name cudarc opens first (cudarc does not search
+# sonames such as libnccl.so.2 or CUDA 13's libcublas.so.13). The real file's
+# directory goes on LD_LIBRARY_PATH too, for the libraries it needs in turn.
+find_library() {
+  local name=$1 found="" f dir real
+  local candidates=()
+  section "lib$name"
+  while read -r f; do
+    [ -n "$f" ] && candidates+=("$f")
+  done < <(ldconfig -p | awk -v n="lib$name.so" 'index($1, n) == 1 {print $NF}')
+  for dir in /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib64 /usr/lib \
+    /usr/local/cuda/lib64 /usr/local/cuda-*/lib64 /usr/local/cuda/targets/*/lib \
+    /usr/local/cuda-*/targets/*/lib /usr/local/lib /opt/conda/lib /opt/nccl/lib \
+    /usr/local/nccl/lib; do
+    for f in "$dir"/lib"$name".so*; do [ -e "$f" ] && candidates+=("$f"); done
+  done
+  for d in "${site_dirs[@]}"; do
+    for f in "$d"/nvidia/*/lib/lib"$name".so* "$d"/nvidia/lib/lib"$name".so*; do
+      [ -e "$f" ] && candidates+=("$f")
+    done
+  done
+  for f in ${candidates[@]+"${candidates[@]}"}; do
+    case $f in *.alt.so* | *builtins*) continue ;; esac
+    real=$(readlink -f "$f")
+    echo "found $f -> $real"
+    [ -z "$found" ] && found=$real
+  done
+  if [ -z "$found" ]; then
+    echo "no lib$name on this machine: kiln must fail below with a clear 'lib$name not found'"
+    return
+  fi
+  ln -sf "$found" "$scratch/lib$name.so"
+  case $name in nccl) ln -sf "$found" "$scratch/libnccl.so.2" ;; esac
+  lib_dirs+=("$(dirname "$found")")
+  echo "using $found (linked as $scratch/lib$name.so)"
+}
+
+find_library nccl
+[ -e "$scratch/libnccl.so" ] &&
+  { strings "$scratch/libnccl.so" 2>/dev/null | grep -m1 -E '^NCCL version' || true; }
+find_library cublas
+find_library nvrtc
+
 lib_path=$scratch
-for d in ${extra_dirs[@]+"${extra_dirs[@]}"}; do lib_path=$lib_path:$d; done
+for d in ${extra_dirs[@]+"${extra_dirs[@]}"} ${lib_dirs[@]+"${lib_dirs[@]}"}; do
+  lib_path=$lib_path:$d
+done
 export LD_LIBRARY_PATH=$lib_path${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # CUDA ordinals in the order of nvidia-smi and NVML.
@@ -143,20 +168,35 @@ if [ "$gpus" -gt 1 ]; then
   run env NCCL_ALGO=Ring "$kiln" bench nccl --ranks "$gpus" --bytes 256M --iters 20
 fi
 
+section "the training pass on the GPU, against PyTorch on the same GPU"
+torch_python=""
+for py in ${pythons[@]+"${pythons[@]}"}; do
+  if "$py" -c 'import torch' >/dev/null 2>&1; then torch_python=$py; break; fi
+done
+if [ -n "$torch_python" ]; then
+  run "$kiln" bench train --gpu 0 --steps 2000 --python "$torch_python"
+else
+  run "$kiln" bench train --gpu 0 --steps 2000
+fi
+
+section "a training job on the GPU through a local cluster"
+run "$(dirname "$0")/gpu-job.sh" "$kiln"
+
 section "an out-of-range rank count fails clearly"
 "$kiln" bench nccl --ranks $((gpus + 1)) --bytes 1M && note_failure 1
 
 if [ -n "$worker_tests" ]; then
-  section "kiln-worker unit tests on the GPU (collective::nccl)"
+  section "kiln-worker unit tests on the GPU (collective::nccl, train::gpu, cuda)"
   worker_tests=$(unpacked "$worker_tests")
   if [ -x "$worker_tests" ]; then
-    echo "\$ $worker_tests collective::nccl --test-threads=1 --nocapture"
-    out=$(timeout "$run_timeout_s" "$worker_tests" collective::nccl --test-threads=1 --nocapture 2>&1)
+    echo "\$ $worker_tests collective::nccl train::gpu cuda:: --test-threads=1 --nocapture"
+    out=$(timeout "$run_timeout_s" "$worker_tests" collective::nccl train::gpu cuda:: \
+      --test-threads=1 --nocapture 2>&1)
     rc=$?
     echo "$out"
     echo "exit status $rc"
     note_failure "$rc"
-    if [ "$gpus" -gt 0 ] && grep -q 'skipped: no CUDA driver, libnccl or GPU' <<<"$out"; then
+    if [ "$gpus" -gt 0 ] && grep -q 'skipped: no CUDA driver' <<<"$out"; then
       echo "the GPU tests skipped themselves on a machine with $gpus GPU(s)"
       note_failure 3
     fi

@@ -39,3 +39,20 @@ if [ -z "${CARGO_TARGET_DIR:-}" ]; then
   fi
 fi
 export KILN_BIN="$CARGO_TARGET_DIR/debug/kiln"
+
+# Prints the directory of a libnvrtc for the `cuda` build's host-side tests (the
+# training kernels compiled by NVRTC, which needs no GPU): pip's
+# nvidia-cuda-nvrtc-cu12 wheel, installed once under the target directory. Prints
+# nothing when it cannot be installed; the test then says it skipped.
+kiln_nvrtc_dir() {
+  local root="$CARGO_TARGET_DIR/nvrtc"
+  local lib="$root/nvidia/cuda_nvrtc/lib"
+  if ! compgen -G "$lib/libnvrtc.so.*" >/dev/null; then
+    kiln_install_packages python3-pip >&2
+    python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+      --target "$root" "nvidia-cuda-nvrtc-cu12==12.9.86" >&2 || true
+  fi
+  if compgen -G "$lib/libnvrtc.so.*" >/dev/null; then
+    echo "$lib"
+  fi
+}

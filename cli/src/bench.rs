@@ -179,6 +179,27 @@ pub struct Ratio {
     pub kiln_over_etcd_writes_per_s: f64,
 }
 
+/// Finds a peer's benchmark script: in the source tree this kiln was built from,
+/// else under `scripts/` in the current directory (a kiln built elsewhere and run
+/// from a checkout).
+pub fn peer_script(name: &str) -> anyhow::Result<PathBuf> {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts")
+        .join(name);
+    let here = Path::new("scripts").join(name);
+    if built.is_file() {
+        return Ok(built);
+    }
+    if here.is_file() {
+        return Ok(here);
+    }
+    bail!(
+        "the peer's script {name} is neither at {} nor at {}",
+        built.display(),
+        here.display()
+    )
+}
+
 /// A benchmark's result: JSON for programs, a table for people.
 pub trait Table: serde::Serialize {
     /// Prints the figures as a table, with the ratios to the peer.

@@ -19,7 +19,7 @@
 //! Evidently computes both from the two raw tables on every run, so its time is
 //! compared with the window and with reference + window.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
@@ -206,10 +206,7 @@ fn evidently(
     rows: usize,
     features: usize,
 ) -> anyhow::Result<(f64, String, Vec<usize>)> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("scripts")
-        .join("bench_drift_evidently.py");
+    let script = crate::bench::peer_script("bench_drift_evidently.py")?;
     let out = Command::new(python)
         .arg(&script)
         .arg(dir)

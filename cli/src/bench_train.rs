@@ -168,7 +168,7 @@ fn gloo(
     iters: usize,
     warmup: usize,
 ) -> anyhow::Result<Vec<Row>> {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_gloo.py");
+    let script = crate::bench::peer_script("bench_gloo.py")?;
     let list: Vec<String> = sizes.iter().map(usize::to_string).collect();
     let port = 29_000 + (rand::random::<u16>() % 1000);
     let out = Command::new(python)
@@ -305,6 +305,10 @@ impl crate::bench::Table for Report {
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainReport {
     pub threads: usize,
+    /// Where kiln's pass ran: "the CPU (1 thread)", "CUDA device 0 (...)".
+    pub engine: String,
+    /// The CUDA device both ran on, if any.
+    pub gpu: Option<u32>,
     pub steps: usize,
     pub batch: usize,
     pub kiln_samples_per_sec: f64,
@@ -314,17 +318,23 @@ pub struct TrainReport {
     pub torch_version: Option<String>,
 }
 
-/// Runs kiln's step benchmark, then PyTorch's with `python` when given.
-pub fn train(threads: usize, steps: usize, python: Option<&str>) -> anyhow::Result<TrainReport> {
+/// Runs kiln's step benchmark, then PyTorch's with `python` when given, both on
+/// CUDA device `gpu` when given.
+pub fn train(
+    threads: usize,
+    steps: usize,
+    gpu: Option<u32>,
+    python: Option<&str>,
+) -> anyhow::Result<TrainReport> {
     if threads == 0 || steps == 0 {
         bail!("--threads and --steps must be above 0");
     }
-    let kiln = kiln_worker::train::bench::samples_per_sec(threads, steps)
+    let kiln = kiln_worker::train::bench::samples_per_sec(threads, steps, gpu)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let (mut torch, mut version) = (None, None);
     if let Some(python) = python {
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../scripts/bench_train_torch.py");
+        let script = crate::bench::peer_script("bench_train_torch.py")?;
+        let device = gpu.map_or("cpu".to_string(), |g| format!("cuda:{g}"));
         let out = Command::new(python)
             .arg(&script)
             .args([
@@ -332,6 +342,8 @@ pub fn train(threads: usize, steps: usize, python: Option<&str>) -> anyhow::Resu
                 &threads.to_string(),
                 "--steps",
                 &steps.to_string(),
+                "--device",
+                &device,
             ])
             .output()
             .with_context(|| format!("run {python} {} (pip install torch)", script.display()))?;
@@ -364,6 +376,8 @@ pub fn train(threads: usize, steps: usize, python: Option<&str>) -> anyhow::Resu
     }
     Ok(TrainReport {
         threads: kiln.threads,
+        engine: kiln.engine,
+        gpu,
         steps: kiln.steps,
         batch: kiln.batch,
         kiln_samples_per_sec: kiln.samples_per_sec,
@@ -382,8 +396,8 @@ impl crate::bench::Table for TrainReport {
             self.batch, self.steps, self.threads
         );
         println!(
-            "kiln (candle): {:.0} samples/s (loss {:.4} -> {:.4})",
-            self.kiln_samples_per_sec, self.kiln_first_loss, self.kiln_last_loss
+            "kiln on {}: {:.0} samples/s (loss {:.4} -> {:.4})",
+            self.engine, self.kiln_samples_per_sec, self.kiln_first_loss, self.kiln_last_loss
         );
         if let Some(torch) = self.torch_samples_per_sec {
             println!(

@@ -770,6 +770,10 @@ enum BenchCommand {
         threads: usize,
         #[arg(long, default_value_t = 1000)]
         steps: usize,
+        /// Run the pass on this CUDA device, and PyTorch on the same one (a kiln
+        /// built with the cuda feature).
+        #[arg(long)]
+        gpu: Option<u32>,
         /// A Python with torch, to measure PyTorch in the same run.
         #[arg(long)]
         python: Option<String>,
@@ -1285,10 +1289,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             BenchCommand::Train {
                 threads,
                 steps,
+                gpu,
                 python,
                 json,
             } => {
-                let report = bench_train::train(threads, steps, python.as_deref())?;
+                let report = bench_train::train(threads, steps, gpu, python.as_deref())?;
                 bench::show(&report, json)
             }
             BenchCommand::Drift {

@@ -306,6 +306,9 @@ async fn two_shards_end_with_the_weights_of_one_shard() {
             "rank {rank}: all-reduce through ring (to rank {peer}: shared memory, from rank {peer}: shared memory)"
         );
         assert!(logs.contains(&line), "no {line:?} in {logs}");
+        // CPU shards name where their pass runs (a GPU shard names its device).
+        let line = format!("rank {rank}: forward and backward on the CPU (");
+        assert!(logs.contains(&line), "no {line:?} in {logs}");
     }
 }
 

@@ -54,6 +54,8 @@ pub mod agent;
 pub mod blob;
 pub mod blob_service;
 pub mod collective;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod http;
 pub mod identity;
 pub mod metrics;

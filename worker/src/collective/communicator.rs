@@ -174,7 +174,9 @@ impl NcclConfig {
 /// failure every later call fails too, and the job sets up a new one.
 #[derive(Debug)]
 pub enum Collective {
-    Ring(Ring),
+    // Boxed: the ring holds its buffers' bookkeeping inline, several times the
+    // NCCL handle.
+    Ring(Box<Ring>),
     #[cfg(feature = "cuda")]
     Nccl(super::nccl_thread::NcclThread),
 }
@@ -253,7 +255,7 @@ impl Collective {
 
 impl From<Ring> for Collective {
     fn from(ring: Ring) -> Collective {
-        Collective::Ring(ring)
+        Collective::Ring(Box::new(ring))
     }
 }
 

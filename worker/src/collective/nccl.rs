@@ -39,14 +39,23 @@ pub use cudarc::driver::CudaSlice;
 
 use super::communicator::{NcclConfig, NcclId, NCCL_ID_BYTES};
 use super::CollectiveError;
+use crate::cuda;
 
 /// How long a wait spins (yielding the CPU) before it sleeps between polls: most
 /// all-reduces of a training step finish within it.
 const SPIN_BEFORE_SLEEP: Duration = Duration::from_millis(2);
 /// Pause between two polls of a long wait.
 const POLL_INTERVAL: Duration = Duration::from_micros(200);
-/// NCCL's real soname; cudarc does not search for it (see [`check_libraries`]).
-const NCCL_SONAME: &str = "libnccl.so.2";
+/// libnccl, as [`cuda::check_library`] looks for it. cudarc does not search NCCL's
+/// real soname, `libnccl.so.2`.
+const NCCL: cuda::Library = cuda::Library {
+    label: "libnccl",
+    cudarc_name: "nccl",
+    other_sonames: &["libnccl.so.2"],
+    install: "install NCCL (Debian: libnccl2 and libnccl-dev; or pip install \
+              nvidia-nccl-cu12, which puts it under site-packages/nvidia/nccl/lib) \
+              and add its directory to LD_LIBRARY_PATH",
+};
 
 /// One rank of an NCCL communicator, bound to one GPU and one CUDA stream.
 ///
@@ -354,88 +363,23 @@ pub fn device_name(device: usize) -> Result<String, CollectiveError> {
 
 /// Checks that cudarc will find both libcuda and libnccl under the names it
 /// searches, so that no later call panics for want of a library.
+#[allow(unsafe_code)]
 pub fn check_libraries() -> Result<(), CollectiveError> {
-    check_driver()?;
-    if loads_nccl() {
-        return Ok(());
-    }
-    let searched = searched_names("nccl");
-    let hint = if loads(NCCL_SONAME) {
-        format!(
-            "{NCCL_SONAME} loads, but cudarc opens only unversioned or CUDA-versioned \
-             names: link libnccl.so to it in a directory on LD_LIBRARY_PATH"
-        )
-    } else {
-        "install NCCL (Debian: libnccl2 and libnccl-dev; or pip install nvidia-nccl-cu12, \
-         which puts it under site-packages/nvidia/nccl/lib) and add its directory to \
-         LD_LIBRARY_PATH"
-            .to_string()
-    };
-    Err(CollectiveError::Unavailable(format!(
-        "libnccl not found (searched {searched}; LD_LIBRARY_PATH={}): {hint}",
-        ld_library_path()
-    )))
+    cuda::check_driver().map_err(CollectiveError::Unavailable)?;
+    // SAFETY: loading libnccl runs its initialisers, as cudarc's first call would;
+    // nothing is called through the handle, which is closed.
+    let present = unsafe { cudarc::nccl::sys::is_culib_present() };
+    cuda::check_library(NCCL, present).map_err(CollectiveError::Unavailable)
 }
 
 fn check_driver() -> Result<(), CollectiveError> {
-    if loads_driver() {
-        return Ok(());
-    }
-    Err(CollectiveError::Unavailable(format!(
-        "no CUDA driver: libcuda could not be loaded (searched {}; LD_LIBRARY_PATH={}): \
-         install the NVIDIA driver, or add the directory holding libcuda.so.1 to \
-         LD_LIBRARY_PATH",
-        searched_names("cuda"),
-        ld_library_path()
-    )))
-}
-
-/// Returns the file names cudarc tries for `lib`, each once.
-fn searched_names(lib: &str) -> String {
-    let mut names = cudarc::get_lib_name_candidates(lib);
-    let mut seen = std::collections::HashSet::new();
-    names.retain(|name| seen.insert(name.clone()));
-    names.join(", ")
-}
-
-fn ld_library_path() -> String {
-    std::env::var("LD_LIBRARY_PATH").unwrap_or_else(|_| "<unset>".into())
-}
-
-/// Returns whether cudarc's search for libcuda finds it.
-#[allow(unsafe_code)]
-fn loads_driver() -> bool {
-    // SAFETY: loading libcuda runs its initialisers, as cudarc's first call to
-    // the driver would; nothing is called through the handle, which is closed.
-    unsafe { cudarc::driver::sys::is_culib_present() }
-}
-
-/// Returns whether cudarc's search for libnccl finds it.
-#[allow(unsafe_code)]
-fn loads_nccl() -> bool {
-    // SAFETY: as for `loads_driver`, with libnccl.
-    unsafe { cudarc::nccl::sys::is_culib_present() }
-}
-
-/// Returns whether the dynamic loader finds the library `name`.
-#[allow(unsafe_code)]
-fn loads(name: &str) -> bool {
-    // SAFETY: loading a CUDA library runs its initialisers and nothing more; the
-    // handle is closed at once and no symbol is called.
-    unsafe { libloading::Library::new(name) }.is_ok()
+    cuda::check_driver().map_err(CollectiveError::Unavailable)
 }
 
 /// Runs a cudarc call, turning its panics (a missing library or symbol) into
 /// errors.
 fn guarded<T>(op: &str, f: impl FnOnce() -> T) -> Result<T, CollectiveError> {
-    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
-        let message = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or("a panic without a message");
-        CollectiveError::Unavailable(format!("{op}: cudarc panicked: {message}"))
-    })
+    cuda::guarded(op, f).map_err(CollectiveError::Unavailable)
 }
 
 fn gpu_error(op: &str, err: DriverError) -> CollectiveError {

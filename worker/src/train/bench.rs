@@ -1,6 +1,8 @@
 //! Training throughput: samples per second of one shard's step (forward, backward,
 //! AdamW) on the reference MLP 64-256-256-10 with batches of 256, on random data.
 //! `scripts/bench_train_torch.py` runs the same step with PyTorch for comparison.
+//! With a GPU (the `cuda` feature), the pass runs there and the optimizer on the
+//! CPU, as in a shard.
 
 use std::time::Instant;
 
@@ -9,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::arch::{Arch, Task};
-use super::model::{self, Batch, Model, ModelError};
+use super::model::{self, Batch, Engine, Model, ModelError};
 use super::optim::Optimizer;
 
 /// The reference model's widths: inputs, hidden layers, classes.
@@ -28,6 +30,8 @@ pub const BENCH_WARMUP_STEPS: usize = 20;
 pub struct TrainBench {
     /// The threads candle used (see [`model::threads`]).
     pub threads: usize,
+    /// Where the pass ran ([`Engine::describe`]).
+    pub engine: String,
     pub steps: usize,
     pub batch: usize,
     pub seconds: f64,
@@ -49,12 +53,22 @@ pub enum BenchError {
     Model(#[from] ModelError),
     #[error("step the optimizer: {0}")]
     Optim(#[from] super::optim::OptimError),
+    #[error("this kiln was built without the cuda feature; rebuild with --features cuda")]
+    NoCuda,
 }
 
 /// Times `steps` training steps after [`BENCH_WARMUP_STEPS`] untimed ones, with
-/// candle limited to `threads` threads. It calls [`model::set_threads`], so it runs
-/// at the top of a fresh process, before candle or any other thread starts.
-pub fn samples_per_sec(threads: usize, steps: usize) -> Result<TrainBench, BenchError> {
+/// candle limited to `threads` threads, on CUDA device `gpu` when given (a build
+/// without `cuda` refuses one). It calls [`model::set_threads`], so it runs at the
+/// top of a fresh process, before candle or any other thread starts.
+pub fn samples_per_sec(
+    threads: usize,
+    steps: usize,
+    gpu: Option<u32>,
+) -> Result<TrainBench, BenchError> {
+    if gpu.is_some() && !cfg!(feature = "cuda") {
+        return Err(BenchError::NoCuda);
+    }
     model::set_threads(threads);
     // candle starts its element-wise pool on first use; one started earlier in this
     // process would keep its size (see `model::set_threads`).
@@ -79,6 +93,7 @@ pub fn samples_per_sec(threads: usize, steps: usize) -> Result<TrainBench, Bench
     let y: Vec<u32> = (0..rows)
         .map(|_| rng.gen_range(0..BENCH_CLASSES as u32))
         .collect();
+    let mut engine = Engine::for_shard(gpu.as_slice(), &arch)?;
     let mut model = Model::init(arch, 0);
     let spec = OptimizerSpec {
         kind: OptimizerKind::Adamw,
@@ -92,7 +107,7 @@ pub fn samples_per_sec(threads: usize, steps: usize) -> Result<TrainBench, Bench
         let b = i % BENCH_BATCHES;
         let xs = &x[b * BENCH_BATCH * BENCH_INPUTS..(b + 1) * BENCH_BATCH * BENCH_INPUTS];
         let ys = &y[b * BENCH_BATCH..(b + 1) * BENCH_BATCH];
-        let out = model.gradient(xs, BENCH_BATCH, Batch::Classes(ys), scale)?;
+        let out = engine.gradient(&model, xs, BENCH_BATCH, Batch::Classes(ys), scale)?;
         opt.step(model.params_mut(), &out.grads)?;
         Ok(out.loss_sum / BENCH_BATCH as f64)
     };
@@ -111,6 +126,7 @@ pub fn samples_per_sec(threads: usize, steps: usize) -> Result<TrainBench, Bench
     let seconds = start.elapsed().as_secs_f64();
     Ok(TrainBench {
         threads: model::threads(),
+        engine: engine.describe(),
         steps,
         batch: BENCH_BATCH,
         seconds,

@@ -21,6 +21,8 @@ pub mod arch;
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod model;
 pub mod onnx;
 pub mod optim;

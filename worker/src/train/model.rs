@@ -8,6 +8,9 @@
 //! into candle variables, runs the pass, and flattens candle's gradients back into
 //! that layout:
 //!
+//! On a GPU (the `cuda` feature), [`Engine::Gpu`] runs the same pass with cuBLAS
+//! and kernels of our own (`super::gpu`), from and to the same flat buffers.
+//!
 //! ```text
 //!   params (flat) ──copy──▶ Var per weight and bias ──forward──▶ loss per row
 //!                                                                  │ sum × scale
@@ -129,6 +132,8 @@ pub enum ModelError {
     },
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error("GPU: {0}")]
+    Gpu(String),
 }
 
 /// A dense network and its parameters.
@@ -138,6 +143,60 @@ pub struct Model {
     /// `(inputs, outputs)` of each layer, cached from the arch.
     shapes: Vec<(usize, usize)>,
     params: Vec<f32>,
+}
+
+/// Where a shard's forward and backward passes run.
+#[derive(Debug)]
+pub enum Engine {
+    /// candle on the CPU ([`Model::gradient`]).
+    Cpu,
+    /// cuBLAS and NVRTC kernels on a GPU ([`super::gpu::GpuPass`]).
+    #[cfg(feature = "cuda")]
+    Gpu(Box<super::gpu::GpuPass>),
+}
+
+impl Engine {
+    /// The engine for a shard holding `gpus` (CUDA ordinals): the first of them
+    /// when this build has the `cuda` feature, else the CPU. A GPU that cannot be
+    /// opened (no driver, no libcublas or libnvrtc) is an error naming why.
+    pub fn for_shard(gpus: &[u32], arch: &Arch) -> Result<Engine, ModelError> {
+        #[cfg(feature = "cuda")]
+        if let Some(&device) = gpus.first() {
+            let pass = super::gpu::GpuPass::new(device as usize, arch)?;
+            return Ok(Engine::Gpu(Box::new(pass)));
+        }
+        let _ = (gpus, arch);
+        Ok(Engine::Cpu)
+    }
+
+    /// Names the engine for logs: "CUDA device 0 (NVIDIA H100 80GB HBM3)", or
+    /// "the CPU (2 threads)".
+    pub fn describe(&self) -> String {
+        match self {
+            Engine::Cpu => match threads() {
+                1 => "the CPU (1 thread)".to_string(),
+                n => format!("the CPU ({n} threads)"),
+            },
+            #[cfg(feature = "cuda")]
+            Engine::Gpu(pass) => pass.describe(),
+        }
+    }
+
+    /// Runs [`Model::gradient`] on this engine.
+    pub fn gradient(
+        &mut self,
+        model: &Model,
+        x: &[f32],
+        rows: usize,
+        target: Batch<'_>,
+        scale: f32,
+    ) -> Result<StepOutput, ModelError> {
+        match self {
+            Engine::Cpu => model.gradient(x, rows, target, scale),
+            #[cfg(feature = "cuda")]
+            Engine::Gpu(pass) => pass.gradient(model, x, rows, target, scale),
+        }
+    }
 }
 
 /// Limits candle's CPU work in this process to `threads` threads (see the module
@@ -242,8 +301,7 @@ impl Model {
         target: Batch<'_>,
         scale: f32,
     ) -> Result<StepOutput, ModelError> {
-        self.check_features(x, rows)?;
-        self.check_target(target, rows)?;
+        self.check_batch(x, rows, target)?;
         RAISE_MMAP_THRESHOLD.call_once(raise_mmap_threshold);
         if rows == 0 {
             return Ok(StepOutput {
@@ -333,6 +391,18 @@ impl Model {
             loss_sum,
             correct,
         })
+    }
+
+    /// Checks that `x` holds `rows` examples and `target` their targets, of this
+    /// model's kind and range.
+    pub(super) fn check_batch(
+        &self,
+        x: &[f32],
+        rows: usize,
+        target: Batch<'_>,
+    ) -> Result<(), ModelError> {
+        self.check_features(x, rows)?;
+        self.check_target(target, rows)
     }
 
     fn check_features(&self, x: &[f32], rows: usize) -> Result<(), ModelError> {

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use super::arch::{Arch, Task};
 use super::checkpoint::{self, Checkpoint};
 use super::data::{self, partition, Dataset, Standardizer, Target};
-use super::model::{Batch, Model};
+use super::model::{Batch, Engine, Model};
 use super::onnx::{self, ExportMeta};
 use super::optim::Optimizer;
 use crate::collective::communicator::{nccl_wanted, new_nccl_id};
@@ -633,6 +633,26 @@ async fn train(
         ));
     }
 
+    // The pass runs on the shard's first GPU when this build has `cuda`.
+    let gpus = task.gpus.clone();
+    let engine_arch = arch.clone();
+    let mut engine = tokio::task::spawn_blocking(move || Engine::for_shard(&gpus, &engine_arch))
+        .await
+        .map_err(|e| format!("open the shard's GPU: {e}"))?
+        .map_err(|e| format!("open the shard's GPU: {e}"))?;
+    reporter.log(format!(
+        "rank {}: forward and backward on {}",
+        task.rank,
+        engine.describe()
+    ));
+    if !task.gpus.is_empty() && matches!(engine, Engine::Cpu) {
+        reporter.log(format!(
+            "rank {}: GPU {:?} assigned, but this kiln was built without the cuda \
+             feature: the pass runs on the CPU",
+            task.rank, task.gpus
+        ));
+    }
+
     let Some(meeting) = rendezvous(ctx, task).await? else {
         return Ok(Outcome::Stopped);
     };
@@ -704,18 +724,19 @@ async fn train(
         let scale = 1.0 / global.len() as f32;
         let count = mine.len();
         // The step's arithmetic runs on a blocking thread; the model goes there and back.
-        let (back, out) = tokio::task::spawn_blocking(move || {
+        let (back, back_engine, out) = tokio::task::spawn_blocking(move || {
             let target = if classification {
                 Batch::Classes(&classes)
             } else {
                 Batch::Values(&values)
             };
-            let out = model.gradient(&x, count, target, scale);
-            (model, out)
+            let out = engine.gradient(&model, &x, count, target, scale);
+            (model, engine, out)
         })
         .await
         .map_err(|e| format!("step {step}: {e}"))?;
         model = back;
+        engine = back_engine;
         let out = out.map_err(|e| format!("step {step}: {e}"))?;
         buf[..n].copy_from_slice(&out.grads);
         buf[n] = out.loss_sum as f32;
