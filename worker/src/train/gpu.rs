@@ -24,14 +24,20 @@
 //! the CPU, so every weight gradient comes out in the flat `[outputs][inputs]`
 //! order. cuBLAS is column-major; [`RowMajor`] maps each row-major product onto
 //! its arguments.
+//!
+//! The pass itself ([`run_pass`]) is written once over [`PassDevice`]: the GPU
+//! ([`Cuda`]) is one device; the tests run the same pass on a host twin whose
+//! kernels are [`KERNELS`] built by the C++ compiler and whose products follow
+//! cuBLAS's column-major arguments, and compare it with candle's pass. So the
+//! layer order, the offsets, the transposes and the kernels' arithmetic are
+//! checked on any machine; on a GPU, the same comparison runs on the device.
 
 use std::sync::Arc;
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 use kiln_common::jobspec::Activation;
@@ -234,58 +240,307 @@ impl RowMajor {
     }
 }
 
-/// Runs `C = op(A) · op(B)` (row-major, see [`RowMajor`]) on `blas`'s stream.
-#[allow(unsafe_code)]
-fn product<A, B, C>(
-    blas: &CudaBlas,
-    shape: RowMajor,
-    a: &A,
-    b: &B,
-    c: &mut C,
-) -> Result<(), ModelError>
-where
-    A: DevicePtr<f32>,
-    B: DevicePtr<f32>,
-    C: DevicePtrMut<f32>,
-{
-    let (want_a, want_b, want_c) = shape.lengths();
-    if a.len() < want_a || b.len() < want_b || c.len() < want_c {
-        return Err(ModelError::Gpu(format!(
-            "a product of {shape:?} got operands of {}, {} and {} values",
-            a.len(),
-            b.len(),
-            c.len()
-        )));
+/// The place a pass runs: buffers, products and the five kernels. [`Cuda`] is the
+/// GPU; the tests run the same pass ([`run_pass`]) on a host twin whose kernels
+/// are [`KERNELS`] compiled by the C++ compiler, against candle's pass.
+trait PassDevice {
+    /// A buffer of `f32` values.
+    type F32;
+    /// A buffer of `u32` values (class labels).
+    type U32;
+
+    fn alloc(&mut self, n: usize) -> Result<Self::F32, ModelError>;
+    fn alloc_u32(&mut self, n: usize) -> Result<Self::U32, ModelError>;
+    fn upload(&mut self, src: &[f32], dst: &mut Self::F32) -> Result<(), ModelError>;
+    fn upload_u32(&mut self, src: &[u32], dst: &mut Self::U32) -> Result<(), ModelError>;
+    fn download(&mut self, src: &Self::F32, dst: &mut [f32]) -> Result<(), ModelError>;
+    /// Waits until every download has landed.
+    fn finish(&mut self) -> Result<(), ModelError>;
+
+    /// `c[c_at..] = op(a[a_at..]) · op(b[b_at..])`, row-major (see [`RowMajor`]).
+    fn product(
+        &mut self,
+        shape: RowMajor,
+        a: (&Self::F32, usize),
+        b: (&Self::F32, usize),
+        c: (&mut Self::F32, usize),
+    ) -> Result<(), ModelError>;
+    /// `z += bias` per row of `z` (`outputs × rows`).
+    fn add_bias(
+        &mut self,
+        z: &mut Self::F32,
+        bias: (&Self::F32, usize),
+        outputs: usize,
+        rows: usize,
+    ) -> Result<(), ModelError>;
+    /// `z += bias`, then `h = act(z)`.
+    fn bias_act(
+        &mut self,
+        z: &mut Self::F32,
+        bias: (&Self::F32, usize),
+        h: &mut Self::F32,
+        outputs: usize,
+        rows: usize,
+        act: i32,
+    ) -> Result<(), ModelError>;
+    /// `d *= act′(z)` over the first `n` values.
+    fn act_backward(
+        &mut self,
+        d: &mut Self::F32,
+        z: &Self::F32,
+        n: usize,
+        act: i32,
+    ) -> Result<(), ModelError>;
+    /// Per column of `z` (`classes × rows`): the loss, whether the first largest
+    /// logit is the label, and `d = scale (softmax − onehot)`.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_xent(
+        &mut self,
+        z: &Self::F32,
+        d: &mut Self::F32,
+        labels: &Self::U32,
+        loss: &mut Self::F32,
+        correct: &mut Self::F32,
+        classes: usize,
+        rows: usize,
+        scale: f32,
+    ) -> Result<(), ModelError>;
+    /// Per column of `z` (`1 × rows`): the squared error and `d = 2 scale (z − y)`.
+    fn squared_error(
+        &mut self,
+        z: &Self::F32,
+        d: &mut Self::F32,
+        y: &Self::F32,
+        loss: &mut Self::F32,
+        rows: usize,
+        scale: f32,
+    ) -> Result<(), ModelError>;
+}
+
+/// A pass's buffers for batches of `rows` examples.
+struct Buffers<D: PassDevice> {
+    rows: usize,
+    x: D::F32,
+    /// Each layer's pre-activation, `outputs × rows`.
+    z: Vec<D::F32>,
+    /// Each hidden layer's activation, `outputs × rows`.
+    h: Vec<D::F32>,
+    /// The gradient flowing back (`dZ`) and the next one, `widest × rows` each.
+    d: D::F32,
+    d_next: D::F32,
+    labels: D::U32,
+    values: D::F32,
+    loss: D::F32,
+    correct: D::F32,
+    ones: D::F32,
+}
+
+impl<D: PassDevice> Buffers<D> {
+    fn new(
+        dev: &mut D,
+        inputs: usize,
+        shapes: &[(usize, usize)],
+        rows: usize,
+    ) -> Result<Buffers<D>, ModelError> {
+        let widest = shapes
+            .iter()
+            .map(|&(_, outputs)| outputs)
+            .chain([inputs])
+            .max()
+            .unwrap_or(1);
+        let mut z = Vec::with_capacity(shapes.len());
+        for &(_, outputs) in shapes {
+            z.push(dev.alloc(outputs * rows)?);
+        }
+        let mut h = Vec::with_capacity(shapes.len());
+        for &(_, outputs) in &shapes[..shapes.len().saturating_sub(1)] {
+            h.push(dev.alloc(outputs * rows)?);
+        }
+        let mut ones = dev.alloc(rows)?;
+        dev.upload(&vec![1.0; rows], &mut ones)?;
+        Ok(Buffers {
+            rows,
+            x: dev.alloc(rows * inputs)?,
+            z,
+            h,
+            d: dev.alloc(widest * rows)?,
+            d_next: dev.alloc(widest * rows)?,
+            labels: dev.alloc_u32(rows)?,
+            values: dev.alloc(rows)?,
+            loss: dev.alloc(rows)?,
+            correct: dev.alloc(rows)?,
+            ones,
+        })
     }
-    let cm = shape.column_major();
-    let int = |v: usize| {
-        i32::try_from(v)
-            .map_err(|_| ModelError::Gpu(format!("a product of {shape:?} is too large for cuBLAS")))
-    };
-    let op = |t: bool| {
-        if t {
-            cublasOperation_t::CUBLAS_OP_T
+}
+
+/// A layer stack and its parameters on a device, with the gradient's buffer.
+struct Network<'a, D: PassDevice> {
+    shapes: &'a [(usize, usize)],
+    act: i32,
+    params: &'a mut D::F32,
+    grads: &'a mut D::F32,
+}
+
+/// One batch on the host.
+struct HostBatch<'a> {
+    params: &'a [f32],
+    x: &'a [f32],
+    rows: usize,
+    target: Batch<'a>,
+    scale: f32,
+}
+
+/// The forward and backward pass of [`Model::gradient`] on `dev`, on checked
+/// inputs (`rows` > 0, `b` allocated for `rows`).
+fn run_pass<D: PassDevice>(
+    dev: &mut D,
+    net: Network<'_, D>,
+    b: &mut Buffers<D>,
+    batch: HostBatch<'_>,
+) -> Result<StepOutput, ModelError> {
+    let Network {
+        shapes,
+        act,
+        params,
+        grads,
+    } = net;
+    let rows = batch.rows;
+    dev.upload(batch.params, params)?;
+    dev.upload(batch.x, &mut b.x)?;
+    let layers = shapes.len();
+
+    // Where each layer's weight and bias start in the flat layout.
+    let mut offsets = Vec::with_capacity(layers);
+    let mut at = 0;
+    for &(inputs, outputs) in shapes {
+        offsets.push((at, at + inputs * outputs));
+        at += inputs * outputs + outputs;
+    }
+
+    // Forward: Zₗ = Wₗ·Hₗ₋₁ (H₀ = Xᵀ), then the bias and, but for the last layer,
+    // the activation.
+    for (l, &(layer_inputs, outputs)) in shapes.iter().enumerate() {
+        let (w_at, b_at) = offsets[l];
+        let shape = RowMajor {
+            a_t: false,
+            b_t: l == 0,
+            m: outputs,
+            n: rows,
+            k: layer_inputs,
+        };
+        let input = if l == 0 { &b.x } else { &b.h[l - 1] };
+        dev.product(shape, (&*params, w_at), (input, 0), (&mut b.z[l], 0))?;
+        if l + 1 < layers {
+            dev.bias_act(
+                &mut b.z[l],
+                (&*params, b_at),
+                &mut b.h[l],
+                outputs,
+                rows,
+                act,
+            )?;
         } else {
-            cublasOperation_t::CUBLAS_OP_N
+            dev.add_bias(&mut b.z[l], (&*params, b_at), outputs, rows)?;
+        }
+    }
+
+    // The loss and the gradient of the last layer's output.
+    let last = &b.z[layers - 1];
+    let classification = match batch.target {
+        Batch::Classes(y) => {
+            dev.upload_u32(y, &mut b.labels)?;
+            let classes = shapes[layers - 1].1;
+            dev.softmax_xent(
+                last,
+                &mut b.d,
+                &b.labels,
+                &mut b.loss,
+                &mut b.correct,
+                classes,
+                rows,
+                batch.scale,
+            )?;
+            true
+        }
+        Batch::Values(y) => {
+            dev.upload(y, &mut b.values)?;
+            dev.squared_error(last, &mut b.d, &b.values, &mut b.loss, rows, batch.scale)?;
+            false
         }
     };
-    let config = GemmConfig {
-        transa: op(cm.trans_a),
-        transb: op(cm.trans_b),
-        m: int(cm.m)?,
-        n: int(cm.n)?,
-        k: int(cm.k)?,
-        alpha: 1.0f32,
-        lda: int(cm.lda)?,
-        ldb: int(cm.ldb)?,
-        beta: 0.0f32,
-        ldc: int(cm.ldc)?,
-    };
-    // SAFETY: the operands hold at least the elements the shape reads and writes
-    // (checked above), every leading dimension is the stored width, and all of
-    // them live on the stream's device.
-    unsafe { blas.gemm(config, b, a, c) }
-        .map_err(|e| ModelError::Gpu(format!("cuBLAS sgemm {shape:?}: {e:?}")))
+
+    // Backward, last layer first; `b.d` holds this layer's dZ.
+    for l in (0..layers).rev() {
+        let (layer_inputs, outputs) = shapes[l];
+        let (w_at, b_at) = offsets[l];
+        // dWₗ = dZₗ·Hₗ₋₁ᵀ, where H₀ᵀ = X as stored.
+        let weight_grad = RowMajor {
+            a_t: false,
+            b_t: l != 0,
+            m: outputs,
+            n: layer_inputs,
+            k: rows,
+        };
+        let input = if l == 0 { &b.x } else { &b.h[l - 1] };
+        dev.product(weight_grad, (&b.d, 0), (input, 0), (&mut *grads, w_at))?;
+        // dbₗ = dZₗ·1.
+        let bias_grad = RowMajor {
+            a_t: false,
+            b_t: false,
+            m: outputs,
+            n: 1,
+            k: rows,
+        };
+        dev.product(bias_grad, (&b.d, 0), (&b.ones, 0), (&mut *grads, b_at))?;
+        if l == 0 {
+            break;
+        }
+        // dZₗ₋₁ = (Wₗᵀ·dZₗ) ⊙ act′(Zₗ₋₁).
+        let input_grad = RowMajor {
+            a_t: true,
+            b_t: false,
+            m: layer_inputs,
+            n: rows,
+            k: outputs,
+        };
+        dev.product(input_grad, (&*params, w_at), (&b.d, 0), (&mut b.d_next, 0))?;
+        dev.act_backward(&mut b.d_next, &b.z[l - 1], layer_inputs * rows, act)?;
+        std::mem::swap(&mut b.d, &mut b.d_next);
+    }
+
+    let mut out = vec![0f32; batch.params.len()];
+    dev.download(grads, &mut out)?;
+    let mut loss = vec![0f32; rows];
+    dev.download(&b.loss, &mut loss)?;
+    let mut correct = vec![0f32; rows];
+    if classification {
+        dev.download(&b.correct, &mut correct)?;
+    }
+    dev.finish()?;
+    Ok(StepOutput {
+        grads: out,
+        loss_sum: loss.iter().map(|&l| f64::from(l)).sum(),
+        correct: correct.iter().filter(|&&c| c > 0.5).count(),
+    })
+}
+
+/// One thread per value, in blocks of 256.
+fn launch_config(n: usize) -> Result<LaunchConfig, ModelError> {
+    let n = u32::try_from(n)
+        .ok()
+        .filter(|&n| n < u32::MAX - 256)
+        .ok_or_else(|| ModelError::Gpu(format!("{n} values are too many for one launch")))?;
+    Ok(LaunchConfig {
+        grid_dim: (n.div_ceil(256).max(1), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// A size as the kernels' `int`.
+fn int(v: usize) -> Result<i32, ModelError> {
+    i32::try_from(v).map_err(|_| ModelError::Gpu(format!("{v} is too large for a kernel's int")))
 }
 
 /// The compiled kernels, in [`KERNEL_NAMES`]' order.
@@ -297,22 +552,270 @@ struct Kernels {
     squared_error: CudaFunction,
 }
 
-/// Device buffers for batches of `rows` examples.
-struct Buffers {
-    rows: usize,
-    x: CudaSlice<f32>,
-    /// Each layer's pre-activation, `outputs × rows`.
-    z: Vec<CudaSlice<f32>>,
-    /// Each hidden layer's activation, `outputs × rows`.
-    h: Vec<CudaSlice<f32>>,
-    /// The gradient flowing back (`dZ`) and the next one, `widest × rows` each.
-    d: CudaSlice<f32>,
-    d_next: CudaSlice<f32>,
-    labels: CudaSlice<u32>,
-    values: CudaSlice<f32>,
-    loss: CudaSlice<f32>,
-    correct: CudaSlice<f32>,
-    ones: CudaSlice<f32>,
+/// The GPU: one stream runs the products (cuBLAS) and the kernels in order.
+struct Cuda {
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    kernels: Kernels,
+}
+
+fn driver_error(op: &str) -> impl Fn(cudarc::driver::DriverError) -> ModelError + '_ {
+    move |e| ModelError::Gpu(format!("{op}: {e}"))
+}
+
+/// `len` values of `buf` from `at`, or an error naming what did not fit.
+fn view(buf: &CudaSlice<f32>, at: usize, len: usize) -> Result<CudaView<'_, f32>, ModelError> {
+    buf.try_slice(at..at + len).ok_or_else(|| {
+        ModelError::Gpu(format!(
+            "{len} values from {at} do not fit a buffer of {}",
+            buf.len()
+        ))
+    })
+}
+
+#[allow(unsafe_code)]
+impl PassDevice for Cuda {
+    type F32 = CudaSlice<f32>;
+    type U32 = CudaSlice<u32>;
+
+    fn alloc(&mut self, n: usize) -> Result<CudaSlice<f32>, ModelError> {
+        self.stream
+            .alloc_zeros(n)
+            .map_err(driver_error("allocate on the GPU"))
+    }
+
+    fn alloc_u32(&mut self, n: usize) -> Result<CudaSlice<u32>, ModelError> {
+        self.stream
+            .alloc_zeros(n)
+            .map_err(driver_error("allocate on the GPU"))
+    }
+
+    fn upload(&mut self, src: &[f32], dst: &mut CudaSlice<f32>) -> Result<(), ModelError> {
+        self.stream
+            .memcpy_htod(src, dst)
+            .map_err(driver_error("upload to the GPU"))
+    }
+
+    fn upload_u32(&mut self, src: &[u32], dst: &mut CudaSlice<u32>) -> Result<(), ModelError> {
+        self.stream
+            .memcpy_htod(src, dst)
+            .map_err(driver_error("upload to the GPU"))
+    }
+
+    fn download(&mut self, src: &CudaSlice<f32>, dst: &mut [f32]) -> Result<(), ModelError> {
+        self.stream
+            .memcpy_dtoh(src, dst)
+            .map_err(driver_error("download from the GPU"))
+    }
+
+    fn finish(&mut self) -> Result<(), ModelError> {
+        self.stream
+            .synchronize()
+            .map_err(driver_error("wait for the training pass"))
+    }
+
+    fn product(
+        &mut self,
+        shape: RowMajor,
+        (a, a_at): (&CudaSlice<f32>, usize),
+        (b, b_at): (&CudaSlice<f32>, usize),
+        (c, c_at): (&mut CudaSlice<f32>, usize),
+    ) -> Result<(), ModelError> {
+        let (a_len, b_len, c_len) = shape.lengths();
+        let a = view(a, a_at, a_len)?;
+        let b = view(b, b_at, b_len)?;
+        let c_total = c.len();
+        let mut c = c.try_slice_mut(c_at..c_at + c_len).ok_or_else(|| {
+            ModelError::Gpu(format!(
+                "{c_len} values from {c_at} do not fit a buffer of {c_total}"
+            ))
+        })?;
+        let cm = shape.column_major();
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let config = GemmConfig {
+            transa: op(cm.trans_a),
+            transb: op(cm.trans_b),
+            m: int(cm.m)?,
+            n: int(cm.n)?,
+            k: int(cm.k)?,
+            alpha: 1.0f32,
+            lda: int(cm.lda)?,
+            ldb: int(cm.ldb)?,
+            beta: 0.0f32,
+            ldc: int(cm.ldc)?,
+        };
+        // SAFETY: each operand is a view of exactly the elements the shape reads
+        // or writes, every leading dimension is the stored width, and all of them
+        // live on the stream's device. cuBLAS gets B as its A′ and A as its B′.
+        unsafe { self.blas.gemm(config, &b, &a, &mut c) }
+            .map_err(|e| ModelError::Gpu(format!("cuBLAS sgemm {shape:?}: {e:?}")))
+    }
+
+    fn add_bias(
+        &mut self,
+        z: &mut CudaSlice<f32>,
+        (bias, at): (&CudaSlice<f32>, usize),
+        outputs: usize,
+        rows: usize,
+    ) -> Result<(), ModelError> {
+        let bias = view(bias, at, outputs)?;
+        let (outputs_i, rows_i) = (int(outputs)?, int(rows)?);
+        let cfg = launch_config(outputs * rows)?;
+        if z.len() < outputs * rows {
+            return Err(ModelError::Gpu("add_bias: z is too small".into()));
+        }
+        // SAFETY: z holds outputs × rows values and bias outputs; the kernel
+        // touches no index beyond them.
+        unsafe {
+            self.stream
+                .launch_builder(&self.kernels.add_bias)
+                .arg(z)
+                .arg(&bias)
+                .arg(&outputs_i)
+                .arg(&rows_i)
+                .launch(cfg)
+        }
+        .map_err(driver_error("launch add_bias"))?;
+        Ok(())
+    }
+
+    fn bias_act(
+        &mut self,
+        z: &mut CudaSlice<f32>,
+        (bias, at): (&CudaSlice<f32>, usize),
+        h: &mut CudaSlice<f32>,
+        outputs: usize,
+        rows: usize,
+        act: i32,
+    ) -> Result<(), ModelError> {
+        let bias = view(bias, at, outputs)?;
+        let (outputs_i, rows_i) = (int(outputs)?, int(rows)?);
+        let cfg = launch_config(outputs * rows)?;
+        if z.len() < outputs * rows || h.len() < outputs * rows {
+            return Err(ModelError::Gpu("bias_act: z or h is too small".into()));
+        }
+        // SAFETY: z and h hold outputs × rows values, bias outputs.
+        unsafe {
+            self.stream
+                .launch_builder(&self.kernels.bias_act)
+                .arg(z)
+                .arg(&bias)
+                .arg(h)
+                .arg(&outputs_i)
+                .arg(&rows_i)
+                .arg(&act)
+                .launch(cfg)
+        }
+        .map_err(driver_error("launch bias_act"))?;
+        Ok(())
+    }
+
+    fn act_backward(
+        &mut self,
+        d: &mut CudaSlice<f32>,
+        z: &CudaSlice<f32>,
+        n: usize,
+        act: i32,
+    ) -> Result<(), ModelError> {
+        if d.len() < n || z.len() < n {
+            return Err(ModelError::Gpu("act_backward: d or z is too small".into()));
+        }
+        let n_i = n as i64;
+        let cfg = launch_config(n)?;
+        // SAFETY: d and z hold at least n values.
+        unsafe {
+            self.stream
+                .launch_builder(&self.kernels.act_backward)
+                .arg(d)
+                .arg(z)
+                .arg(&n_i)
+                .arg(&act)
+                .launch(cfg)
+        }
+        .map_err(driver_error("launch act_backward"))?;
+        Ok(())
+    }
+
+    fn softmax_xent(
+        &mut self,
+        z: &CudaSlice<f32>,
+        d: &mut CudaSlice<f32>,
+        labels: &CudaSlice<u32>,
+        loss: &mut CudaSlice<f32>,
+        correct: &mut CudaSlice<f32>,
+        classes: usize,
+        rows: usize,
+        scale: f32,
+    ) -> Result<(), ModelError> {
+        let n = classes * rows;
+        if z.len() < n || d.len() < n || labels.len() < rows {
+            return Err(ModelError::Gpu(
+                "softmax_xent: a buffer is too small".into(),
+            ));
+        }
+        if loss.len() < rows || correct.len() < rows {
+            return Err(ModelError::Gpu(
+                "softmax_xent: a buffer is too small".into(),
+            ));
+        }
+        let (classes_i, rows_i) = (int(classes)?, int(rows)?);
+        let cfg = launch_config(rows)?;
+        // SAFETY: z and d hold classes × rows values; labels, loss and correct
+        // rows; every label is below classes (checked by `Model::check_batch`).
+        unsafe {
+            self.stream
+                .launch_builder(&self.kernels.softmax_xent)
+                .arg(z)
+                .arg(d)
+                .arg(labels)
+                .arg(loss)
+                .arg(correct)
+                .arg(&classes_i)
+                .arg(&rows_i)
+                .arg(&scale)
+                .launch(cfg)
+        }
+        .map_err(driver_error("launch softmax_xent"))?;
+        Ok(())
+    }
+
+    fn squared_error(
+        &mut self,
+        z: &CudaSlice<f32>,
+        d: &mut CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        loss: &mut CudaSlice<f32>,
+        rows: usize,
+        scale: f32,
+    ) -> Result<(), ModelError> {
+        if z.len() < rows || d.len() < rows || y.len() < rows || loss.len() < rows {
+            return Err(ModelError::Gpu(
+                "squared_error: a buffer is too small".into(),
+            ));
+        }
+        let rows_i = int(rows)?;
+        let cfg = launch_config(rows)?;
+        // SAFETY: z, d, y and loss hold at least rows values each.
+        unsafe {
+            self.stream
+                .launch_builder(&self.kernels.squared_error)
+                .arg(z)
+                .arg(d)
+                .arg(y)
+                .arg(loss)
+                .arg(&rows_i)
+                .arg(&scale)
+                .launch(cfg)
+        }
+        .map_err(driver_error("launch squared_error"))?;
+        Ok(())
+    }
 }
 
 /// The forward and backward pass of one architecture on one GPU.
@@ -321,12 +824,10 @@ pub struct GpuPass {
     name: String,
     arch: Arch,
     shapes: Vec<(usize, usize)>,
-    stream: Arc<CudaStream>,
-    blas: CudaBlas,
-    kernels: Kernels,
+    cuda: Cuda,
     params: CudaSlice<f32>,
     grads: CudaSlice<f32>,
-    buffers: Option<Buffers>,
+    buffers: Option<Buffers<Cuda>>,
 }
 
 impl std::fmt::Debug for GpuPass {
@@ -336,10 +837,6 @@ impl std::fmt::Debug for GpuPass {
             .field("name", &self.name)
             .finish_non_exhaustive()
     }
-}
-
-fn driver_error(op: &str) -> impl Fn(cudarc::driver::DriverError) -> ModelError + '_ {
-    move |e| ModelError::Gpu(format!("{op}: {e}"))
 }
 
 impl GpuPass {
@@ -374,36 +871,32 @@ impl GpuPass {
         let module = ctx
             .load_module(ptx)
             .map_err(driver_error("load the training kernels"))?;
-        let mut functions = KERNEL_NAMES.iter().map(|name| {
+        let function = |name: &str| {
             module
                 .load_function(name)
                 .map_err(driver_error("find a training kernel"))
-        });
-        let mut next = || functions.next().expect("one function per kernel name");
+        };
         let kernels = Kernels {
-            add_bias: next()?,
-            bias_act: next()?,
-            act_backward: next()?,
-            softmax_xent: next()?,
-            squared_error: next()?,
+            add_bias: function(KERNEL_NAMES[0])?,
+            bias_act: function(KERNEL_NAMES[1])?,
+            act_backward: function(KERNEL_NAMES[2])?,
+            softmax_xent: function(KERNEL_NAMES[3])?,
+            squared_error: function(KERNEL_NAMES[4])?,
+        };
+        let mut cuda = Cuda {
+            stream,
+            blas,
+            kernels,
         };
         let n = arch.parameter_count();
-        let params = stream
-            .alloc_zeros::<f32>(n)
-            .map_err(driver_error("allocate the parameters"))?;
-        let grads = stream
-            .alloc_zeros::<f32>(n)
-            .map_err(driver_error("allocate the gradient"))?;
         Ok(GpuPass {
             device,
             name,
             arch: arch.clone(),
             shapes: arch.layer_shapes(),
-            stream,
-            blas,
-            kernels,
-            params,
-            grads,
+            params: cuda.alloc(n)?,
+            grads: cuda.alloc(n)?,
+            cuda,
             buffers: None,
         })
     }
@@ -437,287 +930,30 @@ impl GpuPass {
             });
         }
         let op = format!("a training pass on CUDA device {}", self.device);
-        cuda::guarded(&op, || self.pass(model.params(), x, rows, target, scale))
-            .map_err(ModelError::Gpu)?
-    }
-
-    /// Allocates the buffers for `rows` examples, unless they are.
-    fn ensure_buffers(&mut self, rows: usize) -> Result<(), ModelError> {
-        if self.buffers.as_ref().is_some_and(|b| b.rows == rows) {
-            return Ok(());
-        }
-        self.buffers = None;
-        let alloc = |n: usize| {
-            self.stream
-                .alloc_zeros::<f32>(n)
-                .map_err(driver_error("allocate a batch buffer"))
-        };
-        let widest = self.shapes.iter().map(|&(_, o)| o).max().unwrap_or(1);
-        let widest = widest.max(self.arch.inputs);
-        let z = self
-            .shapes
-            .iter()
-            .map(|&(_, o)| alloc(o * rows))
-            .collect::<Result<Vec<_>, _>>()?;
-        let h = self.shapes[..self.shapes.len() - 1]
-            .iter()
-            .map(|&(_, o)| alloc(o * rows))
-            .collect::<Result<Vec<_>, _>>()?;
-        let ones = self
-            .stream
-            .clone_htod(&vec![1.0f32; rows])
-            .map_err(driver_error("upload a ones vector"))?;
-        self.buffers = Some(Buffers {
-            rows,
-            x: alloc(rows * self.arch.inputs)?,
-            z,
-            h,
-            d: alloc(widest * rows)?,
-            d_next: alloc(widest * rows)?,
-            labels: self
-                .stream
-                .alloc_zeros::<u32>(rows)
-                .map_err(driver_error("allocate the labels"))?,
-            values: alloc(rows)?,
-            loss: alloc(rows)?,
-            correct: alloc(rows)?,
-            ones,
-        });
-        Ok(())
-    }
-
-    #[allow(unsafe_code)]
-    fn pass(
-        &mut self,
-        params: &[f32],
-        x: &[f32],
-        rows: usize,
-        target: Batch<'_>,
-        scale: f32,
-    ) -> Result<StepOutput, ModelError> {
-        let too_large = || ModelError::Gpu(format!("a batch of {rows} rows is too large"));
-        let rows_i = i32::try_from(rows).map_err(|_| too_large())?;
-        self.ensure_buffers(rows)?;
-        let upload = driver_error("upload to the GPU");
-        let download = driver_error("download from the GPU");
-        let launch = driver_error("launch a training kernel");
-        let act = activation_code(self.arch.activation);
-        let layers = self.shapes.len();
-        let GpuPass {
-            stream,
-            blas,
-            kernels,
-            params: params_dev,
-            grads,
-            buffers,
-            shapes,
-            ..
-        } = self;
-        let b = buffers.as_mut().expect("allocated above");
-        stream.memcpy_htod(params, params_dev).map_err(&upload)?;
-        stream.memcpy_htod(x, &mut b.x).map_err(&upload)?;
-
-        // Where each layer's weight and bias start in the flat layout.
-        let mut offsets = Vec::with_capacity(layers);
-        let mut at = 0;
-        for &(inputs, outputs) in shapes.iter() {
-            offsets.push((at, at + inputs * outputs));
-            at += inputs * outputs + outputs;
-        }
-
-        // Forward.
-        for (l, &(inputs, outputs)) in shapes.iter().enumerate() {
-            let (w_at, b_at) = offsets[l];
-            let w = params_dev.slice(w_at..b_at);
-            let bias = params_dev.slice(b_at..b_at + outputs);
-            let z = &mut b.z[l];
-            if l == 0 {
-                let shape = RowMajor {
-                    a_t: false,
-                    b_t: true,
-                    m: outputs,
-                    n: rows,
-                    k: inputs,
-                };
-                product(blas, shape, &w, &b.x, z)?;
-            } else {
-                let shape = RowMajor {
-                    a_t: false,
-                    b_t: false,
-                    m: outputs,
-                    n: rows,
-                    k: inputs,
-                };
-                product(blas, shape, &w, &b.h[l - 1], z)?;
+        cuda::guarded(&op, || {
+            if self.buffers.as_ref().is_none_or(|b| b.rows != rows) {
+                self.buffers = None;
+                let buffers = Buffers::new(&mut self.cuda, self.arch.inputs, &self.shapes, rows)?;
+                self.buffers = Some(buffers);
             }
-            let outputs_i = i32::try_from(outputs).map_err(|_| too_large())?;
-            let cfg = launch_config(outputs * rows)?;
-            let z = &mut b.z[l];
-            // SAFETY: z holds outputs × rows values, bias outputs, h (when there)
-            // outputs × rows; the kernels touch no index beyond outputs × rows.
-            if l + 1 < layers {
-                let h = &mut b.h[l];
-                unsafe {
-                    stream
-                        .launch_builder(&kernels.bias_act)
-                        .arg(z)
-                        .arg(&bias)
-                        .arg(h)
-                        .arg(&outputs_i)
-                        .arg(&rows_i)
-                        .arg(&act)
-                        .launch(cfg)
-                }
-                .map_err(&launch)?;
-            } else {
-                unsafe {
-                    stream
-                        .launch_builder(&kernels.add_bias)
-                        .arg(z)
-                        .arg(&bias)
-                        .arg(&outputs_i)
-                        .arg(&rows_i)
-                        .launch(cfg)
-                }
-                .map_err(&launch)?;
-            }
-        }
-
-        // The loss and the gradient of the last layer's output.
-        let cfg = launch_config(rows)?;
-        let last = &b.z[layers - 1];
-        let classification = match target {
-            Batch::Classes(y) => {
-                stream.memcpy_htod(y, &mut b.labels).map_err(&upload)?;
-                let classes = i32::try_from(shapes[layers - 1].1).map_err(|_| too_large())?;
-                // SAFETY: z and d hold classes × rows values, labels, loss and
-                // correct rows; every label is below classes (checked by
-                // `check_batch`).
-                unsafe {
-                    stream
-                        .launch_builder(&kernels.softmax_xent)
-                        .arg(last)
-                        .arg(&mut b.d)
-                        .arg(&b.labels)
-                        .arg(&mut b.loss)
-                        .arg(&mut b.correct)
-                        .arg(&classes)
-                        .arg(&rows_i)
-                        .arg(&scale)
-                        .launch(cfg)
-                }
-                .map_err(&launch)?;
-                true
-            }
-            Batch::Values(y) => {
-                stream.memcpy_htod(y, &mut b.values).map_err(&upload)?;
-                // SAFETY: z, d, values and loss hold rows values each.
-                unsafe {
-                    stream
-                        .launch_builder(&kernels.squared_error)
-                        .arg(last)
-                        .arg(&mut b.d)
-                        .arg(&b.values)
-                        .arg(&mut b.loss)
-                        .arg(&rows_i)
-                        .arg(&scale)
-                        .launch(cfg)
-                }
-                .map_err(&launch)?;
-                false
-            }
-        };
-
-        // Backward, last layer first; `b.d` holds this layer's dZ.
-        for l in (0..layers).rev() {
-            let (inputs, outputs) = shapes[l];
-            let (w_at, b_at) = offsets[l];
-            let weight_grad = RowMajor {
-                a_t: false,
-                b_t: l != 0,
-                m: outputs,
-                n: inputs,
-                k: rows,
+            let net = Network {
+                shapes: &self.shapes,
+                act: activation_code(self.arch.activation),
+                params: &mut self.params,
+                grads: &mut self.grads,
             };
-            {
-                let mut dw = grads.slice_mut(w_at..b_at);
-                if l == 0 {
-                    product(blas, weight_grad, &b.d, &b.x, &mut dw)?;
-                } else {
-                    product(blas, weight_grad, &b.d, &b.h[l - 1], &mut dw)?;
-                }
-            }
-            {
-                let mut db = grads.slice_mut(b_at..b_at + outputs);
-                let bias_grad = RowMajor {
-                    a_t: false,
-                    b_t: false,
-                    m: outputs,
-                    n: 1,
-                    k: rows,
-                };
-                product(blas, bias_grad, &b.d, &b.ones, &mut db)?;
-            }
-            if l == 0 {
-                break;
-            }
-            let w = params_dev.slice(w_at..b_at);
-            let input_grad = RowMajor {
-                a_t: true,
-                b_t: false,
-                m: inputs,
-                n: rows,
-                k: outputs,
+            let batch = HostBatch {
+                params: model.params(),
+                x,
+                rows,
+                target,
+                scale,
             };
-            product(blas, input_grad, &w, &b.d, &mut b.d_next)?;
-            let n = (inputs * rows) as i64;
-            let cfg = launch_config(inputs * rows)?;
-            // SAFETY: d_next holds at least inputs × rows values, z[l - 1] exactly.
-            unsafe {
-                stream
-                    .launch_builder(&kernels.act_backward)
-                    .arg(&mut b.d_next)
-                    .arg(&b.z[l - 1])
-                    .arg(&n)
-                    .arg(&act)
-                    .launch(cfg)
-            }
-            .map_err(&launch)?;
-            std::mem::swap(&mut b.d, &mut b.d_next);
-        }
-
-        let mut out = vec![0f32; grads.len()];
-        stream.memcpy_dtoh(grads, &mut out).map_err(&download)?;
-        let mut loss = vec![0f32; rows];
-        stream.memcpy_dtoh(&b.loss, &mut loss).map_err(&download)?;
-        let mut correct = vec![0f32; rows];
-        if classification {
-            stream
-                .memcpy_dtoh(&b.correct, &mut correct)
-                .map_err(&download)?;
-        }
-        stream
-            .synchronize()
-            .map_err(driver_error("wait for the training pass"))?;
-        Ok(StepOutput {
-            grads: out,
-            loss_sum: loss.iter().map(|&l| f64::from(l)).sum(),
-            correct: correct.iter().filter(|&&c| c > 0.5).count(),
+            let buffers = self.buffers.as_mut().expect("allocated above");
+            run_pass(&mut self.cuda, net, buffers, batch)
         })
+        .map_err(ModelError::Gpu)?
     }
-}
-
-/// One thread per value, in blocks of 256.
-fn launch_config(n: usize) -> Result<LaunchConfig, ModelError> {
-    let n = u32::try_from(n)
-        .ok()
-        .filter(|&n| n < u32::MAX - 256)
-        .ok_or_else(|| ModelError::Gpu(format!("{n} values are too many for one launch")))?;
-    Ok(LaunchConfig {
-        grid_dim: (n.div_ceil(256).max(1), 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    })
 }
 
 #[cfg(test)]
@@ -779,6 +1015,362 @@ mod tests {
         }
     }
 
+    /// [`KERNELS`] for the host: the C++ compiler builds them with a shim that
+    /// runs a launch's blocks and threads one after another.
+    const HOST_SHIM: &str = r#"
+#include <math.h>
+struct KilnDim { unsigned x, y, z; };
+static KilnDim blockIdx, blockDim, threadIdx;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+KERNELS
+#define KILN_RUN(call) \
+    for (blockIdx.x = 0; blockIdx.x < grid; ++blockIdx.x) \
+        for (threadIdx.x = 0; threadIdx.x < block; ++threadIdx.x) { blockDim.x = block; call; }
+extern "C" void run_add_bias(unsigned grid, unsigned block, float* z, const float* b,
+                             int outputs, int rows) {
+    KILN_RUN(add_bias(z, b, outputs, rows));
+}
+extern "C" void run_bias_act(unsigned grid, unsigned block, float* z, const float* b,
+                             float* h, int outputs, int rows, int act) {
+    KILN_RUN(bias_act(z, b, h, outputs, rows, act));
+}
+extern "C" void run_act_backward(unsigned grid, unsigned block, float* d, const float* z,
+                                 long long n, int act) {
+    KILN_RUN(act_backward(d, z, n, act));
+}
+extern "C" void run_softmax_xent(unsigned grid, unsigned block, const float* z, float* d,
+                                 const unsigned int* labels, float* loss, float* correct,
+                                 int classes, int rows, float scale) {
+    KILN_RUN(softmax_xent(z, d, labels, loss, correct, classes, rows, scale));
+}
+extern "C" void run_squared_error(unsigned grid, unsigned block, const float* z, float* d,
+                                  const float* y, float* loss, int rows, float scale) {
+    KILN_RUN(squared_error(z, d, y, loss, rows, scale));
+}
+"#;
+
+    /// The pass's host twin: products through the column-major reference, called
+    /// as cuBLAS is, and [`KERNELS`] built by the C++ compiler, launched with
+    /// [`launch_config`]'s grid as on the GPU.
+    struct Host {
+        lib: libloading::Library,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Host {
+        /// Builds the kernels; `None` where there is no C++ compiler.
+        fn new() -> Option<Host> {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let source = dir.path().join("kernels.cc");
+            let library = dir.path().join("libkernels.so");
+            std::fs::write(&source, HOST_SHIM.replace("KERNELS", KERNELS)).expect("write");
+            let built = std::process::Command::new("c++")
+                .args(["-O1", "-shared", "-fPIC", "-o"])
+                .arg(&library)
+                .arg(&source)
+                .output()
+                .ok()?;
+            assert!(
+                built.status.success(),
+                "the kernels do not build as C++: {}",
+                String::from_utf8_lossy(&built.stderr)
+            );
+            // SAFETY: the library was just built from the shim; loading runs no
+            // initialiser of consequence.
+            #[allow(unsafe_code)]
+            let lib = unsafe { libloading::Library::new(&library) }.expect("load the kernels");
+            Some(Host { lib, _dir: dir })
+        }
+
+        /// Returns the launch's grid and block sizes for `n` threads.
+        fn grid(n: usize) -> (u32, u32) {
+            let cfg = launch_config(n).expect("a launch");
+            (cfg.grid_dim.0, cfg.block_dim.0)
+        }
+
+        #[allow(unsafe_code)]
+        fn symbol<T>(&self, name: &str) -> libloading::Symbol<'_, T> {
+            // SAFETY: each call site names the shim's function with its signature.
+            unsafe { self.lib.get(name.as_bytes()) }.expect("a shim function")
+        }
+    }
+
+    type AddBias = unsafe extern "C" fn(u32, u32, *mut f32, *const f32, i32, i32);
+    type BiasAct = unsafe extern "C" fn(u32, u32, *mut f32, *const f32, *mut f32, i32, i32, i32);
+    type ActBackward = unsafe extern "C" fn(u32, u32, *mut f32, *const f32, i64, i32);
+    type SoftmaxXent = unsafe extern "C" fn(
+        u32,
+        u32,
+        *const f32,
+        *mut f32,
+        *const u32,
+        *mut f32,
+        *mut f32,
+        i32,
+        i32,
+        f32,
+    );
+    type SquaredError =
+        unsafe extern "C" fn(u32, u32, *const f32, *mut f32, *const f32, *mut f32, i32, f32);
+
+    // SAFETY (every kernel call below): the buffers are checked to hold what the
+    // kernel touches, as the GPU device's calls check them.
+    #[allow(unsafe_code)]
+    impl PassDevice for Host {
+        type F32 = Vec<f32>;
+        type U32 = Vec<u32>;
+
+        fn alloc(&mut self, n: usize) -> Result<Vec<f32>, ModelError> {
+            Ok(vec![f32::NAN; n])
+        }
+        fn alloc_u32(&mut self, n: usize) -> Result<Vec<u32>, ModelError> {
+            Ok(vec![u32::MAX; n])
+        }
+        fn upload(&mut self, src: &[f32], dst: &mut Vec<f32>) -> Result<(), ModelError> {
+            dst[..src.len()].copy_from_slice(src);
+            Ok(())
+        }
+        fn upload_u32(&mut self, src: &[u32], dst: &mut Vec<u32>) -> Result<(), ModelError> {
+            dst[..src.len()].copy_from_slice(src);
+            Ok(())
+        }
+        fn download(&mut self, src: &Vec<f32>, dst: &mut [f32]) -> Result<(), ModelError> {
+            dst.copy_from_slice(&src[..dst.len()]);
+            Ok(())
+        }
+        fn finish(&mut self) -> Result<(), ModelError> {
+            Ok(())
+        }
+        fn product(
+            &mut self,
+            shape: RowMajor,
+            (a, a_at): (&Vec<f32>, usize),
+            (b, b_at): (&Vec<f32>, usize),
+            (c, c_at): (&mut Vec<f32>, usize),
+        ) -> Result<(), ModelError> {
+            let (a_len, b_len, c_len) = shape.lengths();
+            column_major_reference(
+                shape.column_major(),
+                &b[b_at..b_at + b_len],
+                &a[a_at..a_at + a_len],
+                &mut c[c_at..c_at + c_len],
+            );
+            Ok(())
+        }
+        fn add_bias(
+            &mut self,
+            z: &mut Vec<f32>,
+            (bias, at): (&Vec<f32>, usize),
+            outputs: usize,
+            rows: usize,
+        ) -> Result<(), ModelError> {
+            assert!(z.len() >= outputs * rows && bias.len() >= at + outputs);
+            let (grid, block) = Host::grid(outputs * rows);
+            let f = self.symbol::<AddBias>("run_add_bias");
+            unsafe {
+                f(
+                    grid,
+                    block,
+                    z.as_mut_ptr(),
+                    bias[at..].as_ptr(),
+                    int(outputs)?,
+                    int(rows)?,
+                )
+            };
+            Ok(())
+        }
+        fn bias_act(
+            &mut self,
+            z: &mut Vec<f32>,
+            (bias, at): (&Vec<f32>, usize),
+            h: &mut Vec<f32>,
+            outputs: usize,
+            rows: usize,
+            act: i32,
+        ) -> Result<(), ModelError> {
+            assert!(z.len() >= outputs * rows && h.len() >= outputs * rows);
+            assert!(bias.len() >= at + outputs);
+            let (grid, block) = Host::grid(outputs * rows);
+            let f = self.symbol::<BiasAct>("run_bias_act");
+            unsafe {
+                f(
+                    grid,
+                    block,
+                    z.as_mut_ptr(),
+                    bias[at..].as_ptr(),
+                    h.as_mut_ptr(),
+                    int(outputs)?,
+                    int(rows)?,
+                    act,
+                )
+            };
+            Ok(())
+        }
+        fn act_backward(
+            &mut self,
+            d: &mut Vec<f32>,
+            z: &Vec<f32>,
+            n: usize,
+            act: i32,
+        ) -> Result<(), ModelError> {
+            assert!(d.len() >= n && z.len() >= n);
+            let (grid, block) = Host::grid(n);
+            let f = self.symbol::<ActBackward>("run_act_backward");
+            unsafe { f(grid, block, d.as_mut_ptr(), z.as_ptr(), n as i64, act) };
+            Ok(())
+        }
+        fn softmax_xent(
+            &mut self,
+            z: &Vec<f32>,
+            d: &mut Vec<f32>,
+            labels: &Vec<u32>,
+            loss: &mut Vec<f32>,
+            correct: &mut Vec<f32>,
+            classes: usize,
+            rows: usize,
+            scale: f32,
+        ) -> Result<(), ModelError> {
+            assert!(z.len() >= classes * rows && d.len() >= classes * rows);
+            assert!(labels.len() >= rows && loss.len() >= rows && correct.len() >= rows);
+            let (grid, block) = Host::grid(rows);
+            let f = self.symbol::<SoftmaxXent>("run_softmax_xent");
+            unsafe {
+                f(
+                    grid,
+                    block,
+                    z.as_ptr(),
+                    d.as_mut_ptr(),
+                    labels.as_ptr(),
+                    loss.as_mut_ptr(),
+                    correct.as_mut_ptr(),
+                    int(classes)?,
+                    int(rows)?,
+                    scale,
+                )
+            };
+            Ok(())
+        }
+        fn squared_error(
+            &mut self,
+            z: &Vec<f32>,
+            d: &mut Vec<f32>,
+            y: &Vec<f32>,
+            loss: &mut Vec<f32>,
+            rows: usize,
+            scale: f32,
+        ) -> Result<(), ModelError> {
+            assert!(z.len() >= rows && d.len() >= rows && y.len() >= rows && loss.len() >= rows);
+            let (grid, block) = Host::grid(rows);
+            let f = self.symbol::<SquaredError>("run_squared_error");
+            unsafe {
+                f(
+                    grid,
+                    block,
+                    z.as_ptr(),
+                    d.as_mut_ptr(),
+                    y.as_ptr(),
+                    loss.as_mut_ptr(),
+                    int(rows)?,
+                    scale,
+                )
+            };
+            Ok(())
+        }
+    }
+
+    /// Every task and activation, on batches of uneven size (reusing buffers,
+    /// then changing their size), against candle's pass on the same model.
+    fn check_against_candle(
+        mut pass: impl FnMut(&Model, &[f32], usize, Batch<'_>, f32) -> StepOutput,
+    ) {
+        let mut rng = StdRng::seed_from_u64(11);
+        for activation in [Activation::Relu, Activation::Gelu, Activation::Tanh] {
+            for task in [
+                Task::Classification {
+                    classes: (0..5).map(|c| c.to_string()).collect(),
+                },
+                Task::Regression,
+            ] {
+                let arch = Arch {
+                    inputs: 7,
+                    hidden: vec![33, 17],
+                    activation,
+                    task: task.clone(),
+                };
+                let model = Model::init(arch.clone(), 3);
+                for rows in [1usize, 64, 64, 257] {
+                    let x: Vec<f32> = (0..rows * 7).map(|_| rng.gen_range(-2.0..2.0)).collect();
+                    let classes: Vec<u32> = (0..rows).map(|_| rng.gen_range(0..5)).collect();
+                    let values: Vec<f32> = (0..rows).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                    let target = match task {
+                        Task::Classification { .. } => Batch::Classes(&classes),
+                        Task::Regression => Batch::Values(&values),
+                    };
+                    let scale = 1.0 / rows as f32;
+                    let cpu = model.gradient(&x, rows, target, scale).expect("cpu");
+                    let other = pass(&model, &x, rows, target, scale);
+                    let what = format!("{activation:?} {task:?} rows {rows}");
+                    assert_eq!(cpu.grads.len(), other.grads.len(), "{what}");
+                    let worst = cpu
+                        .grads
+                        .iter()
+                        .zip(&other.grads)
+                        .map(|(c, g)| (c - g).abs() / c.abs().max(1e-2))
+                        .fold(0f32, f32::max);
+                    assert!(worst < 1e-3, "{what}: gradients differ by {worst}");
+                    let loss_gap = (cpu.loss_sum - other.loss_sum).abs() / cpu.loss_sum.max(1e-3);
+                    assert!(
+                        loss_gap < 1e-4,
+                        "{what}: loss {} vs {}",
+                        cpu.loss_sum,
+                        other.loss_sum
+                    );
+                    assert!(
+                        cpu.correct.abs_diff(other.correct) <= 1,
+                        "{what}: correct {} vs {}",
+                        cpu.correct,
+                        other.correct
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_pass_on_its_host_twin_matches_candle() {
+        let Some(mut host) = Host::new() else {
+            eprintln!("skipped: no C++ compiler here");
+            return;
+        };
+        let mut buffers: Option<Buffers<Host>> = None;
+        check_against_candle(|model, x, rows, target, scale| {
+            let arch = model.arch();
+            let shapes = arch.layer_shapes();
+            if buffers.as_ref().is_none_or(|b| b.rows != rows) {
+                buffers = Some(Buffers::new(&mut host, arch.inputs, &shapes, rows).expect("alloc"));
+            }
+            let n = arch.parameter_count();
+            let (mut params, mut grads) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+            let net = Network {
+                shapes: &shapes,
+                act: activation_code(arch.activation),
+                params: &mut params,
+                grads: &mut grads,
+            };
+            let batch = HostBatch {
+                params: model.params(),
+                x,
+                rows,
+                target,
+                scale,
+            };
+            let b = buffers.as_mut().expect("allocated");
+            run_pass(&mut host, net, b, batch).expect("the host twin's pass")
+        });
+    }
+
     #[test]
     fn the_kernels_compile_with_nvrtc() {
         if !nvrtc_present() {
@@ -827,69 +1419,34 @@ mod tests {
         );
     }
 
-    /// The GPU's gradient, loss and correct count against the CPU's, for every
-    /// task and activation, on batches of uneven size.
+    /// The GPU's gradient, loss and correct count against the CPU's, as the host
+    /// twin's above, and a bad batch refused.
     #[test]
     fn the_gpu_pass_matches_the_cpu_pass() {
         if !gpu_here() {
             eprintln!("skipped: no CUDA driver, libcublas, libnvrtc or GPU here");
             return;
         }
-        let mut rng = StdRng::seed_from_u64(11);
-        for activation in [Activation::Relu, Activation::Gelu, Activation::Tanh] {
-            for task in [
-                Task::Classification {
-                    classes: (0..5).map(|c| c.to_string()).collect(),
-                },
-                Task::Regression,
-            ] {
-                let arch = Arch {
-                    inputs: 7,
-                    hidden: vec![33, 17],
-                    activation,
-                    task: task.clone(),
-                };
-                let model = Model::init(arch.clone(), 3);
-                let mut gpu = GpuPass::new(0, &arch).expect("a GPU pass");
-                for rows in [1usize, 64, 257, 64] {
-                    let x: Vec<f32> = (0..rows * 7).map(|_| rng.gen_range(-2.0..2.0)).collect();
-                    let classes: Vec<u32> = (0..rows).map(|_| rng.gen_range(0..5)).collect();
-                    let values: Vec<f32> = (0..rows).map(|_| rng.gen_range(-1.0..1.0)).collect();
-                    let target = match task {
-                        Task::Classification { .. } => Batch::Classes(&classes),
-                        Task::Regression => Batch::Values(&values),
-                    };
-                    let scale = 1.0 / rows as f32;
-                    let cpu = model.gradient(&x, rows, target, scale).expect("cpu");
-                    let dev = gpu.gradient(&model, &x, rows, target, scale).expect("gpu");
-                    let what = format!("{activation:?} {task:?} rows {rows}");
-                    assert_eq!(cpu.grads.len(), dev.grads.len(), "{what}");
-                    let worst = cpu
-                        .grads
-                        .iter()
-                        .zip(&dev.grads)
-                        .map(|(c, g)| (c - g).abs() / c.abs().max(1e-2))
-                        .fold(0f32, f32::max);
-                    assert!(worst < 1e-3, "{what}: gradients differ by {worst}");
-                    let loss_gap = (cpu.loss_sum - dev.loss_sum).abs() / cpu.loss_sum.max(1e-3);
-                    assert!(
-                        loss_gap < 1e-4,
-                        "{what}: loss {} vs {}",
-                        cpu.loss_sum,
-                        dev.loss_sum
-                    );
-                    assert!(
-                        cpu.correct.abs_diff(dev.correct) <= 1,
-                        "{what}: correct {} vs {}",
-                        cpu.correct,
-                        dev.correct
-                    );
+        let mut passes: Vec<(Arch, GpuPass)> = Vec::new();
+        check_against_candle(|model, x, rows, target, scale| {
+            let at = match passes.iter().position(|(arch, _)| arch == model.arch()) {
+                Some(at) => at,
+                None => {
+                    let pass = GpuPass::new(0, model.arch()).expect("a GPU pass");
+                    passes.push((model.arch().clone(), pass));
+                    passes.len() - 1
                 }
-                let err = gpu
-                    .gradient(&model, &[0.0; 6], 1, Batch::Values(&[0.0]), 1.0)
-                    .expect_err("6 values are not one row of 7");
-                assert!(err.to_string().contains("features"), "{err}");
-            }
-        }
+            };
+            passes[at]
+                .1
+                .gradient(model, x, rows, target, scale)
+                .expect("the GPU's pass")
+        });
+        let (arch, mut pass) = passes.pop().expect("a pass");
+        let model = Model::init(arch, 1);
+        let err = pass
+            .gradient(&model, &[0.0; 6], 1, Batch::Values(&[0.0]), 1.0)
+            .expect_err("6 values are not one row of 7");
+        assert!(err.to_string().contains("features"), "{err}");
     }
 }
