@@ -24,6 +24,12 @@ set -u
 
 kiln=${1:-${KILN_BIN:-./kiln}}
 worker_tests=${2:-${WORKER_TESTS_BIN:-}}
+# Run from the repository root (`kiln bench train --python` finds the PyTorch
+# script under scripts/, and gpu-job.sh sits beside this one), with the binaries'
+# paths made absolute first.
+kiln=$(readlink -f "$kiln")
+[ -n "$worker_tests" ] && worker_tests=$(readlink -f "$worker_tests")
+cd "$(dirname "$0")/.."
 run_timeout_s=${RUN_TIMEOUT_S:-240}
 sizes=${NCCL_SIZES:-1M,64M,256M}
 status=0
@@ -67,7 +73,7 @@ for py in ${pythons[@]+"${pythons[@]}"}; do
   )
 done
 site_dirs+=(/usr/lib/python3*/dist-packages /usr/local/lib/python3*/dist-packages
-  /usr/local/lib/python3*/site-packages "$HOME"/.local/lib/python3*/site-packages
+  /usr/local/lib/python3*/site-packages "${HOME:-/root}"/.local/lib/python3*/site-packages
   /opt/conda/lib/python3*/site-packages)
 
 scratch=$(mktemp -d)
@@ -180,7 +186,8 @@ else
 fi
 
 section "a training job on the GPU through a local cluster"
-run "$(dirname "$0")/gpu-job.sh" "$kiln"
+# gpu-job.sh gives the job 150 s of its own, inside this run's limit.
+run scripts/gpu-job.sh "$kiln"
 
 section "an out-of-range rank count fails clearly"
 "$kiln" bench nccl --ranks $((gpus + 1)) --bytes 1M && note_failure 1

@@ -11,13 +11,15 @@
 set -euo pipefail
 
 kiln=$(readlink -f "${1:-./kiln}")
+# The job's own deadline, inside device-check.sh's limit for this script.
+deadline_s=${GPU_JOB_DEADLINE_S:-150}
 work=$(mktemp -d)
 cd "$work"
 cleanup() {
   "$kiln" local down >/dev/null 2>&1 || true
   rm -rf "$work"
 }
-trap cleanup EXIT
+trap cleanup EXIT INT TERM
 
 # Two classes of four features, separable by their sum, with noise.
 python3 - >data.csv <<'PY'
@@ -77,21 +79,23 @@ fi
 echo "$submitted"
 job=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["job_id"])' "$submitted")
 status=0
-deadline=$((SECONDS + 240))
+deadline=$((SECONDS + deadline_s))
 state=""
 while [ $SECONDS -lt $deadline ]; do
-  state=$("$kiln" jobs show "$job" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["state"])')
+  state=$("$kiln" jobs show "$job" --json |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["state"])') || state=""
   case $state in
     Succeeded | Failed | Cancelled) break ;;
   esac
   sleep 2
 done
-"$kiln" jobs show "$job"
-"$kiln" jobs logs "$job"
+"$kiln" jobs show "$job" || true
+"$kiln" jobs logs "$job" >logs.txt || true
+cat logs.txt
 if [ "$state" != Succeeded ]; then
-  echo "the job ended $state"
+  echo "the job ended ${state:-in no state within ${deadline_s} s}"
   status=1
-elif ! "$kiln" jobs logs "$job" | grep -q 'forward and backward on CUDA device'; then
+elif ! grep -q 'forward and backward on CUDA device' logs.txt; then
   echo "the job succeeded, but not on a GPU"
   status=1
 fi

@@ -890,6 +890,13 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
+    // kiln numbers GPUs as NVML does (by PCI bus: the workers' reports, the
+    // scheduler's placements); CUDA numbers them fastest first unless told
+    // otherwise. Set before any thread starts, so that the CUDA ordinal a shard
+    // opens is the GPU it was given.
+    if std::env::var_os("CUDA_DEVICE_ORDER").is_none() {
+        std::env::set_var("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
+    }
     kiln_common::logging::init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

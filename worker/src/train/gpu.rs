@@ -830,6 +830,19 @@ pub struct GpuPass {
     buffers: Option<Buffers<Cuda>>,
 }
 
+impl Drop for GpuPass {
+    /// Binds the context and waits for the stream before the fields go (the cuBLAS
+    /// handle, then the buffers): the pass may be dropped on a thread that never
+    /// ran it, and cudarc's drops do not bind the context themselves.
+    fn drop(&mut self) {
+        let _ = cuda::guarded("release the GPU pass", || {
+            if self.bind().is_ok() {
+                let _ = self.cuda.finish();
+            }
+        });
+    }
+}
+
 impl std::fmt::Debug for GpuPass {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GpuPass")
@@ -868,9 +881,15 @@ impl GpuPass {
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| ModelError::Gpu(format!("create a cuBLAS handle: {e:?}")))?;
-        let module = ctx
-            .load_module(ptx)
-            .map_err(driver_error("load the training kernels"))?;
+        let module = ctx.load_module(ptx).map_err(|e| {
+            let hint = if format!("{e:?}").contains("UNSUPPORTED_PTX_VERSION") {
+                ": this libnvrtc is newer than the driver; put an NVRTC of the \
+                 driver's CUDA version (or older) first on LD_LIBRARY_PATH"
+            } else {
+                ""
+            };
+            ModelError::Gpu(format!("load the training kernels: {e}{hint}"))
+        })?;
         let function = |name: &str| {
             module
                 .load_function(name)
@@ -899,6 +918,16 @@ impl GpuPass {
             cuda,
             buffers: None,
         })
+    }
+
+    /// Makes the pass's context current on this thread (cudarc frees buffers
+    /// without doing so).
+    fn bind(&self) -> Result<(), ModelError> {
+        self.cuda
+            .stream
+            .context()
+            .bind_to_thread()
+            .map_err(driver_error("make the CUDA context current"))
     }
 
     /// Returns the device as logs name it: "CUDA device 0 (NVIDIA H100 80GB HBM3)".
@@ -931,6 +960,9 @@ impl GpuPass {
         }
         let op = format!("a training pass on CUDA device {}", self.device);
         cuda::guarded(&op, || {
+            // Each step may run on another thread (a blocking-pool thread in a
+            // shard): make the context current before any allocation or free.
+            self.bind()?;
             if self.buffers.as_ref().is_none_or(|b| b.rows != rows) {
                 self.buffers = None;
                 let buffers = Buffers::new(&mut self.cuda, self.arch.inputs, &self.shapes, rows)?;
@@ -1374,6 +1406,15 @@ extern "C" void run_squared_error(unsigned grid, unsigned block, const float* z,
     #[test]
     fn the_kernels_compile_with_nvrtc() {
         if !nvrtc_present() {
+            // scripts/test.sh installs one and says so; then this must not skip.
+            let expected =
+                std::env::var_os("KILN_TEST_EXPECT_NVRTC").is_some_and(|v| !v.is_empty());
+            assert!(
+                !expected,
+                "KILN_TEST_EXPECT_NVRTC is set, but no libnvrtc loads (searched {}; LD_LIBRARY_PATH={:?})",
+                cuda::searched_names("nvrtc"),
+                std::env::var("LD_LIBRARY_PATH")
+            );
             eprintln!(
                 "skipped: no libnvrtc here ({})",
                 cuda::searched_names("nvrtc")
@@ -1448,5 +1489,20 @@ extern "C" void run_squared_error(unsigned grid, unsigned block, const float* z,
             .gradient(&model, &[0.0; 6], 1, Batch::Values(&[0.0]), 1.0)
             .expect_err("6 values are not one row of 7");
         assert!(err.to_string().contains("features"), "{err}");
+
+        // A shard's steps run on whichever thread its blocking pool gives, and a
+        // new batch size frees the old buffers there; the pass is dropped on yet
+        // another thread.
+        let pass = std::thread::spawn(move || {
+            let x = vec![0.5f32; 3 * 7];
+            let out = pass.gradient(&model, &x, 3, Batch::Values(&[0.0; 3]), 1.0);
+            out.expect("a pass on a thread that never ran one");
+            pass
+        })
+        .join()
+        .expect("the thread");
+        std::thread::spawn(move || drop(pass))
+            .join()
+            .expect("dropped on another thread");
     }
 }
