@@ -135,3 +135,16 @@ pub fn samples_per_sec(
         last_loss,
     })
 }
+
+// A build with `cuda` would run the benchmark on the GPU instead.
+#[cfg(all(test, not(feature = "cuda")))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gpu_run_without_the_cuda_feature_is_refused_before_anything_starts() {
+        let err = samples_per_sec(1, 1, Some(0)).expect_err("no cuda in this build");
+        assert!(matches!(err, BenchError::NoCuda), "{err}");
+        assert!(err.to_string().contains("--features cuda"), "{err}");
+    }
+}

@@ -935,6 +935,27 @@ mod tests {
         assert_eq!(layers[0].weight.len(), 32 * 64);
     }
 
+    /// Without the `cuda` feature a shard given GPUs still trains, on the CPU, and
+    /// its pass is candle's.
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn without_cuda_a_shard_given_gpus_runs_its_pass_on_the_cpu() {
+        let arch = arch(4, &[8], Activation::Tanh, Task::Regression);
+        let model = Model::init(arch.clone(), 9);
+        let mut engine = Engine::for_shard(&[0, 1], &arch).expect("an engine");
+        assert!(matches!(engine, Engine::Cpu), "{engine:?}");
+        assert!(
+            engine.describe().starts_with("the CPU ("),
+            "{}",
+            engine.describe()
+        );
+        let x = [0.5, -1.0, 0.25, 2.0, 1.0, 0.0, -0.5, 0.75];
+        let target = Batch::Values(&[0.3, -0.2]);
+        let direct = model.gradient(&x, 2, target, 0.5).expect("direct");
+        let through = engine.gradient(&model, &x, 2, target, 0.5).expect("engine");
+        assert_eq!(direct, through);
+    }
+
     #[test]
     fn bad_shapes_are_errors_not_panics() {
         let a = arch(3, &[4], Activation::Relu, classes(2));
