@@ -24,6 +24,19 @@ pub struct Library {
     pub other_sonames: &'static [&'static str],
     /// How to install it.
     pub install: &'static str,
+    /// cudarc's own search for it (its `sys::is_culib_present`).
+    pub present: unsafe fn() -> bool,
+}
+
+impl Library {
+    /// Returns whether cudarc's search finds the library.
+    #[allow(unsafe_code)]
+    pub fn loads(&self) -> bool {
+        // SAFETY: `present` is a cudarc `is_culib_present`: it loads the library,
+        // which runs its initialisers as cudarc's first call would, calls nothing
+        // through it and closes it.
+        unsafe { (self.present)() }
+    }
 }
 
 /// Checks that libcuda (the driver) loads under a name cudarc searches.
@@ -43,10 +56,10 @@ pub fn check_driver() -> Result<(), String> {
     ))
 }
 
-/// Returns the error for `library` when cudarc's search (`present`, the result of
-/// that library's `is_culib_present`) did not find it.
-pub fn check_library(library: Library, present: bool) -> Result<(), String> {
-    if present {
+/// Checks that cudarc's search finds `library`; the error names it, the names
+/// searched, and how to install or link it.
+pub fn check_library(library: Library) -> Result<(), String> {
+    if library.loads() {
         return Ok(());
     }
     let found = library
@@ -112,12 +125,17 @@ mod tests {
         cudarc_name: "kiln-absent",
         other_sonames: &["libkiln-absent.so.7"],
         install: "install it from nowhere",
+        present: || false,
     };
 
     #[test]
     fn a_missing_library_is_named_with_what_was_searched_and_how_to_install_it() {
-        assert!(check_library(NOWHERE, true).is_ok());
-        let err = check_library(NOWHERE, false).expect_err("absent");
+        let everywhere = Library {
+            present: || true,
+            ..NOWHERE
+        };
+        assert!(check_library(everywhere).is_ok());
+        let err = check_library(NOWHERE).expect_err("absent");
         assert!(err.starts_with("libkiln-absent not found"), "{err}");
         assert!(err.contains("libkiln-absent.so"), "{err}");
         assert!(err.contains("LD_LIBRARY_PATH"), "{err}");

@@ -55,6 +55,7 @@ const NCCL: cuda::Library = cuda::Library {
     install: "install NCCL (Debian: libnccl2 and libnccl-dev; or pip install \
               nvidia-nccl-cu12, which puts it under site-packages/nvidia/nccl/lib) \
               and add its directory to LD_LIBRARY_PATH",
+    present: cudarc::nccl::sys::is_culib_present,
 };
 
 /// One rank of an NCCL communicator, bound to one GPU and one CUDA stream.
@@ -363,13 +364,9 @@ pub fn device_name(device: usize) -> Result<String, CollectiveError> {
 
 /// Checks that cudarc will find both libcuda and libnccl under the names it
 /// searches, so that no later call panics for want of a library.
-#[allow(unsafe_code)]
 pub fn check_libraries() -> Result<(), CollectiveError> {
     cuda::check_driver().map_err(CollectiveError::Unavailable)?;
-    // SAFETY: loading libnccl runs its initialisers, as cudarc's first call would;
-    // nothing is called through the handle, which is closed.
-    let present = unsafe { cudarc::nccl::sys::is_culib_present() };
-    cuda::check_library(NCCL, present).map_err(CollectiveError::Unavailable)
+    cuda::check_library(NCCL).map_err(CollectiveError::Unavailable)
 }
 
 fn check_driver() -> Result<(), CollectiveError> {

@@ -48,29 +48,56 @@ impl Arch {
         self.layer_shapes().iter().map(|(i, o)| i * o + o).sum()
     }
 
-    /// Cuts a flat parameter buffer into layers. The flat layout, which every rank,
-    /// checkpoint and export shares, is each layer in order, its weight then its bias.
-    /// `None` when the buffer's length is not [`Arch::parameter_count`].
+    /// Where each layer sits in a flat parameter buffer. The flat layout, which
+    /// every rank, checkpoint, export and device shares, is each layer in order,
+    /// its weight (row-major `[outputs][inputs]`) then its bias.
+    pub fn layout(&self) -> Vec<LayerAt> {
+        let mut at = 0;
+        self.layer_shapes()
+            .into_iter()
+            .map(|(inputs, outputs)| {
+                let weight = at..at + inputs * outputs;
+                let bias = weight.end..weight.end + outputs;
+                at = bias.end;
+                LayerAt {
+                    inputs,
+                    outputs,
+                    weight,
+                    bias,
+                }
+            })
+            .collect()
+    }
+
+    /// Cuts a flat parameter buffer into layers ([`Arch::layout`]). `None` when
+    /// the buffer's length is not [`Arch::parameter_count`].
     pub fn split(&self, flat: &[f32]) -> Option<Vec<Dense>> {
         if flat.len() != self.parameter_count() {
             return None;
         }
-        let mut at = 0;
-        let mut layers = Vec::new();
-        for (inputs, outputs) in self.layer_shapes() {
-            let weight = flat[at..at + inputs * outputs].to_vec();
-            at += inputs * outputs;
-            let bias = flat[at..at + outputs].to_vec();
-            at += outputs;
-            layers.push(Dense {
-                inputs,
-                outputs,
-                weight,
-                bias,
-            });
-        }
+        let layers = self
+            .layout()
+            .into_iter()
+            .map(|layer| Dense {
+                inputs: layer.inputs,
+                outputs: layer.outputs,
+                weight: flat[layer.weight].to_vec(),
+                bias: flat[layer.bias].to_vec(),
+            })
+            .collect();
         Some(layers)
     }
+}
+
+/// One layer's place in a flat parameter buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerAt {
+    pub inputs: usize,
+    pub outputs: usize,
+    /// The weight's values, `outputs × inputs` row-major.
+    pub weight: std::ops::Range<usize>,
+    /// The bias's values, `outputs`.
+    pub bias: std::ops::Range<usize>,
 }
 
 /// One dense layer's values: `y = x · weightᵀ + bias`.
@@ -109,5 +136,15 @@ mod tests {
         assert_eq!(layers[1].weight.len(), 8);
         assert_eq!(layers[1].bias, vec![16.0, 17.0, 18.0, 19.0]);
         assert!(arch.split(&flat[1..]).is_none());
+        let layout = arch.layout();
+        assert_eq!(
+            (layout[0].weight.clone(), layout[0].bias.clone()),
+            (0..6, 6..8)
+        );
+        assert_eq!(
+            (layout[1].weight.clone(), layout[1].bias.clone()),
+            (8..16, 16..20)
+        );
+        assert_eq!((layout[1].inputs, layout[1].outputs), (2, 4));
     }
 }

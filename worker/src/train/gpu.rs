@@ -8,8 +8,8 @@
 //! layout, the summed loss and the correct count. The flat host buffer stays the
 //! master copy (the optimizer, the all-reduce, checkpoints and the export read
 //! it), so each pass uploads the parameters and the batch and downloads the
-//! gradient. On the trainer's models (tens of thousands to a few million
-//! parameters) those copies are small next to the pass.
+//! gradient; an optimizer on the device, which would save those copies, is not
+//! built.
 //!
 //! ```text
 //!  params ──htod──▶ W₁ b₁ … Wₗ bₗ (device)      x ──htod──▶ X (rows × inputs)
@@ -42,7 +42,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 use kiln_common::jobspec::Activation;
 
-use super::arch::Arch;
+use super::arch::{Arch, LayerAt};
 use super::model::{Batch, Model, ModelError, StepOutput};
 use crate::cuda::{self, Library};
 
@@ -53,6 +53,7 @@ const CUBLAS: Library = Library {
     install: "install cuBLAS (the CUDA toolkit's lib64, or pip install nvidia-cublas-cu12, \
               which puts it under site-packages/nvidia/cublas/lib) and add its directory \
               to LD_LIBRARY_PATH",
+    present: cudarc::cublas::sys::is_culib_present,
 };
 
 const NVRTC: Library = Library {
@@ -63,6 +64,7 @@ const NVRTC: Library = Library {
               nvidia-cuda-nvrtc-cu12, which puts it under \
               site-packages/nvidia/cuda_nvrtc/lib) and add its directory to \
               LD_LIBRARY_PATH",
+    present: cudarc::nvrtc::sys::is_culib_present,
 };
 
 /// The element-wise kernels. Matrices are row-major `width × rows` (one column
@@ -161,7 +163,7 @@ fn activation_code(activation: Activation) -> i32 {
 
 /// Compiles [`KERNELS`] to PTX with NVRTC (no GPU needed).
 pub fn compile_kernels() -> Result<Ptx, String> {
-    cuda::check_library(NVRTC, nvrtc_present())?;
+    cuda::check_library(NVRTC)?;
     let options = CompileOptions {
         name: Some("kiln_train.cu".into()),
         ..Default::default()
@@ -176,19 +178,6 @@ pub fn compile_kernels() -> Result<Ptx, String> {
         ),
         other => format!("compile the training kernels: {other:?}"),
     })
-}
-
-#[allow(unsafe_code)]
-fn nvrtc_present() -> bool {
-    // SAFETY: loading libnvrtc runs its initialisers, as cudarc's first call
-    // would; nothing is called through the handle, which is closed.
-    unsafe { cudarc::nvrtc::sys::is_culib_present() }
-}
-
-#[allow(unsafe_code)]
-fn cublas_present() -> bool {
-    // SAFETY: as for `nvrtc_present`, with libcublas.
-    unsafe { cudarc::cublas::sys::is_culib_present() }
 }
 
 /// A row-major product `C (m × n) = op(A) · op(B)`, `op(A)` being `m × k` and
@@ -336,25 +325,21 @@ struct Buffers<D: PassDevice> {
 }
 
 impl<D: PassDevice> Buffers<D> {
-    fn new(
-        dev: &mut D,
-        inputs: usize,
-        shapes: &[(usize, usize)],
-        rows: usize,
-    ) -> Result<Buffers<D>, ModelError> {
-        let widest = shapes
+    fn new(dev: &mut D, layout: &[LayerAt], rows: usize) -> Result<Buffers<D>, ModelError> {
+        let inputs = layout.first().map_or(0, |layer| layer.inputs);
+        let widest = layout
             .iter()
-            .map(|&(_, outputs)| outputs)
+            .map(|layer| layer.outputs)
             .chain([inputs])
             .max()
             .unwrap_or(1);
-        let mut z = Vec::with_capacity(shapes.len());
-        for &(_, outputs) in shapes {
-            z.push(dev.alloc(outputs * rows)?);
+        let mut z = Vec::with_capacity(layout.len());
+        for layer in layout {
+            z.push(dev.alloc(layer.outputs * rows)?);
         }
-        let mut h = Vec::with_capacity(shapes.len());
-        for &(_, outputs) in &shapes[..shapes.len().saturating_sub(1)] {
-            h.push(dev.alloc(outputs * rows)?);
+        let mut h = Vec::with_capacity(layout.len());
+        for layer in &layout[..layout.len().saturating_sub(1)] {
+            h.push(dev.alloc(layer.outputs * rows)?);
         }
         let mut ones = dev.alloc(rows)?;
         dev.upload(&vec![1.0; rows], &mut ones)?;
@@ -376,7 +361,7 @@ impl<D: PassDevice> Buffers<D> {
 
 /// A layer stack and its parameters on a device, with the gradient's buffer.
 struct Network<'a, D: PassDevice> {
-    shapes: &'a [(usize, usize)],
+    layout: &'a [LayerAt],
     act: i32,
     params: &'a mut D::F32,
     grads: &'a mut D::F32,
@@ -400,7 +385,7 @@ fn run_pass<D: PassDevice>(
     batch: HostBatch<'_>,
 ) -> Result<StepOutput, ModelError> {
     let Network {
-        shapes,
+        layout,
         act,
         params,
         grads,
@@ -408,20 +393,13 @@ fn run_pass<D: PassDevice>(
     let rows = batch.rows;
     dev.upload(batch.params, params)?;
     dev.upload(batch.x, &mut b.x)?;
-    let layers = shapes.len();
-
-    // Where each layer's weight and bias start in the flat layout.
-    let mut offsets = Vec::with_capacity(layers);
-    let mut at = 0;
-    for &(inputs, outputs) in shapes {
-        offsets.push((at, at + inputs * outputs));
-        at += inputs * outputs + outputs;
-    }
+    let layers = layout.len();
 
     // Forward: Zₗ = Wₗ·Hₗ₋₁ (H₀ = Xᵀ), then the bias and, but for the last layer,
     // the activation.
-    for (l, &(layer_inputs, outputs)) in shapes.iter().enumerate() {
-        let (w_at, b_at) = offsets[l];
+    for (l, layer) in layout.iter().enumerate() {
+        let (layer_inputs, outputs) = (layer.inputs, layer.outputs);
+        let (w_at, b_at) = (layer.weight.start, layer.bias.start);
         let shape = RowMajor {
             a_t: false,
             b_t: l == 0,
@@ -450,7 +428,7 @@ fn run_pass<D: PassDevice>(
     let classification = match batch.target {
         Batch::Classes(y) => {
             dev.upload_u32(y, &mut b.labels)?;
-            let classes = shapes[layers - 1].1;
+            let classes = layout[layers - 1].outputs;
             dev.softmax_xent(
                 last,
                 &mut b.d,
@@ -472,8 +450,8 @@ fn run_pass<D: PassDevice>(
 
     // Backward, last layer first; `b.d` holds this layer's dZ.
     for l in (0..layers).rev() {
-        let (layer_inputs, outputs) = shapes[l];
-        let (w_at, b_at) = offsets[l];
+        let (layer_inputs, outputs) = (layout[l].inputs, layout[l].outputs);
+        let (w_at, b_at) = (layout[l].weight.start, layout[l].bias.start);
         // dWₗ = dZₗ·Hₗ₋₁ᵀ, where H₀ᵀ = X as stored.
         let weight_grad = RowMajor {
             a_t: false,
@@ -536,6 +514,17 @@ fn launch_config(n: usize) -> Result<LaunchConfig, ModelError> {
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     })
+}
+
+/// Checks that each buffer `kernel` touches holds what it needs: `(name, holds,
+/// needs)`. The launches' safety rests on it, on the GPU and on the host twin.
+fn holds(kernel: &str, buffers: &[(&str, usize, usize)]) -> Result<(), ModelError> {
+    match buffers.iter().find(|(_, holds, needs)| holds < needs) {
+        None => Ok(()),
+        Some((name, holds, needs)) => Err(ModelError::Gpu(format!(
+            "{kernel}: {name} holds {holds} values; it needs {needs}"
+        ))),
+    }
 }
 
 /// A size as the kernels' `int`.
@@ -667,9 +656,7 @@ impl PassDevice for Cuda {
         let bias = view(bias, at, outputs)?;
         let (outputs_i, rows_i) = (int(outputs)?, int(rows)?);
         let cfg = launch_config(outputs * rows)?;
-        if z.len() < outputs * rows {
-            return Err(ModelError::Gpu("add_bias: z is too small".into()));
-        }
+        holds("add_bias", &[("z", z.len(), outputs * rows)])?;
         // SAFETY: z holds outputs × rows values and bias outputs; the kernel
         // touches no index beyond them.
         unsafe {
@@ -697,9 +684,8 @@ impl PassDevice for Cuda {
         let bias = view(bias, at, outputs)?;
         let (outputs_i, rows_i) = (int(outputs)?, int(rows)?);
         let cfg = launch_config(outputs * rows)?;
-        if z.len() < outputs * rows || h.len() < outputs * rows {
-            return Err(ModelError::Gpu("bias_act: z or h is too small".into()));
-        }
+        let n = outputs * rows;
+        holds("bias_act", &[("z", z.len(), n), ("h", h.len(), n)])?;
         // SAFETY: z and h hold outputs × rows values, bias outputs.
         unsafe {
             self.stream
@@ -723,9 +709,7 @@ impl PassDevice for Cuda {
         n: usize,
         act: i32,
     ) -> Result<(), ModelError> {
-        if d.len() < n || z.len() < n {
-            return Err(ModelError::Gpu("act_backward: d or z is too small".into()));
-        }
+        holds("act_backward", &[("d", d.len(), n), ("z", z.len(), n)])?;
         let n_i = n as i64;
         let cfg = launch_config(n)?;
         // SAFETY: d and z hold at least n values.
@@ -754,20 +738,20 @@ impl PassDevice for Cuda {
         scale: f32,
     ) -> Result<(), ModelError> {
         let n = classes * rows;
-        if z.len() < n || d.len() < n || labels.len() < rows {
-            return Err(ModelError::Gpu(
-                "softmax_xent: a buffer is too small".into(),
-            ));
-        }
-        if loss.len() < rows || correct.len() < rows {
-            return Err(ModelError::Gpu(
-                "softmax_xent: a buffer is too small".into(),
-            ));
-        }
+        holds(
+            "softmax_xent",
+            &[
+                ("z", z.len(), n),
+                ("d", d.len(), n),
+                ("labels", labels.len(), rows),
+                ("loss", loss.len(), rows),
+                ("correct", correct.len(), rows),
+            ],
+        )?;
         let (classes_i, rows_i) = (int(classes)?, int(rows)?);
         let cfg = launch_config(rows)?;
         // SAFETY: z and d hold classes × rows values; labels, loss and correct
-        // rows; every label is below classes (checked by `Model::check_batch`).
+        // rows; every label is below classes (checked by `Model::check_step`).
         unsafe {
             self.stream
                 .launch_builder(&self.kernels.softmax_xent)
@@ -794,11 +778,15 @@ impl PassDevice for Cuda {
         rows: usize,
         scale: f32,
     ) -> Result<(), ModelError> {
-        if z.len() < rows || d.len() < rows || y.len() < rows || loss.len() < rows {
-            return Err(ModelError::Gpu(
-                "squared_error: a buffer is too small".into(),
-            ));
-        }
+        holds(
+            "squared_error",
+            &[
+                ("z", z.len(), rows),
+                ("d", d.len(), rows),
+                ("y", y.len(), rows),
+                ("loss", loss.len(), rows),
+            ],
+        )?;
         let rows_i = int(rows)?;
         let cfg = launch_config(rows)?;
         // SAFETY: z, d, y and loss hold at least rows values each.
@@ -823,7 +811,8 @@ pub struct GpuPass {
     device: usize,
     name: String,
     arch: Arch,
-    shapes: Vec<(usize, usize)>,
+    /// Each layer's place in the flat parameters, cached from the arch.
+    layout: Vec<LayerAt>,
     cuda: Cuda,
     params: CudaSlice<f32>,
     grads: CudaSlice<f32>,
@@ -858,7 +847,7 @@ impl GpuPass {
     /// gradient. A missing library or device is an error naming it.
     pub fn new(device: usize, arch: &Arch) -> Result<GpuPass, ModelError> {
         cuda::check_driver().map_err(ModelError::Gpu)?;
-        cuda::check_library(CUBLAS, cublas_present()).map_err(ModelError::Gpu)?;
+        cuda::check_library(CUBLAS).map_err(ModelError::Gpu)?;
         let ptx = compile_kernels().map_err(ModelError::Gpu)?;
         let open = format!("open CUDA device {device}");
         cuda::guarded(&open, || Self::open(device, arch, ptx)).map_err(ModelError::Gpu)?
@@ -912,7 +901,7 @@ impl GpuPass {
             device,
             name,
             arch: arch.clone(),
-            shapes: arch.layer_shapes(),
+            layout: arch.layout(),
             params: cuda.alloc(n)?,
             grads: cuda.alloc(n)?,
             cuda,
@@ -950,13 +939,8 @@ impl GpuPass {
                 "the model's architecture is not the one this GPU pass was made for".into(),
             ));
         }
-        model.check_batch(x, rows, target)?;
-        if rows == 0 {
-            return Ok(StepOutput {
-                grads: vec![0.0; model.params().len()],
-                loss_sum: 0.0,
-                correct: 0,
-            });
+        if let Some(empty) = model.check_step(x, rows, target)? {
+            return Ok(empty);
         }
         let op = format!("a training pass on CUDA device {}", self.device);
         cuda::guarded(&op, || {
@@ -965,11 +949,11 @@ impl GpuPass {
             self.bind()?;
             if self.buffers.as_ref().is_none_or(|b| b.rows != rows) {
                 self.buffers = None;
-                let buffers = Buffers::new(&mut self.cuda, self.arch.inputs, &self.shapes, rows)?;
+                let buffers = Buffers::new(&mut self.cuda, &self.layout, rows)?;
                 self.buffers = Some(buffers);
             }
             let net = Network {
-                shapes: &self.shapes,
+                layout: &self.layout,
                 act: activation_code(self.arch.activation),
                 params: &mut self.params,
                 grads: &mut self.grads,
@@ -1198,7 +1182,13 @@ extern "C" void run_squared_error(unsigned grid, unsigned block, const float* z,
             outputs: usize,
             rows: usize,
         ) -> Result<(), ModelError> {
-            assert!(z.len() >= outputs * rows && bias.len() >= at + outputs);
+            holds(
+                "add_bias",
+                &[
+                    ("z", z.len(), outputs * rows),
+                    ("bias", bias.len().saturating_sub(at), outputs),
+                ],
+            )?;
             let (grid, block) = Host::grid(outputs * rows);
             let f = self.symbol::<AddBias>("run_add_bias");
             unsafe {
@@ -1222,8 +1212,15 @@ extern "C" void run_squared_error(unsigned grid, unsigned block, const float* z,
             rows: usize,
             act: i32,
         ) -> Result<(), ModelError> {
-            assert!(z.len() >= outputs * rows && h.len() >= outputs * rows);
-            assert!(bias.len() >= at + outputs);
+            let n = outputs * rows;
+            holds(
+                "bias_act",
+                &[
+                    ("z", z.len(), n),
+                    ("h", h.len(), n),
+                    ("bias", bias.len().saturating_sub(at), outputs),
+                ],
+            )?;
             let (grid, block) = Host::grid(outputs * rows);
             let f = self.symbol::<BiasAct>("run_bias_act");
             unsafe {
@@ -1247,7 +1244,7 @@ extern "C" void run_squared_error(unsigned grid, unsigned block, const float* z,
             n: usize,
             act: i32,
         ) -> Result<(), ModelError> {
-            assert!(d.len() >= n && z.len() >= n);
+            holds("act_backward", &[("d", d.len(), n), ("z", z.len(), n)])?;
             let (grid, block) = Host::grid(n);
             let f = self.symbol::<ActBackward>("run_act_backward");
             unsafe { f(grid, block, d.as_mut_ptr(), z.as_ptr(), n as i64, act) };
@@ -1264,8 +1261,17 @@ extern "C" void run_squared_error(unsigned grid, unsigned block, const float* z,
             rows: usize,
             scale: f32,
         ) -> Result<(), ModelError> {
-            assert!(z.len() >= classes * rows && d.len() >= classes * rows);
-            assert!(labels.len() >= rows && loss.len() >= rows && correct.len() >= rows);
+            let n = classes * rows;
+            holds(
+                "softmax_xent",
+                &[
+                    ("z", z.len(), n),
+                    ("d", d.len(), n),
+                    ("labels", labels.len(), rows),
+                    ("loss", loss.len(), rows),
+                    ("correct", correct.len(), rows),
+                ],
+            )?;
             let (grid, block) = Host::grid(rows);
             let f = self.symbol::<SoftmaxXent>("run_softmax_xent");
             unsafe {
@@ -1293,7 +1299,15 @@ extern "C" void run_squared_error(unsigned grid, unsigned block, const float* z,
             rows: usize,
             scale: f32,
         ) -> Result<(), ModelError> {
-            assert!(z.len() >= rows && d.len() >= rows && y.len() >= rows && loss.len() >= rows);
+            holds(
+                "squared_error",
+                &[
+                    ("z", z.len(), rows),
+                    ("d", d.len(), rows),
+                    ("y", y.len(), rows),
+                    ("loss", loss.len(), rows),
+                ],
+            )?;
             let (grid, block) = Host::grid(rows);
             let f = self.symbol::<SquaredError>("run_squared_error");
             unsafe {
@@ -1379,14 +1393,14 @@ extern "C" void run_squared_error(unsigned grid, unsigned block, const float* z,
         let mut buffers: Option<Buffers<Host>> = None;
         check_against_candle(|model, x, rows, target, scale| {
             let arch = model.arch();
-            let shapes = arch.layer_shapes();
+            let layout = arch.layout();
             if buffers.as_ref().is_none_or(|b| b.rows != rows) {
-                buffers = Some(Buffers::new(&mut host, arch.inputs, &shapes, rows).expect("alloc"));
+                buffers = Some(Buffers::new(&mut host, &layout, rows).expect("alloc"));
             }
             let n = arch.parameter_count();
             let (mut params, mut grads) = (vec![f32::NAN; n], vec![f32::NAN; n]);
             let net = Network {
-                shapes: &shapes,
+                layout: &layout,
                 act: activation_code(arch.activation),
                 params: &mut params,
                 grads: &mut grads,
@@ -1404,8 +1418,18 @@ extern "C" void run_squared_error(unsigned grid, unsigned block, const float* z,
     }
 
     #[test]
+    fn a_buffer_too_small_for_a_kernel_is_an_error_naming_it() {
+        assert!(holds("bias_act", &[("z", 12, 12), ("h", 13, 12)]).is_ok());
+        let err = holds("bias_act", &[("z", 12, 12), ("h", 11, 12)]).expect_err("h is short");
+        assert_eq!(
+            err.to_string(),
+            "GPU: bias_act: h holds 11 values; it needs 12"
+        );
+    }
+
+    #[test]
     fn the_kernels_compile_with_nvrtc() {
-        if !nvrtc_present() {
+        if !NVRTC.loads() {
             // scripts/test.sh installs one and says so; then this must not skip.
             let expected =
                 std::env::var_os("KILN_TEST_EXPECT_NVRTC").is_some_and(|v| !v.is_empty());
@@ -1433,8 +1457,8 @@ extern "C" void run_squared_error(unsigned grid, unsigned block, const float* z,
 
     fn gpu_here() -> bool {
         cuda::check_driver().is_ok()
-            && cublas_present()
-            && nvrtc_present()
+            && CUBLAS.loads()
+            && NVRTC.loads()
             && cuda::guarded("count", CudaContext::device_count)
                 .is_ok_and(|count| count.is_ok_and(|n| n > 0))
     }

@@ -72,7 +72,7 @@ use kiln_common::jobspec::Activation;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::arch::{Arch, Dense, Task};
+use super::arch::{Arch, Dense, LayerAt, Task};
 use super::sgemm;
 
 /// One batch's targets, as the rows of [`super::data::Target`].
@@ -140,8 +140,8 @@ pub enum ModelError {
 #[derive(Debug, Clone)]
 pub struct Model {
     arch: Arch,
-    /// `(inputs, outputs)` of each layer, cached from the arch.
-    shapes: Vec<(usize, usize)>,
+    /// Each layer's place in `params`, cached from the arch.
+    layout: Vec<LayerAt>,
     params: Vec<f32>,
 }
 
@@ -165,6 +165,7 @@ impl Engine {
             let pass = super::gpu::GpuPass::new(device as usize, arch)?;
             return Ok(Engine::Gpu(Box::new(pass)));
         }
+        #[cfg(not(feature = "cuda"))]
         let _ = (gpus, arch);
         Ok(Engine::Cpu)
     }
@@ -220,21 +221,21 @@ impl Model {
     /// same values for the same seed (with this build's `rand`).
     pub fn init(arch: Arch, seed: u64) -> Model {
         let mut rng = StdRng::seed_from_u64(seed);
-        let shapes = arch.layer_shapes();
+        let layout = arch.layout();
         let mut params = Vec::with_capacity(arch.parameter_count());
-        for &(inputs, outputs) in &shapes {
-            let bound = if inputs == 0 {
+        for layer in &layout {
+            let bound = if layer.inputs == 0 {
                 0.0
             } else {
-                1.0 / (inputs as f32).sqrt()
+                1.0 / (layer.inputs as f32).sqrt()
             };
-            for _ in 0..inputs * outputs + outputs {
+            for _ in 0..layer.weight.len() + layer.bias.len() {
                 params.push((rng.gen::<f32>() * 2.0 - 1.0) * bound);
             }
         }
         Model {
             arch,
-            shapes,
+            layout,
             params,
         }
     }
@@ -249,7 +250,7 @@ impl Model {
             });
         }
         Ok(Model {
-            shapes: arch.layer_shapes(),
+            layout: arch.layout(),
             arch,
             params,
         })
@@ -301,15 +302,10 @@ impl Model {
         target: Batch<'_>,
         scale: f32,
     ) -> Result<StepOutput, ModelError> {
-        self.check_batch(x, rows, target)?;
-        RAISE_MMAP_THRESHOLD.call_once(raise_mmap_threshold);
-        if rows == 0 {
-            return Ok(StepOutput {
-                grads: vec![0.0; self.params.len()],
-                loss_sum: 0.0,
-                correct: 0,
-            });
+        if let Some(empty) = self.check_step(x, rows, target)? {
+            return Ok(empty);
         }
+        RAISE_MMAP_THRESHOLD.call_once(raise_mmap_threshold);
         if threads() == 1 {
             return self.pass(x, rows, target, scale);
         }
@@ -394,15 +390,21 @@ impl Model {
     }
 
     /// Checks that `x` holds `rows` examples and `target` their targets, of this
-    /// model's kind and range.
-    pub(super) fn check_batch(
+    /// model's kind and range; returns the step of an empty batch (a zero
+    /// gradient), which needs no pass, on any engine.
+    pub(super) fn check_step(
         &self,
         x: &[f32],
         rows: usize,
         target: Batch<'_>,
-    ) -> Result<(), ModelError> {
+    ) -> Result<Option<StepOutput>, ModelError> {
         self.check_features(x, rows)?;
-        self.check_target(target, rows)
+        self.check_target(target, rows)?;
+        Ok((rows == 0).then(|| StepOutput {
+            grads: vec![0.0; self.params.len()],
+            loss_sum: 0.0,
+            correct: 0,
+        }))
     }
 
     fn check_features(&self, x: &[f32], rows: usize) -> Result<(), ModelError> {
@@ -476,17 +478,11 @@ impl Model {
                 Tensor::from_slice(values, shape, &dev)
             }
         };
-        let mut at = 0;
-        let mut layers = Vec::with_capacity(self.shapes.len());
-        for (layer, &(inputs, outputs)) in self.shapes.iter().enumerate() {
-            let w = tensor(
-                layer,
-                &self.params[at..at + inputs * outputs],
-                (outputs, inputs),
-            )?;
-            at += inputs * outputs;
-            let b = tensor(layer, &self.params[at..at + outputs], (outputs, 1))?;
-            at += outputs;
+        let mut layers = Vec::with_capacity(self.layout.len());
+        for (l, layer) in self.layout.iter().enumerate() {
+            let shape = (layer.outputs, layer.inputs);
+            let w = tensor(l, &self.params[layer.weight.clone()], shape)?;
+            let b = tensor(l, &self.params[layer.bias.clone()], (layer.outputs, 1))?;
             layers.push((w, b));
         }
         Ok(layers)
