@@ -42,12 +42,12 @@
 //!   threads ran at 14 k samples/s with that pool at 2 threads, 99 k with it at 1
 //!   (the element-wise work inline).
 //!
-//! A shard therefore limits itself to its `cpus_per_shard` by running in its own
-//! process with `RAYON_NUM_THREADS` set to that number and `CANDLE_NUM_THREADS` to
-//! 1, before any candle operation: the worker sets them in the shard's
-//! environment, or [`set_threads`] sets them at the top of a process that has not
-//! started other threads yet. Two shards that shared one process would share one
-//! thread count.
+//! [`set_threads`] sets both at the top of a process that has not started other
+//! threads yet, as the benchmark does. Shards, though, run as tasks inside the
+//! worker process (`super::supervisor`), so they share one process-wide count:
+//! `RAYON_NUM_THREADS` from the worker's environment, else its physical cores.
+//! The scheduler accounts `cpus_per_shard` per worker, but a shard's pass does not
+//! hold itself to it; a process per shard would.
 //!
 //! # Speed
 //!
