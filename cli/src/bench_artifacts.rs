@@ -26,7 +26,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::local::{self, Detach, LocalOptions, Proc};
-use kiln_worker::transfer::{self as artifact, PushOptions};
+use kiln_common::transfer::{self as artifact, PushOptions};
 
 /// Candidate average chunk sizes.
 const AVERAGES: [usize; 5] = [64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20];

@@ -33,7 +33,7 @@ use kiln_common::config::{
 use kiln_proto::v1::{
     ClusterStatusRequest, GetRequest, PutRequest, RemoveMemberRequest, TransferLeaderRequest,
 };
-use kiln_worker::transfer as artifact;
+use kiln_common::transfer as artifact;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]

@@ -13,8 +13,9 @@ use kiln_proto::v1::{
 use kiln_worker::serving::engine::{signature_of, Engine, EngineConfig};
 use kiln_worker::serving::{DataType, Tensor};
 use kiln_worker::train::data::read_csv;
-use kiln_worker::train::shard::{model_artifact, MODEL_FILE, REFERENCE_FILE};
-use kiln_worker::transfer::{self, PushOptions};
+use kiln_common::artifact::model_artifact;
+use kiln_worker::train::shard::{MODEL_FILE, REFERENCE_FILE};
+use kiln_common::transfer::{self, PushOptions};
 use serde_json::{json, Value};
 
 use crate::ModelsCommand;

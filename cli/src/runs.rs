@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use kiln_common::client::ClusterClient;
-use kiln_proto::v1::{GetRunRequest, GetRunResponse, ListRunsRequest, MetricPoint, RunRecord};
+use kiln_proto::v1::{
+    GetRunRequest, GetRunResponse, ListRunsRequest, LoggedModel, MetricPoint, RunRecord,
+};
 use serde_json::{json, Value};
 
 use crate::RunsCommand;
@@ -58,6 +60,19 @@ fn run_json(run: &RunRecord, experiment: &str) -> Value {
         "params": run.params.iter().collect::<BTreeMap<_, _>>(),
         "tags": run.tags.iter().collect::<BTreeMap<_, _>>(),
         "metrics": metrics.iter().map(|m| (m.key.clone(), json!({"value": m.value, "step": m.step}))).collect::<BTreeMap<_, _>>(),
+    })
+}
+
+/// A logged model in `kiln runs show --json`.
+fn model_json(m: &LoggedModel) -> Value {
+    let tag = |k: &str| m.tags.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    json!({
+        "model_id": m.model_id,
+        "name": m.name,
+        "status": m.status,
+        "artifact": format!("mlflow-model-{}", m.model_id),
+        "files": tag("kiln.files"),
+        "bytes": tag("kiln.bytes"),
     })
 }
 
@@ -123,12 +138,15 @@ pub async fn run(client: ClusterClient, command: RunsCommand) -> anyhow::Result<
         }
         RunsCommand::Show { run, json } => {
             let resp = get(&client, &run, false).await?;
-            let r = resp.run.unwrap_or_default();
+            let r = resp.run.clone().unwrap_or_default();
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&run_json(&r, &resp.experiment))?
-                );
+                let mut doc = run_json(&r, &resp.experiment);
+                doc["artifacts"] = json!({
+                    "name": format!("mlflow-run-{}", r.run_id),
+                    "files": resp.files.iter().map(|f| json!({"path": f.path, "size": f.size})).collect::<Vec<_>>(),
+                });
+                doc["models"] = resp.models.iter().map(model_json).collect::<Vec<_>>().into();
+                println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
                 println!("run {} ({})", r.run_id, r.name);
                 println!(
@@ -149,6 +167,30 @@ pub async fn run(client: ClusterClient, command: RunsCommand) -> anyhow::Result<
                 println!("metrics (latest):");
                 for (k, m) in r.latest.iter().collect::<BTreeMap<_, _>>() {
                     println!("  {k} = {} (step {})", m.value, m.step);
+                }
+                if !resp.files.is_empty() {
+                    println!(
+                        "artifacts (kiln artifact pull mlflow-run-{} -o DIR):",
+                        r.run_id
+                    );
+                    for f in &resp.files {
+                        println!("  {:<48} {:>12} bytes", f.path, f.size);
+                    }
+                }
+                if !resp.models.is_empty() {
+                    println!("logged models:");
+                    for m in &resp.models {
+                        let tag = |k: &str| m.tags.get(k).cloned().unwrap_or_default();
+                        println!(
+                            "  {} {:<16} {:<26} {} files, {} bytes (kiln artifact pull mlflow-model-{} -o DIR)",
+                            m.model_id,
+                            m.name,
+                            m.status,
+                            tag("kiln.files"),
+                            tag("kiln.bytes"),
+                            m.model_id
+                        );
+                    }
                 }
             }
         }

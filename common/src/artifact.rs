@@ -30,6 +30,13 @@ fn check(what: &str, text: &str) -> Result<()> {
     }
 }
 
+/// Returns the artifact holding the versions of a model (`model.onnx` and
+/// `reference.json` each for kiln's trainer; an MLflow model's files for a version
+/// registered through MLflow's API).
+pub fn model_artifact(model: &str) -> String {
+    format!("{model}-model")
+}
+
 /// Checks an artifact name.
 pub fn validate_name(name: &str) -> Result<()> {
     check("artifact name", name)

@@ -35,8 +35,10 @@ pub mod http;
 pub mod https;
 pub mod jobspec;
 pub mod logging;
+pub mod progress;
 pub mod reference;
 pub mod status;
 pub mod tls;
+pub mod transfer;
 
 pub use error::{Error, Result};

@@ -958,6 +958,125 @@ async fn http_endpoints_check_tokens_and_workers_learn_revocations() {
     cluster.assert_healthy();
 }
 
+/// Every MLflow REST route (method, path, what it needs): tracking, the artifact
+/// proxy, logged models and the registry. Grows with every new path.
+const MLFLOW_TABLE: &[(&str, &str, Need)] = &[
+    ("POST", "/api/2.0/mlflow/experiments/create", Need::Write),
+    ("GET", "/api/2.0/mlflow/experiments/get-by-name?experiment_name=x", Need::Read),
+    ("GET", "/api/2.0/mlflow/experiments/get?experiment_id=0", Need::Read),
+    ("POST", "/api/2.0/mlflow/experiments/search", Need::Read),
+    ("POST", "/api/2.0/mlflow/experiments/update", Need::Write),
+    ("POST", "/api/2.0/mlflow/experiments/delete", Need::Write),
+    ("POST", "/api/2.0/mlflow/experiments/restore", Need::Write),
+    ("POST", "/api/2.0/mlflow/experiments/set-experiment-tag", Need::Write),
+    ("POST", "/api/2.0/mlflow/experiments/delete-experiment-tag", Need::Write),
+    ("POST", "/api/2.0/mlflow/runs/create", Need::Write),
+    ("POST", "/api/2.0/mlflow/runs/update", Need::Write),
+    ("GET", "/api/2.0/mlflow/runs/get?run_id=x", Need::Read),
+    ("POST", "/api/2.0/mlflow/runs/log-metric", Need::Write),
+    ("POST", "/api/2.0/mlflow/runs/log-parameter", Need::Write),
+    ("POST", "/api/2.0/mlflow/runs/set-tag", Need::Write),
+    ("POST", "/api/2.0/mlflow/runs/delete-tag", Need::Write),
+    ("POST", "/api/2.0/mlflow/runs/log-batch", Need::Write),
+    ("POST", "/api/2.0/mlflow/runs/log-inputs", Need::Write),
+    ("POST", "/api/2.0/mlflow/runs/outputs", Need::Write),
+    ("POST", "/api/2.0/mlflow/runs/delete", Need::Write),
+    ("POST", "/api/2.0/mlflow/runs/restore", Need::Write),
+    ("POST", "/api/2.0/mlflow/runs/search", Need::Read),
+    ("GET", "/api/2.0/mlflow/metrics/get-history?run_id=x&metric_key=y", Need::Read),
+    ("POST", "/api/2.0/mlflow/logged-models", Need::Write),
+    ("POST", "/api/2.0/mlflow/logged-models/search", Need::Read),
+    ("GET", "/api/2.0/mlflow/logged-models/m-0", Need::Read),
+    ("PATCH", "/api/2.0/mlflow/logged-models/m-0", Need::Write),
+    ("DELETE", "/api/2.0/mlflow/logged-models/m-0", Need::Write),
+    ("POST", "/api/2.0/mlflow/logged-models/m-0/params", Need::Write),
+    ("PATCH", "/api/2.0/mlflow/logged-models/m-0/tags", Need::Write),
+    ("DELETE", "/api/2.0/mlflow/logged-models/m-0/tags/k", Need::Write),
+    ("GET", "/api/2.0/mlflow-artifacts/artifacts?path=0/x/artifacts", Need::Read),
+    ("GET", "/api/2.0/mlflow-artifacts/artifacts/0/x/artifacts/a", Need::Read),
+    ("PUT", "/api/2.0/mlflow-artifacts/artifacts/0/x/artifacts/a", Need::Write),
+    ("DELETE", "/api/2.0/mlflow-artifacts/artifacts/0/x/artifacts/a", Need::Write),
+    ("POST", "/api/2.0/mlflow-artifacts/mpu/create/0/x/artifacts", Need::Write),
+    ("POST", "/api/2.0/mlflow-artifacts/mpu/complete/0/x/artifacts", Need::Write),
+    ("POST", "/api/2.0/mlflow-artifacts/mpu/abort/0/x/artifacts", Need::Write),
+    ("POST", "/api/2.0/mlflow/registered-models/create", Need::Write),
+    ("GET", "/api/2.0/mlflow/registered-models/get?name=x", Need::Read),
+    ("POST", "/api/2.0/mlflow/registered-models/rename", Need::Write),
+    ("PATCH", "/api/2.0/mlflow/registered-models/update", Need::Write),
+    ("DELETE", "/api/2.0/mlflow/registered-models/delete", Need::Write),
+    ("GET", "/api/2.0/mlflow/registered-models/search", Need::Read),
+    ("POST", "/api/2.0/mlflow/registered-models/set-tag", Need::Write),
+    ("DELETE", "/api/2.0/mlflow/registered-models/delete-tag", Need::Write),
+    ("POST", "/api/2.0/mlflow/registered-models/get-latest-versions", Need::Read),
+    ("POST", "/api/2.0/mlflow/registered-models/alias", Need::Write),
+    ("DELETE", "/api/2.0/mlflow/registered-models/alias", Need::Write),
+    ("GET", "/api/2.0/mlflow/registered-models/alias?name=x&alias=a", Need::Read),
+    ("POST", "/api/2.0/mlflow/model-versions/create", Need::Write),
+    ("GET", "/api/2.0/mlflow/model-versions/get?name=x&version=1", Need::Read),
+    ("PATCH", "/api/2.0/mlflow/model-versions/update", Need::Write),
+    ("DELETE", "/api/2.0/mlflow/model-versions/delete", Need::Write),
+    ("GET", "/api/2.0/mlflow/model-versions/search", Need::Read),
+    ("GET", "/api/2.0/mlflow/model-versions/get-download-uri?name=x&version=1", Need::Read),
+    ("POST", "/api/2.0/mlflow/model-versions/set-tag", Need::Write),
+    ("DELETE", "/api/2.0/mlflow/model-versions/delete-tag", Need::Write),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mlflow_routes_check_roles() {
+    let mut cluster = Cluster::start(3, "");
+    cluster.wait_for_leader(Duration::from_secs(20)).await;
+    cluster.wait_for_agreement(Duration::from_secs(10)).await;
+    let viewer = create(&cluster, "m-viewer", Role::Viewer, 0).await;
+    let operator = create(&cluster, "m-operator", Role::Operator, 0).await;
+    let inference = create(&cluster, "m-inference", Role::Inference, 0).await;
+    let addr = cluster.http_addr(cluster.coordinator_ids()[0]);
+    for &(method, path, need) in MLFLOW_TABLE {
+        let body = (method != "GET").then_some("{}");
+        let may_write = need != Need::Read;
+        for (who, token, refused) in [
+            ("no token", None, Some(401)),
+            ("inference", Some(&inference), Some(403)),
+            ("viewer", Some(&viewer), may_write.then_some(403)),
+            ("operator", Some(&operator), None),
+        ] {
+            let (status, text) =
+                kiln_tests::http_request(&addr, method, path, token.map(String::as_str), body)
+                    .await;
+            let answer: serde_json::Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{method} {path} as {who}: not JSON ({e}): {text}"));
+            match refused {
+                Some(code) => {
+                    assert_eq!(status, code, "{method} {path} as {who}: {text}");
+                    let want = if code == 401 {
+                        "UNAUTHENTICATED"
+                    } else {
+                        "PERMISSION_DENIED"
+                    };
+                    assert_eq!(answer["error_code"], want, "{method} {path} as {who}");
+                }
+                // Allowed: whatever the (empty) request earns, never a refusal
+                // of the caller, and never a route that is not there.
+                None => assert!(
+                    ![401, 403].contains(&status)
+                        && answer["error_code"] != "ENDPOINT_NOT_FOUND",
+                    "{method} {path} as {who}: {status} {text}"
+                ),
+            }
+        }
+    }
+    // A part PUT carries its upload's secret instead of a token.
+    let (status, text) = kiln_tests::http_request(
+        &addr,
+        "PUT",
+        "/api/2.0/mlflow-artifacts/mpu/part/0123456789abcdef0123456789abcdef/1?secret=x",
+        None,
+        Some("bytes"),
+    )
+    .await;
+    assert_eq!(status, 404, "a part of no upload: {text}");
+    cluster.assert_healthy();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn state_changing_calls_are_rate_limited_per_token() {
     let mut cluster = Cluster::start(

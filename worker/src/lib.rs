@@ -59,13 +59,11 @@ pub mod cuda;
 pub mod http;
 pub mod identity;
 pub mod metrics;
-pub mod progress;
 pub mod resources;
 pub mod scrub;
 pub mod serving;
 pub mod telemetry;
 pub mod train;
-pub mod transfer;
 
 #[cfg(test)]
 mod in_process_coordinator;

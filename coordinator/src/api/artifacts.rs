@@ -19,6 +19,7 @@ use super::grpc::{audited, command, Api};
 use super::storage;
 use crate::auth::Caller;
 use crate::state::artifacts::{read_record, read_version, resolve};
+use crate::state::trees::{self, TreeOwner};
 use crate::state::keys;
 use crate::state::machine::read_counter;
 
@@ -206,18 +207,88 @@ impl Api {
             .collect()
     }
 
-    /// Returns a version's manifest and where each of its chunks can be read.
+    /// Returns a version's manifest and where each of its chunks can be read. A
+    /// living tree (an MLflow run's or logged model's files) answers its latest
+    /// version with the tree as it stands, numbered by its generation.
     pub async fn get_artifact_call(&self, req: GetArtifactRequest) -> Result<GetArtifactResponse> {
-        let number = self.resolve_reference(&req.name, &req.reference).await?;
-        let mut version = read_version(&self.reader, &req.name, number)
-            .map_err(storage)?
-            .ok_or_else(|| Error::NotFound(format!("{}@{number} does not exist", req.name)))?;
-        version.tags = self
-            .tags_of(&req.name)?
+        let version = match self.resolve_reference(&req.name, &req.reference).await {
+            Ok(number) => {
+                let mut version = read_version(&self.reader, &req.name, number)
+                    .map_err(storage)?
+                    .ok_or_else(|| {
+                        Error::NotFound(format!("{}@{number} does not exist", req.name))
+                    })?;
+                version.tags = self
+                    .tags_of(&req.name)?
+                    .into_iter()
+                    .filter(|(_, v)| *v == number)
+                    .map(|(t, _)| t)
+                    .collect();
+                version
+            }
+            Err(Error::NotFound(why)) => match self.tree_version(&req.name, &req.reference)? {
+                Some(version) => version,
+                None => return Err(Error::NotFound(why)),
+            },
+            Err(e) => return Err(e),
+        };
+        let sources = self.chunk_sources(&version.files)?;
+        Ok(GetArtifactResponse {
+            version: Some(version),
+            sources,
+        })
+    }
+
+    /// Returns a living tree as a directory version: its files now, numbered by
+    /// the tree's generation (only the latest can be read: a tree keeps no past).
+    fn tree_version(&self, name: &str, reference: &str) -> Result<Option<ArtifactVersion>> {
+        if TreeOwner::of(name).is_none() {
+            return Ok(None);
+        }
+        let head = trees::read_head(&self.reader, name).map_err(storage)?;
+        let latest = matches!(Selector::parse(reference)?, Selector::Latest)
+            || reference == head.generation.to_string();
+        if head.generation == 0 || !latest {
+            return Ok(None);
+        }
+        let files = self.tree_files(name, "")?;
+        Ok(Some(ArtifactVersion {
+            name: name.to_string(),
+            version: head.generation,
+            created_at_ms: head.updated_at_ms,
+            size: files.iter().map(|f| f.size).sum(),
+            digest: kiln_common::transfer::directory_digest(&files),
+            directory: true,
+            replicas: artifact::DEFAULT_REPLICAS,
+            files,
+            ..Default::default()
+        }))
+    }
+
+    /// Returns the files of a tree under `dir` (empty: all), in path order.
+    pub fn tree_files(&self, tree: &str, dir: &str) -> Result<Vec<ArtifactFile>> {
+        let prefix = keys::tree_files(tree, dir);
+        let entries = self
+            .reader
+            .scan(&prefix, trees::MAX_TREE_FILES + 1)
+            .map_err(storage)?;
+        if entries.len() > trees::MAX_TREE_FILES {
+            return Err(Error::InvalidArgument(format!(
+                "{tree} holds more than {} files under '{dir}'",
+                trees::MAX_TREE_FILES
+            )));
+        }
+        entries
             .into_iter()
-            .filter(|(_, v)| *v == number)
-            .map(|(t, _)| t)
-            .collect();
+            .map(|(_, bytes)| {
+                ArtifactFile::decode(bytes.as_slice())
+                    .map_err(|e| Error::Internal(format!("decode tree file: {e}")))
+            })
+            .collect()
+    }
+
+    /// Says where each distinct chunk of `files` can be read, Alive workers first.
+    pub fn chunk_sources(&self, files: &[ArtifactFile]) -> Result<Vec<ChunkSource>> {
         let workers = self.workers()?;
         let rank = |id: &str| match workers.by_id.get(id).map(|w| w.state) {
             Some(s) if s == WorkerState::Alive as i32 => 0,
@@ -226,7 +297,7 @@ impl Api {
         };
         let mut seen = BTreeSet::new();
         let mut sources = Vec::new();
-        for chunk in version.files.iter().flat_map(|f| f.chunks.iter()) {
+        for chunk in files.iter().flat_map(|f| f.chunks.iter()) {
             if !seen.insert(chunk.id.clone()) {
                 continue;
             }
@@ -249,10 +320,7 @@ impl Api {
                 replicas,
             });
         }
-        Ok(GetArtifactResponse {
-            version: Some(version),
-            sources,
-        })
+        Ok(sources)
     }
 
     /// Lists every artifact with its newest version.

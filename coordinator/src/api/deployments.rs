@@ -73,6 +73,12 @@ impl Api {
                     format!("{name}@{version} does not exist")
                 })
             })?;
+        if !model.undeployable.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "{name}@{version} cannot be deployed: {}",
+                model.undeployable
+            )));
+        }
         let target = ModelTarget {
             model: name,
             version,

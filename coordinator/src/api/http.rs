@@ -22,7 +22,8 @@ use kiln_common::status::cluster_status_json;
 use super::grpc::Api;
 use crate::auth::{self, Permission};
 
-/// Largest request body accepted (the endpoints take none).
+/// Largest request body accepted where a route sets no bound of its own (the
+/// tracking API allows more; artifact uploads stream theirs).
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Builds the HTTP router.
@@ -38,6 +39,9 @@ pub fn router(api: Api) -> Router {
         .route("/health", get(health))
         .merge(guarded)
         .merge(super::tracking::routes())
+        .merge(super::mlflow_artifacts::routes())
+        .merge(super::logged_models::routes())
+        .merge(super::registry::routes())
         .merge(super::dashboard::routes(api.clone()))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -9,8 +9,12 @@ pub mod grpc;
 pub mod http;
 pub mod jobs;
 pub mod live;
+pub mod logged_models;
+pub mod mlflow_artifacts;
 pub mod models;
+pub mod registry;
 pub mod retrain;
+pub mod search;
 pub mod tracking;
 
 /// A storage failure as the error a caller sees.

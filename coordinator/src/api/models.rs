@@ -28,7 +28,10 @@ impl Api {
             kiln_common::reference::ReferenceStats::from_proto(&model.reference)?;
         }
         let what = format!("register model {} from {}", model.name, model.artifact);
-        let kind = command::Kind::RegisterModel(RegisterModel { model: Some(model) });
+        let kind = command::Kind::RegisterModel(RegisterModel {
+            model: Some(model),
+            require_registered: false,
+        });
         Ok(self
             .propose(audited(caller, what, kind), false)
             .await?

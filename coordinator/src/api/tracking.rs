@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -25,9 +25,12 @@ use kiln_proto::v1::*;
 use serde_json::{json, Value};
 
 use super::grpc::{audited, command, Api};
+use super::mlflow_artifacts::run_artifact_uri;
+use super::search::{self, Field, Scope, Searchable};
 use crate::auth::{self, Caller, Permission};
 use crate::state::artifacts::read_record;
 use crate::state::keys;
+use crate::state::trees::TreeOwner;
 use crate::state::tracking::{self, experiment_id, read_experiment, MAX_BATCH_METRICS};
 
 /// Most runs one search returns.
@@ -57,10 +60,32 @@ pub fn routes() -> Router<Api> {
         .route(&format!("{base}/runs/log-batch"), post(log_batch))
         .route(&format!("{base}/runs/search"), post(search_runs))
         .route(&format!("{base}/metrics/get-history"), get(get_history))
+        .route(&format!("{base}/runs/outputs"), post(log_outputs))
+        .route(&format!("{base}/runs/log-inputs"), post(log_inputs))
+        .route(&format!("{base}/runs/delete"), post(delete_run))
+        .route(&format!("{base}/runs/restore"), post(restore_run))
+        .route(&format!("{base}/runs/delete-tag"), post(delete_run_tag))
+        .route(&format!("{base}/experiments/update"), post(update_experiment))
+        .route(&format!("{base}/experiments/delete"), post(delete_experiment))
+        .route(&format!("{base}/experiments/restore"), post(restore_experiment))
+        .route(
+            &format!("{base}/experiments/set-experiment-tag"),
+            post(set_experiment_tag),
+        )
+        .route(
+            &format!("{base}/experiments/delete-experiment-tag"),
+            post(delete_experiment_tag),
+        )
+        .route(&format!("{base}/experiments/search"), post(search_experiments))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
 }
 
+/// Largest request body of the tracking API (a full log-batch is well under it).
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+
 /// An MLflow-style error: its code, HTTP status and message.
-struct ApiError(&'static str, StatusCode, String);
+#[derive(Debug)]
+pub(super) struct ApiError(pub &'static str, pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -80,10 +105,16 @@ impl From<Error> for ApiError {
                     ("RESOURCE_ALREADY_EXISTS", StatusCode::BAD_REQUEST),
                     ("RESOURCE_DOES_NOT_EXIST", StatusCode::NOT_FOUND),
                     ("INVALID_PARAMETER_VALUE", StatusCode::BAD_REQUEST),
+                    ("RESOURCE_CONFLICT", StatusCode::CONFLICT),
+                    ("REQUEST_LIMIT_EXCEEDED", StatusCode::TOO_MANY_REQUESTS),
                 ] {
                     if let Some(rest) = msg.strip_prefix(code) {
                         return ApiError(code, status, rest.trim_start_matches(": ").to_string());
                     }
+                }
+                // kiln's own registry says NOT_FOUND (an alias to a missing version).
+                if let Some(rest) = msg.strip_prefix("NOT_FOUND: ") {
+                    return ApiError("RESOURCE_DOES_NOT_EXIST", StatusCode::NOT_FOUND, rest.into());
                 }
                 ApiError("INVALID_PARAMETER_VALUE", StatusCode::BAD_REQUEST, msg)
             }
@@ -109,9 +140,9 @@ impl From<Error> for ApiError {
     }
 }
 
-type ApiResult = Result<Json<Value>, ApiError>;
+pub(super) type ApiResult = Result<Json<Value>, ApiError>;
 
-fn bad(msg: impl Into<String>) -> ApiError {
+pub(super) fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(
         "INVALID_PARAMETER_VALUE",
         StatusCode::BAD_REQUEST,
@@ -120,7 +151,7 @@ fn bad(msg: impl Into<String>) -> ApiError {
 }
 
 /// Checks the caller for `need` (any caller without TLS).
-fn caller(
+pub(super) fn caller(
     api: &Api,
     headers: &HeaderMap,
     need: Permission,
@@ -134,7 +165,7 @@ fn caller(
     Ok(api.admit(caller, header, need, path)?)
 }
 
-fn body(bytes: &Bytes) -> Result<Value, ApiError> {
+pub(super) fn body(bytes: &Bytes) -> Result<Value, ApiError> {
     let value: Value =
         serde_json::from_slice(bytes).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
     if value.is_object() {
@@ -144,14 +175,14 @@ fn body(bytes: &Bytes) -> Result<Value, ApiError> {
     }
 }
 
-fn text<'a>(v: &'a Value, key: &str) -> Result<&'a str, ApiError> {
+pub(super) fn text<'a>(v: &'a Value, key: &str) -> Result<&'a str, ApiError> {
     v.get(key)
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
         .ok_or_else(|| bad(format!("missing value for required parameter '{key}'")))
 }
 
-fn opt_text(v: &Value, key: &str) -> String {
+pub(super) fn opt_text(v: &Value, key: &str) -> String {
     v.get(key)
         .and_then(Value::as_str)
         .unwrap_or_default()
@@ -159,7 +190,7 @@ fn opt_text(v: &Value, key: &str) -> String {
 }
 
 /// An int64 as a JSON number or string (protobuf's JSON mapping uses strings).
-fn int(v: &Value, key: &str) -> Result<Option<i64>, ApiError> {
+pub(super) fn int(v: &Value, key: &str) -> Result<Option<i64>, ApiError> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => n
@@ -175,7 +206,7 @@ fn int(v: &Value, key: &str) -> Result<Option<i64>, ApiError> {
 }
 
 /// A double as a JSON number or one of "NaN", "Infinity", "-Infinity".
-fn double(v: &Value, key: &str) -> Result<f64, ApiError> {
+pub(super) fn double(v: &Value, key: &str) -> Result<f64, ApiError> {
     match v.get(key) {
         Some(Value::Number(n)) => n
             .as_f64()
@@ -192,7 +223,7 @@ fn double(v: &Value, key: &str) -> Result<f64, ApiError> {
     }
 }
 
-fn double_json(x: f64) -> Value {
+pub(super) fn double_json(x: f64) -> Value {
     if x.is_nan() {
         json!("NaN")
     } else if x == f64::INFINITY {
@@ -205,7 +236,7 @@ fn double_json(x: f64) -> Value {
 }
 
 /// `[{key, value}]` into a map.
-fn pairs(v: &Value, key: &str) -> Result<HashMap<String, String>, ApiError> {
+pub(super) fn pairs(v: &Value, key: &str) -> Result<HashMap<String, String>, ApiError> {
     let Some(items) = v.get(key) else {
         return Ok(HashMap::new());
     };
@@ -218,7 +249,7 @@ fn pairs(v: &Value, key: &str) -> Result<HashMap<String, String>, ApiError> {
         .collect()
 }
 
-fn pairs_json(map: &HashMap<String, String>) -> Value {
+pub(super) fn pairs_json(map: &HashMap<String, String>) -> Value {
     let mut items: Vec<(&String, &String)> = map.iter().collect();
     items.sort();
     Value::Array(
@@ -229,19 +260,48 @@ fn pairs_json(map: &HashMap<String, String>) -> Value {
     )
 }
 
-fn experiment_json(e: &Experiment) -> Value {
+/// A stored lifecycle stage as MLflow names it (stored empty when active).
+fn stage(stored: &str) -> &str {
+    if stored.is_empty() {
+        "active"
+    } else {
+        stored
+    }
+}
+
+fn dataset_json(d: &DatasetInput) -> Value {
+    let mut tags = pairs_json(&d.tags);
+    if !d.artifact.is_empty() {
+        if let Value::Array(items) = &mut tags {
+            items.push(json!({"key": "kiln.artifact", "value": d.artifact}));
+        }
+    }
+    json!({
+        "tags": tags,
+        "dataset": {
+            "name": d.name,
+            "digest": d.digest,
+            "source_type": d.source_type,
+            "source": d.source,
+            "schema": d.schema,
+            "profile": d.profile,
+        },
+    })
+}
+
+pub(super) fn experiment_json(e: &Experiment) -> Value {
     json!({
         "experiment_id": e.id.to_string(),
         "name": e.name,
-        "artifact_location": "",
-        "lifecycle_stage": "active",
+        "artifact_location": format!("mlflow-artifacts:/{}", e.id),
+        "lifecycle_stage": stage(&e.lifecycle_stage),
         "creation_time": e.created_at_ms,
-        "last_update_time": e.created_at_ms,
+        "last_update_time": e.updated_at_ms.max(e.created_at_ms),
         "tags": pairs_json(&e.tags),
     })
 }
 
-fn point_json(m: &MetricPoint) -> Value {
+pub(super) fn point_json(m: &MetricPoint) -> Value {
     json!({"key": m.key, "value": double_json(m.value), "timestamp": m.timestamp_ms, "step": m.step})
 }
 
@@ -255,8 +315,8 @@ fn run_info_json(r: &RunRecord) -> Value {
         "status": r.status,
         "start_time": r.start_time_ms,
         "end_time": if r.end_time_ms == 0 { Value::Null } else { json!(r.end_time_ms) },
-        "artifact_uri": "",
-        "lifecycle_stage": "active",
+        "artifact_uri": run_artifact_uri(r.experiment_id, &r.run_id),
+        "lifecycle_stage": stage(&r.lifecycle_stage),
     })
 }
 
@@ -270,16 +330,21 @@ fn run_json(r: &RunRecord) -> Value {
             "params": pairs_json(&r.params),
             "tags": pairs_json(&r.tags),
         },
-        "inputs": {},
+        "inputs": {
+            "dataset_inputs": r.inputs.iter().map(dataset_json).collect::<Vec<_>>(),
+        },
+        "outputs": {
+            "model_outputs": r.outputs.iter().map(|o| json!({"model_id": o.model_id, "step": o.step})).collect::<Vec<_>>(),
+        },
     })
 }
 
-fn experiment_number(text: &str) -> Result<u64, ApiError> {
+pub(super) fn experiment_number(text: &str) -> Result<u64, ApiError> {
     text.parse()
         .map_err(|_| bad(format!("experiment_id '{text}' is not a number")))
 }
 
-async fn read_run(api: &Api, run_id: &str) -> Result<RunRecord, ApiError> {
+pub(super) async fn read_run(api: &Api, run_id: &str) -> Result<RunRecord, ApiError> {
     api.read_barrier(false).await?;
     read_record::<RunRecord>(&api.reader, &keys::run(run_id), "decode run")
         .map_err(|e| Error::Internal(e.to_string()))?
@@ -292,7 +357,7 @@ async fn read_run(api: &Api, run_id: &str) -> Result<RunRecord, ApiError> {
         })
 }
 
-async fn propose(
+pub(super) async fn propose(
     api: &Api,
     caller: &Caller,
     what: Option<String>,
@@ -408,7 +473,7 @@ async fn create_run(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> A
     Ok(Json(json!({"run": run_json(&run)})))
 }
 
-fn run_id_of(v: &Value) -> Result<String, ApiError> {
+pub(super) fn run_id_of(v: &Value) -> Result<String, ApiError> {
     match text(v, "run_id") {
         Ok(id) => Ok(id.to_string()),
         Err(_) => text(v, "run_uuid").map(str::to_string),
@@ -424,6 +489,7 @@ async fn update_run(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> A
         status: opt_text(&v, "status"),
         end_time_ms: int(&v, "end_time")?.map_or(0, |t| t.max(0) as u64),
         name: opt_text(&v, "run_name"),
+        ..Default::default()
     });
     propose(&api, &caller, Some(format!("update run {run_id}")), kind).await?;
     let run = read_run(&api, &run_id).await?;
@@ -514,6 +580,204 @@ async fn log_batch(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> Ap
     log(&api, &caller, batch).await
 }
 
+async fn log_outputs(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
+    let caller = caller(&api, &headers, Permission::Write, "runs/outputs")?;
+    let v = body(&raw)?;
+    let run_id = run_id_of(&v)?;
+    let models = match v.get("models") {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|m| {
+                Ok(RunModelOutput {
+                    model_id: text(m, "model_id")?.to_string(),
+                    step: int(m, "step")?.unwrap_or(0),
+                })
+            })
+            .collect::<Result<_, ApiError>>()?,
+        Some(_) => return Err(bad("'models' must be a list of {model_id, step}")),
+    };
+    let kind = command::Kind::LogRunOutputs(LogRunOutputs {
+        run_id: run_id.clone(),
+        models,
+    });
+    propose(&api, &caller, Some(format!("log outputs of run {run_id}")), kind).await?;
+    Ok(Json(json!({})))
+}
+
+/// An experiment id given as a string or a number.
+fn experiment_of(v: &Value) -> Result<u64, ApiError> {
+    match v.get("experiment_id") {
+        Some(Value::String(s)) => experiment_number(s),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .ok_or_else(|| bad("experiment_id is not a number")),
+        _ => Err(bad("missing value for required parameter 'experiment_id'")),
+    }
+}
+
+async fn change_experiment(
+    api: &Api,
+    caller: &Caller,
+    path: &str,
+    update: UpdateExperiment,
+) -> ApiResult {
+    let what = format!("{path} {}", update.id);
+    propose(
+        api,
+        caller,
+        Some(what),
+        command::Kind::UpdateExperiment(update),
+    )
+    .await?;
+    Ok(Json(json!({})))
+}
+
+async fn update_experiment(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
+    let caller = caller(&api, &headers, Permission::Write, "experiments/update")?;
+    let v = body(&raw)?;
+    let update = UpdateExperiment {
+        id: experiment_of(&v)?,
+        new_name: text(&v, "new_name")?.to_string(),
+        ..Default::default()
+    };
+    change_experiment(&api, &caller, "experiments/update", update).await
+}
+
+async fn delete_experiment(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
+    let caller = caller(&api, &headers, Permission::Write, "experiments/delete")?;
+    let v = body(&raw)?;
+    let update = UpdateExperiment {
+        id: experiment_of(&v)?,
+        lifecycle_stage: "deleted".into(),
+        ..Default::default()
+    };
+    change_experiment(&api, &caller, "experiments/delete", update).await
+}
+
+async fn restore_experiment(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
+    let caller = caller(&api, &headers, Permission::Write, "experiments/restore")?;
+    let v = body(&raw)?;
+    let update = UpdateExperiment {
+        id: experiment_of(&v)?,
+        lifecycle_stage: "active".into(),
+        ..Default::default()
+    };
+    change_experiment(&api, &caller, "experiments/restore", update).await
+}
+
+async fn set_experiment_tag(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
+    let caller = caller(&api, &headers, Permission::Write, "experiments/set-experiment-tag")?;
+    let v = body(&raw)?;
+    let update = UpdateExperiment {
+        id: experiment_of(&v)?,
+        set_tags: [(text(&v, "key")?.to_string(), opt_text(&v, "value"))].into(),
+        ..Default::default()
+    };
+    change_experiment(&api, &caller, "experiments/set-experiment-tag", update).await
+}
+
+async fn delete_experiment_tag(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    raw: Bytes,
+) -> ApiResult {
+    let caller = caller(&api, &headers, Permission::Write, "experiments/delete-experiment-tag")?;
+    let v = body(&raw)?;
+    let update = UpdateExperiment {
+        id: experiment_of(&v)?,
+        delete_tags: vec![text(&v, "key")?.to_string()],
+        ..Default::default()
+    };
+    change_experiment(&api, &caller, "experiments/delete-experiment-tag", update).await
+}
+
+async fn change_run(api: &Api, caller: &Caller, path: &str, update: UpdateRun) -> ApiResult {
+    let what = format!("{path} {}", update.run_id);
+    propose(api, caller, Some(what), command::Kind::UpdateRun(update)).await?;
+    Ok(Json(json!({})))
+}
+
+async fn delete_run(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
+    let caller = caller(&api, &headers, Permission::Write, "runs/delete")?;
+    let v = body(&raw)?;
+    let update = UpdateRun {
+        run_id: run_id_of(&v)?,
+        lifecycle_stage: "deleted".into(),
+        ..Default::default()
+    };
+    change_run(&api, &caller, "runs/delete", update).await
+}
+
+async fn restore_run(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
+    let caller = caller(&api, &headers, Permission::Write, "runs/restore")?;
+    let v = body(&raw)?;
+    let update = UpdateRun {
+        run_id: run_id_of(&v)?,
+        lifecycle_stage: "active".into(),
+        ..Default::default()
+    };
+    change_run(&api, &caller, "runs/restore", update).await
+}
+
+async fn delete_run_tag(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
+    let caller = caller(&api, &headers, Permission::Write, "runs/delete-tag")?;
+    let v = body(&raw)?;
+    let update = UpdateRun {
+        run_id: run_id_of(&v)?,
+        delete_tags: vec![text(&v, "key")?.to_string()],
+        ..Default::default()
+    };
+    change_run(&api, &caller, "runs/delete-tag", update).await
+}
+
+async fn log_inputs(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
+    let caller = caller(&api, &headers, Permission::Write, "runs/log-inputs")?;
+    let v = body(&raw)?;
+    let run_id = run_id_of(&v)?;
+    let items = match v.get("datasets") {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items.clone(),
+        Some(_) => return Err(bad("'datasets' must be a list of {dataset, tags}")),
+    };
+    api.read_barrier(false).await?;
+    let mut datasets = Vec::with_capacity(items.len());
+    for item in &items {
+        let d = item
+            .get("dataset")
+            .ok_or_else(|| bad("a dataset input needs 'dataset'"))?;
+        let name = text(d, "name")?.to_string();
+        // A kiln dataset of the same name: the input is that version's lineage.
+        let artifact = match kiln_common::artifact::validate_name(&name) {
+            Ok(()) => crate::state::artifacts::resolve(
+                &api.reader,
+                &name,
+                &kiln_common::artifact::Selector::Latest,
+            )
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map(|v| format!("{name}@{v}"))
+            .unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        datasets.push(DatasetInput {
+            name,
+            digest: opt_text(d, "digest"),
+            source_type: opt_text(d, "source_type"),
+            source: opt_text(d, "source"),
+            schema: opt_text(d, "schema"),
+            profile: opt_text(d, "profile"),
+            tags: pairs(item, "tags")?,
+            artifact,
+        });
+    }
+    let kind = command::Kind::LogRunInputs(LogRunInputs {
+        run_id: run_id.clone(),
+        datasets,
+    });
+    propose(&api, &caller, Some(format!("log inputs of run {run_id}")), kind).await?;
+    Ok(Json(json!({})))
+}
+
 async fn get_history(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -536,14 +800,106 @@ async fn get_history(
     Ok(Json(json!({"metrics": points})))
 }
 
+/// Most runs one search reads before filtering.
+pub const MAX_SEARCHED_RUNS: usize = 1_000_000;
+
+/// A run as search reads it.
+struct FoundRun<'a>(&'a RunRecord);
+
+impl Searchable for FoundRun<'_> {
+    fn value(&self, field: &Field) -> Option<search::Value> {
+        use search::Value as V;
+        let r = self.0;
+        match field {
+            Field::Metric(k) => r.latest.get(k).map(|m| V::Number(m.value)),
+            Field::Param(k) => r.params.get(k).map(|v| V::Text(v.clone())),
+            Field::Tag(k) if k == "mlflow.runName" && !r.tags.contains_key(k) => {
+                Some(V::Text(r.name.clone()))
+            }
+            Field::Tag(k) => r.tags.get(k).map(|v| V::Text(v.clone())),
+            Field::Attribute(a) => match a.as_str() {
+                "run_id" => Some(V::Text(r.run_id.clone())),
+                "run_name" => Some(V::Text(r.name.clone())),
+                "status" => Some(V::Text(r.status.clone())),
+                "user_id" => Some(V::Text(r.user.clone())),
+                "artifact_uri" => Some(V::Text(run_artifact_uri(r.experiment_id, &r.run_id))),
+                "lifecycle_stage" => Some(V::Text(stage(&r.lifecycle_stage).to_string())),
+                "start_time" | "created" => Some(V::Number(r.start_time_ms as f64)),
+                "end_time" if r.end_time_ms > 0 => Some(V::Number(r.end_time_ms as f64)),
+                _ => None,
+            },
+            Field::Dataset(_) => self.values(field).into_iter().next(),
+        }
+    }
+
+    fn values(&self, field: &Field) -> Vec<search::Value> {
+        let Field::Dataset(part) = field else {
+            return self.value(field).into_iter().collect();
+        };
+        self.0
+            .inputs
+            .iter()
+            .filter_map(|d| match part.as_str() {
+                "name" => Some(d.name.clone()),
+                "digest" => Some(d.digest.clone()),
+                "context" => d.tags.get("mlflow.data.context").cloned(),
+                _ => None,
+            })
+            .map(search::Value::Text)
+            .collect()
+    }
+}
+
+/// Which lifecycle stages a search wants (MLflow's ViewType).
+fn view_matches(view: &str, stored_stage: &str) -> Result<bool, ApiError> {
+    let deleted = !stored_stage.is_empty();
+    match view {
+        "" | "ACTIVE_ONLY" | "1" => Ok(!deleted),
+        "DELETED_ONLY" | "2" => Ok(deleted),
+        "ALL" | "3" => Ok(true),
+        other => Err(bad(format!(
+            "view type '{other}' is not ACTIVE_ONLY, DELETED_ONLY or ALL"
+        ))),
+    }
+}
+
+/// A view type given as its name or number.
+fn view_of(v: &Value, key: &str) -> String {
+    match v.get(key) {
+        Some(Value::Number(n)) => n.to_string(),
+        _ => opt_text(v, key),
+    }
+}
+
+/// `order_by` as a list of strings.
+fn order_of(v: &Value) -> Result<Vec<String>, ApiError> {
+    match v.get("order_by") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| {
+                i.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| bad("'order_by' must be a list of strings"))
+            })
+            .collect(),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(_) => Err(bad("'order_by' must be a list of strings")),
+    }
+}
+
+/// max_results within 1..=most, `default` when absent.
+fn max_results(v: &Value, default: usize, most: usize) -> Result<usize, ApiError> {
+    match int(v, "max_results")? {
+        None => Ok(default),
+        Some(m) if m >= 1 && m as usize <= most => Ok(m as usize),
+        Some(m) => Err(bad(format!("max_results {m} is out of range: 1 to {most}"))),
+    }
+}
+
 async fn search_runs(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
     caller(&api, &headers, Permission::Read, "runs/search")?;
     let v = body(&raw)?;
-    if !opt_text(&v, "filter").trim().is_empty() {
-        return Err(bad(
-            "filter expressions are not supported yet: list the experiment's runs and filter them yourself",
-        ));
-    }
     let ids: Vec<u64> = match v.get("experiment_ids") {
         Some(Value::Array(items)) => items
             .iter()
@@ -557,14 +913,94 @@ async fn search_runs(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> 
             .collect::<Result<_, _>>()?,
         _ => return Err(bad("missing value for required parameter 'experiment_ids'")),
     };
-    let max = int(&v, "max_results")?.map_or(1000, |m| (m.max(1) as usize).min(MAX_SEARCH_RESULTS));
+    let scope = Scope::runs();
+    let filter = search::Filter::parse(&opt_text(&v, "filter"), &scope).map_err(bad)?;
+    let order = search::parse_order_by(&order_of(&v)?, &scope).map_err(bad)?;
+    let max = max_results(&v, 1000, MAX_SEARCH_RESULTS)?;
+    let offset = search::parse_page_token(&opt_text(&v, "page_token")).map_err(bad)?;
+    let view = view_of(&v, "run_view_type");
+    view_matches(&view, "")?;
     api.read_barrier(false).await?;
-    // Newest first, as MLflow orders by default.
-    let runs =
-        tracking::runs(&api.reader, &ids, max).map_err(|e| Error::Internal(e.to_string()))?;
-    Ok(Json(
-        json!({"runs": runs.iter().map(run_json).collect::<Vec<_>>()}),
-    ))
+    // Newest first: MLflow's default order, and the tiebreak of any other.
+    let runs = tracking::runs(&api.reader, &ids, MAX_SEARCHED_RUNS + 1)
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    if runs.len() > MAX_SEARCHED_RUNS {
+        return Err(bad(format!(
+            "the experiments hold more than {MAX_SEARCHED_RUNS} runs; search fewer at once"
+        )));
+    }
+    let mut found = Vec::new();
+    for run in runs {
+        if view_matches(&view, &run.lifecycle_stage)? && filter.matches(&FoundRun(&run)) {
+            found.push(run);
+        }
+    }
+    found.sort_by(|a, b| {
+        search::compare(&FoundRun(a), &FoundRun(b), &order)
+            .then_with(|| b.start_time_ms.cmp(&a.start_time_ms))
+            .then_with(|| a.run_id.cmp(&b.run_id))
+    });
+    let (page, next) = search::page(found, offset, max);
+    let mut out = json!({"runs": page.iter().map(run_json).collect::<Vec<_>>()});
+    if let Some(next) = next {
+        out["next_page_token"] = json!(next);
+    }
+    Ok(Json(out))
+}
+
+/// An experiment as search reads it.
+struct FoundExperiment<'a>(&'a Experiment);
+
+impl Searchable for FoundExperiment<'_> {
+    fn value(&self, field: &Field) -> Option<search::Value> {
+        use search::Value as V;
+        let e = self.0;
+        match field {
+            Field::Tag(k) => e.tags.get(k).map(|v| V::Text(v.clone())),
+            Field::Attribute(a) => match a.as_str() {
+                "name" => Some(V::Text(e.name.clone())),
+                "experiment_id" => Some(V::Text(e.id.to_string())),
+                "lifecycle_stage" => Some(V::Text(stage(&e.lifecycle_stage).to_string())),
+                "creation_time" => Some(V::Number(e.created_at_ms as f64)),
+                "last_update_time" => {
+                    Some(V::Number(e.updated_at_ms.max(e.created_at_ms) as f64))
+                }
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+async fn search_experiments(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
+    caller(&api, &headers, Permission::Read, "experiments/search")?;
+    let v = body(&raw)?;
+    let scope = Scope::experiments();
+    let filter = search::Filter::parse(&opt_text(&v, "filter"), &scope).map_err(bad)?;
+    let order = search::parse_order_by(&order_of(&v)?, &scope).map_err(bad)?;
+    let max = max_results(&v, 1000, MAX_SEARCH_RESULTS)?;
+    let offset = search::parse_page_token(&opt_text(&v, "page_token")).map_err(bad)?;
+    let view = view_of(&v, "view_type");
+    view_matches(&view, "")?;
+    api.read_barrier(false).await?;
+    let mut found = Vec::new();
+    for e in tracking::experiments(&api.reader).map_err(|e| Error::Internal(e.to_string()))? {
+        if view_matches(&view, &e.lifecycle_stage)? && filter.matches(&FoundExperiment(&e)) {
+            found.push(e);
+        }
+    }
+    // MLflow's default: newest first, then by id.
+    found.sort_by(|a, b| {
+        search::compare(&FoundExperiment(a), &FoundExperiment(b), &order)
+            .then_with(|| b.created_at_ms.cmp(&a.created_at_ms))
+            .then_with(|| a.id.cmp(&b.id))
+    });
+    let (page, next) = search::page(found, offset, max);
+    let mut out = json!({"experiments": page.iter().map(experiment_json).collect::<Vec<_>>()});
+    if let Some(next) = next {
+        out["next_page_token"] = json!(next);
+    }
+    Ok(Json(out))
 }
 
 impl Api {
@@ -622,10 +1058,14 @@ impl Api {
                 });
             }
         }
+        let files = self.tree_listing(&TreeOwner::Run(run.run_id.clone()))?;
+        let models = self.run_models(&run)?;
         Ok(GetRunResponse {
             run: Some(run),
             experiment,
             history,
+            files,
+            models,
         })
     }
 }

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use kiln_common::artifact::{validate_name, validate_tag, Selector};
 use kiln_proto::v1::{
-    AddChunkReplicas, ArtifactVersion, ChunkPlacement, ChunkRecord, CommitArtifact,
+    AddChunkReplicas, ArtifactFile, ArtifactVersion, ChunkPlacement, ChunkRecord, CommitArtifact,
     DeleteChunkRecords, DropChunkReplicas, SetArtifactTag,
 };
 use prost::Message;
@@ -78,7 +78,7 @@ pub fn resolve(
 
 /// Merges `placements` into the recorded chunk records, checked, without writing:
 /// returns the records to write by key, or why the placements are refused.
-fn merge_placements(
+pub(super) fn merge_placements(
     txn: &Txn<'_>,
     placements: &[ChunkPlacement],
     replicas: u32,
@@ -125,7 +125,7 @@ fn merge_placements(
 
 /// Writes merged chunk records; when one is left with fewer replicas than it
 /// wants, bumps `meta/chunks_short` so that the leader's repair loop looks again.
-fn write_placed(
+pub(super) fn write_placed(
     txn: &mut Txn<'_>,
     placed: BTreeMap<Vec<u8>, ChunkRecord>,
 ) -> Result<(), StoreError> {
@@ -137,6 +137,76 @@ fn write_placed(
     }
     for (key, record) in placed {
         txn.put(key, record.encode_to_vec());
+    }
+    Ok(())
+}
+
+/// Checks one file of a manifest: its path, and that each chunk is well named, has
+/// a replica (placed by this command or recorded), and that the sizes add up.
+pub(super) fn check_file(
+    txn: &Txn<'_>,
+    placed: &BTreeMap<Vec<u8>, ChunkRecord>,
+    file: &ArtifactFile,
+) -> Result<Result<(), Rejection>, StoreError> {
+    if let Err(reason) = validate_path(&file.path) {
+        return Ok(Err(reason));
+    }
+    let mut file_size = 0u64;
+    for chunk in &file.chunks {
+        if chunk.id.len() != 32 {
+            return Ok(Err(format!(
+                "file {} names a chunk id of {} bytes",
+                file.path,
+                chunk.id.len()
+            )));
+        }
+        let key = keys::chunk(&chunk.id);
+        let has_replica = match placed.get(&key) {
+            Some(record) => !record.workers.is_empty(),
+            None => read_record::<ChunkRecord>(txn, &key, "decode chunk record")?
+                .is_some_and(|r| !r.workers.is_empty()),
+        };
+        if !has_replica {
+            return Ok(Err(format!(
+                "chunk {} of {} has no replica on any worker; push it first",
+                hex::encode(&chunk.id),
+                file.path
+            )));
+        }
+        file_size = file_size.saturating_add(chunk.size);
+    }
+    if file_size != file.size {
+        return Ok(Err(format!(
+            "file {} is {} bytes but its chunks add up to {file_size}",
+            file.path, file.size
+        )));
+    }
+    Ok(Ok(()))
+}
+
+/// Counts one more (`up`) or one fewer reference on each distinct chunk of `ids`,
+/// in `placed` (records are read into it when absent); the caller writes `placed`.
+pub(super) fn count_refs<'i>(
+    txn: &Txn<'_>,
+    placed: &mut BTreeMap<Vec<u8>, ChunkRecord>,
+    ids: impl Iterator<Item = &'i [u8]>,
+    up: bool,
+) -> Result<(), StoreError> {
+    let distinct: BTreeSet<&[u8]> = ids.collect();
+    for id in distinct {
+        let key = keys::chunk(id);
+        let record = match placed.remove(&key) {
+            Some(record) => record,
+            None => {
+                read_record::<ChunkRecord>(txn, &key, "decode chunk record")?.unwrap_or_default()
+            }
+        };
+        let refs = if up {
+            record.refs + 1
+        } else {
+            record.refs.saturating_sub(1)
+        };
+        placed.insert(key, ChunkRecord { refs, ..record });
     }
     Ok(())
 }
@@ -242,41 +312,11 @@ pub fn apply_commit(
     let mut paths = BTreeSet::new();
     let mut total = 0u64;
     for file in &version.files {
-        if let Err(reason) = validate_path(&file.path) {
+        if let Err(reason) = check_file(txn, &placed, file)? {
             return Ok(Err(reason));
         }
         if !paths.insert(file.path.as_str()) {
             return Ok(Err(format!("file {} is listed twice", file.path)));
-        }
-        let mut file_size = 0u64;
-        for chunk in &file.chunks {
-            if chunk.id.len() != 32 {
-                return Ok(Err(format!(
-                    "file {} names a chunk id of {} bytes",
-                    file.path,
-                    chunk.id.len()
-                )));
-            }
-            let key = keys::chunk(&chunk.id);
-            let has_replica = match placed.get(&key) {
-                Some(record) => !record.workers.is_empty(),
-                None => read_record::<ChunkRecord>(txn, &key, "decode chunk record")?
-                    .is_some_and(|r| !r.workers.is_empty()),
-            };
-            if !has_replica {
-                return Ok(Err(format!(
-                    "chunk {} of {} has no replica on any worker; push it first",
-                    hex::encode(&chunk.id),
-                    file.path
-                )));
-            }
-            file_size = file_size.saturating_add(chunk.size);
-        }
-        if file_size != file.size {
-            return Ok(Err(format!(
-                "file {} is {} bytes but its chunks add up to {file_size}",
-                file.path, file.size
-            )));
         }
         total = total.saturating_add(file.size);
     }
@@ -312,22 +352,11 @@ pub fn apply_commit(
     bump_counter(txn, &keys::artifact_latest(name))?;
     txn.put(keys::artifact_version(name, number), encoded);
     let mut placed = placed;
-    let listed: BTreeSet<&[u8]> = version
+    let listed = version
         .files
         .iter()
-        .flat_map(|f| f.chunks.iter().map(|c| c.id.as_slice()))
-        .collect();
-    for id in listed {
-        let key = keys::chunk(id);
-        let mut record = match placed.remove(&key) {
-            Some(record) => record,
-            None => {
-                read_record::<ChunkRecord>(txn, &key, "decode chunk record")?.unwrap_or_default()
-            }
-        };
-        record.refs += 1;
-        txn.put(key, record.encode_to_vec());
-    }
+        .flat_map(|f| f.chunks.iter().map(|c| c.id.as_slice()));
+    count_refs(txn, &mut placed, listed, true)?;
     write_placed(txn, placed)?;
     for tag in &commit.tags {
         txn.put(keys::artifact_tag(name, tag), number.to_be_bytes().to_vec());

@@ -73,7 +73,7 @@ fn end_run(
         run_id: job.run_id.clone(),
         status: status.into(),
         end_time_ms: now_ms,
-        name: String::new(),
+        ..Default::default()
     };
     // A run deleted or never made is no reason to keep a job from ending.
     let _ = tracking::apply_update_run(txn, &update)?;

@@ -21,6 +21,12 @@
 //! job_log/<id:020>/<seq:020>   JobLogLine
 //! model_head/<name>            u64, the newest version of a model
 //! model/<name>/v/<ver:020>     ModelVersion
+//! registered_model/<name>      RegisteredModel (description, tags), when set
+//! tree_head/<tree>             TreeHead of a run's or logged model's files
+//! tree/<tree>/<path>           ArtifactFile of one of those files
+//! logged_model/<id>            LoggedModel (MLflow 3)
+//! upload/<id>                  UploadRecord of a multipart upload in progress
+//! upload_part/<id>/<part:010>  ArtifactFile of one stored part
 //! drift_seq/<model>/<ver:020>  u64, the last window number of a model version
 //! drift/<model>/<ver:020>/<seq:020>   DriftWindow
 //! drift_alert/<id:020>         DriftAlert; meta/drift_alert_seq holds the last id
@@ -122,6 +128,53 @@ pub fn chunk(id: &[u8]) -> Vec<u8> {
     key
 }
 
+/// Prefix of living trees' heads ([`TreeHead`](kiln_proto::v1::TreeHead)).
+pub const TREE_HEAD: &str = "tree_head/";
+
+/// Returns the key of a tree's head.
+pub fn tree_head(tree: &str) -> Vec<u8> {
+    format!("{TREE_HEAD}{tree}").into_bytes()
+}
+
+/// Returns the prefix of a tree's files (`dir` empty: all of them; else the
+/// files under the directory `dir`).
+pub fn tree_files(tree: &str, dir: &str) -> Vec<u8> {
+    if dir.is_empty() {
+        format!("tree/{tree}/").into_bytes()
+    } else {
+        format!("tree/{tree}/{dir}/").into_bytes()
+    }
+}
+
+/// Returns the key of one file of a tree.
+pub fn tree_file(tree: &str, path: &str) -> Vec<u8> {
+    format!("tree/{tree}/{path}").into_bytes()
+}
+
+/// Counts the multipart uploads open.
+pub const UPLOADS_OPEN: &[u8] = b"meta/uploads_open";
+
+/// Prefix of multipart uploads in progress.
+pub const UPLOAD: &str = "upload/";
+
+/// Returns the key of a multipart upload.
+pub fn upload(id: &str) -> Vec<u8> {
+    format!("{UPLOAD}{id}").into_bytes()
+}
+
+/// Returns the key of one stored part of an upload.
+pub fn upload_part(id: &str, part: u32) -> Vec<u8> {
+    format!("upload_part/{id}/{part:010}").into_bytes()
+}
+
+/// Prefix of logged models (MLflow 3).
+pub const LOGGED_MODEL: &str = "logged_model/";
+
+/// Returns the key of a logged model.
+pub fn logged_model(id: &str) -> Vec<u8> {
+    format!("{LOGGED_MODEL}{id}").into_bytes()
+}
+
 /// Counts experiments (0 is the default one, which is never stored).
 pub const EXPERIMENT_SEQ: &[u8] = b"meta/experiment_seq";
 /// Prefix of experiment records.
@@ -197,6 +250,14 @@ pub fn job_log(id: u64, seq: u64) -> Vec<u8> {
 
 /// Prefix of each model's newest version number.
 pub const MODEL_HEAD: &str = "model_head/";
+
+/// Prefix of registered models' own records (MLflow's description and tags).
+pub const REGISTERED_MODEL: &str = "registered_model/";
+
+/// Returns the key of a registered model's record.
+pub fn registered_model(name: &str) -> Vec<u8> {
+    format!("{REGISTERED_MODEL}{name}").into_bytes()
+}
 
 /// Returns the key of a model's newest version number.
 pub fn model_latest(name: &str) -> Vec<u8> {

@@ -216,6 +216,52 @@ fn apply_kind(txn: &mut Txn<'_>, cmd: &Command) -> Result<Result<u64, Rejection>
         command::Kind::LogBatch(batch) => {
             return super::tracking::apply_log_batch(txn, batch);
         }
+        command::Kind::LogRunOutputs(outputs) => {
+            return super::tracking::apply_log_outputs(txn, outputs);
+        }
+        command::Kind::LogRunInputs(inputs) => {
+            return super::tracking::apply_log_inputs(txn, inputs);
+        }
+        command::Kind::CreateRegisteredModel(create) => {
+            return super::models::apply_create_registered(txn, create, now_ms);
+        }
+        command::Kind::UpdateRegisteredModel(update) => {
+            return super::models::apply_update_registered(txn, update, now_ms);
+        }
+        command::Kind::RenameRegisteredModel(rename) => {
+            return super::models::apply_rename(txn, rename, now_ms);
+        }
+        command::Kind::DeleteRegisteredModel(delete) => {
+            return super::models::apply_delete_registered(txn, delete);
+        }
+        command::Kind::UpdateModelVersion(update) => {
+            return super::models::apply_update_version(txn, update, now_ms);
+        }
+        command::Kind::UpdateExperiment(update) => {
+            return super::tracking::apply_update_experiment(txn, update, now_ms);
+        }
+        command::Kind::PutTreeFile(put) => {
+            return super::trees::apply_put(txn, put, now_ms);
+        }
+        command::Kind::DeleteTreeFiles(delete) => {
+            return super::trees::apply_delete(txn, delete, now_ms);
+        }
+        command::Kind::StartUpload(start) => {
+            let who = cmd.audit.as_ref().map_or("", |a| a.who.as_str());
+            return super::trees::apply_start_upload(txn, start, now_ms, who);
+        }
+        command::Kind::PutUploadPart(put) => {
+            return super::trees::apply_put_part(txn, put);
+        }
+        command::Kind::FinishUpload(finish) => {
+            return super::trees::apply_finish_upload(txn, finish, now_ms);
+        }
+        command::Kind::CreateLoggedModel(create) => {
+            return super::trees::apply_create_model(txn, create, now_ms);
+        }
+        command::Kind::UpdateLoggedModel(update) => {
+            return super::trees::apply_update_model(txn, update, now_ms);
+        }
         command::Kind::SubmitJob(submit) => {
             let who = cmd.audit.as_ref().map_or("", |a| a.who.as_str());
             return super::jobs::apply_submit(txn, submit, now_ms, who);

@@ -10,3 +10,4 @@ pub mod models;
 pub mod reader;
 pub mod serving;
 pub mod tracking;
+pub mod trees;

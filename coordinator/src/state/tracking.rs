@@ -12,13 +12,15 @@
 //! MLflow's error codes and HTTP statuses.
 
 use kiln_proto::v1::{
-    CreateExperiment, CreateRun, Experiment, LogBatch, MetricPoint, RunRecord, UpdateRun,
+    CreateExperiment, CreateRun, Experiment, LogBatch, LogRunInputs, LogRunOutputs, MetricPoint,
+    RunRecord, UpdateExperiment, UpdateRun,
 };
 use prost::Message;
 
 use super::artifacts::read_record;
 use super::keys;
 use super::machine::{bump_counter, Rejection, Txn};
+use super::machine::StateRead as _;
 use super::reader::StateReader;
 use crate::raft::storage::StoreError;
 
@@ -26,6 +28,10 @@ use crate::raft::storage::StoreError;
 pub const MAX_BATCH_METRICS: usize = 1000;
 pub const MAX_BATCH_PARAMS: usize = 100;
 pub const MAX_BATCH_TAGS: usize = 100;
+/// Most metrics, params and tags together in one batch (MLflow's limit).
+pub const MAX_BATCH_ITEMS: usize = 1000;
+/// Most logged models one run lists as outputs.
+pub const MAX_RUN_OUTPUTS: usize = 1000;
 /// Longest key of a param, tag or metric; longest param value; longest tag value.
 pub const MAX_KEY_BYTES: usize = 250;
 pub const MAX_PARAM_VALUE_BYTES: usize = 6000;
@@ -58,19 +64,51 @@ fn check_key(what: &str, key: &str) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// Records logged models as outputs of a run; a model listed already keeps its
+/// first step, so a retried call changes nothing.
+pub fn apply_log_outputs(
+    txn: &mut Txn<'_>,
+    outputs: &LogRunOutputs,
+) -> Result<Result<u64, Rejection>, StoreError> {
+    let mut run = match read_run(txn, &outputs.run_id)? {
+        Ok(run) => run,
+        Err(e) => return Ok(Err(e)),
+    };
+    for output in &outputs.models {
+        if txn.get(&keys::logged_model(&output.model_id))?.is_none() {
+            return Ok(missing(format!(
+                "logged model {} does not exist",
+                output.model_id
+            )));
+        }
+        if !run.outputs.iter().any(|o| o.model_id == output.model_id) {
+            run.outputs.push(output.clone());
+        }
+    }
+    if run.outputs.len() > MAX_RUN_OUTPUTS {
+        return Ok(invalid(format!(
+            "a run lists at most {MAX_RUN_OUTPUTS} logged models"
+        )));
+    }
+    txn.put(keys::run(&run.run_id), run.encode_to_vec());
+    Ok(Ok(0))
+}
+
 /// Returns the experiment `id` (the default one, 0, always exists).
 pub fn read_experiment(
     state: &dyn super::machine::StateRead,
     id: u64,
 ) -> Result<Option<Experiment>, StoreError> {
-    if id == 0 {
+    let stored = read_record(state, &keys::experiment(id), "decode experiment")?;
+    if id == 0 && stored.is_none() {
+        // Stored only once changed (tags).
         return Ok(Some(Experiment {
             id: 0,
             name: DEFAULT_EXPERIMENT.into(),
             ..Default::default()
         }));
     }
-    read_record(state, &keys::experiment(id), "decode experiment")
+    Ok(stored)
 }
 
 /// Returns the id of the experiment called `name`.
@@ -106,7 +144,9 @@ pub fn apply_create_experiment(
         id,
         name: name.to_string(),
         created_at_ms: now_ms,
+        updated_at_ms: now_ms,
         tags: create.tags.clone(),
+        ..Default::default()
     };
     txn.put(keys::experiment(id), experiment.encode_to_vec());
     txn.put(keys::experiment_name(name), id.to_be_bytes().to_vec());
@@ -200,6 +240,118 @@ pub fn apply_update_run(
     if !update.name.is_empty() {
         run.name = update.name.clone();
     }
+    match lifecycle(&update.lifecycle_stage) {
+        Ok(Some(stage)) => run.lifecycle_stage = stage,
+        Ok(None) => {}
+        Err(e) => return Ok(Err(e)),
+    }
+    for k in &update.delete_tags {
+        if run.tags.remove(k).is_none() {
+            return Ok(missing(format!("run {} has no tag '{k}'", run.run_id)));
+        }
+    }
+    txn.put(keys::run(&run.run_id), run.encode_to_vec());
+    Ok(Ok(0))
+}
+
+/// Reads a lifecycle stage: `Some("")` for active (stored empty), `Some("deleted")`,
+/// `None` when unchanged.
+fn lifecycle(stage: &str) -> Result<Option<String>, Rejection> {
+    match stage {
+        "" => Ok(None),
+        "active" => Ok(Some(String::new())),
+        "deleted" => Ok(Some("deleted".into())),
+        other => invalid(format!(
+            "lifecycle stage '{other}' is not 'active' or 'deleted'"
+        )),
+    }
+}
+
+/// Renames, deletes or restores an experiment, or changes its tags.
+pub fn apply_update_experiment(
+    txn: &mut Txn<'_>,
+    update: &UpdateExperiment,
+    now_ms: u64,
+) -> Result<Result<u64, Rejection>, StoreError> {
+    let Some(mut experiment) = read_experiment(txn, update.id)? else {
+        return Ok(missing(format!("experiment {} does not exist", update.id)));
+    };
+    let new_name = update.new_name.trim();
+    if !new_name.is_empty() && new_name != experiment.name {
+        if update.id == 0 {
+            return Ok(invalid(format!(
+                "the default experiment is always named '{DEFAULT_EXPERIMENT}'"
+            )));
+        }
+        if new_name.len() > MAX_EXPERIMENT_NAME_BYTES {
+            return Ok(invalid(format!(
+                "an experiment name must be 1 to {MAX_EXPERIMENT_NAME_BYTES} bytes"
+            )));
+        }
+        if experiment_id(txn, new_name)?.is_some() {
+            return Ok(exists(format!("experiment '{new_name}' exists already")));
+        }
+        txn.delete(keys::experiment_name(&experiment.name));
+        txn.put(keys::experiment_name(new_name), update.id.to_be_bytes().to_vec());
+        experiment.name = new_name.to_string();
+    }
+    match lifecycle(&update.lifecycle_stage) {
+        Ok(Some(stage)) if update.id == 0 && !stage.is_empty() => {
+            return Ok(invalid("the default experiment cannot be deleted".into()))
+        }
+        Ok(Some(stage)) => experiment.lifecycle_stage = stage,
+        Ok(None) => {}
+        Err(e) => return Ok(Err(e)),
+    }
+    for (k, v) in &update.set_tags {
+        if let Err(e) = check_key("tag", k) {
+            return Ok(Err(e));
+        }
+        if v.len() > MAX_TAG_VALUE_BYTES {
+            return Ok(invalid(format!(
+                "tag {k} is longer than {MAX_TAG_VALUE_BYTES} bytes"
+            )));
+        }
+        experiment.tags.insert(k.clone(), v.clone());
+    }
+    for k in &update.delete_tags {
+        experiment.tags.remove(k);
+    }
+    experiment.updated_at_ms = now_ms;
+    txn.put(keys::experiment(update.id), experiment.encode_to_vec());
+    Ok(Ok(0))
+}
+
+/// Most datasets one run lists as inputs.
+pub const MAX_RUN_INPUTS: usize = 1000;
+
+/// Records datasets as inputs of a run; one logged again (same name and digest)
+/// is kept once, so a retried call changes nothing.
+pub fn apply_log_inputs(
+    txn: &mut Txn<'_>,
+    inputs: &LogRunInputs,
+) -> Result<Result<u64, Rejection>, StoreError> {
+    let mut run = match read_run(txn, &inputs.run_id)? {
+        Ok(run) => run,
+        Err(e) => return Ok(Err(e)),
+    };
+    for dataset in &inputs.datasets {
+        if dataset.name.is_empty() {
+            return Ok(invalid("a dataset input needs a name".into()));
+        }
+        let known = run
+            .inputs
+            .iter()
+            .any(|d| d.name == dataset.name && d.digest == dataset.digest);
+        if !known {
+            run.inputs.push(dataset.clone());
+        }
+    }
+    if run.inputs.len() > MAX_RUN_INPUTS {
+        return Ok(invalid(format!(
+            "a run lists at most {MAX_RUN_INPUTS} dataset inputs"
+        )));
+    }
     txn.put(keys::run(&run.run_id), run.encode_to_vec());
     Ok(Ok(0))
 }
@@ -222,10 +374,22 @@ pub fn apply_log_batch(
             "a batch holds at most {MAX_BATCH_METRICS} metrics, {MAX_BATCH_PARAMS} params and {MAX_BATCH_TAGS} tags"
         )));
     }
+    let items = batch.metrics.len() + batch.params.len() + batch.tags.len();
+    if items > MAX_BATCH_ITEMS {
+        return Ok(invalid(format!(
+            "a batch holds {items} metrics, params and tags; at most {MAX_BATCH_ITEMS} in total"
+        )));
+    }
     let mut run = match read_run(txn, &batch.run_id)? {
         Ok(run) => run,
         Err(e) => return Ok(Err(e)),
     };
+    if !run.lifecycle_stage.is_empty() {
+        return Ok(invalid(format!(
+            "run {} is deleted; restore it before logging to it",
+            run.run_id
+        )));
+    }
     for (k, v) in &batch.params {
         if let Err(e) = check_key("param", k) {
             return Ok(Err(e));
@@ -281,7 +445,10 @@ pub fn apply_log_batch(
 
 /// Returns every experiment, the default one first.
 pub fn experiments(reader: &StateReader) -> Result<Vec<Experiment>, StoreError> {
-    let mut out = vec![read_experiment(reader, 0)?.unwrap_or_default()];
+    let mut out = Vec::new();
+    if reader.read(&keys::experiment(0))?.is_none() {
+        out.push(read_experiment(reader, 0)?.unwrap_or_default());
+    }
     for (_, bytes) in reader.scan(keys::EXPERIMENT.as_bytes(), usize::MAX)? {
         out.push(
             Experiment::decode(bytes.as_slice()).map_err(|e| StoreError {
@@ -441,7 +608,7 @@ mod tests {
             run_id: RUN.into(),
             status: "FINISHED".into(),
             end_time_ms: 50,
-            name: String::new(),
+            ..Default::default()
         });
         apply(&mut txn, finish).expect("finished");
         let bad = command::Kind::UpdateRun(UpdateRun {

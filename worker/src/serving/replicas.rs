@@ -22,7 +22,7 @@ use super::engine::{Engine, EngineConfig};
 use super::feedback::{AnswerSpec, TaskMetadata};
 use super::monitor::Monitor;
 use crate::train::shard::{MODEL_FILE, REFERENCE_FILE};
-use crate::transfer;
+use kiln_common::transfer;
 
 /// How long a replica that is no longer wanted keeps serving.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(3);

@@ -44,7 +44,7 @@ use super::onnx::{self, ExportMeta};
 use super::optim::Optimizer;
 use crate::collective::communicator::{nccl_wanted, new_nccl_id};
 use crate::collective::{Backend, Collective, NcclConfig, Ring, RingConfig, RingKey};
-use crate::transfer::{self, PushOptions};
+use kiln_common::transfer::{self, PushOptions};
 
 /// Longest wait for every rank of an attempt to report its data address.
 pub const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(120);
@@ -396,12 +396,6 @@ struct FinalMetrics {
     accuracy: f64,
 }
 
-/// The artifact holding the versions of a model (`model.onnx` and
-/// `reference.json` each).
-pub fn model_artifact(model: &str) -> String {
-    format!("{model}-model")
-}
-
 /// File names inside a model artifact.
 pub const MODEL_FILE: &str = "model.onnx";
 pub const REFERENCE_FILE: &str = "reference.json";
@@ -463,7 +457,7 @@ async fn publish_model(
             .map_err(|e| format!("write {file}: {e}"))?;
     }
     let options = PushOptions {
-        name: model_artifact(&spec.name),
+        name: kiln_common::artifact::model_artifact(&spec.name),
         parents: vec![dataset_ref.clone()],
         produced_by: task.run_id.clone(),
         media_type: "application/vnd.kiln.model".into(),

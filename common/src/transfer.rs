@@ -23,9 +23,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use futures_util::stream::{self, StreamExt, TryStreamExt};
-use kiln_common::artifact::parse_reference;
-use kiln_common::chunking::{Chunk, ChunkId, Chunker};
-use kiln_common::client::ClusterClient;
+use crate::artifact::parse_reference;
+use crate::chunking::{Chunk, ChunkId, Chunker};
+use crate::client::ClusterClient;
 use kiln_proto::v1::*;
 use tokio::sync::mpsc;
 
@@ -74,11 +74,30 @@ pub struct PushReport {
     pub warning: String,
 }
 
-/// A file to push: its path on disk and in the version.
-struct Source {
-    disk: PathBuf,
-    path: String,
-    mode: u32,
+/// Where a file's bytes come from.
+pub enum Input {
+    /// A file on disk, opened when its turn comes.
+    Disk(PathBuf),
+    /// Any reader (an HTTP body through a bridge), read on the reader thread.
+    Stream(Box<dyn std::io::Read + Send>),
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Input::Disk(path) => write!(f, "Disk({})", path.display()),
+            Input::Stream(_) => f.write_str("Stream"),
+        }
+    }
+}
+
+/// A file to upload: where its bytes come from, its path in the version or tree,
+/// and its Unix mode (0: not recorded).
+#[derive(Debug)]
+pub struct Source {
+    pub input: Input,
+    pub path: String,
+    pub mode: u32,
 }
 
 fn file_mode(meta: &std::fs::Metadata) -> u32 {
@@ -99,7 +118,7 @@ fn sources(root: &Path) -> anyhow::Result<(bool, Vec<Source>)> {
         return Ok((
             false,
             vec![Source {
-                disk: root.to_path_buf(),
+                input: Input::Disk(root.to_path_buf()),
                 path: name.to_string(),
                 mode: file_mode(&meta),
             }],
@@ -128,7 +147,7 @@ fn sources(root: &Path) -> anyhow::Result<(bool, Vec<Source>)> {
                     .with_context(|| format!("{} is not UTF-8", entry.path().display()))?
                     .replace(std::path::MAIN_SEPARATOR, "/");
                 out.push(Source {
-                    disk: entry.path(),
+                    input: Input::Disk(entry.path()),
                     path: rel,
                     mode: file_mode(&meta),
                 });
@@ -150,34 +169,33 @@ enum Read {
     FileDone { size: u64, digest: [u8; 32] },
 }
 
-/// Reads `sources` in order on a blocking thread.
+/// Reads `inputs` in order on a blocking thread.
 fn spawn_reader(
-    sources: Vec<PathBuf>,
+    inputs: Vec<(String, Input)>,
 ) -> (
     mpsc::Receiver<anyhow::Result<Read>>,
     std::thread::JoinHandle<()>,
 ) {
     let (tx, rx) = mpsc::channel(CHUNKS_AHEAD);
     let handle = std::thread::spawn(move || {
-        for path in sources {
-            let file = match std::fs::File::open(&path) {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = tx
-                        .blocking_send(Err(anyhow::anyhow!("cannot read {}: {e}", path.display())));
-                    return;
-                }
+        for (what, input) in inputs {
+            let reader: Box<dyn std::io::Read + Send> = match input {
+                Input::Disk(path) => match std::fs::File::open(&path) {
+                    Ok(f) => Box::new(f),
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(anyhow::anyhow!("cannot read {what}: {e}")));
+                        return;
+                    }
+                },
+                Input::Stream(reader) => reader,
             };
             let mut hasher = blake3::Hasher::new();
             let mut size = 0u64;
-            for chunk in Chunker::new(std::io::BufReader::with_capacity(1 << 20, file)) {
+            for chunk in Chunker::new(std::io::BufReader::with_capacity(1 << 20, reader)) {
                 let chunk = match chunk {
                     Ok(c) => c,
                     Err(e) => {
-                        let _ = tx.blocking_send(Err(anyhow::anyhow!(
-                            "cannot read {}: {e}",
-                            path.display()
-                        )));
+                        let _ = tx.blocking_send(Err(anyhow::anyhow!("cannot read {what}: {e}")));
                         return;
                     }
                 };
@@ -241,7 +259,7 @@ async fn send_batch(
             tokio::task::spawn_blocking(move || {
                 missing
                     .iter()
-                    .map(|&i| kiln_common::chunking::encode_chunk(&batch[i].data))
+                    .map(|&i| crate::chunking::encode_chunk(&batch[i].data))
                     .collect()
             })
             .await
@@ -280,7 +298,7 @@ async fn send_batch(
                                     "worker {} at {} refused chunks: {}",
                                     target.worker_id,
                                     target.addr,
-                                    kiln_common::Error::from(e)
+                                    crate::Error::from(e)
                                 )
                             })
                         }
@@ -321,7 +339,7 @@ async fn send_batch(
         let request = RecordChunksRequest {
             placements,
             replicas: if replicas == 0 {
-                kiln_common::artifact::DEFAULT_REPLICAS
+                crate::artifact::DEFAULT_REPLICAS
             } else {
                 replicas
             },
@@ -337,46 +355,55 @@ async fn send_batch(
     Ok(outcome)
 }
 
-/// Pushes a file or directory as a new version of `options.name`.
-pub async fn push(
-    client: Arc<ClusterClient>,
-    root: &Path,
-    options: PushOptions,
-) -> anyhow::Result<PushReport> {
-    kiln_common::artifact::validate_name(&options.name)?;
-    for tag in &options.tags {
-        kiln_common::artifact::validate_tag(tag)?;
-    }
-    let started = Instant::now();
-    let (directory, sources) = sources(root)?;
-    let total: u64 = sources
-        .iter()
-        .map(|s| std::fs::metadata(&s.disk).map(|m| m.len()).unwrap_or(0))
-        .sum();
-    let what = format!("push {}", options.name);
-    let mut progress = if options.quiet {
-        Progress::quiet(&what, total)
-    } else {
-        Progress::new(&what, total)
-    };
-    let (mut rx, reader) = spawn_reader(sources.iter().map(|s| s.disk.clone()).collect());
+/// What an upload stored: each file's manifest entry, and what it sent.
+#[derive(Debug, Default)]
+pub struct Uploaded {
+    pub files: Vec<ArtifactFile>,
+    pub chunks: usize,
+    pub new_chunks: usize,
+    pub new_bytes: u64,
+    /// Replicas each chunk got, and the coordinators' warning when fewer than asked.
+    pub replicas: u32,
+    pub warning: String,
+}
 
-    let mut files = Vec::with_capacity(sources.len());
+/// Chunks `sources` in order, stores the chunks the cluster lacks on its workers
+/// and records their replicas, batch by batch; returns the files' manifest
+/// entries. Nothing refers to the chunks until the caller commits the entries (a
+/// version, a tree file); until then garbage collection spares them for its grace
+/// period.
+pub async fn upload(
+    client: Arc<ClusterClient>,
+    sources: Vec<Source>,
+    replicas: u32,
+    progress: &mut Progress,
+) -> anyhow::Result<Uploaded> {
+    let mut names = Vec::with_capacity(sources.len());
+    let mut inputs = Vec::with_capacity(sources.len());
+    for source in sources {
+        let what = match &source.input {
+            Input::Disk(path) => path.display().to_string(),
+            Input::Stream(_) => source.path.clone(),
+        };
+        names.push((source.path, source.mode));
+        inputs.push((what, source.input));
+    }
+    let (mut rx, reader) = spawn_reader(inputs);
+
+    let mut done = Uploaded::default();
     let mut current: Vec<ChunkRef> = Vec::new();
     let mut batch: Vec<Chunk> = Vec::new();
     let mut batch_bytes = 0usize;
     let mut in_flight = JoinSet::new();
-    let mut total = BatchOutcome::default();
-    let mut chunks = 0usize;
-    let mut collect = |result: anyhow::Result<BatchOutcome>| -> anyhow::Result<()> {
-        let done = result?;
-        total.new_chunks += done.new_chunks;
-        total.new_bytes += done.new_bytes;
-        total.replicas = done.replicas;
-        if !done.warning.is_empty() {
-            total.warning = done.warning;
+    let collect = |done: &mut Uploaded, result: anyhow::Result<BatchOutcome>| {
+        let outcome = result?;
+        done.new_chunks += outcome.new_chunks;
+        done.new_bytes += outcome.new_bytes;
+        done.replicas = outcome.replicas;
+        if !outcome.warning.is_empty() {
+            done.warning = outcome.warning;
         }
-        Ok(())
+        anyhow::Ok(())
     };
     loop {
         let next = rx.recv().await;
@@ -386,13 +413,13 @@ pub async fn push(
         };
         if flush {
             if in_flight.len() >= BATCHES_IN_FLIGHT {
-                let done = in_flight.join_next().await.expect("a batch in flight");
-                collect(done.context("join a batch")?)?;
+                let joined = in_flight.join_next().await.expect("a batch in flight");
+                collect(&mut done, joined.context("join a batch")?)?;
             }
             in_flight.spawn(send_batch(
                 Arc::clone(&client),
                 std::mem::take(&mut batch),
-                options.replicas,
+                replicas,
             ));
             batch_bytes = 0;
         }
@@ -400,7 +427,7 @@ pub async fn push(
             None => break,
             Some(Err(e)) => return Err(e),
             Some(Ok(Read::Chunk(chunk))) => {
-                chunks += 1;
+                done.chunks += 1;
                 progress.advance(chunk.data.len() as u64);
                 current.push(ChunkRef {
                     id: chunk.id.0.to_vec(),
@@ -410,27 +437,67 @@ pub async fn push(
                 batch.push(chunk);
             }
             Some(Ok(Read::FileDone { size, digest })) => {
-                let source = &sources[files.len()];
-                files.push(ArtifactFile {
-                    path: source.path.clone(),
+                let (path, mode) = names
+                    .get(done.files.len())
+                    .cloned()
+                    .context("the reader ended more files than it was given")?;
+                done.files.push(ArtifactFile {
+                    path,
                     size,
                     digest: digest.to_vec(),
                     chunks: std::mem::take(&mut current),
-                    mode: source.mode,
+                    mode,
                 });
             }
         }
     }
-    while let Some(done) = in_flight.join_next().await {
-        collect(done.context("join a batch")?)?;
+    while let Some(joined) = in_flight.join_next().await {
+        collect(&mut done, joined.context("join a batch")?)?;
     }
-    progress.finish();
     reader
         .join()
         .map_err(|_| anyhow::anyhow!("the file reader panicked"))?;
-    if files.len() != sources.len() {
-        bail!("read {} of {} files", files.len(), sources.len());
+    if done.files.len() != names.len() {
+        bail!("read {} of {} files", done.files.len(), names.len());
     }
+    if done.replicas == 0 {
+        // Nothing was planned: empty files only. Ask for the replica count anyway
+        // so that the report says what the cluster would do.
+        let planned = send_batch(Arc::clone(&client), Vec::new(), replicas).await?;
+        done.replicas = planned.replicas;
+        done.warning = planned.warning;
+    }
+    Ok(done)
+}
+
+/// Pushes a file or directory as a new version of `options.name`.
+pub async fn push(
+    client: Arc<ClusterClient>,
+    root: &Path,
+    options: PushOptions,
+) -> anyhow::Result<PushReport> {
+    crate::artifact::validate_name(&options.name)?;
+    for tag in &options.tags {
+        crate::artifact::validate_tag(tag)?;
+    }
+    let started = Instant::now();
+    let (directory, sources) = sources(root)?;
+    let total: u64 = sources
+        .iter()
+        .map(|s| match &s.input {
+            Input::Disk(path) => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+            Input::Stream(_) => 0,
+        })
+        .sum();
+    let what = format!("push {}", options.name);
+    let mut progress = if options.quiet {
+        Progress::quiet(&what, total)
+    } else {
+        Progress::new(&what, total)
+    };
+    let uploaded = upload(Arc::clone(&client), sources, options.replicas, &mut progress).await?;
+    progress.finish();
+    let files = uploaded.files;
 
     let size: u64 = files.iter().map(|f| f.size).sum();
     let digest = if directory {
@@ -438,13 +505,6 @@ pub async fn push(
     } else {
         files[0].digest.clone()
     };
-    if total.replicas == 0 {
-        // Nothing was planned: an empty file or directory. Ask for the replica count
-        // anyway so that the report says what the cluster would do.
-        let planned = send_batch(Arc::clone(&client), Vec::new(), options.replicas).await?;
-        total.replicas = planned.replicas;
-        total.warning = planned.warning;
-    }
     let version = ArtifactVersion {
         name: options.name.clone(),
         size,
@@ -456,7 +516,7 @@ pub async fn push(
         directory,
         files,
         replicas: if options.replicas == 0 {
-            kiln_common::artifact::DEFAULT_REPLICAS
+            crate::artifact::DEFAULT_REPLICAS
         } else {
             options.replicas
         },
@@ -485,12 +545,12 @@ pub async fn push(
         version: number,
         files: file_count,
         bytes: size,
-        chunks,
-        new_chunks: total.new_chunks,
-        new_bytes: total.new_bytes,
-        replicas: total.replicas,
+        chunks: uploaded.chunks,
+        new_chunks: uploaded.new_chunks,
+        new_bytes: uploaded.new_bytes,
+        replicas: uploaded.replicas,
         seconds: started.elapsed().as_secs_f64(),
-        warning: total.warning,
+        warning: uploaded.warning,
     })
 }
 
@@ -530,7 +590,7 @@ pub async fn pull(
     let resp = get_artifact(&client, reference).await?;
     let version = resp.version.context("the coordinators sent no version")?;
     let name = version.name.clone();
-    let sources: Arc<std::collections::HashMap<Vec<u8>, Vec<ChunkTarget>>> = Arc::new(
+    let sources: Arc<ChunkSources> = Arc::new(
         resp.sources
             .into_iter()
             .map(|s| (s.id, s.replicas))
@@ -577,7 +637,7 @@ pub async fn pull(
 /// file, checking the file's digest before the rename.
 async fn write_file(
     client: &Arc<ClusterClient>,
-    sources: &Arc<std::collections::HashMap<Vec<u8>, Vec<ChunkTarget>>>,
+    sources: &Arc<ChunkSources>,
     file: &ArtifactFile,
     path: &Path,
     progress: &mut Progress,
@@ -599,19 +659,7 @@ async fn write_file(
             .with_context(|| format!("cannot write {}", partial.display()))?,
     );
     let mut hasher = blake3::Hasher::new();
-    // Owned ids: a closure over borrowed chunk refs makes this future fail the
-    // higher-ranked `Send` check when a worker's spawned task awaits it.
-    let ids: Vec<Vec<u8>> = file.chunks.iter().map(|c| c.id.clone()).collect();
-    let mut fetched = stream::iter(ids.into_iter().map(|id| {
-        let client = Arc::clone(client);
-        let sources = Arc::clone(sources);
-        async move {
-            let chunk_id = ChunkId::from_slice(&id, "manifest")?;
-            let replicas = sources.get(&id).cloned().unwrap_or_default();
-            Ok::<_, anyhow::Error>(client.fetch_chunk(chunk_id, &replicas).await?)
-        }
-    }))
-    .buffered(FETCHES_IN_FLIGHT);
+    let mut fetched = std::pin::pin!(file_chunks(Arc::clone(client), Arc::clone(sources), file));
     let result: anyhow::Result<()> = async {
         while let Some(data) = fetched.try_next().await? {
             progress.advance(data.len() as u64);
@@ -639,6 +687,32 @@ async fn write_file(
     }
     std::fs::rename(&partial, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+/// Chunk replicas by chunk id, as GetArtifact answers them.
+pub type ChunkSources = std::collections::HashMap<Vec<u8>, Vec<ChunkTarget>>;
+
+/// Fetches `file`'s chunks in order, [`FETCHES_IN_FLIGHT`] at a time, each
+/// verified against its id (a replica that fails or sends bad bytes is skipped
+/// for the next). The caller checks the file's digest at the end.
+pub fn file_chunks(
+    client: Arc<ClusterClient>,
+    sources: Arc<ChunkSources>,
+    file: &ArtifactFile,
+) -> impl futures_util::Stream<Item = anyhow::Result<Vec<u8>>> + Send + 'static {
+    // Owned ids: a closure over borrowed chunk refs makes this future fail the
+    // higher-ranked `Send` check when a worker's spawned task awaits it.
+    let ids: Vec<Vec<u8>> = file.chunks.iter().map(|c| c.id.clone()).collect();
+    stream::iter(ids.into_iter().map(move |id| {
+        let client = Arc::clone(&client);
+        let sources = Arc::clone(&sources);
+        async move {
+            let chunk_id = ChunkId::from_slice(&id, "manifest")?;
+            let replicas = sources.get(&id).cloned().unwrap_or_default();
+            Ok::<_, anyhow::Error>(client.fetch_chunk(chunk_id, &replicas).await?)
+        }
+    }))
+    .buffered(FETCHES_IN_FLIGHT)
 }
 
 /// What changed from one version to another.
