@@ -56,3 +56,33 @@ kiln_nvrtc_dir() {
     echo "$lib"
   fi
 }
+
+# Prints the python of a virtual environment with the real MLflow client and what
+# its quickstart needs (onnx; onnxruntime, which mlflow.onnx.save_model imports;
+# matplotlib; numpy), installed once from PyPI under the target directory, for the
+# test that drives kiln's coordinators with it. A half-made venv has no marker (the
+# pins) and is made again; a lock keeps two callers from making it at once. Prints
+# nothing when it cannot be installed; the test then says it skipped.
+kiln_mlflow_python() {
+  local venv="$CARGO_TARGET_DIR/venvs/mlflow"
+  local pins="mlflow==3.17.2 onnx==1.23.2 onnxruntime==1.32.0 matplotlib==3.11.2 numpy==2.4.6"
+  local marker="$venv/kiln-pins.txt"
+  mkdir -p "$CARGO_TARGET_DIR/venvs" 2>/dev/null || return 0
+  (
+    flock -w 1200 9 || exit 0
+    [ "$(cat "$marker" 2>/dev/null)" = "$pins" ] && exit 0
+    rm -rf "$venv"
+    if ! python3 -m venv "$venv" >&2 2>/dev/null; then
+      rm -rf "$venv"
+      kiln_install_packages python3-venv >&2 || true
+      python3 -m venv "$venv" >&2 || exit 0
+    fi
+    # shellcheck disable=SC2086 # one argument per pin
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+      $pins >&2 || exit 0
+    echo "$pins" >"$marker"
+  ) 9>"$CARGO_TARGET_DIR/venvs/mlflow.lock" || true
+  if [ "$(cat "$marker" 2>/dev/null)" = "$pins" ]; then
+    echo "$venv/bin/python"
+  fi
+}

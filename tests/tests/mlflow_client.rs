@@ -1,0 +1,396 @@
+//! The real `mlflow` Python client (3.x from PyPI), unchanged, against a follower
+//! coordinator of a 3-coordinator cluster with TLS and tokens: MLflow's quickstart
+//! (scripts/mlflow_client_check.py asserts every answer the client gets), then
+//! kiln's side of what it logged: `kiln runs show`, `kiln artifact pull` of the
+//! run's and the logged model's files, `kiln models ls | show`, and the registered
+//! model deployed through its MLflow alias and answering KServe v2 on a worker.
+//!
+//! The client lives in the venv that scripts/env.sh's `kiln_mlflow_python` installs
+//! once from PyPI; where it cannot, the test says SKIPPED, unless
+//! `EXPECT_MLFLOW_CLIENT=1` (scripts/test.sh sets it when the venv installed).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use kiln_tests::v1::Role;
+use kiln_tests::{http_call, stderr_text, Cluster};
+use serde_json::{json, Value};
+
+/// Longest `kiln_mlflow_python` may take: a first install from PyPI takes minutes.
+const VENV_INSTALL_TIMEOUT: Duration = Duration::from_secs(900);
+/// Longest the quickstart script may run (about 30 s against `mlflow server`).
+const CLIENT_CHECK_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest the workers take to learn the deployment's route.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+const MODEL: &str = "quickstart-mlp";
+const DEPLOYMENT: &str = "quickstart-mlp-svc";
+
+/// Returns the repository root (the tests crate is one of its members).
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives in the workspace root")
+        .to_path_buf()
+}
+
+/// Runs `command` to completion within `timeout`, killing it after; panics if it
+/// cannot start or overruns, naming `what`.
+async fn run_bounded(
+    mut command: tokio::process::Command,
+    timeout: Duration,
+    what: &str,
+) -> Output {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    match tokio::time::timeout(timeout, command.output()).await {
+        Ok(Ok(output)) => output,
+        Ok(Err(e)) => panic!("start {what}: {e}"),
+        Err(_) => panic!("{what} did not finish within {timeout:?}"),
+    }
+}
+
+/// Returns the python of the MLflow venv, installing it on first use, or `None`
+/// when it cannot be installed (and the test may skip).
+async fn mlflow_python() -> Option<PathBuf> {
+    let mut command = tokio::process::Command::new("bash");
+    command
+        .args(["-c", "source scripts/env.sh && kiln_mlflow_python"])
+        .current_dir(repo_root());
+    let out = run_bounded(command, VENV_INSTALL_TIMEOUT, "kiln_mlflow_python").await;
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if out.status.success() && !path.is_empty() {
+        return Some(PathBuf::from(path));
+    }
+    let why = format!(
+        "scripts/env.sh's kiln_mlflow_python could not install the mlflow venv ({}): {}",
+        out.status,
+        stderr_text(&out)
+    );
+    assert!(
+        std::env::var("EXPECT_MLFLOW_CLIENT").as_deref() != Ok("1"),
+        "EXPECT_MLFLOW_CLIENT=1 but {why}"
+    );
+    println!("SKIPPED: {why}");
+    None
+}
+
+/// A cluster of 3 coordinators and 2 live workers.
+async fn cluster_with_workers(workers: &[&str]) -> Cluster {
+    let mut cluster = Cluster::start(3, "");
+    cluster.wait_for_leader(Duration::from_secs(20)).await;
+    cluster.wait_for_agreement(Duration::from_secs(10)).await;
+    for name in workers {
+        cluster.start_worker(name);
+    }
+    let want = workers.len();
+    kiln_tests::wait_for(Duration::from_secs(30), "workers alive", || {
+        let cluster = &cluster;
+        async move {
+            let status = cluster.run_cli(&["status", "--json"]).await;
+            let status: Value =
+                serde_json::from_slice(&status.stdout).map_err(|e| e.to_string())?;
+            let alive = status["workers"]
+                .as_array()
+                .map_or(0, |w| w.iter().filter(|w| w["state"] == "alive").count());
+            if alive < want {
+                return Err(format!("{alive} worker(s) alive"));
+            }
+            Ok(())
+        }
+    })
+    .await;
+    cluster
+}
+
+/// Runs a CLI command that must succeed; returns its stdout parsed as JSON.
+async fn cli_json(cluster: &Cluster, args: &[&str]) -> Value {
+    let out = cluster.run_cli(args).await;
+    assert!(
+        out.status.success(),
+        "kiln {}: {}",
+        args.join(" "),
+        stderr_text(&out)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "kiln {} printed no JSON ({e}): {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// Asserts that every file `names` under `got` has the bytes of the one under
+/// `want`.
+fn assert_same_files(want: &Path, got: &Path, names: &[String], what: &str) {
+    for name in names {
+        let (a, b) = (read(&want.join(name)), read(&got.join(name)));
+        assert!(
+            a == b,
+            "{what}: {name} has {} bytes, the mlflow client logged {} other bytes",
+            b.len(),
+            a.len()
+        );
+    }
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {value}"))
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .unwrap_or_else(|| panic!("not text: {v}"))
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mlflow_client_works_unchanged_against_a_cluster() {
+    let Some(python) = mlflow_python().await else {
+        return;
+    };
+    let workers = ["a", "b"];
+    let mut cluster = cluster_with_workers(&workers).await;
+    let (leader, _) = cluster.wait_for_leader(Duration::from_secs(20)).await;
+    let token = cluster
+        .create_token("mlflow-quickstart", Role::Operator, 0)
+        .await;
+    let follower = cluster
+        .coordinator_ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("a follower");
+    let http = cluster.http_addr(follower);
+
+    // MLflow's quickstart through the unchanged client, every answer asserted.
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let out = out_dir.path();
+    let mut command = tokio::process::Command::new(&python);
+    command
+        .arg(repo_root().join("scripts/mlflow_client_check.py"))
+        .current_dir(out);
+    for (key, _) in std::env::vars_os() {
+        // Only the settings below: no experiment, run or credentials of the caller.
+        if key.to_string_lossy().starts_with("MLFLOW_") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .env("MLFLOW_TRACKING_URI", format!("https://{http}"))
+        .env("MLFLOW_TRACKING_TOKEN", &token)
+        .env(
+            "MLFLOW_TRACKING_SERVER_CERT_PATH",
+            cluster.certs_dir().join("ca.pem"),
+        )
+        .env("KILN_CHECK_OUT", out);
+    let check = run_bounded(command, CLIENT_CHECK_TIMEOUT, "mlflow_client_check.py").await;
+    assert!(
+        check.status.success(),
+        "the mlflow client against coordinator {follower} (a follower) failed ({}):\n\
+         ----- stdout\n{}\n----- stderr\n{}",
+        check.status,
+        String::from_utf8_lossy(&check.stdout),
+        stderr_text(&check)
+    );
+    let report: Value =
+        serde_json::from_slice(&read(&out.join("report.json"))).expect("report.json is JSON");
+    let run_id = report["run_id"].as_str().expect("run_id").to_string();
+    let model_id = report["logged_model_id"]
+        .as_str()
+        .expect("logged_model_id")
+        .to_string();
+    let version = report["model_version"].as_u64().expect("model_version");
+    let files = strings(&report["files"]);
+    let model_files = strings(&report["model_files"]);
+    let originals = out.join("originals");
+    let model_originals = out.join("model");
+
+    // `kiln runs show`: the run as logged, its files and its logged model.
+    let shown = cli_json(&cluster, &["runs", "show", &run_id, "--json"]).await;
+    assert_eq!(shown["run_id"], run_id.as_str(), "{shown}");
+    assert_eq!(shown["experiment"], "quickstart", "{shown}");
+    assert_eq!(shown["status"], "FINISHED", "{shown}");
+    assert_eq!(
+        shown["params"],
+        json!({"lr": "0.01", "layers": "2"}),
+        "{shown}"
+    );
+    assert_eq!(shown["metrics"]["loss"]["step"], 9, "{shown}");
+    assert_eq!(shown["artifacts"]["name"], format!("mlflow-run-{run_id}"));
+    let listed: BTreeMap<String, u64> = shown["artifacts"]["files"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no artifacts.files in {shown}"))
+        .iter()
+        .map(|f| {
+            (
+                f["path"].as_str().expect("path").to_string(),
+                f["size"].as_u64().expect("size"),
+            )
+        })
+        .collect();
+    for path in &files {
+        let size = read(&originals.join(path)).len() as u64;
+        assert_eq!(
+            listed.get(path),
+            Some(&size),
+            "kiln runs show lists {path} with its size: {listed:?}"
+        );
+    }
+    let models = shown["models"].as_array().expect("models");
+    let logged = models
+        .iter()
+        .find(|m| m["model_id"] == model_id.as_str())
+        .unwrap_or_else(|| panic!("kiln runs show lists no logged model {model_id}: {shown}"));
+    assert_eq!(logged["name"], "model", "{logged}");
+    assert_eq!(logged["status"], "LOGGED_MODEL_READY", "{logged}");
+    assert_eq!(logged["artifact"], format!("mlflow-model-{model_id}"));
+    assert_eq!(logged["files"], model_files.len(), "{logged}");
+    let model_bytes: u64 = model_files
+        .iter()
+        .map(|f| read(&model_originals.join(f)).len() as u64)
+        .sum();
+    assert_eq!(logged["bytes"], model_bytes, "{logged}");
+
+    // `kiln artifact pull`: the same bytes the client logged, run and model.
+    let pulled = out.join("pulled-run");
+    let run_artifact = format!("mlflow-run-{run_id}");
+    let pulled_arg = pulled.display().to_string();
+    cli_json(
+        &cluster,
+        &[
+            "artifact",
+            "pull",
+            &run_artifact,
+            "-o",
+            &pulled_arg,
+            "--json",
+        ],
+    )
+    .await;
+    assert_same_files(&originals, &pulled, &files, &run_artifact);
+    let pulled = out.join("pulled-model");
+    let model_artifact = format!("mlflow-model-{model_id}");
+    let pulled_arg = pulled.display().to_string();
+    cli_json(
+        &cluster,
+        &[
+            "artifact",
+            "pull",
+            &model_artifact,
+            "-o",
+            &pulled_arg,
+            "--json",
+        ],
+    )
+    .await;
+    assert_same_files(&model_originals, &pulled, &model_files, &model_artifact);
+
+    // `kiln models ls | show`: the registered version, its run and its alias.
+    let registered = cli_json(&cluster, &["models", "ls", "--json"]).await;
+    let entry = registered
+        .as_array()
+        .expect("models ls --json prints a list")
+        .iter()
+        .find(|m| m["name"] == MODEL)
+        .unwrap_or_else(|| panic!("kiln models ls has no {MODEL}: {registered}"));
+    assert_eq!(entry["version"], version, "{entry}");
+    assert_eq!(
+        entry["run_id"],
+        run_id.as_str(),
+        "the version's lineage: {entry}"
+    );
+    let shown = cli_json(&cluster, &["models", "show", MODEL, "--json"]).await;
+    assert_eq!(shown["aliases"]["champion"], version, "{shown}");
+
+    // Deployed through its MLflow alias; KServe v2 on every worker answers X·W + B.
+    let model_ref = format!("{MODEL}@champion");
+    let out_deploy = cluster
+        .run_cli(&[
+            "deploy",
+            DEPLOYMENT,
+            "--model",
+            &model_ref,
+            "--replicas",
+            "1",
+            "--wait",
+        ])
+        .await;
+    assert!(
+        out_deploy.status.success(),
+        "kiln deploy {DEPLOYMENT} --model {model_ref}: {}",
+        stderr_text(&out_deploy)
+    );
+    let infer = &report["infer"];
+    let body = serde_json::to_vec(&json!({
+        "inputs": [{
+            "name": infer["input"],
+            "shape": infer["x_shape"],
+            "datatype": "FP32",
+            "data": infer["x"],
+        }]
+    }))
+    .expect("json");
+    let want: Vec<f64> = infer["y"]
+        .as_array()
+        .expect("y")
+        .iter()
+        .map(|v| v.as_f64().expect("number"))
+        .collect();
+    let auth = format!("Bearer {token}");
+    let path = format!("/v2/models/{DEPLOYMENT}/infer");
+    for worker in workers {
+        let addr = cluster.worker_flag(worker, "--http");
+        let answer = kiln_tests::wait_for(READY_TIMEOUT, "an answer from the deployment", || {
+            let (addr, path, auth, body) = (&addr, &path, &auth, &body);
+            async move {
+                let answer = http_call(
+                    addr,
+                    "POST",
+                    path,
+                    &[("Authorization", auth.as_str())],
+                    body,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                if answer.status != 200 {
+                    return Err(format!("{addr}{path}: {} {}", answer.status, answer.text()));
+                }
+                Ok(answer)
+            }
+        })
+        .await;
+        let doc: Value = serde_json::from_slice(&answer.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", answer.text()));
+        let output = &doc["outputs"][0];
+        assert_eq!(output["name"], infer["output"], "{doc}");
+        assert_eq!(output["datatype"], "FP32", "{doc}");
+        assert_eq!(output["shape"], infer["y_shape"], "{doc}");
+        let got: Vec<f64> = output["data"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no output data in {doc}"))
+            .iter()
+            .map(|v| v.as_f64().expect("number"))
+            .collect();
+        assert_eq!(got.len(), want.len(), "{doc}");
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= 1e-5,
+                "worker {worker}: {got:?} against {want:?}"
+            );
+        }
+    }
+    cluster.assert_healthy();
+}
