@@ -30,10 +30,10 @@ use kiln_common::client::{ClientOptions, ClusterClient};
 use kiln_common::config::{
     split_list, CoordinatorConfig, CoordinatorOverrides, WorkerConfig, WorkerOverrides,
 };
+use kiln_common::transfer as artifact;
 use kiln_proto::v1::{
     ClusterStatusRequest, GetRequest, PutRequest, RemoveMemberRequest, TransferLeaderRequest,
 };
-use kiln_common::transfer as artifact;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]

@@ -4,8 +4,10 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use kiln_common::artifact::model_artifact;
 use kiln_common::client::ClusterClient;
 use kiln_common::reference::ReferenceStats;
+use kiln_common::transfer::{self, PushOptions};
 use kiln_proto::v1::{
     GetModelRequest, ListModelsRequest, ModelVersion, RegisterModelRequest, SetModelAlias,
     SetModelAliasRequest,
@@ -13,9 +15,7 @@ use kiln_proto::v1::{
 use kiln_worker::serving::engine::{signature_of, Engine, EngineConfig};
 use kiln_worker::serving::{DataType, Tensor};
 use kiln_worker::train::data::read_csv;
-use kiln_common::artifact::model_artifact;
 use kiln_worker::train::shard::{MODEL_FILE, REFERENCE_FILE};
-use kiln_common::transfer::{self, PushOptions};
 use serde_json::{json, Value};
 
 use crate::ModelsCommand;

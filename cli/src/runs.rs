@@ -65,7 +65,12 @@ fn run_json(run: &RunRecord, experiment: &str) -> Value {
 
 /// A logged model in `kiln runs show --json`.
 fn model_json(m: &LoggedModel) -> Value {
-    let tag = |k: &str| m.tags.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let tag = |k: &str| {
+        m.tags
+            .get(k)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     json!({
         "model_id": m.model_id,
         "name": m.name,
@@ -145,7 +150,12 @@ pub async fn run(client: ClusterClient, command: RunsCommand) -> anyhow::Result<
                     "name": format!("mlflow-run-{}", r.run_id),
                     "files": resp.files.iter().map(|f| json!({"path": f.path, "size": f.size})).collect::<Vec<_>>(),
                 });
-                doc["models"] = resp.models.iter().map(model_json).collect::<Vec<_>>().into();
+                doc["models"] = resp
+                    .models
+                    .iter()
+                    .map(model_json)
+                    .collect::<Vec<_>>()
+                    .into();
                 println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
                 println!("run {} ({})", r.run_id, r.name);

@@ -21,11 +21,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
-use futures_util::stream::{self, StreamExt, TryStreamExt};
 use crate::artifact::parse_reference;
 use crate::chunking::{Chunk, ChunkId, Chunker};
 use crate::client::ClusterClient;
+use anyhow::{bail, Context};
+use futures_util::stream::{self, StreamExt, TryStreamExt};
 use kiln_proto::v1::*;
 use tokio::sync::mpsc;
 
@@ -495,7 +495,13 @@ pub async fn push(
     } else {
         Progress::new(&what, total)
     };
-    let uploaded = upload(Arc::clone(&client), sources, options.replicas, &mut progress).await?;
+    let uploaded = upload(
+        Arc::clone(&client),
+        sources,
+        options.replicas,
+        &mut progress,
+    )
+    .await?;
     progress.finish();
     let files = uploaded.files;
 

@@ -14,6 +14,8 @@
 //!   test prints the tail of every node's log and keeps the dir.
 //! - `http`: [`http_get`], one GET with an optional bearer token, over HTTPS to
 //!   the addresses a TLS cluster registered with [`trust`].
+//! - `mlflow`: the real `mlflow` client's venv, bounded runs of its scripts, and a
+//!   cluster with workers for them.
 //! - `writer`: [`Writer`], a background client that writes distinct keys and
 //!   remembers what was attempted and what was acknowledged, and [`WriterLog`],
 //!   which checks those writes against a node afterwards.
@@ -24,6 +26,7 @@
 mod cli;
 mod cluster;
 mod http;
+pub mod mlflow;
 mod port;
 mod process;
 mod wait;

@@ -962,14 +962,30 @@ async fn http_endpoints_check_tokens_and_workers_learn_revocations() {
 /// proxy, logged models and the registry. Grows with every new path.
 const MLFLOW_TABLE: &[(&str, &str, Need)] = &[
     ("POST", "/api/2.0/mlflow/experiments/create", Need::Write),
-    ("GET", "/api/2.0/mlflow/experiments/get-by-name?experiment_name=x", Need::Read),
-    ("GET", "/api/2.0/mlflow/experiments/get?experiment_id=0", Need::Read),
+    (
+        "GET",
+        "/api/2.0/mlflow/experiments/get-by-name?experiment_name=x",
+        Need::Read,
+    ),
+    (
+        "GET",
+        "/api/2.0/mlflow/experiments/get?experiment_id=0",
+        Need::Read,
+    ),
     ("POST", "/api/2.0/mlflow/experiments/search", Need::Read),
     ("POST", "/api/2.0/mlflow/experiments/update", Need::Write),
     ("POST", "/api/2.0/mlflow/experiments/delete", Need::Write),
     ("POST", "/api/2.0/mlflow/experiments/restore", Need::Write),
-    ("POST", "/api/2.0/mlflow/experiments/set-experiment-tag", Need::Write),
-    ("POST", "/api/2.0/mlflow/experiments/delete-experiment-tag", Need::Write),
+    (
+        "POST",
+        "/api/2.0/mlflow/experiments/set-experiment-tag",
+        Need::Write,
+    ),
+    (
+        "POST",
+        "/api/2.0/mlflow/experiments/delete-experiment-tag",
+        Need::Write,
+    ),
     ("POST", "/api/2.0/mlflow/runs/create", Need::Write),
     ("POST", "/api/2.0/mlflow/runs/update", Need::Write),
     ("GET", "/api/2.0/mlflow/runs/get?run_id=x", Need::Read),
@@ -983,42 +999,158 @@ const MLFLOW_TABLE: &[(&str, &str, Need)] = &[
     ("POST", "/api/2.0/mlflow/runs/delete", Need::Write),
     ("POST", "/api/2.0/mlflow/runs/restore", Need::Write),
     ("POST", "/api/2.0/mlflow/runs/search", Need::Read),
-    ("GET", "/api/2.0/mlflow/metrics/get-history?run_id=x&metric_key=y", Need::Read),
+    (
+        "GET",
+        "/api/2.0/mlflow/metrics/get-history?run_id=x&metric_key=y",
+        Need::Read,
+    ),
     ("POST", "/api/2.0/mlflow/logged-models", Need::Write),
     ("POST", "/api/2.0/mlflow/logged-models/search", Need::Read),
     ("GET", "/api/2.0/mlflow/logged-models/m-0", Need::Read),
     ("PATCH", "/api/2.0/mlflow/logged-models/m-0", Need::Write),
     ("DELETE", "/api/2.0/mlflow/logged-models/m-0", Need::Write),
-    ("POST", "/api/2.0/mlflow/logged-models/m-0/params", Need::Write),
-    ("PATCH", "/api/2.0/mlflow/logged-models/m-0/tags", Need::Write),
-    ("DELETE", "/api/2.0/mlflow/logged-models/m-0/tags/k", Need::Write),
-    ("GET", "/api/2.0/mlflow-artifacts/artifacts?path=0/x/artifacts", Need::Read),
-    ("GET", "/api/2.0/mlflow-artifacts/artifacts/0/x/artifacts/a", Need::Read),
-    ("PUT", "/api/2.0/mlflow-artifacts/artifacts/0/x/artifacts/a", Need::Write),
-    ("DELETE", "/api/2.0/mlflow-artifacts/artifacts/0/x/artifacts/a", Need::Write),
-    ("POST", "/api/2.0/mlflow-artifacts/mpu/create/0/x/artifacts", Need::Write),
-    ("POST", "/api/2.0/mlflow-artifacts/mpu/complete/0/x/artifacts", Need::Write),
-    ("POST", "/api/2.0/mlflow-artifacts/mpu/abort/0/x/artifacts", Need::Write),
-    ("POST", "/api/2.0/mlflow/registered-models/create", Need::Write),
-    ("GET", "/api/2.0/mlflow/registered-models/get?name=x", Need::Read),
-    ("POST", "/api/2.0/mlflow/registered-models/rename", Need::Write),
-    ("PATCH", "/api/2.0/mlflow/registered-models/update", Need::Write),
-    ("DELETE", "/api/2.0/mlflow/registered-models/delete", Need::Write),
-    ("GET", "/api/2.0/mlflow/registered-models/search", Need::Read),
-    ("POST", "/api/2.0/mlflow/registered-models/set-tag", Need::Write),
-    ("DELETE", "/api/2.0/mlflow/registered-models/delete-tag", Need::Write),
-    ("POST", "/api/2.0/mlflow/registered-models/get-latest-versions", Need::Read),
-    ("POST", "/api/2.0/mlflow/registered-models/alias", Need::Write),
-    ("DELETE", "/api/2.0/mlflow/registered-models/alias", Need::Write),
-    ("GET", "/api/2.0/mlflow/registered-models/alias?name=x&alias=a", Need::Read),
+    (
+        "POST",
+        "/api/2.0/mlflow/logged-models/m-0/params",
+        Need::Write,
+    ),
+    (
+        "PATCH",
+        "/api/2.0/mlflow/logged-models/m-0/tags",
+        Need::Write,
+    ),
+    (
+        "DELETE",
+        "/api/2.0/mlflow/logged-models/m-0/tags/k",
+        Need::Write,
+    ),
+    (
+        "GET",
+        "/api/2.0/mlflow-artifacts/artifacts?path=0/x/artifacts",
+        Need::Read,
+    ),
+    (
+        "GET",
+        "/api/2.0/mlflow-artifacts/artifacts/0/x/artifacts/a",
+        Need::Read,
+    ),
+    (
+        "PUT",
+        "/api/2.0/mlflow-artifacts/artifacts/0/x/artifacts/a",
+        Need::Write,
+    ),
+    (
+        "DELETE",
+        "/api/2.0/mlflow-artifacts/artifacts/0/x/artifacts/a",
+        Need::Write,
+    ),
+    (
+        "POST",
+        "/api/2.0/mlflow-artifacts/mpu/create/0/x/artifacts",
+        Need::Write,
+    ),
+    (
+        "POST",
+        "/api/2.0/mlflow-artifacts/mpu/complete/0/x/artifacts",
+        Need::Write,
+    ),
+    (
+        "POST",
+        "/api/2.0/mlflow-artifacts/mpu/abort/0/x/artifacts",
+        Need::Write,
+    ),
+    (
+        "POST",
+        "/api/2.0/mlflow/registered-models/create",
+        Need::Write,
+    ),
+    (
+        "GET",
+        "/api/2.0/mlflow/registered-models/get?name=x",
+        Need::Read,
+    ),
+    (
+        "POST",
+        "/api/2.0/mlflow/registered-models/rename",
+        Need::Write,
+    ),
+    (
+        "PATCH",
+        "/api/2.0/mlflow/registered-models/update",
+        Need::Write,
+    ),
+    (
+        "DELETE",
+        "/api/2.0/mlflow/registered-models/delete",
+        Need::Write,
+    ),
+    (
+        "GET",
+        "/api/2.0/mlflow/registered-models/search",
+        Need::Read,
+    ),
+    (
+        "POST",
+        "/api/2.0/mlflow/registered-models/set-tag",
+        Need::Write,
+    ),
+    (
+        "DELETE",
+        "/api/2.0/mlflow/registered-models/delete-tag",
+        Need::Write,
+    ),
+    (
+        "POST",
+        "/api/2.0/mlflow/registered-models/get-latest-versions",
+        Need::Read,
+    ),
+    (
+        "POST",
+        "/api/2.0/mlflow/registered-models/alias",
+        Need::Write,
+    ),
+    (
+        "DELETE",
+        "/api/2.0/mlflow/registered-models/alias",
+        Need::Write,
+    ),
+    (
+        "GET",
+        "/api/2.0/mlflow/registered-models/alias?name=x&alias=a",
+        Need::Read,
+    ),
     ("POST", "/api/2.0/mlflow/model-versions/create", Need::Write),
-    ("GET", "/api/2.0/mlflow/model-versions/get?name=x&version=1", Need::Read),
-    ("PATCH", "/api/2.0/mlflow/model-versions/update", Need::Write),
-    ("DELETE", "/api/2.0/mlflow/model-versions/delete", Need::Write),
+    (
+        "GET",
+        "/api/2.0/mlflow/model-versions/get?name=x&version=1",
+        Need::Read,
+    ),
+    (
+        "PATCH",
+        "/api/2.0/mlflow/model-versions/update",
+        Need::Write,
+    ),
+    (
+        "DELETE",
+        "/api/2.0/mlflow/model-versions/delete",
+        Need::Write,
+    ),
     ("GET", "/api/2.0/mlflow/model-versions/search", Need::Read),
-    ("GET", "/api/2.0/mlflow/model-versions/get-download-uri?name=x&version=1", Need::Read),
-    ("POST", "/api/2.0/mlflow/model-versions/set-tag", Need::Write),
-    ("DELETE", "/api/2.0/mlflow/model-versions/delete-tag", Need::Write),
+    (
+        "GET",
+        "/api/2.0/mlflow/model-versions/get-download-uri?name=x&version=1",
+        Need::Read,
+    ),
+    (
+        "POST",
+        "/api/2.0/mlflow/model-versions/set-tag",
+        Need::Write,
+    ),
+    (
+        "DELETE",
+        "/api/2.0/mlflow/model-versions/delete-tag",
+        Need::Write,
+    ),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1057,8 +1189,7 @@ async fn mlflow_routes_check_roles() {
                 // Allowed: whatever the (empty) request earns, never a refusal
                 // of the caller, and never a route that is not there.
                 None => assert!(
-                    ![401, 403].contains(&status)
-                        && answer["error_code"] != "ENDPOINT_NOT_FOUND",
+                    ![401, 403].contains(&status) && answer["error_code"] != "ENDPOINT_NOT_FOUND",
                     "{method} {path} as {who}: {status} {text}"
                 ),
             }

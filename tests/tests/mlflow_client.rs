@@ -10,16 +10,14 @@
 //! `EXPECT_MLFLOW_CLIENT=1` (scripts/test.sh sets it when the venv installed).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
+use kiln_tests::mlflow::{client_command, cluster_with_workers, mlflow_python, run_bounded};
 use kiln_tests::v1::Role;
 use kiln_tests::{http_call, stderr_text, Cluster};
 use serde_json::{json, Value};
 
-/// Longest `kiln_mlflow_python` may take: a first install from PyPI takes minutes.
-const VENV_INSTALL_TIMEOUT: Duration = Duration::from_secs(900);
 /// Longest the quickstart script may run (about 30 s against `mlflow server`).
 const CLIENT_CHECK_TIMEOUT: Duration = Duration::from_secs(300);
 /// Longest the workers take to learn the deployment's route.
@@ -27,86 +25,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 const MODEL: &str = "quickstart-mlp";
 const DEPLOYMENT: &str = "quickstart-mlp-svc";
-
-/// Returns the repository root (the tests crate is one of its members).
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate lives in the workspace root")
-        .to_path_buf()
-}
-
-/// Runs `command` to completion within `timeout`, killing it after; panics if it
-/// cannot start or overruns, naming `what`.
-async fn run_bounded(
-    mut command: tokio::process::Command,
-    timeout: Duration,
-    what: &str,
-) -> Output {
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    match tokio::time::timeout(timeout, command.output()).await {
-        Ok(Ok(output)) => output,
-        Ok(Err(e)) => panic!("start {what}: {e}"),
-        Err(_) => panic!("{what} did not finish within {timeout:?}"),
-    }
-}
-
-/// Returns the python of the MLflow venv, installing it on first use, or `None`
-/// when it cannot be installed (and the test may skip).
-async fn mlflow_python() -> Option<PathBuf> {
-    let mut command = tokio::process::Command::new("bash");
-    command
-        .args(["-c", "source scripts/env.sh && kiln_mlflow_python"])
-        .current_dir(repo_root());
-    let out = run_bounded(command, VENV_INSTALL_TIMEOUT, "kiln_mlflow_python").await;
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if out.status.success() && !path.is_empty() {
-        return Some(PathBuf::from(path));
-    }
-    let why = format!(
-        "scripts/env.sh's kiln_mlflow_python could not install the mlflow venv ({}): {}",
-        out.status,
-        stderr_text(&out)
-    );
-    assert!(
-        std::env::var("EXPECT_MLFLOW_CLIENT").as_deref() != Ok("1"),
-        "EXPECT_MLFLOW_CLIENT=1 but {why}"
-    );
-    println!("SKIPPED: {why}");
-    None
-}
-
-/// A cluster of 3 coordinators and 2 live workers.
-async fn cluster_with_workers(workers: &[&str]) -> Cluster {
-    let mut cluster = Cluster::start(3, "");
-    cluster.wait_for_leader(Duration::from_secs(20)).await;
-    cluster.wait_for_agreement(Duration::from_secs(10)).await;
-    for name in workers {
-        cluster.start_worker(name);
-    }
-    let want = workers.len();
-    kiln_tests::wait_for(Duration::from_secs(30), "workers alive", || {
-        let cluster = &cluster;
-        async move {
-            let status = cluster.run_cli(&["status", "--json"]).await;
-            let status: Value =
-                serde_json::from_slice(&status.stdout).map_err(|e| e.to_string())?;
-            let alive = status["workers"]
-                .as_array()
-                .map_or(0, |w| w.iter().filter(|w| w["state"] == "alive").count());
-            if alive < want {
-                return Err(format!("{alive} worker(s) alive"));
-            }
-            Ok(())
-        }
-    })
-    .await;
-    cluster
-}
 
 /// Runs a CLI command that must succeed; returns its stdout parsed as JSON.
 async fn cli_json(cluster: &Cluster, args: &[&str]) -> Value {
@@ -178,24 +96,8 @@ async fn the_mlflow_client_works_unchanged_against_a_cluster() {
     // MLflow's quickstart through the unchanged client, every answer asserted.
     let out_dir = tempfile::tempdir().expect("tempdir");
     let out = out_dir.path();
-    let mut command = tokio::process::Command::new(&python);
-    command
-        .arg(repo_root().join("scripts/mlflow_client_check.py"))
-        .current_dir(out);
-    for (key, _) in std::env::vars_os() {
-        // Only the settings below: no experiment, run or credentials of the caller.
-        if key.to_string_lossy().starts_with("MLFLOW_") {
-            command.env_remove(key);
-        }
-    }
-    command
-        .env("MLFLOW_TRACKING_URI", format!("https://{http}"))
-        .env("MLFLOW_TRACKING_TOKEN", &token)
-        .env(
-            "MLFLOW_TRACKING_SERVER_CERT_PATH",
-            cluster.certs_dir().join("ca.pem"),
-        )
-        .env("KILN_CHECK_OUT", out);
+    let mut command = client_command(&python, "mlflow_client_check.py", &cluster, &http, &token);
+    command.current_dir(out).env("KILN_CHECK_OUT", out);
     let check = run_bounded(command, CLIENT_CHECK_TIMEOUT, "mlflow_client_check.py").await;
     assert!(
         check.status.success(),

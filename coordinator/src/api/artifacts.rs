@@ -19,9 +19,9 @@ use super::grpc::{audited, command, Api};
 use super::storage;
 use crate::auth::Caller;
 use crate::state::artifacts::{read_record, read_version, resolve};
-use crate::state::trees::{self, TreeOwner};
 use crate::state::keys;
 use crate::state::machine::read_counter;
+use crate::state::trees::{self, TreeOwner};
 
 /// Most chunk ids one PlanPush may ask about.
 pub const MAX_PLAN_CHUNKS: usize = 65_536;

@@ -18,7 +18,7 @@ use super::grpc::Api;
 use super::mlflow_artifacts::{delete_tree_paths, model_artifact_uri};
 use super::search::{self, Scope, Searchable};
 use super::tracking::{
-    bad, body, caller, experiment_number, int, opt_text, pairs, pairs_json, propose, text,
+    bad, body, caller, experiment_number, int, opt_text, paged, pairs, pairs_json, propose, text,
     ApiError, ApiResult,
 };
 use crate::auth::{Caller, Permission};
@@ -229,11 +229,7 @@ async fn delete_tag(
     Ok(Json(json!({})))
 }
 
-async fn remove(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult {
+async fn remove(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&api, &headers, Permission::Write, "logged-models/delete")?;
     read_model(&api, &id).await?;
     let tree = TreeOwner::Model(id.clone()).tree();
@@ -273,9 +269,7 @@ impl Searchable for Found<'_> {
                 "model_id" => Some(V::Text(m.model_id.clone())),
                 "source_run_id" => Some(V::Text(m.source_run_id.clone())),
                 "status" => Some(V::Text(m.status.clone())),
-                "creation_timestamp" | "creation_time" => {
-                    Some(V::Number(m.created_at_ms as f64))
-                }
+                "creation_timestamp" | "creation_time" => Some(V::Number(m.created_at_ms as f64)),
                 "last_updated_timestamp" => Some(V::Number(m.updated_at_ms as f64)),
                 _ => None,
             },
@@ -301,8 +295,8 @@ async fn search_models(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -
             .collect::<Result<_, _>>()?,
         Some(_) => return Err(bad("'experiment_ids' must be a list")),
     };
-    let filter = search::Filter::parse(&opt_text(&v, "filter"), &Scope::logged_models())
-        .map_err(bad)?;
+    let filter =
+        search::Filter::parse(&opt_text(&v, "filter"), &Scope::logged_models()).map_err(bad)?;
     // order_by comes as [{field_name, ascending}] here, not as strings.
     let order: Vec<String> = match v.get("order_by") {
         None => Vec::new(),
@@ -311,7 +305,10 @@ async fn search_models(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -
             .map(|o| {
                 let field = text(o, "field_name")?;
                 let ascending = o.get("ascending").and_then(Value::as_bool).unwrap_or(true);
-                Ok(format!("{field} {}", if ascending { "ASC" } else { "DESC" }))
+                Ok(format!(
+                    "{field} {}",
+                    if ascending { "ASC" } else { "DESC" }
+                ))
             })
             .collect::<Result<_, ApiError>>()?,
         Some(_) => return Err(bad("'order_by' must be a list")),
@@ -341,11 +338,7 @@ async fn search_models(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -
             .then_with(|| a.model_id.cmp(&b.model_id))
     });
     let (page, next) = search::page(models, offset, max);
-    let mut out = json!({"models": page.iter().map(model_json).collect::<Vec<_>>()});
-    if let Some(next) = next {
-        out["next_page_token"] = json!(next);
-    }
-    Ok(Json(out))
+    Ok(paged("models", page.iter().map(model_json).collect(), next))
 }
 
 impl Api {
@@ -363,10 +356,17 @@ impl Api {
             else {
                 continue;
             };
-            let head = trees::read_head(&self.reader, &TreeOwner::Model(model.model_id.clone()).tree())
-                .map_err(|e| Error::Internal(e.to_string()))?;
-            model.tags.insert("kiln.files".into(), head.files.to_string());
-            model.tags.insert("kiln.bytes".into(), head.bytes.to_string());
+            let head = trees::read_head(
+                &self.reader,
+                &TreeOwner::Model(model.model_id.clone()).tree(),
+            )
+            .map_err(|e| Error::Internal(e.to_string()))?;
+            model
+                .tags
+                .insert("kiln.files".into(), head.files.to_string());
+            model
+                .tags
+                .insert("kiln.bytes".into(), head.bytes.to_string());
             out.push(model);
         }
         Ok(out)

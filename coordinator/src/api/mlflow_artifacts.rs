@@ -211,10 +211,12 @@ fn registered_files(api: &Api, model: &str, version: u64) -> Result<Vec<Artifact
         ))
         .into());
     };
-    Ok(crate::state::artifacts::read_version(&api.reader, &name, number)
-        .map_err(internal)?
-        .map(|v| v.files)
-        .unwrap_or_default())
+    Ok(
+        crate::state::artifacts::read_version(&api.reader, &name, number)
+            .map_err(internal)?
+            .map(|v| v.files)
+            .unwrap_or_default(),
+    )
 }
 
 fn unknown_path(path: &str) -> ApiError {
@@ -298,9 +300,8 @@ fn pump(body: Body, limit: u64) -> BodyReader {
         let mut stream = body.into_data_stream();
         let mut seen = 0u64;
         while let Some(frame) = stream.next().await {
-            let frame = frame.map_err(|e| {
-                std::io::Error::other(format!("the request body broke off: {e}"))
-            });
+            let frame = frame
+                .map_err(|e| std::io::Error::other(format!("the request body broke off: {e}")));
             if let Ok(bytes) = &frame {
                 seen += bytes.len() as u64;
                 if seen > limit {
@@ -398,7 +399,12 @@ async fn download(
     headers: HeaderMap,
     Path(full): Path<String>,
 ) -> Result<Response, ApiError> {
-    caller(&api, &headers, Permission::Read, "mlflow-artifacts/download")?;
+    caller(
+        &api,
+        &headers,
+        Permission::Read,
+        "mlflow-artifacts/download",
+    )?;
     let at = Location::parse(&full)?;
     api.read_barrier(false).await?;
     let file = file_at(&api, &at)?.ok_or_else(|| {
@@ -449,12 +455,17 @@ fn verified(
                     }
                     Some(Err(e)) => {
                         tracing::warn!(file = %path, error = %e, "read an artifact's chunks");
-                        Some((Err(std::io::Error::other(e.to_string())), (chunks, hasher, true)))
+                        Some((
+                            Err(std::io::Error::other(e.to_string())),
+                            (chunks, hasher, true),
+                        ))
                     }
                     None if hasher.finalize().as_bytes().as_slice() != digest.as_slice() => {
                         tracing::error!(file = %path, "an artifact does not match its digest");
                         Some((
-                            Err(std::io::Error::other(format!("{path} does not match its digest"))),
+                            Err(std::io::Error::other(format!(
+                                "{path} does not match its digest"
+                            ))),
                             (chunks, hasher, true),
                         ))
                     }
@@ -531,7 +542,10 @@ async fn remove(
     let tree = at.tree()?.1.tree();
     api.read_barrier(false).await?;
     // The path is a file, or a directory whose files all go.
-    let mut paths: Vec<String> = files_under(&api, &at)?.into_iter().map(|f| f.path).collect();
+    let mut paths: Vec<String> = files_under(&api, &at)?
+        .into_iter()
+        .map(|f| f.path)
+        .collect();
     if !at.path.is_empty() && file_at(&api, &at)?.is_some() {
         paths.push(at.path.clone());
     }
@@ -572,14 +586,23 @@ const WRITE_BACKOFF: Duration = Duration::from_millis(100);
 /// Proposes an idempotent command, retrying while no leader answers (a leader
 /// killed during an upload): the client's part PUTs are not retried by MLflow's
 /// client, so the part must ride out an election here.
-async fn propose_patiently(api: &Api, caller: &Caller, what: String, kind: command::Kind) -> Result<u64, ApiError> {
+async fn propose_patiently(
+    api: &Api,
+    caller: &Caller,
+    what: String,
+    kind: command::Kind,
+) -> Result<u64, ApiError> {
     let started = Instant::now();
     let mut pause = WRITE_BACKOFF;
     loop {
-        match api.propose(audited(caller, what.clone(), kind.clone()), false).await {
+        match api
+            .propose(audited(caller, what.clone(), kind.clone()), false)
+            .await
+        {
             Ok(result) => return Ok(result.value),
-            Err(e) if (e.is_retryable() || matches!(e, Error::Timeout(_)))
-                && started.elapsed() < WRITE_PATIENCE =>
+            Err(e)
+                if (e.is_retryable() || matches!(e, Error::Timeout(_)))
+                    && started.elapsed() < WRITE_PATIENCE =>
             {
                 tracing::info!(error = %e, what = %what, "no leader took an upload's write; retrying");
                 tokio::time::sleep(pause).await;
@@ -616,7 +639,12 @@ async fn create_upload(
     Path(full): Path<String>,
     raw: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = caller(&api, &headers, Permission::Write, "mlflow-artifacts/mpu/create")?;
+    let caller = caller(
+        &api,
+        &headers,
+        Permission::Write,
+        "mlflow-artifacts/mpu/create",
+    )?;
     let v = super::tracking::body(&raw)?;
     let (at, path) = upload_target(&full, &v)?;
     let (experiment, owner) = at.tree()?;
@@ -632,7 +660,11 @@ async fn create_upload(
     };
     check_owner(&api, experiment, owner).await?;
     let upload_id = format!("{:032x}", rand::random::<u128>());
-    let secret = format!("{:032x}{:032x}", rand::random::<u128>(), rand::random::<u128>());
+    let secret = format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    );
     let upload = UploadRecord {
         upload_id: upload_id.clone(),
         tree: owner.tree(),
@@ -641,8 +673,13 @@ async fn create_upload(
         num_parts,
         ..Default::default()
     };
-    let what = format!("start uploading {path} into {} in {num_parts} parts", owner.tree());
-    let kind = command::Kind::StartUpload(StartUpload { upload: Some(upload) });
+    let what = format!(
+        "start uploading {path} into {} in {num_parts} parts",
+        owner.tree()
+    );
+    let kind = command::Kind::StartUpload(StartUpload {
+        upload: Some(upload),
+    });
     api.propose(audited(&caller, what, kind), false).await?;
     // The parts come back here, to the address the client used, without its
     // credentials: the URL carries the upload's secret instead.
@@ -662,11 +699,17 @@ async fn create_upload(
             })
         })
         .collect();
-    Ok(Json(json!({"upload_id": upload_id, "credentials": credentials})))
+    Ok(Json(
+        json!({"upload_id": upload_id, "credentials": credentials}),
+    ))
 }
 
 /// Returns the upload a part's URL names, once its secret is checked.
-async fn open_upload(api: &Api, upload_id: &str, secret: Option<&String>) -> Result<UploadRecord, ApiError> {
+async fn open_upload(
+    api: &Api,
+    upload_id: &str,
+    secret: Option<&String>,
+) -> Result<UploadRecord, ApiError> {
     api.read_barrier(false).await?;
     let upload = trees::read_upload(&api.reader, upload_id)
         .map_err(|e| Error::Internal(e.to_string()))?
@@ -724,7 +767,12 @@ async fn complete_upload(
     Path(full): Path<String>,
     raw: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = caller(&api, &headers, Permission::Write, "mlflow-artifacts/mpu/complete")?;
+    let caller = caller(
+        &api,
+        &headers,
+        Permission::Write,
+        "mlflow-artifacts/mpu/complete",
+    )?;
     let v = super::tracking::body(&raw)?;
     let (at, path) = upload_target(&full, &v)?;
     let upload_id = super::tracking::text(&v, "upload_id")?.to_string();
@@ -734,11 +782,17 @@ async fn complete_upload(
     };
     api.read_barrier(false).await?;
     let tree = at.tree()?.1.tree();
-    let Some(upload) = trees::read_upload(&api.reader, &upload_id)
-        .map_err(|e| Error::Internal(e.to_string()))?
+    let Some(upload) =
+        trees::read_upload(&api.reader, &upload_id).map_err(|e| Error::Internal(e.to_string()))?
     else {
         // A retried complete whose first attempt went through finds the file.
-        if let Some(file) = file_at(&api, &Location { path: path.clone(), ..at.clone() })? {
+        if let Some(file) = file_at(
+            &api,
+            &Location {
+                path: path.clone(),
+                ..at.clone()
+            },
+        )? {
             tracing::info!(upload = %upload_id, file = %file.path, "upload already complete");
             return Ok(Json(json!({})));
         }
@@ -760,14 +814,19 @@ async fn complete_upload(
     for item in &listed {
         let number = super::tracking::int(item, "part_number")?
             .filter(|n| *n >= 1 && *n <= i64::from(upload.num_parts))
-            .ok_or_else(|| bad("a part needs a part_number within the upload"))? as u32;
+            .ok_or_else(|| bad("a part needs a part_number within the upload"))?
+            as u32;
         let stored: ArtifactFile = crate::state::artifacts::read_record(
             &api.reader,
             &crate::state::keys::upload_part(&upload_id, number),
             "decode upload part",
         )
         .map_err(|e| Error::Internal(e.to_string()))?
-        .ok_or_else(|| bad(format!("part {number} of upload {upload_id} was never stored")))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "part {number} of upload {upload_id} was never stored"
+            ))
+        })?;
         let etag = super::tracking::opt_text(item, "etag");
         if !etag.is_empty() && etag.trim_matches('"') != hex::encode(&stored.digest) {
             return Err(bad(format!(
@@ -838,7 +897,12 @@ async fn abort_upload(
     Path(full): Path<String>,
     raw: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = caller(&api, &headers, Permission::Write, "mlflow-artifacts/mpu/abort")?;
+    let caller = caller(
+        &api,
+        &headers,
+        Permission::Write,
+        "mlflow-artifacts/mpu/abort",
+    )?;
     let v = super::tracking::body(&raw)?;
     upload_target(&full, &v)?;
     let upload_id = super::tracking::text(&v, "upload_id")?.to_string();
@@ -884,10 +948,14 @@ mod tests {
         let root = Location::parse(&format!("3/{run}/artifacts")).expect("run root");
         assert_eq!(root.path, "");
 
-        let model = Location::parse("0/models/m-0123456789abcdef0123456789abcdef/artifacts/MLmodel")
-            .expect("model path");
+        let model =
+            Location::parse("0/models/m-0123456789abcdef0123456789abcdef/artifacts/MLmodel")
+                .expect("model path");
         let (_, owner) = model.tree().expect("a tree");
-        assert_eq!(owner.tree(), "mlflow-model-m-0123456789abcdef0123456789abcdef");
+        assert_eq!(
+            owner.tree(),
+            "mlflow-model-m-0123456789abcdef0123456789abcdef"
+        );
         assert_eq!(model.path, "MLmodel");
 
         let registered = Location::parse("registry/iris/3/model.onnx").expect("registry path");
@@ -899,7 +967,9 @@ mod tests {
             }
         );
         assert_eq!(registered.path, "model.onnx");
-        let refused = registered.tree().expect_err("a registered version is read only");
+        let refused = registered
+            .tree()
+            .expect_err("a registered version is read only");
         assert!(refused.2.contains("cannot change"), "{}", refused.2);
 
         for wrong in [

@@ -31,7 +31,10 @@ use serde_json::{json, Value};
 
 use super::grpc::{audited, Api};
 use super::search::{self, Scope, Searchable};
-use super::tracking::{bad, body, caller, int, opt_text, pairs, pairs_json, ApiError, ApiResult};
+use super::tracking::{
+    bad, body, caller, int, opt_text, paged, pairs, pairs_json, tag_key, tag_pair, ApiError,
+    ApiResult,
+};
 use crate::auth::{Caller, Permission};
 use crate::state::artifacts::read_record;
 use crate::state::keys;
@@ -75,8 +78,14 @@ pub fn routes() -> Router<Api> {
         )
         .route(&format!("{mv}/create"), post(create_version))
         .route(&format!("{mv}/get"), get(get_version))
-        .route(&format!("{mv}/update"), axum::routing::patch(update_version))
-        .route(&format!("{mv}/delete"), axum::routing::delete(delete_version))
+        .route(
+            &format!("{mv}/update"),
+            axum::routing::patch(update_version),
+        )
+        .route(
+            &format!("{mv}/delete"),
+            axum::routing::delete(delete_version),
+        )
         .route(&format!("{mv}/search"), get(search_versions))
         .route(&format!("{mv}/get-download-uri"), get(download_uri))
         .route(&format!("{mv}/set-tag"), post(set_version_tag))
@@ -140,11 +149,7 @@ fn strings(v: &Value, key: &str) -> Vec<String> {
 fn aliases_of(api: &Api, name: &str) -> Result<Vec<(String, u64)>, ApiError> {
     let prefix = keys::model_aliases(name);
     let mut out = Vec::new();
-    for (key, value) in api
-        .reader
-        .scan(&prefix, MAX_SEARCHED)
-        .map_err(internal)?
-    {
+    for (key, value) in api.reader.scan(&prefix, MAX_SEARCHED).map_err(internal)? {
         let alias = String::from_utf8_lossy(&key[prefix.len()..]).to_string();
         let version = value
             .as_slice()
@@ -238,7 +243,12 @@ fn model_json(api: &Api, record: &RegisteredModel) -> Result<Value, ApiError> {
     }))
 }
 
-async fn propose(api: &Api, caller: &Caller, what: String, kind: command::Kind) -> Result<u64, ApiError> {
+async fn propose(
+    api: &Api,
+    caller: &Caller,
+    what: String,
+    kind: command::Kind,
+) -> Result<u64, ApiError> {
     Ok(api.propose(audited(caller, what, kind), false).await?.value)
 }
 
@@ -250,7 +260,12 @@ async fn model_answer(api: &Api, name: &str) -> ApiResult {
 }
 
 async fn create_model(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
-    let caller = caller(&api, &headers, Permission::Write, "registered-models/create")?;
+    let caller = caller(
+        &api,
+        &headers,
+        Permission::Write,
+        "registered-models/create",
+    )?;
     let v = body(&raw)?;
     let name = model_name(&v, "name")?;
     let model = RegisteredModel {
@@ -260,7 +275,13 @@ async fn create_model(State(api): State<Api>, headers: HeaderMap, raw: Bytes) ->
         ..Default::default()
     };
     let kind = command::Kind::CreateRegisteredModel(CreateRegisteredModel { model: Some(model) });
-    propose(&api, &caller, format!("create registered model {name}"), kind).await?;
+    propose(
+        &api,
+        &caller,
+        format!("create registered model {name}"),
+        kind,
+    )
+    .await?;
     model_answer(&api, &name).await
 }
 
@@ -281,12 +302,23 @@ async fn update_record(
     update: UpdateRegisteredModel,
 ) -> Result<(), ApiError> {
     let what = format!("{path} {}", update.name);
-    propose(api, caller, what, command::Kind::UpdateRegisteredModel(update)).await?;
+    propose(
+        api,
+        caller,
+        what,
+        command::Kind::UpdateRegisteredModel(update),
+    )
+    .await?;
     Ok(())
 }
 
 async fn update_model(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
-    let caller = caller(&api, &headers, Permission::Write, "registered-models/update")?;
+    let caller = caller(
+        &api,
+        &headers,
+        Permission::Write,
+        "registered-models/update",
+    )?;
     let v = body(&raw)?;
     let name = model_name(&v, "name")?;
     let update = UpdateRegisteredModel {
@@ -300,11 +332,16 @@ async fn update_model(State(api): State<Api>, headers: HeaderMap, raw: Bytes) ->
 }
 
 async fn set_model_tag(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
-    let caller = caller(&api, &headers, Permission::Write, "registered-models/set-tag")?;
+    let caller = caller(
+        &api,
+        &headers,
+        Permission::Write,
+        "registered-models/set-tag",
+    )?;
     let v = body(&raw)?;
     let update = UpdateRegisteredModel {
         name: model_name(&v, "name")?,
-        set_tags: [(super::tracking::text(&v, "key")?.to_string(), opt_text(&v, "value"))].into(),
+        set_tags: tag_pair(&v)?,
         ..Default::default()
     };
     update_record(&api, &caller, "registered-models/set-tag", update).await?;
@@ -312,11 +349,16 @@ async fn set_model_tag(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -
 }
 
 async fn delete_model_tag(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
-    let caller = caller(&api, &headers, Permission::Write, "registered-models/delete-tag")?;
+    let caller = caller(
+        &api,
+        &headers,
+        Permission::Write,
+        "registered-models/delete-tag",
+    )?;
     let v = body(&raw)?;
     let update = UpdateRegisteredModel {
         name: model_name(&v, "name")?,
-        delete_tags: vec![super::tracking::text(&v, "key")?.to_string()],
+        delete_tags: tag_key(&v)?,
         ..Default::default()
     };
     update_record(&api, &caller, "registered-models/delete-tag", update).await?;
@@ -362,7 +404,12 @@ fn listed(api: &Api, name: &str) -> Result<(Vec<u64>, Vec<String>), ApiError> {
 }
 
 async fn rename_model(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
-    let caller = caller(&api, &headers, Permission::Write, "registered-models/rename")?;
+    let caller = caller(
+        &api,
+        &headers,
+        Permission::Write,
+        "registered-models/rename",
+    )?;
     let v = body(&raw)?;
     let name = model_name(&v, "name")?;
     let new_name = model_name(&v, "new_name")?;
@@ -375,12 +422,23 @@ async fn rename_model(State(api): State<Api>, headers: HeaderMap, raw: Bytes) ->
         versions,
         aliases,
     });
-    propose(&api, &caller, format!("rename model {name} to {new_name}"), kind).await?;
+    propose(
+        &api,
+        &caller,
+        format!("rename model {name} to {new_name}"),
+        kind,
+    )
+    .await?;
     model_answer(&api, &new_name).await
 }
 
 async fn delete_model(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
-    let caller = caller(&api, &headers, Permission::Write, "registered-models/delete")?;
+    let caller = caller(
+        &api,
+        &headers,
+        Permission::Write,
+        "registered-models/delete",
+    )?;
     let v = body(&raw)?;
     let name = model_name(&v, "name")?;
     api.read_barrier(false).await?;
@@ -438,18 +496,19 @@ struct SearchAsk {
     offset: usize,
 }
 
-fn search_ask(v: &Value, scope: &Scope, default_max: usize, most: usize) -> Result<SearchAsk, ApiError> {
+fn search_ask(
+    v: &Value,
+    scope: &Scope,
+    default_max: usize,
+    most: usize,
+) -> Result<SearchAsk, ApiError> {
     Ok(SearchAsk {
         filter: search::Filter::parse(&opt_text(v, "filter"), scope).map_err(bad)?,
         order: search::parse_order_by(&strings(v, "order_by"), scope).map_err(bad)?,
         max: match int(v, "max_results")? {
             None => default_max,
             Some(m) if m >= 1 && m as usize <= most => m as usize,
-            Some(m) => {
-                return Err(bad(format!(
-                    "max_results {m} is out of range: 1 to {most}"
-                )))
-            }
+            Some(m) => return Err(bad(format!("max_results {m} is out of range: 1 to {most}"))),
         },
         offset: search::parse_page_token(&opt_text(v, "page_token")).map_err(bad)?,
     })
@@ -474,18 +533,15 @@ async fn search_models(
     }
     // By name unless ordered otherwise.
     found.sort_by(|a, b| {
-        search::compare(&FoundModel(a), &FoundModel(b), &ask.order).then_with(|| a.name.cmp(&b.name))
+        search::compare(&FoundModel(a), &FoundModel(b), &ask.order)
+            .then_with(|| a.name.cmp(&b.name))
     });
     let (page, next) = search::page(found, ask.offset, ask.max);
     let models = page
         .iter()
         .map(|r| model_json(&api, r))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut out = json!({"registered_models": models});
-    if let Some(next) = next {
-        out["next_page_token"] = json!(next);
-    }
-    Ok(Json(out))
+    Ok(paged("registered_models", models, next))
 }
 
 async fn latest_answer(api: &Api, v: &Value) -> ApiResult {
@@ -507,7 +563,12 @@ async fn latest_answer(api: &Api, v: &Value) -> ApiResult {
 }
 
 async fn latest_versions(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
-    caller(&api, &headers, Permission::Read, "registered-models/get-latest-versions")?;
+    caller(
+        &api,
+        &headers,
+        Permission::Read,
+        "registered-models/get-latest-versions",
+    )?;
     latest_answer(&api, &body(&raw)?).await
 }
 
@@ -516,7 +577,12 @@ async fn latest_versions_query(
     headers: HeaderMap,
     Query(q): Query<Vec<(String, String)>>,
 ) -> ApiResult {
-    caller(&api, &headers, Permission::Read, "registered-models/get-latest-versions")?;
+    caller(
+        &api,
+        &headers,
+        Permission::Read,
+        "registered-models/get-latest-versions",
+    )?;
     latest_answer(&api, &query_json(&q)).await
 }
 
@@ -571,7 +637,9 @@ async fn get_by_alias(
         .map_err(internal)?
         .ok_or_else(|| not_found(format!("registered model {name} has no alias {alias}")))?;
     let aliases = aliases_of(&api, &name)?;
-    Ok(Json(json!({"model_version": version_json(&model, &aliases)})))
+    Ok(Json(
+        json!({"model_version": version_json(&model, &aliases)}),
+    ))
 }
 
 /// Where a version's files are in kiln: a tree and a folder in it.
@@ -587,19 +655,31 @@ fn files_of_source(source: &str, model_id: &str) -> Option<(String, String)> {
     }
     if let Some(rest) = source.strip_prefix("runs:/") {
         let (run, dir) = rest.split_once('/').unwrap_or((rest, ""));
-        return Some((TreeOwner::Run(run.to_string()).tree(), dir.trim_matches('/').to_string()));
+        return Some((
+            TreeOwner::Run(run.to_string()).tree(),
+            dir.trim_matches('/').to_string(),
+        ));
     }
-    let rest = source.strip_prefix("mlflow-artifacts:")?.trim_start_matches('/');
+    let rest = source
+        .strip_prefix("mlflow-artifacts:")?
+        .trim_start_matches('/');
     let parts: Vec<&str> = rest.splitn(4, '/').collect();
     match parts.as_slice() {
         [_, "models", id, rest @ ..] => {
             let rest = rest.first().copied().unwrap_or_default();
             let dir = rest.strip_prefix("artifacts").unwrap_or(rest);
-            Some((TreeOwner::Model(id.to_string()).tree(), dir.trim_matches('/').to_string()))
+            Some((
+                TreeOwner::Model(id.to_string()).tree(),
+                dir.trim_matches('/').to_string(),
+            ))
         }
         [_, run, "artifacts", rest @ ..] => Some((
             TreeOwner::Run(run.to_string()).tree(),
-            rest.first().copied().unwrap_or_default().trim_matches('/').to_string(),
+            rest.first()
+                .copied()
+                .unwrap_or_default()
+                .trim_matches('/')
+                .to_string(),
         )),
         _ => None,
     }
@@ -631,15 +711,17 @@ async fn freeze(
         })
         .collect();
     if files.is_empty() {
-        return Ok((
-            String::new(),
-            format!("kiln holds no files at {source}"),
-        ));
+        return Ok((String::new(), format!("kiln holds no files at {source}")));
     }
     let undeployable = match files.iter().find(|f| f.path == MODEL_FILE) {
         None => format!(
             "its files hold no {MODEL_FILE} ({}): kiln serves ONNX models",
-            files.iter().take(8).map(|f| f.path.as_str()).collect::<Vec<_>>().join(", ")
+            files
+                .iter()
+                .take(8)
+                .map(|f| f.path.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         Some(onnx) => onnx_problem(api, onnx).await.unwrap_or_default(),
     };
@@ -677,10 +759,11 @@ async fn onnx_problem(api: &Api, file: &ArtifactFile) -> Option<String> {
         .into_iter()
         .map(|s| (s.id, s.replicas))
         .collect();
-    let chunks: Vec<Vec<u8>> = transfer::file_chunks(Arc::clone(&api.peers), Arc::new(sources), file)
-        .try_collect()
-        .await
-        .ok()?;
+    let chunks: Vec<Vec<u8>> =
+        transfer::file_chunks(Arc::clone(&api.peers), Arc::new(sources), file)
+            .try_collect()
+            .await
+            .ok()?;
     let bytes = chunks.concat();
     let model = kiln_proto::onnx::ModelProto::decode(bytes.as_slice()).ok();
     let Some(model) = model else {
@@ -727,7 +810,8 @@ async fn create_version(State(api): State<Api>, headers: HeaderMap, raw: Bytes) 
             .map(|d| d.artifact)
             .unwrap_or_default()
     };
-    let (artifact, undeployable) = freeze(&api, &caller, &name, &source, &model_id, &run_id).await?;
+    let (artifact, undeployable) =
+        freeze(&api, &caller, &name, &source, &model_id, &run_id).await?;
     let model = ModelVersion {
         name: name.clone(),
         artifact,
@@ -755,7 +839,9 @@ async fn version_answer(api: &Api, name: &str, version: u64) -> ApiResult {
         .map_err(internal)?
         .ok_or_else(|| not_found(format!("model version {name}/{version} does not exist")))?;
     let aliases = aliases_of(api, name)?;
-    Ok(Json(json!({"model_version": version_json(&model, &aliases)})))
+    Ok(Json(
+        json!({"model_version": version_json(&model, &aliases)}),
+    ))
 }
 
 async fn get_version(
@@ -813,11 +899,17 @@ async fn delete_version(State(api): State<Api>, headers: HeaderMap, raw: Bytes) 
             return Err(ApiError(
                 "INVALID_STATE",
                 StatusCode::BAD_REQUEST,
-                format!("deployment {} serves {name}@{version}; move it off first", d.name),
+                format!(
+                    "deployment {} serves {name}@{version}; move it off first",
+                    d.name
+                ),
             ));
         }
     }
-    let aliases = aliases_of(&api, &name)?.into_iter().map(|(a, _)| a).collect();
+    let aliases = aliases_of(&api, &name)?
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
     let update = UpdateModelVersion {
         name,
         version,
@@ -835,7 +927,7 @@ async fn set_version_tag(State(api): State<Api>, headers: HeaderMap, raw: Bytes)
     let update = UpdateModelVersion {
         name: model_name(&v, "name")?,
         version: version_of(&v)?,
-        set_tags: [(super::tracking::text(&v, "key")?.to_string(), opt_text(&v, "value"))].into(),
+        set_tags: tag_pair(&v)?,
         ..Default::default()
     };
     change_version(&api, &caller, "model-versions/set-tag", update).await?;
@@ -843,12 +935,17 @@ async fn set_version_tag(State(api): State<Api>, headers: HeaderMap, raw: Bytes)
 }
 
 async fn delete_version_tag(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
-    let caller = caller(&api, &headers, Permission::Write, "model-versions/delete-tag")?;
+    let caller = caller(
+        &api,
+        &headers,
+        Permission::Write,
+        "model-versions/delete-tag",
+    )?;
     let v = body(&raw)?;
     let update = UpdateModelVersion {
         name: model_name(&v, "name")?,
         version: version_of(&v)?,
-        delete_tags: vec![super::tracking::text(&v, "key")?.to_string()],
+        delete_tags: tag_key(&v)?,
         ..Default::default()
     };
     change_version(&api, &caller, "model-versions/delete-tag", update).await?;
@@ -919,11 +1016,7 @@ async fn search_versions(
         }
         versions.push(version_json(m, &aliases[&m.name]));
     }
-    let mut out = json!({"model_versions": versions});
-    if let Some(next) = next {
-        out["next_page_token"] = json!(next);
-    }
-    Ok(Json(out))
+    Ok(paged("model_versions", versions, next))
 }
 
 async fn download_uri(
@@ -931,7 +1024,12 @@ async fn download_uri(
     headers: HeaderMap,
     Query(q): Query<Vec<(String, String)>>,
 ) -> ApiResult {
-    caller(&api, &headers, Permission::Read, "model-versions/get-download-uri")?;
+    caller(
+        &api,
+        &headers,
+        Permission::Read,
+        "model-versions/get-download-uri",
+    )?;
     let v = query_json(&q);
     let (name, version) = (model_name(&v, "name")?, version_of(&v)?);
     api.read_barrier(false).await?;
@@ -968,7 +1066,10 @@ mod tests {
             Some((run_tree.clone(), "model".into()))
         );
         assert_eq!(
-            files_of_source(&format!("mlflow-artifacts:/2/{run}/artifacts/nested/model"), ""),
+            files_of_source(
+                &format!("mlflow-artifacts:/2/{run}/artifacts/nested/model"),
+                ""
+            ),
             Some((run_tree, "nested/model".into()))
         );
         assert_eq!(files_of_source("s3://bucket/model", ""), None);
@@ -984,7 +1085,10 @@ mod tests {
         ];
         let v = query_json(&q);
         assert_eq!(v["name"], "m");
-        assert_eq!(strings(&v, "order_by"), vec!["name ASC", "version_number DESC"]);
+        assert_eq!(
+            strings(&v, "order_by"),
+            vec!["name ASC", "version_number DESC"]
+        );
         assert_eq!(strings(&v, "name"), vec!["m"]);
     }
 }

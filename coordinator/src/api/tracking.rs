@@ -30,8 +30,8 @@ use super::search::{self, Field, Scope, Searchable};
 use crate::auth::{self, Caller, Permission};
 use crate::state::artifacts::read_record;
 use crate::state::keys;
-use crate::state::trees::TreeOwner;
 use crate::state::tracking::{self, experiment_id, read_experiment, MAX_BATCH_METRICS};
+use crate::state::trees::TreeOwner;
 
 /// Most runs one search returns.
 pub const MAX_SEARCH_RESULTS: usize = 50_000;
@@ -65,9 +65,18 @@ pub fn routes() -> Router<Api> {
         .route(&format!("{base}/runs/delete"), post(delete_run))
         .route(&format!("{base}/runs/restore"), post(restore_run))
         .route(&format!("{base}/runs/delete-tag"), post(delete_run_tag))
-        .route(&format!("{base}/experiments/update"), post(update_experiment))
-        .route(&format!("{base}/experiments/delete"), post(delete_experiment))
-        .route(&format!("{base}/experiments/restore"), post(restore_experiment))
+        .route(
+            &format!("{base}/experiments/update"),
+            post(update_experiment),
+        )
+        .route(
+            &format!("{base}/experiments/delete"),
+            post(delete_experiment),
+        )
+        .route(
+            &format!("{base}/experiments/restore"),
+            post(restore_experiment),
+        )
         .route(
             &format!("{base}/experiments/set-experiment-tag"),
             post(set_experiment_tag),
@@ -76,7 +85,10 @@ pub fn routes() -> Router<Api> {
             &format!("{base}/experiments/delete-experiment-tag"),
             post(delete_experiment_tag),
         )
-        .route(&format!("{base}/experiments/search"), post(search_experiments))
+        .route(
+            &format!("{base}/experiments/search"),
+            post(search_experiments),
+        )
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
 }
 
@@ -114,7 +126,11 @@ impl From<Error> for ApiError {
                 }
                 // kiln's own registry says NOT_FOUND (an alias to a missing version).
                 if let Some(rest) = msg.strip_prefix("NOT_FOUND: ") {
-                    return ApiError("RESOURCE_DOES_NOT_EXIST", StatusCode::NOT_FOUND, rest.into());
+                    return ApiError(
+                        "RESOURCE_DOES_NOT_EXIST",
+                        StatusCode::NOT_FOUND,
+                        rest.into(),
+                    );
                 }
                 ApiError("INVALID_PARAMETER_VALUE", StatusCode::BAD_REQUEST, msg)
             }
@@ -233,6 +249,26 @@ pub(super) fn double_json(x: f64) -> Value {
     } else {
         json!(x)
     }
+}
+
+/// The `{key, value}` of a set-tag call, as the one-entry map the commands take.
+pub(super) fn tag_pair(v: &Value) -> Result<HashMap<String, String>, ApiError> {
+    Ok([(text(v, "key")?.to_string(), opt_text(v, "value"))].into())
+}
+
+/// The `key` of a delete-tag call, as the list the commands take.
+pub(super) fn tag_key(v: &Value) -> Result<Vec<String>, ApiError> {
+    Ok(vec![text(v, "key")?.to_string()])
+}
+
+/// One page of a search answer: `{field: [...], next_page_token}`, the token only
+/// while more remain (MLflow's client stops at a page without one).
+pub(super) fn paged(field: &str, items: Vec<Value>, next: Option<String>) -> Json<Value> {
+    let mut out = json!({ field: items });
+    if let Some(next) = next {
+        out["next_page_token"] = json!(next);
+    }
+    Json(out)
 }
 
 /// `[{key, value}]` into a map.
@@ -551,7 +587,7 @@ async fn set_tag(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiR
     let v = body(&raw)?;
     let batch = LogBatch {
         run_id: run_id_of(&v)?,
-        tags: [(text(&v, "key")?.to_string(), opt_text(&v, "value"))].into(),
+        tags: tag_pair(&v)?,
         ..Default::default()
     };
     log(&api, &caller, batch).await
@@ -601,7 +637,13 @@ async fn log_outputs(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> 
         run_id: run_id.clone(),
         models,
     });
-    propose(&api, &caller, Some(format!("log outputs of run {run_id}")), kind).await?;
+    propose(
+        &api,
+        &caller,
+        Some(format!("log outputs of run {run_id}")),
+        kind,
+    )
+    .await?;
     Ok(Json(json!({})))
 }
 
@@ -667,11 +709,16 @@ async fn restore_experiment(State(api): State<Api>, headers: HeaderMap, raw: Byt
 }
 
 async fn set_experiment_tag(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
-    let caller = caller(&api, &headers, Permission::Write, "experiments/set-experiment-tag")?;
+    let caller = caller(
+        &api,
+        &headers,
+        Permission::Write,
+        "experiments/set-experiment-tag",
+    )?;
     let v = body(&raw)?;
     let update = UpdateExperiment {
         id: experiment_of(&v)?,
-        set_tags: [(text(&v, "key")?.to_string(), opt_text(&v, "value"))].into(),
+        set_tags: tag_pair(&v)?,
         ..Default::default()
     };
     change_experiment(&api, &caller, "experiments/set-experiment-tag", update).await
@@ -682,11 +729,16 @@ async fn delete_experiment_tag(
     headers: HeaderMap,
     raw: Bytes,
 ) -> ApiResult {
-    let caller = caller(&api, &headers, Permission::Write, "experiments/delete-experiment-tag")?;
+    let caller = caller(
+        &api,
+        &headers,
+        Permission::Write,
+        "experiments/delete-experiment-tag",
+    )?;
     let v = body(&raw)?;
     let update = UpdateExperiment {
         id: experiment_of(&v)?,
-        delete_tags: vec![text(&v, "key")?.to_string()],
+        delete_tags: tag_key(&v)?,
         ..Default::default()
     };
     change_experiment(&api, &caller, "experiments/delete-experiment-tag", update).await
@@ -725,7 +777,7 @@ async fn delete_run_tag(State(api): State<Api>, headers: HeaderMap, raw: Bytes) 
     let v = body(&raw)?;
     let update = UpdateRun {
         run_id: run_id_of(&v)?,
-        delete_tags: vec![text(&v, "key")?.to_string()],
+        delete_tags: tag_key(&v)?,
         ..Default::default()
     };
     change_run(&api, &caller, "runs/delete-tag", update).await
@@ -774,7 +826,13 @@ async fn log_inputs(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> A
         run_id: run_id.clone(),
         datasets,
     });
-    propose(&api, &caller, Some(format!("log inputs of run {run_id}")), kind).await?;
+    propose(
+        &api,
+        &caller,
+        Some(format!("log inputs of run {run_id}")),
+        kind,
+    )
+    .await?;
     Ok(Json(json!({})))
 }
 
@@ -941,11 +999,7 @@ async fn search_runs(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> 
             .then_with(|| a.run_id.cmp(&b.run_id))
     });
     let (page, next) = search::page(found, offset, max);
-    let mut out = json!({"runs": page.iter().map(run_json).collect::<Vec<_>>()});
-    if let Some(next) = next {
-        out["next_page_token"] = json!(next);
-    }
-    Ok(Json(out))
+    Ok(paged("runs", page.iter().map(run_json).collect(), next))
 }
 
 /// An experiment as search reads it.
@@ -962,9 +1016,7 @@ impl Searchable for FoundExperiment<'_> {
                 "experiment_id" => Some(V::Text(e.id.to_string())),
                 "lifecycle_stage" => Some(V::Text(stage(&e.lifecycle_stage).to_string())),
                 "creation_time" => Some(V::Number(e.created_at_ms as f64)),
-                "last_update_time" => {
-                    Some(V::Number(e.updated_at_ms.max(e.created_at_ms) as f64))
-                }
+                "last_update_time" => Some(V::Number(e.updated_at_ms.max(e.created_at_ms) as f64)),
                 _ => None,
             },
             _ => None,
@@ -996,11 +1048,11 @@ async fn search_experiments(State(api): State<Api>, headers: HeaderMap, raw: Byt
             .then_with(|| a.id.cmp(&b.id))
     });
     let (page, next) = search::page(found, offset, max);
-    let mut out = json!({"experiments": page.iter().map(experiment_json).collect::<Vec<_>>()});
-    if let Some(next) = next {
-        out["next_page_token"] = json!(next);
-    }
-    Ok(Json(out))
+    Ok(paged(
+        "experiments",
+        page.iter().map(experiment_json).collect(),
+        next,
+    ))
 }
 
 impl Api {

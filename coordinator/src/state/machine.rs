@@ -360,6 +360,32 @@ fn read_worker(txn: &Txn<'_>, key: &[u8]) -> Result<Option<WorkerRecord>, StoreE
     }
 }
 
+/// What the state machine's unit tests share: an empty store under a
+/// transaction, and apply with a proposer's time.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// A store that holds nothing.
+    pub struct Empty;
+
+    impl StateRead for Empty {
+        fn read(&self, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(None)
+        }
+    }
+
+    /// Applies `kind` as proposed at `at_ms`; panics on a storage error.
+    pub fn apply_at(txn: &mut Txn<'_>, at_ms: u64, kind: command::Kind) -> Result<u64, Rejection> {
+        let cmd = Command {
+            proposed_at_ms: at_ms,
+            audit: None,
+            kind: Some(kind),
+        };
+        apply_command(txn, &cmd).expect("io")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -157,10 +157,7 @@ pub fn apply_create_registered(
 }
 
 /// Returns a model's record, made from its versions' times when it has none.
-fn record_or_default(
-    txn: &Txn<'_>,
-    name: &str,
-) -> Result<Option<RegisteredModel>, StoreError> {
+fn record_or_default(txn: &Txn<'_>, name: &str) -> Result<Option<RegisteredModel>, StoreError> {
     if let Some(record) = read_registered(txn, name)? {
         return Ok(Some(record));
     }
@@ -347,23 +344,12 @@ pub fn apply_update_version(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::machine::apply_command;
-    use kiln_proto::v1::{command, Command};
+    use kiln_proto::v1::command;
 
-    struct Empty;
-    impl StateRead for Empty {
-        fn read(&self, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            Ok(None)
-        }
-    }
+    use crate::state::machine::testing::{apply_at, Empty};
 
     fn apply(txn: &mut Txn<'_>, kind: command::Kind) -> Result<u64, Rejection> {
-        let cmd = Command {
-            proposed_at_ms: 3,
-            audit: None,
-            kind: Some(kind),
-        };
-        apply_command(txn, &cmd).expect("io")
+        apply_at(txn, 3, kind)
     }
 
     fn register(name: &str, require: bool) -> command::Kind {
@@ -390,9 +376,19 @@ mod tests {
         let base = Empty;
         let mut txn = Txn::new(&base);
         let missing = apply(&mut txn, register("iris", true));
-        assert!(missing.expect_err("no model").starts_with("RESOURCE_DOES_NOT_EXIST"));
-        assert_eq!(apply(&mut txn, register("iris", false)), Ok(1), "kiln's door");
-        assert_eq!(apply(&mut txn, register("iris", true)), Ok(2), "now it exists");
+        assert!(missing
+            .expect_err("no model")
+            .starts_with("RESOURCE_DOES_NOT_EXIST"));
+        assert_eq!(
+            apply(&mut txn, register("iris", false)),
+            Ok(1),
+            "kiln's door"
+        );
+        assert_eq!(
+            apply(&mut txn, register("iris", true)),
+            Ok(2),
+            "now it exists"
+        );
 
         let create = |name: &str| {
             command::Kind::CreateRegisteredModel(CreateRegisteredModel {
@@ -404,7 +400,9 @@ mod tests {
             })
         };
         let twice = apply(&mut txn, create("iris"));
-        assert!(twice.expect_err("exists").starts_with("RESOURCE_ALREADY_EXISTS"));
+        assert!(twice
+            .expect_err("exists")
+            .starts_with("RESOURCE_ALREADY_EXISTS"));
         apply(&mut txn, create("empty")).expect("created without versions");
         assert!(model_exists(&txn, "empty").expect("io"));
         assert!(apply(&mut txn, create("bad name")).is_err());

@@ -19,8 +19,8 @@ use prost::Message;
 
 use super::artifacts::read_record;
 use super::keys;
-use super::machine::{bump_counter, Rejection, Txn};
 use super::machine::StateRead as _;
+use super::machine::{bump_counter, Rejection, Txn};
 use super::reader::StateReader;
 use crate::raft::storage::StoreError;
 
@@ -292,7 +292,10 @@ pub fn apply_update_experiment(
             return Ok(exists(format!("experiment '{new_name}' exists already")));
         }
         txn.delete(keys::experiment_name(&experiment.name));
-        txn.put(keys::experiment_name(new_name), update.id.to_be_bytes().to_vec());
+        txn.put(
+            keys::experiment_name(new_name),
+            update.id.to_be_bytes().to_vec(),
+        );
         experiment.name = new_name.to_string();
     }
     match lifecycle(&update.lifecycle_stage) {
@@ -503,23 +506,12 @@ pub fn history(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::machine::{apply_command, StateRead};
-    use kiln_proto::v1::{command, Command};
+    use kiln_proto::v1::command;
 
-    struct Empty;
-    impl StateRead for Empty {
-        fn read(&self, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            Ok(None)
-        }
-    }
+    use crate::state::machine::testing::{apply_at, Empty};
 
     fn apply(txn: &mut Txn<'_>, kind: command::Kind) -> Result<u64, Rejection> {
-        let cmd = Command {
-            proposed_at_ms: 9,
-            audit: None,
-            kind: Some(kind),
-        };
-        apply_command(txn, &cmd).expect("io")
+        apply_at(txn, 9, kind)
     }
 
     const RUN: &str = "0123456789abcdef0123456789abcdef";

@@ -239,7 +239,10 @@ pub fn apply_start_upload(
         ..upload.clone()
     };
     txn.put(key, record.encode_to_vec());
-    txn.put(keys::UPLOADS_OPEN.to_vec(), (open + 1).to_be_bytes().to_vec());
+    txn.put(
+        keys::UPLOADS_OPEN.to_vec(),
+        (open + 1).to_be_bytes().to_vec(),
+    );
     Ok(Ok(0))
 }
 
@@ -466,27 +469,16 @@ pub fn apply_update_model(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::machine::apply_command;
     use kiln_proto::v1::{
-        command, ChunkPlacement, ChunkRef, Command, CreateRun, RegisterWorker, WorkerRecord,
+        command, ChunkPlacement, ChunkRef, CreateRun, RegisterWorker, WorkerRecord,
     };
 
     const RUN: &str = "0123456789abcdef0123456789abcdef";
 
-    struct Empty;
-    impl StateRead for Empty {
-        fn read(&self, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            Ok(None)
-        }
-    }
+    use crate::state::machine::testing::{apply_at, Empty};
 
     fn apply(txn: &mut Txn<'_>, kind: command::Kind) -> Result<u64, Rejection> {
-        let cmd = Command {
-            proposed_at_ms: 7,
-            audit: None,
-            kind: Some(kind),
-        };
-        apply_command(txn, &cmd).expect("io")
+        apply_at(txn, 7, kind)
     }
 
     /// A worker and a run whose tree takes files.
@@ -559,12 +551,27 @@ mod tests {
         assert!(unplaced.expect_err("no replica").contains("no replica"));
         let nobody = apply(
             &mut txn,
-            put("mlflow-run-ffffffffffffffffffffffffffffffff", file("a.txt", &[(1, 10)]), true),
+            put(
+                "mlflow-run-ffffffffffffffffffffffffffffffff",
+                file("a.txt", &[(1, 10)]),
+                true,
+            ),
         );
-        assert!(nobody.expect_err("no run").starts_with("RESOURCE_DOES_NOT_EXIST"));
+        assert!(nobody
+            .expect_err("no run")
+            .starts_with("RESOURCE_DOES_NOT_EXIST"));
 
-        assert_eq!(apply(&mut txn, put(&tree, file("a.txt", &[(1, 10), (2, 5)]), true)), Ok(1));
-        assert_eq!(apply(&mut txn, put(&tree, file("d/b.bin", &[(2, 5)]), false)), Ok(2));
+        assert_eq!(
+            apply(
+                &mut txn,
+                put(&tree, file("a.txt", &[(1, 10), (2, 5)]), true)
+            ),
+            Ok(1)
+        );
+        assert_eq!(
+            apply(&mut txn, put(&tree, file("d/b.bin", &[(2, 5)]), false)),
+            Ok(2)
+        );
         assert_eq!((refs(&txn, 1), refs(&txn, 2)), (1, 2));
         let head = read_head(&txn, &tree).expect("io");
         assert_eq!((head.files, head.bytes, head.generation), (2, 20, 2));
@@ -633,7 +640,9 @@ mod tests {
         assert!(outside.expect_err("part 3 of 2").contains("part 3"));
         assert_eq!((refs(&txn, 1), refs(&txn, 3)), (1, 1));
         assert!(
-            txn.get(&keys::tree_file(&tree, "big.bin")).expect("io").is_none(),
+            txn.get(&keys::tree_file(&tree, "big.bin"))
+                .expect("io")
+                .is_none(),
             "nothing is listed before the upload completes"
         );
 
@@ -653,7 +662,9 @@ mod tests {
         assert_eq!((refs(&txn, 1), refs(&txn, 2), refs(&txn, 3)), (1, 1, 1));
         assert!(txn.get(&keys::upload_part("u1", 1)).expect("io").is_none());
         let again = apply(&mut txn, finish);
-        assert!(again.expect_err("gone").starts_with("RESOURCE_DOES_NOT_EXIST"));
+        assert!(again
+            .expect_err("gone")
+            .starts_with("RESOURCE_DOES_NOT_EXIST"));
 
         // An aborted upload leaves no file and no references behind.
         apply(&mut txn, start("u2")).expect("started");
