@@ -35,7 +35,9 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 echo "mlflow server ..." >&2
-peer="$(MLFLOW_TRACKING_URI="http://127.0.0.1:$port" "$PY" scripts/bench_mlflow.py "${ARGS[@]}")"
+# The figures are the script's last line (the client may print above it).
+peer="$(MLFLOW_TRACKING_URI="http://127.0.0.1:$port" "$PY" scripts/bench_mlflow.py "${ARGS[@]}" | tail -1)"
+echo "$peer" >&2
 
 kiln() { (cd "$work" && "$KILN_BIN" "$@"); }
 kiln_run() {
@@ -52,9 +54,11 @@ kiln_run() {
     MLFLOW_TRACKING_SERVER_CERT_PATH="$ca" "$PY" scripts/bench_mlflow.py "${ARGS[@]}"
 }
 echo "kiln, default limits ..." >&2
-kiln_default="$(kiln_run '[limits]\n')"
+kiln_default="$(kiln_run '[limits]\n' | tail -1)"
+echo "$kiln_default" >&2
 echo "kiln, limits lifted ..." >&2
-kiln_open="$(kiln_run '[limits]\ntoken_writes_per_sec = 0\n')"
+kiln_open="$(kiln_run '[limits]\ntoken_writes_per_sec = 0\n' | tail -1)"
+echo "$kiln_open" >&2
 
 "$PY" - "$peer" "$kiln_default" "$kiln_open" <<'PYEOF'
 import json, sys

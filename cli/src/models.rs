@@ -41,6 +41,12 @@ fn model_json(m: &ModelVersion) -> Value {
         "classes": m.classes,
         "features": m.features,
         "monitored": !m.reference.is_empty(),
+        "source": m.source,
+        "model_id": m.model_id,
+        "description": m.description,
+        "tags": m.tags.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "deployable": m.undeployable.is_empty(),
+        "undeployable": m.undeployable,
         "created_at_ms": m.created_at_ms,
         "created_by": m.created_by,
     })
@@ -300,6 +306,9 @@ pub async fn run(client: ClusterClient, command: ModelsCommand) -> anyhow::Resul
                     m.dataset,
                     metrics.join(" ")
                 );
+                if !m.undeployable.is_empty() {
+                    println!("{:<24} cannot be deployed: {}", "", m.undeployable);
+                }
             }
             Ok(())
         }

@@ -68,7 +68,10 @@ impl Api {
             .map_err(storage)?
             .ok_or_else(|| {
                 Error::NotFound(if version == 0 {
-                    format!("no model is named {name}")
+                    match crate::state::models::model_exists(&self.reader, &name) {
+                        Ok(true) => format!("model {name} is registered but has no versions yet"),
+                        _ => format!("no model is named {name}"),
+                    }
                 } else {
                     format!("{name}@{version} does not exist")
                 })
