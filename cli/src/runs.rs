@@ -85,10 +85,12 @@ async fn get(
     client: &ClusterClient,
     run_id: &str,
     with_history: bool,
+    with_files: bool,
 ) -> anyhow::Result<GetRunResponse> {
     let request = GetRunRequest {
         run_id: run_id.to_string(),
         with_history,
+        with_files,
     };
     Ok(client
         .call(|mut c| {
@@ -142,7 +144,7 @@ pub async fn run(client: ClusterClient, command: RunsCommand) -> anyhow::Result<
             }
         }
         RunsCommand::Show { run, json } => {
-            let resp = get(&client, &run, false).await?;
+            let resp = get(&client, &run, false, true).await?;
             let r = resp.run.clone().unwrap_or_default();
             if json {
                 let mut doc = run_json(&r, &resp.experiment);
@@ -207,7 +209,7 @@ pub async fn run(client: ClusterClient, command: RunsCommand) -> anyhow::Result<
         RunsCommand::Compare { runs, json } => {
             let mut all = Vec::new();
             for id in &runs {
-                all.push(get(&client, id, true).await?);
+                all.push(get(&client, id, true, false).await?);
             }
             let params: BTreeSet<&String> = all
                 .iter()

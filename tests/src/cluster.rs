@@ -174,6 +174,40 @@ impl Cluster {
         self.dir.path()
     }
 
+    /// Starts 3 coordinators (with `config`) and the named workers (each with
+    /// `worker_args`), and waits until a leader is known and every worker is
+    /// alive.
+    pub async fn start_with_workers(
+        config: &str,
+        workers: &[&str],
+        worker_args: &[&str],
+    ) -> Cluster {
+        let mut cluster = Cluster::start(3, config);
+        cluster.wait_for_leader(Duration::from_secs(20)).await;
+        cluster.wait_for_agreement(Duration::from_secs(10)).await;
+        for name in workers {
+            cluster.start_worker_with(name, worker_args);
+        }
+        let want = workers.len();
+        wait_for(Duration::from_secs(30), "workers alive", || {
+            let cluster = &cluster;
+            async move {
+                let status = cluster.run_cli(&["status", "--json"]).await;
+                let status: serde_json::Value =
+                    serde_json::from_slice(&status.stdout).map_err(|e| e.to_string())?;
+                let alive = status["workers"]
+                    .as_array()
+                    .map_or(0, |w| w.iter().filter(|w| w["state"] == "alive").count());
+                if alive < want {
+                    return Err(format!("{alive} worker(s) alive"));
+                }
+                Ok(())
+            }
+        })
+        .await;
+        cluster
+    }
+
     /// Returns the ids of all coordinators ever started, running or not.
     pub fn coordinator_ids(&self) -> Vec<u64> {
         self.coordinators.keys().copied().collect()

@@ -1,6 +1,6 @@
-//! The real `mlflow` Python client in tests: the venv scripts/env.sh installs once
-//! (`kiln_mlflow_python`), bounded runs of its scripts, and the cluster they talk
-//! to (3 coordinators with TLS and live workers).
+//! MLflow in tests: the real `mlflow` Python client's venv that scripts/env.sh
+//! installs once (`kiln_mlflow_python`), bounded runs of its scripts, and
+//! [`mlflow_call`], one call of MLflow's REST API as its client makes it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::{stderr_text, Cluster};
+use crate::{http_request, stderr_text, Cluster};
 
 /// Longest `kiln_mlflow_python` may take: a first install from PyPI takes minutes.
 const VENV_INSTALL_TIMEOUT: Duration = Duration::from_secs(900);
@@ -65,34 +65,6 @@ pub async fn mlflow_python() -> Option<PathBuf> {
     None
 }
 
-/// A cluster of 3 coordinators and 2 live workers.
-pub async fn cluster_with_workers(workers: &[&str]) -> Cluster {
-    let mut cluster = Cluster::start(3, "");
-    cluster.wait_for_leader(Duration::from_secs(20)).await;
-    cluster.wait_for_agreement(Duration::from_secs(10)).await;
-    for name in workers {
-        cluster.start_worker(name);
-    }
-    let want = workers.len();
-    crate::wait_for(Duration::from_secs(30), "workers alive", || {
-        let cluster = &cluster;
-        async move {
-            let status = cluster.run_cli(&["status", "--json"]).await;
-            let status: Value =
-                serde_json::from_slice(&status.stdout).map_err(|e| e.to_string())?;
-            let alive = status["workers"]
-                .as_array()
-                .map_or(0, |w| w.iter().filter(|w| w["state"] == "alive").count());
-            if alive < want {
-                return Err(format!("{alive} worker(s) alive"));
-            }
-            Ok(())
-        }
-    })
-    .await;
-    cluster
-}
-
 /// Returns a command that runs `script` (under scripts/) with the mlflow venv's
 /// `python`, pointed at `http_addr` with `token` and the cluster's CA, and none
 /// of the caller's own MLflow settings (experiment, run, credentials).
@@ -118,4 +90,28 @@ pub fn client_command(
         // MLflow sends multipart parts with bare `requests`, which reads this.
         .env("REQUESTS_CA_BUNDLE", &ca);
     command
+}
+
+/// Calls MLflow's REST API (`/api/2.0/mlflow/<path>`) with a bearer token; returns
+/// the status and the JSON answer (panics on a body that is not JSON: MLflow's
+/// client needs JSON on every answer, errors included).
+pub async fn mlflow_call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let body = body.map(|b| b.to_string());
+    let (status, text) = http_request(
+        addr,
+        method,
+        &format!("/api/2.0/mlflow/{path}"),
+        Some(token),
+        body.as_deref(),
+    )
+    .await;
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"));
+    (status, value)
 }

@@ -280,6 +280,7 @@ async fn call(
                 GetRunRequest {
                     run_id: unique,
                     with_history: false,
+                    with_files: true,
                 },
                 token,
             ))

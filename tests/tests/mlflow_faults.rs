@@ -12,7 +12,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use kiln_tests::mlflow::{client_command, cluster_with_workers, mlflow_python};
+use kiln_tests::mlflow::{client_command, mlflow_python};
 use kiln_tests::v1::Role;
 use kiln_tests::{http_request, Cluster};
 use serde_json::Value;
@@ -108,7 +108,7 @@ impl Script {
 
 async fn setup() -> Option<(std::path::PathBuf, Cluster, String, u64, u64)> {
     let python = mlflow_python().await?;
-    let cluster = cluster_with_workers(&["a", "b"]).await;
+    let cluster = Cluster::start_with_workers("", &["a", "b"], &[]).await;
     let (leader, _) = cluster.wait_for_leader(Duration::from_secs(20)).await;
     let token = cluster.create_token("faults", Role::Operator, 0).await;
     let named = cluster
@@ -162,6 +162,34 @@ async fn a_multipart_upload_completes_through_a_leader_death_and_is_never_listed
         "the bytes were not read back whole: {lines:?}"
     );
     println!("{} listings during the upload; {lines:?}", polls);
+
+    // It went up in parts, every one stored, and was completed once: the client
+    // did not fall back to one PUT.
+    let audit = cluster.run_cli(&["audit", "--json"]).await;
+    let audit: Value = serde_json::from_slice(&audit.stdout).expect("kiln audit --json");
+    let records = audit.as_array().expect("a list");
+    let said = |what: &str| {
+        records
+            .iter()
+            .filter(|r| r["outcome"] == "ok")
+            .filter_map(|r| r["what"].as_str())
+            .filter(|w| w.contains(what))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let parts = BIG_MB.div_ceil(10);
+    assert_eq!(
+        said("start uploading blobs/big.bin"),
+        vec![format!(
+            "start uploading blobs/big.bin into mlflow-run-{run} in {parts} parts"
+        )]
+    );
+    let stored: std::collections::BTreeSet<String> = said("store part ")
+        .iter()
+        .filter_map(|w| w.split_whitespace().nth(2).map(str::to_string))
+        .collect();
+    assert_eq!(stored.len() as u64, parts, "parts stored: {stored:?}");
+    assert_eq!(said("complete upload").len(), 1);
     cluster.restart(leader);
     cluster.wait_for_agreement(Duration::from_secs(20)).await;
     cluster.assert_healthy();

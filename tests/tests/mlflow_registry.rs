@@ -7,34 +7,10 @@
 
 use std::time::Duration;
 
-use kiln_tests::mlflow::cluster_with_workers;
+use kiln_tests::mlflow::mlflow_call as call;
 use kiln_tests::v1::Role;
 use kiln_tests::{http_request, stderr_text, Cluster};
 use serde_json::{json, Value};
-
-const API: &str = "/api/2.0/mlflow";
-
-/// Calls the tracking API; returns the status and the JSON answer.
-async fn call(
-    addr: &str,
-    method: &str,
-    path: &str,
-    token: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let body = body.map(|b| b.to_string());
-    let (status, text) = http_request(
-        addr,
-        method,
-        &format!("{API}/{path}"),
-        Some(token),
-        body.as_deref(),
-    )
-    .await;
-    let value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"));
-    (status, value)
-}
 
 /// Calls and asserts a 200; returns the answer.
 async fn ok(addr: &str, method: &str, path: &str, token: &str, body: Option<Value>) -> Value {
@@ -105,7 +81,7 @@ async fn deploy_refused(cluster: &Cluster, model: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mlflow_registry_lifecycle_and_datasets_over_one_registry() {
-    let mut cluster = cluster_with_workers(&["a", "b"]).await;
+    let mut cluster = Cluster::start_with_workers("", &["a", "b"], &[]).await;
     let (leader, _) = cluster.wait_for_leader(Duration::from_secs(20)).await;
     let token = cluster.create_token("mlflow-rest", Role::Operator, 0).await;
     let http = cluster.http_addr(leader);

@@ -87,30 +87,7 @@ async fn cluster_with(workers: &[&str], config: &str) -> Cluster {
 /// A cluster (coordinators with `config`) with the named workers alive, each
 /// started with `worker_args`.
 async fn cluster_with_args(workers: &[&str], config: &str, worker_args: &[&str]) -> Cluster {
-    let mut cluster = Cluster::start(3, config);
-    cluster.wait_for_leader(Duration::from_secs(20)).await;
-    cluster.wait_for_agreement(Duration::from_secs(10)).await;
-    for name in workers {
-        cluster.start_worker_with(name, worker_args);
-    }
-    let want = workers.len();
-    kiln_tests::wait_for(Duration::from_secs(30), "workers alive", || {
-        let cluster = &cluster;
-        async move {
-            let status = cluster.run_cli(&["status", "--json"]).await;
-            let status: Value =
-                serde_json::from_slice(&status.stdout).map_err(|e| e.to_string())?;
-            let alive = status["workers"]
-                .as_array()
-                .map_or(0, |w| w.iter().filter(|w| w["state"] == "alive").count());
-            if alive < want {
-                return Err(format!("{alive} worker(s) alive"));
-            }
-            Ok(())
-        }
-    })
-    .await;
-    cluster
+    Cluster::start_with_workers(config, workers, worker_args).await
 }
 
 async fn cli_ok(cluster: &Cluster, args: &[&str]) -> String {

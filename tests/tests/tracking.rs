@@ -4,33 +4,12 @@
 
 use std::time::Duration;
 
+use kiln_tests::mlflow::mlflow_call as call;
 use kiln_tests::v1::Role;
 use kiln_tests::{http_request, Cluster};
-use serde_json::{json, Value};
 
 const API: &str = "/api/2.0/mlflow";
-
-/// Calls the API; returns the status and the JSON answer.
-async fn call(
-    addr: &str,
-    method: &str,
-    path: &str,
-    token: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let body = body.map(|b| b.to_string());
-    let (status, text) = http_request(
-        addr,
-        method,
-        &format!("{API}/{path}"),
-        Some(token),
-        body.as_deref(),
-    )
-    .await;
-    let value =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text}"));
-    (status, value)
-}
+use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn runs_params_and_metrics_are_tracked_like_mlflow() {

@@ -38,7 +38,7 @@ use super::tracking::{
 use crate::auth::{Caller, Permission};
 use crate::state::artifacts::read_record;
 use crate::state::keys;
-use crate::state::models::{self, latest, read_model, read_registered, MAX_MODEL_VERSIONS};
+use crate::state::models::{self, latest, read_model, MAX_MODEL_VERSIONS};
 use crate::state::trees::{read_logged_model, TreeOwner};
 
 /// Most registered models or versions one search reads.
@@ -174,20 +174,7 @@ fn versions_of(api: &Api, name: &str) -> Result<Vec<ModelVersion>, ApiError> {
 /// A model's own record, or one made from its versions; None when it does not
 /// exist.
 fn record_of(api: &Api, name: &str) -> Result<Option<RegisteredModel>, ApiError> {
-    if let Some(record) = read_registered(&api.reader, name).map_err(internal)? {
-        return Ok(Some(record));
-    }
-    let versions = versions_of(api, name)?;
-    let Some(first) = versions.first() else {
-        return Ok(None);
-    };
-    let last = versions.last().unwrap_or(first);
-    Ok(Some(RegisteredModel {
-        name: name.to_string(),
-        created_at_ms: first.created_at_ms,
-        updated_at_ms: last.updated_at_ms.max(last.created_at_ms),
-        ..Default::default()
-    }))
+    models::record_or_default(&api.reader, name).map_err(internal)
 }
 
 fn version_json(m: &ModelVersion, aliases: &[(String, u64)]) -> Value {
@@ -365,25 +352,23 @@ async fn delete_model_tag(State(api): State<Api>, headers: HeaderMap, raw: Bytes
     Ok(Json(json!({})))
 }
 
-/// Refuses to rename or delete a model that a deployment serves.
-fn check_not_deployed(api: &Api, name: &str) -> Result<(), ApiError> {
-    for (_, bytes) in api
-        .reader
-        .scan(keys::DEPLOYMENT.as_bytes(), MAX_SEARCHED)
-        .map_err(internal)?
-    {
-        let d = DeploymentRecord::decode(bytes.as_slice()).map_err(internal)?;
+/// Refuses to change a model (any version: `None`) or one version that a
+/// deployment serves, naming the deployment.
+fn check_not_deployed(api: &Api, name: &str, version: Option<u64>) -> Result<(), ApiError> {
+    for d in api.deployments()? {
         let serves = [&d.primary, &d.canary]
             .into_iter()
             .flatten()
-            .any(|t| t.model == name);
+            .any(|t| t.model == name && version.is_none_or(|v| t.version == v));
         if serves {
+            let what = version.map_or_else(|| format!("model {name}"), |v| format!("{name}@{v}"));
             return Err(ApiError(
                 "INVALID_STATE",
                 StatusCode::BAD_REQUEST,
                 format!(
-                    "deployment {} serves model {name}; remove it first (kiln deployments rm {})",
-                    d.name, d.name
+                    "deployment {} serves {what}; remove it or move it off first \
+                     (kiln deployments rm {} | kiln deploy {} --model ...)",
+                    d.name, d.name, d.name
                 ),
             ));
         }
@@ -414,7 +399,7 @@ async fn rename_model(State(api): State<Api>, headers: HeaderMap, raw: Bytes) ->
     let name = model_name(&v, "name")?;
     let new_name = model_name(&v, "new_name")?;
     api.read_barrier(false).await?;
-    check_not_deployed(&api, &name)?;
+    check_not_deployed(&api, &name, None)?;
     let (versions, aliases) = listed(&api, &name)?;
     let kind = command::Kind::RenameRegisteredModel(RenameRegisteredModel {
         name: name.clone(),
@@ -442,7 +427,7 @@ async fn delete_model(State(api): State<Api>, headers: HeaderMap, raw: Bytes) ->
     let v = body(&raw)?;
     let name = model_name(&v, "name")?;
     api.read_barrier(false).await?;
-    check_not_deployed(&api, &name)?;
+    check_not_deployed(&api, &name, None)?;
     let (versions, aliases) = listed(&api, &name)?;
     let kind = command::Kind::DeleteRegisteredModel(DeleteRegisteredModel {
         name: name.clone(),
@@ -885,27 +870,7 @@ async fn delete_version(State(api): State<Api>, headers: HeaderMap, raw: Bytes) 
     let v = body(&raw)?;
     let (name, version) = (model_name(&v, "name")?, version_of(&v)?);
     api.read_barrier(false).await?;
-    for (_, bytes) in api
-        .reader
-        .scan(keys::DEPLOYMENT.as_bytes(), MAX_SEARCHED)
-        .map_err(internal)?
-    {
-        let d = DeploymentRecord::decode(bytes.as_slice()).map_err(internal)?;
-        if [&d.primary, &d.canary]
-            .into_iter()
-            .flatten()
-            .any(|t| t.model == name && t.version == version)
-        {
-            return Err(ApiError(
-                "INVALID_STATE",
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "deployment {} serves {name}@{version}; move it off first",
-                    d.name
-                ),
-            ));
-        }
-    }
+    check_not_deployed(&api, &name, Some(version))?;
     let aliases = aliases_of(&api, &name)?
         .into_iter()
         .map(|(a, _)| a)

@@ -1110,8 +1110,14 @@ impl Api {
                 });
             }
         }
-        let files = self.tree_listing(&TreeOwner::Run(run.run_id.clone()))?;
-        let models = self.run_models(&run)?;
+        let (files, models) = if req.with_files {
+            (
+                self.tree_listing(&TreeOwner::Run(run.run_id.clone()))?,
+                self.run_models(&run)?,
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
         Ok(GetRunResponse {
             run: Some(run),
             experiment,

@@ -156,22 +156,26 @@ pub fn apply_create_registered(
     Ok(Ok(0))
 }
 
-/// Returns a model's record, made from its versions' times when it has none.
-fn record_or_default(txn: &Txn<'_>, name: &str) -> Result<Option<RegisteredModel>, StoreError> {
-    if let Some(record) = read_registered(txn, name)? {
+/// Returns a model's record, or for a model known by its versions alone one made
+/// from their times (first created, newest changed); None when it does not exist.
+pub fn record_or_default(
+    state: &dyn StateRead,
+    name: &str,
+) -> Result<Option<RegisteredModel>, StoreError> {
+    if let Some(record) = read_registered(state, name)? {
         return Ok(Some(record));
     }
-    let newest = latest(txn, name)?;
-    if newest == 0 {
+    let newest = latest(state, name)?;
+    let Some(last) = read_model(state, name, newest)? else {
         return Ok(None);
-    }
-    let created = (1..=newest)
-        .find_map(|v| read_model(txn, name, v).ok().flatten())
-        .map_or(0, |m| m.created_at_ms);
+    };
+    let first = (1..newest)
+        .find_map(|v| read_model(state, name, v).ok().flatten())
+        .unwrap_or_else(|| last.clone());
     Ok(Some(RegisteredModel {
         name: name.to_string(),
-        created_at_ms: created,
-        updated_at_ms: created,
+        created_at_ms: first.created_at_ms,
+        updated_at_ms: last.updated_at_ms.max(last.created_at_ms),
         ..Default::default()
     }))
 }

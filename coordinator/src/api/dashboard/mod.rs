@@ -199,6 +199,7 @@ async fn job_page(api: &Api, Path(id): Path<String>) -> Page {
         let asked = GetRunRequest {
             run_id: job.run_id.clone(),
             with_history: true,
+            with_files: false,
         };
         match api.get_run_call(asked).await {
             Ok(run) => Some(run),
@@ -265,6 +266,7 @@ async fn compare_page(api: &Api, Query(pairs): Query<Vec<(String, String)>>) -> 
             .get_run_call(GetRunRequest {
                 run_id: run_id.clone(),
                 with_history: false,
+                with_files: false,
             })
             .await?;
         let run = got
