@@ -65,7 +65,7 @@ kiln_nvrtc_dir() {
 # nothing when it cannot be installed; the test then says it skipped.
 kiln_mlflow_python() {
   local venv="$CARGO_TARGET_DIR/venvs/mlflow"
-  local pins="mlflow==3.17.2 onnx==1.23.2 onnxruntime==1.32.0 matplotlib==3.11.2 numpy==2.4.6"
+  local pins="mlflow==3.17.2 onnx==1.23.2 onnxruntime==1.32.0 matplotlib==3.11.2 numpy==2.4.6 scikit-learn==1.9.1"
   local marker="$venv/kiln-pins.txt"
   mkdir -p "$CARGO_TARGET_DIR/venvs" 2>/dev/null || return 0
   (

@@ -45,6 +45,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import mlflow.artifacts  # noqa: E402
 import mlflow.onnx  # noqa: E402
+import mlflow.sklearn  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import requests  # noqa: E402
@@ -56,6 +57,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 EXPERIMENT = "quickstart"
 MODEL = "quickstart-mlp"
 ALIAS = "champion"
+SKLEARN_MODEL = "quickstart-sklearn"
+EXTERNAL_MODEL = "quickstart-external"
 LOSS = [round(1.0 / (step + 1), 6) for step in range(10)]
 ACCURACY = [round(0.5 + 0.04 * step, 6) for step in range(10)]
 # The search runs: (lr, rmse). Only lr 0.01 has rmse < 0.5 and lr = '0.01'.
@@ -514,6 +517,48 @@ def error_codes(ctx):
     )
 
 
+def log_models_kiln_cannot_serve(ctx):
+    """Step h: models people log that kiln keeps but cannot serve: a fitted
+    scikit-learn pipeline (mlflow.sklearn, a pickle) and an ONNX model whose weights
+    mlflow.onnx saves as external data (its default for tensors of 1 KiB or more).
+    Both register; kiln's side checks that `kiln deploy` refuses them, saying why."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(64, 4))
+    y = (x[:, 0] + x[:, 1] > 0).astype(int)
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression()).fit(x, y)
+    with mlflow.start_run(run_name="sklearn"):
+        mlflow.sklearn.log_model(pipeline, name="model", registered_model_name=SKLEARN_MODEL)
+    mv = ctx.client.get_model_version(SKLEARN_MODEL, "1")
+    check(str(mv.status).endswith("READY"), f"{SKLEARN_MODEL} status {mv.status}")
+    loaded = mlflow.sklearn.load_model(f"models:/{SKLEARN_MODEL}/1")
+    check(
+        (loaded.predict(x) == pipeline.predict(x)).all(),
+        "the pipeline loaded through the registry predicts otherwise",
+    )
+
+    w = rng.normal(size=(64, 64)).astype(np.float32)  # 16 KiB: saved externally
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])],
+        "external",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 64])],
+        initializer=[numpy_helper.from_array(w, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with mlflow.start_run(run_name="external"):
+        info = mlflow.onnx.log_model(model, name="model", registered_model_name=EXTERNAL_MODEL)
+    loaded = mlflow.onnx.load_model(f"models:/{EXTERNAL_MODEL}/1")
+    check(
+        numpy_helper.to_array(loaded.graph.initializer[0]).tobytes() == w.tobytes(),
+        "the external weights did not come back through the registry",
+    )
+    check(info.model_id.startswith("m-"), f"logged model id {info.model_id!r}")
+
+
 def write_report(ctx):
     """Step g: what kiln's side checks."""
     report = {
@@ -521,6 +566,10 @@ def write_report(ctx):
         "experiment_id": ctx.experiment_id,
         "experiment_name": EXPERIMENT,
         "model_name": MODEL,
+        "unservable_models": {
+            SKLEARN_MODEL: "no model.onnx",
+            EXTERNAL_MODEL: "external files",
+        },
         "model_version": ctx.model_version,
         "model_alias": ALIAS,
         "logged_model_id": ctx.model_id,
@@ -566,6 +615,7 @@ def main():
         step("d  model loaded through the registry", load_model_through_registry, ctx)
         step("e  runs and experiments searched and paged", search, ctx)
         step("f  error codes", error_codes, ctx)
+        step("h  models kiln keeps but cannot serve", log_models_kiln_cannot_serve, ctx)
         step("g  report written", write_report, ctx)
     print("all steps passed", flush=True)
     return 0

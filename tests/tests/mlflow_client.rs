@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use kiln_tests::mlflow::{client_command, cluster_with_workers, mlflow_python, run_bounded};
+use kiln_tests::mlflow::{client_command, mlflow_python, run_bounded};
 use kiln_tests::v1::Role;
 use kiln_tests::{http_call, stderr_text, Cluster};
 use serde_json::{json, Value};
@@ -81,7 +81,7 @@ async fn the_mlflow_client_works_unchanged_against_a_cluster() {
         return;
     };
     let workers = ["a", "b"];
-    let mut cluster = cluster_with_workers(&workers).await;
+    let mut cluster = Cluster::start_with_workers("", &workers, &[]).await;
     let (leader, _) = cluster.wait_for_leader(Duration::from_secs(20)).await;
     let token = cluster
         .create_token("mlflow-quickstart", Role::Operator, 0)
@@ -216,6 +216,46 @@ async fn the_mlflow_client_works_unchanged_against_a_cluster() {
     );
     let shown = cli_json(&cluster, &["models", "show", MODEL, "--json"]).await;
     assert_eq!(shown["aliases"]["champion"], version, "{shown}");
+    assert_eq!(entry["deployable"], true, "{entry}");
+
+    // A scikit-learn pipeline and an ONNX model with external weights: kept and
+    // listed, and `kiln deploy` refuses each, saying why.
+    let unservable = report["unservable_models"]
+        .as_object()
+        .expect("report.json lists the models kiln cannot serve");
+    assert_eq!(unservable.len(), 2, "{unservable:?}");
+    for (name, why) in unservable {
+        let why = why.as_str().expect("a reason");
+        let listed = registered
+            .as_array()
+            .expect("a list")
+            .iter()
+            .find(|m| m["name"] == name.as_str())
+            .unwrap_or_else(|| panic!("kiln models ls has no {name}: {registered}"));
+        assert_eq!(listed["deployable"], false, "{listed}");
+        assert!(
+            listed["undeployable"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(why),
+            "{name}: {listed}"
+        );
+        let refused = cluster
+            .run_cli(&[
+                "deploy",
+                "refused",
+                "--model",
+                &format!("{name}@1"),
+                "--replicas",
+                "1",
+            ])
+            .await;
+        let said = stderr_text(&refused);
+        assert!(
+            !refused.status.success() && said.contains("cannot be deployed") && said.contains(why),
+            "kiln deploy {name}@1: {said}"
+        );
+    }
 
     // Deployed through its MLflow alias; KServe v2 on every worker answers X·W + B.
     let model_ref = format!("{MODEL}@champion");
