@@ -106,6 +106,20 @@ pub fn encode_chunk(data: &[u8]) -> Vec<u8> {
 /// Decodes an encoded chunk and checks it against `id`; the error says what is
 /// wrong with it.
 pub fn decode_chunk(id: ChunkId, value: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    match decoded(id, value)? {
+        std::borrow::Cow::Borrowed(raw) => Ok(raw.to_vec()),
+        std::borrow::Cow::Owned(data) => Ok(data),
+    }
+}
+
+/// Checks an encoded chunk against `id` without keeping its bytes: a raw chunk
+/// is hashed where it lies (a worker checks every chunk it is sent).
+pub fn check_chunk(id: ChunkId, value: &[u8]) -> std::result::Result<(), String> {
+    decoded(id, value).map(drop)
+}
+
+/// The checked bytes of an encoded chunk, borrowed from `value` when stored raw.
+fn decoded(id: ChunkId, value: &[u8]) -> std::result::Result<std::borrow::Cow<'_, [u8]>, String> {
     if value.len() < HEADER_BYTES {
         return Err(format!("an encoded value of {} bytes", value.len()));
     }
@@ -115,10 +129,10 @@ pub fn decode_chunk(id: ChunkId, value: &[u8]) -> std::result::Result<Vec<u8>, S
     }
     let payload = &value[HEADER_BYTES..];
     let data = match value[0] {
-        CODEC_RAW => payload.to_vec(),
-        CODEC_LZ4 => {
-            lz4::block::decompress(payload, Some(len as i32)).map_err(|e| format!("lz4: {e}"))?
-        }
+        CODEC_RAW => std::borrow::Cow::Borrowed(payload),
+        CODEC_LZ4 => std::borrow::Cow::Owned(
+            lz4::block::decompress(payload, Some(len as i32)).map_err(|e| format!("lz4: {e}"))?,
+        ),
         other => return Err(format!("unknown codec {other}")),
     };
     if data.len() != len {

@@ -9,17 +9,29 @@
 //! rotted on disk is reported as corrupt, never returned.
 //!
 //! Values are kept in RocksDB's blob files (key-value separation): chunks are
-//! 64 KiB to 1 MiB, and compaction then moves keys, not chunk bytes.
+//! 64 KiB to 1 MiB, and compaction then moves keys, not chunk bytes. Blob garbage
+//! collection is off in ordinary compactions: on, it relocates every live blob of
+//! the oldest files whenever a compaction touches their keys, garbage or not, and
+//! since chunk ids are random every compaction touches them all; during a 1 GiB
+//! upload that rewrote about twice the upload. Deleting chunks instead schedules
+//! a [`BlobStore::reclaim`] once deletions have been quiet for [`RECLAIM_QUIET`]:
+//! one compaction with collection on, which rewrites the live chunks of files
+//! that hold garbage and drops the files.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use kiln_common::chunking::{decode_chunk, encode_chunk, ChunkId};
+use kiln_common::chunking::{check_chunk, decode_chunk, encode_chunk, ChunkId};
 use rocksdb::{IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
 /// Column family of each chunk's last write time (ms, little endian).
 const CF_WRITTEN: &str = "written";
 pub use kiln_common::chunking::MAX_STORED_CHUNK_BYTES;
+/// How long deletions must pause before their space is reclaimed: a garbage
+/// collection deletes in pages, and one reclaim follows the last page.
+pub const RECLAIM_QUIET: Duration = Duration::from_secs(5);
 
 /// Why a blob store call failed.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +78,16 @@ pub struct BlobStats {
 pub struct BlobStore {
     db: Arc<DB>,
     path: PathBuf,
+    reclaim: Arc<Reclaim>,
+}
+
+/// Deletions waiting for their space to be reclaimed.
+#[derive(Default)]
+struct Reclaim {
+    /// When chunks were last deleted, while their space is not reclaimed yet.
+    pending_since: Mutex<Option<Instant>>,
+    /// A thread is waiting to reclaim (at most one).
+    scheduled: AtomicBool,
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -96,7 +118,8 @@ impl BlobStore {
         options.set_enable_blob_files(true);
         options.set_min_blob_size(4096);
         options.set_blob_compression_type(rocksdb::DBCompressionType::None);
-        options.set_enable_blob_gc(true);
+        // Collected only by `reclaim`, after deletions (see the module's comment).
+        options.set_enable_blob_gc(false);
         // Bounded memory: two 32 MiB memtables at most.
         options.set_write_buffer_size(32 * 1024 * 1024);
         options.set_max_write_buffer_number(2);
@@ -116,6 +139,7 @@ impl BlobStore {
         Ok(BlobStore {
             db: Arc::new(db),
             path: dir.to_path_buf(),
+            reclaim: Arc::default(),
         })
     }
 
@@ -156,28 +180,30 @@ impl BlobStore {
             let value = (!self.contains(id)?).then(|| encode_chunk(data));
             values.push((*id, value));
         }
-        self.commit(values)
+        let values: Vec<(ChunkId, Option<&[u8]>)> =
+            values.iter().map(|(id, v)| (*id, v.as_deref())).collect();
+        self.commit(&values)
     }
 
     /// Writes chunks that arrive in the stored encoding (compressed by the sender):
-    /// each new one is decoded and checked against its id, then kept as sent. Not
-    /// yet durable, like [`BlobStore::write_many`].
+    /// each new one is checked against its id, then kept as sent. Not yet durable,
+    /// like [`BlobStore::write_many`].
     pub fn write_encoded(&self, chunks: &[(ChunkId, &[u8])]) -> Result<usize, BlobError> {
         let mut values = Vec::with_capacity(chunks.len());
-        for (id, value) in chunks {
-            if self.contains(id)? {
-                values.push((*id, None));
+        for &(id, value) in chunks {
+            if self.contains(&id)? {
+                values.push((id, None));
                 continue;
             }
-            decode(*id, value)?;
-            values.push((*id, Some(value.to_vec())));
+            check_chunk(id, value).map_err(|reason| BlobError::Corrupt { id, reason })?;
+            values.push((id, Some(value)));
         }
-        self.commit(values)
+        self.commit(&values)
     }
 
     /// Writes checked values (`None`: held already, only its write time moves) in
     /// one batch without the WAL; returns how many were new.
-    fn commit(&self, values: Vec<(ChunkId, Option<Vec<u8>>)>) -> Result<usize, BlobError> {
+    fn commit(&self, values: &[(ChunkId, Option<&[u8]>)]) -> Result<usize, BlobError> {
         if values.is_empty() {
             return Ok(0);
         }
@@ -251,7 +277,92 @@ impl BlobStore {
         self.db
             .write_opt(batch, &options)
             .map_err(storage("delete"))?;
+        if deleted > 0 {
+            self.schedule_reclaim();
+        }
         Ok(deleted)
+    }
+
+    /// Reclaims the space of deleted chunks once deletions have paused for
+    /// [`RECLAIM_QUIET`], on a thread of its own; one at a time.
+    fn schedule_reclaim(&self) {
+        *self
+            .reclaim
+            .pending_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        if self.reclaim.scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let store = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("blob-reclaim".into())
+            .spawn(move || loop {
+                let last = *store
+                    .reclaim
+                    .pending_since
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let Some(last) = last else {
+                    store.reclaim.scheduled.store(false, Ordering::Release);
+                    // A deletion between the read and the store schedules no thread
+                    // of its own: look again.
+                    if store.reclaim_pending() && !store.reclaim.scheduled.swap(true, Ordering::AcqRel) {
+                        continue;
+                    }
+                    return;
+                };
+                let quiet_until = last + RECLAIM_QUIET;
+                let now = Instant::now();
+                if now < quiet_until {
+                    std::thread::sleep(quiet_until - now);
+                    continue;
+                }
+                store.take_pending(last);
+                if let Err(e) = store.reclaim() {
+                    tracing::warn!(store = %store.path.display(), error = %e, "reclaiming deleted chunks' space failed; the next deletion tries again");
+                }
+            });
+        if let Err(e) = spawned {
+            self.reclaim.scheduled.store(false, Ordering::Release);
+            tracing::warn!(error = %e, "cannot start the thread that reclaims deleted chunks' space");
+        }
+    }
+
+    fn reclaim_pending(&self) -> bool {
+        self.reclaim
+            .pending_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// Clears the pending mark unless a deletion came after `seen`.
+    fn take_pending(&self, seen: Instant) {
+        let mut pending = self
+            .reclaim
+            .pending_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *pending == Some(seen) {
+            *pending = None;
+        }
+    }
+
+    /// Rewrites the live chunks of blob files that hold deleted ones and drops those
+    /// files: one compaction of the whole key range with blob garbage collection
+    /// on (every blob file eligible), then collection off again.
+    pub fn reclaim(&self) -> Result<(), BlobError> {
+        self.db
+            .set_options(&[
+                ("enable_blob_garbage_collection", "true"),
+                ("blob_garbage_collection_age_cutoff", "1.0"),
+            ])
+            .map_err(storage("enable blob collection"))?;
+        self.db.compact_range::<&[u8], &[u8]>(None, None);
+        self.db
+            .set_options(&[("enable_blob_garbage_collection", "false")])
+            .map_err(storage("disable blob collection"))
     }
 
     /// Verifies and stores one chunk; returns true when it was new.
@@ -290,7 +401,9 @@ impl BlobStore {
         options.set_sync(true);
         self.db
             .write_opt(batch, &options)
-            .map_err(storage("delete"))
+            .map_err(storage("delete"))?;
+        self.schedule_reclaim();
+        Ok(())
     }
 
     /// Returns up to `limit` stored ids greater than `after`, in order: a scrubber or
@@ -410,6 +523,66 @@ mod tests {
             "a deleted chunk is new again"
         );
         assert_eq!(store.get(id).expect("get").as_deref(), Some(&data[..]));
+    }
+
+    /// Bytes of the store's blob files.
+    fn blob_file_bytes(store: &BlobStore) -> u64 {
+        std::fs::read_dir(store.path())
+            .expect("read dir")
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "blob"))
+            .map(|e| e.metadata().map_or(0, |m| m.len()))
+            .sum()
+    }
+
+    #[test]
+    fn the_space_of_deleted_chunks_is_reclaimed_and_the_rest_stays_readable() {
+        let (_dir, store) = store();
+        let chunks: Vec<Vec<u8>> = (0..32)
+            .map(|_| (0..256 * 1024).map(|_| rand::random::<u8>()).collect())
+            .collect();
+        let batch: Vec<(ChunkId, &[u8])> = chunks
+            .iter()
+            .map(|c| (ChunkId::of(c), c.as_slice()))
+            .collect();
+        // One batch, one flush: the live and the deleted chunks share blob files,
+        // so dropping whole dead files is not enough.
+        assert_eq!(store.put_many(&batch).expect("put"), 32);
+        let full = blob_file_bytes(&store);
+        assert!(full >= 32 * 256 * 1024, "{full} bytes in blob files");
+        let doomed: Vec<ChunkId> = batch[8..].iter().map(|(id, _)| *id).collect();
+        assert_eq!(store.delete_older(&doomed, u64::MAX).expect("delete"), 24);
+        store.reclaim().expect("reclaim");
+        // Well before the scheduled reclaim would run.
+        let wait_for = |bytes: u64, within: Duration| {
+            let deadline = Instant::now() + within;
+            while blob_file_bytes(&store) > bytes && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            blob_file_bytes(&store)
+        };
+        let left = wait_for(full / 3, RECLAIM_QUIET / 2);
+        assert!(
+            left <= full / 3,
+            "{left} of {full} bytes left in blob files after 24 of 32 chunks were deleted"
+        );
+        for (id, data) in &batch[..8] {
+            assert_eq!(store.get(*id).expect("get").as_deref(), Some(*data));
+        }
+        for id in &doomed {
+            assert_eq!(store.get(*id).expect("get"), None);
+        }
+        // Without a call: deleting schedules one once deletions pause.
+        let more: Vec<ChunkId> = batch[4..8].iter().map(|(id, _)| *id).collect();
+        assert_eq!(store.delete_older(&more, u64::MAX).expect("delete"), 4);
+        let left = wait_for(full / 6, RECLAIM_QUIET * 4);
+        assert!(
+            left <= full / 6,
+            "{left} of {full} bytes left after 28 of 32 chunks were deleted"
+        );
+        for (id, data) in &batch[..4] {
+            assert_eq!(store.get(*id).expect("get").as_deref(), Some(*data));
+        }
     }
 
     #[test]
