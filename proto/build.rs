@@ -3,9 +3,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/onnx.proto");
     println!("cargo:rerun-if-changed=proto/inference.proto");
     tonic_build::configure()
-        // Tensor contents as `bytes::Bytes`, so that they reach the engine and
-        // return to the wire without a copy.
-        .bytes([".inference"])
+        // Tensor contents and uploaded chunks as `bytes::Bytes`, so that they reach
+        // the engine or the chunk store, and return to the wire, without a copy.
+        .bytes([".inference", ".kiln.v1.PutChunksRequest.data"])
         .compile_protos(
             &[
                 "proto/kiln.proto",

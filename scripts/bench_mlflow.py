@@ -32,19 +32,21 @@ def main():
     run_id = run.info.run_id
     out = {}
 
-    started = time.perf_counter()
-    for i in range(args.metrics):
-        client.log_metric(run_id, "loss", 1.0 / (i + 1), step=i)
-    seconds = time.perf_counter() - started
-    out["log_metric_per_s"] = args.metrics / seconds
+    if args.metrics > 0:
+        started = time.perf_counter()
+        for i in range(args.metrics):
+            client.log_metric(run_id, "loss", 1.0 / (i + 1), step=i)
+        seconds = time.perf_counter() - started
+        out["log_metric_per_s"] = args.metrics / seconds
 
-    now = int(time.time() * 1000)
-    started = time.perf_counter()
-    for b in range(args.batches):
-        metrics = [Metric(f"m{k % 10}", float(k), now, b * 1000 + k) for k in range(1000)]
-        client.log_batch(run_id, metrics=metrics)
-    seconds = time.perf_counter() - started
-    out["log_batch_metrics_per_s"] = args.batches * 1000 / seconds
+    if args.batches > 0:
+        now = int(time.time() * 1000)
+        started = time.perf_counter()
+        for b in range(args.batches):
+            metrics = [Metric(f"m{k % 10}", float(k), now, b * 1000 + k) for k in range(1000)]
+            client.log_batch(run_id, metrics=metrics)
+        seconds = time.perf_counter() - started
+        out["log_batch_metrics_per_s"] = args.batches * 1000 / seconds
 
     if args.artifact_mb > 0:
         with tempfile.TemporaryDirectory() as tmp:
@@ -55,6 +57,8 @@ def main():
                     # repeats in blocks that differ only in a prefix, and kiln
                     # would deduplicate its way out of most of the work.
                     f.write(os.urandom(1 << 20))
+            # The file's own write-back must not run during either side's upload.
+            os.sync()
             started = time.perf_counter()
             client.log_artifact(run_id, path)
             seconds = time.perf_counter() - started
@@ -62,6 +66,8 @@ def main():
             listed = {f.path: f.file_size for f in client.list_artifacts(run_id)}
             if listed.get("blob.bin") != args.artifact_mb << 20:
                 raise SystemExit(f"the artifact is not listed whole: {listed}")
+        # What the server left to write back is not charged to the next run.
+        os.sync()
     client.set_terminated(run_id)
     print(json.dumps(out))
 

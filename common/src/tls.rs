@@ -166,6 +166,13 @@ pub fn endpoint(
     endpoint_at(addr, addr, tls, connect_timeout)
 }
 
+/// Largest HTTP/2 frame a worker's server accepts (the default is 16 KiB): chunk
+/// streams carry messages of up to 1 MiB.
+pub const DATA_FRAME_BYTES: u32 = 256 * 1024;
+/// HTTP/2 flow-control window of one stream, for chunk streams in both directions
+/// (a connection gets twice this).
+pub const DATA_STREAM_WINDOW_BYTES: u32 = 4 << 20;
+
 /// Returns an endpoint for the kiln gRPC server named `addr` that connects to
 /// `dial` instead (HOST:PORT each), as curl's `--resolve` does: the TLS check
 /// still expects `addr`'s host in the server's certificate.
@@ -181,7 +188,9 @@ pub fn endpoint_at(
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(10));
+        .keep_alive_timeout(Duration::from_secs(10))
+        .initial_stream_window_size(DATA_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(2 * DATA_STREAM_WINDOW_BYTES);
     if let Some(tls) = tls {
         let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
         endpoint = endpoint

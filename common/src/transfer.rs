@@ -249,17 +249,16 @@ async fn send_batch(
         bail!("the coordinators named no worker to store chunks");
     }
     // The missing chunks are compressed once, here, for every replica; the batch
-    // is shared by the uploads and each message is made as its stream is sent, so
-    // only the messages in flight are copies.
+    // is shared by the uploads and each message shares its chunk's bytes.
     let batch = Arc::new(batch);
     let missing: Arc<Vec<usize>> = Arc::new(plan.missing.iter().map(|&i| i as usize).collect());
-    let encoded: Arc<Vec<Vec<u8>>> = {
+    let encoded: Arc<Vec<bytes::Bytes>> = {
         let (batch, missing) = (Arc::clone(&batch), Arc::clone(&missing));
         Arc::new(
             tokio::task::spawn_blocking(move || {
                 missing
                     .iter()
-                    .map(|&i| crate::chunking::encode_chunk(&batch[i].data))
+                    .map(|&i| crate::chunking::encode_chunk(&batch[i].data).into())
                     .collect()
             })
             .await

@@ -128,14 +128,29 @@ impl BlobStore {
         options.set_atomic_flush(true);
         let mut written = Options::default();
         written.set_compression_type(rocksdb::DBCompressionType::None);
-        let cfs = vec![
-            rocksdb::ColumnFamilyDescriptor::new(
-                rocksdb::DEFAULT_COLUMN_FAMILY_NAME,
-                options.clone(),
-            ),
-            rocksdb::ColumnFamilyDescriptor::new(CF_WRITTEN, written),
-        ];
-        let db = DB::open_cf_descriptors(&options, dir, cfs).map_err(storage("open"))?;
+        let cfs = || {
+            vec![
+                rocksdb::ColumnFamilyDescriptor::new(
+                    rocksdb::DEFAULT_COLUMN_FAMILY_NAME,
+                    options.clone(),
+                ),
+                rocksdb::ColumnFamilyDescriptor::new(CF_WRITTEN, written.clone()),
+            ]
+        };
+        // Flushes write blob files with direct I/O where the file system has it:
+        // the bytes go to the disk from RocksDB's buffer instead of being copied
+        // into the page cache first (a tenth of the CPU of an upload), and the
+        // chunk bytes written do not crowd out the cache that serves reads.
+        let mut direct = options.clone();
+        direct.set_use_direct_io_for_flush_and_compaction(true);
+        let db = match DB::open_cf_descriptors(&direct, dir, cfs()) {
+            Ok(db) => db,
+            Err(e) if e.to_string().to_lowercase().contains("direct") => {
+                tracing::info!(store = %dir.display(), "the file system has no direct I/O; chunks are written through the page cache");
+                DB::open_cf_descriptors(&options, dir, cfs()).map_err(storage("open"))?
+            }
+            Err(e) => return Err(storage("open")(e)),
+        };
         Ok(BlobStore {
             db: Arc::new(db),
             path: dir.to_path_buf(),
@@ -209,7 +224,13 @@ impl BlobStore {
         }
         let written = self.written_cf();
         let now = kiln_common::clock::now_ms().to_le_bytes();
-        let mut batch = WriteBatch::default();
+        // Sized up front: a batch grown entry by entry copies its bytes again on
+        // each doubling.
+        let bytes: usize = values
+            .iter()
+            .map(|(_, v)| 2 * (32 + 16) + 8 + v.map_or(0, <[u8]>::len))
+            .sum();
+        let mut batch = WriteBatch::with_capacity_bytes(bytes);
         let mut new = 0;
         for (id, value) in values {
             batch.put_cf(written, id.0, now);

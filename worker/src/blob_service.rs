@@ -91,7 +91,7 @@ impl BlobService {
 
     /// Writes one batch on a blocking thread, not yet durable; returns how many
     /// chunks were new.
-    async fn write(&self, batch: Vec<(ChunkId, Vec<u8>, bool)>) -> Result<usize, Status> {
+    async fn write(&self, batch: Vec<(ChunkId, bytes::Bytes, bool)>) -> Result<usize, Status> {
         let store = self.store.clone();
         let bytes: usize = batch.iter().map(|(_, d, _)| d.len()).sum();
         let new = tokio::task::spawn_blocking(move || {
@@ -99,7 +99,7 @@ impl BlobService {
                 batch
                     .iter()
                     .filter(|(_, _, e)| *e == encoded)
-                    .map(|(id, d, _)| (*id, d.as_slice()))
+                    .map(|(id, d, _)| (*id, &d[..]))
                     .collect()
             };
             Ok::<_, crate::blob::BlobError>(
@@ -242,7 +242,7 @@ impl Blobs for BlobService {
                 Ok((id, data)) => {
                     batch_bytes += data.len();
                     stored.push(id.0.to_vec());
-                    batch.push((id, data, false));
+                    batch.push((id, data.into(), false));
                     if batch_bytes >= MAX_BATCH_BYTES {
                         self.write(std::mem::take(&mut batch)).await?;
                         batch_bytes = 0;

@@ -434,6 +434,12 @@ async fn serve_grpc(
         .concurrency_limit_per_connection(64)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // Chunks arrive as streams of 64 KiB - 1 MiB messages: larger frames and
+        // windows than HTTP/2's 16 KiB and 64 KiB defaults keep the per-frame work
+        // and the window updates down.
+        .max_frame_size(Some(kiln_common::tls::DATA_FRAME_BYTES))
+        .initial_stream_window_size(Some(kiln_common::tls::DATA_STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(2 * kiln_common::tls::DATA_STREAM_WINDOW_BYTES))
         .timeout(kiln_common::client::DATA_CALL_TIMEOUT);
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;

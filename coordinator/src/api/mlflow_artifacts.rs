@@ -48,8 +48,12 @@ use crate::state::trees::{self, TreeOwner, MAX_DELETE_PATHS};
 
 /// Largest file one PUT may carry.
 pub const MAX_ARTIFACT_FILE_BYTES: u64 = 256 << 30;
-/// Body frames buffered between the HTTP connection and the chunker.
-const BODY_FRAMES_AHEAD: usize = 16;
+/// Runs of body frames buffered between the HTTP connection and the chunker.
+const BODY_RUNS_AHEAD: usize = 4;
+/// Bytes of body frames handed to the chunker at once: a client writes 16 KiB at
+/// a time, and waking the chunker's thread for each frame cost more than the
+/// chunking.
+const BODY_RUN_BYTES: usize = 1 << 20;
 
 /// The artifact routes, to merge into the coordinator's HTTP router.
 pub fn routes() -> Router<Api> {
@@ -272,17 +276,22 @@ async fn check_owner(api: &Api, experiment: u64, owner: &TreeOwner) -> Result<()
     }
 }
 
-/// A blocking reader over an HTTP body that an async task pumps frame by frame.
+/// A blocking reader over an HTTP body that an async task pumps in runs of frames.
 struct BodyReader {
-    frames: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+    runs: tokio::sync::mpsc::Receiver<std::io::Result<Vec<Bytes>>>,
+    run: std::vec::IntoIter<Bytes>,
     current: Bytes,
 }
 
 impl std::io::Read for BodyReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() {
-            match self.frames.blocking_recv() {
-                Some(Ok(frame)) => self.current = frame,
+            if let Some(frame) = self.run.next() {
+                self.current = frame;
+                continue;
+            }
+            match self.runs.blocking_recv() {
+                Some(Ok(run)) => self.run = run.into_iter(),
                 Some(Err(e)) => return Err(e),
                 None => return Ok(0),
             }
@@ -293,34 +302,51 @@ impl std::io::Read for BodyReader {
     }
 }
 
-/// Feeds `body` to a [`BodyReader`], refusing more than `limit` bytes.
+/// Feeds `body` to a [`BodyReader`] in runs of about [`BODY_RUN_BYTES`], refusing
+/// more than `limit` bytes.
 fn pump(body: Body, limit: u64) -> BodyReader {
-    let (tx, rx) = tokio::sync::mpsc::channel(BODY_FRAMES_AHEAD);
+    let (tx, rx) = tokio::sync::mpsc::channel(BODY_RUNS_AHEAD);
     tokio::spawn(async move {
         let mut stream = body.into_data_stream();
         let mut seen = 0u64;
-        while let Some(frame) = stream.next().await {
-            let frame = frame
-                .map_err(|e| std::io::Error::other(format!("the request body broke off: {e}")));
-            if let Ok(bytes) = &frame {
-                seen += bytes.len() as u64;
-                if seen > limit {
-                    let _ = tx
-                        .send(Err(std::io::Error::other(format!(
-                            "the file is larger than {limit} bytes"
-                        ))))
-                        .await;
+        let mut run = Vec::new();
+        let mut run_bytes = 0usize;
+        loop {
+            let frame = stream.next().await;
+            let end = match frame {
+                None => true,
+                Some(Ok(bytes)) => {
+                    seen += bytes.len() as u64;
+                    if seen > limit {
+                        let e =
+                            std::io::Error::other(format!("the file is larger than {limit} bytes"));
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                    run_bytes += bytes.len();
+                    run.push(bytes);
+                    false
+                }
+                Some(Err(e)) => {
+                    let e = std::io::Error::other(format!("the request body broke off: {e}"));
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            if (end && !run.is_empty()) || run_bytes >= BODY_RUN_BYTES {
+                run_bytes = 0;
+                if tx.send(Ok(std::mem::take(&mut run))).await.is_err() {
                     return;
                 }
             }
-            let failed = frame.is_err();
-            if tx.send(frame).await.is_err() || failed {
+            if end {
                 return;
             }
         }
     });
     BodyReader {
-        frames: rx,
+        runs: rx,
+        run: Vec::new().into_iter(),
         current: Bytes::new(),
     }
 }
