@@ -471,6 +471,36 @@ async fn a_registered_model_answers_json_and_binary_on_every_worker_like_tract()
     )
     .await;
     assert_eq!(answer.status, 404, "{}", answer.text());
+    // Without credentials a name that is not deployed answers as a private
+    // deployment does, so deployment names cannot be probed for.
+    for path in [
+        "/v2/models/nothing/infer",
+        "/v2/models/blobs/infer",
+        "/v2/models/nothing",
+    ] {
+        let method = if path.ends_with("infer") {
+            "POST"
+        } else {
+            "GET"
+        };
+        let body = if method == "POST" {
+            json_request(&x, rows)
+        } else {
+            Vec::new()
+        };
+        for (who, headers) in [
+            ("no token", vec![]),
+            (
+                "a made-up token",
+                vec![("authorization", "Bearer kiln_madeup")],
+            ),
+        ] {
+            let answer = http_call(addr, method, path, &headers, &body)
+                .await
+                .expect("call");
+            assert_eq!(answer.status, 401, "{who} on {path}: {}", answer.text());
+        }
+    }
     let answer = infer(
         addr,
         "/v2/models/blobs/versions/9/infer",

@@ -144,9 +144,9 @@ impl GrpcInferenceService for InferenceService {
         let authorization = authorization(&request);
         let req = request.into_inner();
         let version = version_of(&req.version)?;
-        let route = self.router.route(&req.name)?;
-        self.router
-            .authorize(&route, authorization.as_deref())
+        let route = self
+            .router
+            .authorized_route(&req.name, authorization.as_deref())
             .await?;
         let (names, local) = self.router.served(&route, version)?;
         if let Some(replica) = local {

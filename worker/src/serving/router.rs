@@ -197,6 +197,31 @@ impl Router {
             .ok_or_else(|| Error::NotFound(format!("model {deployment} is not deployed")))
     }
 
+    /// The route of `deployment` once the caller may call it. Without a valid
+    /// token a caller learns nothing about deployments that are not public: a
+    /// name that is not deployed answers as a private one would (401), so names
+    /// cannot be listed without credentials; NotFound only to a caller with one.
+    pub async fn authorized_route(
+        &self,
+        deployment: &str,
+        authorization: Option<&str>,
+    ) -> Result<Route> {
+        match self.route(deployment) {
+            Ok(route) => {
+                self.authorize(&route, authorization).await?;
+                Ok(route)
+            }
+            Err(not_found) => {
+                if let Some(tokens) = &self.tokens {
+                    tokens
+                        .verify_fresh(authorization, Permission::Infer, now_ms)
+                        .await?;
+                }
+                Err(not_found)
+            }
+        }
+    }
+
     /// Checks the caller (its `authorization` header or metadata) may call
     /// `route`'s model.
     pub async fn authorize(&self, route: &Route, authorization: Option<&str>) -> Result<()> {
@@ -216,17 +241,10 @@ impl Router {
         replica: u64,
         authorization: Option<&str>,
     ) -> Result<Option<Arc<LocalReplica>>> {
-        match self.route(deployment) {
-            Ok(route) => self.authorize(&route, authorization).await?,
-            Err(_) => {
-                if let Some(tokens) = &self.tokens {
-                    tokens
-                        .verify_fresh(authorization, Permission::Infer, now_ms)
-                        .await?;
-                }
-            }
+        match self.authorized_route(deployment, authorization).await {
+            Ok(_) | Err(Error::NotFound(_)) => Ok(self.table.replica(deployment, replica)),
+            Err(e) => Err(e),
         }
-        Ok(self.table.replica(deployment, replica))
     }
 
     /// Sends one request to a replica of `deployment` chosen by [`Router::choose`]
@@ -243,8 +261,7 @@ impl Router {
         F: Fn(Target) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, Failure<T>>>,
     {
-        let route = self.route(deployment)?;
-        self.authorize(&route, authorization).await?;
+        let route = self.authorized_route(deployment, authorization).await?;
         let mut tried: Option<u64> = None;
         let mut last = String::new();
         for _ in 0..2 {
@@ -532,8 +549,8 @@ impl Router {
         headers: &HeaderMap,
     ) -> Response {
         let result = async {
-            let route = self.route(deployment)?;
-            self.authorize(&route, kiln_common::http::authorization(headers))
+            let route = self
+                .authorized_route(deployment, kiln_common::http::authorization(headers))
                 .await?;
             let (names, local) = self.served(&route, version)?;
             match local {
@@ -641,8 +658,8 @@ impl Router {
         headers: &HeaderMap,
         body: &[u8],
     ) -> Result<FeedbackAnswer> {
-        let route = self.route(deployment)?;
-        self.authorize(&route, kiln_common::http::authorization(headers))
+        let route = self
+            .authorized_route(deployment, kiln_common::http::authorization(headers))
             .await?;
         let items = feedback::parse_body(body)?;
         let (mut answer, mut unknown) = self.feedback.label(deployment, items);
