@@ -19,7 +19,6 @@
 //! that hold garbage and drops the files.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -78,16 +77,17 @@ pub struct BlobStats {
 pub struct BlobStore {
     db: Arc<DB>,
     path: PathBuf,
-    reclaim: Arc<Reclaim>,
+    reclaim: Arc<Mutex<Reclaim>>,
 }
 
-/// Deletions waiting for their space to be reclaimed.
+/// Deletions waiting for their space to be reclaimed; one lock, so that a
+/// deletion and the reclaiming thread's exit cannot miss each other.
 #[derive(Default)]
 struct Reclaim {
     /// When chunks were last deleted, while their space is not reclaimed yet.
-    pending_since: Mutex<Option<Instant>>,
+    pending_since: Option<Instant>,
     /// A thread is waiting to reclaim (at most one).
-    scheduled: AtomicBool,
+    scheduled: bool,
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -225,10 +225,12 @@ impl BlobStore {
         let written = self.written_cf();
         let now = kiln_common::clock::now_ms().to_le_bytes();
         // Sized up front: a batch grown entry by entry copies its bytes again on
-        // each doubling.
+        // each doubling. Per chunk: two 32-byte keys, the 8-byte write time, the
+        // value, and a few bytes of record header (tag, family, lengths) each.
+        const RECORD_OVERHEAD: usize = 16;
         let bytes: usize = values
             .iter()
-            .map(|(_, v)| 2 * (32 + 16) + 8 + v.map_or(0, <[u8]>::len))
+            .map(|(_, v)| 2 * (32 + RECORD_OVERHEAD) + 8 + v.map_or(0, <[u8]>::len))
             .sum();
         let mut batch = WriteBatch::with_capacity_bytes(bytes);
         let mut new = 0;
@@ -307,66 +309,51 @@ impl BlobStore {
     /// Reclaims the space of deleted chunks once deletions have paused for
     /// [`RECLAIM_QUIET`], on a thread of its own; one at a time.
     fn schedule_reclaim(&self) {
-        *self
-            .reclaim
-            .pending_since
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
-        if self.reclaim.scheduled.swap(true, Ordering::AcqRel) {
-            return;
+        {
+            let mut reclaim = self.reclaim.lock().unwrap_or_else(PoisonError::into_inner);
+            reclaim.pending_since = Some(Instant::now());
+            if std::mem::replace(&mut reclaim.scheduled, true) {
+                return;
+            }
         }
         let store = self.clone();
         let spawned = std::thread::Builder::new()
             .name("blob-reclaim".into())
-            .spawn(move || loop {
-                let last = *store
-                    .reclaim
-                    .pending_since
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                let Some(last) = last else {
-                    store.reclaim.scheduled.store(false, Ordering::Release);
-                    // A deletion between the read and the store schedules no thread
-                    // of its own: look again.
-                    if store.reclaim_pending() && !store.reclaim.scheduled.swap(true, Ordering::AcqRel) {
-                        continue;
-                    }
-                    return;
-                };
-                let quiet_until = last + RECLAIM_QUIET;
-                let now = Instant::now();
-                if now < quiet_until {
-                    std::thread::sleep(quiet_until - now);
-                    continue;
-                }
-                store.take_pending(last);
-                if let Err(e) = store.reclaim() {
-                    tracing::warn!(store = %store.path.display(), error = %e, "reclaiming deleted chunks' space failed; the next deletion tries again");
-                }
-            });
+            .spawn(move || store.reclaim_when_quiet());
         if let Err(e) = spawned {
-            self.reclaim.scheduled.store(false, Ordering::Release);
+            self.reclaim
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .scheduled = false;
             tracing::warn!(error = %e, "cannot start the thread that reclaims deleted chunks' space");
         }
     }
 
-    fn reclaim_pending(&self) -> bool {
-        self.reclaim
-            .pending_since
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
-    }
-
-    /// Clears the pending mark unless a deletion came after `seen`.
-    fn take_pending(&self, seen: Instant) {
-        let mut pending = self
-            .reclaim
-            .pending_since
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if *pending == Some(seen) {
-            *pending = None;
+    /// The reclaiming thread: waits until deletions have been quiet for
+    /// [`RECLAIM_QUIET`], reclaims, and ends once no deletion is pending.
+    fn reclaim_when_quiet(&self) {
+        loop {
+            let wait = {
+                let mut reclaim = self.reclaim.lock().unwrap_or_else(PoisonError::into_inner);
+                let Some(last) = reclaim.pending_since else {
+                    reclaim.scheduled = false;
+                    return;
+                };
+                let wait = (last + RECLAIM_QUIET).saturating_duration_since(Instant::now());
+                if wait.is_zero() {
+                    reclaim.pending_since = None;
+                }
+                wait
+            };
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+            } else if let Err(e) = self.reclaim() {
+                tracing::warn!(
+                    store = %self.path.display(),
+                    error = %e,
+                    "reclaiming deleted chunks' space failed; the next deletion tries again"
+                );
+            }
         }
     }
 
