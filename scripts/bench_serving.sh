@@ -6,10 +6,16 @@
 # wrk (one thread) at concurrency 1, 16 and 64, 10 s each; then the engines
 # in-process. Prints markdown tables for docs/benchmarks.md.
 #
-# Needs: wrk (apt-get install wrk) and a Python with fastapi uvicorn onnxruntime
-# onnx numpy (PYTHON, default /tmp/servevenv/bin/python).
+# Needs wrk (installed here from Debian) and the peer's venv (fastapi, uvicorn,
+# onnxruntime, onnx, numpy; installed once under the target directory, or PYTHON).
+# kiln serves on ONNX Runtime where the wheel's library installs, else on tract.
 source "$(dirname "$0")/env.sh"
-PY="${PYTHON:-/tmp/servevenv/bin/python}"
+source "$(dirname "$0")/wrk.sh"
+kiln_install_packages wrk
+PY="${PYTHON:-$(kiln_pinned_venv serving-peer "fastapi==0.165.0 uvicorn==0.55.0 onnxruntime==1.32.0 onnx==1.23.2 numpy==2.4.6")}"
+[ -n "$PY" ] || { echo "bench_serving.sh: the peer's venv could not be installed" >&2; exit 1; }
+KILN_ONNXRUNTIME_LIB="$(kiln_onnxruntime_lib)"
+export KILN_ONNXRUNTIME_LIB
 DURATION="${DURATION:-10s}"
 cargo build --workspace --bins >&2
 work="$(mktemp -d)"
@@ -60,23 +66,8 @@ for _ in $(seq 1 50); do
   sleep 0.2
 done
 
-# Runs wrk; prints "requests/s p50_ms p99_ms non2xx".
 measure() { # url rows concurrency
-  local out
-  out="$(wrk -t1 -c"$3" -d"$DURATION" --latency -s "$work/post$2.lua" "$1" 2>&1)"
-  local rps p50 p99 bad
-  rps="$(awk '/Requests\/sec/ {print $2}' <<<"$out")"
-  p50="$(awk '$1=="50%" {print $2}' <<<"$out")"
-  p99="$(awk '$1=="99%" {print $2}' <<<"$out")"
-  bad="$(awk '/Non-2xx/ {print $5}' <<<"$out")"
-  echo "$rps $(to_ms "$p50") $(to_ms "$p99") ${bad:-0}"
-}
-to_ms() { # wrk's 1.23ms / 456.00us / 1.02s
-  awk -v v="$1" 'BEGIN {
-    if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
-    else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
-    else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
-    else print v }'
+  kiln_wrk_measure "$work/post$2.lua" "$1" "$3" "$DURATION"
 }
 
 echo "| rows | concurrency | kiln req/s | kiln p50 ms | kiln p99 ms | onnxruntime req/s | onnxruntime p50 ms | onnxruntime p99 ms | kiln / peer req/s |"

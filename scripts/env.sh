@@ -57,6 +57,24 @@ kiln_nvrtc_dir() {
   fi
 }
 
+# Prints the path of ONNX Runtime's library for serving (worker --onnxruntime-lib,
+# KILN_ONNXRUNTIME_LIB): PyPI's onnxruntime wheel, of the version the MLflow venv
+# pins, unpacked once under the target directory without its dependencies (only
+# onnxruntime/capi/libonnxruntime.so.* is used). Prints nothing when it cannot be
+# installed; the tests that need it then say they skipped.
+kiln_onnxruntime_lib() {
+  local root="$CARGO_TARGET_DIR/onnxruntime-1.32.0"
+  local lib="$root/onnxruntime/capi/libonnxruntime.so.1.32.0"
+  if [ ! -f "$lib" ]; then
+    kiln_install_packages python3-pip >&2
+    python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+      --target "$root" "onnxruntime==1.32.0" >&2 || true
+  fi
+  if [ -f "$lib" ]; then
+    echo "$lib"
+  fi
+}
+
 # Prints the python of a virtual environment with the real MLflow client and what
 # its quickstart needs (onnx; onnxruntime, which mlflow.onnx.save_model imports;
 # matplotlib; numpy), installed once from PyPI under the target directory, for the
@@ -64,12 +82,20 @@ kiln_nvrtc_dir() {
 # pins) and is made again; a lock keeps two callers from making it at once. Prints
 # nothing when it cannot be installed; the test then says it skipped.
 kiln_mlflow_python() {
-  local venv="$CARGO_TARGET_DIR/venvs/mlflow"
-  local pins="mlflow==3.17.2 onnx==1.23.2 onnxruntime==1.32.0 matplotlib==3.11.2 numpy==2.4.6 scikit-learn==1.9.1"
+  kiln_pinned_venv mlflow "mlflow==3.17.2 onnx==1.23.2 onnxruntime==1.32.0 matplotlib==3.11.2 numpy==2.4.6 scikit-learn==1.9.1"
+}
+
+# Prints the python of the virtual environment "$CARGO_TARGET_DIR/venvs/NAME" with
+# exactly PINS installed from PyPI, made once. A half-made venv has no marker (the
+# pins) and is made again; a lock keeps two callers from making it at once. Prints
+# nothing when it cannot be installed.
+kiln_pinned_venv() { # NAME PINS
+  local venv="$CARGO_TARGET_DIR/venvs/$1"
+  local pins="$2"
   local marker="$venv/kiln-pins.txt"
   mkdir -p "$CARGO_TARGET_DIR/venvs" 2>/dev/null || return 0
   (
-    flock -w 1200 9 || exit 0
+    flock -w 1800 9 || exit 0
     [ "$(cat "$marker" 2>/dev/null)" = "$pins" ] && exit 0
     rm -rf "$venv"
     if ! python3 -m venv "$venv" >&2 2>/dev/null; then
@@ -81,7 +107,7 @@ kiln_mlflow_python() {
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
       $pins >&2 || exit 0
     echo "$pins" >"$marker"
-  ) 9>"$CARGO_TARGET_DIR/venvs/mlflow.lock" || true
+  ) 9>"$CARGO_TARGET_DIR/venvs/$1.lock" || true
   if [ "$(cat "$marker" 2>/dev/null)" = "$pins" ]; then
     echo "$venv/bin/python"
   fi

@@ -26,6 +26,25 @@ if [ -n "$(kiln_mlflow_python)" ]; then
 else
   echo "SKIPPED the mlflow client test: pip could not install its venv" >&2
 fi
+# ONNX Runtime's library from PyPI's wheel: workers serve on it (the cluster tests'
+# kiln processes inherit the variable), and the engine tests compare it with tract.
+KILN_ONNXRUNTIME_LIB="$(kiln_onnxruntime_lib)"
+if [ -n "$KILN_ONNXRUNTIME_LIB" ]; then
+  export KILN_ONNXRUNTIME_LIB
+else
+  unset KILN_ONNXRUNTIME_LIB
+  echo "SKIPPED the ONNX Runtime engine tests: pip could not install onnxruntime" >&2
+fi
+# Models from the real exporters (torchvision, transformers, skl2onnx), exported
+# once into a cache (scripts/models.sh): served on ONNX Runtime against onnxruntime's
+# own answers (tests/tests/real_models.rs).
+source scripts/models.sh
+EXPORTED_MODELS_DIR="$(kiln_exported_models)"
+if [ -n "$EXPORTED_MODELS_DIR" ] && [ -n "${KILN_ONNXRUNTIME_LIB:-}" ]; then
+  export EXPORTED_MODELS_DIR EXPECT_EXPORTED_MODELS=1
+else
+  echo "SKIPPED the exported models' test: the exporters or onnxruntime could not be installed" >&2
+fi
 cargo test --workspace -- --test-threads=2
 
 # The GPU code's host side, in the `cuda` build: the row-major products mapped onto

@@ -42,6 +42,7 @@ fn deployment_json(d: &DeploymentRecord) -> Value {
         "max_batch_size": d.max_batch_size,
         "max_queue_delay_us": d.max_queue_delay_us,
         "queue_capacity": d.queue_capacity,
+        "engine": if d.engine.is_empty() { "preferred" } else { d.engine.as_str() },
         "target_in_flight": d.target_in_flight,
         "public": d.public,
         "drift_webhook": d.drift_webhook,
@@ -62,6 +63,7 @@ fn deployment_json(d: &DeploymentRecord) -> Value {
             "state": state_name(r.state),
             "reason": r.reason,
             "generation": r.generation,
+            "engine": r.engine,
         })).collect::<Vec<_>>(),
         "events": d.events.iter().map(|e| json!({"at_ms": e.at_ms, "message": e.message})).collect::<Vec<_>>(),
         "created_at_ms": d.created_at_ms,
@@ -123,6 +125,7 @@ pub async fn deploy(client: ClusterClient, args: DeployArgs) -> anyhow::Result<(
         },
         retrain_dataset: args.retrain_dataset.unwrap_or_default(),
         retrain_canary_percent: args.retrain_canary_percent.unwrap_or(0),
+        engine: args.engine.unwrap_or_default(),
     };
     let mut deployment = client
         .call(|mut c| {
@@ -225,16 +228,29 @@ pub async fn run(client: ClusterClient, command: DeploymentsCommand) -> anyhow::
                 "batching:  max batch {}, max queue delay {} us, queue {} requests",
                 d.max_batch_size, d.max_queue_delay_us, d.queue_capacity
             );
+            println!(
+                "engine:    {}",
+                if d.engine.is_empty() {
+                    "each worker's preferred (onnxruntime where loaded, else tract)"
+                } else {
+                    d.engine.as_str()
+                }
+            );
             println!("access:    {}", if d.public { "public" } else { "token" });
             if !d.drift_webhook.is_empty() {
                 println!("drift webhook: {}", d.drift_webhook);
             }
             for r in &d.replica_set {
                 println!(
-                    "replica {:>4}  {:<9} {:<20} worker {}{}{}",
+                    "replica {:>4}  {:<9} {:<20} {:<11} worker {}{}{}",
                     r.id,
                     state_name(r.state),
                     target_text(&r.target),
+                    if r.engine.is_empty() {
+                        "-"
+                    } else {
+                        r.engine.as_str()
+                    },
                     r.worker_id,
                     if r.canary { " canary" } else { "" },
                     if r.reason.is_empty() {

@@ -288,6 +288,11 @@ struct WorkerArgs {
     /// Time between two telemetry reports to the leader (default 5000).
     #[arg(long, env = "KILN_TELEMETRY_INTERVAL_MS")]
     telemetry_interval_ms: Option<u64>,
+    /// ONNX Runtime library for serving (libonnxruntime.so.* from PyPI's onnxruntime
+    /// wheel); unset, the worker looks in /usr/local/lib/kiln/onnxruntime and serves
+    /// through tract when there is none.
+    #[arg(long, env = "KILN_ONNXRUNTIME_LIB")]
+    onnxruntime_lib: Option<PathBuf>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -373,12 +378,17 @@ enum ModelsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Registers an ONNX file as the next version of a model; a file tract
-    /// cannot load is refused with tract's reason.
+    /// Registers an ONNX file as the next version of a model; a file the engine
+    /// (ONNX Runtime where its library is given, else tract) cannot load is
+    /// refused with its reason.
     Register {
         /// The ONNX file.
         #[arg(long)]
         onnx: PathBuf,
+        /// ONNX Runtime library that reads the model's signature (as the worker's
+        /// flag); unset, the default directory's or tract.
+        #[arg(long, env = "KILN_ONNXRUNTIME_LIB")]
+        onnxruntime_lib: Option<PathBuf>,
         /// The model's name.
         #[arg(long)]
         name: String,
@@ -428,9 +438,15 @@ struct DeployArgs {
     /// Largest batch the dynamic batcher forms (default 64).
     #[arg(long)]
     max_batch_size: Option<u32>,
-    /// Longest a request waits for a batch to fill, in microseconds (default 500).
+    /// Longest a request waits for a batch to fill, in microseconds (default 500);
+    /// a request alone in a replica never waits.
     #[arg(long)]
     max_queue_delay_us: Option<u64>,
+    /// The engine replicas run on: onnxruntime or tract (default: each worker's
+    /// preferred, ONNX Runtime where its library is loaded). Replicas go only to
+    /// workers that run it.
+    #[arg(long, value_parser = ["onnxruntime", "tract"])]
+    engine: Option<String>,
     /// Most requests a replica queues before answering 429 (default 1024).
     #[arg(long)]
     queue_capacity: Option<u32>,
@@ -974,6 +990,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     heartbeat_interval_ms: args.heartbeat_interval_ms,
                     scrub_interval_ms: args.scrub_interval_ms,
                     telemetry_interval_ms: args.telemetry_interval_ms,
+                    onnxruntime_lib: args.onnxruntime_lib,
                     tls: args.tls.files(),
                     insecure: args.tls.insecure,
                 },

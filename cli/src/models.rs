@@ -156,9 +156,9 @@ pub fn reference_of_model(
     Ok(ReferenceStats::from_rows(features, x, &outputs, &answers))
 }
 
-/// Checks an ONNX file with tract, pushes it (with its drift reference, when the
+/// Checks an ONNX file with the preferred engine, pushes it (with its drift reference, when the
 /// training data is given) as the next version of the model's artifact and
-/// registers it with the signature tract read.
+/// registers it with the signature the engine read.
 async fn register(
     client: ClusterClient,
     onnx: &std::path::Path,
@@ -235,12 +235,14 @@ pub async fn run(client: ClusterClient, command: ModelsCommand) -> anyhow::Resul
     match command {
         ModelsCommand::Register {
             onnx,
+            onnxruntime_lib,
             name,
             reference_data,
             label,
             json,
         } => {
             let reference = reference_data.zip(label);
+            kiln_worker::serving::engine::onnxruntime::init(onnxruntime_lib.as_deref())?;
             let model = register(client, &onnx, &name, reference).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&model_json(&model))?);

@@ -455,6 +455,7 @@ pub struct WorkerFile {
     pub heartbeat_interval_ms: Option<u64>,
     pub scrub_interval_ms: Option<u64>,
     pub telemetry_interval_ms: Option<u64>,
+    pub onnxruntime_lib: Option<PathBuf>,
     pub tls: TlsFiles,
     pub insecure: Option<bool>,
 }
@@ -471,6 +472,7 @@ pub struct WorkerOverrides {
     pub heartbeat_interval_ms: Option<u64>,
     pub scrub_interval_ms: Option<u64>,
     pub telemetry_interval_ms: Option<u64>,
+    pub onnxruntime_lib: Option<PathBuf>,
     pub tls: TlsFiles,
     pub insecure: bool,
 }
@@ -492,6 +494,9 @@ pub struct WorkerConfig {
     pub scrub_interval_ms: u64,
     /// Time between two telemetry reports to the leader.
     pub telemetry_interval_ms: u64,
+    /// The ONNX Runtime library replicas serve with; `None` looks in the default
+    /// directory and serves through tract when there is none.
+    pub onnxruntime_lib: Option<PathBuf>,
     /// Node TLS; `None` only with `insecure`.
     pub tls: Option<NodeTls>,
 }
@@ -592,6 +597,7 @@ impl WorkerConfig {
             heartbeat_interval_ms,
             scrub_interval_ms,
             telemetry_interval_ms,
+            onnxruntime_lib: overrides.onnxruntime_lib.or(base.onnxruntime_lib),
             tls,
         })
     }

@@ -4,8 +4,10 @@
 #
 #   deploy/docker/build.sh [--binary PATH] [--tag IMAGE] [--base IMAGE]
 #                          [--suite SUITE] [--mirror URL] [--rebuild-base]
+#                          [--onnxruntime-lib PATH | --no-onnxruntime]
 #
 #   $KILN_BIN ──strip──────────────────────────► context/kiln ─┐
+#   onnxruntime wheel's libonnxruntime.so.* ───► context/onnxruntime/ ─┤
 #   apt-get download tini ─────────────────────► context/tini ─┤
 #   Dockerfile ────────────────────────────────► context/      ├─ docker build ─► kiln:dev
 #   debootstrap minbase (only apt mirror needed)               │
@@ -32,6 +34,8 @@ base=""
 suite=""
 mirror=""
 rebuild_base=0
+onnxruntime_lib=""
+with_onnxruntime=1
 while [ "$#" -gt 0 ]; do
   case "$1" in
     --binary) binary="$2"; shift 2 ;;
@@ -40,7 +44,9 @@ while [ "$#" -gt 0 ]; do
     --suite) suite="$2"; shift 2 ;;
     --mirror) mirror="$2"; shift 2 ;;
     --rebuild-base) rebuild_base=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --onnxruntime-lib) onnxruntime_lib="$2"; shift 2 ;;
+    --no-onnxruntime) with_onnxruntime=0; shift ;;
+    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -76,6 +82,15 @@ context="$work/context"
 mkdir -p "$context/data"
 cp "$KILN_ROOT/deploy/docker/Dockerfile" "$context/"
 strip --strip-all -o "$context/kiln" "$binary"
+# ONNX Runtime's library (PyPI's wheel, scripts/env.sh's kiln_onnxruntime_lib), where
+# workers find it without a flag (/usr/local/lib/kiln/onnxruntime); without it the
+# image's workers serve through tract.
+mkdir -p "$context/onnxruntime"
+if [ "$with_onnxruntime" -eq 1 ]; then
+  [ -n "$onnxruntime_lib" ] || onnxruntime_lib="$(source "$KILN_ROOT/scripts/env.sh" && kiln_onnxruntime_lib)"
+  [ -f "$onnxruntime_lib" ] || { echo "build.sh: no ONNX Runtime library at '$onnxruntime_lib' (pass --onnxruntime-lib PATH, or --no-onnxruntime to serve through tract)" >&2; exit 1; }
+  cp "$onnxruntime_lib" "$context/onnxruntime/"
+fi
 version="$("$context/kiln" --version | awk 'NR == 1 {print $2}')"
 
 # tini-static from Debian's package: static, so it runs on any base.
@@ -89,7 +104,10 @@ cp "$work/tini/x/usr/bin/tini-static" "$context/tini"
 sonames() {
   awk '$2 == "=>" { print $1 } $1 ~ /^\// && /\(0x/ { n = split($1, p, "/"); print p[n] }' | sort -u
 }
-needed="$(ldd "$context/kiln" | sonames | grep -v '^linux-vdso' | paste -sd, -)"
+# Every ELF file the image runs: kiln and, when present, ONNX Runtime's library.
+elves=("$context/kiln" "$context"/onnxruntime/libonnxruntime.so*)
+[ -e "${elves[1]}" ] || elves=("$context/kiln")
+needed="$(ldd "${elves[@]}" | sonames | grep -v '^linux-vdso' | paste -sd, -)"
 
 make_base() {
   local tree="$work/debian" root="$work/rootfs"
@@ -101,9 +119,13 @@ make_base() {
   fi
   # Which files kiln and curl load, resolved inside the Debian tree (not on the
   # host), so the base holds Debian's own copies.
-  as_root cp "$context/kiln" "$tree/tmp/kiln"
+  local elf inside=()
+  for elf in "${elves[@]}"; do
+    as_root cp "$elf" "$tree/tmp/"
+    inside+=("/tmp/$(basename "$elf")")
+  done
   local ldd_out
-  ldd_out="$(as_root chroot "$tree" ldd /tmp/kiln /usr/bin/curl)"
+  ldd_out="$(as_root chroot "$tree" ldd "${inside[@]}" /usr/bin/curl)"
   if grep -q 'not found' <<<"$ldd_out"; then
     echo "build.sh: libraries missing in the Debian tree:" >&2
     grep 'not found' <<<"$ldd_out" >&2

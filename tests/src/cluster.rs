@@ -740,6 +740,19 @@ impl Cluster {
         run_kiln(&full, CLI_TIMEOUT).await
     }
 
+    /// Runs a CLI command like [`Cluster::run_cli`] that must succeed; returns its
+    /// standard output (a failure panics with its standard error).
+    pub async fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.run_cli(args).await;
+        assert!(
+            out.status.success(),
+            "kiln {}: {}",
+            args.join(" "),
+            crate::stderr_text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
     /// Runs a CLI command like [`Cluster::run_cli`], within `timeout`, and returns
     /// its peak resident memory in bytes too.
     pub async fn run_cli_measured(&self, args: &[&str], timeout: Duration) -> (Output, u64) {

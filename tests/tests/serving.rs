@@ -23,10 +23,15 @@ const CLASSES: usize = 3;
 
 /// An MLP 4-16-3 with random weights from `seed`, as ONNX bytes.
 fn model_bytes(seed: u64) -> Vec<u8> {
+    model_bytes_with(seed, &[16])
+}
+
+/// An MLP 4-`hidden`-3 with random weights from `seed`, as ONNX bytes.
+fn model_bytes_with(seed: u64, hidden: &[usize]) -> Vec<u8> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let arch = Arch {
         inputs: FEATURES,
-        hidden: vec![16],
+        hidden: hidden.to_vec(),
         activation: Activation::Tanh,
         task: Task::Classification {
             classes: (0..CLASSES).map(|c| format!("c{c}")).collect(),
@@ -90,19 +95,10 @@ async fn cluster_with_args(workers: &[&str], config: &str, worker_args: &[&str])
     Cluster::start_with_workers(config, workers, worker_args).await
 }
 
-async fn cli_ok(cluster: &Cluster, args: &[&str]) -> String {
-    let out = cluster.run_cli(args).await;
-    assert!(
-        out.status.success(),
-        "kiln {}: {}",
-        args.join(" "),
-        stderr_text(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 async fn deployment(cluster: &Cluster, name: &str) -> Value {
-    let text = cli_ok(cluster, &["deployments", "show", name, "--json"]).await;
+    let text = cluster
+        .cli_ok(&["deployments", "show", name, "--json"])
+        .await;
     serde_json::from_str(&text).expect("deployments show --json prints JSON")
 }
 
@@ -194,9 +190,8 @@ async fn a_registered_model_answers_json_and_binary_on_every_worker_like_tract()
         stderr_text(&out)
     );
 
-    let text = cli_ok(
-        &cluster,
-        &[
+    let text = cluster
+        .cli_ok(&[
             "models",
             "register",
             "--onnx",
@@ -204,15 +199,16 @@ async fn a_registered_model_answers_json_and_binary_on_every_worker_like_tract()
             "--name",
             "blobs",
             "--json",
-        ],
-    )
-    .await;
+        ])
+        .await;
     let registered: Value = serde_json::from_str(&text).expect("json");
     assert_eq!(registered["version"], 1);
     assert_eq!(registered["inputs"][0]["name"], "input");
     assert_eq!(registered["inputs"][0]["shape"], json!([-1, FEATURES]));
-    cli_ok(&cluster, &["models", "alias", "blobs", "1", "prod"]).await;
-    let shown = cli_ok(&cluster, &["models", "show", "blobs", "--json"]).await;
+    cluster
+        .cli_ok(&["models", "alias", "blobs", "1", "prod"])
+        .await;
+    let shown = cluster.cli_ok(&["models", "show", "blobs", "--json"]).await;
     let shown: Value = serde_json::from_str(&shown).expect("json");
     assert_eq!(shown["aliases"]["prod"], 1);
 
@@ -241,9 +237,8 @@ async fn a_registered_model_answers_json_and_binary_on_every_worker_like_tract()
         stderr_text(&out)
     );
 
-    cli_ok(
-        &cluster,
-        &[
+    cluster
+        .cli_ok(&[
             "deploy",
             "blobs",
             "--model",
@@ -251,9 +246,8 @@ async fn a_registered_model_answers_json_and_binary_on_every_worker_like_tract()
             "--replicas",
             "2",
             "--wait",
-        ],
-    )
-    .await;
+        ])
+        .await;
     let d = deployment(&cluster, "blobs").await;
     let hosts: std::collections::HashSet<&str> = d["replica_set"]
         .as_array()
@@ -551,9 +545,8 @@ async fn a_registered_model_answers_json_and_binary_on_every_worker_like_tract()
     assert_close(&output_of(&answer), &want, "after errors");
 
     // A deployment made with --public answers without a token.
-    cli_ok(
-        &cluster,
-        &[
+    cluster
+        .cli_ok(&[
             "deploy",
             "open",
             "--model",
@@ -562,9 +555,8 @@ async fn a_registered_model_answers_json_and_binary_on_every_worker_like_tract()
             "1",
             "--public",
             "--wait",
-        ],
-    )
-    .await;
+        ])
+        .await;
     wait_ready(&addrs, "/v2/models/open/ready").await;
     for addr in &addrs {
         let answer = http_call(
@@ -584,7 +576,7 @@ async fn a_registered_model_answers_json_and_binary_on_every_worker_like_tract()
         );
         assert_close(&output_of(&answer), &want, "public");
     }
-    cli_ok(&cluster, &["deployments", "rm", "open"]).await;
+    cluster.cli_ok(&["deployments", "rm", "open"]).await;
 
     // Prometheus counters per deployment, model, version and replica.
     let viewer_auth = format!("Bearer {viewer}");
@@ -631,7 +623,7 @@ async fn a_registered_model_answers_json_and_binary_on_every_worker_like_tract()
     // bad requests were refused before (parse, auth, routing, size).
     assert_eq!(failed, 3.0, "requests the engines refused");
 
-    cli_ok(&cluster, &["deployments", "rm", "blobs"]).await;
+    cluster.cli_ok(&["deployments", "rm", "blobs"]).await;
     kiln_tests::wait_for(Duration::from_secs(15), "the deployment to go", || {
         let addr = addr.clone();
         let token = token.clone();
@@ -696,22 +688,19 @@ async fn rollouts_and_canaries_under_load_drop_nothing() {
     let (v1, _) = write_model(dir.path(), "v1.onnx", 1);
     let (v2, _) = write_model(dir.path(), "v2.onnx", 2);
     for path in [&v1, &v2] {
-        cli_ok(
-            &cluster,
-            &[
+        cluster
+            .cli_ok(&[
                 "models",
                 "register",
                 "--onnx",
                 &path.display().to_string(),
                 "--name",
                 "svc",
-            ],
-        )
-        .await;
+            ])
+            .await;
     }
-    cli_ok(
-        &cluster,
-        &[
+    cluster
+        .cli_ok(&[
             "deploy",
             "svc",
             "--model",
@@ -719,9 +708,8 @@ async fn rollouts_and_canaries_under_load_drop_nothing() {
             "--replicas",
             "2",
             "--wait",
-        ],
-    )
-    .await;
+        ])
+        .await;
     let token = cluster
         .create_token("caller", kiln_proto::v1::Role::Inference, 0)
         .await;
@@ -743,9 +731,8 @@ async fn rollouts_and_canaries_under_load_drop_nothing() {
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
-    cli_ok(
-        &cluster,
-        &[
+    cluster
+        .cli_ok(&[
             "deploy",
             "svc",
             "--model",
@@ -753,9 +740,8 @@ async fn rollouts_and_canaries_under_load_drop_nothing() {
             "--replicas",
             "2",
             "--wait",
-        ],
-    )
-    .await;
+        ])
+        .await;
     let rollout = started.elapsed();
     // Let every router learn the new routes and the old replicas drain.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -794,9 +780,8 @@ async fn rollouts_and_canaries_under_load_drop_nothing() {
 
     // A 20% canary of version 1 gets 20% ± 5% of 2,000 requests (one primary
     // and one canary replica: the two workers' 4 CPUs hold the change).
-    cli_ok(
-        &cluster,
-        &[
+    cluster
+        .cli_ok(&[
             "deploy",
             "svc",
             "--model",
@@ -808,9 +793,8 @@ async fn rollouts_and_canaries_under_load_drop_nothing() {
             "--canary-percent",
             "20",
             "--wait",
-        ],
-    )
-    .await;
+        ])
+        .await;
     wait_ready(&addrs, "/v2/models/svc/versions/1/ready").await;
     let mut canary = 0;
     let auth = format!("Bearer {token}");
@@ -889,21 +873,18 @@ async fn a_killed_worker_costs_under_one_percent_and_its_replica_is_replaced() {
     let mut cluster = cluster_with(&workers, "").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (path, _) = write_model(dir.path(), "m.onnx", 3);
-    cli_ok(
-        &cluster,
-        &[
+    cluster
+        .cli_ok(&[
             "models",
             "register",
             "--onnx",
             &path.display().to_string(),
             "--name",
             "kept",
-        ],
-    )
-    .await;
-    cli_ok(
-        &cluster,
-        &[
+        ])
+        .await;
+    cluster
+        .cli_ok(&[
             "deploy",
             "kept",
             "--model",
@@ -911,9 +892,8 @@ async fn a_killed_worker_costs_under_one_percent_and_its_replica_is_replaced() {
             "--replicas",
             "2",
             "--wait",
-        ],
-    )
-    .await;
+        ])
+        .await;
     let token = cluster
         .create_token("caller", kiln_proto::v1::Role::Inference, 0)
         .await;
@@ -989,23 +969,22 @@ async fn the_autoscaler_adds_replicas_under_load_and_removes_them_after() {
     )
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (path, _) = write_model(dir.path(), "m.onnx", 4);
-    cli_ok(
-        &cluster,
-        &[
+    // Wide enough that a batch takes a while: requests in flight show the load (a
+    // request alone in a replica does not wait for a batch to fill).
+    let path = dir.path().join("m.onnx");
+    std::fs::write(&path, model_bytes_with(4, &[1024, 1024])).expect("write model");
+    cluster
+        .cli_ok(&[
             "models",
             "register",
             "--onnx",
             &path.display().to_string(),
             "--name",
             "busy",
-        ],
-    )
-    .await;
-    // Requests wait up to 20 ms for a batch, so in-flight counts show the load.
-    cli_ok(
-        &cluster,
-        &[
+        ])
+        .await;
+    cluster
+        .cli_ok(&[
             "deploy",
             "busy",
             "--model",
@@ -1019,9 +998,8 @@ async fn the_autoscaler_adds_replicas_under_load_and_removes_them_after() {
             "--max-queue-delay-us",
             "20000",
             "--wait",
-        ],
-    )
-    .await;
+        ])
+        .await;
     let token = cluster
         .create_token("caller", kiln_proto::v1::Role::Inference, 0)
         .await;
@@ -1183,11 +1161,9 @@ async fn webhook_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Valu
 }
 
 async fn drift_status(cluster: &Cluster, model: &str) -> Value {
-    let text = cli_ok(
-        cluster,
-        &["drift", "status", model, "--windows", "100", "--json"],
-    )
-    .await;
+    let text = cluster
+        .cli_ok(&["drift", "status", model, "--windows", "100", "--json"])
+        .await;
     serde_json::from_str(&text).expect("drift status --json prints JSON")
 }
 
@@ -1240,9 +1216,8 @@ async fn drifted_traffic_raises_an_alert_within_two_windows_and_calm_traffic_non
     }
     let data = dir.path().join("train.csv");
     std::fs::write(&data, csv).expect("write csv");
-    let registered = cli_ok(
-        &cluster,
-        &[
+    let registered = cluster
+        .cli_ok(&[
             "models",
             "register",
             "--onnx",
@@ -1254,25 +1229,22 @@ async fn drifted_traffic_raises_an_alert_within_two_windows_and_calm_traffic_non
             "--label",
             "kind",
             "--json",
-        ],
-    )
-    .await;
+        ])
+        .await;
     let registered: Value = serde_json::from_str(&registered).expect("json");
     assert_eq!(registered["monitored"], true, "{registered}");
     assert_eq!(registered["features"], json!(["f0", "f1", "f2", "f3"]));
     let (hook, received) = webhook_receiver().await;
     // The training data is also the retraining dataset.
-    cli_ok(
-        &cluster,
-        &[
+    cluster
+        .cli_ok(&[
             "artifact",
             "push",
             &data.display().to_string(),
             "--name",
             "watched-data",
-        ],
-    )
-    .await;
+        ])
+        .await;
     let job = dir.path().join("retrain.toml");
     std::fs::write(
         &job,
@@ -1281,9 +1253,8 @@ async fn drifted_traffic_raises_an_alert_within_two_windows_and_calm_traffic_non
          [train]\nepochs = 2\nbatch_size = 64\nseed = 3\ncheckpoint_every_steps = 1000\n\n[resources]\nshards = 1\ncpus_per_shard = 1\n",
     )
     .expect("write the job spec");
-    cli_ok(
-        &cluster,
-        &[
+    cluster
+        .cli_ok(&[
             "deploy",
             "watched",
             "--model",
@@ -1298,9 +1269,8 @@ async fn drifted_traffic_raises_an_alert_within_two_windows_and_calm_traffic_non
             "--retrain-dataset",
             "watched-data",
             "--wait",
-        ],
-    )
-    .await;
+        ])
+        .await;
     let out = cluster
         .run_cli(&[
             "deploy",
@@ -1345,7 +1315,7 @@ async fn drifted_traffic_raises_an_alert_within_two_windows_and_calm_traffic_non
         }
     })
     .await;
-    let text = cli_ok(&cluster, &["status"]).await;
+    let text = cluster.cli_ok(&["status"]).await;
     assert!(
         text.contains("host load") && text.contains("healthy"),
         "{text}"
@@ -1410,7 +1380,7 @@ async fn drifted_traffic_raises_an_alert_within_two_windows_and_calm_traffic_non
         .collect();
     columns.sort_unstable();
     assert_eq!(columns, ["f0", "f1", "f2"], "{alert}");
-    let text = cli_ok(&cluster, &["drift", "status", "watched"]).await;
+    let text = cluster.cli_ok(&["drift", "status", "watched"]).await;
     assert!(
         text.contains("dataset drift: yes") && text.contains("FIRING"),
         "{text}"
@@ -1435,7 +1405,9 @@ async fn drifted_traffic_raises_an_alert_within_two_windows_and_calm_traffic_non
             .contains(&format!("retraining as job {job_id} on watched-data@1")),
         "{d}"
     );
-    let shown = cli_ok(&cluster, &["jobs", "show", &job_id.to_string(), "--json"]).await;
+    let shown = cluster
+        .cli_ok(&["jobs", "show", &job_id.to_string(), "--json"])
+        .await;
     let shown: Value = serde_json::from_str(&shown).expect("json");
     assert_eq!(shown["name"], "watched-retrained", "{shown}");
 

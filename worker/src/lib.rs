@@ -120,6 +120,18 @@ pub struct Worker {
 /// Binds the worker's ports, loads its id, discovers its resources and starts the
 /// agent and the servers; [`Worker::wait`] then runs it until `shutdown`.
 pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<Worker> {
+    let library = config.onnxruntime_lib.clone();
+    let onnxruntime =
+        tokio::task::spawn_blocking(move || serving::engine::onnxruntime::init(library.as_deref()))
+            .await
+            .context("join the ONNX Runtime load")??;
+    match &onnxruntime {
+        Some(library) => tracing::info!(library = %library.display(), "replicas serve on ONNX Runtime (tract for --engine tract)"),
+        None => tracing::info!(
+            "no ONNX Runtime library (--onnxruntime-lib, KILN_ONNXRUNTIME_LIB, or {}): replicas serve through tract",
+            serving::engine::onnxruntime::DEFAULT_DIR
+        ),
+    }
     let http_listener = bind("worker http", config.http).await?;
     let grpc_listener = bind("worker grpc", config.listen).await?;
     let inference_grpc_listener = bind("worker inference grpc", config.inference_grpc).await?;
@@ -503,6 +515,7 @@ mod tests {
             heartbeat_interval_ms: 50,
             scrub_interval_ms: 0,
             telemetry_interval_ms: 1_000,
+            onnxruntime_lib: None,
             tls: None,
         }
     }

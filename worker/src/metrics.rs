@@ -206,6 +206,7 @@ mod tests {
             disk_bytes: 100,
             disk_free_bytes: 40,
             gpus: vec![Gpu::default(), Gpu::default()],
+            engines: vec!["tract".into()],
         };
         let metrics = Metrics::new(&resources);
         metrics.heartbeat_sent();

@@ -43,6 +43,10 @@ impl ResourceProbe {
             disk_bytes,
             disk_free_bytes,
             gpus: discover_gpus(),
+            engines: crate::serving::engine::EngineKind::available()
+                .into_iter()
+                .map(|e| e.name().to_string())
+                .collect(),
         };
         tracing::info!(
             cpu_cores = resources.cpu_cores,

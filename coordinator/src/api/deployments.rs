@@ -37,6 +37,9 @@ pub const DEFAULT_MAX_BATCH_SIZE: u32 = 64;
 pub const DEFAULT_MAX_QUEUE_DELAY_US: u64 = 500;
 pub const DEFAULT_QUEUE_CAPACITY: u32 = 1024;
 pub const DEFAULT_TARGET_IN_FLIGHT: u32 = 8;
+/// The serving engines a deployment may name (`Resources.engines` of workers).
+pub const ENGINE_ONNXRUNTIME: &str = "onnxruntime";
+pub const ENGINE_TRACT: &str = "tract";
 /// Largest batch a replica forms.
 pub const MAX_BATCH_SIZE: u32 = 4096;
 /// Longest a replica holds a request to form a batch.
@@ -164,6 +167,12 @@ impl Api {
             req.max_queue_delay_us
         };
         let queue_capacity = or(req.queue_capacity, DEFAULT_QUEUE_CAPACITY);
+        if !matches!(req.engine.as_str(), "" | ENGINE_ONNXRUNTIME | ENGINE_TRACT) {
+            return Err(Error::InvalidArgument(format!(
+                "engine {:?} is not known; use {ENGINE_ONNXRUNTIME} or {ENGINE_TRACT} (or none: each worker's preferred)",
+                req.engine
+            )));
+        }
         if max_batch_size > MAX_BATCH_SIZE
             || max_queue_delay_us > MAX_QUEUE_DELAY_US
             || queue_capacity > MAX_QUEUE_CAPACITY
@@ -193,6 +202,7 @@ impl Api {
             target_in_flight: or(req.target_in_flight, DEFAULT_TARGET_IN_FLIGHT),
             drift_webhook: crate::webhook::checked_url(&req.drift_webhook)?,
             retrain: super::retrain::retrain_policy(&req)?,
+            engine: req.engine.clone(),
             ..Default::default()
         };
         let what = format!(
@@ -326,6 +336,7 @@ impl Api {
                         max_queue_delay_us: d.max_queue_delay_us,
                         queue_capacity: d.queue_capacity,
                         threads: d.cpus_per_replica,
+                        engine: d.engine.clone(),
                     });
                 }
             }
@@ -494,13 +505,7 @@ pub fn plan_replicas(
         }
         let have = current.len();
         if have < want {
-            let workers = scheduler::spread(
-                want - have,
-                d.cpus_per_replica,
-                d.memory_per_replica,
-                free,
-                &held,
-            );
+            let workers = spread_on_engine(d, workers, want - have, free, &held);
             if workers.len() < want - have {
                 short_of_room = true;
             }
@@ -570,6 +575,44 @@ pub fn plan_replicas(
     }
 }
 
+/// Places `count` replicas of `d` like [`scheduler::spread`], only on workers that
+/// run the deployment's engine (any worker when it names none).
+fn spread_on_engine(
+    d: &DeploymentRecord,
+    workers: &BTreeMap<String, WorkerRecord>,
+    count: usize,
+    free: &mut [Capacity],
+    held: &HashMap<String, usize>,
+) -> Vec<String> {
+    if d.engine.is_empty() {
+        return scheduler::spread(count, d.cpus_per_replica, d.memory_per_replica, free, held);
+    }
+    let runs_engine = |worker_id: &str| {
+        workers
+            .get(worker_id)
+            .and_then(|w| w.resources.as_ref())
+            .is_some_and(|r| r.engines.contains(&d.engine))
+    };
+    let mut eligible: Vec<Capacity> = free
+        .iter()
+        .filter(|c| runs_engine(&c.worker_id))
+        .cloned()
+        .collect();
+    let chosen = scheduler::spread(
+        count,
+        d.cpus_per_replica,
+        d.memory_per_replica,
+        &mut eligible,
+        held,
+    );
+    for left in eligible {
+        if let Some(c) = free.iter_mut().find(|c| c.worker_id == left.worker_id) {
+            *c = left;
+        }
+    }
+    chosen
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -626,6 +669,40 @@ mod tests {
             replica_set: set,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn replicas_of_a_named_engine_go_only_to_workers_that_run_it() {
+        let with_engines = |id: &str, engines: &[&str]| {
+            let (id, mut record) = worker(id, WorkerState::Alive);
+            record.resources = Some(Resources {
+                engines: engines.iter().map(|e| e.to_string()).collect(),
+                ..Default::default()
+            });
+            (id, record)
+        };
+        let workers = BTreeMap::from([
+            with_engines("a", &[ENGINE_TRACT]),
+            with_engines("b", &[ENGINE_ONNXRUNTIME, ENGINE_TRACT]),
+            with_engines("c", &[ENGINE_TRACT]),
+        ]);
+        let mut free = vec![capacity("a"), capacity("b"), capacity("c")];
+        let d = DeploymentRecord {
+            engine: ENGINE_ONNXRUNTIME.into(),
+            ..deployment(1, 3, vec![])
+        };
+        let plan = plan_replicas(&d, &workers, &mut free, 0);
+        let placed: Vec<&str> = plan.add.iter().map(|r| r.worker_id.as_str()).collect();
+        assert_eq!(placed, ["b", "b", "b"]);
+        // What the placement took is taken from b's capacity, not another's.
+        assert_eq!(free.iter().map(|c| c.cpus).collect::<Vec<_>>(), [4, 1, 4]);
+
+        // Without an engine named, replicas spread over every worker.
+        let mut free = vec![capacity("a"), capacity("b"), capacity("c")];
+        let plan = plan_replicas(&deployment(1, 3, vec![]), &workers, &mut free, 0);
+        let mut placed: Vec<&str> = plan.add.iter().map(|r| r.worker_id.as_str()).collect();
+        placed.sort();
+        assert_eq!(placed, ["a", "b", "c"]);
     }
 
     #[test]

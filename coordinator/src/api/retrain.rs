@@ -371,6 +371,7 @@ fn redeploy_request(
         retrain_job: policy.job_spec.clone(),
         retrain_dataset: policy.dataset.clone(),
         retrain_canary_percent: policy.canary_percent,
+        engine: d.engine.clone(),
     }
 }
 

@@ -58,6 +58,7 @@ fn runs_differently(a: &DeploymentRecord, b: &DeploymentRecord) -> bool {
         || a.max_queue_delay_us != b.max_queue_delay_us
         || a.queue_capacity != b.queue_capacity
         || a.cpus_per_replica != b.cpus_per_replica
+        || a.engine != b.engine
 }
 
 /// `MODEL@VERSION` of a target (empty when there is none).
@@ -284,9 +285,13 @@ pub fn apply_report(
             state
         )));
     }
-    if replica.state != report.state || replica.reason != report.reason {
+    if replica.state != report.state
+        || replica.reason != report.reason
+        || replica.engine != report.engine
+    {
         replica.state = report.state;
         replica.reason = report.reason.clone();
+        replica.engine = report.engine.clone();
         replica.state_since_ms = now_ms;
         let message = match state {
             ReplicaState::ReplicaReady => format!(
@@ -454,6 +459,7 @@ mod tests {
             worker_id: worker.into(),
             state: state as i32,
             reason: String::new(),
+            engine: "tract".into(),
         };
         assert_eq!(
             apply_report(&mut txn, &report(1, "a", ReplicaState::ReplicaReady), 9).expect("ok"),

@@ -1,5 +1,5 @@
-//! One replica's model: a tract plan with a symbolic batch dimension and a dynamic
-//! batcher.
+//! One replica's model: a [`Plan`] on one of the engines (ONNX Runtime or tract)
+//! and a dynamic batcher.
 //!
 //! ```text
 //!  infer() ─ check against the signature ─► queue (queue_capacity; full: 429)
@@ -10,21 +10,23 @@
 //!     │                              max_queue_delay after the first was queued
 //!     │                                        │
 //!     │                                        ▼  that thread runs it (`threads` OS
-//!     └─ oneshot ◄─ each request's rows ◄─ tract plan, inputs joined along dim 0
+//!     └─ oneshot ◄─ each request's rows ◄─ the engine, inputs joined along dim 0
 //! ```
 //!
 //! Forming a batch is serialised (the `forming` lock) so that two idle threads do
 //! not split arriving requests into two half batches; running is not, so one thread
 //! computes while the next gathers. Requests whose deadline passes in the queue are
-//! answered `Timeout` without running; a batch that fails or panics in tract fails
-//! only its own requests (`Internal`). Dropping the last [`Engine`] handle, or
+//! answered `Timeout` without running; a batch that fails or panics in the engine
+//! fails only its own requests (`Internal`). Dropping the last [`Engine`] handle, or
 //! [`Engine::shutdown`], answers queued requests `Unavailable` and stops the threads
 //! after their current batch.
 //!
-//! How the model is loaded and requests are checked, joined and cut apart is in
-//! `plan` (no threads, no clocks).
+//! How requests are checked, joined and cut apart is in `plan` (no threads, no
+//! clocks); how each engine loads and runs a model is in `onnxruntime` and `tract`.
 
+pub mod onnxruntime;
 mod plan;
+mod tract;
 
 use std::collections::VecDeque;
 use std::panic::{self, AssertUnwindSafe};
@@ -33,10 +35,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use kiln_common::{Error, Result};
+use plan::Session;
+pub use plan::{inspect, signature_of, EngineKind, Plan};
 use tokio::sync::oneshot;
-use tract_onnx::prelude::TypedSimpleState;
-
-pub use plan::{inspect, signature_of, Plan};
 
 use super::monitor::Monitor;
 use super::{Signature, Tensor};
@@ -60,8 +61,11 @@ pub struct EngineConfig {
     pub max_queue_delay: Duration,
     /// Most requests waiting; one more is refused with `ResourceExhausted`.
     pub queue_capacity: usize,
-    /// Inference threads (OS threads, each running one batch at a time).
+    /// Threads the replica computes with: tract runs this many batches at once,
+    /// one per thread; ONNX Runtime runs one batch at a time on all of them.
     pub threads: usize,
+    /// The engine; `None` is the preferred one ([`EngineKind::preferred`]).
+    pub engine: Option<EngineKind>,
 }
 
 impl Default for EngineConfig {
@@ -71,6 +75,7 @@ impl Default for EngineConfig {
             max_queue_delay: Duration::from_micros(500),
             queue_capacity: 1024,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            engine: None,
         }
     }
 }
@@ -206,14 +211,15 @@ struct Counters {
 }
 
 impl Engine {
-    /// Loads an ONNX model, runs it once on a batch of one row of zeros (so a
-    /// replica is ready only once the model has run) and starts the inference
-    /// threads. Blocking: call it off the async executor.
+    /// Loads an ONNX model on the configured engine, runs it once on a batch of
+    /// one row of zeros (so a replica is ready only once the model has run) and
+    /// starts the inference threads. Blocking: call it off the async executor.
     pub fn load(onnx: &[u8], name: &str, config: EngineConfig) -> Result<Engine> {
         config.validate()?;
-        let plan = inspect(onnx)?;
+        let kind = config.engine.unwrap_or_else(EngineKind::preferred);
+        let plan = inspect(onnx, kind, config.threads)?;
         plan.warm_up()?;
-        let threads = config.threads;
+        let threads = plan.instances(config.threads);
         let shared = Arc::new(Shared {
             model: name.to_string(),
             plan,
@@ -261,6 +267,21 @@ impl Engine {
     /// What the model takes and gives.
     pub fn signature(&self) -> &Signature {
         self.inner.shared.plan.signature()
+    }
+
+    /// The engine that runs the model.
+    pub fn kind(&self) -> EngineKind {
+        self.inner.shared.plan.kind()
+    }
+
+    /// Returns true when requests are joined into batches.
+    pub fn batched(&self) -> bool {
+        self.inner.shared.plan.batched()
+    }
+
+    /// Why requests are not joined into batches; `None` when they are.
+    pub fn unbatched_reason(&self) -> Option<&str> {
+        self.inner.shared.plan.unbatched_reason()
     }
 
     /// The limits the engine was loaded with.
@@ -359,6 +380,7 @@ impl Shared {
             )));
         }
         let (reply, answer) = oneshot::channel();
+        let in_flight = InFlight::new(&self.counters.in_flight);
         self.push(Request {
             inputs: checked.inputs,
             outputs: checked.outputs,
@@ -367,7 +389,7 @@ impl Shared {
             queued,
             reply,
         })?;
-        Ok((answer, InFlight::new(&self.counters.in_flight)))
+        Ok((answer, in_flight))
     }
 
     /// Appends a request to the queue, or refuses it when the queue is full or
@@ -397,7 +419,7 @@ impl Shared {
         let _exit = Exit(&self);
         let span = tracing::info_span!("engine", model = %self.model);
         let _entered = span.enter();
-        let mut state = match self.plan.spawn() {
+        let mut state = match self.plan.session() {
             Ok(state) => state,
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "inference thread cannot start");
@@ -415,8 +437,9 @@ impl Shared {
     ///
     /// Requests are taken in order while their rows fit `max_batch_size` (a request
     /// that does not fit, or cannot join, starts the next batch). Queued requests
-    /// are always taken at once; the batch waits for more only until
-    /// `max_queue_delay` after its first request was queued.
+    /// are always taken at once; the batch waits for more only while other
+    /// requests are in flight, and only until `max_queue_delay` after its first
+    /// request was queued.
     fn collect(&self, batch: &mut Vec<Request>) -> bool {
         let _forming = lock(&self.forming);
         let mut queue = lock(&self.queue);
@@ -453,12 +476,19 @@ impl Shared {
                 }
                 (Some(false), _) => return true,
                 (None, None) => queue = self.wait(queue, None),
-                (None, Some(close_at)) if now < close_at => {
+                (None, Some(close_at)) if now < close_at && self.company_expected(batch.len()) => {
                     queue = self.wait(queue, Some(close_at - now));
                 }
                 (None, Some(_)) => return true,
             }
         }
+    }
+
+    /// Returns true when requests other than the `batched` ones are in flight
+    /// (queued or running): their callers are active, so more may come. A request
+    /// alone in the engine runs at once, whatever `max_queue_delay` says.
+    fn company_expected(&self, batched: usize) -> bool {
+        self.counters.in_flight.load(Relaxed) > batched
     }
 
     /// Waits for a push (at most `timeout`) with the queue unlocked meanwhile.
@@ -485,13 +515,16 @@ impl Shared {
     }
 
     /// Runs a batch and answers its requests (emptying `batch`); a failure or a
-    /// panic in tract answers them all `Internal` and gives the thread a fresh state.
-    fn execute(&self, state: &mut TypedSimpleState, batch: &mut Vec<Request>) {
+    /// panic in the engine answers them all `Internal` and gives the thread a fresh
+    /// session.
+    fn execute(&self, state: &mut Box<dyn Session>, batch: &mut Vec<Request>) {
         #[cfg(test)]
         let _gate = lock(&self.gate);
         let started = Instant::now();
         let rows: usize = batch.iter().map(|r| r.rows).sum();
-        let answers = panic::catch_unwind(AssertUnwindSafe(|| self.answers(state, batch, rows)));
+        let answers = panic::catch_unwind(AssertUnwindSafe(|| {
+            self.answers(state.as_mut(), batch, rows)
+        }));
         let computed = started.elapsed();
         let failure = match answers {
             Ok(Ok(answers)) => {
@@ -519,7 +552,7 @@ impl Shared {
             ),
         };
         tracing::warn!(requests = batch.len(), rows, error = %failure, "batch failed");
-        if let Ok(fresh) = self.plan.spawn() {
+        if let Ok(fresh) = self.plan.session() {
             *state = fresh;
         }
         for request in batch.drain(..) {
@@ -531,7 +564,7 @@ impl Shared {
     /// Runs the batch's requests together and cuts each one's outputs out.
     fn answers(
         &self,
-        state: &mut TypedSimpleState,
+        state: &mut dyn Session,
         batch: &[Request],
         rows: usize,
     ) -> anyhow::Result<Vec<Vec<Tensor>>> {
@@ -705,10 +738,13 @@ pub(super) mod tests {
         classifier(FEATURES, &[8, 6], CLASSES, 1)
     }
 
+    /// tract, named: a test that loads ONNX Runtime makes it the preferred engine
+    /// for every test in this process.
     fn config(threads: usize, max_queue_delay: Duration) -> EngineConfig {
         EngineConfig {
             threads,
             max_queue_delay,
+            engine: Some(EngineKind::Tract),
             ..EngineConfig::default()
         }
     }
@@ -762,11 +798,15 @@ pub(super) mod tests {
             .collect()
     }
 
-    fn assert_close(got: &[f32], want: &[f32]) {
+    fn assert_near(got: &[f32], want: &[f32], tolerance: f32) {
         assert_eq!(got.len(), want.len());
         for (g, w) in got.iter().zip(want) {
-            assert!((g - w).abs() <= 1e-6, "got {got:?}, want {want:?}");
+            assert!((g - w).abs() <= tolerance, "got {got:?}, want {want:?}");
         }
+    }
+
+    fn assert_close(got: &[f32], want: &[f32]) {
+        assert_near(got, want, 1e-6);
     }
 
     fn far() -> Instant {
@@ -903,21 +943,49 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn a_batch_waits_for_more_requests_up_to_the_delay() {
-        let engine = load(&iris(), config(1, Duration::from_millis(300)));
+    fn a_batch_waits_for_more_requests_up_to_the_delay_while_others_are_in_flight() {
+        let engine = load(&iris(), config(2, Duration::from_millis(300)));
         let rt = runtime();
         let row = [0.5; FEATURES];
+        // One request held in one thread keeps the engine busy; the other thread
+        // takes the next request and waits for company.
+        let held = hold(&engine.inner.shared);
+        let busy = spawn_row(&rt, &engine, &row, far());
+        wait_held(&engine);
         let first = spawn_row(&rt, &engine, &row, far());
         std::thread::sleep(Duration::from_millis(30));
         let second = spawn_row(&rt, &engine, &row, far());
+        wait_until("both are taken", || engine.stats().queue_len == 0);
+        std::thread::sleep(Duration::from_millis(400));
+        drop(held);
         rt.block_on(async {
-            first.await.expect("ends").expect("an answer");
-            second.await.expect("ends").expect("an answer");
+            for task in [busy, first, second] {
+                task.await.expect("ends").expect("an answer");
+            }
         });
         let stats = engine.stats();
-        assert_eq!((stats.requests, stats.inferences, stats.rows), (2, 1, 2));
-        // The first waited from its arrival to the delay's end, the second less.
-        assert!(stats.queue_us >= 300_000, "{stats:?}");
+        assert_eq!((stats.requests, stats.inferences, stats.rows), (3, 2, 3));
+    }
+
+    #[test]
+    fn a_lone_request_runs_at_once_whatever_the_delay() {
+        let engine = load(&iris(), config(1, Duration::from_millis(900)));
+        let rt = runtime();
+        let row = [0.5; FEATURES];
+        for _ in 0..3 {
+            let started = Instant::now();
+            rt.block_on(spawn_row(&rt, &engine, &row, far()))
+                .expect("ends")
+                .expect("an answer");
+            assert!(
+                started.elapsed() < Duration::from_millis(300),
+                "a request alone in the engine waited {:?} for company",
+                started.elapsed()
+            );
+        }
+        let stats = engine.stats();
+        assert_eq!((stats.requests, stats.inferences), (3, 3));
+        assert!(stats.queue_us < 300_000, "{stats:?}");
     }
 
     #[test]
@@ -1181,8 +1249,8 @@ pub(super) mod tests {
         let engine = load(&iris(), config(1, Duration::ZERO));
         let rt = runtime();
         let shared = &engine.inner.shared;
-        // Requests that skipped the checks: rows that the data does not fill (tract
-        // is never reached), and an output index past the model's (a panic).
+        // Requests that skipped the checks: rows that the data does not fill (the
+        // engine refuses the input), and an output index past the model's (a panic).
         let unchecked = |rows: usize, outputs: Vec<usize>| {
             let inputs = vec![fp32("input", 1, &[1.0; FEATURES]).with_shape(vec![rows, FEATURES])];
             rt.block_on(push_unchecked(shared, inputs, rows, outputs))
@@ -1190,7 +1258,7 @@ pub(super) mod tests {
         };
         let underfilled = unchecked(2, vec![0]);
         assert!(
-            matches!(&underfilled, Err(Error::Internal(m)) if m.contains("underfills")),
+            matches!(&underfilled, Err(Error::Internal(m)) if m.contains("holds 16 bytes for shape [2, 4]")),
             "{underfilled:?}"
         );
         let panicked = unchecked(1, vec![7]);
@@ -1205,8 +1273,8 @@ pub(super) mod tests {
     #[test]
     fn a_file_that_is_not_onnx_is_refused_with_tracts_reason() {
         for refused in [
-            inspect(b"not an onnx model").map(drop),
-            Engine::load(b"not an onnx model", MODEL, EngineConfig::default()).map(drop),
+            inspect(b"not an onnx model", EngineKind::Tract, 1).map(drop),
+            Engine::load(b"not an onnx model", MODEL, config(1, Duration::ZERO)).map(drop),
         ] {
             let Err(Error::InvalidArgument(message)) = refused else {
                 panic!("expected InvalidArgument, got {refused:?}");
@@ -1278,6 +1346,83 @@ pub(super) mod tests {
         }
     }
 
+    /// Loads ONNX Runtime from `KILN_ONNXRUNTIME_LIB` (scripts/test.sh installs
+    /// the wheel's library and sets it); false, with a note, where it is not set.
+    fn with_onnxruntime() -> bool {
+        let Some(path) = std::env::var_os("KILN_ONNXRUNTIME_LIB") else {
+            eprintln!("SKIPPED: KILN_ONNXRUNTIME_LIB is not set; ONNX Runtime is not tested");
+            return false;
+        };
+        let loaded = onnxruntime::init(Some(std::path::Path::new(&path)));
+        assert!(matches!(loaded, Ok(Some(_))), "{loaded:?}");
+        true
+    }
+
+    #[test]
+    fn onnxruntime_gives_what_tract_gives_alone_and_in_batches() {
+        if !with_onnxruntime() {
+            return;
+        }
+        let onnx = classifier(FEATURES, &[16, 8], CLASSES, 11);
+        let on = |engine| EngineConfig {
+            engine: Some(engine),
+            threads: 2,
+            ..config(1, Duration::from_millis(2))
+        };
+        let ort = load(&onnx, on(EngineKind::OnnxRuntime));
+        let tract = load(&onnx, on(EngineKind::Tract));
+        assert_eq!(ort.kind(), EngineKind::OnnxRuntime);
+        assert_eq!(tract.kind(), EngineKind::Tract);
+        assert!(ort.batched());
+        assert_eq!(ort.signature(), tract.signature());
+
+        let mut rng = StdRng::seed_from_u64(12);
+        let x = random_rows(&mut rng, 5, FEATURES);
+        let want = tract_outputs(&onnx, 5, &x);
+        let got = ort
+            .run_batch_blocking(vec![fp32("input", 5, &x)])
+            .expect("a direct run");
+        for (tensor, want) in got.iter().zip(&want) {
+            assert_eq!(tensor.shape, [5, CLASSES]);
+            assert_near(&floats(tensor), want, 1e-5);
+        }
+
+        // Concurrent one-row requests, joined into batches by the batcher.
+        let rt = runtime();
+        let x = random_rows(&mut rng, 48, FEATURES);
+        let rows: Vec<&[f32]> = x.chunks(FEATURES).collect();
+        let tasks: Vec<_> = rows
+            .iter()
+            .map(|row| spawn_row(&rt, &ort, row, far()))
+            .collect();
+        for (task, row) in tasks.into_iter().zip(&rows) {
+            let answer = rt
+                .block_on(task)
+                .expect("the task ends")
+                .expect("an answer");
+            let alone = tract_outputs(&onnx, 1, row);
+            for (tensor, want) in answer.iter().zip(&alone) {
+                assert_eq!(tensor.shape, [1, CLASSES]);
+                assert_near(&floats(tensor), want, 1e-5);
+            }
+        }
+        let stats = ort.stats();
+        assert_eq!((stats.requests, stats.rows, stats.failures), (48, 48, 0));
+    }
+
+    #[test]
+    fn a_missing_onnxruntime_library_is_refused_with_its_path_and_the_fix() {
+        let missing = std::path::Path::new("/nonexistent/libonnxruntime.so.1.32.0");
+        let Err(Error::InvalidArgument(message)) = onnxruntime::init(Some(missing)) else {
+            panic!("a missing library must be refused");
+        };
+        assert!(
+            message.contains("/nonexistent/libonnxruntime.so.1.32.0 does not exist")
+                && message.contains("--onnxruntime-lib"),
+            "{message}"
+        );
+    }
+
     /// Prints rows/s of an MLP 32-256-256-10 run directly (batch 1 and 64) and
     /// through the batcher (one-row requests from 256 concurrent tasks), and checks
     /// that the batcher joins concurrent requests. The figures mean something only
@@ -1286,7 +1431,13 @@ pub(super) mod tests {
     fn throughput_of_an_mlp_32_256_256_10() {
         const SECONDS: f64 = 1.0;
         let onnx = classifier(32, &[256, 256], 10, 5);
-        let engine = load(&onnx, EngineConfig::default());
+        let engine = load(
+            &onnx,
+            EngineConfig {
+                engine: Some(EngineKind::Tract),
+                ..EngineConfig::default()
+            },
+        );
         let mut rng = StdRng::seed_from_u64(6);
         for rows in [1, 64] {
             let x = random_rows(&mut rng, rows, 32);

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{Engine, EngineConfig};
+use super::engine::{Engine, EngineConfig, EngineKind};
 use super::feedback::{AnswerSpec, TaskMetadata};
 use super::monitor::Monitor;
 use crate::train::shard::{MODEL_FILE, REFERENCE_FILE};
@@ -326,7 +326,7 @@ async fn run_replica(
         Ok(replica) => Arc::new(replica),
         Err(reason) => {
             tracing::warn!(deployment = %task.deployment, replica = task.replica_id, %reason, "replica failed to load");
-            report(&ctx, &task, ReplicaState::ReplicaFailed, reason, &stop).await;
+            report(&ctx, &task, ReplicaState::ReplicaFailed, reason, "", &stop).await;
             return;
         }
     };
@@ -343,6 +343,7 @@ async fn run_replica(
         &task,
         ReplicaState::ReplicaReady,
         String::new(),
+        replica.engine.kind().name(),
         &stop,
     )
     .await;
@@ -380,11 +381,27 @@ async fn load(ctx: &ServingContext, task: &ReplicaTask) -> Result<LocalReplica, 
     };
     let _ = tokio::fs::remove_dir_all(&dir).await;
     let bytes = bytes?;
+    let engine = match task.engine.as_str() {
+        "" => None,
+        name => Some(EngineKind::parse(name).map_err(|e| e.to_string())?),
+    };
+    if let Some(kind) = engine.filter(|k| !EngineKind::available().contains(k)) {
+        return Err(format!(
+            "this worker cannot run engine {} (it runs {}); start it with --onnxruntime-lib",
+            kind.name(),
+            EngineKind::available()
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     let config = EngineConfig {
         max_batch_size: task.max_batch_size.max(1) as usize,
         max_queue_delay: Duration::from_micros(task.max_queue_delay_us),
         queue_capacity: task.queue_capacity.max(1) as usize,
         threads: task.threads.max(1) as usize,
+        engine,
     };
     let meta = TaskMetadata::of_onnx(&bytes);
     let name = task.deployment.clone();
@@ -434,6 +451,7 @@ async fn report(
     task: &ReplicaTask,
     state: ReplicaState,
     reason: String,
+    engine: &str,
     stop: &CancellationToken,
 ) {
     let report = ReportReplica {
@@ -442,6 +460,7 @@ async fn report(
         worker_id: ctx.worker_id.clone(),
         state: state as i32,
         reason,
+        engine: engine.to_string(),
     };
     let mut pause = Duration::from_millis(200);
     for attempt in 1..=REPORT_ATTEMPTS {

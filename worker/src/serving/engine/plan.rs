@@ -1,28 +1,99 @@
-//! A model as the engine runs it: the optimised tract plan, its [`Signature`], how
-//! each input's dimensions may vary, and the data-only steps of a batch (check a
-//! request, join requests along the batch dimension, cut the outputs back apart).
-//! Nothing here owns a thread or a clock.
+//! A model as the engine runs it: a loaded model of one of the engines (the
+//! [`Backend`]), its [`Signature`], how each input's dimensions may vary, and the
+//! data-only steps of a batch (check a request, join requests along the batch
+//! dimension, cut the outputs back apart). Nothing here owns a thread or a clock.
 //!
-//! The batch dimension: every input's first dimension becomes one symbol, the
-//! model's own `dim_param` when its first input has one (`batch` in kiln's
-//! exports), a new `batch` symbol when the file leaves it unknown. A first
-//! dimension that is a fixed number stays fixed. The model is *batched*, and
-//! requests are joined, only when every input and every output starts with that
-//! symbol; otherwise each request runs alone with exactly the shape the model
-//! declares (a model exported with a batch of 1 takes requests of one row).
+//! The model is *batched*, and requests are joined, only when every input and
+//! every output starts with the batch dimension (how each engine finds it is in
+//! its module); otherwise each request runs alone with exactly the shape the
+//! model declares (a model exported with a batch of 1 takes requests of one row).
 
-use bytes::Bytes;
+use std::sync::{Mutex, PoisonError};
+
+use bytes::BytesMut;
 use kiln_common::{Error, Result};
-use tract_onnx::prelude::{
-    self as tract, Framework as _, InferenceModelExt as _, IntoRunnable as _, IntoTValue as _,
-};
-use tract_onnx::tract_hir::infer::{Factoid as _, GenericFactoid, ShapeFactoid};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
+use super::{onnxruntime, tract};
 use crate::serving::{DataType, Signature, Spec, Tensor};
+
+/// The inference engines a replica can run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EngineKind {
+    /// ONNX Runtime, loaded at run time from the library the worker was given.
+    OnnxRuntime,
+    /// tract, built into kiln: the fallback that needs no library.
+    Tract,
+}
+
+impl EngineKind {
+    /// The name in flags and listings.
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::OnnxRuntime => "onnxruntime",
+            EngineKind::Tract => "tract",
+        }
+    }
+
+    /// Parses `onnxruntime` or `tract`.
+    pub fn parse(name: &str) -> Result<EngineKind> {
+        match name {
+            "onnxruntime" => Ok(EngineKind::OnnxRuntime),
+            "tract" => Ok(EngineKind::Tract),
+            other => Err(Error::InvalidArgument(format!(
+                "engine {other:?} is not known; use onnxruntime or tract"
+            ))),
+        }
+    }
+
+    /// The engines this process can run: ONNX Runtime once its library is loaded
+    /// ([`onnxruntime::init`]), tract always.
+    pub fn available() -> Vec<EngineKind> {
+        let mut kinds = Vec::with_capacity(2);
+        if onnxruntime::loaded().is_some() {
+            kinds.push(EngineKind::OnnxRuntime);
+        }
+        kinds.push(EngineKind::Tract);
+        kinds
+    }
+
+    /// The engine a model runs on when none is named: ONNX Runtime where loaded,
+    /// else tract.
+    pub fn preferred() -> EngineKind {
+        EngineKind::available()[0]
+    }
+}
+
+/// A model loaded by one engine.
+pub(super) trait Backend: Send + Sync {
+    fn kind(&self) -> EngineKind;
+    /// How many batches a replica of `threads` threads runs at once.
+    fn instances(&self, threads: usize) -> usize;
+    /// A fresh execution state, which a thread keeps between runs.
+    fn session(&self) -> anyhow::Result<Box<dyn Session>>;
+}
+
+/// One thread's way to run the model.
+pub(super) trait Session: Send {
+    /// Runs the model on `inputs` (in the model's order, each with its shape) and
+    /// returns every output in the model's order (names are the plan's business).
+    fn run(&mut self, inputs: Vec<Tensor>) -> anyhow::Result<Vec<Tensor>>;
+}
+
+/// What an engine's loader gives.
+pub(super) struct Loaded {
+    pub backend: Box<dyn Backend>,
+    pub signature: Signature,
+    /// Each input's dimensions, in the model's input order.
+    pub dims: Vec<Vec<Dim>>,
+    /// Every input and output starts with the batch dimension.
+    pub batched: bool,
+}
 
 /// How one dimension of an input may vary.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Dim {
+pub(super) enum Dim {
     /// The batch dimension: any number of rows from 1 up to the engine's limit,
     /// the same in every input.
     Batch,
@@ -32,15 +103,49 @@ enum Dim {
     Var(String),
 }
 
-/// A loaded, optimised model ready to run, with what requests must look like.
-#[derive(Debug)]
+impl Dim {
+    /// The shape of one row: fixed sizes, 1 for the others.
+    pub fn one_row(dims: &[Dim]) -> Vec<usize> {
+        dims.iter()
+            .map(|d| match d {
+                Dim::Fixed(size) => *size,
+                Dim::Batch | Dim::Var(_) => 1,
+            })
+            .collect()
+    }
+
+    /// A spec's shape: fixed sizes, -1 for the others.
+    pub fn spec_shape(dims: &[Dim]) -> Vec<i64> {
+        dims.iter()
+            .map(|d| match d {
+                Dim::Fixed(size) => *size as i64,
+                Dim::Batch | Dim::Var(_) => -1,
+            })
+            .collect()
+    }
+}
+
+/// A loaded model ready to run, with what requests must look like.
 pub struct Plan {
-    runnable: std::sync::Arc<tract::TypedRunnableModel>,
+    backend: Box<dyn Backend>,
     signature: Signature,
-    /// Each input's dimensions, in the model's input order.
     dims: Vec<Vec<Dim>>,
-    /// Requests can be joined along the first dimension (see the module docs).
     batched: bool,
+    /// Why requests are not joined, when they are not.
+    unbatched: Option<String>,
+    /// A session for runs past the batcher (the warm-up, [`Plan::run_alone`]);
+    /// the first inference thread takes the warm-up's.
+    spare: Mutex<Option<Box<dyn Session>>>,
+}
+
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field("engine", &self.backend.kind())
+            .field("signature", &self.signature)
+            .field("batched", &self.batched)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A request that passed [`Plan::check`]: inputs in the model's order, the outputs
@@ -52,204 +157,40 @@ pub(super) struct Checked {
     pub rows: usize,
 }
 
-/// Parses and optimises an ONNX model; a file tract cannot load, or an input or
-/// output of a datatype kiln does not serve, is an `InvalidArgument` carrying the
-/// reason. Blocking: optimising a large model takes a while.
-pub fn inspect(onnx: &[u8]) -> Result<Plan> {
-    let mut model = tract_onnx::onnx()
-        .model_for_read(&mut &onnx[..])
-        .map_err(refused)?;
-    let batch = batch_symbol(&model);
-    let input_count = model.inputs.len();
-    if input_count == 0 {
-        return Err(Error::InvalidArgument("the model takes no inputs".into()));
+/// Loads an ONNX model on `engine`, whose runs may use `threads` threads; a file
+/// the engine cannot load, or an input or output of a datatype kiln does not
+/// serve, is an `InvalidArgument` carrying the reason. Blocking: optimising a
+/// large model takes a while.
+pub fn inspect(onnx: &[u8], engine: EngineKind, threads: usize) -> Result<Plan> {
+    let loaded = match engine {
+        EngineKind::OnnxRuntime => onnxruntime::load(onnx, threads)?,
+        EngineKind::Tract => tract::load(onnx)?,
+    };
+    let mut plan = Plan {
+        backend: loaded.backend,
+        signature: loaded.signature,
+        dims: loaded.dims,
+        batched: loaded.batched,
+        unbatched: None,
+        spare: Mutex::new(None),
+    };
+    if !plan.batched {
+        plan.unbatched = Some(
+            "not every input and output starts with the same dynamic (batch) dimension".into(),
+        );
+    } else if let Some(reason) = plan.probe_batching() {
+        plan.unbatch(reason);
     }
-    for input in 0..input_count {
-        let fact = input_fact(&model, input, &batch)?;
-        model.set_input_fact(input, fact).map_err(refused)?;
-    }
-    let typed = model.into_optimized().map_err(refused)?;
-    let batch = tract::TDim::Sym(batch);
-    let (inputs, dims) = input_specs(&typed, &batch)?;
-    let outputs = output_specs(&typed)?;
-    let batched = dims.iter().all(|d| d.first() == Some(&Dim::Batch))
-        && (0..outputs.len()).all(|o| {
-            typed
-                .output_fact(o)
-                .is_ok_and(|f| f.shape.dims().first() == Some(&batch))
-        });
-    let runnable = typed.into_runnable().map_err(refused)?;
-    Ok(Plan {
-        runnable,
-        signature: Signature { inputs, outputs },
-        dims,
-        batched,
-    })
+    Ok(plan)
 }
 
-/// Returns what the model takes and gives, for the registry.
+/// Rows the batching probe serves together and one by one.
+const PROBE_ROWS: usize = 3;
+
+/// Returns what the model takes and gives, for the registry, as the preferred
+/// engine reads it.
 pub fn signature_of(onnx: &[u8]) -> Result<Signature> {
-    Ok(inspect(onnx)?.signature)
-}
-
-fn refused(e: tract::TractError) -> Error {
-    Error::InvalidArgument(format!("tract cannot load the model: {e:#}"))
-}
-
-/// The symbol the batch dimension becomes: the first input's own `dim_param` when
-/// its first dimension has one, else a new one named `batch`.
-fn batch_symbol(model: &tract::InferenceModel) -> tract::Symbol {
-    let first_dim = model
-        .input_fact(0)
-        .ok()
-        .and_then(|fact| fact.shape.dims().next().cloned());
-    match first_dim {
-        Some(GenericFactoid::Only(tract::TDim::Sym(symbol))) => symbol,
-        _ => model.symbols.new_with_prefix("batch"),
-    }
-}
-
-/// Input `input`'s fact with its first dimension made the batch symbol (unless it
-/// is a fixed number or an expression) and every unknown dimension a new symbol.
-fn input_fact(
-    model: &tract::InferenceModel,
-    input: usize,
-    batch: &tract::Symbol,
-) -> Result<tract::InferenceFact> {
-    let name = &model.node(model.inputs[input].node).name;
-    let fact = model.input_fact(input).map_err(refused)?;
-    let datum_type = fact.datum_type.concretize().ok_or_else(|| {
-        Error::InvalidArgument(format!("input {name:?} of the model has no datatype"))
-    })?;
-    data_type(datum_type)
-        .map_err(|e| Error::InvalidArgument(format!("input {name:?} of the model: {e}")))?;
-    if fact.shape.is_open() {
-        return Err(Error::InvalidArgument(format!(
-            "input {name:?} of the model has no shape; kiln needs the rank of every input"
-        )));
-    }
-    let dims = fact
-        .shape
-        .dims()
-        .enumerate()
-        .map(|(axis, dim)| match (axis, dim) {
-            (0, GenericFactoid::Any | GenericFactoid::Only(tract::TDim::Sym(_))) => {
-                GenericFactoid::Only(tract::TDim::Sym(batch.clone()))
-            }
-            (_, GenericFactoid::Any) => {
-                GenericFactoid::Only(tract::TDim::Sym(model.symbols.new_with_prefix("dim")))
-            }
-            (_, known) => known.clone(),
-        })
-        .collect();
-    Ok(tract::InferenceFact::dt_shape(
-        datum_type,
-        ShapeFactoid::closed(dims),
-    ))
-}
-
-/// The inputs' specs and dimension rules, in the model's order.
-fn input_specs(
-    model: &tract::TypedModel,
-    batch: &tract::TDim,
-) -> Result<(Vec<Spec>, Vec<Vec<Dim>>)> {
-    let mut specs = Vec::with_capacity(model.inputs.len());
-    let mut all_dims = Vec::with_capacity(model.inputs.len());
-    for input in 0..model.inputs.len() {
-        let name = model.node(model.inputs[input].node).name.clone();
-        let fact = model.input_fact(input).map_err(refused)?;
-        let datatype = data_type(fact.datum_type)
-            .map_err(|e| Error::InvalidArgument(format!("input {name:?} of the model: {e}")))?;
-        let dims: Vec<Dim> = fact
-            .shape
-            .dims()
-            .iter()
-            .enumerate()
-            .map(|(axis, dim)| match dim.to_i64() {
-                _ if axis == 0 && dim == batch => Dim::Batch,
-                Ok(size) if size >= 0 => Dim::Fixed(size as usize),
-                _ => Dim::Var(dim.to_string()),
-            })
-            .collect();
-        let shape = dims
-            .iter()
-            .map(|d| match d {
-                Dim::Fixed(size) => *size as i64,
-                Dim::Batch | Dim::Var(_) => -1,
-            })
-            .collect();
-        specs.push(Spec {
-            name,
-            datatype,
-            shape,
-        });
-        all_dims.push(dims);
-    }
-    Ok((specs, all_dims))
-}
-
-/// The outputs' specs, in the model's order; a dimension that is not a number is -1.
-fn output_specs(model: &tract::TypedModel) -> Result<Vec<Spec>> {
-    let outlets = model.output_outlets().map_err(refused)?;
-    let mut specs = Vec::with_capacity(outlets.len());
-    for (output, outlet) in outlets.iter().enumerate() {
-        let name = model
-            .outlet_label(*outlet)
-            .unwrap_or(&model.node(outlet.node).name)
-            .to_string();
-        let fact = model.output_fact(output).map_err(refused)?;
-        let datatype = data_type(fact.datum_type)
-            .map_err(|e| Error::InvalidArgument(format!("output {name:?} of the model: {e}")))?;
-        let shape = fact
-            .shape
-            .dims()
-            .iter()
-            .map(|d| d.to_i64().ok().filter(|n| *n >= 0).unwrap_or(-1))
-            .collect();
-        specs.push(Spec {
-            name,
-            datatype,
-            shape,
-        });
-    }
-    Ok(specs)
-}
-
-/// The served datatype of a tract datum type.
-fn data_type(datum_type: tract::DatumType) -> std::result::Result<DataType, String> {
-    use tract::DatumType as D;
-    Ok(match datum_type {
-        D::Bool => DataType::Bool,
-        D::U8 => DataType::Uint8,
-        D::U16 => DataType::Uint16,
-        D::U32 => DataType::Uint32,
-        D::U64 => DataType::Uint64,
-        D::I8 => DataType::Int8,
-        D::I16 => DataType::Int16,
-        D::I32 => DataType::Int32,
-        D::I64 => DataType::Int64,
-        D::F32 => DataType::Fp32,
-        D::F64 => DataType::Fp64,
-        other => return Err(format!("datatype {other:?} is not served")),
-    })
-}
-
-/// The tract datum type of a served datatype.
-fn datum_type(datatype: DataType) -> tract::DatumType {
-    use tract::DatumType as D;
-    match datatype {
-        DataType::Bool => D::Bool,
-        DataType::Uint8 => D::U8,
-        DataType::Uint16 => D::U16,
-        DataType::Uint32 => D::U32,
-        DataType::Uint64 => D::U64,
-        DataType::Int8 => D::I8,
-        DataType::Int16 => D::I16,
-        DataType::Int32 => D::I32,
-        DataType::Int64 => D::I64,
-        DataType::Fp32 => D::F32,
-        DataType::Fp64 => D::F64,
-    }
+    Ok(inspect(onnx, EngineKind::preferred(), 1)?.signature)
 }
 
 impl Plan {
@@ -263,9 +204,108 @@ impl Plan {
         self.batched
     }
 
-    /// A fresh execution state, which a thread keeps between runs.
-    pub(super) fn spawn(&self) -> tract::TractResult<tract::TypedSimpleState> {
-        self.runnable.spawn()
+    /// Why requests are not joined into batches; `None` when they are.
+    pub fn unbatched_reason(&self) -> Option<&str> {
+        self.unbatched.as_deref()
+    }
+
+    /// Serves [`PROBE_ROWS`] random rows together and each alone; returns why
+    /// they differ (the first dimension is then not a batch: a time axis, or a
+    /// model that mixes rows, such as a normalisation over axis 0), or `None`
+    /// when every row's answers agree.
+    fn probe_batching(&self) -> Option<String> {
+        let mut rng = StdRng::seed_from_u64(0x6b69_6c6e);
+        let requests: Vec<Vec<Tensor>> = (0..PROBE_ROWS)
+            .map(|_| {
+                self.signature
+                    .inputs
+                    .iter()
+                    .zip(&self.dims)
+                    .map(|(spec, dims)| probe_input(spec, dims, &mut rng))
+                    .collect()
+            })
+            .collect();
+        let all: Vec<usize> = (0..self.signature.outputs.len()).collect();
+        let probe = self.with_spare(|session| {
+            let mut alone = Vec::with_capacity(PROBE_ROWS);
+            for request in &requests {
+                let mut outputs = self.run(session, std::iter::once(request.as_slice()), 1)?;
+                let answer: Vec<Tensor> = all
+                    .iter()
+                    .map(|&o| outputs.cut(o, 0, 1))
+                    .collect::<anyhow::Result<_>>()?;
+                alone.push(answer);
+            }
+            let mut joined =
+                self.run(session, requests.iter().map(|r| r.as_slice()), PROBE_ROWS)?;
+            for (row, answer) in alone.iter().enumerate() {
+                for (&o, want) in all.iter().zip(answer) {
+                    let got = joined.cut(o, row, 1)?;
+                    if !agree(&got, want) {
+                        return Ok(Some(format!(
+                            "output {:?} of a row served with others differs from the same row \
+                             served alone, so the first dimension is not a batch",
+                            want.name
+                        )));
+                    }
+                }
+            }
+            Ok(None)
+        });
+        probe.unwrap_or_else(|e: anyhow::Error| {
+            Some(format!("{PROBE_ROWS} rows served together fail: {e:#}"))
+        })
+    }
+
+    /// Serves each request alone from now on: the first dimension is a free one.
+    fn unbatch(&mut self, reason: String) {
+        tracing::info!(%reason, "requests are served one by one");
+        self.batched = false;
+        self.unbatched = Some(reason);
+        for dims in &mut self.dims {
+            for dim in dims.iter_mut().filter(|d| **d == Dim::Batch) {
+                *dim = Dim::Var(":first".into());
+            }
+        }
+    }
+
+    /// Runs `f` on the spare session (made when there is none; kept afterwards).
+    fn with_spare<T>(
+        &self,
+        f: impl FnOnce(&mut dyn Session) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let mut session = match self.take_spare() {
+            Some(session) => session,
+            None => self.backend.session()?,
+        };
+        let result = f(session.as_mut());
+        *self.spare.lock().unwrap_or_else(PoisonError::into_inner) = Some(session);
+        result
+    }
+
+    /// The engine the model runs on.
+    pub fn kind(&self) -> EngineKind {
+        self.backend.kind()
+    }
+
+    /// How many batches a replica of `threads` threads runs at once.
+    pub(super) fn instances(&self, threads: usize) -> usize {
+        self.backend.instances(threads).max(1)
+    }
+
+    /// An execution state for a thread: the warm-up's when it is still spare.
+    pub(super) fn session(&self) -> anyhow::Result<Box<dyn Session>> {
+        match self.take_spare() {
+            Some(session) => Ok(session),
+            None => self.backend.session(),
+        }
+    }
+
+    fn take_spare(&self) -> Option<Box<dyn Session>> {
+        self.spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     /// Runs the model once on zeros, a batch of one row (every other variable
@@ -277,22 +317,24 @@ impl Plan {
             .iter()
             .zip(&self.dims)
             .map(|(spec, dims)| {
-                let shape: Vec<usize> = dims
-                    .iter()
-                    .map(|d| match d {
-                        Dim::Fixed(size) => *size,
-                        Dim::Batch | Dim::Var(_) => 1,
-                    })
-                    .collect();
-                Ok(tract::Tensor::zero_dt(datum_type(spec.datatype), &shape)?.into_tvalue())
+                let shape = Dim::one_row(dims);
+                let bytes = shape.iter().product::<usize>() * spec.datatype.size();
+                Tensor {
+                    name: spec.name.clone(),
+                    datatype: spec.datatype,
+                    shape,
+                    data: vec![0u8; bytes].into(),
+                }
             })
-            .collect::<tract::TractResult<_>>();
-        inputs
-            .and_then(|inputs| self.runnable.run(inputs))
-            .map(drop)
-            .map_err(|e| {
-                Error::InvalidArgument(format!("the model fails on a batch of zeros: {e:#}"))
-            })
+            .collect();
+        let checked = Checked {
+            inputs,
+            outputs: (0..self.signature.outputs.len()).collect(),
+            rows: 1,
+        };
+        self.run_alone(checked).map(drop).map_err(|e| {
+            Error::InvalidArgument(format!("the model fails on a batch of zeros: {e:#}"))
+        })
     }
 
     /// Checks a request against the signature and puts its inputs in the model's
@@ -395,7 +437,7 @@ impl Plan {
     /// dimension; returns the row count (1 for a model without a batch dimension).
     fn check_agreement(&self, inputs: &[Tensor], max_batch_size: usize) -> Result<usize> {
         // (symbol, size, input, axis) of the first input that fixed each symbol.
-        let mut seen: tract::TVec<(&Dim, usize, &str, usize)> = tract::TVec::new();
+        let mut seen: Vec<(&Dim, usize, &str, usize)> = Vec::with_capacity(4);
         for (tensor, dims) in inputs.iter().zip(&self.dims) {
             for (axis, (dim, &size)) in dims.iter().zip(&tensor.shape).enumerate() {
                 if let Dim::Fixed(_) = dim {
@@ -465,75 +507,82 @@ impl Plan {
     }
 
     /// Runs requests' inputs (each in the model's order, all [`joinable`]) as one
-    /// batch of `rows` rows: each input's bytes are copied once, request after
-    /// request, into one tensor.
+    /// batch of `rows` rows: a request alone is passed as it is, several are
+    /// copied once, request after request, into one buffer per input.
     ///
     /// [`joinable`]: Plan::joinable
     pub(super) fn run<'a, I>(
         &self,
-        state: &mut tract::TypedSimpleState,
+        session: &mut dyn Session,
         requests: I,
         rows: usize,
-    ) -> tract::TractResult<Outputs<'_>>
+    ) -> anyhow::Result<Outputs<'_>>
     where
         I: Iterator<Item = &'a [Tensor]> + Clone,
     {
-        let mut joined = tract::TVec::with_capacity(self.signature.inputs.len());
-        for (input, spec) in self.signature.inputs.iter().enumerate() {
-            let first = requests.clone().next().map(|r| &r[input]);
-            let first = first.ok_or_else(|| anyhow::format_err!("an empty batch"))?;
+        let mut joined = Vec::with_capacity(self.signature.inputs.len());
+        for input in 0..self.signature.inputs.len() {
+            let mut members = requests.clone().map(|r| &r[input]);
+            let first = members
+                .next()
+                .ok_or_else(|| anyhow::format_err!("an empty batch"))?;
+            if members.next().is_none() {
+                joined.push(first.clone());
+                continue;
+            }
             let mut shape = first.shape.clone();
             if self.batched {
                 shape[0] = rows;
             }
-            let mut tensor = tract::Tensor::zero_dt(datum_type(spec.datatype), &shape)?;
-            let bytes = tensor.as_bytes_mut();
-            let mut at = 0;
+            let size = shape.iter().product::<usize>() * first.datatype.size();
+            let mut bytes = BytesMut::with_capacity(size);
             for request in requests.clone() {
-                let data = &request[input].data;
-                let end = at + data.len();
-                anyhow::ensure!(end <= bytes.len(), "input {input} overflows the batch");
-                bytes[at..end].copy_from_slice(data);
-                at = end;
+                bytes.extend_from_slice(&request[input].data);
             }
-            anyhow::ensure!(at == bytes.len(), "input {input} underfills the batch");
-            joined.push(tensor.into_tvalue());
+            anyhow::ensure!(
+                bytes.len() == size,
+                "input {input} has {} bytes for a batch of {size}",
+                bytes.len()
+            );
+            joined.push(Tensor {
+                name: first.name.clone(),
+                datatype: first.datatype,
+                shape,
+                data: bytes.freeze(),
+            });
         }
-        let values = state.run(joined)?;
+        let values = session.run(joined)?;
         Outputs::new(self, values, rows)
     }
 
-    /// Runs one request on a fresh state on the calling thread.
-    pub(super) fn run_alone(&self, checked: Checked) -> tract::TractResult<Vec<Tensor>> {
-        let mut state = self.spawn()?;
-        let mut outputs = self.run(
-            &mut state,
-            std::iter::once(checked.inputs.as_slice()),
-            checked.rows,
-        )?;
-        checked
-            .outputs
-            .iter()
-            .map(|&o| outputs.cut(o, 0, checked.rows))
-            .collect()
+    /// Runs one request past the batcher on the calling thread, on the spare
+    /// session (made when there is none; kept for the next call).
+    pub(super) fn run_alone(&self, checked: Checked) -> anyhow::Result<Vec<Tensor>> {
+        self.with_spare(|session| {
+            let mut outputs = self.run(
+                session,
+                std::iter::once(checked.inputs.as_slice()),
+                checked.rows,
+            )?;
+            checked
+                .outputs
+                .iter()
+                .map(|&o| outputs.cut(o, 0, checked.rows))
+                .collect()
+        })
     }
 }
 
-/// A batch's outputs, cut back into each request's rows; each output's bytes are
-/// copied once, on first use, into a buffer the requests' tensors share.
+/// A batch's outputs, cut back into each request's rows (slices of one buffer per
+/// output, which the requests' tensors share).
 pub(super) struct Outputs<'p> {
     plan: &'p Plan,
-    values: tract::TVec<tract::TValue>,
-    bytes: Vec<Option<Bytes>>,
+    values: Vec<Tensor>,
     rows: usize,
 }
 
 impl<'p> Outputs<'p> {
-    fn new(
-        plan: &'p Plan,
-        values: tract::TVec<tract::TValue>,
-        rows: usize,
-    ) -> tract::TractResult<Self> {
+    fn new(plan: &'p Plan, values: Vec<Tensor>, rows: usize) -> anyhow::Result<Self> {
         let specs = &plan.signature.outputs;
         anyhow::ensure!(
             values.len() == specs.len(),
@@ -543,27 +592,22 @@ impl<'p> Outputs<'p> {
         );
         for (value, spec) in values.iter().zip(specs) {
             anyhow::ensure!(
-                value.datum_type() == datum_type(spec.datatype),
-                "output {:?} is {:?}, not {}",
+                value.datatype == spec.datatype,
+                "output {:?} is {}, not {}",
                 spec.name,
-                value.datum_type(),
+                value.datatype.name(),
                 spec.datatype.name()
             );
             if plan.batched {
                 anyhow::ensure!(
-                    value.shape().first() == Some(&rows),
+                    value.shape.first() == Some(&rows),
                     "output {:?} has shape {:?} for a batch of {rows} rows",
                     spec.name,
-                    value.shape()
+                    value.shape
                 );
             }
         }
-        Ok(Outputs {
-            plan,
-            bytes: vec![None; values.len()],
-            values,
-            rows,
-        })
+        Ok(Outputs { plan, values, rows })
     }
 
     /// Output `output`'s rows `start..start + rows` (the whole output when the model
@@ -573,24 +617,18 @@ impl<'p> Outputs<'p> {
         output: usize,
         start: usize,
         rows: usize,
-    ) -> tract::TractResult<Tensor> {
+    ) -> anyhow::Result<Tensor> {
         let value = &self.values[output];
-        let bytes = match &self.bytes[output] {
-            Some(bytes) => bytes.clone(),
-            None => {
-                let bytes = Bytes::copy_from_slice(value.try_as_plain_ram()?.as_bytes());
-                self.bytes[output] = Some(bytes.clone());
-                bytes
-            }
-        };
         let spec = &self.plan.signature.outputs[output];
-        let mut shape = value.shape().to_vec();
-        let data = if self.plan.batched {
-            let row_bytes = bytes.len() / self.rows;
+        let mut shape = value.shape.clone();
+        let data = if self.plan.batched && rows != self.rows {
+            let row_bytes = value.data.len() / self.rows;
             shape[0] = rows;
-            bytes.slice(start * row_bytes..(start + rows) * row_bytes)
+            value
+                .data
+                .slice(start * row_bytes..(start + rows) * row_bytes)
         } else {
-            bytes
+            value.data.clone()
         };
         Ok(Tensor {
             name: spec.name.clone(),
@@ -598,6 +636,61 @@ impl<'p> Outputs<'p> {
             shape,
             data,
         })
+    }
+}
+
+/// A random probe input of one row (every other variable dimension 1): floats in
+/// [-1, 1), integers and booleans 0 or 1 (valid as indices and masks).
+fn probe_input(spec: &Spec, dims: &[Dim], rng: &mut StdRng) -> Tensor {
+    let shape = Dim::one_row(dims);
+    let count: usize = shape.iter().product();
+    let size = spec.datatype.size();
+    let mut data = Vec::with_capacity(count * size);
+    for _ in 0..count {
+        match spec.datatype {
+            DataType::Fp32 => data.extend_from_slice(&rng.gen_range(-1.0f32..1.0).to_le_bytes()),
+            DataType::Fp64 => data.extend_from_slice(&rng.gen_range(-1.0f64..1.0).to_le_bytes()),
+            _ => {
+                let mut element = vec![0u8; size];
+                element[0] = rng.gen_range(0..2);
+                data.extend_from_slice(&element);
+            }
+        }
+    }
+    Tensor {
+        name: spec.name.clone(),
+        datatype: spec.datatype,
+        shape,
+        data: data.into(),
+    }
+}
+
+/// Returns true when two answers for the same row agree: floats within 1e-4 plus
+/// 1e-3 relative (another batch size may take another kernel), the rest exactly.
+fn agree(got: &Tensor, want: &Tensor) -> bool {
+    if got.shape != want.shape || got.data.len() != want.data.len() {
+        return false;
+    }
+    let close =
+        |a: f64, b: f64| (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-4 + 1e-3 * b.abs();
+    match want.datatype {
+        DataType::Fp32 => got
+            .data
+            .chunks_exact(4)
+            .zip(want.data.chunks_exact(4))
+            .all(|(a, b)| {
+                let f = |c: &[u8]| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                close(f(a), f(b))
+            }),
+        DataType::Fp64 => got
+            .data
+            .chunks_exact(8)
+            .zip(want.data.chunks_exact(8))
+            .all(|(a, b)| {
+                let f = |c: &[u8]| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+                close(f(a), f(b))
+            }),
+        _ => got.data == want.data,
     }
 }
 
@@ -646,9 +739,62 @@ mod tests {
         }
     }
 
+    /// The iris-sized classifier fed `x - mean(x, axis 0)`: each row's answer
+    /// depends on the other rows of its batch.
+    fn normalised_over_axis_0() -> Vec<u8> {
+        use kiln_proto::onnx::{attribute_proto::AttributeType, AttributeProto, NodeProto};
+        let mut model = ModelProto::decode(&classifier(4, &[5], 3, 8)[..]).expect("our export");
+        let graph = model.graph.as_mut().expect("a graph");
+        graph.input[0].name = "raw".into();
+        let node = |op: &str, inputs: &[&str], output: &str, attribute| NodeProto {
+            op_type: op.into(),
+            input: inputs.iter().map(|i| i.to_string()).collect(),
+            output: vec![output.into()],
+            name: output.into(),
+            attribute,
+            ..Default::default()
+        };
+        let axes = AttributeProto {
+            name: "axes".into(),
+            ints: vec![0],
+            r#type: AttributeType::Ints as i32,
+            ..Default::default()
+        };
+        let mut nodes = vec![
+            node("ReduceMean", &["raw"], "raw.mean", vec![axes]),
+            node("Sub", &["raw", "raw.mean"], "input", vec![]),
+        ];
+        nodes.append(&mut graph.node);
+        graph.node = nodes;
+        model.encode_to_vec()
+    }
+
+    #[test]
+    fn a_model_that_mixes_the_rows_of_a_batch_serves_each_request_alone() {
+        let plan = inspect(&normalised_over_axis_0(), EngineKind::Tract, 1).expect("loads");
+        assert!(!plan.batched());
+        let reason = plan.unbatched_reason().expect("a reason");
+        assert!(
+            reason.contains("differs from the same row served alone"),
+            "{reason}"
+        );
+        // A request of several rows still runs, as one request.
+        let checked = plan
+            .check(vec![fp32("raw", 100, &[0.5; 400])], None, 64)
+            .expect("a request of 100 rows is one request, not a batch");
+        assert!(!plan.joinable(&checked.inputs, &checked.inputs));
+        assert_eq!(plan.run_alone(checked).expect("runs")[0].shape, [100, 3]);
+
+        // The model it was made from batches.
+        let plain = inspect(&classifier(4, &[5], 3, 8), EngineKind::Tract, 1).expect("loads");
+        assert!(plain.batched());
+        assert_eq!(plain.unbatched_reason(), None);
+    }
+
     #[test]
     fn a_fixed_first_dimension_runs_each_request_alone_with_that_many_rows() {
-        let plan = inspect(&with_batch_dim(Value::DimValue(1))).expect("loads");
+        let plan =
+            inspect(&with_batch_dim(Value::DimValue(1)), EngineKind::Tract, 1).expect("loads");
         assert!(!plan.batched());
         assert_eq!(plan.signature().inputs, vec![spec("input", 1, 4)]);
         assert_eq!(plan.signature().outputs[0], spec("output", 1, 3));
@@ -684,7 +830,7 @@ mod tests {
             Value::DimParam("N".into()),
             Value::DimParam("unk__7".into()),
         ] {
-            let plan = inspect(&with_batch_dim(dim.clone())).expect("loads");
+            let plan = inspect(&with_batch_dim(dim.clone()), EngineKind::Tract, 1).expect("loads");
             assert!(plan.batched(), "{dim:?}");
             assert_eq!(plan.signature().inputs, vec![spec("input", -1, 4)]);
             assert_eq!(plan.signature().outputs[0], spec("output", -1, 3));

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Real models through kiln against onnxruntime in-process (issue 19, Measured):
+# torchvision's ResNet-18 at batch 1 and the transformers BERT classifier at
+# sequence 64 (scripts/models.sh exports them once), served by a local cluster
+# (1 coordinator, 1 worker, TLS) on ONNX Runtime, one replica with the machine's
+# CPUs, called with KServe v2 binary requests over HTTPS by wrk (one thread) at
+# concurrency 1 and 16; then onnxruntime in Python on the same file with the same
+# threads (scripts/bench_onnxruntime.py): its batch-1 p50 and its best batched
+# throughput. Prints a markdown table for docs/benchmarks.md.
+#
+#   scripts/bench_models.sh [--seconds N]
+source "$(dirname "$0")/env.sh"
+source "$(dirname "$0")/wrk.sh"
+source "$(dirname "$0")/models.sh"
+SECONDS_EACH=10
+while [ "$#" -gt 0 ]; do
+  case "$1" in
+    --seconds) SECONDS_EACH="$2"; shift 2 ;;
+    *) echo "bench_models.sh: unknown argument '$1'" >&2; exit 2 ;;
+  esac
+done
+kiln_install_packages wrk
+cargo build --workspace --bins >&2
+models="$(kiln_exported_models)"
+[ -n "$models" ] || { echo "bench_models.sh: the models could not be exported" >&2; exit 1; }
+py="$(kiln_exporters_python)"
+lib="$(kiln_onnxruntime_lib)"
+[ -n "$lib" ] || { echo "bench_models.sh: no ONNX Runtime library" >&2; exit 1; }
+threads="$(nproc)"
+
+work="$(mktemp -d)"
+cleanup() {
+  (cd "$work" && "$KILN_BIN" local down >/dev/null 2>&1)
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# KServe v2 binary bodies: the JSON header, then the tensors' little-endian bytes.
+"$py" - "$work" <<'PYEOF'
+import json, sys
+import numpy as np
+work = sys.argv[1]
+rng = np.random.default_rng(1)
+def body(name, tensors, output):
+    header = {"inputs": [{"name": n, "shape": list(a.shape), "datatype": d,
+                          "parameters": {"binary_data_size": a.nbytes}} for n, d, a in tensors],
+              "outputs": [{"name": output, "parameters": {"binary_data": True}}]}
+    head = json.dumps(header).encode()
+    with open(f"{work}/{name}.bin", "wb") as f:
+        f.write(head + b"".join(a.astype(a.dtype.newbyteorder("<")).tobytes() for _, _, a in tensors))
+    with open(f"{work}/{name}.len", "w") as f:
+        f.write(str(len(head)))
+image = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
+body("resnet", [("input", "FP32", image)], "output")
+ids = rng.integers(1000, 30522, size=(1, 64), dtype=np.int64)
+ids[:, 0] = 101
+body("bert", [("input_ids", "INT64", ids), ("attention_mask", "INT64", np.ones((1, 64), np.int64))], "logits")
+PYEOF
+for model in resnet bert; do
+  cat >"$work/$model.lua" <<LUA
+wrk.method = "POST"
+local f = io.open("$work/$model.bin", "rb")
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/octet-stream"
+wrk.headers["Inference-Header-Content-Length"] = "$(cat "$work/$model.len")"
+LUA
+done
+
+(cd "$work" && KILN_LOG=warn KILN_ONNXRUNTIME_LIB="$lib" "$KILN_BIN" local up --coordinators 1 --workers 1 >/dev/null)
+kiln() { (cd "$work" && KILN_ONNXRUNTIME_LIB="$lib" "$KILN_BIN" "$@"); }
+addr="$(kiln status --json | "$py" -c 'import json,sys; print(json.load(sys.stdin)["workers"][0]["inference_http_addr"])')"
+
+measure() { # model concurrency
+  kiln_wrk_measure "$work/$1.lua" "https://$addr/v2/models/$1/infer" "$2" "${SECONDS_EACH}s"
+}
+
+echo "| model | kiln p50 ms, c=1 | onnxruntime p50 ms, batch 1, $threads threads | p50 goal (ort + 1 ms + 10%) | kiln req/s, c=16 (p99 ms) | onnxruntime best rows/s | kiln / onnxruntime |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+for pair in "resnet:resnet18" "bert:bert_seq64"; do
+  model="${pair%%:*}" file="${pair#*:}"
+  kiln models register --onnx "$models/$file.onnx" --name "$model" >&2
+  kiln deploy "$model" --model "$model@1" --replicas 1 --cpus "$threads" --public --engine onnxruntime --wait >&2
+  for _ in $(seq 1 50); do
+    [ "$(curl -sk -o /dev/null -w '%{http_code}' "https://$addr/v2/models/$model/ready")" = 200 ] && break
+    sleep 0.2
+  done
+  measure "$model" 1 >/dev/null # warm-up
+  read -r c1_rps c1_p50 c1_p99 c1_bad <<<"$(measure "$model" 1)"
+  read -r c16_rps c16_p50 c16_p99 c16_bad <<<"$(measure "$model" 16)"
+  if [ "$c1_bad" != "0" ] || [ "$c16_bad" != "0" ]; then
+    echo "$model: non-2xx answers: $c1_bad at c=1, $c16_bad at c=16" >&2
+  fi
+  kiln deployments rm "$model" >&2
+  ort="$("$py" scripts/bench_onnxruntime.py "$models/$file.onnx" "$file" --seconds "$((SECONDS_EACH / 2 + 1))")"
+  read -r ort_p50 ort_best <<<"$("$py" -c '
+import json, sys
+r = json.loads(sys.argv[1])
+print(r["latency_batch1"]["threads_" + sys.argv[2]]["p50_ms"], r["throughput_threads_2"]["best_rows_per_s"])' "$ort" "$threads")"
+  goal="$(awk -v o="$ort_p50" 'BEGIN { printf "%.2f", o * 1.1 + 1 }')"
+  ratio="$(awk -v a="$c16_rps" -v b="$ort_best" 'BEGIN { printf "%.2f", a / b }')"
+  echo "| $file | $c1_p50 | $ort_p50 | $goal | $c16_rps ($c16_p99) | $ort_best | **$ratio** |"
+done

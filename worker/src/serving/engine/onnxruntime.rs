@@ -1,0 +1,391 @@
+//! ONNX Runtime, the engine Triton and KServe run ONNX models on, through the `ort`
+//! crate with the library loaded at run time (`load-dynamic`): kiln builds without
+//! it and a worker uses the `libonnxruntime.so` it is given (`--onnxruntime-lib`,
+//! `KILN_ONNXRUNTIME_LIB`, or the one in [`DEFAULT_DIR`]), PyPI's `onnxruntime`
+//! wheel's library.
+//!
+//! One ONNX Runtime environment per process ([`init`]); each replica's session
+//! runs its batches with the replica's threads as intra-op threads and every graph
+//! optimisation. A session's `run` takes `&mut self`, so each inference thread
+//! keeps its own.
+//!
+//! The batch dimension: the first input's first dimension when it is dynamic; the
+//! model is batched when every input and output starts with a dynamic dimension of
+//! that same symbol (an unnamed one matches any).
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use kiln_common::{Error, Result};
+use ort::environment::Environment;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{Session as OrtSession, SessionInputValue};
+use ort::value::{DynValue, Outlet, Tensor as OrtTensor, TensorElementType, ValueType};
+
+use super::plan::{Backend, Dim, EngineKind, Loaded, Session};
+use crate::serving::{DataType, Signature, Spec, Tensor};
+
+/// Where a worker looks for the library when none is named: the scripts and the
+/// container image install the wheel's `libonnxruntime.so.*` here.
+pub const DEFAULT_DIR: &str = "/usr/local/lib/kiln/onnxruntime";
+
+/// The library this process loaded and its environment.
+struct Runtime {
+    library: PathBuf,
+    environment: Environment,
+}
+
+static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+
+/// Loads ONNX Runtime once per process: from `library` when named (a library that
+/// is missing or does not load is an error naming the path and the fix), else from
+/// [`DEFAULT_DIR`] when a library is there. Returns the library loaded, or `None`
+/// when none was named or found (the process then serves through tract). A second
+/// call returns the first one's library, and fails if it names another.
+pub fn init(library: Option<&Path>) -> Result<Option<PathBuf>> {
+    let fix = "point --onnxruntime-lib (KILN_ONNXRUNTIME_LIB) at libonnxruntime.so.* from PyPI's \
+               onnxruntime wheel (onnxruntime/capi/), or leave it unset to serve through tract";
+    if let Some(path) = library.filter(|path| !path.is_file()) {
+        return Err(Error::InvalidArgument(format!(
+            "ONNX Runtime library {} does not exist; {fix}",
+            path.display()
+        )));
+    }
+    if let Some(runtime) = RUNTIME.get() {
+        return match library {
+            Some(path) if path != runtime.library => Err(Error::InvalidArgument(format!(
+                "ONNX Runtime is loaded from {} already; a process loads one library",
+                runtime.library.display()
+            ))),
+            _ => Ok(Some(runtime.library.clone())),
+        };
+    }
+    let (path, named) = match library {
+        Some(path) => (path.to_path_buf(), true),
+        None => match find_in(Path::new(DEFAULT_DIR)) {
+            Some(path) => (path, false),
+            None => return Ok(None),
+        },
+    };
+    let loaded = ort::init_from(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|builder| {
+            builder
+                .with_name("kiln")
+                .with_telemetry(false)
+                .build()
+                .map_err(|e| e.to_string())
+        });
+    let environment = match loaded {
+        Ok(environment) => environment,
+        Err(reason) => {
+            let origin = if named {
+                ""
+            } else {
+                " (found in the default directory)"
+            };
+            return Err(Error::InvalidArgument(format!(
+                "ONNX Runtime library {}{origin} cannot be used: {reason}; {fix}",
+                path.display()
+            )));
+        }
+    };
+    let runtime = RUNTIME.get_or_init(|| Runtime {
+        library: path,
+        environment,
+    });
+    Ok(Some(runtime.library.clone()))
+}
+
+/// The library loaded by [`init`], if any.
+pub fn loaded() -> Option<&'static Path> {
+    RUNTIME.get().map(|r| r.library.as_path())
+}
+
+/// The first `libonnxruntime.so*` file in `dir` (by name).
+fn find_in(dir: &Path) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().next()
+}
+
+/// A model committed to a session of the environment; the bytes are kept to
+/// commit more sessions for more threads.
+struct Ort {
+    onnx: Bytes,
+    threads: usize,
+    /// The model's outputs, in its order, as sessions return them.
+    outputs: Vec<String>,
+    /// The first session, committed at load; the first thread takes it.
+    first: std::sync::Mutex<Option<OrtSession>>,
+}
+
+struct OrtRun {
+    session: OrtSession,
+    outputs: Vec<String>,
+}
+
+/// Commits the model to a session whose runs use `threads` intra-op threads and
+/// reads its inputs and outputs; a model ONNX Runtime cannot load, or an input or
+/// output kiln does not serve, is an `InvalidArgument` carrying the reason.
+pub(super) fn load(onnx: &[u8], threads: usize) -> Result<Loaded> {
+    let session = commit(onnx, threads)?;
+    let inputs = session.inputs();
+    if inputs.is_empty() {
+        return Err(Error::InvalidArgument("the model takes no inputs".into()));
+    }
+    let batch = inputs
+        .first()
+        .and_then(|i| tensor_type(i).ok())
+        .and_then(|(_, shape, symbols)| match shape.first() {
+            Some(-1) => Some(symbols.first().cloned().unwrap_or_default()),
+            _ => None,
+        });
+    let same_batch = |symbol: &str| match &batch {
+        Some(batch) => batch.is_empty() || symbol.is_empty() || symbol == batch,
+        None => false,
+    };
+    let mut specs = Vec::with_capacity(inputs.len());
+    let mut dims = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let (datatype, shape, symbols) = tensor_type(input)
+            .map_err(|e| refused(format!("input {:?} of the model: {e}", input.name())))?;
+        let input_dims: Vec<Dim> = shape
+            .iter()
+            .enumerate()
+            .map(|(axis, &size)| {
+                let symbol = symbols.get(axis).map_or("", String::as_str);
+                match size {
+                    -1 if axis == 0 && same_batch(symbol) => Dim::Batch,
+                    -1 if symbol.is_empty() => Dim::Var(format!("{}:{axis}", input.name())),
+                    -1 => Dim::Var(symbol.to_string()),
+                    size => Dim::Fixed(size.max(0) as usize),
+                }
+            })
+            .collect();
+        specs.push(Spec {
+            name: input.name().to_string(),
+            datatype,
+            shape: Dim::spec_shape(&input_dims),
+        });
+        dims.push(input_dims);
+    }
+    let mut outputs = Vec::with_capacity(session.outputs().len());
+    let mut outputs_batched = true;
+    for output in session.outputs() {
+        let (datatype, shape, symbols) = tensor_type(output)
+            .map_err(|e| refused(format!("output {:?} of the model: {e}", output.name())))?;
+        let symbol = symbols.first().map_or("", String::as_str);
+        outputs_batched &= shape.first() == Some(&-1) && same_batch(symbol);
+        outputs.push(Spec {
+            name: output.name().to_string(),
+            datatype,
+            shape: shape.iter().map(|&d| d.max(-1)).collect(),
+        });
+    }
+    let batched = outputs_batched && dims.iter().all(|d| d.first() == Some(&Dim::Batch));
+    let names = outputs.iter().map(|o| o.name.clone()).collect();
+    Ok(Loaded {
+        backend: Box::new(Ort {
+            onnx: Bytes::copy_from_slice(onnx),
+            threads,
+            outputs: names,
+            first: std::sync::Mutex::new(Some(session)),
+        }),
+        signature: Signature {
+            inputs: specs,
+            outputs,
+        },
+        dims,
+        batched,
+    })
+}
+
+/// A session of the process's environment with the model committed.
+fn commit(onnx: &[u8], threads: usize) -> Result<OrtSession> {
+    let runtime = RUNTIME.get().ok_or_else(|| {
+        Error::Unavailable(
+            "ONNX Runtime is not loaded in this process; start the worker with \
+             --onnxruntime-lib or serve through tract"
+                .into(),
+        )
+    })?;
+    let text = |e: ort::Error<_>| e.to_string();
+    let builder = OrtSession::builder(&runtime.environment).map_err(|e| e.to_string());
+    let builder = builder
+        .and_then(|b| {
+            b.with_optimization_level(GraphOptimizationLevel::All)
+                .map_err(text)
+        })
+        .and_then(|b| b.with_intra_threads(threads.max(1)).map_err(text))
+        .and_then(|b| b.with_intra_op_spinning(false).map_err(text));
+    builder
+        .and_then(|mut b| b.commit_from_memory(onnx).map_err(|e| e.to_string()))
+        .map_err(refused)
+}
+
+fn refused(reason: String) -> Error {
+    Error::InvalidArgument(format!("ONNX Runtime cannot load the model: {reason}"))
+}
+
+/// An input's or output's datatype, shape (-1 where dynamic) and dimension names.
+fn tensor_type(outlet: &Outlet) -> std::result::Result<(DataType, Vec<i64>, Vec<String>), String> {
+    match outlet.dtype() {
+        ValueType::Tensor {
+            ty,
+            shape,
+            dimension_symbols,
+        } => Ok((
+            data_type(*ty)?,
+            shape.to_vec(),
+            dimension_symbols.iter().cloned().collect(),
+        )),
+        other => Err(format!(
+            "it is a {other}, not a tensor; kiln serves tensors"
+        )),
+    }
+}
+
+impl Backend for Ort {
+    fn kind(&self) -> EngineKind {
+        EngineKind::OnnxRuntime
+    }
+
+    /// A session already runs each batch on all the replica's threads.
+    fn instances(&self, _threads: usize) -> usize {
+        1
+    }
+
+    fn session(&self) -> anyhow::Result<Box<dyn Session>> {
+        let first = self
+            .first
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let session = match first {
+            Some(session) => session,
+            None => commit(&self.onnx, self.threads)?,
+        };
+        Ok(Box::new(OrtRun {
+            session,
+            outputs: self.outputs.clone(),
+        }))
+    }
+}
+
+impl Session for OrtRun {
+    fn run(&mut self, inputs: Vec<Tensor>) -> anyhow::Result<Vec<Tensor>> {
+        let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+            Vec::with_capacity(inputs.len());
+        for input in &inputs {
+            values.push((Cow::Borrowed(input.name.as_str()), ort_value(input)?.into()));
+        }
+        let outputs = self.session.run(values)?;
+        (0..self.outputs.len())
+            .map(|o| served(&self.outputs[o], &outputs[o]))
+            .collect()
+    }
+}
+
+/// Makes a typed ORT tensor of `$t` from a served tensor's little-endian bytes.
+macro_rules! typed_value {
+    ($t:ty, $tensor:expr) => {{
+        let values: Vec<$t> = $tensor
+            .data
+            .chunks_exact(std::mem::size_of::<$t>())
+            .map(|c| <$t>::from_le_bytes(c.try_into().expect("chunks of the element size")))
+            .collect();
+        OrtTensor::<$t>::from_array(($tensor.shape.clone(), values))?.into_dyn()
+    }};
+}
+
+/// An ORT value holding a copy of `tensor`.
+fn ort_value(tensor: &Tensor) -> anyhow::Result<DynValue> {
+    Ok(match tensor.datatype {
+        DataType::Bool => {
+            let values: Vec<bool> = tensor.data.iter().map(|b| *b != 0).collect();
+            OrtTensor::<bool>::from_array((tensor.shape.clone(), values))?.into_dyn()
+        }
+        DataType::Uint8 => typed_value!(u8, tensor),
+        DataType::Uint16 => typed_value!(u16, tensor),
+        DataType::Uint32 => typed_value!(u32, tensor),
+        DataType::Uint64 => typed_value!(u64, tensor),
+        DataType::Int8 => typed_value!(i8, tensor),
+        DataType::Int16 => typed_value!(i16, tensor),
+        DataType::Int32 => typed_value!(i32, tensor),
+        DataType::Int64 => typed_value!(i64, tensor),
+        DataType::Fp32 => typed_value!(f32, tensor),
+        DataType::Fp64 => typed_value!(f64, tensor),
+    })
+}
+
+/// The little-endian bytes of an ORT tensor of `$t`.
+macro_rules! typed_bytes {
+    ($t:ty, $value:expr) => {{
+        let (_, values) = $value.try_extract_tensor::<$t>()?;
+        Bytes::copy_from_slice(bytemuck::cast_slice(values))
+    }};
+}
+
+/// A served tensor holding a copy of output `name`.
+fn served(name: &str, value: &DynValue) -> anyhow::Result<Tensor> {
+    let ValueType::Tensor { ty, shape, .. } = value.dtype() else {
+        anyhow::bail!("output {name:?} is a {}, not a tensor", value.dtype());
+    };
+    let datatype = data_type(*ty).map_err(anyhow::Error::msg)?;
+    let data = match datatype {
+        DataType::Bool => {
+            let (_, values) = value.try_extract_tensor::<bool>()?;
+            values
+                .iter()
+                .map(|b| u8::from(*b))
+                .collect::<Vec<u8>>()
+                .into()
+        }
+        DataType::Uint8 => typed_bytes!(u8, value),
+        DataType::Uint16 => typed_bytes!(u16, value),
+        DataType::Uint32 => typed_bytes!(u32, value),
+        DataType::Uint64 => typed_bytes!(u64, value),
+        DataType::Int8 => typed_bytes!(i8, value),
+        DataType::Int16 => typed_bytes!(i16, value),
+        DataType::Int32 => typed_bytes!(i32, value),
+        DataType::Int64 => typed_bytes!(i64, value),
+        DataType::Fp32 => typed_bytes!(f32, value),
+        DataType::Fp64 => typed_bytes!(f64, value),
+    };
+    Ok(Tensor {
+        name: String::new(),
+        datatype,
+        shape: shape.iter().map(|&d| d.max(0) as usize).collect(),
+        data,
+    })
+}
+
+/// The served datatype of an ONNX Runtime element type.
+fn data_type(ty: TensorElementType) -> std::result::Result<DataType, String> {
+    use TensorElementType as T;
+    Ok(match ty {
+        T::Bool => DataType::Bool,
+        T::Uint8 => DataType::Uint8,
+        T::Uint16 => DataType::Uint16,
+        T::Uint32 => DataType::Uint32,
+        T::Uint64 => DataType::Uint64,
+        T::Int8 => DataType::Int8,
+        T::Int16 => DataType::Int16,
+        T::Int32 => DataType::Int32,
+        T::Int64 => DataType::Int64,
+        T::Float32 => DataType::Fp32,
+        T::Float64 => DataType::Fp64,
+        other => return Err(format!("datatype {other} is not served")),
+    })
+}
