@@ -48,6 +48,7 @@ impl Expected {
     fn parse(doc: &Value) -> Expected {
         let datatype = match doc["dtype"].as_str().expect("dtype") {
             "float32" => "FP32",
+            "float16" => "FP16",
             "int64" => "INT64",
             other => panic!("the test reads float32 and int64 tensors, not {other}"),
         };
@@ -77,6 +78,11 @@ impl Expected {
                 .iter()
                 .flat_map(|v| (*v as f32).to_le_bytes())
                 .collect(),
+            "FP16" => self
+                .data
+                .iter()
+                .flat_map(|v| half::f16::from_f64(*v).to_le_bytes())
+                .collect(),
             _ => self
                 .data
                 .iter()
@@ -87,7 +93,7 @@ impl Expected {
 
     fn json_data(&self) -> Value {
         match self.datatype {
-            "FP32" => json!(self.data),
+            "FP32" | "FP16" => json!(self.data),
             _ => json!(self.data.iter().map(|v| *v as i64).collect::<Vec<_>>()),
         }
     }
@@ -137,11 +143,18 @@ fn assert_within(case: &Case, output: &Expected, got: &[f64], what: &str) {
     }
 }
 
-fn floats(bytes: &[u8]) -> Vec<f64> {
-    bytes
-        .chunks_exact(4)
-        .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
-        .collect()
+/// The values of an FP32 or FP16 output's little-endian bytes.
+fn floats(output: &Expected, bytes: &[u8]) -> Vec<f64> {
+    match output.datatype {
+        "FP16" => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64())
+            .collect(),
+        _ => bytes
+            .chunks_exact(4)
+            .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+            .collect(),
+    }
 }
 
 /// Every output over REST JSON, REST binary and gRPC, against onnxruntime's.
@@ -222,7 +235,7 @@ async fn check_protocols(cluster: &Cluster, model: &str, case: &Case, token: &st
         assert_within(
             case,
             output,
-            &floats(&answer.body[json_part..]),
+            &floats(output, &answer.body[json_part..]),
             &format!("{model} binary"),
         );
     }
@@ -263,7 +276,7 @@ async fn check_protocols(cluster: &Cluster, model: &str, case: &Case, token: &st
         assert_within(
             case,
             output,
-            &floats(&answer.raw_output_contents[index]),
+            &floats(output, &answer.raw_output_contents[index]),
             &format!("{model} gRPC"),
         );
     }
@@ -282,6 +295,7 @@ async fn models_from_the_usual_exporters_answer_like_onnxruntime_in_python() {
         ("resnet", "resnet18"),
         ("bert", "bert"),
         ("lstm", "lstm_time_major"),
+        ("fp16", "mlp_fp16"),
         ("norm", "axis0_norm"),
     ];
     let addr = cluster.worker_flag("a", "--http");

@@ -147,7 +147,10 @@ impl AnswerSpec {
             [_, w] if *w > 0 => usize::try_from(*w).ok()?,
             _ => return None,
         };
-        let integer = !matches!(output.datatype, DataType::Fp32 | DataType::Fp64);
+        let integer = !matches!(
+            output.datatype,
+            DataType::Fp32 | DataType::Fp64 | DataType::Fp16 | DataType::Bf16
+        );
         let kind = match (meta.task.as_deref(), width) {
             (Some("regression"), 1) if !integer => AnswerKind::Value,
             (Some("regression"), _) => return None,
@@ -178,7 +181,7 @@ impl AnswerSpec {
     /// One answer per row of `output`; `None` when its shape does not fit.
     pub fn read(&self, output: &Tensor) -> Option<Answers> {
         let rows = *output.shape.first()?;
-        let values = as_f64(output);
+        let values = output.values_f64();
         match self.kind {
             AnswerKind::Scores { width } => {
                 if output.shape.len() != 2
@@ -266,28 +269,6 @@ fn argmax(scores: &[f64]) -> u32 {
     }
     best.and_then(|(i, _)| u32::try_from(i).ok())
         .unwrap_or(NO_CLASS)
-}
-
-/// A tensor's values as `f64` (exact for every datatype but 64-bit integers
-/// beyond 2^53, which no class index or answer reaches).
-fn as_f64(t: &Tensor) -> Vec<f64> {
-    fn each<const N: usize>(data: &[u8], f: impl Fn([u8; N]) -> f64) -> Vec<f64> {
-        data.as_chunks::<N>().0.iter().map(|&b| f(b)).collect()
-    }
-    let d = &t.data[..];
-    match t.datatype {
-        DataType::Bool => d.iter().map(|&b| f64::from(u8::from(b != 0))).collect(),
-        DataType::Uint8 => d.iter().map(|&b| f64::from(b)).collect(),
-        DataType::Int8 => each(d, |b| f64::from(i8::from_le_bytes(b))),
-        DataType::Uint16 => each(d, |b| f64::from(u16::from_le_bytes(b))),
-        DataType::Int16 => each(d, |b| f64::from(i16::from_le_bytes(b))),
-        DataType::Uint32 => each(d, |b| f64::from(u32::from_le_bytes(b))),
-        DataType::Int32 => each(d, |b| f64::from(i32::from_le_bytes(b))),
-        DataType::Fp32 => each(d, |b| f64::from(f32::from_le_bytes(b))),
-        DataType::Uint64 => each(d, |b| u64::from_le_bytes(b) as f64),
-        DataType::Int64 => each(d, |b| i64::from_le_bytes(b) as f64),
-        DataType::Fp64 => each(d, f64::from_le_bytes),
-    }
 }
 
 /// A request's answers, one per row.

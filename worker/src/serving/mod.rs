@@ -34,8 +34,8 @@ pub mod router;
 
 use bytes::Bytes;
 
-/// The KServe v2 datatypes kiln serves (BYTES, FP16 and BF16 are refused with a
-/// clear error: the ONNX models kiln serves take numbers).
+/// The KServe v2 datatypes kiln serves (BYTES is refused with a clear error).
+/// FP16 and BF16 travel as IEEE half and bfloat16 bits; in JSON they are numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DataType {
     Bool,
@@ -49,11 +49,13 @@ pub enum DataType {
     Int64,
     Fp32,
     Fp64,
+    Fp16,
+    Bf16,
 }
 
 impl DataType {
     /// Every datatype, for listings and tests.
-    pub const ALL: [DataType; 11] = [
+    pub const ALL: [DataType; 13] = [
         DataType::Bool,
         DataType::Uint8,
         DataType::Uint16,
@@ -65,6 +67,8 @@ impl DataType {
         DataType::Int64,
         DataType::Fp32,
         DataType::Fp64,
+        DataType::Fp16,
+        DataType::Bf16,
     ];
 
     /// The protocol's name: `FP32`, `INT64`, ...
@@ -81,6 +85,8 @@ impl DataType {
             DataType::Int64 => "INT64",
             DataType::Fp32 => "FP32",
             DataType::Fp64 => "FP64",
+            DataType::Fp16 => "FP16",
+            DataType::Bf16 => "BF16",
         }
     }
 
@@ -101,7 +107,7 @@ impl DataType {
     pub fn size(self) -> usize {
         match self {
             DataType::Bool | DataType::Uint8 | DataType::Int8 => 1,
-            DataType::Uint16 | DataType::Int16 => 2,
+            DataType::Uint16 | DataType::Int16 | DataType::Fp16 | DataType::Bf16 => 2,
             DataType::Uint32 | DataType::Int32 | DataType::Fp32 => 4,
             DataType::Uint64 | DataType::Int64 | DataType::Fp64 => 8,
         }
@@ -122,6 +128,30 @@ impl Tensor {
     /// Number of elements its shape holds.
     pub fn elements(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    /// Its values as `f64` (exact for every datatype but 64-bit integers beyond
+    /// 2^53).
+    pub fn values_f64(&self) -> Vec<f64> {
+        fn each<const N: usize>(data: &[u8], f: impl Fn([u8; N]) -> f64) -> Vec<f64> {
+            data.as_chunks::<N>().0.iter().map(|&b| f(b)).collect()
+        }
+        let d = &self.data[..];
+        match self.datatype {
+            DataType::Bool => d.iter().map(|&b| f64::from(u8::from(b != 0))).collect(),
+            DataType::Uint8 => d.iter().map(|&b| f64::from(b)).collect(),
+            DataType::Int8 => each(d, |b| f64::from(i8::from_le_bytes(b))),
+            DataType::Uint16 => each(d, |b| f64::from(u16::from_le_bytes(b))),
+            DataType::Int16 => each(d, |b| f64::from(i16::from_le_bytes(b))),
+            DataType::Uint32 => each(d, |b| f64::from(u32::from_le_bytes(b))),
+            DataType::Int32 => each(d, |b| f64::from(i32::from_le_bytes(b))),
+            DataType::Fp32 => each(d, |b| f64::from(f32::from_le_bytes(b))),
+            DataType::Uint64 => each(d, |b| u64::from_le_bytes(b) as f64),
+            DataType::Int64 => each(d, |b| i64::from_le_bytes(b) as f64),
+            DataType::Fp64 => each(d, f64::from_le_bytes),
+            DataType::Fp16 => each(d, |b| half::f16::from_le_bytes(b).to_f64()),
+            DataType::Bf16 => each(d, |b| half::bf16::from_le_bytes(b).to_f64()),
+        }
     }
 }
 

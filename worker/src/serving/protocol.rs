@@ -511,6 +511,20 @@ impl DataScanner<'_> {
                 }
                 self.bytes.extend(v.to_le_bytes());
             }
+            DataType::Fp16 => {
+                let v = half::f16::from_f64(token.parse().map_err(|_| self.malformed())?);
+                if v.is_infinite() {
+                    return Err(out_of_range());
+                }
+                self.bytes.extend(v.to_le_bytes());
+            }
+            DataType::Bf16 => {
+                let v = half::bf16::from_f64(token.parse().map_err(|_| self.malformed())?);
+                if v.is_infinite() {
+                    return Err(out_of_range());
+                }
+                self.bytes.extend(v.to_le_bytes());
+            }
             int if integral => {
                 let v: i128 = token.parse().map_err(|_| out_of_range())?;
                 push_integer(&mut self.bytes, int, v).map_err(|_| out_of_range())?;
@@ -559,7 +573,7 @@ impl DataScanner<'_> {
     fn wrong_kind(&self, what: &str) -> String {
         let takes = match self.datatype {
             DataType::Bool => "true or false",
-            DataType::Fp32 | DataType::Fp64 => "numbers",
+            DataType::Fp32 | DataType::Fp64 | DataType::Fp16 | DataType::Bf16 => "numbers",
             _ => "integers",
         };
         format!(
@@ -721,6 +735,8 @@ impl Serialize for JsonValues<'_> {
             DataType::Int64 => each(&mut seq, data, i64::from_le_bytes)?,
             DataType::Fp32 => each(&mut seq, data, f32::from_le_bytes)?,
             DataType::Fp64 => each(&mut seq, data, f64::from_le_bytes)?,
+            DataType::Fp16 => each(&mut seq, data, |b| half::f16::from_le_bytes(b).to_f32())?,
+            DataType::Bf16 => each(&mut seq, data, |b| half::bf16::from_le_bytes(b).to_f32())?,
         }
         seq.end()
     }
@@ -890,7 +906,13 @@ fn typed_contents(
     elements: usize,
     c: InferTensorContents,
 ) -> Result<Bytes> {
-    let (field, count) = contents_field(datatype, &c);
+    let Some((field, count)) = contents_field(datatype, &c) else {
+        return Err(invalid(format!(
+            "input {name:?} is {}, whose values travel in raw_input_contents (the protocol \
+             has no typed contents field for it)",
+            datatype.name()
+        )));
+    };
     let filled = [
         ("bool_contents", c.bool_contents.len()),
         ("int_contents", c.int_contents.len()),
@@ -942,14 +964,16 @@ fn typed_contents(
             out.extend(c.fp64_contents.iter().flat_map(|v| v.to_le_bytes()));
             Ok(())
         }
+        DataType::Fp16 | DataType::Bf16 => Ok(()),
     };
     pushed.map_err(|why| invalid(format!("input {name:?}: a value in {field} is {why}")))?;
     Ok(Bytes::from(out))
 }
 
-/// The contents field a datatype's values belong in, and how many it holds.
-fn contents_field(datatype: DataType, c: &InferTensorContents) -> (&'static str, usize) {
-    match datatype {
+/// The contents field a datatype's values belong in, and how many it holds;
+/// `None` for FP16 and BF16, which have none.
+fn contents_field(datatype: DataType, c: &InferTensorContents) -> Option<(&'static str, usize)> {
+    Some(match datatype {
         DataType::Bool => ("bool_contents", c.bool_contents.len()),
         DataType::Int8 | DataType::Int16 | DataType::Int32 => {
             ("int_contents", c.int_contents.len())
@@ -961,7 +985,8 @@ fn contents_field(datatype: DataType, c: &InferTensorContents) -> (&'static str,
         DataType::Uint64 => ("uint64_contents", c.uint64_contents.len()),
         DataType::Fp32 => ("fp32_contents", c.fp32_contents.len()),
         DataType::Fp64 => ("fp64_contents", c.fp64_contents.len()),
-    }
+        DataType::Fp16 | DataType::Bf16 => return None,
+    })
 }
 
 /// Encodes a gRPC `ModelInfer` response: every output's bytes go in
@@ -1086,6 +1111,61 @@ mod tests {
         assert_eq!(
             &t.data[..],
             le(&[1.5f32, -2.0, 0.1, 3e-3], f32::to_le_bytes)
+        );
+    }
+
+    #[test]
+    fn fp16_and_bf16_are_numbers_in_json_and_16_bits_on_the_wire() {
+        let t = only_input(
+            r#"{"inputs":[{"name":"x","shape":[3],"datatype":"FP16","data":[1.5,-2,0.1]}]}"#,
+        );
+        assert_eq!(t.datatype, DataType::Fp16);
+        let halves = [1.5f32, -2.0, 0.1].map(half::f16::from_f32);
+        assert_eq!(&t.data[..], le(&halves, half::f16::to_le_bytes));
+        let b = only_input(
+            r#"{"inputs":[{"name":"x","shape":[2],"datatype":"BF16","data":[3.25,-0.5]}]}"#,
+        );
+        assert_eq!(
+            &b.data[..],
+            le(
+                &[3.25f32, -0.5].map(half::bf16::from_f32),
+                half::bf16::to_le_bytes
+            )
+        );
+        assert_invalid(
+            rest(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP16","data":[1e6]}]}"#),
+            &["element 0 is 1e6, out of range for FP16"],
+        );
+
+        // Answers in JSON are numbers again.
+        let request = InferRequest::default();
+        let encoded = encode_rest_response("m", "1", &request, &[t, b]).expect("encodes");
+        let doc: Value = serde_json::from_slice(&encoded.body).expect("JSON");
+        assert_eq!(doc["outputs"][0]["datatype"], "FP16");
+        assert_eq!(
+            doc["outputs"][0]["data"],
+            serde_json::json!([1.5, -2.0, 0.099975586])
+        );
+        assert_eq!(doc["outputs"][1]["data"], serde_json::json!([3.25, -0.5]));
+
+        // gRPC has no typed field for them: raw contents only.
+        let typed = parse_grpc_request(ModelInferRequest {
+            model_name: "m".into(),
+            inputs: vec![InferInputTensor {
+                name: "x".into(),
+                datatype: "FP16".into(),
+                shape: vec![1],
+                contents: Some(InferTensorContents {
+                    fp32_contents: vec![1.0],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        assert!(
+            matches!(&typed, Err(Error::InvalidArgument(m)) if m.contains("travel in raw_input_contents")),
+            "{typed:?}"
         );
     }
 
@@ -1400,7 +1480,7 @@ mod tests {
     #[test]
     fn malformed_json_inputs_name_the_input_and_the_problem() {
         let cases = [
-            ("FP16", "[1]", "[1]", "\"FP16\" is not served"),
+            ("BYTES", "[1]", "[1]", "\"BYTES\" is not served"),
             (
                 "FP32",
                 "[2,2]",
@@ -1935,6 +2015,8 @@ mod tests {
             let original = tensor("t", datatype, &[rows, cols], data);
             prop_assume!(datatype != DataType::Fp32 || finite::<4>(&original.data, |b| f32::from_le_bytes(b).is_finite()));
             prop_assume!(datatype != DataType::Fp64 || finite::<8>(&original.data, |b| f64::from_le_bytes(b).is_finite()));
+            prop_assume!(datatype != DataType::Fp16 || finite::<2>(&original.data, |b| half::f16::from_le_bytes(b).is_finite()));
+            prop_assume!(datatype != DataType::Bf16 || finite::<2>(&original.data, |b| half::bf16::from_le_bytes(b).is_finite()));
             let req = InferRequest { binary_output: binary, ..Default::default() };
             let resp = encode_rest_response("m", "1", &req, std::slice::from_ref(&original)).expect("encodes");
             prop_assert_eq!(echo(&resp).expect("parses").inputs, vec![original]);

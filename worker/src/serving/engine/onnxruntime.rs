@@ -326,6 +326,8 @@ fn ort_value(tensor: &Tensor) -> anyhow::Result<DynValue> {
         DataType::Int64 => typed_value!(i64, tensor),
         DataType::Fp32 => typed_value!(f32, tensor),
         DataType::Fp64 => typed_value!(f64, tensor),
+        DataType::Fp16 => typed_value!(half::f16, tensor),
+        DataType::Bf16 => typed_value!(half::bf16, tensor),
     })
 }
 
@@ -333,7 +335,11 @@ fn ort_value(tensor: &Tensor) -> anyhow::Result<DynValue> {
 macro_rules! typed_bytes {
     ($t:ty, $value:expr) => {{
         let (_, values) = $value.try_extract_tensor::<$t>()?;
-        Bytes::copy_from_slice(bytemuck::cast_slice(values))
+        values
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>()
+            .into()
     }};
 }
 
@@ -362,6 +368,8 @@ fn served(name: &str, value: &DynValue) -> anyhow::Result<Tensor> {
         DataType::Int64 => typed_bytes!(i64, value),
         DataType::Fp32 => typed_bytes!(f32, value),
         DataType::Fp64 => typed_bytes!(f64, value),
+        DataType::Fp16 => typed_bytes!(half::f16, value),
+        DataType::Bf16 => typed_bytes!(half::bf16, value),
     };
     Ok(Tensor {
         name: String::new(),
@@ -386,6 +394,8 @@ fn data_type(ty: TensorElementType) -> std::result::Result<DataType, String> {
         T::Int64 => DataType::Int64,
         T::Float32 => DataType::Fp32,
         T::Float64 => DataType::Fp64,
+        T::Float16 => DataType::Fp16,
+        T::Bfloat16 => DataType::Bf16,
         other => return Err(format!("datatype {other} is not served")),
     })
 }

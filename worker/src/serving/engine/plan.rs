@@ -650,6 +650,11 @@ fn probe_input(spec: &Spec, dims: &[Dim], rng: &mut StdRng) -> Tensor {
         match spec.datatype {
             DataType::Fp32 => data.extend_from_slice(&rng.gen_range(-1.0f32..1.0).to_le_bytes()),
             DataType::Fp64 => data.extend_from_slice(&rng.gen_range(-1.0f64..1.0).to_le_bytes()),
+            DataType::Fp16 => {
+                data.extend_from_slice(&half::f16::from_f32(rng.gen_range(-1.0..1.0)).to_le_bytes())
+            }
+            DataType::Bf16 => data
+                .extend_from_slice(&half::bf16::from_f32(rng.gen_range(-1.0..1.0)).to_le_bytes()),
             _ => {
                 let mut element = vec![0u8; size];
                 element[0] = rng.gen_range(0..2);
@@ -666,32 +671,21 @@ fn probe_input(spec: &Spec, dims: &[Dim], rng: &mut StdRng) -> Tensor {
 }
 
 /// Returns true when two answers for the same row agree: floats within 1e-4 plus
-/// 1e-3 relative (another batch size may take another kernel), the rest exactly.
+/// 1e-3 relative (another batch size may take another kernel; 1e-2 for the 16-bit
+/// floats), the rest exactly.
 fn agree(got: &Tensor, want: &Tensor) -> bool {
     if got.shape != want.shape || got.data.len() != want.data.len() {
         return false;
     }
-    let close =
-        |a: f64, b: f64| (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-4 + 1e-3 * b.abs();
-    match want.datatype {
-        DataType::Fp32 => got
-            .data
-            .chunks_exact(4)
-            .zip(want.data.chunks_exact(4))
-            .all(|(a, b)| {
-                let f = |c: &[u8]| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
-                close(f(a), f(b))
-            }),
-        DataType::Fp64 => got
-            .data
-            .chunks_exact(8)
-            .zip(want.data.chunks_exact(8))
-            .all(|(a, b)| {
-                let f = |c: &[u8]| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
-                close(f(a), f(b))
-            }),
-        _ => got.data == want.data,
-    }
+    let relative = match want.datatype {
+        DataType::Fp32 | DataType::Fp64 => 1e-3,
+        DataType::Fp16 | DataType::Bf16 => 1e-2,
+        _ => return got.data == want.data,
+    };
+    got.values_f64()
+        .iter()
+        .zip(want.values_f64())
+        .all(|(a, b)| (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-4 + relative * b.abs())
 }
 
 fn invalid(message: String) -> Error {

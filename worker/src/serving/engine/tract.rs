@@ -246,11 +246,13 @@ fn data_type(datum_type: tract::DatumType) -> std::result::Result<DataType, Stri
         D::I64 => DataType::Int64,
         D::F32 => DataType::Fp32,
         D::F64 => DataType::Fp64,
+        D::F16 => DataType::Fp16,
         other => return Err(format!("datatype {other:?} is not served by tract")),
     })
 }
 
-/// The tract datum type of a served datatype.
+/// The tract datum type of a served datatype (tract has no BF16: such a model
+/// never loads on tract, so no request of it reaches here).
 fn datum_type(datatype: DataType) -> tract::DatumType {
     use tract::DatumType as D;
     match datatype {
@@ -265,5 +267,7 @@ fn datum_type(datatype: DataType) -> tract::DatumType {
         DataType::Int64 => D::I64,
         DataType::Fp32 => D::F32,
         DataType::Fp64 => D::F64,
+        DataType::Fp16 => D::F16,
+        DataType::Bf16 => D::U16,
     }
 }
