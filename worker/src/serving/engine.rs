@@ -428,6 +428,8 @@ impl Shared {
         };
         let mut batch = Vec::with_capacity(self.config.max_batch_size);
         while self.collect(&mut batch) {
+            #[cfg(test)]
+            let _gate = lock(&self.gate);
             self.execute(&mut state, &mut batch);
         }
     }
@@ -514,12 +516,10 @@ impl Shared {
         queue
     }
 
-    /// Runs a batch and answers its requests (emptying `batch`); a failure or a
-    /// panic in the engine answers them all `Internal` and gives the thread a fresh
-    /// session.
+    /// Runs a batch and answers its requests (emptying `batch`). A failure or a
+    /// panic in the engine gives the thread a fresh session and runs each request
+    /// of the batch alone; a request that fails alone is answered `Internal`.
     fn execute(&self, state: &mut Box<dyn Session>, batch: &mut Vec<Request>) {
-        #[cfg(test)]
-        let _gate = lock(&self.gate);
         let started = Instant::now();
         let rows: usize = batch.iter().map(|r| r.rows).sum();
         let answers = panic::catch_unwind(AssertUnwindSafe(|| {
@@ -554,6 +554,14 @@ impl Shared {
         tracing::warn!(requests = batch.len(), rows, error = %failure, "batch failed");
         if let Ok(fresh) = self.plan.session() {
             *state = fresh;
+        }
+        if batch.len() > 1 {
+            // One member's data may be what failed the batch: each runs alone, so
+            // only the requests at fault fail.
+            for member in std::mem::take(batch) {
+                self.execute(state, &mut vec![member]);
+            }
+            return;
         }
         for request in batch.drain(..) {
             self.account(&request, started, computed);
@@ -1268,6 +1276,40 @@ pub(super) mod tests {
         );
         let good = rt.block_on(engine.infer(vec![fp32("input", 1, &[1.0; FEATURES])], None, far()));
         assert!(good.is_ok(), "{good:?}");
+    }
+
+    #[test]
+    fn a_request_that_fails_a_batch_fails_alone_and_the_others_are_answered() {
+        let engine = load(&iris(), config(1, Duration::ZERO));
+        let rt = runtime();
+        let shared = &engine.inner.shared;
+        let held = hold(shared);
+        let first = spawn_row(&rt, &engine, &[0.5; FEATURES], far());
+        wait_held(&engine);
+        // Queued behind it, so they form one batch: a good row, one whose data
+        // does not fill its two rows (it skipped the checks), another good row.
+        let good = || fp32("input", 1, &[0.25; FEATURES]);
+        let bad = fp32("input", 1, &[1.0; FEATURES]).with_shape(vec![2, FEATURES]);
+        let answers = [
+            push_unchecked(shared, vec![good()], 1, vec![0]),
+            push_unchecked(shared, vec![bad], 2, vec![0]),
+            push_unchecked(shared, vec![good()], 1, vec![0]),
+        ];
+        wait_until("three are queued", || engine.stats().queue_len == 3);
+        drop(held);
+        rt.block_on(first)
+            .expect("ends")
+            .expect("the first is answered");
+        let [before, bad, after] = answers.map(|a| rt.block_on(a).expect("answered"));
+        let want = tract_outputs(&iris(), 1, &[0.25; FEATURES]);
+        for good in [before, after] {
+            let good = good.expect("a good request in a failed batch is answered");
+            assert_close(&floats(&good[0]), &want[0]);
+        }
+        assert!(
+            matches!(&bad, Err(Error::Internal(m)) if m.contains("holds 16 bytes for shape [2, 4]")),
+            "{bad:?}"
+        );
     }
 
     #[test]
