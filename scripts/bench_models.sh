@@ -75,23 +75,31 @@ measure() { # model concurrency
   kiln_wrk_measure "$work/$1.lua" "https://$addr/v2/models/$1/infer" "$2" "${SECONDS_EACH}s"
 }
 
-echo "| model | kiln p50 ms, c=1 | onnxruntime p50 ms, batch 1, $threads threads | p50 goal (ort + 1 ms + 10%) | kiln req/s, c=16 (p99 ms) | onnxruntime best rows/s | kiln / onnxruntime |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
+# Deploys MODEL@1 alone on ENGINE and measures it; prints "p50_c1 rps_c16 p99_c16".
+serve_and_measure() { # model engine
+  kiln deploy "$1" --model "$1@1" --replicas 1 --cpus "$threads" --public --engine "$2" --wait >&2
+  for _ in $(seq 1 50); do
+    [ "$(curl -sk -o /dev/null -w '%{http_code}' "https://$addr/v2/models/$1/ready")" = 200 ] && break
+    sleep 0.2
+  done
+  measure "$1" 1 >/dev/null # warm-up
+  local c1_rps c1_p50 c1_p99 c1_bad c16_rps c16_p50 c16_p99 c16_bad
+  read -r c1_rps c1_p50 c1_p99 c1_bad <<<"$(measure "$1" 1)"
+  read -r c16_rps c16_p50 c16_p99 c16_bad <<<"$(measure "$1" 16)"
+  if [ "$c1_bad" != "0" ] || [ "$c16_bad" != "0" ]; then
+    echo "$1 on $2: non-2xx answers: $c1_bad at c=1, $c16_bad at c=16" >&2
+  fi
+  kiln deployments rm "$1" >&2
+  echo "$c1_p50 $c16_rps $c16_p99"
+}
+
+table=""
+engines=""
 for pair in "resnet:resnet18" "bert:bert_seq64"; do
   model="${pair%%:*}" file="${pair#*:}"
   kiln models register --onnx "$models/$file.onnx" --name "$model" >&2
-  kiln deploy "$model" --model "$model@1" --replicas 1 --cpus "$threads" --public --engine onnxruntime --wait >&2
-  for _ in $(seq 1 50); do
-    [ "$(curl -sk -o /dev/null -w '%{http_code}' "https://$addr/v2/models/$model/ready")" = 200 ] && break
-    sleep 0.2
-  done
-  measure "$model" 1 >/dev/null # warm-up
-  read -r c1_rps c1_p50 c1_p99 c1_bad <<<"$(measure "$model" 1)"
-  read -r c16_rps c16_p50 c16_p99 c16_bad <<<"$(measure "$model" 16)"
-  if [ "$c1_bad" != "0" ] || [ "$c16_bad" != "0" ]; then
-    echo "$model: non-2xx answers: $c1_bad at c=1, $c16_bad at c=16" >&2
-  fi
-  kiln deployments rm "$model" >&2
+  read -r c1_p50 c16_rps c16_p99 <<<"$(serve_and_measure "$model" onnxruntime)"
+  read -r t_p50 t_rps t_p99 <<<"$(serve_and_measure "$model" tract)"
   ort="$("$py" scripts/bench_onnxruntime.py "$models/$file.onnx" "$file" --seconds "$((SECONDS_EACH / 2 + 1))")"
   read -r ort_p50 ort_best <<<"$("$py" -c '
 import json, sys
@@ -99,5 +107,14 @@ r = json.loads(sys.argv[1])
 print(r["latency_batch1"]["threads_" + sys.argv[2]]["p50_ms"], r["throughput_threads_2"]["best_rows_per_s"])' "$ort" "$threads")"
   goal="$(awk -v o="$ort_p50" 'BEGIN { printf "%.2f", o * 1.1 + 1 }')"
   ratio="$(awk -v a="$c16_rps" -v b="$ort_best" 'BEGIN { printf "%.2f", a / b }')"
-  echo "| $file | $c1_p50 | $ort_p50 | $goal | $c16_rps ($c16_p99) | $ort_best | **$ratio** |"
+  table+="| $file | $c1_p50 | $ort_p50 | $goal | $c16_rps ($c16_p99) | $ort_best | **$ratio** |"$'\n'
+  speedup="$(awk -v a="$c16_rps" -v b="$t_rps" 'BEGIN { printf "%.1f", a / b }')"
+  engines+="| $file | $c1_p50 | $t_p50 | $c16_rps | $t_rps | **${speedup}x** |"$'\n'
 done
+echo "| model | kiln p50 ms, c=1 | onnxruntime p50 ms, batch 1, $threads threads | p50 goal (ort + 1 ms + 10%) | kiln req/s, c=16 (p99 ms) | onnxruntime best rows/s | kiln / onnxruntime |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+printf '%s' "$table"
+echo
+echo "| model | p50 ms, c=1, onnxruntime | p50 ms, c=1, tract | req/s, c=16, onnxruntime | req/s, c=16, tract | onnxruntime / tract |"
+echo "|---|---:|---:|---:|---:|---:|"
+printf '%s' "$engines"
