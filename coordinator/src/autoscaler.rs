@@ -4,9 +4,12 @@
 //! one window) and decides, for each deployment with `min < max`:
 //!
 //! ```text
-//! desired = ceil(sum over ready replicas of mean in-flight / target_in_flight),
+//! desired = ceil(sum over ready primary replicas of mean in-flight / target_in_flight),
 //!           clamped to [min, max]
 //! ```
+//!
+//! Canary replicas are left out: `replicas` counts primaries, and the canary
+//! set's size follows from it and the canary's percent.
 //!
 //! A change is made only once the load has asked for it for the whole window in
 //! its direction (`up_window_ms`, `down_window_ms`), so a burst does not add
@@ -85,15 +88,15 @@ impl Autoscaler {
         });
     }
 
-    /// The mean in-flight requests of `deployment`'s ready replicas over the
-    /// window, summed, and how many replicas reported.
+    /// The mean in-flight requests of `deployment`'s ready primary replicas
+    /// over the window, summed, and how many replicas reported.
     fn load(&self, d: &DeploymentRecord, now: Instant) -> (f64, usize) {
         let window = self.window();
         let inner = self.inner.lock().expect("autoscaler lock");
         let mut total = 0.0;
         let mut reporting = 0;
         for r in &d.replica_set {
-            if r.state != ReplicaState::ReplicaReady as i32 {
+            if r.canary || r.state != ReplicaState::ReplicaReady as i32 {
                 continue;
             }
             let Some(samples) = inner.samples.get(&(d.name.clone(), r.id)) else {
@@ -148,7 +151,7 @@ impl Autoscaler {
         Some((
             desired,
             format!(
-                "mean in-flight {load:.1} over {reporting} ready replica(s), target {} per replica, for {} s",
+                "mean in-flight {load:.1} over {reporting} ready primary replica(s), target {} per replica, for {} s",
                 d.target_in_flight,
                 window.as_secs()
             ),
@@ -237,5 +240,35 @@ mod tests {
         let t2 = t0 + Duration::from_millis(1_200);
         scaler.record(&loads(&d, 1), t2);
         assert_eq!(scaler.decide(&d, t2), None);
+    }
+
+    #[test]
+    fn a_busy_canary_does_not_scale_the_primaries() {
+        let scaler = Autoscaler::new(AutoscaleSettings {
+            sample_window_ms: 2_000,
+            up_window_ms: 1_000,
+            down_window_ms: 1_000,
+        });
+        // Two primaries at 4 in flight each (8 at a target of 4: two replicas
+        // are what they need) beside a canary at 8 in flight.
+        let mut d = deployment(2);
+        d.replica_set.push(ReplicaRecord {
+            id: 3,
+            canary: true,
+            state: ReplicaState::ReplicaReady as i32,
+            ..Default::default()
+        });
+        let mut canary_load = loads(&d, 4);
+        canary_load[2].in_flight = 8;
+        let t0 = Instant::now();
+        scaler.record(&canary_load, t0);
+        assert_eq!(scaler.decide(&d, t0), None);
+        let t1 = t0 + Duration::from_millis(1_100);
+        scaler.record(&canary_load, t1);
+        assert_eq!(
+            scaler.decide(&d, t1),
+            None,
+            "the primaries carry 8 in flight at a target of 4 each: 2 is enough"
+        );
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! Both versions are judged on the serving windows recorded since the canary
 //! started (`state::serving`), summed over the cluster: the error rate (failed
-//! and timed-out requests over requests; requests refused because a queue was
-//! full are load, not errors of the model) and the p99 latency from the merged
+//! and timed-out requests over the requests judged: those answered, failed or
+//! timed out; requests refused because a queue was full are the replica's
+//! back-pressure, not errors of the model, and are not judged) and the p99
+//! latency from the merged
 //! histograms. The tolerances are `[canary]` settings: a canary is no worse when
 //! its error rate is at most the primary's plus `error_tolerance`, and its p99 at
 //! most the primary's times `1 + latency_tolerance` (or within
@@ -35,10 +37,10 @@ pub fn judge(
     primary: &ServingWindow,
     elapsed_ms: u64,
 ) -> Verdict {
-    if elapsed_ms < settings.judge_after_ms || canary.requests < settings.min_requests {
+    if elapsed_ms < settings.judge_after_ms || judged(canary) < settings.min_requests {
         let progress = format!(
             "{} of {} requests, {} of {} s",
-            canary.requests,
+            judged(canary),
             settings.min_requests,
             elapsed_ms / 1000,
             settings.judge_after_ms / 1000
@@ -56,7 +58,7 @@ pub fn judge(
     let primary_p99 = latency_quantile(&primary.latency_counts, 0.99);
     let mut summary = format!(
         "{} requests, error rate {} vs {} for the primary, p99 {} vs {}",
-        canary.requests,
+        judged(canary),
         percent(canary_errors),
         percent(primary_errors),
         millis(canary_p99),
@@ -106,12 +108,23 @@ pub fn rmse(w: &ServingWindow) -> f64 {
     }
 }
 
-/// Failed and timed-out requests over requests (0 without requests).
+/// Requests that failed or timed out. A replica counts every error in
+/// `failures`, the refused (`rejected`) and timed-out ones among them.
+fn errors(w: &ServingWindow) -> u64 {
+    w.failures.saturating_sub(w.rejected)
+}
+
+/// Requests that tell about the model: answered, failed or timed out (those
+/// refused with a full queue tell about the load).
+pub fn judged(w: &ServingWindow) -> u64 {
+    w.requests.saturating_add(errors(w))
+}
+
+/// Failed and timed-out requests over the requests judged (0 without any).
 pub fn error_rate(w: &ServingWindow) -> f64 {
-    if w.requests == 0 {
-        0.0
-    } else {
-        w.failures.saturating_add(w.timeouts) as f64 / w.requests as f64
+    match judged(w) {
+        0 => 0.0,
+        judged => errors(w) as f64 / judged as f64,
     }
 }
 
@@ -128,12 +141,13 @@ mod tests {
     use super::*;
     use kiln_common::drift::LATENCY_BUCKETS_MS;
 
-    /// `requests` requests, `failures` of them failed, all in one latency bucket.
+    /// `requests` requests, `failures` of them failed, the answered ones all in
+    /// one latency bucket.
     fn served(requests: u64, failures: u64, bucket: usize) -> ServingWindow {
         let mut latency_counts = vec![0; LATENCY_BUCKETS_MS.len() + 1];
-        latency_counts[bucket] = requests;
+        latency_counts[bucket] = requests - failures;
         ServingWindow {
-            requests,
+            requests: requests - failures,
             failures,
             latency_counts,
             ..ServingWindow::default()
@@ -236,15 +250,31 @@ mod tests {
     }
 
     #[test]
-    fn timeouts_count_as_errors_and_rejections_do_not() {
+    fn timeouts_count_once_and_rejections_are_not_judged() {
+        // As a replica counts them: `requests` answered, `failures` every error,
+        // the 50 refused with a full queue and the 2 timeouts among them.
         let w = ServingWindow {
-            requests: 100,
-            failures: 1,
+            requests: 97,
+            failures: 53,
             timeouts: 2,
             rejected: 50,
             ..ServingWindow::default()
         };
-        assert!((error_rate(&w) - 0.03).abs() < 1e-12);
+        assert_eq!(judged(&w), 100, "answered, failed and timed out");
+        assert!(
+            (error_rate(&w) - 0.03).abs() < 1e-12,
+            "1 failure and 2 timeouts of 100 judged: {}",
+            error_rate(&w)
+        );
         assert_eq!(error_rate(&ServingWindow::default()), 0.0);
+        let all_failed = ServingWindow {
+            failures: 5,
+            ..ServingWindow::default()
+        };
+        assert_eq!(
+            error_rate(&all_failed),
+            1.0,
+            "errors over all judged, not over successes"
+        );
     }
 }

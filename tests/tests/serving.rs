@@ -11,6 +11,7 @@ use kiln_common::jobspec::Activation;
 use kiln_proto::inference::{model_infer_request, ModelInferRequest, ModelMetadataRequest};
 use kiln_tests::{http_call, HttpAnswer};
 use kiln_tests::{stderr_text, Cluster};
+use kiln_worker::serving::router::MAX_BODY_BYTES;
 use kiln_worker::train::arch::{Arch, Task};
 use kiln_worker::train::data::Standardizer;
 use kiln_worker::train::onnx::{export, ExportMeta};
@@ -575,6 +576,40 @@ async fn a_registered_model_answers_json_and_binary_on_every_worker_like_tract()
             answer.text()
         );
         assert_close(&output_of(&answer), &want, "public");
+    }
+    // Its one replica is on one worker: the other forwards. A gRPC request as
+    // large as the server takes (over 17 MiB) reaches the replica either way,
+    // which refuses its made-up input.
+    let padding = vec![0u8; 20 << 20];
+    for w in workers {
+        let grpc_addr = cluster.worker_flag(w, "--inference-grpc");
+        let mut client = peers
+            .inference_for(&grpc_addr)
+            .expect("grpc client")
+            .max_encoding_message_size(MAX_BODY_BYTES);
+        let refused = client
+            .model_infer(ModelInferRequest {
+                model_name: "open".into(),
+                inputs: vec![model_infer_request::InferInputTensor {
+                    name: "padding".into(),
+                    datatype: "UINT8".into(),
+                    shape: vec![padding.len() as i64],
+                    ..Default::default()
+                }],
+                raw_input_contents: vec![padding.clone().into()],
+                ..Default::default()
+            })
+            .await
+            .expect_err("an input the model does not take");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::InvalidArgument,
+            "worker {w}: {refused}"
+        );
+        assert!(
+            refused.message().contains("\"padding\" is not an input"),
+            "worker {w}: {refused}"
+        );
     }
     cluster.cli_ok(&["deployments", "rm", "open"]).await;
 

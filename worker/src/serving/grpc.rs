@@ -14,7 +14,9 @@ use tonic::{Request, Response, Status};
 use super::feedback::Feedback;
 use super::protocol;
 use super::replicas::LocalReplica;
-use super::router::{Failure, Router, Target, Version, DEFAULT_DEADLINE, REPLICA_HEADER};
+use super::router::{
+    Failure, Router, Target, Version, DEFAULT_DEADLINE, MAX_BODY_BYTES, REPLICA_HEADER,
+};
 use kiln_common::client::ClusterClient;
 
 /// The gRPC face of a worker's router.
@@ -74,10 +76,13 @@ impl InferenceService {
         authorization: Option<&str>,
         request: ModelInferRequest,
     ) -> Result<ModelInferResponse, Failure<Result<ModelInferResponse, Status>>> {
+        // A request this worker's server took is forwardable: the same limit.
         let mut client = self
             .peers
             .inference_for(grpc_addr)
-            .map_err(|e| Failure::Retry(e.to_string()))?;
+            .map_err(|e| Failure::Retry(e.to_string()))?
+            .max_decoding_message_size(MAX_BODY_BYTES)
+            .max_encoding_message_size(MAX_BODY_BYTES);
         let mut outgoing = Request::new(request);
         outgoing.set_timeout(DEFAULT_DEADLINE);
         let metadata = outgoing.metadata_mut();

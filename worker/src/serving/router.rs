@@ -12,7 +12,8 @@
 //!   worker's inference HTTP port, marked with [`REPLICA_HEADER`] so that worker
 //!   serves it with that replica and does not route it again.
 //! - When the chosen replica fails before answering (its worker is gone, the
-//!   replica has drained), the request is retried once on another replica.
+//!   replica has drained), the request is retried once on another replica, on
+//!   another worker when the deployment has one.
 //! - The worker whose replica answers gives a request without an id one (the
 //!   response carries it) and remembers the answer under it (`feedback`); a label
 //!   posted to `/v2/models/{m}/feedback` on any worker is matched there, or on
@@ -262,13 +263,13 @@ impl Router {
         Fut: std::future::Future<Output = std::result::Result<T, Failure<T>>>,
     {
         let route = self.authorized_route(deployment, authorization).await?;
-        let mut tried: Option<u64> = None;
+        let mut tried: Option<RouteEndpoint> = None;
         let mut last = String::new();
         for _ in 0..2 {
-            let Some(endpoint) = self.choose(&route, version, tried) else {
+            let Some(endpoint) = self.choose(&route, version, tried.as_ref()) else {
                 break;
             };
-            tried = Some(endpoint.replica_id);
+            tried = Some(endpoint.clone());
             let _counted = {
                 let counter = self.counter(deployment, endpoint.replica_id);
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -317,18 +318,27 @@ impl Router {
     }
 
     /// Picks a replica of `route` for a request: canary or primary by the
-    /// canary's share, then the less busy of two at random.
+    /// canary's share, then the less busy of two at random. A retry names the
+    /// replica that `failed`: it goes to a replica on another worker when one
+    /// exists, as a connection failure usually means that worker is gone.
     pub fn choose(
         &self,
         route: &Route,
         version: Version,
-        exclude: Option<u64>,
+        failed: Option<&RouteEndpoint>,
     ) -> Option<RouteEndpoint> {
-        let candidates: Vec<&RouteEndpoint> = route
+        let mut candidates: Vec<&RouteEndpoint> = route
             .endpoints
             .iter()
-            .filter(|e| version.admits(e.version) && Some(e.replica_id) != exclude)
+            .filter(|e| {
+                version.admits(e.version) && failed.is_none_or(|f| f.replica_id != e.replica_id)
+            })
             .collect();
+        if let Some(failed) = failed {
+            if candidates.iter().any(|e| e.worker_id != failed.worker_id) {
+                candidates.retain(|e| e.worker_id != failed.worker_id);
+            }
+        }
         let mut rng = rand::thread_rng();
         let pool: Vec<&RouteEndpoint> = if version == Version::Any {
             // No canary share: canary replicas still draining take nothing.
@@ -821,4 +831,49 @@ pub async fn local_infer(
     }
     .await;
     result.unwrap_or_else(|e| error_response(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(replica_id: u64, worker_id: &str) -> RouteEndpoint {
+        RouteEndpoint {
+            replica_id,
+            worker_id: worker_id.into(),
+            version: 1,
+            ..RouteEndpoint::default()
+        }
+    }
+
+    fn router() -> Router {
+        let (_, routes) = watch::channel(Vec::new());
+        Router::new("w0".into(), Arc::default(), routes, None).expect("router")
+    }
+
+    #[test]
+    fn a_retry_goes_to_another_worker_when_there_is_one() {
+        let router = router();
+        let failed = endpoint(1, "dead");
+        let route = Route {
+            deployment: "d".into(),
+            endpoints: vec![failed.clone(), endpoint(2, "dead"), endpoint(3, "alive")],
+            ..Route::default()
+        };
+        for _ in 0..100 {
+            let retry = router.choose(&route, Version::Any, Some(&failed));
+            assert_eq!(
+                retry.map(|e| e.replica_id),
+                Some(3),
+                "replica 2 shares the failed replica's worker"
+            );
+        }
+        // With no other worker, another replica of the same one is still tried.
+        let route = Route {
+            endpoints: vec![failed.clone(), endpoint(2, "dead")],
+            ..route
+        };
+        let retry = router.choose(&route, Version::Any, Some(&failed));
+        assert_eq!(retry.map(|e| e.replica_id), Some(2));
+    }
 }
