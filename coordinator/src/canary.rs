@@ -5,9 +5,8 @@
 //! started (`state::serving`), summed over the cluster: the error rate (failed
 //! and timed-out requests over the requests judged: those answered, failed or
 //! timed out; requests refused because a queue was full are the replica's
-//! back-pressure, not errors of the model, and are not judged) and the p99
-//! latency from the merged
-//! histograms. The tolerances are `[canary]` settings: a canary is no worse when
+//! back-pressure and malformed ones (400) the caller's fault, not errors of the
+//! model, and are not judged) and the p99 latency from the merged histograms. The tolerances are `[canary]` settings: a canary is no worse when
 //! its error rate is at most the primary's plus `error_tolerance`, and its p99 at
 //! most the primary's times `1 + latency_tolerance` (or within
 //! `latency_slack_ms` of it, as histogram buckets are coarse). When the feedback
@@ -109,9 +108,12 @@ pub fn rmse(w: &ServingWindow) -> f64 {
 }
 
 /// Requests that failed or timed out. A replica counts every error in
-/// `failures`, the refused (`rejected`) and timed-out ones among them.
+/// `failures`: the refused (`rejected`), malformed (`invalid`, the caller's
+/// fault, not the model's) and timed-out ones among them.
 fn errors(w: &ServingWindow) -> u64 {
-    w.failures.saturating_sub(w.rejected)
+    w.failures
+        .saturating_sub(w.rejected)
+        .saturating_sub(w.invalid)
 }
 
 /// Requests that tell about the model: answered, failed or timed out (those
@@ -250,14 +252,16 @@ mod tests {
     }
 
     #[test]
-    fn timeouts_count_once_and_rejections_are_not_judged() {
+    fn timeouts_count_once_and_rejections_and_bad_requests_are_not_judged() {
         // As a replica counts them: `requests` answered, `failures` every error,
-        // the 50 refused with a full queue and the 2 timeouts among them.
+        // the 50 refused with a full queue, the 10 malformed and the 2 timeouts
+        // among them.
         let w = ServingWindow {
             requests: 97,
-            failures: 53,
+            failures: 63,
             timeouts: 2,
             rejected: 50,
+            invalid: 10,
             ..ServingWindow::default()
         };
         assert_eq!(judged(&w), 100, "answered, failed and timed out");

@@ -114,6 +114,7 @@ impl TelemetryStore {
                 requests: replica.requests,
                 failures: replica.failures,
                 rejected: replica.rejected,
+                invalid: replica.invalid,
                 timeouts: replica.timeouts,
                 rows: replica.rows,
                 latency_counts: replica.latency_counts.clone(),
@@ -297,7 +298,7 @@ impl Inner {
 
 /// Whether a replica's report counts nothing (an idle replica still reports).
 fn is_idle(replica: &ReplicaTelemetry) -> bool {
-    replica.requests == 0 && replica.rejected == 0 && replica.failures == 0 && replica.timeouts == 0
+    replica.requests == 0 && replica.failures == 0
 }
 
 /// Checks a model's reported counts against its reference: one column per

@@ -670,6 +670,10 @@ async fn http_ports_speak_https_with_the_cluster_certificates() {
         kiln_tests::wait_for(Duration::from_secs(15), "the port to answer", || {
             let addr = addr.clone();
             async move {
+                // Not listening yet is a reason to wait, not a failure.
+                tokio::net::TcpStream::connect(&addr)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
                 match kiln_tests::http_get(&addr, probe, None).await {
                     (200, _) => Ok(()),
                     (code, body) => Err(format!("{code}: {body}")),

@@ -1043,7 +1043,7 @@ async fn the_autoscaler_adds_replicas_under_load_and_removes_them_after() {
     let stop = tokio_util::sync::CancellationToken::new();
     let body = json_request(&[0.5, -0.5, 1.0, 2.0], 1);
     let clients = tokio::spawn(load_on(entry, "busy", 8, token, body, stop.clone()));
-    kiln_tests::wait_for(Duration::from_secs(30), "a scale-up", || {
+    kiln_tests::wait_for(Duration::from_secs(60), "a scale-up", || {
         let cluster = &cluster;
         async move {
             let d = deployment(cluster, "busy").await;
@@ -1055,7 +1055,7 @@ async fn the_autoscaler_adds_replicas_under_load_and_removes_them_after() {
     stop.cancel();
     let statuses = clients.await.expect("load");
     assert!(statuses.get(&200).copied().unwrap_or(0) > 0, "{statuses:?}");
-    kiln_tests::wait_for(Duration::from_secs(30), "a scale-down", || {
+    kiln_tests::wait_for(Duration::from_secs(60), "a scale-down", || {
         let cluster = &cluster;
         async move {
             let d = deployment(cluster, "busy").await;

@@ -120,6 +120,13 @@ pub struct Worker {
 /// Binds the worker's ports, loads its id, discovers its resources and starts the
 /// agent and the servers; [`Worker::wait`] then runs it until `shutdown`.
 pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<Worker> {
+    let http_listener = bind("worker http", config.http).await?;
+    let grpc_listener = bind("worker grpc", config.listen).await?;
+    let inference_grpc_listener = bind("worker inference grpc", config.inference_grpc).await?;
+    let http_addr = local_addr(&http_listener)?;
+    let grpc_addr = local_addr(&grpc_listener)?;
+    let inference_grpc_addr = local_addr(&inference_grpc_listener)?;
+
     let library = config.onnxruntime_lib.clone();
     let onnxruntime =
         tokio::task::spawn_blocking(move || serving::engine::onnxruntime::init(library.as_deref()))
@@ -132,13 +139,6 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
             serving::engine::onnxruntime::DEFAULT_DIR
         ),
     }
-    let http_listener = bind("worker http", config.http).await?;
-    let grpc_listener = bind("worker grpc", config.listen).await?;
-    let inference_grpc_listener = bind("worker inference grpc", config.inference_grpc).await?;
-    let http_addr = local_addr(&http_listener)?;
-    let grpc_addr = local_addr(&grpc_listener)?;
-    let inference_grpc_addr = local_addr(&inference_grpc_listener)?;
-
     let data_dir = config.data_dir.clone();
     let (id, probe, resources) = tokio::task::spawn_blocking(move || {
         let id = identity::load_or_create(&data_dir)?;

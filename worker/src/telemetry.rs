@@ -270,6 +270,7 @@ fn replica_delta(
         requests: now.requests.saturating_sub(before.requests),
         failures: now.failures.saturating_sub(before.failures),
         rejected: now.rejected.saturating_sub(before.rejected),
+        invalid: now.invalid.saturating_sub(before.invalid),
         timeouts: now.timeouts.saturating_sub(before.timeouts),
         rows: now.rows.saturating_sub(before.rows),
         latency_counts,

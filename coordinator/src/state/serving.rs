@@ -112,6 +112,7 @@ pub fn add_into(into: &mut ServingWindow, from: &ServingWindow) {
     into.requests = into.requests.saturating_add(from.requests);
     into.failures = into.failures.saturating_add(from.failures);
     into.rejected = into.rejected.saturating_add(from.rejected);
+    into.invalid = into.invalid.saturating_add(from.invalid);
     into.timeouts = into.timeouts.saturating_add(from.timeouts);
     into.rows = into.rows.saturating_add(from.rows);
     if into.latency_counts.len() < from.latency_counts.len() {

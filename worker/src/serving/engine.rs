@@ -22,8 +22,10 @@
 //! after their current batch.
 //!
 //! How requests are checked, joined and cut apart is in `plan` (no threads, no
-//! clocks); how each engine loads and runs a model is in `onnxruntime` and `tract`.
+//! clocks); what an engine is, in `backend`; how each engine loads and runs a
+//! model, in `onnxruntime` and `tract`.
 
+mod backend;
 pub mod onnxruntime;
 mod plan;
 mod tract;
@@ -34,8 +36,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use backend::Session;
 use kiln_common::{Error, Result};
-use plan::Session;
 pub use plan::{inspect, signature_of, EngineKind, Plan};
 use tokio::sync::oneshot;
 
@@ -115,6 +117,8 @@ pub struct EngineStats {
     pub failures: u64,
     /// Requests refused because the queue was full.
     pub rejected: u64,
+    /// Requests refused as malformed: not what the model takes (400).
+    pub invalid: u64,
     /// Requests whose deadline passed before they ran.
     pub timeouts: u64,
     /// Batches run successfully (`nv_inference_exec_count`).
@@ -200,6 +204,7 @@ struct Counters {
     requests: AtomicU64,
     failures: AtomicU64,
     rejected: AtomicU64,
+    invalid: AtomicU64,
     timeouts: AtomicU64,
     inferences: AtomicU64,
     rows: AtomicU64,
@@ -330,6 +335,7 @@ impl Engine {
             requests: c.requests.load(Relaxed),
             failures: c.failures.load(Relaxed),
             rejected: c.rejected.load(Relaxed),
+            invalid: c.invalid.load(Relaxed),
             timeouts: c.timeouts.load(Relaxed),
             inferences: c.inferences.load(Relaxed),
             rows: c.rows.load(Relaxed),
@@ -644,6 +650,7 @@ impl Counters {
         self.failures.fetch_add(1, Relaxed);
         match error {
             Error::ResourceExhausted(_) => self.rejected.fetch_add(1, Relaxed),
+            Error::InvalidArgument(_) => self.invalid.fetch_add(1, Relaxed),
             Error::Timeout(_) => self.timeouts.fetch_add(1, Relaxed),
             _ => 0,
         };
@@ -1081,7 +1088,10 @@ pub(super) mod tests {
             .expect("a good request is answered");
         assert_eq!(answer.len(), 1);
         let stats = engine.stats();
-        assert_eq!((stats.failures, stats.requests), (count, 1));
+        assert_eq!(
+            (stats.failures, stats.invalid, stats.requests),
+            (count, count, 1)
+        );
         assert_eq!(stats.inferences, 1, "nothing malformed reached the model");
     }
 

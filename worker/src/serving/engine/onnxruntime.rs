@@ -24,7 +24,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session as OrtSession, SessionInputValue};
 use ort::value::{DynValue, Outlet, Tensor as OrtTensor, TensorElementType, ValueType};
 
-use super::plan::{Backend, Dim, EngineKind, Loaded, Session};
+use super::backend::{Backend, Dim, EngineKind, Loaded, Session};
 use crate::serving::{DataType, Signature, Spec, Tensor};
 
 /// Where a worker looks for the library when none is named: the scripts and the

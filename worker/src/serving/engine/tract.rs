@@ -16,7 +16,7 @@ use tract_onnx::prelude::{
 };
 use tract_onnx::tract_hir::infer::{Factoid as _, GenericFactoid, ShapeFactoid};
 
-use super::plan::{Backend, Dim, EngineKind, Loaded, Session};
+use super::backend::{Backend, Dim, EngineKind, Loaded, Session};
 use crate::serving::{DataType, Signature, Spec, Tensor};
 
 /// An optimised tract plan.
