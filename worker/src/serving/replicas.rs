@@ -385,17 +385,6 @@ async fn load(ctx: &ServingContext, task: &ReplicaTask) -> Result<LocalReplica, 
         "" => None,
         name => Some(EngineKind::parse(name).map_err(|e| e.to_string())?),
     };
-    if let Some(kind) = engine.filter(|k| !EngineKind::available().contains(k)) {
-        return Err(format!(
-            "this worker cannot run engine {} (it runs {}); start it with --onnxruntime-lib",
-            kind.name(),
-            EngineKind::available()
-                .iter()
-                .map(|k| k.name())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-    }
     let config = EngineConfig {
         max_batch_size: task.max_batch_size.max(1) as usize,
         max_queue_delay: Duration::from_micros(task.max_queue_delay_us),

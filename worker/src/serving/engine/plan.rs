@@ -16,7 +16,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 pub use super::backend::EngineKind;
-use super::backend::{Backend, Dim, Session};
+use super::backend::{Backend, Dim, Loaded, Session};
 use super::{onnxruntime, tract};
 use crate::serving::{DataType, Signature, Spec, Tensor};
 
@@ -44,8 +44,7 @@ pub struct Plan {
     backend: Box<dyn Backend>,
     signature: Signature,
     dims: Vec<Vec<Dim>>,
-    batched: bool,
-    /// Why requests are not joined, when they are not.
+    /// Why requests are not joined, when they are not; `None`: they are.
     unbatched: Option<String>,
     /// A session for runs past the batcher (the warm-up, [`Plan::run_alone`]);
     /// the first inference thread takes the warm-up's.
@@ -57,7 +56,7 @@ impl std::fmt::Debug for Plan {
         f.debug_struct("Plan")
             .field("engine", &self.backend.kind())
             .field("signature", &self.signature)
-            .field("batched", &self.batched)
+            .field("unbatched", &self.unbatched)
             .finish_non_exhaustive()
     }
 }
@@ -76,26 +75,27 @@ pub(super) struct Checked {
 /// serve, is an `InvalidArgument` carrying the reason. Blocking: optimising a
 /// large model takes a while.
 pub fn inspect(onnx: &[u8], engine: EngineKind, threads: usize) -> Result<Plan> {
-    let loaded = match engine {
-        EngineKind::OnnxRuntime => onnxruntime::load(onnx, threads)?,
-        EngineKind::Tract => tract::load(onnx)?,
-    };
+    let loaded = load(onnx, engine, threads)?;
     let mut plan = Plan {
         backend: loaded.backend,
         signature: loaded.signature,
         dims: loaded.dims,
-        batched: loaded.batched,
-        unbatched: None,
+        unbatched: (!loaded.batched).then(|| {
+            "not every input and output starts with the same dynamic (batch) dimension".into()
+        }),
         spare: Mutex::new(None),
     };
-    if !plan.batched {
-        plan.unbatched = Some(
-            "not every input and output starts with the same dynamic (batch) dimension".into(),
-        );
-    } else if let Some(reason) = plan.probe_batching() {
+    if let Some(reason) = plan.batched().then(|| plan.probe_batching()).flatten() {
         plan.unbatch(reason);
     }
     Ok(plan)
+}
+
+fn load(onnx: &[u8], engine: EngineKind, threads: usize) -> Result<Loaded> {
+    match engine {
+        EngineKind::OnnxRuntime => onnxruntime::load(onnx, threads),
+        EngineKind::Tract => tract::load(onnx),
+    }
 }
 
 /// Rows the batching probe serves together and one by one.
@@ -104,7 +104,7 @@ const PROBE_ROWS: usize = 3;
 /// Returns what the model takes and gives, for the registry, as the preferred
 /// engine reads it.
 pub fn signature_of(onnx: &[u8]) -> Result<Signature> {
-    Ok(inspect(onnx, EngineKind::preferred(), 1)?.signature)
+    Ok(load(onnx, EngineKind::preferred(), 1)?.signature)
 }
 
 impl Plan {
@@ -115,7 +115,7 @@ impl Plan {
 
     /// Returns true when requests are joined into batches (see the module docs).
     pub fn batched(&self) -> bool {
-        self.batched
+        self.unbatched.is_none()
     }
 
     /// Why requests are not joined into batches; `None` when they are.
@@ -174,7 +174,6 @@ impl Plan {
     /// Serves each request alone from now on: the first dimension is a free one.
     fn unbatch(&mut self, reason: String) {
         tracing::info!(%reason, "requests are served one by one");
-        self.batched = false;
         self.unbatched = Some(reason);
         for dims in &mut self.dims {
             for dim in dims.iter_mut().filter(|d| **d == Dim::Batch) {
@@ -413,7 +412,7 @@ impl Plan {
     /// Returns true when request `next` may join a batch that starts with `first`:
     /// the model is batched and every input's dimensions past the first agree.
     pub(super) fn joinable(&self, first: &[Tensor], next: &[Tensor]) -> bool {
-        self.batched
+        self.batched()
             && first
                 .iter()
                 .zip(next)
@@ -445,7 +444,7 @@ impl Plan {
                 continue;
             }
             let mut shape = first.shape.clone();
-            if self.batched {
+            if self.batched() {
                 shape[0] = rows;
             }
             let size = shape.iter().product::<usize>() * first.datatype.size();
@@ -512,7 +511,7 @@ impl<'p> Outputs<'p> {
                 value.datatype.name(),
                 spec.datatype.name()
             );
-            if plan.batched {
+            if plan.batched() {
                 anyhow::ensure!(
                     value.shape.first() == Some(&rows),
                     "output {:?} has shape {:?} for a batch of {rows} rows",
@@ -535,7 +534,7 @@ impl<'p> Outputs<'p> {
         let value = &self.values[output];
         let spec = &self.plan.signature.outputs[output];
         let mut shape = value.shape.clone();
-        let data = if self.plan.batched && rows != self.rows {
+        let data = if self.plan.batched() && rows != self.rows {
             let row_bytes = value.data.len() / self.rows;
             shape[0] = rows;
             value
