@@ -56,6 +56,9 @@ pub(super) trait Session: Send {
 /// What an engine's loader gives.
 pub(super) struct Loaded {
     pub backend: Box<dyn Backend>,
+    /// A session the loader made anyway (ONNX Runtime reads the signature from
+    /// one): the plan's first spare, so the model is not committed twice.
+    pub first: Option<Box<dyn Session>>,
     pub signature: Signature,
     /// Each input's dimensions, in the model's input order.
     pub dims: Vec<Vec<Dim>>,

@@ -126,8 +126,6 @@ struct Ort {
     threads: usize,
     /// The model's outputs, in its order, as sessions return them.
     outputs: Vec<String>,
-    /// The first session, committed at load; the first thread takes it.
-    first: std::sync::Mutex<Option<OrtSession>>,
 }
 
 struct OrtRun {
@@ -194,13 +192,16 @@ pub(super) fn load(onnx: &[u8], threads: usize) -> Result<Loaded> {
         });
     }
     let batched = outputs_batched && dims.iter().all(|d| d.first() == Some(&Dim::Batch));
-    let names = outputs.iter().map(|o| o.name.clone()).collect();
+    let names: Vec<String> = outputs.iter().map(|o| o.name.clone()).collect();
     Ok(Loaded {
+        first: Some(Box::new(OrtRun {
+            session,
+            outputs: names.clone(),
+        })),
         backend: Box::new(Ort {
             onnx: Bytes::copy_from_slice(onnx),
             threads,
             outputs: names,
-            first: std::sync::Mutex::new(Some(session)),
         }),
         signature: Signature {
             inputs: specs,
@@ -267,17 +268,8 @@ impl Backend for Ort {
     }
 
     fn session(&self) -> anyhow::Result<Box<dyn Session>> {
-        let first = self
-            .first
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        let session = match first {
-            Some(session) => session,
-            None => commit(&self.onnx, self.threads)?,
-        };
         Ok(Box::new(OrtRun {
-            session,
+            session: commit(&self.onnx, self.threads)?,
             outputs: self.outputs.clone(),
         }))
     }

@@ -83,7 +83,7 @@ pub fn inspect(onnx: &[u8], engine: EngineKind, threads: usize) -> Result<Plan> 
         unbatched: (!loaded.batched).then(|| {
             "not every input and output starts with the same dynamic (batch) dimension".into()
         }),
-        spare: Mutex::new(None),
+        spare: Mutex::new(loaded.first),
     };
     if let Some(reason) = plan.batched().then(|| plan.probe_batching()).flatten() {
         plan.unbatch(reason);

@@ -57,6 +57,7 @@ pub(super) fn load(onnx: &[u8]) -> Result<Loaded> {
         });
     let runnable = typed.into_runnable().map_err(refused)?;
     Ok(Loaded {
+        first: None,
         backend: Box::new(Tract { runnable }),
         signature: Signature { inputs, outputs },
         dims,
