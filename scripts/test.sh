@@ -45,6 +45,14 @@ if [ -n "$EXPORTED_MODELS_DIR" ] && [ -n "${KILN_ONNXRUNTIME_LIB:-}" ]; then
 else
   echo "SKIPPED the exported models' test: the exporters or onnxruntime could not be installed" >&2
 fi
+# The users' own training code (tests/tests/command_jobs.rs): an unchanged
+# PyTorch DDP script runs with the exporters' venv's torch (CPU, gloo).
+TORCH_PYTHON="$(kiln_exporters_python)"
+if [ -n "$TORCH_PYTHON" ]; then
+  export TORCH_PYTHON
+else
+  echo "SKIPPED the PyTorch command job test: pip could not install torch" >&2
+fi
 cargo test --workspace -- --test-threads=2
 
 # The GPU code's host side, in the `cuda` build: the row-major products mapped onto

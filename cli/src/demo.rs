@@ -346,9 +346,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
                 path(&opts.dir.join("admin.token"))
             );
         }
+        let kiln = kiln_command();
+        let from = std::env::current_dir()
+            .map(|d| format!(" (from {}, where the CLI finds .kiln/)", d.display()))
+            .unwrap_or_default();
         println!(
-            "\nthe cluster keeps running under {}: try `kiln drift status`, `kiln runs ls`, \
-             `kiln deployments show risk`; stop it with `kiln local down --dir {}`",
+            "\nthe cluster keeps running under {}: try `{kiln} drift status`, `{kiln} runs ls`, \
+             `{kiln} deployments show risk`{from}; stop it with `{kiln} local down --dir {}`",
             path(&opts.dir),
             path(&opts.dir)
         );
@@ -358,6 +362,26 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         bail!("the retrained canary was not promoted: {verdict}");
     }
     Ok(())
+}
+
+/// How a new shell runs this binary: `kiln` when that name on the PATH is this
+/// very file, else its full path (the build leaves it under the target
+/// directory, which no PATH names).
+fn kiln_command() -> String {
+    let Ok(me) = std::env::current_exe().and_then(|p| p.canonicalize()) else {
+        return "kiln".to_string();
+    };
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("kiln"))
+                .find(|candidate| candidate.is_file())
+        })
+        .unwrap_or_default();
+    match on_path.and_then(|p| p.canonicalize().ok()) {
+        Some(found) if found == me => "kiln".to_string(),
+        _ => me.display().to_string(),
+    }
 }
 
 /// Writes [`DATASET_ROWS`] rows of `world` under `work` and pushes them as the

@@ -5,11 +5,15 @@
 //! come otherwise; it exits non-zero unless the job succeeds.
 
 use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_common::client::ClusterClient;
+use kiln_common::jobspec::{Code, JobSpec, Runtime};
+use kiln_common::transfer::{self, PushOptions};
 use kiln_coordinator::state::jobs::is_terminal as ended;
 use kiln_proto::v1::{
     CancelJobRequest, GetJobRequest, JobLogLine, JobLogsRequest, JobRecord, JobState,
@@ -74,6 +78,9 @@ fn job_json(job: &JobRecord) -> Value {
         "checkpoint_step": job.checkpoint_step,
         "model": job.model,
         "spec_digest": job.spec_digest,
+        // The spec as checked: for a command job its command, environment,
+        // code and data versions.
+        "spec": JobSpec::parse(&job.spec_toml).ok(),
     })
 }
 
@@ -115,6 +122,58 @@ async fn get_job(client: &ClusterClient, job_id: u64) -> anyhow::Result<JobRecor
         .context("the coordinators sent no job")
 }
 
+/// A command job whose `command.code` is a directory here: pushes it as a
+/// version of artifact `<name>-code` (only new chunks travel) and returns the
+/// spec naming that version instead. A relative path is relative to the spec's
+/// own directory.
+async fn push_code(
+    client: &Arc<ClusterClient>,
+    spec_path: &Path,
+    spec: &JobSpec,
+    spec_toml: String,
+) -> anyhow::Result<String> {
+    let Some(Code::Path(code)) = spec.command().and_then(|c| c.command.code.as_ref()) else {
+        return Ok(spec_toml);
+    };
+    let base = spec_path.parent().unwrap_or(Path::new("."));
+    let dir = base.join(code);
+    if !dir.exists() {
+        bail!(
+            "{}: command.code = \"{code}\": {} does not exist",
+            spec_path.display(),
+            dir.display()
+        );
+    }
+    let options = PushOptions {
+        name: format!("{}-code", spec.name),
+        media_type: "application/vnd.kiln.code".into(),
+        metadata: [("kiln.source".to_string(), dir.display().to_string())]
+            .into_iter()
+            .collect(),
+        quiet: true,
+        ..PushOptions::default()
+    };
+    let pushed = transfer::push(Arc::clone(client), &dir, options)
+        .await
+        .with_context(|| format!("push the code in {}", dir.display()))?;
+    eprintln!(
+        "code {} pushed as {}@{} ({} file(s), {} new byte(s))",
+        dir.display(),
+        pushed.name,
+        pushed.version,
+        pushed.files,
+        pushed.new_bytes
+    );
+    let mut doc: toml::Table = spec_toml.parse().context("the job spec")?;
+    if let Some(toml::Value::Table(command)) = doc.get_mut("command") {
+        command.insert(
+            "code".into(),
+            toml::Value::String(format!("{}@{}", pushed.name, pushed.version)),
+        );
+    }
+    toml::to_string(&doc).context("write the job spec")
+}
+
 /// `kiln train ...`.
 pub async fn train(client: ClusterClient, command: TrainCommand) -> anyhow::Result<()> {
     match command {
@@ -122,8 +181,10 @@ pub async fn train(client: ClusterClient, command: TrainCommand) -> anyhow::Resu
             let spec_toml = std::fs::read_to_string(&spec)
                 .with_context(|| format!("read the job spec {}", spec.display()))?;
             // Checked here too, so that a bad spec fails before any network call.
-            kiln_common::jobspec::JobSpec::parse(&spec_toml)
+            let parsed = kiln_common::jobspec::JobSpec::parse(&spec_toml)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", spec.display()))?;
+            let client = Arc::new(client);
+            let spec_toml = push_code(&client, &spec, &parsed, spec_toml).await?;
             let request = SubmitJobRequest { spec_toml };
             let resp = client
                 .call(|mut c| {
@@ -259,6 +320,26 @@ pub async fn run(client: ClusterClient, command: JobsCommand) -> anyhow::Result<
                 job.attempt, job.failures, job.max_failures
             );
             println!("run:        {}", job.run_id);
+            if let Some(command) = JobSpec::parse(&job.spec_toml)
+                .ok()
+                .and_then(|spec| spec.command().cloned())
+            {
+                println!("command:    {}", command.command.run.join(" "));
+                if let Some(Code::Artifact(code)) = &command.command.code {
+                    println!("code:       {code}");
+                }
+                let runtime = match &command.environment.runtime {
+                    Runtime::Host => "the worker's PATH".to_string(),
+                    Runtime::Python(p) => format!("python {p}"),
+                    Runtime::Pip(reqs) => format!("pip {}", reqs.join(" ")),
+                    Runtime::Image(image) => format!("image {image}"),
+                };
+                println!("runtime:    {runtime}");
+                if let Some(data) = &command.data {
+                    println!("data:       {data}");
+                }
+            }
+            println!("spec:       {}", job.spec_digest);
             if let Some(p) = &job.progress {
                 let accuracy = accuracy_text(p.accuracy);
                 println!(
@@ -287,13 +368,16 @@ pub async fn run(client: ClusterClient, command: JobsCommand) -> anyhow::Result<
             }
             Ok(())
         }
-        JobsCommand::Logs { job, follow } => {
+        JobsCommand::Logs { job, follow, rank } => {
             let mut after_seq = 0;
             loop {
                 let lines = log_lines(&client, job, after_seq).await?;
                 let more = lines.len() == LOG_PAGE as usize;
                 for line in lines {
                     after_seq = line.seq;
+                    if rank.is_some_and(|r| r != line.rank) {
+                        continue;
+                    }
                     println!(
                         "{} [attempt {} rank {}] {}",
                         line.at_ms, line.attempt, line.rank, line.line

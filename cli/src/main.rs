@@ -359,6 +359,11 @@ enum JobsCommand {
         /// Keeps printing new lines until the job ends.
         #[arg(long, short)]
         follow: bool,
+        /// Only the lines of this rank (a command job's rank writes its
+        /// program's output; every line is also in the rank's log file on its
+        /// worker, which the job's log names).
+        #[arg(long)]
+        rank: Option<u32>,
     },
     /// Cancels a job; its shards stop.
     Cancel { job: u64 },

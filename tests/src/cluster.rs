@@ -753,6 +753,57 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).to_string()
     }
 
+    /// Pushes `path` as a version of artifact `name`, again until it is taken:
+    /// a worker that has just come alive may not know the token yet.
+    pub async fn push_when_taken(&self, path: &Path, name: &str) {
+        let path = path.display().to_string();
+        crate::wait_for(
+            Duration::from_secs(30),
+            "workers that take the artifact",
+            || {
+                let path = path.clone();
+                async move {
+                    let push = self
+                        .run_cli(&["artifact", "push", &path, "--name", name, "--json"])
+                        .await;
+                    push.status
+                        .success()
+                        .then_some(())
+                        .ok_or_else(|| crate::stderr_text(&push))
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Writes `text` to `path` and submits it with `kiln train submit`;
+    /// returns the job id.
+    pub async fn submit_job(&self, path: &Path, text: &str) -> u64 {
+        std::fs::write(path, text).expect("write spec");
+        let shown = path.display().to_string();
+        let out = self.cli_ok(&["train", "submit", &shown, "--json"]).await;
+        let doc: serde_json::Value = serde_json::from_str(&out).expect("submit --json prints JSON");
+        doc["job_id"].as_u64().expect("a job id")
+    }
+
+    /// `kiln jobs show JOB --json`.
+    pub async fn job(&self, job: u64) -> serde_json::Value {
+        let text = self
+            .cli_ok(&["jobs", "show", &job.to_string(), "--json"])
+            .await;
+        serde_json::from_str(&text).expect("jobs show --json prints JSON")
+    }
+
+    /// The CPU cores of the first worker `kiln status` lists.
+    pub async fn worker_cores(&self) -> u32 {
+        let status: serde_json::Value =
+            serde_json::from_str(&self.cli_ok(&["status", "--json"]).await)
+                .expect("status --json prints JSON");
+        status["workers"][0]["resources"]["cpu_cores"]
+            .as_u64()
+            .expect("cores") as u32
+    }
+
     /// Runs a CLI command like [`Cluster::run_cli`], within `timeout`, and returns
     /// its peak resident memory in bytes too.
     pub async fn run_cli_measured(&self, args: &[&str], timeout: Duration) -> (Output, u64) {

@@ -25,28 +25,7 @@ async fn cluster_with_config(
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("blobs.csv");
     std::fs::write(&data, blobs_csv(rows, 7)).expect("write data");
-    let data_text = data.display().to_string();
-    // A worker that has just come alive may not know the token yet: push again
-    // until one takes the dataset.
-    kiln_tests::wait_for(
-        Duration::from_secs(30),
-        "workers that take the dataset",
-        || {
-            let cluster = &cluster;
-            let data = data_text.clone();
-            async move {
-                let push = cluster
-                    .run_cli(&["artifact", "push", &data, "--name", "blobs", "--json"])
-                    .await;
-                if push.status.success() {
-                    Ok(())
-                } else {
-                    Err(stderr_text(&push))
-                }
-            }
-        },
-    )
-    .await;
+    cluster.push_when_taken(&data, "blobs").await;
     (cluster, dir)
 }
 
@@ -107,34 +86,16 @@ cpus_per_shard = {cpus}
 
 /// The CPU cores of the (alike) workers.
 async fn worker_cores(cluster: &Cluster) -> u32 {
-    let out = cluster.run_cli(&["status", "--json"]).await;
-    let status: Value = serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
-    status["workers"][0]["resources"]["cpu_cores"]
-        .as_u64()
-        .expect("cores") as u32
+    cluster.worker_cores().await
 }
 
 /// Submits a spec through the CLI; returns the job id.
 async fn submit(cluster: &Cluster, dir: &Path, file: &str, text: &str) -> u64 {
-    let path = dir.join(file);
-    std::fs::write(&path, text).expect("write spec");
-    let path = path.display().to_string();
-    let out = cluster.run_cli(&["train", "submit", &path, "--json"]).await;
-    assert!(out.status.success(), "submit {file}: {}", stderr_text(&out));
-    let doc: Value = serde_json::from_slice(&out.stdout).expect("submit --json prints JSON");
-    doc["job_id"].as_u64().expect("a job id")
+    cluster.submit_job(&dir.join(file), text).await
 }
 
 async fn show(cluster: &Cluster, job: u64) -> Value {
-    let out = cluster
-        .run_cli(&["jobs", "show", &job.to_string(), "--json"])
-        .await;
-    assert!(
-        out.status.success(),
-        "jobs show {job}: {}",
-        stderr_text(&out)
-    );
-    serde_json::from_slice(&out.stdout).expect("jobs show --json prints JSON")
+    cluster.job(job).await
 }
 
 /// Waits until job `job` is in `state`; returns its record.

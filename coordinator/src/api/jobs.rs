@@ -5,7 +5,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use kiln_common::jobspec::{DataFormat, JobSpec};
+use kiln_common::jobspec::{
+    ArtifactRef, Code, CommandJob, DataFormat, DataSpec, JobSpec, Runtime, Workload,
+};
 use kiln_common::{Error, Result};
 use kiln_proto::v1::*;
 
@@ -128,31 +130,86 @@ impl Api {
     /// (CSV), and some worker could hold one shard.
     async fn check_job(&self, spec: &JobSpec) -> Result<()> {
         let mut problems = Vec::new();
+        match &spec.workload {
+            Workload::Builtin(builtin) => self.check_dataset(&builtin.data, &mut problems).await?,
+            Workload::Command(job) => self.check_command(job, &mut problems).await?,
+        }
+        self.check_fits(spec, &mut problems)?;
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(
+                kiln_common::jobspec::SpecErrors(problems).to_string(),
+            ))
+        }
+    }
+
+    /// Whether an artifact version exists (`None`), or the problem with it.
+    async fn missing_version(&self, key: &str, artifact: &ArtifactRef) -> Result<Option<String>> {
+        match self
+            .get_artifact_call(GetArtifactRequest {
+                name: artifact.name.clone(),
+                reference: artifact.version.to_string(),
+            })
+            .await
+        {
+            Ok(_) => Ok(None),
+            Err(Error::NotFound(_)) => Ok(Some(format!("{key}: {artifact} does not exist"))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A command job's code and data versions exist, and its code is not a path
+    /// on the submitting machine (the CLI pushes that).
+    async fn check_command(&self, job: &CommandJob, problems: &mut Vec<String>) -> Result<()> {
+        match &job.command.code {
+            Some(Code::Path(path)) => problems.push(format!(
+                "command.code = \"{path}\" is a directory on the submitting machine; submit the spec with `kiln train submit`, which pushes it as an artifact, or name an artifact version (NAME@NUMBER)"
+            )),
+            Some(Code::Artifact(code)) => {
+                problems.extend(self.missing_version("command.code", code).await?);
+            }
+            None => {}
+        }
+        if let Some(data) = &job.data {
+            problems.extend(self.missing_version("data.artifact", data).await?);
+        }
+        if let Runtime::Image(image) = &job.environment.runtime {
+            problems.push(format!(
+                "environment.image = \"{image}\": this kiln runs command jobs as processes on the workers (environment.python or the worker's PATH); container ranks are not built yet"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The built-in trainer's dataset version exists and holds a file of the
+    /// spec's format whose columns (CSV) include the label and features.
+    async fn check_dataset(&self, spec: &DataSpec, problems: &mut Vec<String>) -> Result<()> {
         let dataset = self
             .get_artifact_call(GetArtifactRequest {
-                name: spec.data.artifact.clone(),
-                reference: spec.data.version.to_string(),
+                name: spec.artifact.clone(),
+                reference: spec.version.to_string(),
             })
             .await;
         match dataset {
             Err(Error::NotFound(_)) => problems.push(format!(
                 "data.artifact: {}@{} does not exist",
-                spec.data.artifact, spec.data.version
+                spec.artifact, spec.version
             )),
             Err(e) => return Err(e),
             Ok(found) => {
                 let version = found.version.unwrap_or_default();
                 let paths: Vec<&str> = version.files.iter().map(|f| f.path.as_str()).collect();
-                let chosen = spec.data.files(&paths);
+                let chosen = spec.files(&paths);
                 match chosen.first() {
                     None => problems.push(format!(
                         "data.artifact: {}@{} holds no {} file (its files: {})",
-                        spec.data.artifact,
-                        spec.data.version,
-                        spec.data.format.extension(),
+                        spec.artifact,
+                        spec.version,
+                        spec.format.extension(),
                         paths.join(", ")
                     )),
-                    Some(path) if spec.data.format == DataFormat::Csv => {
+                    Some(path) if spec.format == DataFormat::Csv => {
                         let file = version
                             .files
                             .iter()
@@ -171,14 +228,13 @@ impl Api {
                             )?;
                             let bytes = self.peers.fetch_chunk(id, &replicas).await?;
                             let columns = csv_header(&bytes)?;
-                            let wanted =
-                                std::iter::once(&spec.data.label).chain(spec.data.features.iter());
+                            let wanted = std::iter::once(&spec.label).chain(spec.features.iter());
                             for column in wanted {
                                 if !columns.contains(column) {
                                     problems.push(format!(
                                         "column '{column}' is not in {path} of {}@{} (its columns: {})",
-                                        spec.data.artifact,
-                                        spec.data.version,
+                                        spec.artifact,
+                                        spec.version,
                                         columns.join(", ")
                                     ));
                                 }
@@ -189,6 +245,11 @@ impl Api {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Some worker could hold one shard.
+    fn check_fits(&self, spec: &JobSpec, problems: &mut Vec<String>) -> Result<()> {
         let workers = self.reader.workers().map_err(storage)?;
         let usable: Vec<&WorkerRecord> = workers
             .iter()
@@ -220,13 +281,7 @@ impl Api {
                 usable.len()
             ));
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::InvalidArgument(
-                kiln_common::jobspec::SpecErrors(problems).to_string(),
-            ))
-        }
+        Ok(())
     }
 
     /// Checks and queues a job.

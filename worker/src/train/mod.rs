@@ -4,6 +4,8 @@
 //!   checkpoint and export shares.
 //! - `bench`: the training-speed benchmark (one shard's step on a reference MLP).
 //! - `checkpoint`: a shard's training state as one safetensors file.
+//! - `command`: a rank of a command job, the user's own program as a process
+//!   group with torchrun's environment (the other way a shard runs).
 //! - `data`: a CSV or Parquet table as a feature matrix and a target (classes or
 //!   values), standardisation statistics over the whole table, each rank's rows.
 //! - `onnx`: the trained network, its standardisation and its class names as one
@@ -20,6 +22,7 @@
 pub mod arch;
 pub mod bench;
 pub mod checkpoint;
+pub mod command;
 pub mod data;
 #[cfg(feature = "cuda")]
 pub mod gpu;

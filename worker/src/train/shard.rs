@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_common::client::ClusterClient;
-use kiln_common::jobspec::{DataFormat, JobSpec, ModelKind};
+use kiln_common::jobspec::{Builtin, DataFormat, JobSpec, ModelKind, Workload};
 use kiln_common::reference::ReferenceStats;
 use kiln_proto::v1::{
     GetJobRequest, JobProgress, JobState, MetricPoint, ModelVersion, RegisterModelRequest,
@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::arch::{Arch, Task};
 use super::checkpoint::{self, Checkpoint};
+use super::command;
 use super::data::{self, partition, Dataset, Standardizer, Target};
 use super::model::{Batch, Engine, Model};
 use super::onnx::{self, ExportMeta};
@@ -46,6 +47,8 @@ use crate::collective::communicator::{nccl_wanted, new_nccl_id};
 use crate::collective::{Backend, Collective, NcclConfig, Ring, RingConfig, RingKey};
 use kiln_common::transfer::{self, PushOptions};
 
+/// Most log lines one report carries (the coordinators keep no more of one).
+const MAX_REPORT_LINES: usize = 200;
 /// Longest wait for every rank of an attempt to report its data address.
 pub const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(120);
 /// Pause between two looks at the job during rendezvous.
@@ -75,27 +78,40 @@ pub enum Outcome {
     Failed,
 }
 
-type ShardResult<T> = Result<T, String>;
+pub(super) type ShardResult<T> = Result<T, String>;
 
 /// Reports to the coordinators on behalf of one shard.
-struct Reporter {
+pub(super) struct Reporter {
     client: Arc<ClusterClient>,
     task: ShardTask,
     log: Vec<String>,
 }
 
 impl Reporter {
-    fn log(&mut self, line: String) {
+    pub(super) fn log(&mut self, line: String) {
         tracing::info!(job = self.task.job_id, rank = self.task.rank, "{line}");
         self.log.push(line);
     }
 
-    /// Sends a report with the pending log lines; returns whether to keep running.
-    async fn send(&mut self, mut report: ReportShard) -> ShardResult<bool> {
+    /// Queues a line of a rank's own output for the job's log (the worker's
+    /// log does not repeat it).
+    pub(super) fn forward(&mut self, line: String) {
+        self.log.push(line);
+    }
+
+    /// Whether log lines wait to be sent.
+    pub(super) fn pending(&self) -> bool {
+        !self.log.is_empty()
+    }
+
+    /// Sends a report with the pending log lines (at most as many as one report
+    /// carries; the rest go with the next); returns whether to keep running.
+    pub(super) async fn send(&mut self, mut report: ReportShard) -> ShardResult<bool> {
         report.job_id = self.task.job_id;
         report.attempt = self.task.attempt;
         report.rank = self.task.rank;
-        report.log = std::mem::take(&mut self.log);
+        let rest = self.log.split_off(self.log.len().min(MAX_REPORT_LINES));
+        report.log = std::mem::replace(&mut self.log, rest);
         let request = ReportShardRequest {
             report: Some(report),
         };
@@ -109,7 +125,7 @@ impl Reporter {
             .map_err(|e| format!("report to the coordinators: {e}"))
     }
 
-    async fn state(&mut self, state: ShardState) -> ShardResult<bool> {
+    pub(super) async fn state(&mut self, state: ShardState) -> ShardResult<bool> {
         self.send(ReportShard {
             state: state as i32,
             ..Default::default()
@@ -137,15 +153,33 @@ pub async fn run(
         task: task.clone(),
         log: Vec::new(),
     };
-    let result = tokio::select! {
-        r = train(&ctx, &task, &dir, &mut reporter) => r,
-        _ = cancel.cancelled() => Ok(Outcome::Stopped),
-        _ = lapse.cancelled() => Err(
-            "the worker had no answer from the coordinators within the shard lease; \
-             stopped so that the gang can be placed again"
-                .to_string(),
-        ),
+    let result = match JobSpec::parse(&task.spec_toml) {
+        Err(e) => Err(e.to_string()),
+        Ok(spec) => match &spec.workload {
+            Workload::Builtin(builtin) => tokio::select! {
+                r = train(&ctx, &task, &spec, builtin, &dir, &mut reporter) => r,
+                _ = cancel.cancelled() => Ok(Outcome::Stopped),
+                _ = lapse.cancelled() => Err(command::LAPSED.to_string()),
+            },
+            // A program stops in its own time: its grace, then SIGKILL.
+            Workload::Command(job) => {
+                command::run(
+                    &ctx,
+                    &task,
+                    &spec,
+                    job,
+                    &dir,
+                    &mut reporter,
+                    &cancel,
+                    &lapse,
+                )
+                .await
+            }
+        },
     };
+    // A staged dataset is read-only.
+    let cleanup = dir.clone();
+    let _ = tokio::task::spawn_blocking(move || command::make_writable(&cleanup)).await;
     let _ = tokio::fs::remove_dir_all(&dir).await;
     match result {
         Ok(outcome) => outcome,
@@ -165,7 +199,7 @@ pub async fn run(
 }
 
 /// Reads the dataset version the spec names into memory.
-async fn load_dataset(ctx: &ShardContext, spec: &JobSpec, dir: &Path) -> ShardResult<Dataset> {
+async fn load_dataset(ctx: &ShardContext, spec: &Builtin, dir: &Path) -> ShardResult<Dataset> {
     let reference = format!("{}@{}", spec.data.artifact, spec.data.version);
     let out = dir.join("data");
     let pulled = pull(Arc::clone(&ctx.client), reference.clone(), out)
@@ -214,7 +248,7 @@ async fn load_dataset(ctx: &ShardContext, spec: &JobSpec, dir: &Path) -> ShardRe
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// Pulls `reference` quietly into `out`.
-fn pull(
+pub(super) fn pull(
     client: Arc<ClusterClient>,
     reference: String,
     out: PathBuf,
@@ -223,7 +257,7 @@ fn pull(
 }
 
 /// Pushes the file or directory `path` quietly as a new version.
-fn push(
+pub(super) fn push(
     client: Arc<ClusterClient>,
     path: PathBuf,
     options: PushOptions,
@@ -232,7 +266,7 @@ fn push(
 }
 
 /// The files of a pulled dataset the trainer reads.
-fn data_files(root: &Path, spec: &JobSpec) -> Result<Vec<PathBuf>, String> {
+fn data_files(root: &Path, spec: &Builtin) -> Result<Vec<PathBuf>, String> {
     if root.is_file() {
         return Ok(vec![root.to_path_buf()]);
     }
@@ -258,7 +292,7 @@ fn data_files(root: &Path, spec: &JobSpec) -> Result<Vec<PathBuf>, String> {
 }
 
 /// The network a spec and a dataset call for.
-pub fn arch_of(spec: &JobSpec, dataset: &Dataset) -> Arch {
+pub fn arch_of(spec: &Builtin, dataset: &Dataset) -> Arch {
     Arch {
         inputs: dataset.features.len(),
         hidden: match spec.model.kind {
@@ -277,14 +311,19 @@ pub fn arch_of(spec: &JobSpec, dataset: &Dataset) -> Arch {
 
 /// Where the ranks of an attempt meet: every rank's data address, and rank 0's
 /// NCCL id when the gang uses GPUs.
-struct Meeting {
-    addrs: Vec<String>,
+pub(super) struct Meeting {
+    pub addrs: Vec<String>,
+    /// The worker of each rank.
+    pub workers: Vec<String>,
     nccl_id: Vec<u8>,
 }
 
 /// Waits until every rank of this attempt has reported its data address (rank 0
 /// reports its NCCL id in the same report); `None` when the attempt is over.
-async fn rendezvous(ctx: &ShardContext, task: &ShardTask) -> ShardResult<Option<Meeting>> {
+pub(super) async fn rendezvous(
+    ctx: &ShardContext,
+    task: &ShardTask,
+) -> ShardResult<Option<Meeting>> {
     let deadline = Instant::now() + RENDEZVOUS_TIMEOUT;
     loop {
         let request = GetJobRequest {
@@ -301,14 +340,17 @@ async fn rendezvous(ctx: &ShardContext, task: &ShardTask) -> ShardResult<Option<
             return Ok(None);
         }
         let mut addrs = vec![String::new(); job.shards.len()];
+        let mut workers = vec![String::new(); job.shards.len()];
         for shard in &job.shards {
             if let Some(slot) = addrs.get_mut(shard.rank as usize) {
                 slot.clone_from(&shard.data_addr);
+                workers[shard.rank as usize].clone_from(&shard.worker_id);
             }
         }
         if addrs.iter().all(|a| !a.is_empty()) && addrs.len() == task.world as usize {
             return Ok(Some(Meeting {
                 addrs,
+                workers,
                 nccl_id: job.nccl_id,
             }));
         }
@@ -355,7 +397,7 @@ async fn load_checkpoint(
 async fn save_checkpoint(
     ctx: &ShardContext,
     task: &ShardTask,
-    spec: &JobSpec,
+    spec: &Builtin,
     checkpoint: &Checkpoint,
     dir: &Path,
 ) -> ShardResult<String> {
@@ -407,7 +449,8 @@ pub const REFERENCE_FILE: &str = "reference.json";
 async fn publish_model(
     ctx: &ShardContext,
     task: &ShardTask,
-    spec: &JobSpec,
+    job: &JobSpec,
+    spec: &Builtin,
     model: &Model,
     standardizer: &Standardizer,
     raw_x: &[f32],
@@ -457,7 +500,7 @@ async fn publish_model(
             .map_err(|e| format!("write {file}: {e}"))?;
     }
     let options = PushOptions {
-        name: kiln_common::artifact::model_artifact(&spec.name),
+        name: kiln_common::artifact::model_artifact(&job.name),
         parents: vec![dataset_ref.clone()],
         produced_by: task.run_id.clone(),
         media_type: "application/vnd.kiln.model".into(),
@@ -483,7 +526,7 @@ async fn publish_model(
         shape: vec![-1, width as i64],
     };
     let version = ModelVersion {
-        name: spec.name.clone(),
+        name: job.name.clone(),
         artifact: format!("{}@{}", pushed.name, pushed.version),
         run_id: task.run_id.clone(),
         job_id: task.job_id,
@@ -500,6 +543,12 @@ async fn publish_model(
         reference: reference_stats.to_proto(),
         ..Default::default()
     };
+    register(ctx, version).await
+}
+
+/// Registers a model version a job produced; returns its `NAME@VERSION`.
+pub(super) async fn register(ctx: &ShardContext, version: ModelVersion) -> ShardResult<String> {
+    let name = version.name.clone();
     let request = RegisterModelRequest {
         model: Some(version),
     };
@@ -511,7 +560,7 @@ async fn publish_model(
         })
         .await
         .map_err(|e| format!("register the model: {e}"))?;
-    Ok(format!("{}@{}", spec.name, registered.version))
+    Ok(format!("{name}@{}", registered.version))
 }
 
 /// Row-wise softmax of `rows × width` logits.
@@ -558,10 +607,11 @@ fn metric(key: &str, value: f64, step: u64) -> MetricPoint {
 async fn train(
     ctx: &ShardContext,
     task: &ShardTask,
+    job: &JobSpec,
+    spec: &Builtin,
     dir: &Path,
     reporter: &mut Reporter,
 ) -> ShardResult<Outcome> {
-    let spec = JobSpec::parse(&task.spec_toml).map_err(|e| e.to_string())?;
     tokio::fs::create_dir_all(dir)
         .await
         .map_err(|e| format!("create {}: {e}", dir.display()))?;
@@ -600,7 +650,7 @@ async fn train(
         return Ok(Outcome::Stopped);
     }
 
-    let mut dataset = load_dataset(ctx, &spec, dir).await?;
+    let mut dataset = load_dataset(ctx, spec, dir).await?;
     let standardizer = Standardizer::fit(&dataset);
     // The raw inputs feed the reference statistics (live requests arrive raw);
     // only rank 0 publishes the model.
@@ -610,7 +660,7 @@ async fn train(
         Vec::new()
     };
     standardizer.apply(&mut dataset.x);
-    let arch = arch_of(&spec, &dataset);
+    let arch = arch_of(spec, &dataset);
     let mut model = Model::init(arch.clone(), spec.train.seed);
     let n = model.params().len();
     let mut optimizer = Optimizer::new(&spec.optimizer, n);
@@ -791,7 +841,7 @@ async fn train(
                     .into_iter()
                     .collect(),
             };
-            report.checkpoint = save_checkpoint(ctx, task, &spec, &saved, dir).await?;
+            report.checkpoint = save_checkpoint(ctx, task, spec, &saved, dir).await?;
             report.checkpoint_step = done;
             reporter.log(format!("checkpoint {} at step {done}", report.checkpoint));
         }
@@ -830,7 +880,7 @@ async fn train(
             .into_iter()
             .collect(),
         };
-        last.checkpoint = save_checkpoint(ctx, task, &spec, &saved, dir).await?;
+        last.checkpoint = save_checkpoint(ctx, task, spec, &saved, dir).await?;
         last.checkpoint_step = optimizer.steps();
         let summary = FinalMetrics {
             loss: last_loss,
@@ -839,7 +889,8 @@ async fn train(
         last.model = publish_model(
             ctx,
             task,
-            &spec,
+            job,
+            spec,
             &model,
             &standardizer,
             &raw_x,

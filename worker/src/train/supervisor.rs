@@ -28,8 +28,20 @@ use super::shard::{self, Outcome, ShardContext};
 /// How often the supervisor looks at its shards and the lease, besides when the
 /// desired list changes.
 const TICK: Duration = Duration::from_millis(250);
-/// Longest a shard told to stop may take before it is aborted.
+/// Longest a shard told to stop may take before it is aborted; a command
+/// job's rank has its own grace (`command.grace_secs`) and this much more.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// How long shard `task` may take to stop.
+fn stop_grace(task: &ShardTask) -> Duration {
+    kiln_common::jobspec::JobSpec::parse(&task.spec_toml)
+        .ok()
+        .and_then(|spec| {
+            spec.command()
+                .map(|c| Duration::from_secs(u64::from(c.command.grace_secs)) + STOP_GRACE)
+        })
+        .unwrap_or(STOP_GRACE)
+}
 
 /// A shard's identity: job, attempt, rank.
 type Key = (u64, u32, u32);
@@ -111,6 +123,8 @@ struct Running {
     lapses: u64,
     /// When it was told to stop.
     stopping_since: Option<Instant>,
+    /// How long it may take to stop.
+    grace: Duration,
     /// Whether it was aborted after its stop grace.
     aborted: bool,
 }
@@ -148,6 +162,8 @@ pub async fn supervise(
     running_now: Arc<watch::Sender<Vec<RunningShard>>>,
     shutdown: CancellationToken,
 ) {
+    // Ranks of command jobs an earlier life of this worker could not stop.
+    super::command::reap_orphans(&ctx.work_dir);
     let mut running: HashMap<Key, Running> = HashMap::new();
     let mut ended: HashSet<Key> = HashSet::new();
     loop {
@@ -179,13 +195,13 @@ pub async fn supervise(
         let lapses = lease.lapses();
         for (k, r) in &mut running {
             if let Some(since) = r.stopping_since {
-                if since.elapsed() > STOP_GRACE && !r.aborted {
+                if since.elapsed() > r.grace && !r.aborted {
                     r.aborted = true;
                     tracing::warn!(
                         job = k.0,
                         attempt = k.1,
                         rank = k.2,
-                        grace_s = STOP_GRACE.as_secs(),
+                        grace_s = r.grace.as_secs(),
                         "a training shard did not stop within its grace; aborting it"
                     );
                     r.handle.abort();
@@ -216,6 +232,7 @@ pub async fn supervise(
                 );
                 let stop = shutdown.child_token();
                 let lapse = CancellationToken::new();
+                let grace = stop_grace(&task);
                 let handle =
                     tokio::spawn(shard::run(ctx.clone(), task, stop.clone(), lapse.clone()));
                 running.insert(
@@ -226,6 +243,7 @@ pub async fn supervise(
                         handle,
                         lapses,
                         stopping_since: None,
+                        grace,
                         aborted: false,
                     },
                 );
