@@ -346,10 +346,31 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
                 path(&opts.dir.join("admin.token"))
             );
         }
-        let kiln = kiln_command();
-        let from = std::env::current_dir()
-            .map(|d| format!(" (from {}, where the CLI finds .kiln/)", d.display()))
-            .unwrap_or_default();
+        // The CLI finds a local cluster through `.kiln/` in the directory it
+        // runs from; a cluster elsewhere is named with flags.
+        let mut kiln = kiln_command();
+        let from = match (opts.dir.file_name(), opts.dir.parent()) {
+            (Some(name), Some(parent)) if name == ".kiln" => {
+                let parent = if parent.as_os_str().is_empty() {
+                    std::env::current_dir().unwrap_or_default()
+                } else {
+                    parent.to_path_buf()
+                };
+                format!(" (from {}, where the CLI finds .kiln/)", path(&parent))
+            }
+            _ => {
+                if let Some(c) = info.coordinators.first() {
+                    kiln.push_str(&format!(" --coordinator {}", c.addr));
+                }
+                if let Some(ca) = &info.ca {
+                    kiln.push_str(&format!(" --ca {}", path(ca)));
+                }
+                if let Some(token) = &info.token_file {
+                    kiln.push_str(&format!(" --token-file {}", path(token)));
+                }
+                String::new()
+            }
+        };
         println!(
             "\nthe cluster keeps running under {}: try `{kiln} drift status`, `{kiln} runs ls`, \
              `{kiln} deployments show risk`{from}; stop it with `{kiln} local down --dir {}`",

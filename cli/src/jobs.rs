@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_common::client::ClusterClient;
-use kiln_common::jobspec::{Code, JobSpec, Runtime};
+use kiln_common::jobspec::{Code, JobSpec};
 use kiln_common::transfer::{self, PushOptions};
 use kiln_coordinator::state::jobs::is_terminal as ended;
 use kiln_proto::v1::{
@@ -328,13 +328,7 @@ pub async fn run(client: ClusterClient, command: JobsCommand) -> anyhow::Result<
                 if let Some(Code::Artifact(code)) = &command.command.code {
                     println!("code:       {code}");
                 }
-                let runtime = match &command.environment.runtime {
-                    Runtime::Host => "the worker's PATH".to_string(),
-                    Runtime::Python(p) => format!("python {p}"),
-                    Runtime::Pip(reqs) => format!("pip {}", reqs.join(" ")),
-                    Runtime::Image(image) => format!("image {image}"),
-                };
-                println!("runtime:    {runtime}");
+                println!("runtime:    {}", command.environment.runtime);
                 if let Some(data) = &command.data {
                     println!("data:       {data}");
                 }

@@ -1870,6 +1870,9 @@ fn print_status(s: &kiln_proto::v1::ClusterStatusResponse) {
             w.inference_http_addr,
             w.inference_grpc_addr
         );
+        if !r.memory_limits.is_empty() {
+            println!("      memory limits of job ranks: {}", r.memory_limits);
+        }
     }
     if !s.hosts.is_empty() {
         println!("\nhost load (last telemetry)");

@@ -82,7 +82,8 @@ pub fn allows(role: Role, need: Permission) -> bool {
         Role::Operator => need != Permission::Admin,
         Role::Viewer => need == Permission::Read,
         Role::Inference => need == Permission::Infer,
-        Role::Unspecified => false,
+        // Only through a scoped check (`verify_bearer_scoped`).
+        Role::Job | Role::Unspecified => false,
     }
 }
 
@@ -136,6 +137,7 @@ pub fn mint(
         hash: digest(&salt, &secret).as_bytes().to_vec(),
         created_at_ms,
         expires_at_ms,
+        ..TokenRecord::default()
     };
     (format!("{TOKEN_PREFIX}{name}.{secret}"), record)
 }
@@ -162,12 +164,34 @@ pub fn claimed_name(authorization: Option<&str>) -> Option<String> {
 /// secret, so that names cannot be probed.
 const INVALID_TOKEN: &str = "invalid or revoked token";
 
-/// Checks a bearer `authorization` header against the token records `lookup`
-/// finds, and returns the caller, or an error when it may not do `need`.
+/// What a job's token (`ROLE_JOB`) may touch, named by the endpoint that is
+/// called: its own run (read and write), or its run's experiment (read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    Run(&'a str),
+    Experiment(&'a str),
+}
+
+/// Returns the caller that an `authorization` header names, or an error when
+/// the token is unknown, wrong, expired, or its role may not do `need`. A job's
+/// token may do nothing here: see [`verify_bearer_scoped`].
 pub fn verify_bearer(
     authorization: Option<&str>,
     lookup: impl FnOnce(&str) -> Result<Option<TokenRecord>>,
     need: Permission,
+    now_ms: u64,
+) -> Result<Caller> {
+    verify_bearer_scoped(authorization, lookup, need, None, now_ms)
+}
+
+/// [`verify_bearer`] for an endpoint about one run or experiment (`scope`): a
+/// job's token passes when the run is its job's own (or, to read, when the
+/// experiment is its run's).
+pub fn verify_bearer_scoped(
+    authorization: Option<&str>,
+    lookup: impl FnOnce(&str) -> Result<Option<TokenRecord>>,
+    need: Permission,
+    scope: Option<Scope<'_>>,
     now_ms: u64,
 ) -> Result<Caller> {
     let header = authorization.ok_or_else(|| {
@@ -196,12 +220,31 @@ pub fn verify_bearer(
         return Err(Error::Unauthenticated(format!("token {name} has expired")));
     }
     let role = Role::try_from(record.role).unwrap_or(Role::Unspecified);
-    if !allows(role, need) {
-        return Err(Error::PermissionDenied(format!(
-            "token {name} has role {} which may not {}",
-            role_name(role),
-            need.describe()
-        )));
+    let allowed = match role {
+        Role::Job => match (scope, need) {
+            (Some(Scope::Run(run)), Permission::Read | Permission::Write) => {
+                !run.is_empty() && run == record.run_id
+            }
+            (Some(Scope::Experiment(experiment)), Permission::Read) => {
+                !experiment.is_empty() && experiment == record.experiment_id
+            }
+            _ => false,
+        },
+        _ => allows(role, need),
+    };
+    if !allowed {
+        return Err(Error::PermissionDenied(if role == Role::Job {
+            format!(
+                "token {name} is job {}'s own: it may read and write run {} (and read its experiment) through MLflow's API, nothing else",
+                record.job_id, record.run_id
+            )
+        } else {
+            format!(
+                "token {name} has role {} which may not {}",
+                role_name(role),
+                need.describe()
+            )
+        }));
     }
     Ok(Caller::Token {
         name: name.to_string(),
@@ -508,6 +551,53 @@ mod tests {
             waited >= TOKEN_REFRESH_WAIT && waited < TOKEN_REFRESH_WAIT * 2,
             "waited {waited:?}"
         );
+    }
+
+    #[test]
+    fn a_jobs_token_reaches_its_own_run_and_experiment_and_nothing_else() {
+        let (token, mut record) = mint("job-7", Role::Job, 1, 0);
+        record.run_id = "r1".into();
+        record.experiment_id = "3".into();
+        record.job_id = 7;
+        let header = format!("Bearer {token}");
+        let check = |need, scope| {
+            verify_bearer_scoped(Some(&header), |_| Ok(Some(record.clone())), need, scope, 10)
+        };
+        use Permission::*;
+        assert!(check(Write, Some(Scope::Run("r1"))).is_ok());
+        assert!(check(Read, Some(Scope::Run("r1"))).is_ok());
+        assert!(check(Read, Some(Scope::Experiment("3"))).is_ok());
+        for (need, scope) in [
+            (Write, Some(Scope::Run("r2"))),
+            (Read, Some(Scope::Run("r2"))),
+            (Read, Some(Scope::Run(""))),
+            (Write, Some(Scope::Experiment("3"))),
+            (Read, Some(Scope::Experiment("4"))),
+            (Read, None),
+            (Write, None),
+            (Infer, None),
+            (Admin, None),
+            (Admin, Some(Scope::Run("r1"))),
+        ] {
+            let err = check(need, scope).expect_err("refused");
+            assert!(
+                matches!(err, Error::PermissionDenied(_)),
+                "{need:?} {scope:?}: {err}"
+            );
+            assert!(err.to_string().contains("job 7's own"), "{err}");
+        }
+        // Other roles ignore the scope.
+        let (viewer, viewer_record) = mint("v", Role::Viewer, 1, 0);
+        let header = format!("Bearer {viewer}");
+        assert!(verify_bearer_scoped(
+            Some(&header),
+            |_| Ok(Some(viewer_record.clone())),
+            Read,
+            Some(Scope::Run("anything")),
+            10
+        )
+        .is_ok());
+        assert!(!allows(Role::Job, Read) && !allows(Role::Job, Write));
     }
 
     #[test]

@@ -252,6 +252,18 @@ pub enum Runtime {
     Image(String),
 }
 
+impl fmt::Display for Runtime {
+    /// As `kiln jobs show` and the dashboard say it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Runtime::Host => f.write_str("the worker's PATH"),
+            Runtime::Python(p) => write!(f, "python {p}"),
+            Runtime::Pip(reqs) => write!(f, "pip {}", reqs.join(" ")),
+            Runtime::Image(image) => write!(f, "image {image}"),
+        }
+    }
+}
+
 /// `[environment]`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EnvironmentSpec {

@@ -39,6 +39,8 @@ fn resources_json(r: Option<&Resources>) -> Value {
             "uuid": g.uuid,
             "memory_bytes": g.memory_bytes,
         })).collect::<Vec<_>>(),
+        "engines": r.engines,
+        "memory_limits": r.memory_limits,
     })
 }
 

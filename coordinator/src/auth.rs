@@ -6,7 +6,7 @@
 use kiln_common::{Error, Result};
 
 pub use kiln_common::auth::{claimed_name, grpc_authorization, mint, validate_name};
-pub use kiln_common::auth::{Caller, Permission, RateLimiter};
+pub use kiln_common::auth::{Caller, Permission, RateLimiter, Scope};
 
 use crate::state::reader::StateReader;
 
@@ -35,7 +35,30 @@ pub fn authorize_bearer(
     need: Permission,
     now_ms: u64,
 ) -> Result<Caller> {
-    kiln_common::auth::verify_bearer(
+    verify(authorization, reader, need, None, now_ms)
+}
+
+/// [`authorize_bearer`] for an endpoint about one run or experiment: a job's
+/// own token passes for its run (see [`kiln_common::auth::verify_bearer_scoped`]).
+pub fn authorize_bearer_scoped(
+    authorization: Option<&str>,
+    reader: &StateReader,
+    need: Permission,
+    scope: Scope<'_>,
+    now_ms: u64,
+) -> Result<Caller> {
+    verify(authorization, reader, need, Some(scope), now_ms)
+}
+
+/// Checks a bearer header against the tokens this coordinator has applied.
+fn verify(
+    authorization: Option<&str>,
+    reader: &StateReader,
+    need: Permission,
+    scope: Option<Scope<'_>>,
+    now_ms: u64,
+) -> Result<Caller> {
+    kiln_common::auth::verify_bearer_scoped(
         authorization,
         |name| {
             reader
@@ -43,6 +66,7 @@ pub fn authorize_bearer(
                 .map_err(|e| Error::Internal(e.to_string()))
         },
         need,
+        scope,
         now_ms,
     )
 }

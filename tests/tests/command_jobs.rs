@@ -509,3 +509,137 @@ pip = ["six==1.17.0"]
     assert!(reason.contains("the pip environment"), "{reason}");
     assert!(reason.contains("kiln-no-such-package-xyz"), "{reason}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unchanged_mlflow_script_logs_into_its_jobs_run_through_a_failover_with_a_token_that_can_do_nothing_else(
+) {
+    let Some(python) = kiln_tests::mlflow::mlflow_python().await else {
+        return;
+    };
+    let (mut cluster, dir) = cluster_with_data(&["a"]).await;
+    // Another job's run, which the script's token must not reach.
+    let other = submit(
+        &cluster,
+        dir.path(),
+        "name = \"other\"\nexperiment = \"elsewhere\"\n[command]\nrun = [\"true\"]\n",
+        &[],
+    )
+    .await;
+    let other = wait_state(&cluster, other, &["Succeeded"], Duration::from_secs(60)).await;
+    let other_run = other["run_id"].as_str().expect("a run").to_string();
+
+    let spec = format!(
+        r#"name = "tracked"
+experiment = "mine"
+max_failures = 0
+
+[command]
+run = ["python", "mlflow_in_job.py"]
+code = "./code"
+
+[environment]
+python = "{}"
+env = {{ OTHER_RUN = "{other_run}", TICKS = "40" }}
+"#,
+        python.display()
+    );
+    let script = include_str!("../programs/mlflow_in_job.py");
+    let job = submit(&cluster, dir.path(), &spec, &[("mlflow_in_job.py", script)]).await;
+    // The leading coordinator dies while the script logs its ticks.
+    kiln_tests::wait_for(Duration::from_secs(120), "the script's ticks", || async {
+        let logs = logs(&cluster, job).await;
+        logs.contains("] tick 3")
+            .then_some(())
+            .ok_or(format!("{}", show(&cluster, job).await["reason"]))
+    })
+    .await;
+    let (leader, _) = cluster.wait_for_leader(Duration::from_secs(10)).await;
+    cluster.kill(leader);
+    let done = wait_state(&cluster, job, &["Succeeded"], Duration::from_secs(180)).await;
+    let run_id = done["run_id"].as_str().expect("a run").to_string();
+    let logs = logs(&cluster, job).await;
+    // Nothing lost across the failover. (A write in flight when the leader
+    // died may be retried by the client and counted twice.)
+    let logged: u64 = logs
+        .lines()
+        .find_map(|l| l.split("] ticks logged ").nth(1)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the script did not count its ticks:\n{logs}"));
+    assert!(
+        (40..=41).contains(&logged),
+        "{logged} ticks of 40 logged:\n{logs}"
+    );
+    assert!(
+        logs.contains(&format!("] run {run_id}")),
+        "the script did not log into the job's run {run_id}:\n{logs}"
+    );
+    for what in [
+        "read another run",
+        "write another run",
+        "search experiments",
+        "create an experiment",
+    ] {
+        assert!(
+            logs.contains(&format!("DENIED {what}")),
+            "the job's token could {what}:\n{logs}"
+        );
+    }
+
+    // What the script logged is the job's run's.
+    let shown: Value =
+        serde_json::from_str(&cluster.cli_ok(&["runs", "show", &run_id, "--json"]).await)
+            .expect("runs show --json");
+    let text = shown.to_string();
+    assert!(text.contains("\"lr\""), "no param lr: {shown}");
+    assert!(text.contains("\"loss\""), "no metric loss: {shown}");
+    let files = shown["artifacts"]["files"].to_string();
+    assert!(
+        files.contains("config.json"),
+        "log_dict's file is not among the run's artifacts: {shown}"
+    );
+
+    // The token ended with the job: the coordinators no longer know it.
+    let tokens = cluster.cli_ok(&["token", "ls", "--json"]).await;
+    assert!(!tokens.contains(&format!("job-{job}")), "{tokens}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rank_over_its_memory_limit_is_killed_and_its_reason_says_so() {
+    let (cluster, dir) = cluster_with_data(&["a"]).await;
+    let status: Value =
+        serde_json::from_str(&cluster.cli_ok(&["status", "--json"]).await).expect("status");
+    let limits = status["workers"][0]["resources"]["memory_limits"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !limits.is_empty(),
+        "kiln status says nothing of memory limits: {status}"
+    );
+    if limits.starts_with("not enforced") {
+        eprintln!("skipped: this worker's memory limits are {limits}");
+        return;
+    }
+    let spec = r#"name = "hungry"
+max_failures = 0
+
+[command]
+run = ["python3", "-c", "print('allocating', flush=True); x = b'a' * (512 << 20); print('survived')"]
+
+[resources]
+memory_mib_per_shard = 64
+"#;
+    let job = submit(&cluster, dir.path(), spec, &[]).await;
+    let failed = wait_state(&cluster, job, &["Failed"], Duration::from_secs(120)).await;
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    for wanted in [
+        "rank 0 was killed by the out-of-memory killer",
+        "memory_mib_per_shard = 64 MiB",
+        "allocating",
+    ] {
+        assert!(
+            reason.contains(wanted),
+            "no {wanted:?} in the reason: {reason}"
+        );
+    }
+    assert!(!reason.contains("survived"), "{reason}");
+}

@@ -17,6 +17,9 @@
 //! - `POST /v2/models/{m}/feedback`: labels for earlier requests' ids (see
 //!   `serving::feedback`), with the same authorization as inference; the body
 //!   is at most [`MAX_FEEDBACK_BODY_BYTES`].
+//! - `/api/2.0/mlflow/*` and `/api/2.0/mlflow-artifacts/*`: MLflow's tracking
+//!   API, passed to a live coordinator (`crate::tracking_proxy`), for the
+//!   ranks of command jobs on this worker.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -49,6 +52,8 @@ pub struct HttpState {
     pub tokens: Option<Arc<TokenBook>>,
     /// Routes inference requests to the deployments' replicas.
     pub serving: Arc<ServingRouter>,
+    /// Passes MLflow's tracking calls of command jobs' ranks to a coordinator.
+    pub tracking: crate::tracking_proxy::TrackingProxy,
 }
 
 impl HttpState {
@@ -80,7 +85,8 @@ pub fn router(state: HttpState) -> Router {
             post(version_infer),
         )
         .merge(guarded)
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(crate::tracking_proxy::routes(state.tracking))
 }
 
 async fn server_metadata() -> impl IntoResponse {
@@ -268,6 +274,21 @@ pub(crate) mod tests {
         )
     }
 
+    /// A tracking forwarder with coordinators nowhere (the tests here do not
+    /// call it).
+    fn no_tracking() -> crate::tracking_proxy::TrackingProxy {
+        let cluster = kiln_common::client::ClusterClient::new(
+            vec!["127.0.0.1:1".into()],
+            kiln_common::client::ClientOptions::default(),
+        )
+        .expect("a client");
+        crate::tracking_proxy::TrackingProxy::new(
+            kiln_common::https::http_client(None, Default::default()).expect("a client"),
+            Arc::new(cluster),
+            false,
+        )
+    }
+
     #[tokio::test]
     async fn endpoints_answer() {
         let metrics = Arc::new(Metrics::new(&Resources {
@@ -285,6 +306,7 @@ pub(crate) mod tests {
                 registration,
                 tokens: None,
                 serving: no_serving(),
+                tracking: no_tracking(),
             },
             None,
             stop.clone().cancelled_owned(),
@@ -337,6 +359,7 @@ pub(crate) mod tests {
             registration,
             tokens: Some(Arc::clone(&tokens)),
             serving: no_serving(),
+            tracking: no_tracking(),
         };
         let server = tokio::spawn(serve(listener, state, None, stop.clone().cancelled_owned()));
 

@@ -63,6 +63,7 @@ pub mod resources;
 pub mod scrub;
 pub mod serving;
 pub mod telemetry;
+pub mod tracking_proxy;
 pub mod train;
 
 #[cfg(test)]
@@ -140,10 +141,16 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         ),
     }
     let data_dir = config.data_dir.clone();
-    let (id, probe, resources) = tokio::task::spawn_blocking(move || {
+    let (id, probe, resources, memory_limits) = tokio::task::spawn_blocking(move || {
         let id = identity::load_or_create(&data_dir)?;
-        let (probe, resources) = ResourceProbe::discover(&data_dir);
-        Ok::<_, identity::IdentityError>((id, probe, resources))
+        let (probe, mut resources) = ResourceProbe::discover(&data_dir);
+        let memory_limits = train::limits::MemoryLimits::detect(&id.to_string());
+        resources.memory_limits = memory_limits.describe();
+        tracing::info!(
+            "memory limits of command jobs' ranks (memory_mib_per_shard): {}",
+            resources.memory_limits
+        );
+        Ok::<_, identity::IdentityError>((id, probe, resources, memory_limits))
     })
     .await
     .context("join identity and resource discovery")?
@@ -210,6 +217,16 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
             worker_id: id.to_string(),
             work_dir: config.data_dir.join("jobs"),
             bind_host: config.advertise_host.clone(),
+            ca: config
+                .tls
+                .as_ref()
+                .map(|t| std::fs::canonicalize(&t.ca).unwrap_or_else(|_| t.ca.clone())),
+            memory_limits: Arc::new(memory_limits),
+            tracking_uri: format!(
+                "{}://{}",
+                kiln_common::https::scheme(tls.is_some()),
+                record.http_addr
+            ),
         },
         shards.subscribe(),
         Arc::clone(&lease),
@@ -276,6 +293,12 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         registration: agent.registration(),
         tokens: tls.is_some().then(|| Arc::clone(&tokens)),
         serving: Arc::clone(&serving_router),
+        tracking: tracking_proxy::TrackingProxy::new(
+            kiln_common::https::http_client(tls.as_ref(), Default::default())
+                .context("the tracking port's client")?,
+            Arc::clone(&client),
+            tls.is_some(),
+        ),
     };
     let stop = servers_stop.clone().cancelled_owned();
     let https = kiln_common::https::acceptor(tls.as_ref()).context("worker https")?;

@@ -207,6 +207,7 @@ mod tests {
             disk_free_bytes: 40,
             gpus: vec![Gpu::default(), Gpu::default()],
             engines: vec!["tract".into()],
+            memory_limits: String::new(),
         };
         let metrics = Metrics::new(&resources);
         metrics.heartbeat_sent();

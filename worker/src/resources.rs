@@ -47,6 +47,8 @@ impl ResourceProbe {
                 .into_iter()
                 .map(|e| e.name().to_string())
                 .collect(),
+            // Filled by the worker once it knows its cgroups.
+            memory_limits: String::new(),
         };
         tracing::info!(
             cpu_cores = resources.cpu_cores,

@@ -655,10 +655,16 @@ impl Coordinator for Api {
         auth::validate_name(&req.name)?;
         let role = Role::try_from(req.role)
             .ok()
-            .filter(|r| *r != Role::Unspecified)
+            .filter(|r| *r != Role::Unspecified && *r != Role::Job)
             .ok_or_else(|| {
                 Status::invalid_argument("role must be admin, operator, viewer or inference")
             })?;
+        if req.name.starts_with("job-") {
+            return Err(Status::invalid_argument(format!(
+                "token name {}: names starting with job- are kept for command jobs' own tokens",
+                req.name
+            )));
+        }
         let now = now_ms();
         let expires_at_ms = if req.expires_in_ms == 0 {
             0

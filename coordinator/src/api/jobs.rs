@@ -13,7 +13,7 @@ use kiln_proto::v1::*;
 
 use super::grpc::{audited, command, Api};
 use super::{rejection, storage};
-use crate::auth::Caller;
+use crate::auth::{self, Caller};
 use crate::health::Stopping;
 use crate::scheduler::{self, Capacity, Decision, Gang};
 use crate::state::jobs::{read_job, MAX_JOB_LOG_LINES};
@@ -35,7 +35,22 @@ pub const SHARD_GONE_GRACE_MS: u64 = 10_000;
 /// nodes (the attempt's workers, through their heartbeats) may hold.
 fn without_secrets(mut job: JobRecord) -> JobRecord {
     job.ring_key.clear();
+    job.job_token.clear();
     job
+}
+
+/// A new attempt's own token for a command job (its record's role, run and
+/// experiment are set at apply): the bearer text and the record.
+fn job_token(job: &JobRecord) -> (String, Option<TokenRecord>) {
+    let command = JobSpec::parse(&job.spec_toml)
+        .ok()
+        .is_some_and(|spec| spec.command().is_some());
+    if !command {
+        return (String::new(), None);
+    }
+    let name = crate::state::jobs::job_token_name(job.id);
+    let (bearer, record) = auth::mint(&name, Role::Job, kiln_common::clock::now_ms(), 0);
+    (bearer, Some(record))
 }
 
 /// What one shard of `job` holds on `worker_id`.
@@ -474,6 +489,7 @@ impl Api {
                         world,
                         session_id: job.session_id,
                         ring_key: job.ring_key.clone(),
+                        job_token: job.job_token.clone(),
                         spec_toml: job.spec_toml.clone(),
                         run_id: job.run_id.clone(),
                         checkpoint: job.checkpoint.clone(),
@@ -609,11 +625,14 @@ impl Api {
                     for p in &placements {
                         scheduler::take(&mut free, &shard_holds(job, &p.worker_id, &p.gpus));
                     }
+                    let (job_token, token) = job_token(job);
                     command::Kind::PlaceJob(PlaceJob {
                         job_id: job.id,
                         attempt: job.attempt + 1,
                         session_id: rand::random::<u64>() | 1,
                         ring_key: rand::random::<[u8; 32]>().to_vec(),
+                        token,
+                        job_token,
                         shards: placements
                             .into_iter()
                             .map(|p| ShardAssignment {

@@ -41,8 +41,8 @@ use kiln_proto::v1::*;
 use serde_json::{json, Value};
 
 use super::grpc::{audited, Api};
-use super::tracking::{bad, caller, ApiError};
-use crate::auth::{Caller, Permission};
+use super::tracking::{bad, caller, caller_scoped, ApiError};
+use crate::auth::{Caller, Permission, Scope};
 use crate::state::artifacts::validate_path;
 use crate::state::trees::{self, TreeOwner, MAX_DELETE_PATHS};
 
@@ -138,6 +138,18 @@ impl Location {
                 "{model} version {version} is registered and cannot change; \
                  log the files to a run or a logged model and register a new version"
             ))),
+        }
+    }
+
+    /// The run whose artifacts this is, if any (a job's own token may reach
+    /// its run's).
+    fn run(&self) -> &str {
+        match &self.root {
+            Root::Tree {
+                owner: TreeOwner::Run(id),
+                ..
+            } => id,
+            _ => "",
         }
     }
 
@@ -357,8 +369,16 @@ async fn upload(
     Path(full): Path<String>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = caller(&api, &headers, Permission::Write, "mlflow-artifacts/upload")?;
-    let at = Location::parse(&full)?;
+    let at = Location::parse(&full);
+    let run = at.as_ref().map_or("", |at| at.run());
+    let caller = caller_scoped(
+        &api,
+        &headers,
+        Permission::Write,
+        "mlflow-artifacts/upload",
+        Scope::Run(run),
+    )?;
+    let at = at?;
     let (experiment, owner) = at.tree()?;
     if at.path.is_empty() {
         return Err(bad(format!(
@@ -425,13 +445,16 @@ async fn download(
     headers: HeaderMap,
     Path(full): Path<String>,
 ) -> Result<Response, ApiError> {
-    caller(
+    let at = Location::parse(&full);
+    let run = at.as_ref().map_or("", |at| at.run());
+    caller_scoped(
         &api,
         &headers,
         Permission::Read,
         "mlflow-artifacts/download",
+        Scope::Run(run),
     )?;
-    let at = Location::parse(&full)?;
+    let at = at?;
     api.read_barrier(false).await?;
     let file = file_at(&api, &at)?.ok_or_else(|| {
         ApiError(
@@ -507,7 +530,18 @@ async fn list(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    caller(&api, &headers, Permission::Read, "mlflow-artifacts/list")?;
+    let asked = q.get("path").map(|p| Location::parse(p));
+    let run = match &asked {
+        Some(Ok(at)) => at.run(),
+        _ => "",
+    };
+    caller_scoped(
+        &api,
+        &headers,
+        Permission::Read,
+        "mlflow-artifacts/list",
+        Scope::Run(run),
+    )?;
     let Some(full) = q.get("path").filter(|p| !p.trim_matches('/').is_empty()) else {
         // The proxy's root holds experiments, which kiln does not list as files.
         return Ok(Json(json!({})));

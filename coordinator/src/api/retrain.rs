@@ -320,8 +320,19 @@ pub(super) fn retrain_policy(req: &DeployRequest) -> Result<Option<RetrainPolicy
     }
     kiln_common::artifact::validate_name(&req.retrain_dataset)?;
     // The spec must parse as it will be submitted (with some version named).
-    kiln_common::jobspec::JobSpec::parse(&with_dataset(&req.retrain_job, &req.retrain_dataset, 1)?)
-        .map_err(|e| Error::InvalidArgument(format!("retrain job spec: {e}")))?;
+    let spec = kiln_common::jobspec::JobSpec::parse(&with_dataset(
+        &req.retrain_job,
+        &req.retrain_dataset,
+        1,
+    )?)
+    .map_err(|e| Error::InvalidArgument(format!("retrain job spec: {e}")))?;
+    if let Some(kiln_common::jobspec::Code::Path(path)) =
+        spec.command().and_then(|c| c.command.code.as_ref())
+    {
+        return Err(Error::InvalidArgument(format!(
+            "retrain job spec: command.code = \"{path}\" is a directory on this machine; push it (kiln artifact push) and name its version, NAME@NUMBER"
+        )));
+    }
     let canary_percent = match req.retrain_canary_percent {
         0 => 10,
         p @ 1..=99 => p,

@@ -181,6 +181,43 @@ pub(super) fn caller(
     Ok(api.admit(caller, header, need, path)?)
 }
 
+/// The caller of an endpoint that writes the run its JSON body names, and the
+/// body: a command job's own token may write its run. A body that is not JSON
+/// is refused after the caller is known (401 before 400).
+fn run_caller(
+    api: &Api,
+    headers: &HeaderMap,
+    need: Permission,
+    path: &str,
+    raw: &Bytes,
+) -> Result<(Caller, Value), ApiError> {
+    let v = body(raw);
+    let run = v
+        .as_ref()
+        .ok()
+        .and_then(|v| run_id_of(v).ok())
+        .unwrap_or_default();
+    let caller = caller_scoped(api, headers, need, path, auth::Scope::Run(&run))?;
+    Ok((caller, v?))
+}
+
+/// [`caller`] for an endpoint about one run or experiment (`scope`), which a
+/// command job's own token may call for its run.
+pub(super) fn caller_scoped(
+    api: &Api,
+    headers: &HeaderMap,
+    need: Permission,
+    path: &str,
+    scope: auth::Scope<'_>,
+) -> Result<Caller, ApiError> {
+    if !api.tls_enabled {
+        return Ok(Caller::Insecure);
+    }
+    let header = authorization(headers);
+    let caller = auth::authorize_bearer_scoped(header, &api.reader, need, scope, now_ms());
+    Ok(api.admit(caller, header, need, path)?)
+}
+
 pub(super) fn body(bytes: &Bytes) -> Result<Value, ApiError> {
     let value: Value =
         serde_json::from_slice(bytes).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
@@ -429,11 +466,25 @@ async fn get_experiment_by_name(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    caller(&api, &headers, Permission::Read, "experiments/get-by-name")?;
-    let name = q
-        .get("experiment_name")
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| bad("missing value for required parameter 'experiment_name'"))?;
+    // A job's token may read its run's experiment: the name is looked up
+    // first (the answer waits for the check).
+    let asked = q.get("experiment_name").filter(|n| !n.is_empty());
+    let found = match asked {
+        Some(name) => {
+            experiment_id(&api.reader, name).map_err(|e| Error::Internal(e.to_string()))?
+        }
+        None => None,
+    };
+    let scope_id = found.map(|id| id.to_string()).unwrap_or_default();
+    caller_scoped(
+        &api,
+        &headers,
+        Permission::Read,
+        "experiments/get-by-name",
+        auth::Scope::Experiment(&scope_id),
+    )?;
+    let name =
+        asked.ok_or_else(|| bad("missing value for required parameter 'experiment_name'"))?;
     api.read_barrier(false).await?;
     let id = experiment_id(&api.reader, name)
         .map_err(|e| Error::Internal(e.to_string()))?
@@ -452,7 +503,13 @@ async fn get_experiment(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    caller(&api, &headers, Permission::Read, "experiments/get")?;
+    caller_scoped(
+        &api,
+        &headers,
+        Permission::Read,
+        "experiments/get",
+        auth::Scope::Experiment(q.get("experiment_id").map_or("", String::as_str)),
+    )?;
     let id = experiment_number(
         q.get("experiment_id")
             .ok_or_else(|| bad("missing value for required parameter 'experiment_id'"))?,
@@ -517,8 +574,7 @@ pub(super) fn run_id_of(v: &Value) -> Result<String, ApiError> {
 }
 
 async fn update_run(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
-    let caller = caller(&api, &headers, Permission::Write, "runs/update")?;
-    let v = body(&raw)?;
+    let (caller, v) = run_caller(&api, &headers, Permission::Write, "runs/update", &raw)?;
     let run_id = run_id_of(&v)?;
     let kind = command::Kind::UpdateRun(UpdateRun {
         run_id: run_id.clone(),
@@ -537,7 +593,14 @@ async fn get_run(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    caller(&api, &headers, Permission::Read, "runs/get")?;
+    let asked = q.get("run_id").or_else(|| q.get("run_uuid"));
+    caller_scoped(
+        &api,
+        &headers,
+        Permission::Read,
+        "runs/get",
+        auth::Scope::Run(asked.map_or("", String::as_str)),
+    )?;
     let run_id = q
         .get("run_id")
         .or_else(|| q.get("run_uuid"))
@@ -561,8 +624,7 @@ async fn log(api: &Api, caller: &Caller, batch: LogBatch) -> ApiResult {
 }
 
 async fn log_metric(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
-    let caller = caller(&api, &headers, Permission::Write, "runs/log-metric")?;
-    let v = body(&raw)?;
+    let (caller, v) = run_caller(&api, &headers, Permission::Write, "runs/log-metric", &raw)?;
     let batch = LogBatch {
         run_id: run_id_of(&v)?,
         metrics: vec![metric_of(&v)?],
@@ -572,8 +634,13 @@ async fn log_metric(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> A
 }
 
 async fn log_parameter(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
-    let caller = caller(&api, &headers, Permission::Write, "runs/log-parameter")?;
-    let v = body(&raw)?;
+    let (caller, v) = run_caller(
+        &api,
+        &headers,
+        Permission::Write,
+        "runs/log-parameter",
+        &raw,
+    )?;
     let batch = LogBatch {
         run_id: run_id_of(&v)?,
         params: [(text(&v, "key")?.to_string(), opt_text(&v, "value"))].into(),
@@ -583,8 +650,7 @@ async fn log_parameter(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -
 }
 
 async fn set_tag(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
-    let caller = caller(&api, &headers, Permission::Write, "runs/set-tag")?;
-    let v = body(&raw)?;
+    let (caller, v) = run_caller(&api, &headers, Permission::Write, "runs/set-tag", &raw)?;
     let batch = LogBatch {
         run_id: run_id_of(&v)?,
         tags: tag_pair(&v)?,
@@ -594,8 +660,7 @@ async fn set_tag(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiR
 }
 
 async fn log_batch(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
-    let caller = caller(&api, &headers, Permission::Write, "runs/log-batch")?;
-    let v = body(&raw)?;
+    let (caller, v) = run_caller(&api, &headers, Permission::Write, "runs/log-batch", &raw)?;
     let metrics = match v.get("metrics") {
         None => Vec::new(),
         Some(Value::Array(items)) => items.iter().map(metric_of).collect::<Result<_, _>>()?,
@@ -617,8 +682,7 @@ async fn log_batch(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> Ap
 }
 
 async fn log_outputs(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
-    let caller = caller(&api, &headers, Permission::Write, "runs/outputs")?;
-    let v = body(&raw)?;
+    let (caller, v) = run_caller(&api, &headers, Permission::Write, "runs/outputs", &raw)?;
     let run_id = run_id_of(&v)?;
     let models = match v.get("models") {
         None => Vec::new(),
@@ -773,8 +837,7 @@ async fn restore_run(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> 
 }
 
 async fn delete_run_tag(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
-    let caller = caller(&api, &headers, Permission::Write, "runs/delete-tag")?;
-    let v = body(&raw)?;
+    let (caller, v) = run_caller(&api, &headers, Permission::Write, "runs/delete-tag", &raw)?;
     let update = UpdateRun {
         run_id: run_id_of(&v)?,
         delete_tags: tag_key(&v)?,
@@ -784,8 +847,7 @@ async fn delete_run_tag(State(api): State<Api>, headers: HeaderMap, raw: Bytes) 
 }
 
 async fn log_inputs(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
-    let caller = caller(&api, &headers, Permission::Write, "runs/log-inputs")?;
-    let v = body(&raw)?;
+    let (caller, v) = run_caller(&api, &headers, Permission::Write, "runs/log-inputs", &raw)?;
     let run_id = run_id_of(&v)?;
     let items = match v.get("datasets") {
         None => Vec::new(),
@@ -841,7 +903,14 @@ async fn get_history(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    caller(&api, &headers, Permission::Read, "metrics/get-history")?;
+    let asked = q.get("run_id").or_else(|| q.get("run_uuid"));
+    caller_scoped(
+        &api,
+        &headers,
+        Permission::Read,
+        "metrics/get-history",
+        auth::Scope::Run(asked.map_or("", String::as_str)),
+    )?;
     let run_id = q
         .get("run_id")
         .or_else(|| q.get("run_uuid"))

@@ -11,7 +11,8 @@
 
 use kiln_proto::v1::{
     CancelJob, CreateExperiment, CreateRun, FailJobAttempt, JobLogLine, JobRecord, JobState,
-    LogBatch, PlaceJob, ReportShard, SetJobWaiting, ShardState, SubmitJob, UpdateRun,
+    LogBatch, PlaceJob, ReportShard, Role, RunRecord, SetJobWaiting, ShardState, SubmitJob,
+    UpdateRun,
 };
 use prost::Message;
 
@@ -60,12 +61,25 @@ fn job_or_reject(txn: &Txn<'_>, id: u64) -> Result<Result<JobRecord, Rejection>,
 }
 
 /// Ends the job's run with `status` at `now_ms`, when it has one.
+/// The name of a command job's own token (`ROLE_JOB`): `job-<id>`, a name
+/// `kiln token create` refuses, so no person's token can take it.
+pub fn job_token_name(job_id: u64) -> String {
+    format!("job-{job_id}")
+}
+
+/// Ends a job's run with `status`, and the job's own token with it.
 fn end_run(
     txn: &mut Txn<'_>,
     job: &JobRecord,
     status: &str,
     now_ms: u64,
 ) -> Result<(), StoreError> {
+    // The job's own token ends with it.
+    let token = keys::token(&job_token_name(job.id));
+    if txn.get(&token)?.is_some() {
+        txn.delete(token);
+        bump_counter(txn, keys::TOKENS_VERSION)?;
+    }
     if job.run_id.is_empty() {
         return Ok(());
     }
@@ -195,6 +209,23 @@ pub fn apply_place(
     job.attempt = place.attempt;
     job.session_id = place.session_id;
     job.ring_key = place.ring_key.clone();
+    // A command job's token for this attempt replaces the last attempt's: only
+    // the ranks placed now hold it. It may write the job's run and read the
+    // run's experiment.
+    if let Some(token) = &place.token {
+        let mut token = token.clone();
+        token.name = job_token_name(job.id);
+        token.role = Role::Job as i32;
+        token.job_id = job.id;
+        token.run_id.clone_from(&job.run_id);
+        token.experiment_id =
+            read_record::<RunRecord>(&*txn, &keys::run(&job.run_id), "decode run")?
+                .map(|run| run.experiment_id.to_string())
+                .unwrap_or_default();
+        txn.put(keys::token(&token.name), token.encode_to_vec());
+        bump_counter(txn, keys::TOKENS_VERSION)?;
+        job.job_token = place.job_token.clone();
+    }
     job.nccl_id.clear();
     job.shards = place.shards.clone();
     for shard in &mut job.shards {

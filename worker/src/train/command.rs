@@ -4,8 +4,9 @@
 //! task, the report, the rendezvous and the lease are the same).
 //!
 //! ```text
-//!  rank 0 reserves MASTER_PORT ─► report Ready(host:port) ─► pull code, data, checkpoint
-//!        ─► rendezvous (every rank Ready) ─► spawn in its own process group
+//!  report Ready ─► pull code, data, checkpoint; build the pip environment
+//!        ─► rank 0 reserves MASTER_PORT ─► report Ready(host:port)
+//!        ─► rendezvous (every rank's address) ─► spawn in its own process group
 //!        ─► lines to the rank's log file and the job's log; rank 0 pushes each new
 //!           checkpoint directory ─► exit 0: rank 0 pushes KILN_OUTPUT_DIR (and
 //!           registers its model.onnx) ─► report Succeeded
@@ -36,10 +37,10 @@ use kiln_common::jobspec::{Code, CommandJob, JobSpec, Runtime, RANK_VARIABLES};
 use kiln_common::transfer::PushOptions;
 use kiln_proto::v1::{ModelVersion, ReportShard, ShardState, ShardTask};
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::limits::RankCgroup;
 use super::shard::{
     checkpoint_artifact, pull, push, register, rendezvous, Outcome, Reporter, ShardContext,
     ShardResult, MODEL_FILE,
@@ -77,7 +78,11 @@ fn groups_dir(work_dir: &Path) -> PathBuf {
 
 /// Kills the process groups an earlier life of this worker left running (it
 /// was killed before it could stop its ranks). Each record holds the group's
-/// id and its leader's start time, so a reused id is left alone.
+/// id and its leader's start time. The leader itself died with the worker
+/// (`PR_SET_PDEATHSIG`), but its children live on in its group; the kernel
+/// reuses no id while a group of that id has members, so a group whose leader
+/// is gone is the rank's. A live leader with another start time is a new
+/// process that reused the id, and is left alone.
 pub fn reap_orphans(work_dir: &Path) {
     let dir = groups_dir(work_dir);
     let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -92,7 +97,12 @@ pub fn reap_orphans(work_dir: &Path) {
             let _ = std::fs::remove_file(&path);
             continue;
         };
-        if pgid > 1 && start_time(pgid).as_deref() == Some(started) {
+        let ours = match start_time(pgid) {
+            None => true,
+            Some(now) => now == started,
+        };
+        // SAFETY: signal 0 only checks that the group exists.
+        if pgid > 1 && ours && unsafe { libc::kill(-pgid, 0) } == 0 {
             tracing::warn!(
                 pgid,
                 "killing the process group of a rank left by this worker's earlier run"
@@ -121,14 +131,17 @@ struct Group {
 
 impl Group {
     fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) with a negative id signals a process group.
-        unsafe { libc::kill(-self.pgid, signal) };
+        // Never 0 or 1: kill(0) would signal the worker's own group.
+        if self.pgid > 1 {
+            // SAFETY: kill(2) with a negative id signals a process group.
+            unsafe { libc::kill(-self.pgid, signal) };
+        }
     }
 
     /// Whether any process of the group is still alive.
     fn alive(&self) -> bool {
         // SAFETY: signal 0 only checks that the group exists.
-        unsafe { libc::kill(-self.pgid, 0) == 0 }
+        self.pgid > 1 && unsafe { libc::kill(-self.pgid, 0) == 0 }
     }
 }
 
@@ -266,6 +279,12 @@ fn program(job: &CommandJob, code: &Path, venv: Option<&Path>) -> PathBuf {
     PathBuf::from(first)
 }
 
+/// Longest a rank waits for the rest of its gang to be staged: a peer may be
+/// pulling a large dataset.
+const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(600);
+/// Lines of a pip build's output in the job's log (its last lines are in a
+/// failure's reason).
+const MAX_PIP_LINES: usize = 200;
 /// Longest a `pip` environment may take to build.
 const PIP_TIMEOUT: Duration = Duration::from_secs(1800);
 
@@ -315,7 +334,8 @@ async fn pip_environment(
         venv.display(),
         requirements.join(" ")
     ));
-    let _ = std::fs::remove_dir_all(&venv);
+    let stale = venv.clone();
+    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(stale)).await;
     let steps: [(PathBuf, Vec<String>); 2] = [
         (
             PathBuf::from("python3"),
@@ -337,7 +357,14 @@ async fn pip_environment(
         ),
     ];
     for (program, args) in steps {
-        let mut child = tokio::process::Command::new(&program)
+        let mut command = tokio::process::Command::new(&program);
+        // The worker's secrets stay out of pip and the packages' build code.
+        for (key, _) in std::env::vars_os() {
+            if key.to_str().is_none_or(withheld) {
+                command.env_remove(&key);
+            }
+        }
+        let mut child = command
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -353,13 +380,17 @@ async fn pip_environment(
             tokio::spawn(read_lines(err, tx));
         }
         let mut last: VecDeque<String> = VecDeque::with_capacity(LAST_LINES);
+        let mut forwarded = 0usize;
         let run = async {
             while let Some(line) = rx.recv().await {
                 if last.len() == LAST_LINES {
                     last.pop_front();
                 }
                 last.push_back(line.clone());
-                reporter.forward(format!("pip: {line}"));
+                forwarded += 1;
+                if forwarded <= MAX_PIP_LINES {
+                    reporter.forward(format!("pip: {line}"));
+                }
             }
             child.wait().await
         };
@@ -373,7 +404,8 @@ async fn pip_environment(
             })?
             .map_err(|e| format!("pip environment: {e}"))?;
         if !status.success() {
-            let _ = std::fs::remove_dir_all(&venv);
+            let failed = venv.clone();
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(failed)).await;
             return Err(format!(
                 "the pip environment ({}) failed to build: {} {}; last lines:\n{}",
                 requirements.join(" "),
@@ -410,7 +442,9 @@ fn rank_env(
     set("MASTER_ADDR", master_addr.to_string());
     set("MASTER_PORT", master_port.to_string());
     set("TORCHELASTIC_RUN_ID", format!("kiln-job-{}", task.job_id));
-    // The GPUs placed for this rank, and only those.
+    // The GPUs placed for this rank, and only those, numbered as NVML (and
+    // the scheduler) numbers them: by PCI bus, not CUDA's fastest-first.
+    set("CUDA_DEVICE_ORDER", "PCI_BUS_ID".to_string());
     set(
         "CUDA_VISIBLE_DEVICES",
         task.gpus
@@ -429,6 +463,43 @@ fn rank_env(
     set("KILN_OUTPUT_DIR", dirs.output.display().to_string());
     set("KILN_CHECKPOINT_DIR", dirs.checkpoint.display().to_string());
     set("PYTHONUNBUFFERED", "1".to_string());
+    env
+}
+
+/// MLflow's variables, so that an unchanged `mlflow` script logs into the
+/// job's run: the tracking URI of this worker (which passes the calls to a
+/// live coordinator, so logging survives a failover), the job's own token
+/// (which may write only this run), the cluster CA, the run and its
+/// experiment; artifacts above [`crate::tracking_proxy::MULTIPART_CHUNK_BYTES`]
+/// go up in parts of that size.
+fn tracking_env(ctx: &ShardContext, task: &ShardTask, spec: &JobSpec) -> Vec<(String, String)> {
+    let chunk = crate::tracking_proxy::MULTIPART_CHUNK_BYTES.to_string();
+    let mut env = vec![
+        ("MLFLOW_TRACKING_URI".to_string(), ctx.tracking_uri.clone()),
+        ("MLFLOW_RUN_ID".to_string(), task.run_id.clone()),
+        (
+            "MLFLOW_EXPERIMENT_NAME".to_string(),
+            spec.experiment.clone(),
+        ),
+        (
+            "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD".to_string(),
+            "true".to_string(),
+        ),
+        (
+            "MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE".to_string(),
+            chunk.clone(),
+        ),
+        ("MLFLOW_MULTIPART_UPLOAD_CHUNK_SIZE".to_string(), chunk),
+    ];
+    if !task.job_token.is_empty() {
+        env.push(("MLFLOW_TRACKING_TOKEN".to_string(), task.job_token.clone()));
+    }
+    if let Some(ca) = &ctx.ca {
+        env.push((
+            "MLFLOW_TRACKING_SERVER_CERT_PATH".to_string(),
+            ca.display().to_string(),
+        ));
+    }
     env
 }
 
@@ -571,8 +642,13 @@ fn prune_logs(work_dir: &Path) {
         return;
     }
     dirs.sort();
-    for (_, dir) in &dirs[..dirs.len() - KEPT_LOG_DIRS] {
-        let _ = std::fs::remove_dir_all(dir);
+    // A directory written to within the last day may belong to a job that
+    // still runs: kept.
+    let recent = std::time::SystemTime::now() - Duration::from_secs(86_400);
+    for (modified, dir) in &dirs[..dirs.len() - KEPT_LOG_DIRS] {
+        if *modified < recent {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -654,6 +730,89 @@ fn checkpoint_names(dir: &Path) -> BTreeSet<String> {
         .collect()
 }
 
+/// The newest of the checkpoints in `dir` not yet `seen` (by the step its name
+/// holds, then by modification time), and the older new ones it supersedes.
+fn newest_new(dir: &Path, seen: &BTreeSet<String>) -> Option<(String, Vec<String>)> {
+    let mut fresh: Vec<(Option<u64>, std::time::SystemTime, String)> = checkpoint_names(dir)
+        .into_iter()
+        .filter(|n| !seen.contains(n))
+        .filter(|n| {
+            std::fs::symlink_metadata(dir.join(n)).is_ok_and(|m| !m.file_type().is_symlink())
+        })
+        .map(|n| {
+            let modified = std::fs::metadata(dir.join(&n))
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            (step_of(&n), modified, n)
+        })
+        .collect();
+    fresh.sort();
+    let (_, _, newest) = fresh.pop()?;
+    Some((newest, fresh.into_iter().map(|(_, _, n)| n).collect()))
+}
+
+/// A checkpoint push running beside the rank's program, so that its output is
+/// still read while the bytes travel.
+type Pushing = Option<(String, tokio::task::JoinHandle<ShardResult<String>>)>;
+
+/// Starts pushing the newest new checkpoint of rank 0, if there is one and no
+/// push runs; the older new ones are skipped (the newest supersedes them).
+fn start_push(
+    ctx: &ShardContext,
+    task: &ShardTask,
+    spec: &JobSpec,
+    checkpoints: &Path,
+    stage: &Path,
+    seen: &mut BTreeSet<String>,
+    pushing: &mut Pushing,
+) {
+    if pushing.is_some() {
+        return;
+    }
+    let Some((name, older)) = newest_new(checkpoints, seen) else {
+        return;
+    };
+    seen.extend(older);
+    seen.insert(name.clone());
+    let (ctx, task, spec) = (ctx.clone(), task.clone(), spec.clone());
+    let (checkpoints, stage, what) = (checkpoints.to_path_buf(), stage.to_path_buf(), name.clone());
+    let handle = tokio::spawn(async move {
+        push_checkpoint(&ctx, &task, &spec, &checkpoints, &what, &stage).await
+    });
+    *pushing = Some((name, handle));
+}
+
+/// Waits for the running push, if any (never resolves without one).
+async fn pushed(pushing: &mut Pushing) -> (String, ShardResult<String>) {
+    match pushing {
+        Some((name, handle)) => {
+            let result = handle
+                .await
+                .unwrap_or_else(|e| Err(format!("push checkpoint {name}: {e}")));
+            (name.clone(), result)
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Records a finished push in the next report (a failed one is logged; the
+/// program goes on, and its next checkpoint is pushed).
+fn record_push(
+    name: String,
+    result: ShardResult<String>,
+    report: &mut ReportShard,
+    reporter: &mut Reporter,
+) {
+    match result {
+        Ok(reference) => {
+            reporter.log(format!("rank 0: checkpoint {name} pushed as {reference}"));
+            report.checkpoint = reference;
+            report.checkpoint_step = step_of(&name).unwrap_or(report.checkpoint_step + 1);
+        }
+        Err(e) => reporter.log(format!("rank 0: {e}; the next checkpoint will be pushed")),
+    }
+}
+
 /// Copies `from` (a file or a tree) to `to`, hard-linking files where it can.
 fn link_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     let meta = std::fs::symlink_metadata(from)?;
@@ -666,6 +825,8 @@ fn link_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     } else if meta.is_file() && std::fs::hard_link(from, to).is_err() {
         std::fs::copy(from, to)?;
     }
+    // Symbolic links (a `latest` pointing at a step) are not checkpoints of
+    // their own and stay behind.
     Ok(())
 }
 
@@ -676,12 +837,12 @@ async fn push_checkpoint(
     ctx: &ShardContext,
     task: &ShardTask,
     spec: &JobSpec,
-    dirs: &Dirs,
+    checkpoints: &Path,
     name: &str,
     stage: &Path,
 ) -> ShardResult<String> {
     let _ = tokio::fs::remove_dir_all(stage).await;
-    let (from, to) = (dirs.checkpoint.join(name), stage.join(name));
+    let (from, to) = (checkpoints.join(name), stage.join(name));
     tokio::task::spawn_blocking(move || link_tree(&from, &to))
         .await
         .map_err(|e| format!("stage checkpoint {name}: {e}"))?
@@ -807,30 +968,13 @@ pub(super) async fn run(
             .await
             .map_err(|e| format!("create {}: {e}", d.display()))?;
     }
-    // Rank 0 holds the rendezvous port (torchrun's MASTER_PORT) from now until
-    // its program starts, so that no one else takes it.
-    let listener = if task.rank == 0 {
-        Some(
-            TcpListener::bind((ctx.bind_host.as_str(), 0))
-                .await
-                .map_err(|e| format!("reserve MASTER_PORT on {}: {e}", ctx.bind_host))?,
-        )
-    } else {
-        None
-    };
-    let port = match &listener {
-        Some(l) => l
-            .local_addr()
-            .map_err(|e| format!("MASTER_PORT: {e}"))?
-            .port(),
-        None => 0,
-    };
-    let ready = ReportShard {
+    // Started (the leader waits this long for it), with no address yet: the
+    // gang meets once every rank has staged and reported one.
+    let started = ReportShard {
         state: ShardState::Ready as i32,
-        data_addr: format!("{}:{port}", ctx.bind_host),
         ..Default::default()
     };
-    if !reporter.send(ready).await? {
+    if !reporter.send(started).await? {
         return Ok(Outcome::Stopped);
     }
 
@@ -873,20 +1017,10 @@ pub(super) async fn run(
             task.rank, task.checkpoint
         ));
     }
-
-    let meeting = tokio::select! {
-        m = rendezvous(ctx, task) => m?,
-        _ = cancel.cancelled() => return Ok(Outcome::Stopped),
-        _ = lapse.cancelled() => return Err(LAPSED.to_string()),
-    };
-    let Some(meeting) = meeting else {
-        return Ok(Outcome::Stopped);
-    };
-    let rank = task.rank as usize;
-    let layout = layout(&meeting.workers, rank);
-    let mut env = rank_env(task, &spec.name, &meeting.addrs[0], &layout, &dirs);
-    for (k, v) in &job.environment.env {
-        env.insert(k.clone(), v.clone());
+    if let Runtime::Image(image) = &job.environment.runtime {
+        return Err(format!(
+            "environment.image = \"{image}\": this worker runs command jobs as processes; container ranks are not built yet"
+        ));
     }
     let venv = match &job.environment.runtime {
         Runtime::Pip(requirements) => {
@@ -899,10 +1033,69 @@ pub(super) async fn run(
         }
         _ => None,
     };
+
+    // Rank 0 holds the rendezvous port (torchrun's MASTER_PORT) from now until
+    // its program starts, so that no one else takes it: bound, not listening,
+    // so a peer that dials early is refused (and retries) rather than queued
+    // on a socket that will close. Every rank reports Ready only now, staged
+    // and with its environment built, so the gang's programs start together.
+    let reserved = if task.rank == 0 {
+        let addr: std::net::SocketAddr = tokio::net::lookup_host((ctx.bind_host.as_str(), 0))
+            .await
+            .map_err(|e| format!("reserve MASTER_PORT on {}: {e}", ctx.bind_host))?
+            .next()
+            .ok_or_else(|| format!("reserve MASTER_PORT: {} has no address", ctx.bind_host))?;
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(|e| format!("reserve MASTER_PORT: {e}"))?;
+        socket
+            .bind(addr)
+            .map_err(|e| format!("reserve MASTER_PORT on {}: {e}", ctx.bind_host))?;
+        Some(socket)
+    } else {
+        None
+    };
+    let port = match &reserved {
+        Some(socket) => socket
+            .local_addr()
+            .map_err(|e| format!("MASTER_PORT: {e}"))?
+            .port(),
+        None => 0,
+    };
+    let ready = ReportShard {
+        state: ShardState::Ready as i32,
+        data_addr: format!("{}:{port}", ctx.bind_host),
+        ..Default::default()
+    };
+    if !reporter.send(ready).await? {
+        return Ok(Outcome::Stopped);
+    }
+
+    let meeting = tokio::select! {
+        m = rendezvous(ctx, task, RENDEZVOUS_TIMEOUT) => m?,
+        _ = cancel.cancelled() => return Ok(Outcome::Stopped),
+        _ = lapse.cancelled() => return Err(LAPSED.to_string()),
+    };
+    let Some(meeting) = meeting else {
+        return Ok(Outcome::Stopped);
+    };
+    let rank = task.rank as usize;
+    let layout = layout(&meeting.workers, rank);
+    let mut env = rank_env(task, &spec.name, &meeting.addrs[0], &layout, &dirs);
+    for (k, v) in &job.environment.env {
+        env.insert(k.clone(), v.clone());
+    }
+    for (k, v) in tracking_env(ctx, task, spec) {
+        env.insert(k, v);
+    }
     let program = program(job, &dirs.code, venv.as_deref());
     let cores = claim_cores(spec.resources.cpus_per_shard as usize);
     let log_file = log_path(&ctx.work_dir, task.job_id, task.attempt, task.rank);
-    prune_logs(&ctx.work_dir);
+    let work_dir = ctx.work_dir.clone();
+    let _ = tokio::task::spawn_blocking(move || prune_logs(&work_dir)).await;
     let log = LogFile::open(log_file.clone())
         .map_err(|e| format!("open the rank's log {}: {e}", log_file.display()))?;
 
@@ -921,11 +1114,35 @@ pub(super) async fn run(
     }
     command.envs(&env);
     if let Some(venv) = &venv {
-        let path = std::env::var("PATH").unwrap_or_default();
+        let path = job
+            .environment
+            .env
+            .get("PATH")
+            .cloned()
+            .unwrap_or_else(|| std::env::var("PATH").unwrap_or_default());
         command
             .env("VIRTUAL_ENV", venv)
             .env("PATH", format!("{}:{path}", venv.join("bin").display()));
     }
+    // memory_mib_per_shard, held by the kernel where the worker may.
+    let mib = spec.resources.memory_mib_per_shard;
+    let cgroup = if mib > 0 {
+        let name = format!("job{}-a{}-r{}", task.job_id, task.attempt, task.rank);
+        match ctx.memory_limits.for_rank(&name, mib) {
+            Ok(Some(cgroup)) => Some(cgroup),
+            Ok(None) => {
+                reporter.log(format!(
+                    "rank {rank}: memory_mib_per_shard = {mib} is not enforced on this worker ({})",
+                    ctx.memory_limits.describe()
+                ));
+                None
+            }
+            Err(e) => return Err(format!("rank {rank}: memory limit: {e}")),
+        }
+    } else {
+        None
+    };
+    let procs = cgroup.as_ref().map(|c| c.procs().clone());
     let pinned: Vec<usize> = cores.as_ref().map(|c| c.cores.clone()).unwrap_or_default();
     // SAFETY: between fork and exec the closure only makes async-signal-safe
     // system calls (prctl, sched_setaffinity) on values prepared before fork.
@@ -933,6 +1150,18 @@ pub(super) async fn run(
         command.pre_exec(move || {
             // The rank dies with the worker.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // Into its memory cgroup: "0" is the writing process itself.
+            if let Some(procs) = &procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if !pinned.is_empty() {
                 let mut set: libc::cpu_set_t = std::mem::zeroed();
                 for &c in &pinned {
@@ -945,7 +1174,7 @@ pub(super) async fn run(
             Ok(())
         });
     }
-    drop(listener);
+    drop(reserved);
     let mut child = command.spawn().map_err(|e| {
         format!(
             "rank {rank}: start {}: {e} (command.run = {:?})",
@@ -953,7 +1182,15 @@ pub(super) async fn run(
             job.command.run
         )
     })?;
-    let pgid = child.id().map(|id| id as i32).unwrap_or(0);
+    let pgid = match child.id().map(|id| id as i32) {
+        Some(pid) if pid > 1 => pid,
+        _ => {
+            let _ = child.kill().await;
+            return Err(format!(
+                "rank {rank}: the program started without a process id"
+            ));
+        }
+    };
     let groups = groups_dir(&ctx.work_dir);
     let _ = std::fs::create_dir_all(&groups);
     let record = groups.join(format!("job{}-a{}-r{}", task.job_id, task.attempt, rank));
@@ -973,6 +1210,9 @@ pub(super) async fn run(
                 c.cores
             ),
             Some(c) => format!(", pinned to cores {:?}", c.cores),
+            None => String::new(),
+        } + &match &cgroup {
+            Some(c) => format!(", memory held to {mib} MiB ({})", c.dir().display()),
             None => String::new(),
         },
         log_file.display()
@@ -1005,7 +1245,9 @@ pub(super) async fn run(
         forwarded: 0,
         held_back: 0,
     };
-    let mut pushed: BTreeSet<String> = checkpoint_names(&dirs.checkpoint);
+    // Checkpoints restored into the directory are already in the artifact.
+    let mut seen: BTreeSet<String> = checkpoint_names(&dirs.checkpoint);
+    let mut pushing: Pushing = None;
     let mut report = ReportShard::default();
     let mut report_tick = tokio::time::interval(REPORT_EVERY);
     let mut checkpoint_tick = tokio::time::interval(CHECKPOINT_POLL);
@@ -1021,24 +1263,24 @@ pub(super) async fn run(
                 if reporter.pending() || !report.checkpoint.is_empty() {
                     let keep = reporter.send(std::mem::take(&mut report)).await?;
                     if !keep {
+                        abort_push(&mut pushing);
                         return stop(&mut child, &group, job, reporter, rank, "its attempt is over").await;
                     }
                 }
             }
             _ = checkpoint_tick.tick(), if rank == 0 => {
-                let now = checkpoint_names(&dirs.checkpoint);
-                for name in now.difference(&pushed).cloned().collect::<Vec<_>>() {
-                    let reference = push_checkpoint(ctx, task, spec, &dirs, &name, &stage).await?;
-                    reporter.log(format!("rank 0: checkpoint {name} pushed as {reference}"));
-                    report.checkpoint = reference;
-                    report.checkpoint_step = step_of(&name).unwrap_or(report.checkpoint_step + 1);
-                    pushed.insert(name);
-                }
+                start_push(ctx, task, spec, &dirs.checkpoint, &stage, &mut seen, &mut pushing);
+            }
+            (name, result) = pushed(&mut pushing) => {
+                pushing = None;
+                record_push(name, result, &mut report, reporter);
             }
             _ = cancel.cancelled() => {
+                abort_push(&mut pushing);
                 return stop(&mut child, &group, job, reporter, rank, "the job stopped").await;
             }
             _ = lapse.cancelled() => {
+                abort_push(&mut pushing);
                 stop(&mut child, &group, job, reporter, rank, "the shard lease lapsed").await?;
                 return Err(LAPSED.to_string());
             }
@@ -1054,11 +1296,23 @@ pub(super) async fn run(
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), drained).await;
     out.note_held_back(rank, reporter);
+    let oom = cgroup.as_ref().is_some_and(RankCgroup::oom_killed);
+    if let Some(cgroup) = cgroup {
+        let _ = tokio::task::spawn_blocking(move || drop(cgroup)).await;
+    }
     if !status.success() {
+        abort_push(&mut pushing);
         let tail: Vec<String> = out.last.into_iter().collect();
+        let how = if oom {
+            format!(
+                "was killed by the out-of-memory killer: it used more than memory_mib_per_shard = {mib} MiB ({})",
+                exit_text(status)
+            )
+        } else {
+            exit_text(status)
+        };
         return Err(format!(
-            "rank {rank} {}; last lines:\n{}",
-            exit_text(status),
+            "rank {rank} {how}; last lines:\n{}",
             tail.join("\n")
         ));
     }
@@ -1066,19 +1320,44 @@ pub(super) async fn run(
     // A checkpoint renamed in just before the end still travels.
     let mut last_report = report;
     if rank == 0 {
-        let now = checkpoint_names(&dirs.checkpoint);
-        for name in now.difference(&pushed).cloned().collect::<Vec<_>>() {
-            last_report.checkpoint = push_checkpoint(ctx, task, spec, &dirs, &name, &stage).await?;
-            last_report.checkpoint_step = step_of(&name).unwrap_or(last_report.checkpoint_step + 1);
+        if pushing.is_some() {
+            let (name, result) = pushed(&mut pushing).await;
+            record_push(name, result, &mut last_report, reporter);
+        }
+        pushing = None;
+        start_push(
+            ctx,
+            task,
+            spec,
+            &dirs.checkpoint,
+            &stage,
+            &mut seen,
+            &mut pushing,
+        );
+        if pushing.is_some() {
+            let (name, result) = pushed(&mut pushing).await;
+            record_push(name, result, &mut last_report, reporter);
         }
         last_report.model = publish_output(ctx, task, spec, &dirs, reporter).await?;
         if !last_report.model.is_empty() {
             reporter.log(format!("registered model {}", last_report.model));
         }
     }
+    // Every line before the last report: one report carries at most a few
+    // hundred.
+    while reporter.backlog() {
+        reporter.send(ReportShard::default()).await?;
+    }
     last_report.state = ShardState::Succeeded as i32;
     reporter.send(last_report).await?;
     Ok(Outcome::Succeeded)
+}
+
+/// Stops a checkpoint push that no longer matters (the rank stops).
+fn abort_push(pushing: &mut Pushing) {
+    if let Some((_, handle)) = pushing.take() {
+        handle.abort();
+    }
 }
 
 /// Why a rank stopped when its worker's lease lapsed.
@@ -1208,16 +1487,30 @@ mod tests {
         let work = tempfile::tempdir().expect("tempdir");
         let groups = groups_dir(work.path());
         std::fs::create_dir_all(&groups).expect("mkdir");
-        let mut orphan = std::process::Command::new("sleep")
-            .arg("300")
+        // A rank whose leader died (as with its worker) and left a child in
+        // its group.
+        let pid_file = work.path().join("child.pid");
+        let mut leader = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "sleep 300 & echo $! > {}; sleep 0.5",
+                pid_file.display()
+            ))
             .process_group(0)
             .spawn()
             .expect("spawn");
-        let pid = orphan.id() as i32;
-        let started = start_time(pid).expect("a start time");
-        std::fs::write(groups.join("job1-a1-r0"), format!("{pid} {started}")).expect("record");
-        // A record whose id was reused by another process (another start time)
-        // is left alone.
+        let pgid = leader.id() as i32;
+        let started = start_time(pgid).expect("a start time");
+        std::fs::write(groups.join("job1-a1-r0"), format!("{pgid} {started}")).expect("record");
+        leader.wait().expect("the leader ends");
+        let child: i32 = std::fs::read_to_string(&pid_file)
+            .expect("the child's pid")
+            .trim()
+            .parse()
+            .expect("a pid");
+        assert!(start_time(child).is_some(), "the child outlived its leader");
+        // A record whose id a live process of another start time holds now is
+        // left alone.
         let mut bystander = std::process::Command::new("sleep")
             .arg("300")
             .process_group(0)
@@ -1227,8 +1520,16 @@ mod tests {
         std::fs::write(groups.join("job2-a1-r0"), format!("{other} 1")).expect("record");
 
         reap_orphans(work.path());
-        let status = orphan.wait().expect("wait");
-        assert!(!status.success(), "the orphan was killed: {status:?}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let gone = |pid: i32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+                s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
+            })
+        };
+        while !gone(child) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(gone(child), "the orphaned child still runs");
         assert!(
             bystander.try_wait().expect("try_wait").is_none(),
             "the bystander runs on"

@@ -10,6 +10,8 @@
 //!   values), standardisation statistics over the whole table, each rank's rows.
 //! - `onnx`: the trained network, its standardisation and its class names as one
 //!   self-contained ONNX model for serving.
+//! - `limits`: command jobs' ranks held to `memory_mib_per_shard` through
+//!   the kernel's memory controller (cgroup v1 or v2), where the worker may.
 //! - `model`: the network's parameters as one flat buffer and its forward and
 //!   backward pass through candle; gradients come back in the flat layout.
 //! - `optim`: SGD with momentum and AdamW over flat parameter buffers, with state
@@ -26,6 +28,7 @@ pub mod command;
 pub mod data;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod limits;
 pub mod model;
 pub mod onnx;
 pub mod optim;

@@ -66,6 +66,14 @@ pub struct ShardContext {
     pub work_dir: PathBuf,
     /// The host the data port binds to and peers dial.
     pub bind_host: String,
+    /// The cluster CA's file (a command job's MLflow client trusts it); `None`
+    /// without TLS.
+    pub ca: Option<PathBuf>,
+    /// How ranks of command jobs are held to their memory.
+    pub memory_limits: Arc<super::limits::MemoryLimits>,
+    /// This worker's MLflow tracking URI, which passes calls to a live
+    /// coordinator (`crate::tracking_proxy`).
+    pub tracking_uri: String,
 }
 
 /// How a shard ended without error.
@@ -102,6 +110,11 @@ impl Reporter {
     /// Whether log lines wait to be sent.
     pub(super) fn pending(&self) -> bool {
         !self.log.is_empty()
+    }
+
+    /// Whether more log lines wait than one report carries.
+    pub(super) fn backlog(&self) -> bool {
+        self.log.len() > MAX_REPORT_LINES
     }
 
     /// Sends a report with the pending log lines (at most as many as one report
@@ -190,6 +203,12 @@ pub async fn run(
                 error,
                 ..Default::default()
             };
+            // The lines before the failure first, then the failure with the rest.
+            while reporter.backlog() {
+                if reporter.send(ReportShard::default()).await.is_err() {
+                    break;
+                }
+            }
             if let Err(e) = reporter.send(report).await {
                 tracing::warn!(job = task.job_id, error = %e, "report a failed shard");
             }
@@ -318,13 +337,15 @@ pub(super) struct Meeting {
     nccl_id: Vec<u8>,
 }
 
-/// Waits until every rank of this attempt has reported its data address (rank 0
-/// reports its NCCL id in the same report); `None` when the attempt is over.
+/// Waits (at most `timeout`) until every rank of this attempt has reported its
+/// data address (rank 0 reports its NCCL id in the same report); `None` when
+/// the attempt is over.
 pub(super) async fn rendezvous(
     ctx: &ShardContext,
     task: &ShardTask,
+    timeout: Duration,
 ) -> ShardResult<Option<Meeting>> {
-    let deadline = Instant::now() + RENDEZVOUS_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     loop {
         let request = GetJobRequest {
             job_id: task.job_id,
@@ -364,7 +385,7 @@ pub(super) async fn rendezvous(
             return Err(format!(
                 "rendezvous: rank(s) {} did not report within {} s",
                 missing.join(", "),
-                RENDEZVOUS_TIMEOUT.as_secs()
+                timeout.as_secs()
             ));
         }
         tokio::time::sleep(RENDEZVOUS_POLL).await;
@@ -697,7 +718,7 @@ async fn train(
         ));
     }
 
-    let Some(meeting) = rendezvous(ctx, task).await? else {
+    let Some(meeting) = rendezvous(ctx, task, RENDEZVOUS_TIMEOUT).await? else {
         return Ok(Outcome::Stopped);
     };
     let rank = task.rank as usize;

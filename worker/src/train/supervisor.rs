@@ -275,14 +275,21 @@ pub async fn supervise(
             _ = tokio::time::sleep(TICK) => {}
         }
     }
-    for (k, mut r) in running {
-        r.stop(k, false);
-        if tokio::time::timeout(Duration::from_secs(2), &mut r.handle)
-            .await
-            .is_err()
-        {
-            r.handle.abort();
-        }
+    // Every shard stops at once, each within its own grace (a command job's
+    // rank gets SIGTERM and its grace_secs).
+    let stopping: Vec<_> = running
+        .into_iter()
+        .map(|(k, mut r)| {
+            r.stop(k, false);
+            tokio::spawn(async move {
+                if tokio::time::timeout(r.grace, &mut r.handle).await.is_err() {
+                    r.handle.abort();
+                }
+            })
+        })
+        .collect();
+    for s in stopping {
+        let _ = s.await;
     }
 }
 

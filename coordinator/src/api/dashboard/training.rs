@@ -179,6 +179,33 @@ pub fn job(
             }),
         ],
     ];
+    let mut facts = facts;
+    if let Some(command) = kiln_common::jobspec::JobSpec::parse(&job.spec_toml)
+        .ok()
+        .and_then(|spec| spec.command().cloned())
+    {
+        use kiln_common::jobspec::Code;
+        let code = match &command.command.code {
+            Some(Code::Artifact(code)) => code.to_string(),
+            Some(Code::Path(path)) => path.clone(),
+            None => "-".to_string(),
+        };
+        let runtime = command.environment.runtime.to_string();
+        facts.push(vec![
+            Cell::text("command"),
+            Cell::text(command.command.run.join(" ")),
+        ]);
+        facts.push(vec![Cell::text("code"), Cell::text(code)]);
+        facts.push(vec![Cell::text("environment"), Cell::text(runtime)]);
+        facts.push(vec![
+            Cell::text("data"),
+            Cell::text(command.data.map_or("-".to_string(), |d| d.to_string())),
+        ]);
+    }
+    facts.push(vec![
+        Cell::text("spec digest"),
+        Cell::text(&job.spec_digest),
+    ]);
     out.push_str(&table(&["", ""], &facts));
 
     out.push_str("<h2>Curves</h2>");
