@@ -48,7 +48,7 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     print(
         f"env rank={os.environ['RANK']} world={os.environ['WORLD_SIZE']} "
-        f"local_rank={os.environ['LOCAL_RANK']} node_rank={os.environ['NODE_RANK']} "
+        f"local_rank={os.environ['LOCAL_RANK']} node_rank={os.environ.get('NODE_RANK', os.environ.get('GROUP_RANK'))} "
         f"master={os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
         flush=True,
     )
@@ -70,7 +70,14 @@ def main():
     batch = 32
     steps_per_epoch = (len(mine) + batch - 1) // batch
     total = epochs * steps_per_epoch
+    first_step = step
+    steady_from = None
     while step < total:
+        if step == first_step:
+            # The benchmark reads when training began (wall clock, seconds).
+            print(f"first step at {time.time():.3f}", flush=True)
+        if steady_from is None and step - first_step == steps_per_epoch:
+            steady_from = (time.perf_counter(), step)
         i = step % steps_per_epoch
         idx = mine[i * batch : (i + 1) * batch]
         opt.zero_grad()
@@ -90,6 +97,10 @@ def main():
                     os.path.join(tmp, "state.pt"),
                 )
                 os.rename(tmp, os.path.join(ckpt_dir, f"step-{step}"))
+    if steady_from is not None and rank == 0:
+        seconds = time.perf_counter() - steady_from[0]
+        samples = (step - steady_from[1]) * batch * world
+        print(f"samples/s {samples / max(seconds, 1e-9):.1f}", flush=True)
     weights = b"".join(p.detach().numpy().tobytes() for p in model.parameters())
     print(f"weights digest {hashlib.sha256(weights).hexdigest()}", flush=True)
     if rank == 0:
