@@ -19,6 +19,14 @@ with mlflow.start_run() as run:
     for step in range(3):
         mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
     mlflow.log_dict({"layers": [4, 16, 3]}, "config.json")
+    # Above the multipart threshold the ranks have: uploaded in parts,
+    # through the worker.
+    big = os.path.join(os.environ["KILN_OUTPUT_DIR"], "big.bin")
+    with open(big, "wb") as f:
+        f.write(os.urandom(40 << 20))
+    mlflow.log_artifact(big)
+    os.remove(big)
+    print("big artifact logged", flush=True)
 
 client = MlflowClient()
 other = os.environ["OTHER_RUN"]
@@ -33,7 +41,8 @@ for what, call in attempts:
         call()
         print(f"ALLOWED {what}", flush=True)
     except Exception as e:  # the client raises MlflowException on 403
-        print(f"DENIED {what}: {str(e)[:160]}", flush=True)
+        code = getattr(e, "error_code", "") or type(e).__name__
+        print(f"REFUSED {what}: {code}: {str(e)[:160]}", flush=True)
 # Metrics over time: the test kills the leading coordinator meanwhile; the
 # worker's tracking port passes the calls to whichever coordinator answers.
 ticks = int(os.environ.get("TICKS", "0"))

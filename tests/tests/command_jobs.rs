@@ -579,7 +579,7 @@ env = {{ OTHER_RUN = "{other_run}", TICKS = "40" }}
         "create an experiment",
     ] {
         assert!(
-            logs.contains(&format!("DENIED {what}")),
+            logs.contains(&format!("REFUSED {what}: PERMISSION_DENIED")),
             "the job's token could {what}:\n{logs}"
         );
     }
@@ -596,6 +596,12 @@ env = {{ OTHER_RUN = "{other_run}", TICKS = "40" }}
         files.contains("config.json"),
         "log_dict's file is not among the run's artifacts: {shown}"
     );
+    // 40 MiB in two parts of the multipart upload, through the worker.
+    let big = shown["artifacts"]["files"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["path"] == "big.bin"))
+        .unwrap_or_else(|| panic!("log_artifact's big file is missing: {shown}"));
+    assert_eq!(big["size"].as_u64(), Some(40 << 20), "{big}");
 
     // The token ended with the job: the coordinators no longer know it.
     let tokens = cluster.cli_ok(&["token", "ls", "--json"]).await;

@@ -11,8 +11,11 @@
 //! A request body is held whole (at most [`MAX_BODY_BYTES`], so it can be sent
 //! again to another coordinator); larger artifacts travel through MLflow's
 //! multipart upload in parts below that, which the ranks' environment turns
-//! on. Answers are passed back whole too. At most [`MAX_IN_FLIGHT`] requests
-//! are passed on at once; the rest wait.
+//! on (the part URLs name this worker: the Host header travels). Answers
+//! stream back. At most [`MAX_IN_FLIGHT`] requests are passed on at once; the
+//! rest wait, once their body has arrived. Only a call that reached no
+//! coordinator, or a read refused with 503, goes to the next coordinator: a
+//! write that may have been applied is not sent twice.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,7 +25,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use kiln_common::client::ClusterClient;
 use kiln_common::https::HttpClient;
 use kiln_proto::v1::ClusterStatusRequest;
@@ -124,13 +127,17 @@ impl TrackingProxy {
 
     /// Passes one request on; see the module docs.
     async fn pass(&self, request: Request) -> Response {
-        let Ok(_slot) = self.in_flight.acquire().await else {
-            return refusal(StatusCode::SERVICE_UNAVAILABLE, "the worker is stopping");
-        };
         let (parts, body) = request.into_parts();
-        let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
-            Ok(bytes) => bytes,
+        let read = tokio::time::timeout(CALL_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES));
+        let body = match read.await {
+            Ok(Ok(bytes)) => bytes,
             Err(_) => {
+                return refusal(
+                    StatusCode::REQUEST_TIMEOUT,
+                    &format!("the request's body did not arrive within {} s", CALL_TIMEOUT.as_secs()),
+                )
+            }
+            Ok(Err(_)) => {
                 return refusal(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     &format!(
@@ -138,6 +145,10 @@ impl TrackingProxy {
                     ),
                 )
             }
+        };
+        // Held from here: a slow sender does not hold a slot.
+        let Ok(_slot) = self.in_flight.acquire().await else {
+            return refusal(StatusCode::SERVICE_UNAVAILABLE, "the worker is stopping");
         };
         let path = parts
             .uri
@@ -157,7 +168,10 @@ impl TrackingProxy {
             for addr in addrs {
                 match self.send(&addr, &parts, &path, body.clone()).await {
                     Ok(response) => {
-                        self.answered(&addr);
+                        let failed = [StatusCode::BAD_GATEWAY, StatusCode::GATEWAY_TIMEOUT];
+                        if !failed.contains(&response.status()) {
+                            self.answered(&addr);
+                        }
                         return response;
                     }
                     Err(e) => last_error = format!("{addr}: {e}"),
@@ -182,7 +196,14 @@ impl TrackingProxy {
         let mut request = hyper::Request::builder()
             .method(parts.method.clone())
             .uri(format!("{}://{addr}{path}", self.scheme));
-        for name in [header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT] {
+        // Host too: the coordinator names this worker in the part URLs of a
+        // multipart upload, so the parts come back through it.
+        for name in [
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::ACCEPT,
+            header::HOST,
+        ] {
             if let Some(value) = parts.headers.get(&name) {
                 request = request.header(name, value.clone());
             }
@@ -191,28 +212,16 @@ impl TrackingProxy {
             .body(Full::new(body))
             .map_err(|e| format!("build the request: {e}"))?;
         // Only a request that never reached a coordinator (no connection) or
-        // that it refused whole (503: no leader) goes to another: a write that
-        // may have been applied is not sent twice; the client decides.
-        let sent = tokio::time::timeout(CALL_TIMEOUT, async {
-            let response = self.client.request(request).await?;
-            let (parts, body) = response.into_parts();
-            let bytes = body.collect().await?.to_bytes();
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((parts, bytes))
-        })
-        .await;
-        let (answer, bytes) = match sent {
+        // that it refused whole goes to another: a write that may have been
+        // applied is not sent twice; the client decides.
+        let answer = match tokio::time::timeout(CALL_TIMEOUT, self.client.request(request)).await {
             Ok(Ok(answer)) => answer,
+            Ok(Err(e)) if e.is_connect() => return Err(e.to_string()),
             Ok(Err(e)) => {
-                let unsent = e
-                    .downcast_ref::<hyper_util::client::legacy::Error>()
-                    .is_some_and(|e| e.is_connect());
-                if unsent {
-                    return Err(e.to_string());
-                }
                 return Ok(refusal(
                     StatusCode::BAD_GATEWAY,
                     &format!("coordinator {addr} failed during the tracking call: {e}"),
-                ));
+                ))
             }
             Err(_) => {
                 return Ok(refusal(
@@ -224,10 +233,16 @@ impl TrackingProxy {
                 ))
             }
         };
-        if answer.status == StatusCode::SERVICE_UNAVAILABLE {
+        // A coordinator answers 503 when it has no leader, but also when a
+        // write's outcome is unknown: only a read goes to the next one.
+        if answer.status() == StatusCode::SERVICE_UNAVAILABLE
+            && parts.method == axum::http::Method::GET
+        {
             return Err("unavailable (no leader yet)".into());
         }
-        let mut response = Response::new(Body::from(bytes));
+        // The answer streams back (an artifact's download may be large).
+        let (answer, body) = answer.into_parts();
+        let mut response = Response::new(Body::new(body));
         *response.status_mut() = answer.status;
         for name in [header::CONTENT_TYPE, header::CONTENT_DISPOSITION] {
             if let Some(value) = answer.headers.get(&name) {

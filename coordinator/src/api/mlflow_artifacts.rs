@@ -369,16 +369,8 @@ async fn upload(
     Path(full): Path<String>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let at = Location::parse(&full);
-    let run = at.as_ref().map_or("", |at| at.run());
-    let caller = caller_scoped(
-        &api,
-        &headers,
-        Permission::Write,
-        "mlflow-artifacts/upload",
-        Scope::Run(run),
-    )?;
-    let at = at?;
+    let caller = caller_on_path(&api, &headers, "mlflow-artifacts/upload", &full)?;
+    let at = Location::parse(&full)?;
     let (experiment, owner) = at.tree()?;
     if at.path.is_empty() {
         return Err(bad(format!(
@@ -673,6 +665,19 @@ async fn propose_patiently(
     }
 }
 
+/// The caller of a write under the artifact path `full`: a command job's own
+/// token may write under its run's root.
+fn caller_on_path(
+    api: &Api,
+    headers: &HeaderMap,
+    what: &str,
+    full: &str,
+) -> Result<Caller, ApiError> {
+    let at = Location::parse(full);
+    let run = at.as_ref().map_or("", |at| at.run());
+    caller_scoped(api, headers, Permission::Write, what, Scope::Run(run))
+}
+
 /// Where a multipart upload's file goes: `<root>[/<dir>]` plus the base name of
 /// the client's local path.
 fn upload_target(full: &str, v: &Value) -> Result<(Location, String), ApiError> {
@@ -699,12 +704,7 @@ async fn create_upload(
     Path(full): Path<String>,
     raw: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = caller(
-        &api,
-        &headers,
-        Permission::Write,
-        "mlflow-artifacts/mpu/create",
-    )?;
+    let caller = caller_on_path(&api, &headers, "mlflow-artifacts/mpu/create", &full)?;
     let v = super::tracking::body(&raw)?;
     let (at, path) = upload_target(&full, &v)?;
     let (experiment, owner) = at.tree()?;
@@ -827,12 +827,7 @@ async fn complete_upload(
     Path(full): Path<String>,
     raw: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = caller(
-        &api,
-        &headers,
-        Permission::Write,
-        "mlflow-artifacts/mpu/complete",
-    )?;
+    let caller = caller_on_path(&api, &headers, "mlflow-artifacts/mpu/complete", &full)?;
     let v = super::tracking::body(&raw)?;
     let (at, path) = upload_target(&full, &v)?;
     let upload_id = super::tracking::text(&v, "upload_id")?.to_string();
@@ -957,12 +952,7 @@ async fn abort_upload(
     Path(full): Path<String>,
     raw: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = caller(
-        &api,
-        &headers,
-        Permission::Write,
-        "mlflow-artifacts/mpu/abort",
-    )?;
+    let caller = caller_on_path(&api, &headers, "mlflow-artifacts/mpu/abort", &full)?;
     let v = super::tracking::body(&raw)?;
     upload_target(&full, &v)?;
     let upload_id = super::tracking::text(&v, "upload_id")?.to_string();

@@ -92,11 +92,19 @@ pub fn reap_orphans(work_dir: &Path) {
         let path = entry.path();
         let record = std::fs::read_to_string(&path).unwrap_or_default();
         let mut parts = record.split_whitespace();
-        let (Some(Ok(pgid)), Some(started)) = (parts.next().map(str::parse::<i32>), parts.next())
-        else {
+        let (Some(Ok(pgid)), Some(started), boot) = (
+            parts.next().map(str::parse::<i32>),
+            parts.next(),
+            parts.next(),
+        ) else {
             let _ = std::fs::remove_file(&path);
             continue;
         };
+        // A record from before a reboot names nothing of ours.
+        if boot != Some(boot_id().as_str()) {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
         let ours = match start_time(pgid) {
             None => true,
             Some(now) => now == started,
@@ -112,6 +120,13 @@ pub fn reap_orphans(work_dir: &Path) {
         }
         let _ = std::fs::remove_file(&path);
     }
+}
+
+/// This boot's id (a group id and start time mean nothing across a reboot).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// A process's start time in clock ticks since boot (`/proc/PID/stat` field 22).
@@ -280,8 +295,8 @@ fn program(job: &CommandJob, code: &Path, venv: Option<&Path>) -> PathBuf {
 }
 
 /// Longest a rank waits for the rest of its gang to be staged: a peer may be
-/// pulling a large dataset.
-const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(600);
+/// pulling a large dataset or building its pip environment.
+const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(PIP_TIMEOUT.as_secs() + 600);
 /// Lines of a pip build's output in the job's log (its last lines are in a
 /// failure's reason).
 const MAX_PIP_LINES: usize = 200;
@@ -1091,6 +1106,22 @@ pub(super) async fn run(
     for (k, v) in tracking_env(ctx, task, spec) {
         env.insert(k, v);
     }
+    // MLflow sends the parts of a multipart upload with plain `requests`,
+    // which trusts its own bundle, not MLFLOW_TRACKING_SERVER_CERT_PATH: a
+    // bundle of the system's CAs and the cluster's, so that public hosts still
+    // verify too.
+    if let (Some(ca), false) = (&ctx.ca, env.contains_key("REQUESTS_CA_BUNDLE")) {
+        let bundle = dir.join("ca-bundle.pem");
+        let mut text = std::fs::read("/etc/ssl/certs/ca-certificates.crt").unwrap_or_default();
+        text.push(b'\n');
+        text.extend(std::fs::read(ca).unwrap_or_default());
+        if std::fs::write(&bundle, &text).is_ok() {
+            env.insert(
+                "REQUESTS_CA_BUNDLE".to_string(),
+                bundle.display().to_string(),
+            );
+        }
+    }
     let program = program(job, &dirs.code, venv.as_deref());
     let cores = claim_cores(spec.resources.cpus_per_shard as usize);
     let log_file = log_path(&ctx.work_dir, task.job_id, task.attempt, task.rank);
@@ -1157,9 +1188,10 @@ pub(super) async fn run(
                     return Err(std::io::Error::last_os_error());
                 }
                 let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let error = std::io::Error::last_os_error();
                 libc::close(fd);
                 if written != 1 {
-                    return Err(std::io::Error::last_os_error());
+                    return Err(error);
                 }
             }
             if !pinned.is_empty() {
@@ -1196,7 +1228,11 @@ pub(super) async fn run(
     let record = groups.join(format!("job{}-a{}-r{}", task.job_id, task.attempt, rank));
     let _ = std::fs::write(
         &record,
-        format!("{pgid} {}", start_time(pgid).unwrap_or_default()),
+        format!(
+            "{pgid} {} {}",
+            start_time(pgid).unwrap_or_default(),
+            boot_id()
+        ),
     );
     let group = Group { pgid, record };
     reporter.log(format!(
@@ -1334,9 +1370,11 @@ pub(super) async fn run(
             &mut seen,
             &mut pushing,
         );
+        // The last checkpoint must travel: the job's record names it.
         if pushing.is_some() {
             let (name, result) = pushed(&mut pushing).await;
-            record_push(name, result, &mut last_report, reporter);
+            let reference = result?;
+            record_push(name, Ok(reference), &mut last_report, reporter);
         }
         last_report.model = publish_output(ctx, task, spec, &dirs, reporter).await?;
         if !last_report.model.is_empty() {
@@ -1501,7 +1539,11 @@ mod tests {
             .expect("spawn");
         let pgid = leader.id() as i32;
         let started = start_time(pgid).expect("a start time");
-        std::fs::write(groups.join("job1-a1-r0"), format!("{pgid} {started}")).expect("record");
+        std::fs::write(
+            groups.join("job1-a1-r0"),
+            format!("{pgid} {started} {}", boot_id()),
+        )
+        .expect("record");
         leader.wait().expect("the leader ends");
         let child: i32 = std::fs::read_to_string(&pid_file)
             .expect("the child's pid")
@@ -1517,7 +1559,11 @@ mod tests {
             .spawn()
             .expect("spawn");
         let other = bystander.id() as i32;
-        std::fs::write(groups.join("job2-a1-r0"), format!("{other} 1")).expect("record");
+        std::fs::write(
+            groups.join("job2-a1-r0"),
+            format!("{other} 1 {}", boot_id()),
+        )
+        .expect("record");
 
         reap_orphans(work.path());
         let deadline = Instant::now() + Duration::from_secs(5);
