@@ -120,7 +120,7 @@ pub async fn engine(onnx: &Path, seconds: f64) -> anyhow::Result<EngineReport> {
         max_queue_delay: Duration::from_micros(500),
         queue_capacity: 4 * CALLERS,
         threads,
-        engine: None,
+        ..EngineConfig::default()
     };
     let engine = tokio::task::spawn_blocking({
         let (bytes, config) = (bytes.clone(), config.clone());

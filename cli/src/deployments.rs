@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use kiln_common::client::ClusterClient;
 use kiln_proto::v1::{
-    DeleteDeploymentRequest, DeployRequest, DeploymentRecord, GetDeploymentRequest,
-    ListDeploymentsRequest, ReplicaState,
+    Batching, DeleteDeploymentRequest, DeployRequest, DeploymentRecord, GetDeploymentRequest,
+    InputLimit, ListDeploymentsRequest, ReplicaState,
 };
 use serde_json::{json, Value};
 
@@ -40,6 +40,12 @@ fn deployment_json(d: &DeploymentRecord) -> Value {
         "ready_replicas": ready(d),
         "cpus_per_replica": d.cpus_per_replica,
         "max_batch_size": d.max_batch_size,
+        "batching": batching_name(d.batching),
+        "preferred_batch_sizes": d.preferred_batch_sizes,
+        "instances": d.instances,
+        "input_limits": d.input_limits.iter().map(|l| json!({
+            "name": l.name, "max_shape": l.max_shape,
+        })).collect::<Vec<_>>(),
         "max_queue_delay_us": d.max_queue_delay_us,
         "queue_capacity": d.queue_capacity,
         "engine": if d.engine.is_empty() { "preferred" } else { d.engine.as_str() },
@@ -64,11 +70,43 @@ fn deployment_json(d: &DeploymentRecord) -> Value {
             "reason": r.reason,
             "generation": r.generation,
             "engine": r.engine,
+            "unbatched": r.unbatched,
         })).collect::<Vec<_>>(),
         "events": d.events.iter().map(|e| json!({"at_ms": e.at_ms, "message": e.message})).collect::<Vec<_>>(),
         "created_at_ms": d.created_at_ms,
         "updated_at_ms": d.updated_at_ms,
         "created_by": d.created_by,
+    })
+}
+
+/// How a deployment batches, as `--json` names it.
+fn batching_name(batching: i32) -> &'static str {
+    match Batching::try_from(batching) {
+        Ok(Batching::Off) => "off",
+        Ok(Batching::Declared) => "declared",
+        _ => "probed",
+    }
+}
+
+/// Parses `--max-input-shape NAME=D,D,...` (each D a size, or `*` for no limit).
+fn input_limit(text: &str) -> anyhow::Result<InputLimit> {
+    let usage = || {
+        anyhow::anyhow!(
+            "--max-input-shape {text:?}: write NAME=D,D,... with one size (or *) per dimension"
+        )
+    };
+    let (name, dims) = text.split_once('=').ok_or_else(usage)?;
+    let max_shape = dims
+        .split(',')
+        .map(|d| match d.trim() {
+            "*" => Ok(-1),
+            d => d.parse::<i64>().ok().filter(|&n| n >= 1).ok_or_else(usage),
+        })
+        .collect::<anyhow::Result<Vec<i64>>>()?;
+    anyhow::ensure!(!name.is_empty(), usage());
+    Ok(InputLimit {
+        name: name.to_string(),
+        max_shape,
     })
 }
 
@@ -111,7 +149,14 @@ pub async fn deploy(client: ClusterClient, args: DeployArgs) -> anyhow::Result<(
         canary: args.canary.unwrap_or_default(),
         canary_percent: args.canary_percent.unwrap_or(0),
         cpus_per_replica: args.cpus.unwrap_or(0),
-        max_batch_size: args.max_batch_size.unwrap_or(0),
+        max_batch_size: args.max_batch_size,
+        preferred_batch_sizes: args.preferred_batch_sizes.clone(),
+        instances: args.instances.unwrap_or(0),
+        input_limits: args
+            .max_input_shape
+            .iter()
+            .map(|text| input_limit(text))
+            .collect::<anyhow::Result<_>>()?,
         max_queue_delay_us: args.max_queue_delay_us.unwrap_or(0),
         queue_capacity: args.queue_capacity.unwrap_or(0),
         public: args.public,
@@ -224,10 +269,42 @@ pub async fn run(client: ClusterClient, command: DeploymentsCommand) -> anyhow::
                 ready(&d),
                 d.cpus_per_replica
             );
+            let batches = match Batching::try_from(d.batching) {
+                Ok(Batching::Off) => "none (--max-batch-size 0: each request alone)".to_string(),
+                Ok(Batching::Declared) => format!("up to {} rows, declared", d.max_batch_size),
+                _ => format!(
+                    "up to {} rows where the model's first dimension is a batch (probed)",
+                    d.max_batch_size
+                ),
+            };
             println!(
-                "batching:  max batch {}, max queue delay {} us, queue {} requests",
-                d.max_batch_size, d.max_queue_delay_us, d.queue_capacity
+                "batching:  {batches}; max queue delay {} us, queue {} requests",
+                d.max_queue_delay_us, d.queue_capacity
             );
+            if !d.preferred_batch_sizes.is_empty() {
+                println!("preferred: batches of {:?}", d.preferred_batch_sizes);
+            }
+            if d.instances > 0 {
+                println!("instances: {} per replica", d.instances);
+            }
+            for limit in &d.input_limits {
+                let dims: Vec<String> = limit
+                    .max_shape
+                    .iter()
+                    .map(|&d| {
+                        if d < 0 {
+                            "*".to_string()
+                        } else {
+                            d.to_string()
+                        }
+                    })
+                    .collect();
+                println!(
+                    "limit:     input {} at most [{}]",
+                    limit.name,
+                    dims.join(", ")
+                );
+            }
             println!(
                 "engine:    {}",
                 if d.engine.is_empty() {
@@ -259,6 +336,9 @@ pub async fn run(client: ClusterClient, command: DeploymentsCommand) -> anyhow::
                         format!("  ({})", r.reason)
                     }
                 );
+                if !r.unbatched.is_empty() {
+                    println!("              serves each request alone: {}", r.unbatched);
+                }
             }
             for e in &d.events {
                 println!("event  {}  {}", e.at_ms, e.message);

@@ -387,7 +387,8 @@ enum ModelsCommand {
     /// (ONNX Runtime where its library is given, else tract) cannot load is
     /// refused with its reason.
     Register {
-        /// The ONNX file.
+        /// The ONNX file, or the directory that holds it; the external data files
+        /// a model saved with them names are taken from beside it.
         #[arg(long)]
         onnx: PathBuf,
         /// ONNX Runtime library that reads the model's signature (as the worker's
@@ -440,9 +441,26 @@ struct DeployArgs {
     /// CPUs (and inference threads) per replica (default 1).
     #[arg(long)]
     cpus: Option<u32>,
-    /// Largest batch the dynamic batcher forms (default 64).
+    /// Largest batch the dynamic batcher forms, declaring that the model's
+    /// first dimension is a batch; 0: no batching, each request runs alone (as in
+    /// Triton's model config). Unset: batches of up to 64 rows where the model's
+    /// inputs and outputs share a dynamic first dimension and a probe at load
+    /// agrees.
     #[arg(long)]
     max_batch_size: Option<u32>,
+    /// Batch sizes that run as soon as they form, e.g. 4,8 (each at most the
+    /// max batch size).
+    #[arg(long, value_delimiter = ',')]
+    preferred_batch_sizes: Vec<u32>,
+    /// Model instances per replica, each running a batch at once (the engine's
+    /// count when unset: one ONNX Runtime session on all the replica's CPUs, or
+    /// one tract plan per CPU).
+    #[arg(long)]
+    instances: Option<u32>,
+    /// The most an input's dimensions may be, NAME=D,D,... (* for no limit); a
+    /// request beyond them is refused with 400. Repeatable.
+    #[arg(long)]
+    max_input_shape: Vec<String>,
     /// Longest a request waits for a batch to fill, in microseconds (default 500);
     /// a request alone in a replica never waits.
     #[arg(long)]

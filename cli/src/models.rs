@@ -1,4 +1,4 @@
-//! `kiln models ls | show NAME[@VERSION] | register --onnx FILE --name NAME |
+//! `kiln models ls | show NAME[@VERSION] | register --onnx FILE|DIR --name NAME |
 //! alias NAME VERSION ALIAS`: the model registry.
 
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use kiln_proto::v1::{
     GetModelRequest, ListModelsRequest, ModelVersion, RegisterModelRequest, SetModelAlias,
     SetModelAliasRequest,
 };
-use kiln_worker::serving::engine::{signature_of, Engine, EngineConfig};
+use kiln_worker::serving::engine::{registration, Engine, EngineConfig, ModelFiles};
 use kiln_worker::serving::{DataType, Tensor};
 use kiln_worker::train::data::read_csv;
 use kiln_worker::train::shard::{MODEL_FILE, REFERENCE_FILE};
@@ -45,6 +45,7 @@ fn model_json(m: &ModelVersion) -> Value {
         "model_id": m.model_id,
         "description": m.description,
         "tags": m.tags.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "refused_engines": m.refused_engines.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "deployable": m.undeployable.is_empty(),
         "undeployable": m.undeployable,
         "created_at_ms": m.created_at_ms,
@@ -60,7 +61,7 @@ const REFERENCE_BATCH: usize = 256;
 /// The drift reference of a model from the data it was trained on: every feature
 /// column of the CSV (all but `label`), then every column of the model's answers.
 fn reference_from_csv(
-    onnx: &[u8],
+    model: &ModelFiles,
     csv: &std::path::Path,
     label: &str,
 ) -> anyhow::Result<(ReferenceStats, Vec<String>)> {
@@ -73,8 +74,8 @@ fn reference_from_csv(
         csv.display(),
         data.x.len()
     );
-    let engine = Engine::load(
-        onnx,
+    let engine = Engine::load_files(
+        model,
         "reference",
         EngineConfig {
             max_batch_size: REFERENCE_BATCH,
@@ -166,21 +167,40 @@ async fn register(
     reference_data: Option<(std::path::PathBuf, String)>,
 ) -> anyhow::Result<ModelVersion> {
     kiln_common::artifact::validate_name(name)?;
-    let bytes = std::fs::read(onnx).with_context(|| format!("read {}", onnx.display()))?;
-    let checked = bytes.clone();
-    let signature = tokio::task::spawn_blocking(move || signature_of(&checked))
+    let onnx = model_file(onnx)?;
+    let path = onnx.clone();
+    let model = tokio::task::spawn_blocking(move || ModelFiles::read(&path))
+        .await
+        .context("join the model read")??;
+    let checked = model.clone();
+    let registered = tokio::task::spawn_blocking(move || registration(&checked))
         .await
         .context("join the model check")?
         .map_err(|e| anyhow::anyhow!("{} cannot be served: {e}", onnx.display()))?;
+    let signature = registered.signature;
     // The artifact holds model.onnx (and reference.json), as the versions
-    // training registers do.
+    // training registers do, and the external data files beside it under the
+    // names the model gives them.
     let staging = tempfile::tempdir().context("make a staging directory")?;
-    std::fs::copy(onnx, staging.path().join(MODEL_FILE))
+    std::fs::write(staging.path().join(MODEL_FILE), &model.onnx)
         .with_context(|| format!("copy {}", onnx.display()))?;
+    for (location, data) in &model.external {
+        anyhow::ensure!(
+            location != MODEL_FILE && location != REFERENCE_FILE,
+            "the model keeps tensors in {location}, a name the registry keeps for its own file; \
+             save the external data under another name"
+        );
+        let target = staging.path().join(location);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("make {}", parent.display()))?;
+        }
+        std::fs::write(&target, data).with_context(|| format!("copy {location}"))?;
+    }
     let (reference, features) = match reference_data {
         Some((csv, label)) => {
             let (reference, features) =
-                tokio::task::spawn_blocking(move || reference_from_csv(&bytes, &csv, &label))
+                tokio::task::spawn_blocking(move || reference_from_csv(&model, &csv, &label))
                     .await
                     .context("join the reference computation")??;
             std::fs::write(
@@ -215,6 +235,11 @@ async fn register(
         outputs: signature.outputs.iter().map(|s| s.to_proto()).collect(),
         features,
         reference,
+        refused_engines: registered
+            .refused
+            .into_iter()
+            .map(|(kind, why)| (kind.name().to_string(), why))
+            .collect(),
         ..Default::default()
     };
     let request = RegisterModelRequest {
@@ -228,6 +253,34 @@ async fn register(
         .await?
         .version;
     Ok(ModelVersion { version, ..model })
+}
+
+/// The ONNX file `--onnx` names: the file itself, or the one `.onnx` file of a
+/// directory (which holds the model and its external data files).
+fn model_file(path: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("read {}", path.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "onnx"))
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => anyhow::bail!("{} holds no .onnx file", path.display()),
+        _ => anyhow::bail!(
+            "{} holds {} .onnx files ({}); name the model's file with --onnx",
+            path.display(),
+            found.len(),
+            found
+                .iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 /// `kiln models ...`.
@@ -357,6 +410,10 @@ pub async fn run(client: ClusterClient, command: ModelsCommand) -> anyhow::Resul
             }
             if !m.classes.is_empty() {
                 println!("classes:  {}", m.classes.join(", "));
+            }
+            let refused: std::collections::BTreeMap<_, _> = m.refused_engines.iter().collect();
+            for (engine, why) in refused {
+                println!("engine:   {engine} cannot serve it: {why}");
             }
             let mut metrics: Vec<(&String, &f64)> = m.metrics.iter().collect();
             metrics.sort_by(|a, b| a.0.cmp(b.0));

@@ -369,6 +369,10 @@ impl std::error::Error for SpecErrors {}
 /// Most shards a job may ask for.
 pub const MAX_SHARDS: u32 = 1024;
 
+/// Most log lines one shard report carries: a worker sends no more at once, and
+/// the coordinators keep no more of one.
+pub const MAX_REPORT_LOG_LINES: usize = 200;
+
 /// Reads a table's keys, remembering which were used, and collects problems.
 struct Reader<'a> {
     table: &'a Table,

@@ -35,6 +35,7 @@ pub mod http;
 pub mod https;
 pub mod jobspec;
 pub mod logging;
+pub mod onnx;
 pub mod progress;
 pub mod reference;
 pub mod status;

@@ -901,6 +901,17 @@ impl Drop for Cluster {
     }
 }
 
+/// The worker of each shard of a job as `kiln jobs show --json` prints it, in
+/// the order listed.
+pub fn shard_workers(job: &serde_json::Value) -> Vec<&str> {
+    job["shards"]
+        .as_array()
+        .expect("the job lists its shards")
+        .iter()
+        .map(|s| s["worker_id"].as_str().expect("a shard's worker"))
+        .collect()
+}
+
 /// Runs the kiln binary to completion and panics with its stderr if it fails.
 pub fn run_kiln_sync(bin: &Path, args: &[&str]) {
     let out = std::process::Command::new(bin)

@@ -33,7 +33,7 @@ mod wait;
 mod writer;
 
 pub use cli::{kiln_bin, peak_rss, run_kiln, run_kiln_measured, stderr_text, CLI_TIMEOUT};
-pub use cluster::{run_kiln_sync, Cluster};
+pub use cluster::{run_kiln_sync, shard_workers, Cluster};
 pub use http::{http_call, http_get, http_get_plaintext, http_request, trust, HttpAnswer};
 pub use port::free_port;
 pub use process::Proc;

@@ -1,6 +1,7 @@
 //! Models as users bring them, made by the real exporters (torchvision's
 //! ResNet-18, a transformers BERT classifier with dynamic batch and sequence,
-//! a time-major LSTM, a model that normalises over axis 0; scripts/models.sh
+//! a time-major LSTM, a scikit-learn text pipeline taking strings, a random
+//! forest with skl2onnx's ZipMap, a model that normalises over axis 0; scripts/models.sh
 //! exports them once into a cache), registered, deployed on ONNX Runtime and
 //! served over REST JSON, REST binary and gRPC within the exporter's tolerance of
 //! onnxruntime in Python. scripts/test.sh points `EXPORTED_MODELS_DIR` at the
@@ -36,24 +37,65 @@ fn models_and_library() -> Option<(PathBuf, String)> {
     }
 }
 
-/// One tensor of an `<model>.expected.json` (scripts/export_models.py).
+/// One tensor of an `<model>.expected.json` (scripts/export_models.py). A
+/// sequence of maps (ZipMap) is what kiln serves for it: FP32 `[rows, classes]`,
+/// classes in the maps' (sorted) order.
 struct Expected {
     name: String,
     datatype: &'static str,
     shape: Vec<usize>,
     data: Vec<f64>,
+    /// A string tensor's elements (BYTES); `data` is then empty.
+    text: Vec<String>,
 }
 
 impl Expected {
     fn parse(doc: &Value) -> Expected {
+        let name = doc["name"].as_str().expect("name").to_string();
+        if doc["type"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("seq(map("))
+        {
+            let rows = doc["data"].as_array().expect("maps");
+            let data: Vec<f64> = rows
+                .iter()
+                .flat_map(|row| row.as_array().expect("a map's pairs").iter())
+                .map(|pair| pair[1].as_f64().expect("a probability"))
+                .collect();
+            return Expected {
+                name,
+                datatype: "FP32",
+                shape: vec![rows.len(), data.len() / rows.len().max(1)],
+                data,
+                text: Vec::new(),
+            };
+        }
         let datatype = match doc["dtype"].as_str().expect("dtype") {
             "float32" => "FP32",
             "float16" => "FP16",
             "int64" => "INT64",
-            other => panic!("the test reads float32 and int64 tensors, not {other}"),
+            "string" => "BYTES",
+            other => panic!("the test reads float32, int64 and string tensors, not {other}"),
+        };
+        let values = doc["data"].as_array().expect("data");
+        let (data, text) = match datatype {
+            "BYTES" => (
+                Vec::new(),
+                values
+                    .iter()
+                    .map(|v| v.as_str().expect("a string").to_string())
+                    .collect(),
+            ),
+            _ => (
+                values
+                    .iter()
+                    .map(|v| v.as_f64().expect("a number"))
+                    .collect(),
+                Vec::new(),
+            ),
         };
         Expected {
-            name: doc["name"].as_str().expect("name").to_string(),
+            name,
             datatype,
             shape: doc["shape"]
                 .as_array()
@@ -61,18 +103,24 @@ impl Expected {
                 .iter()
                 .map(|d| d.as_u64().expect("a dimension") as usize)
                 .collect(),
-            data: doc["data"]
-                .as_array()
-                .expect("data")
-                .iter()
-                .map(|v| v.as_f64().expect("a number"))
-                .collect(),
+            data,
+            text,
         }
     }
 
-    /// Little-endian bytes, as the binary extension and gRPC carry them.
+    /// Little-endian bytes, as the binary extension and gRPC carry them (BYTES:
+    /// each element's 4-byte length, then the element).
     fn bytes(&self) -> Vec<u8> {
         match self.datatype {
+            "BYTES" => self
+                .text
+                .iter()
+                .flat_map(|t| {
+                    let mut element = (t.len() as u32).to_le_bytes().to_vec();
+                    element.extend_from_slice(t.as_bytes());
+                    element
+                })
+                .collect(),
             "FP32" => self
                 .data
                 .iter()
@@ -93,6 +141,7 @@ impl Expected {
 
     fn json_data(&self) -> Value {
         match self.datatype {
+            "BYTES" => json!(self.text),
             "FP32" | "FP16" => json!(self.data),
             _ => json!(self.data.iter().map(|v| *v as i64).collect::<Vec<_>>()),
         }
@@ -127,6 +176,36 @@ fn case(dir: &std::path::Path, model: &str) -> Case {
     }
 }
 
+/// Checks an answer's elements against onnxruntime's: strings exactly, numbers
+/// within the case's tolerance.
+fn assert_answer(case: &Case, output: &Expected, got: Answer, what: &str) {
+    match got {
+        Answer::Numbers(got) => assert_within(case, output, &got, what),
+        Answer::Text(got) => assert_eq!(got, output.text, "{what}: {}", output.name),
+    }
+}
+
+/// An output's elements as an answer carried them.
+enum Answer {
+    Numbers(Vec<f64>),
+    Text(Vec<String>),
+}
+
+/// The elements of an output's bytes from the binary extension or gRPC.
+fn decode(output: &Expected, bytes: &[u8]) -> Answer {
+    if output.datatype != "BYTES" {
+        return Answer::Numbers(floats(output, bytes));
+    }
+    let mut text = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let len = u32::from_le_bytes(rest[..4].try_into().expect("a length")) as usize;
+        text.push(String::from_utf8(rest[4..4 + len].to_vec()).expect("UTF-8"));
+        rest = &rest[4 + len..];
+    }
+    Answer::Text(text)
+}
+
 fn assert_within(case: &Case, output: &Expected, got: &[f64], what: &str) {
     assert_eq!(
         got.len(),
@@ -143,9 +222,13 @@ fn assert_within(case: &Case, output: &Expected, got: &[f64], what: &str) {
     }
 }
 
-/// The values of an FP32 or FP16 output's little-endian bytes.
+/// The values of an FP32, FP16 or INT64 output's little-endian bytes.
 fn floats(output: &Expected, bytes: &[u8]) -> Vec<f64> {
     match output.datatype {
+        "INT64" => bytes
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f64)
+            .collect(),
         "FP16" => bytes
             .chunks_exact(2)
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64())
@@ -190,13 +273,16 @@ async fn check_protocols(cluster: &Cluster, model: &str, case: &Case, token: &st
             "{model} JSON: shape of {}",
             output.name
         );
-        let got: Vec<f64> = tensor["data"]
-            .as_array()
-            .expect("data")
-            .iter()
-            .map(|v| v.as_f64().expect("a number"))
-            .collect();
-        assert_within(case, output, &got, &format!("{model} JSON"));
+        let values = tensor["data"].as_array().expect("data").iter();
+        let got = match output.datatype {
+            "BYTES" => Answer::Text(
+                values
+                    .map(|v| v.as_str().expect("a string").to_string())
+                    .collect(),
+            ),
+            _ => Answer::Numbers(values.map(|v| v.as_f64().expect("a number")).collect()),
+        };
+        assert_answer(case, output, got, &format!("{model} JSON"));
     }
 
     // The binary extension, one output at a time.
@@ -232,10 +318,10 @@ async fn check_protocols(cluster: &Cluster, model: &str, case: &Case, token: &st
             .expect("binary answers carry the JSON length")
             .parse()
             .expect("number");
-        assert_within(
+        assert_answer(
             case,
             output,
-            &floats(output, &answer.body[json_part..]),
+            decode(output, &answer.body[json_part..]),
             &format!("{model} binary"),
         );
     }
@@ -273,13 +359,30 @@ async fn check_protocols(cluster: &Cluster, model: &str, case: &Case, token: &st
             .iter()
             .position(|o| o.name == output.name)
             .unwrap_or_else(|| panic!("{model} gRPC: no output {}", output.name));
-        assert_within(
+        assert_answer(
             case,
             output,
-            &floats(output, &answer.raw_output_contents[index]),
+            decode(output, &answer.raw_output_contents[index]),
             &format!("{model} gRPC"),
         );
     }
+}
+
+/// Waits until the worker at `addr` routes to a ready replica of `name`.
+async fn wait_route(addr: &str, name: &str) {
+    kiln_tests::wait_for(
+        Duration::from_secs(20),
+        "the route on the worker",
+        || async {
+            let ready = http_call(addr, "GET", &format!("/v2/models/{name}/ready"), &[], b"")
+                .await
+                .map_err(|e| e.to_string())?;
+            (ready.status == 200)
+                .then_some(())
+                .ok_or_else(|| format!("{name}: {}", ready.status))
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,7 +390,7 @@ async fn models_from_the_usual_exporters_answer_like_onnxruntime_in_python() {
     let Some((dir, lib)) = models_and_library() else {
         return;
     };
-    let cluster = Cluster::start_with_workers("", &["a"], &["--onnxruntime-lib", &lib]).await;
+    let mut cluster = Cluster::start_with_workers("", &["a"], &["--onnxruntime-lib", &lib]).await;
     let token = cluster
         .create_token("caller", kiln_proto::v1::Role::Inference, 0)
         .await;
@@ -296,12 +399,19 @@ async fn models_from_the_usual_exporters_answer_like_onnxruntime_in_python() {
         ("bert", "bert"),
         ("lstm", "lstm_time_major"),
         ("fp16", "mlp_fp16"),
+        ("forest", "forest_zipmap"),
+        ("external", "external/model"),
         ("norm", "axis0_norm"),
     ];
     let addr = cluster.worker_flag("a", "--http");
     // One at a time: the worker has 2 CPUs, one per replica.
     for (name, file) in models {
-        let onnx = dir.join(format!("{file}.onnx")).display().to_string();
+        // A model saved with external data is registered as its directory.
+        let onnx = match file.strip_suffix("/model") {
+            Some(directory) => dir.join(directory),
+            None => dir.join(format!("{file}.onnx")),
+        };
+        let onnx = onnx.display().to_string();
         cluster
             .cli_ok(&[
                 "models",
@@ -329,19 +439,7 @@ async fn models_from_the_usual_exporters_answer_like_onnxruntime_in_python() {
                 "--wait",
             ])
             .await;
-        kiln_tests::wait_for(
-            Duration::from_secs(20),
-            "the route on the worker",
-            || async {
-                let ready = http_call(&addr, "GET", &format!("/v2/models/{name}/ready"), &[], b"")
-                    .await
-                    .map_err(|e| e.to_string())?;
-                (ready.status == 200)
-                    .then_some(())
-                    .ok_or_else(|| format!("{name}: {}", ready.status))
-            },
-        )
-        .await;
+        wait_route(&addr, name).await;
         let text = cluster
             .cli_ok(&["deployments", "show", name, "--json"])
             .await;
@@ -391,4 +489,136 @@ async fn models_from_the_usual_exporters_answer_like_onnxruntime_in_python() {
             "a row served with others' rows: {values:?}"
         );
     }
+
+    // The text pipeline takes strings, which tract does not serve: registration
+    // records that, `--engine tract` is refused with the reason, and without an
+    // engine named its replicas go only where ONNX Runtime runs, not to a worker
+    // that serves through tract alone.
+    cluster.cli_ok(&["deployments", "rm", "norm"]).await;
+    cluster.start_worker_with("b", &[]);
+    kiln_tests::wait_for(Duration::from_secs(30), "worker b alive", || async {
+        let status: Value = serde_json::from_str(&cluster.cli_ok(&["status", "--json"]).await)
+            .map_err(|e| e.to_string())?;
+        let alive = status["workers"]
+            .as_array()
+            .map_or(0, |w| w.iter().filter(|w| w["state"] == "alive").count());
+        (alive == 2)
+            .then_some(())
+            .ok_or_else(|| format!("{alive} alive"))
+    })
+    .await;
+    let onnx = dir.join("text_clf.onnx").display().to_string();
+    let register = ["models", "register", "--onnx", &onnx, "--name", "text"];
+    cluster
+        .cli_ok(&[&register[..], &["--onnxruntime-lib", &lib]].concat())
+        .await;
+    let shown: Value =
+        serde_json::from_str(&cluster.cli_ok(&["models", "show", "text", "--json"]).await)
+            .expect("JSON");
+    let tract = shown["refused_engines"]["tract"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(tract.contains("ONNX Runtime"), "{shown}");
+    assert!(
+        shown["refused_engines"].get("onnxruntime").is_none(),
+        "{shown}"
+    );
+    let refused = cluster
+        .run_cli(&["deploy", "text", "--model", "text@1", "--engine", "tract"])
+        .await;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("text@1 cannot be served by tract"),
+        "{stderr}"
+    );
+    let (a_id, b_id) = (
+        cluster.worker_id("a").expect("a's id"),
+        cluster.worker_id("b").expect("b's id"),
+    );
+    cluster
+        .cli_ok(&[
+            "deploy",
+            "text",
+            "--model",
+            "text@1",
+            "--replicas",
+            "2",
+            "--cpus",
+            "1",
+            "--wait",
+        ])
+        .await;
+    let shown: Value = serde_json::from_str(
+        &cluster
+            .cli_ok(&["deployments", "show", "text", "--json"])
+            .await,
+    )
+    .expect("JSON");
+    let replicas = shown["replica_set"].as_array().expect("replicas");
+    assert_eq!(replicas.len(), 2, "{shown}");
+    for replica in replicas {
+        assert_eq!(
+            replica["worker_id"],
+            a_id.as_str(),
+            "not on {b_id}: {shown}"
+        );
+        assert_eq!(replica["engine"], "onnxruntime", "{shown}");
+    }
+    // Concurrent requests of one row each are joined into batches; each answer
+    // is its own row's.
+    wait_route(&addr, "text").await;
+    let case = case(&dir, "text_clf");
+    check_protocols(&cluster, "text", &case, &token).await;
+    let auth = format!("Bearer {token}");
+    let texts = &case.inputs[0].text;
+    let labels = &case.outputs[0].text;
+    let calls: Vec<_> = (0..20)
+        .map(|i| {
+            let (addr, auth) = (addr.clone(), auth.clone());
+            let text = texts[i % texts.len()].clone();
+            tokio::spawn(async move {
+                let body = json!({"inputs": [{"name": "text", "shape": [1, 1],
+                                              "datatype": "BYTES", "data": [text]}],
+                                  "outputs": [{"name": "label"}]});
+                http_call(
+                    &addr,
+                    "POST",
+                    "/v2/models/text/infer",
+                    &[("Authorization", &auth)],
+                    body.to_string().as_bytes(),
+                )
+                .await
+            })
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        let answer = call.await.expect("the call ends").expect("an answer");
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let doc: Value = serde_json::from_slice(&answer.body).expect("JSON");
+        assert_eq!(
+            doc["outputs"][0]["data"],
+            json!([labels[i % labels.len()]]),
+            "the label of {:?}",
+            texts[i % texts.len()]
+        );
+    }
+    // ... and they were joined: fewer batches than requests on worker a.
+    let admin = cluster.admin_token().await;
+    let (status, metrics) = kiln_tests::http_get(&addr, "/metrics", Some(&admin)).await;
+    assert_eq!(status, 200, "{metrics}");
+    let total = |family: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(family) && l.contains("deployment=\"text\""))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum()
+    };
+    let (batches, requests) = (
+        total("kiln_inference_exec_total"),
+        total("kiln_inference_requests_total"),
+    );
+    assert!(
+        requests >= 24.0 && batches < requests,
+        "{batches} batches for {requests} requests: {metrics}"
+    );
 }

@@ -188,12 +188,7 @@ async fn two_shards_end_with_the_weights_of_one_shard() {
     let two = wait_state(&cluster, two, "Succeeded", Duration::from_secs(120)).await;
 
     // The two shards ran on different workers, linked by the ring.
-    let workers: Vec<&str> = two["shards"]
-        .as_array()
-        .expect("shards")
-        .iter()
-        .map(|s| s["worker_id"].as_str().expect("worker"))
-        .collect();
+    let workers = kiln_tests::shard_workers(&two);
     assert_eq!(workers.len(), 2);
     assert_ne!(workers[0], workers[1], "{two}");
     // The ring's key went to the shards' workers only: callers never see it.
@@ -474,12 +469,7 @@ async fn a_killed_workers_gang_restarts_from_its_checkpoint_and_matches_an_undis
     let done = wait_state(&cluster, hit, "Succeeded", Duration::from_secs(300)).await;
     assert!(done["failures"].as_u64() >= Some(1), "{done}");
     assert!(done["attempt"].as_u64() >= Some(2), "{done}");
-    let placed: Vec<&str> = done["shards"]
-        .as_array()
-        .expect("shards")
-        .iter()
-        .map(|s| s["worker_id"].as_str().expect("worker"))
-        .collect();
+    let placed = kiln_tests::shard_workers(&done);
     assert!(
         !placed.contains(&victim_id.as_str()),
         "placed on the dead worker: {done}"

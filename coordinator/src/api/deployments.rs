@@ -90,6 +90,7 @@ impl Api {
             version,
             artifact: model.artifact.clone(),
             requested: text.to_string(),
+            refused_engines: model.refused_engines.keys().cloned().collect(),
         };
         Ok((model, target))
     }
@@ -127,7 +128,9 @@ impl Api {
         self.read_barrier(false).await?;
         kiln_common::artifact::validate_name(&req.name)
             .map_err(|e| Error::InvalidArgument(format!("deployment name: {e}")))?;
-        let (_, primary) = self.resolve_model(&req.model)?;
+        let (primary_model, primary) = self.resolve_model(&req.model)?;
+        check_engine(&primary_model, &req.engine)?;
+        check_input_limits(&primary_model, &req.input_limits)?;
         let (min, max) = match (req.replicas, req.min_replicas, req.max_replicas) {
             (n, 0, 0) if n > 0 => (n, n),
             (0, min, max) if min > 0 && max >= min => (min, max),
@@ -157,10 +160,25 @@ impl Api {
                     req.canary_percent
                 )));
             }
-            Some(self.resolve_model(&req.canary)?.1)
+            let (canary_model, canary) = self.resolve_model(&req.canary)?;
+            check_engine(&canary_model, &req.engine)?;
+            check_input_limits(&canary_model, &req.input_limits)?;
+            Some(canary)
         };
         let or = |v: u32, default: u32| if v == 0 { default } else { v };
-        let max_batch_size = or(req.max_batch_size, DEFAULT_MAX_BATCH_SIZE);
+        let (batching, max_batch_size) = match req.max_batch_size {
+            None => (Batching::Probed, DEFAULT_MAX_BATCH_SIZE),
+            Some(0) => (Batching::Off, 0),
+            Some(n) => (Batching::Declared, n),
+        };
+        let preferred_batch_sizes =
+            preferred_sizes(&req.preferred_batch_sizes, batching, max_batch_size)?;
+        if req.instances > MAX_INSTANCES {
+            return Err(Error::InvalidArgument(format!(
+                "--instances: at most {MAX_INSTANCES} model instances per replica, not {}",
+                req.instances
+            )));
+        }
         let max_queue_delay_us = if req.max_queue_delay_us == 0 {
             DEFAULT_MAX_QUEUE_DELAY_US
         } else {
@@ -203,6 +221,10 @@ impl Api {
             drift_webhook: crate::webhook::checked_url(&req.drift_webhook)?,
             retrain: super::retrain::retrain_policy(&req)?,
             engine: req.engine.clone(),
+            batching: batching as i32,
+            preferred_batch_sizes,
+            instances: req.instances,
+            input_limits: req.input_limits.clone(),
             ..Default::default()
         };
         let what = format!(
@@ -337,6 +359,10 @@ impl Api {
                         queue_capacity: d.queue_capacity,
                         threads: d.cpus_per_replica,
                         engine: d.engine.clone(),
+                        batching: d.batching,
+                        preferred_batch_sizes: d.preferred_batch_sizes.clone(),
+                        instances: d.instances,
+                        input_limits: d.input_limits.clone(),
                     });
                 }
             }
@@ -505,7 +531,7 @@ pub fn plan_replicas(
         }
         let have = current.len();
         if have < want {
-            let workers = spread_on_engine(d, workers, want - have, free, &held);
+            let workers = spread_on_engine(d, &target, workers, want - have, free, &held);
             if workers.len() < want - have {
                 short_of_room = true;
             }
@@ -575,23 +601,103 @@ pub fn plan_replicas(
     }
 }
 
-/// Places `count` replicas of `d` like [`scheduler::spread`], only on workers that
-/// run the deployment's engine (any worker when it names none).
+/// Most model instances one replica may run.
+pub const MAX_INSTANCES: u32 = 16;
+
+/// The preferred batch sizes of a deployment, sorted and each once; each must be
+/// 1 to `max_batch_size`, and a deployment that does not batch has none.
+fn preferred_sizes(sizes: &[u32], batching: Batching, max_batch_size: u32) -> Result<Vec<u32>> {
+    if batching == Batching::Off && !sizes.is_empty() {
+        return Err(Error::InvalidArgument(
+            "--preferred-batch-sizes needs batching; --max-batch-size 0 turns it off".into(),
+        ));
+    }
+    if let Some(bad) = sizes.iter().find(|&&s| s == 0 || s > max_batch_size) {
+        return Err(Error::InvalidArgument(format!(
+            "--preferred-batch-sizes: {bad} is not 1 to the max batch size ({max_batch_size})"
+        )));
+    }
+    let mut sizes = sizes.to_vec();
+    sizes.sort_unstable();
+    sizes.dedup();
+    Ok(sizes)
+}
+
+/// Refuses input limits that do not fit the model version's inputs: an unknown
+/// or repeated name, another number of dimensions, a limit under 1 (-1: none).
+fn check_input_limits(model: &ModelVersion, limits: &[InputLimit]) -> Result<()> {
+    let invalid = |why: String| {
+        Err(Error::InvalidArgument(format!(
+            "--max-input-shape for {}@{}: {why}",
+            model.name, model.version
+        )))
+    };
+    for (i, limit) in limits.iter().enumerate() {
+        if limits[..i].iter().any(|l| l.name == limit.name) {
+            return invalid(format!("input {:?} is given twice", limit.name));
+        }
+        let Some(input) = model.inputs.iter().find(|s| s.name == limit.name) else {
+            let names: Vec<&str> = model.inputs.iter().map(|s| s.name.as_str()).collect();
+            return invalid(format!(
+                "{:?} is not an input of the model; it takes {}",
+                limit.name,
+                names.join(", ")
+            ));
+        };
+        if input.shape.len() != limit.max_shape.len() {
+            return invalid(format!(
+                "input {:?} has {} dimensions ({:?}), the limit {}",
+                limit.name,
+                input.shape.len(),
+                input.shape,
+                limit.max_shape.len()
+            ));
+        }
+        if let Some(bad) = limit.max_shape.iter().find(|&&d| d == 0 || d < -1) {
+            return invalid(format!(
+                "input {:?}: a limit is a size of 1 or more, or * for none, not {bad}",
+                limit.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses an engine named for a deployment that registration found cannot load
+/// the model, with the engine's reason.
+fn check_engine(model: &ModelVersion, engine: &str) -> Result<()> {
+    match model.refused_engines.get(engine) {
+        Some(reason) => Err(Error::InvalidArgument(format!(
+            "{}@{} cannot be served by {engine}: {reason}",
+            model.name, model.version
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Places `count` replicas of `target` for `d` like [`scheduler::spread`], only on
+/// workers that run the deployment's engine or, when it names none, an engine that
+/// did not refuse the model at registration (any worker when none did).
 fn spread_on_engine(
     d: &DeploymentRecord,
+    target: &ModelTarget,
     workers: &BTreeMap<String, WorkerRecord>,
     count: usize,
     free: &mut [Capacity],
     held: &HashMap<String, usize>,
 ) -> Vec<String> {
-    if d.engine.is_empty() {
+    if d.engine.is_empty() && target.refused_engines.is_empty() {
         return scheduler::spread(count, d.cpus_per_replica, d.memory_per_replica, free, held);
     }
+    let serves = |engine: &String| match d.engine.as_str() {
+        "" => !target.refused_engines.contains(engine),
+        named => engine == named,
+    };
     let runs_engine = |worker_id: &str| {
         workers
             .get(worker_id)
             .and_then(|w| w.resources.as_ref())
-            .is_some_and(|r| r.engines.contains(&d.engine))
+            .is_some_and(|r| r.engines.iter().any(serves))
     };
     let mut eligible: Vec<Capacity> = free
         .iter()
@@ -643,6 +749,7 @@ mod tests {
             version,
             artifact: format!("m-model@{version}"),
             requested: format!("m@{version}"),
+            ..Default::default()
         })
     }
 
@@ -703,6 +810,98 @@ mod tests {
         let mut placed: Vec<&str> = plan.add.iter().map(|r| r.worker_id.as_str()).collect();
         placed.sort();
         assert_eq!(placed, ["a", "b", "c"]);
+
+        // A model tract refused at registration (strings, external data) goes
+        // only where another engine runs, though the deployment names none.
+        let mut free = vec![capacity("a"), capacity("b"), capacity("c")];
+        let mut d = deployment(1, 2, vec![]);
+        if let Some(target) = d.primary.as_mut() {
+            target.refused_engines = vec![ENGINE_TRACT.into()];
+        }
+        let plan = plan_replicas(&d, &workers, &mut free, 0);
+        let placed: Vec<&str> = plan.add.iter().map(|r| r.worker_id.as_str()).collect();
+        assert_eq!(placed, ["b", "b"]);
+    }
+
+    #[test]
+    fn preferred_sizes_and_input_limits_are_checked_at_deploy() {
+        assert_eq!(
+            preferred_sizes(&[8, 2, 8], Batching::Declared, 16),
+            Ok(vec![2, 8])
+        );
+        for (sizes, batching, needle) in [
+            (
+                &[0][..],
+                Batching::Probed,
+                "0 is not 1 to the max batch size (16)",
+            ),
+            (&[32][..], Batching::Probed, "32 is not 1"),
+            (&[2][..], Batching::Off, "needs batching"),
+        ] {
+            let refused = preferred_sizes(
+                sizes,
+                batching,
+                if batching == Batching::Off { 0 } else { 16 },
+            );
+            assert!(
+                matches!(&refused, Err(Error::InvalidArgument(m)) if m.contains(needle)),
+                "{sizes:?}: {refused:?}"
+            );
+        }
+        let model = ModelVersion {
+            name: "bert".into(),
+            version: 1,
+            inputs: vec![TensorSpec {
+                name: "input_ids".into(),
+                datatype: "INT64".into(),
+                shape: vec![-1, -1],
+            }],
+            ..Default::default()
+        };
+        let limit = |name: &str, dims: &[i64]| InputLimit {
+            name: name.into(),
+            max_shape: dims.to_vec(),
+        };
+        assert_eq!(
+            check_input_limits(&model, &[limit("input_ids", &[-1, 512])]),
+            Ok(())
+        );
+        for (limits, needle) in [
+            (
+                vec![limit("ids", &[-1, 512])],
+                "\"ids\" is not an input of the model; it takes input_ids",
+            ),
+            (vec![limit("input_ids", &[512])], "has 2 dimensions"),
+            (vec![limit("input_ids", &[-1, 0])], "not 0"),
+            (
+                vec![limit("input_ids", &[-1, 8]), limit("input_ids", &[-1, 9])],
+                "given twice",
+            ),
+        ] {
+            let refused = check_input_limits(&model, &limits);
+            assert!(
+                matches!(&refused, Err(Error::InvalidArgument(m)) if m.contains(needle) && m.contains("bert@1")),
+                "{limits:?}: {refused:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_engine_that_refused_the_model_is_refused_at_deploy_with_its_reason() {
+        let model = ModelVersion {
+            name: "text".into(),
+            version: 2,
+            refused_engines: [(ENGINE_TRACT.to_string(), "strings".to_string())].into(),
+            ..Default::default()
+        };
+        assert_eq!(check_engine(&model, ENGINE_ONNXRUNTIME), Ok(()));
+        assert_eq!(check_engine(&model, ""), Ok(()));
+        assert_eq!(
+            check_engine(&model, ENGINE_TRACT),
+            Err(Error::InvalidArgument(
+                "text@2 cannot be served by tract: strings".into()
+            ))
+        );
     }
 
     #[test]

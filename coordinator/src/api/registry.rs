@@ -670,6 +670,16 @@ fn files_of_source(source: &str, model_id: &str) -> Option<(String, String)> {
     }
 }
 
+/// A version's files as [`freeze`] made them an artifact.
+struct Frozen {
+    /// NAME@VERSION, or empty when kiln does not hold the files.
+    artifact: String,
+    /// Why it cannot be served; empty when it can.
+    undeployable: String,
+    /// Engines known not to load it, with why (`ModelVersion.refused_engines`).
+    refused_engines: HashMap<String, String>,
+}
+
 /// Freezes a version's files (when kiln holds them) into the next version of the
 /// model's artifact, and says why it cannot be served when it cannot.
 async fn freeze(
@@ -679,12 +689,13 @@ async fn freeze(
     source: &str,
     model_id: &str,
     run_id: &str,
-) -> Result<(String, String), ApiError> {
+) -> Result<Frozen, ApiError> {
     let Some((tree, dir)) = files_of_source(source, model_id) else {
-        return Ok((
-            String::new(),
-            format!("its files are at {source}, outside kiln's artifact store"),
-        ));
+        return Ok(Frozen {
+            artifact: String::new(),
+            undeployable: format!("its files are at {source}, outside kiln's artifact store"),
+            refused_engines: HashMap::new(),
+        });
     };
     let skip = if dir.is_empty() { 0 } else { dir.len() + 1 };
     let files: Vec<ArtifactFile> = api
@@ -696,8 +707,13 @@ async fn freeze(
         })
         .collect();
     if files.is_empty() {
-        return Ok((String::new(), format!("kiln holds no files at {source}")));
+        return Ok(Frozen {
+            artifact: String::new(),
+            undeployable: format!("kiln holds no files at {source}"),
+            refused_engines: HashMap::new(),
+        });
     }
+    let mut refused_engines = HashMap::new();
     let undeployable = match files.iter().find(|f| f.path == MODEL_FILE) {
         None => format!(
             "its files hold no {MODEL_FILE} ({}): kiln serves ONNX models",
@@ -708,7 +724,14 @@ async fn freeze(
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
-        Some(onnx) => onnx_problem(api, onnx).await.unwrap_or_default(),
+        Some(onnx) => match onnx_problem(api, onnx, &files).await {
+            Checked::Problem(why) => why,
+            Checked::TractRefuses(why) => {
+                refused_engines.insert("tract".to_string(), why);
+                String::new()
+            }
+            Checked::Fine => String::new(),
+        },
     };
     let version = ArtifactVersion {
         name: model_artifact(name),
@@ -729,44 +752,68 @@ async fn freeze(
         tags: Vec::new(),
     });
     let number = propose(api, caller, what, kind).await?;
-    Ok((format!("{}@{number}", model_artifact(name)), undeployable))
+    Ok(Frozen {
+        artifact: format!("{}@{number}", model_artifact(name)),
+        undeployable,
+        refused_engines,
+    })
 }
 
-/// Reads model.onnx and says why kiln cannot serve it, if it can tell: weights
-/// kept in external files (ONNX's external data) are not loaded by kiln's engine.
-async fn onnx_problem(api: &Api, file: &ArtifactFile) -> Option<String> {
+/// What [`onnx_problem`] found.
+enum Checked {
+    /// Servable as far as can be told here.
+    Fine,
+    /// Servable by ONNX Runtime, not tract (strings, ZipMap, external data
+    /// logged beside it), and why.
+    TractRefuses(String),
+    /// Not servable, and why.
+    Problem(String),
+}
+
+/// Reads model.onnx and says why kiln cannot serve it, if it can tell: it is not
+/// ONNX, or it keeps tensors in external files (ONNX's external data, which
+/// mlflow.onnx writes by default) that the logged `files` do not hold.
+async fn onnx_problem(api: &Api, file: &ArtifactFile, files: &[ArtifactFile]) -> Checked {
     if file.size > MAX_CHECKED_ONNX_BYTES {
-        return None;
+        return Checked::Fine;
     }
-    let sources: ChunkSources = api
-        .chunk_sources(std::slice::from_ref(file))
-        .ok()?
-        .into_iter()
-        .map(|s| (s.id, s.replicas))
-        .collect();
-    let chunks: Vec<Vec<u8>> =
+    let Ok(sources) = api.chunk_sources(std::slice::from_ref(file)) else {
+        return Checked::Fine;
+    };
+    let sources: ChunkSources = sources.into_iter().map(|s| (s.id, s.replicas)).collect();
+    let chunks: Result<Vec<Vec<u8>>, _> =
         transfer::file_chunks(Arc::clone(&api.peers), Arc::new(sources), file)
             .try_collect()
-            .await
-            .ok()?;
-    let bytes = chunks.concat();
-    let model = kiln_proto::onnx::ModelProto::decode(bytes.as_slice()).ok();
-    let Some(model) = model else {
-        return Some(format!("its {MODEL_FILE} is not an ONNX model"));
+            .await;
+    let Ok(chunks) = chunks else {
+        return Checked::Fine;
     };
-    let external = model
-        .graph
+    let bytes = chunks.concat();
+    if kiln_proto::onnx::ModelProto::decode(bytes.as_slice()).is_err() {
+        return Checked::Problem(format!("its {MODEL_FILE} is not an ONNX model"));
+    }
+    let locations = match kiln_common::onnx::external_locations(&bytes) {
+        Ok(locations) => locations,
+        Err(e) => return Checked::Problem(format!("its {MODEL_FILE}: {e}")),
+    };
+    let missing: Vec<&String> = locations
         .iter()
-        .flat_map(|g| g.initializer.iter())
-        .filter(|t| t.data_location == 1 || !t.external_data.is_empty())
-        .count();
-    (external > 0).then(|| {
-        format!(
-            "{MODEL_FILE} keeps {external} weight tensor(s) in external files, which kiln's \
-             engine does not load: log it with mlflow.onnx.log_model(..., \
-             save_as_external_data=False)"
-        )
-    })
+        .filter(|l| !files.iter().any(|f| &f.path == *l))
+        .collect();
+    if missing.is_empty() {
+        return match kiln_common::onnx::tract_refusal(&bytes) {
+            Some(why) => Checked::TractRefuses(why),
+            None => Checked::Fine,
+        };
+    }
+    Checked::Problem(format!(
+        "{MODEL_FILE} keeps tensors in external files that were not logged beside it: {}",
+        missing
+            .iter()
+            .map(|l| l.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
 }
 
 async fn create_version(State(api): State<Api>, headers: HeaderMap, raw: Bytes) -> ApiResult {
@@ -795,18 +842,18 @@ async fn create_version(State(api): State<Api>, headers: HeaderMap, raw: Bytes) 
             .map(|d| d.artifact)
             .unwrap_or_default()
     };
-    let (artifact, undeployable) =
-        freeze(&api, &caller, &name, &source, &model_id, &run_id).await?;
+    let frozen = freeze(&api, &caller, &name, &source, &model_id, &run_id).await?;
     let model = ModelVersion {
         name: name.clone(),
-        artifact,
+        artifact: frozen.artifact,
         run_id,
         dataset,
         description: opt_text(&v, "description"),
         tags: pairs(&v, "tags")?,
         source,
         model_id,
-        undeployable,
+        undeployable: frozen.undeployable,
+        refused_engines: frozen.refused_engines,
         ..Default::default()
     };
     let what = format!("register a version of model {name}");

@@ -373,7 +373,14 @@ fn redeploy_request(
             0
         },
         cpus_per_replica: d.cpus_per_replica,
-        max_batch_size: d.max_batch_size,
+        max_batch_size: match Batching::try_from(d.batching) {
+            Ok(Batching::Off) => Some(0),
+            Ok(Batching::Declared) => Some(d.max_batch_size),
+            _ => None,
+        },
+        preferred_batch_sizes: d.preferred_batch_sizes.clone(),
+        instances: d.instances,
+        input_limits: d.input_limits.clone(),
         max_queue_delay_us: d.max_queue_delay_us,
         queue_capacity: d.queue_capacity,
         public: d.public,

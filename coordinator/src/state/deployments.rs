@@ -59,6 +59,10 @@ fn runs_differently(a: &DeploymentRecord, b: &DeploymentRecord) -> bool {
         || a.queue_capacity != b.queue_capacity
         || a.cpus_per_replica != b.cpus_per_replica
         || a.engine != b.engine
+        || a.batching != b.batching
+        || a.preferred_batch_sizes != b.preferred_batch_sizes
+        || a.instances != b.instances
+        || a.input_limits != b.input_limits
 }
 
 /// `MODEL@VERSION` of a target (empty when there is none).
@@ -288,10 +292,12 @@ pub fn apply_report(
     if replica.state != report.state
         || replica.reason != report.reason
         || replica.engine != report.engine
+        || replica.unbatched != report.unbatched
     {
         replica.state = report.state;
         replica.reason = report.reason.clone();
         replica.engine = report.engine.clone();
+        replica.unbatched = report.unbatched.clone();
         replica.state_since_ms = now_ms;
         let message = match state {
             ReplicaState::ReplicaReady => format!(
@@ -366,6 +372,7 @@ mod tests {
             version,
             artifact: format!("iris-model@{version}"),
             requested: format!("iris@{version}"),
+            ..Default::default()
         })
     }
 
@@ -460,6 +467,7 @@ mod tests {
             state: state as i32,
             reason: String::new(),
             engine: "tract".into(),
+            unbatched: String::new(),
         };
         assert_eq!(
             apply_report(&mut txn, &report(1, "a", ReplicaState::ReplicaReady), 9).expect("ok"),

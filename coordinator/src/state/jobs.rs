@@ -24,8 +24,7 @@ use crate::raft::storage::StoreError;
 
 /// Log lines kept per job; older ones are dropped as new ones arrive.
 pub const MAX_JOB_LOG_LINES: u64 = 5_000;
-/// Log lines one report may carry.
-pub const MAX_REPORT_LOG_LINES: usize = 200;
+use kiln_common::jobspec::MAX_REPORT_LOG_LINES;
 /// Longest log line kept (longer ones are cut).
 pub const MAX_LOG_LINE_BYTES: usize = 2_000;
 /// Longest job spec accepted.

@@ -38,7 +38,10 @@ use std::time::{Duration, Instant};
 
 use backend::Session;
 use kiln_common::{Error, Result};
-pub use plan::{inspect, signature_of, EngineKind, Plan};
+pub use kiln_proto::v1::Batching;
+pub use plan::{
+    inspect, inspect_declared, registration, EngineKind, ModelFiles, Plan, Registration,
+};
 use tokio::sync::oneshot;
 
 use super::monitor::Monitor;
@@ -68,6 +71,18 @@ pub struct EngineConfig {
     pub threads: usize,
     /// The engine; `None` is the preferred one ([`EngineKind::preferred`]).
     pub engine: Option<EngineKind>,
+    /// How requests are joined, as the deployment declared it (Triton's
+    /// max_batch_size): probed, off, or declared up to `max_batch_size`.
+    pub batching: Batching,
+    /// Batch sizes that run as soon as they form, unless requests already
+    /// queued make a larger one.
+    pub preferred_batch_sizes: Vec<usize>,
+    /// Model instances, each running one batch at once with `threads /
+    /// instances` threads; `None`: the engine's count.
+    pub instances: Option<usize>,
+    /// The most each named input's dimensions may be (`None`: no limit on that
+    /// dimension); a request beyond them is refused.
+    pub input_limits: Vec<(String, Vec<Option<usize>>)>,
 }
 
 impl Default for EngineConfig {
@@ -78,6 +93,10 @@ impl Default for EngineConfig {
             queue_capacity: 1024,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             engine: None,
+            batching: Batching::Probed,
+            preferred_batch_sizes: Vec::new(),
+            instances: None,
+            input_limits: Vec::new(),
         }
     }
 }
@@ -95,6 +114,21 @@ impl EngineConfig {
                     "{name} must be at least 1, got 0"
                 )));
             }
+        }
+        if self.instances == Some(0) {
+            return Err(Error::InvalidArgument(
+                "instances must be at least 1, got 0".into(),
+            ));
+        }
+        if let Some(bad) = self
+            .preferred_batch_sizes
+            .iter()
+            .find(|&&s| s == 0 || s > self.max_batch_size)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "a preferred batch size is 1 to max_batch_size ({}), not {bad}",
+                self.max_batch_size
+            )));
         }
         if self.max_queue_delay > MAX_QUEUE_DELAY {
             return Err(Error::InvalidArgument(format!(
@@ -220,11 +254,23 @@ impl Engine {
     /// one row of zeros (so a replica is ready only once the model has run) and
     /// starts the inference threads. Blocking: call it off the async executor.
     pub fn load(onnx: &[u8], name: &str, config: EngineConfig) -> Result<Engine> {
+        Engine::load_files(&ModelFiles::inline(onnx), name, config)
+    }
+
+    /// [`Engine::load`] for a model that may keep tensors in external data files.
+    pub fn load_files(model: &ModelFiles, name: &str, config: EngineConfig) -> Result<Engine> {
         config.validate()?;
         let kind = config.engine.unwrap_or_else(EngineKind::preferred);
-        let plan = inspect(onnx, kind, config.threads)?;
+        let per_instance = match config.instances {
+            Some(instances) => (config.threads / instances).max(1),
+            None => config.threads,
+        };
+        let mut plan = inspect_declared(model, kind, per_instance, config.batching)?;
+        plan.limit_inputs(&config.input_limits)?;
         plan.warm_up()?;
-        let threads = plan.instances(config.threads);
+        let threads = config
+            .instances
+            .unwrap_or_else(|| plan.instances(config.threads));
         let shared = Arc::new(Shared {
             model: name.to_string(),
             plan,
@@ -447,7 +493,8 @@ impl Shared {
     /// that does not fit, or cannot join, starts the next batch). Queued requests
     /// are always taken at once; the batch waits for more only while other
     /// requests are in flight, and only until `max_queue_delay` after its first
-    /// request was queued.
+    /// request was queued. A batch that reaches a preferred size runs at once,
+    /// unless the requests queued behind it make a larger preferred size.
     fn collect(&self, batch: &mut Vec<Request>) -> bool {
         let _forming = lock(&self.forming);
         let mut queue = lock(&self.queue);
@@ -481,6 +528,11 @@ impl Shared {
                     if !self.plan.batched() || rows >= self.config.max_batch_size {
                         return true;
                     }
+                    if self.config.preferred_batch_sizes.contains(&rows)
+                        && !self.larger_preferred_queued(&queue, batch, rows)
+                    {
+                        return true;
+                    }
                 }
                 (Some(false), _) => return true,
                 (None, None) => queue = self.wait(queue, None),
@@ -490,6 +542,28 @@ impl Shared {
                 (None, Some(_)) => return true,
             }
         }
+    }
+
+    /// Returns true when the requests queued, taken in order, would grow a batch
+    /// of `rows` rows to a larger preferred size.
+    fn larger_preferred_queued(&self, queue: &Queue, batch: &[Request], rows: usize) -> bool {
+        let Some(first) = batch.first() else {
+            return false;
+        };
+        let mut total = rows;
+        for next in &queue.requests {
+            if !self.plan.joinable(&first.inputs, &next.inputs) {
+                return false;
+            }
+            total += next.rows;
+            if total > self.config.max_batch_size {
+                return false;
+            }
+            if self.config.preferred_batch_sizes.contains(&total) {
+                return true;
+            }
+        }
+        false
     }
 
     /// Returns true when requests other than the `batched` ones are in flight
@@ -983,6 +1057,39 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn a_batch_of_a_preferred_size_runs_at_once_and_instances_are_as_declared() {
+        let engine = load(
+            &iris(),
+            EngineConfig {
+                max_batch_size: 8,
+                preferred_batch_sizes: vec![2],
+                instances: Some(1),
+                ..config(2, Duration::from_millis(300))
+            },
+        );
+        // One instance, though the replica has two threads.
+        assert_eq!(engine.inner.shared.threads_alive.load(Relaxed), 1);
+        let rt = runtime();
+        let row = [0.5; FEATURES];
+        let held = hold(&engine.inner.shared);
+        let first = spawn_row(&rt, &engine, &row, far());
+        wait_held(&engine);
+        let rest: Vec<_> = (0..4)
+            .map(|_| spawn_row(&rt, &engine, &row, far()))
+            .collect();
+        wait_until("4 requests are queued", || engine.stats().queue_len == 4);
+        drop(held);
+        rt.block_on(async {
+            for task in std::iter::once(first).chain(rest) {
+                task.await.expect("ends").expect("an answer");
+            }
+        });
+        // 1 alone, then batches of the preferred 2 (not one of 4).
+        let stats = engine.stats();
+        assert_eq!((stats.requests, stats.inferences, stats.rows), (5, 3, 5));
+    }
+
+    #[test]
     fn a_lone_request_runs_at_once_whatever_the_delay() {
         let engine = load(&iris(), config(1, Duration::from_millis(900)));
         let rt = runtime();
@@ -1325,7 +1432,12 @@ pub(super) mod tests {
     #[test]
     fn a_file_that_is_not_onnx_is_refused_with_tracts_reason() {
         for refused in [
-            inspect(b"not an onnx model", EngineKind::Tract, 1).map(drop),
+            inspect(
+                &ModelFiles::inline(b"not an onnx model"),
+                EngineKind::Tract,
+                1,
+            )
+            .map(drop),
             Engine::load(b"not an onnx model", MODEL, config(1, Duration::ZERO)).map(drop),
         ] {
             let Err(Error::InvalidArgument(message)) = refused else {
@@ -1339,15 +1451,17 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn signature_of_gives_the_inputs_and_outputs() {
+    fn registration_gives_the_inputs_and_outputs() {
         let spec = |name: &str, width: i64| Spec {
             name: name.into(),
             datatype: DataType::Fp32,
             shape: vec![-1, width],
         };
-        let signature = signature_of(&classifier(7, &[5], 2, 4)).expect("a signature");
+        let registered =
+            registration(&ModelFiles::inline(&classifier(7, &[5], 2, 4))).expect("a signature");
+        assert!(registered.refused.is_empty(), "{registered:?}");
         assert_eq!(
-            signature,
+            registered.signature,
             Signature {
                 inputs: vec![spec("input", 7)],
                 outputs: vec![spec("output", 2), spec("logits", 2)],
@@ -1460,6 +1574,218 @@ pub(super) mod tests {
         }
         let stats = ort.stats();
         assert_eq!((stats.requests, stats.rows, stats.failures), (48, 48, 0));
+    }
+
+    /// A model of ONNX Runtime's other kinds of values: `text` (strings,
+    /// `[batch, 1]`) comes back as `same` (Identity), and `scores` (`[batch, 3]`
+    /// floats) as `probabilities`, a sequence of maps from the classes 30, 10 and
+    /// 20 (ZipMap, as skl2onnx ends a classifier).
+    fn strings_and_zipmap() -> Vec<u8> {
+        use kiln_proto::onnx::tensor_proto::DataType as Elem;
+        use kiln_proto::onnx::tensor_shape_proto::{dimension::Value as D, Dimension};
+        use kiln_proto::onnx::{
+            attribute_proto::AttributeType, type_proto, AttributeProto, GraphProto, ModelProto,
+            NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto,
+        };
+        use prost::Message as _;
+        let tensor = |elem: Elem, dims: Option<Vec<D>>| TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: elem as i32,
+                shape: dims.map(|dims| TensorShapeProto {
+                    dim: dims
+                        .into_iter()
+                        .map(|d| Dimension {
+                            value: Some(d),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        };
+        let batch = || D::DimParam("batch".into());
+        let maps = TypeProto {
+            value: Some(type_proto::Value::SequenceType(Box::new(
+                type_proto::Sequence {
+                    elem_type: Some(Box::new(TypeProto {
+                        value: Some(type_proto::Value::MapType(Box::new(type_proto::Map {
+                            key_type: Elem::Int64 as i32,
+                            value_type: Some(Box::new(tensor(Elem::Float, None))),
+                        }))),
+                        ..Default::default()
+                    })),
+                },
+            ))),
+            ..Default::default()
+        };
+        let info = |name: &str, ty: TypeProto| ValueInfoProto {
+            name: name.into(),
+            r#type: Some(ty),
+            ..Default::default()
+        };
+        let node = |op: &str, domain: &str, input: &str, output: &str, attribute| NodeProto {
+            op_type: op.into(),
+            domain: domain.into(),
+            input: vec![input.into()],
+            output: vec![output.into()],
+            name: output.into(),
+            attribute,
+            ..Default::default()
+        };
+        let labels = AttributeProto {
+            name: "classlabels_int64s".into(),
+            ints: vec![30, 10, 20],
+            r#type: AttributeType::Ints as i32,
+            ..Default::default()
+        };
+        let opset = |domain: &str, version| OperatorSetIdProto {
+            domain: domain.into(),
+            version,
+        };
+        ModelProto {
+            ir_version: 8,
+            opset_import: vec![opset("", 17), opset("ai.onnx.ml", 3)],
+            graph: Some(GraphProto {
+                name: "strings_and_zipmap".into(),
+                node: vec![
+                    node("Identity", "", "text", "same", vec![]),
+                    node(
+                        "ZipMap",
+                        "ai.onnx.ml",
+                        "scores",
+                        "probabilities",
+                        vec![labels],
+                    ),
+                ],
+                input: vec![
+                    info(
+                        "text",
+                        tensor(Elem::String, Some(vec![batch(), D::DimValue(1)])),
+                    ),
+                    info(
+                        "scores",
+                        tensor(Elem::Float, Some(vec![batch(), D::DimValue(3)])),
+                    ),
+                ],
+                output: vec![
+                    info(
+                        "same",
+                        tensor(Elem::String, Some(vec![batch(), D::DimValue(1)])),
+                    ),
+                    info("probabilities", maps),
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    /// One row of [`strings_and_zipmap`]'s inputs: a text of its own length.
+    fn text_row(i: usize) -> Vec<Tensor> {
+        let mut text = Vec::new();
+        crate::serving::push_bytes_element(
+            &mut text,
+            format!("row {i} {}", "x".repeat(i)).as_bytes(),
+        );
+        vec![
+            Tensor {
+                name: "text".into(),
+                datatype: DataType::Bytes,
+                shape: vec![1, 1],
+                data: text.into(),
+            },
+            fp32("scores", 1, &[i as f32, 0.5, -0.25]),
+        ]
+    }
+
+    #[test]
+    fn onnxruntime_serves_strings_and_zipmaps_alone_and_in_batches() {
+        if !with_onnxruntime() {
+            return;
+        }
+        let onnx = strings_and_zipmap();
+        let refused = Engine::load(&onnx, MODEL, config(1, Duration::ZERO)).map(drop);
+        assert!(
+            matches!(&refused, Err(Error::InvalidArgument(m)) if m.contains("ONNX Runtime")),
+            "tract refuses strings, naming the engine that serves them: {refused:?}"
+        );
+        let engine = load(
+            &onnx,
+            EngineConfig {
+                engine: Some(EngineKind::OnnxRuntime),
+                ..config(1, Duration::ZERO)
+            },
+        );
+        assert!(engine.batched());
+        let spec = |name: &str, datatype, shape: &[i64]| Spec {
+            name: name.into(),
+            datatype,
+            shape: shape.to_vec(),
+        };
+        assert_eq!(
+            engine.signature().inputs,
+            [
+                spec("text", DataType::Bytes, &[-1, 1]),
+                spec("scores", DataType::Fp32, &[-1, 3])
+            ]
+        );
+        assert_eq!(
+            engine.signature().outputs,
+            [
+                spec("same", DataType::Bytes, &[-1, 1]),
+                spec("probabilities", DataType::Fp32, &[-1, -1])
+            ]
+        );
+
+        // One request held, the others queued and then joined into one batch:
+        // each gets its own text and scores back, in the classes' sorted order
+        // (10, 20, 30).
+        let rt = runtime();
+        let spawn = |i: usize| {
+            let engine = engine.clone();
+            rt.spawn(async move { engine.infer(text_row(i), None, far()).await })
+        };
+        let held = hold(&engine.inner.shared);
+        let first = spawn(0);
+        wait_held(&engine);
+        let rest: Vec<_> = (1..12).map(spawn).collect();
+        wait_until("11 requests are queued", || engine.stats().queue_len == 11);
+        drop(held);
+        for (i, task) in std::iter::once(first).chain(rest).enumerate() {
+            let answer = rt
+                .block_on(task)
+                .expect("the task ends")
+                .expect("an answer");
+            let row = text_row(i);
+            assert_eq!(answer[0].datatype, DataType::Bytes);
+            assert_eq!(
+                (&answer[0].shape, &answer[0].data),
+                (&row[0].shape, &row[0].data)
+            );
+            assert_eq!(answer[1].shape, [1, 3]);
+            assert_eq!(floats(&answer[1]), [0.5, -0.25, i as f32]);
+        }
+        let stats = engine.stats();
+        assert_eq!((stats.requests, stats.inferences, stats.rows), (12, 2, 12));
+
+        // Strings ONNX Runtime cannot take are refused with the element at
+        // fault before they reach a batch.
+        for (bytes, why) in [
+            (&b"a\0b"[..], "element 0 holds a NUL character"),
+            (&[0xff, 0xfe][..], "element 0 is not UTF-8 text"),
+        ] {
+            let mut row = text_row(1);
+            let mut data = Vec::new();
+            crate::serving::push_bytes_element(&mut data, bytes);
+            row[0].data = data.into();
+            let refused = rt.block_on(engine.infer(row, None, far()));
+            assert!(
+                matches!(&refused, Err(Error::InvalidArgument(m)) if m.contains(why) && m.contains("\"text\"")),
+                "{refused:?}"
+            );
+        }
+        assert_eq!(engine.stats().inferences, 2, "nothing more ran");
     }
 
     #[test]

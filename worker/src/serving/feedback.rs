@@ -142,6 +142,10 @@ impl AnswerSpec {
         meta: &TaskMetadata,
     ) -> Option<AnswerSpec> {
         let output = signature.outputs.first()?;
+        if output.datatype == DataType::Bytes {
+            // String labels are not class ids; scoring them is not built yet.
+            return None;
+        }
         let width = match output.shape.as_slice() {
             [_] => 1,
             [_, w] if *w > 0 => usize::try_from(*w).ok()?,

@@ -34,8 +34,11 @@ pub mod router;
 
 use bytes::Bytes;
 
-/// The KServe v2 datatypes kiln serves (BYTES is refused with a clear error).
-/// FP16 and BF16 travel as IEEE half and bfloat16 bits; in JSON they are numbers.
+/// The KServe v2 datatypes kiln serves. FP16 and BF16 travel as IEEE half and
+/// bfloat16 bits; in JSON they are numbers. BYTES elements (strings) travel as the
+/// binary extension and gRPC's raw contents carry them, each a 4-byte
+/// little-endian length and that many bytes ([`split_bytes`]); in JSON they are
+/// strings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DataType {
     Bool,
@@ -51,11 +54,12 @@ pub enum DataType {
     Fp64,
     Fp16,
     Bf16,
+    Bytes,
 }
 
 impl DataType {
     /// Every datatype, for listings and tests.
-    pub const ALL: [DataType; 13] = [
+    pub const ALL: [DataType; 14] = [
         DataType::Bool,
         DataType::Uint8,
         DataType::Uint16,
@@ -69,6 +73,7 @@ impl DataType {
         DataType::Fp64,
         DataType::Fp16,
         DataType::Bf16,
+        DataType::Bytes,
     ];
 
     /// The protocol's name: `FP32`, `INT64`, ...
@@ -87,6 +92,7 @@ impl DataType {
             DataType::Fp64 => "FP64",
             DataType::Fp16 => "FP16",
             DataType::Bf16 => "BF16",
+            DataType::Bytes => "BYTES",
         }
     }
 
@@ -103,19 +109,109 @@ impl DataType {
             })
     }
 
-    /// Bytes per element (BOOL takes one byte, as in the binary extension).
-    pub fn size(self) -> usize {
-        match self {
+    /// Bytes per element (BOOL takes one byte, as in the binary extension);
+    /// `None` for BYTES, whose elements each take their own length.
+    pub fn fixed_size(self) -> Option<usize> {
+        Some(match self {
             DataType::Bool | DataType::Uint8 | DataType::Int8 => 1,
             DataType::Uint16 | DataType::Int16 | DataType::Fp16 | DataType::Bf16 => 2,
             DataType::Uint32 | DataType::Int32 | DataType::Fp32 => 4,
             DataType::Uint64 | DataType::Int64 | DataType::Fp64 => 8,
-        }
+            DataType::Bytes => return None,
+        })
+    }
+
+    /// The fewest bytes an element takes: its size, or a BYTES element's length
+    /// prefix. Bounds what a shape may ask to allocate.
+    pub fn min_size(self) -> usize {
+        self.fixed_size().unwrap_or(BYTES_PREFIX)
     }
 }
 
+/// The length prefix of a BYTES element.
+pub const BYTES_PREFIX: usize = 4;
+
+/// Walks BYTES data element by element, calling `each` with each one's index,
+/// byte offset (of its length prefix) and bytes, without allocating; returns how
+/// many there are. An error says where the length prefixes do not walk to the
+/// end of the data exactly, or is `each`'s.
+pub fn walk_bytes<'a>(
+    data: &'a [u8],
+    mut each: impl FnMut(usize, usize, &'a [u8]) -> Result<(), String>,
+) -> Result<usize, String> {
+    let mut index = 0;
+    let mut rest = data;
+    while !rest.is_empty() {
+        let Some((prefix, after)) = rest.split_first_chunk::<BYTES_PREFIX>() else {
+            return Err(format!(
+                "BYTES element {index} starts with {} bytes, less than its 4-byte length",
+                rest.len()
+            ));
+        };
+        let len = u32::from_le_bytes(*prefix) as usize;
+        if len > after.len() {
+            return Err(format!(
+                "BYTES element {index} claims {len} bytes but {} remain",
+                after.len()
+            ));
+        }
+        let (element, after) = after.split_at(len);
+        each(index, data.len() - rest.len(), element)?;
+        index += 1;
+        rest = after;
+    }
+    Ok(index)
+}
+
+/// Splits BYTES data into its elements (see [`walk_bytes`]).
+pub fn split_bytes(data: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let mut elements = Vec::new();
+    walk_bytes(data, |_, _, element| {
+        elements.push(element);
+        Ok(())
+    })?;
+    Ok(elements)
+}
+
+/// Checks that every BYTES element is UTF-8 text without a NUL character (what
+/// ONNX Runtime's string tensors hold); the error names the first that is not.
+pub fn check_text(data: &[u8]) -> Result<(), String> {
+    walk_bytes(data, |at, _, element| match std::str::from_utf8(element) {
+        Err(_) => Err(format!("element {at} is not UTF-8 text")),
+        Ok(text) if text.contains('\0') => Err(format!("element {at} holds a NUL character")),
+        Ok(_) => Ok(()),
+    })
+    .map(drop)
+}
+
+/// Writes one BYTES element: its length, then its bytes.
+pub fn push_bytes_element(out: &mut Vec<u8>, element: &[u8]) {
+    // Elements come from bodies of at most 64 MiB, so the length fits.
+    out.extend_from_slice(&(element.len() as u32).to_le_bytes());
+    out.extend_from_slice(element);
+}
+
+/// The byte offsets at which every `step`-th BYTES element starts, and the
+/// data's length last: where rows of `step` elements each begin and end. An
+/// error when the elements are not a whole number of rows.
+pub fn bytes_row_offsets(data: &[u8], step: usize) -> Result<Vec<usize>, String> {
+    let mut offsets = Vec::new();
+    let count = walk_bytes(data, |at, offset, _| {
+        if step > 0 && at % step == 0 {
+            offsets.push(offset);
+        }
+        Ok(())
+    })?;
+    if step == 0 || count % step != 0 {
+        return Err(format!("{count} BYTES elements are not rows of {step}"));
+    }
+    offsets.push(data.len());
+    Ok(offsets)
+}
+
 /// A named tensor as requests and responses carry it: `data` holds
-/// `shape.product() * datatype.size()` bytes, little-endian, row-major.
+/// `shape.product()` elements, little-endian, row-major (BYTES elements each
+/// with its length prefix).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
     pub name: String,
@@ -130,8 +226,50 @@ impl Tensor {
         self.shape.iter().product()
     }
 
+    /// A tensor of zeros (empty strings for BYTES).
+    pub fn zeros(name: &str, datatype: DataType, shape: Vec<usize>) -> Tensor {
+        let bytes = shape.iter().product::<usize>() * datatype.min_size();
+        Tensor {
+            name: name.to_string(),
+            datatype,
+            shape,
+            data: vec![0u8; bytes].into(),
+        }
+    }
+
+    /// Checks that `data` holds exactly the elements its shape asks for; the
+    /// error says what it holds instead.
+    pub fn check_data(&self) -> Result<(), String> {
+        let elements = self.shape.iter().try_fold(1usize, |n, d| n.checked_mul(*d));
+        match self.datatype.fixed_size() {
+            Some(size) => {
+                let bytes = elements.and_then(|n| n.checked_mul(size));
+                if bytes != Some(self.data.len()) {
+                    return Err(format!(
+                        "shape {:?} of {} takes {} bytes, got {}",
+                        self.shape,
+                        self.datatype.name(),
+                        bytes.map_or("too many".to_string(), |b| b.to_string()),
+                        self.data.len()
+                    ));
+                }
+            }
+            None => {
+                let found = walk_bytes(&self.data, |_, _, _| Ok(()))?;
+                if Some(found) != elements {
+                    return Err(format!(
+                        "shape {:?} holds {} BYTES elements, got {found}",
+                        self.shape,
+                        elements.map_or("too many".to_string(), |n| n.to_string()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Its values as `f64` (exact for every datatype but 64-bit integers beyond
-    /// 2^53).
+    /// 2^53); BYTES elements are not numbers, and give none.
     pub fn values_f64(&self) -> Vec<f64> {
         fn each<const N: usize>(data: &[u8], f: impl Fn([u8; N]) -> f64) -> Vec<f64> {
             data.as_chunks::<N>().0.iter().map(|&b| f(b)).collect()
@@ -151,6 +289,7 @@ impl Tensor {
             DataType::Fp64 => each(d, f64::from_le_bytes),
             DataType::Fp16 => each(d, |b| half::f16::from_le_bytes(b).to_f64()),
             DataType::Bf16 => each(d, |b| half::bf16::from_le_bytes(b).to_f64()),
+            DataType::Bytes => Vec::new(),
         }
     }
 }

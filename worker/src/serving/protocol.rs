@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::{DataType, Signature, Spec, Tensor};
+use super::{push_bytes_element, split_bytes, walk_bytes, DataType, Signature, Spec, Tensor};
 
 /// The most dimensions an input may have.
 pub const MAX_RANK: usize = 32;
@@ -200,7 +200,7 @@ pub fn parse_rest_request(body: &Bytes, json_len: Option<usize>) -> Result<Infer
 fn rest_input(input: RestInput<'_>, binary: &mut BinarySection<'_>) -> Result<Tensor> {
     let name = input.name;
     let datatype = input_datatype(&name, &input.datatype)?;
-    let (shape, len) = checked_shape(&name, datatype, &input.shape)?;
+    let (shape, elements) = checked_shape(&name, datatype, &input.shape)?;
     let binary_size = input.parameters.and_then(|p| p.binary_data_size);
     let data = match (input.data, binary_size) {
         (Some(_), Some(_)) => {
@@ -209,24 +209,48 @@ fn rest_input(input: RestInput<'_>, binary: &mut BinarySection<'_>) -> Result<Te
             )))
         }
         (None, None) => return Err(invalid(format!("input {name:?} has no data"))),
-        (Some(raw), None) => json_data(&name, datatype, &shape, len, raw)?,
+        (Some(raw), None) => json_data(&name, datatype, &shape, elements, raw)?,
         (None, Some(size)) => {
-            if usize::try_from(size).ok() != Some(len) {
+            let fits = match datatype.fixed_size() {
+                Some(element) => usize::try_from(size).ok() == Some(element * elements),
+                None => usize::try_from(size).is_ok_and(|size| size <= MAX_TENSOR_BYTES),
+            };
+            if !fits {
                 return Err(invalid(format!(
                     "input {name:?}: binary_data_size is {size} but {} of shape {shape:?} \
-                     takes {len} bytes",
-                    datatype.name()
+                     takes {}",
+                    datatype.name(),
+                    byte_count(datatype, elements)
                 )));
             }
-            binary.take(&name, len)?
+            binary.take(&name, size as usize)?
         }
     };
-    Ok(Tensor {
+    bytes_checked(Tensor {
         name,
         datatype,
         shape,
         data,
     })
+}
+
+/// "N bytes" for a fixed-size datatype; what BYTES elements take.
+fn byte_count(datatype: DataType, elements: usize) -> String {
+    match datatype.fixed_size() {
+        Some(size) => format!("{} bytes", size * elements),
+        None => format!("{elements} length-prefixed elements"),
+    }
+}
+
+/// Checks that a BYTES input's length prefixes walk its data and count its
+/// elements (other datatypes were sized by their shape already).
+fn bytes_checked(tensor: Tensor) -> Result<Tensor> {
+    if tensor.datatype == DataType::Bytes {
+        tensor
+            .check_data()
+            .map_err(|why| invalid(format!("input {:?}: {why}", tensor.name)))?;
+    }
+    Ok(tensor)
 }
 
 /// The bytes after the JSON header, handed out to binary inputs in order.
@@ -273,7 +297,8 @@ impl BinarySection<'_> {
     }
 }
 
-/// Checks a shape from the wire and returns it with the byte length of its data.
+/// Checks a shape from the wire and returns it with the number of elements it
+/// holds.
 fn checked_shape(name: &str, datatype: DataType, shape: &[i64]) -> Result<(Vec<usize>, usize)> {
     if shape.len() > MAX_RANK {
         return Err(invalid(format!(
@@ -282,23 +307,23 @@ fn checked_shape(name: &str, datatype: DataType, shape: &[i64]) -> Result<(Vec<u
         )));
     }
     let mut dims = Vec::with_capacity(shape.len());
-    let mut len = datatype.size();
+    let mut elements = 1usize;
     for &d in shape {
         let d = usize::try_from(d).map_err(|_| {
             invalid(format!(
                 "input {name:?}: shape {shape:?} has a negative dimension"
             ))
         })?;
-        len = len.saturating_mul(d);
+        elements = elements.saturating_mul(d);
         dims.push(d);
     }
-    if len > MAX_TENSOR_BYTES {
+    if elements.saturating_mul(datatype.min_size()) > MAX_TENSOR_BYTES {
         return Err(invalid(format!(
             "input {name:?}: shape {shape:?} of {} takes more than {MAX_TENSOR_BYTES} bytes",
             datatype.name()
         )));
     }
-    Ok((dims, len))
+    Ok((dims, elements))
 }
 
 /// Refuses a name given twice.
@@ -335,9 +360,9 @@ fn input_datatype(name: &str, datatype: &str) -> Result<DataType> {
 // JSON tensor data.
 // ---------------------------------------------------------------------------
 
-/// Decodes a JSON `data` array, flat or nested, into little-endian bytes; nested
-/// data must be rectangular and have the input's shape, flat data the input's
-/// element count.
+/// Decodes a JSON `data` array, flat or nested, into little-endian bytes (BYTES:
+/// strings, each written with its length prefix); nested data must be
+/// rectangular and have the input's shape, flat data the input's element count.
 ///
 /// serde_json has already checked the text's syntax (it is a `RawValue`), so a
 /// small scanner walks it, writing each value as it goes. Numbers are parsed from
@@ -348,13 +373,13 @@ fn json_data(
     name: &str,
     datatype: DataType,
     shape: &[usize],
-    len: usize,
+    elements: usize,
     raw: &RawValue,
 ) -> Result<Bytes> {
     let text = raw.get().as_bytes();
     // Every element takes at least two characters of text ("0,"), which bounds
     // what a lying shape can make us reserve.
-    let capacity = len.min((text.len() / 2 + 1) * datatype.size());
+    let capacity = elements.min(text.len() / 2 + 1) * datatype.min_size();
     let mut scanner = DataScanner {
         text,
         pos: 0,
@@ -373,10 +398,9 @@ fn json_data(
             "input {name:?}: nested data has shape {dims:?} but the input's shape is {shape:?}"
         )));
     }
-    let expected = len / datatype.size();
-    if scanner.elements != expected {
+    if scanner.elements != elements {
         return Err(invalid(format!(
-            "input {name:?}: data has {} elements but shape {shape:?} holds {expected}",
+            "input {name:?}: data has {} elements but shape {shape:?} holds {elements}",
             scanner.elements
         )));
     }
@@ -456,10 +480,32 @@ impl DataScanner<'_> {
             Some(b'f') => self.boolean(depth, false),
             Some(b'-' | b'0'..=b'9') => self.number(depth),
             Some(b'n') => Err(self.wrong_kind("null")),
+            Some(b'"') if self.datatype == DataType::Bytes => self.string(depth),
             Some(b'"') => Err(self.wrong_kind("a string")),
             Some(b'{') => Err(self.wrong_kind("an object")),
             _ => Err(self.malformed()),
         }
+    }
+
+    /// Reads a JSON string (escapes and all) and writes it as a BYTES element.
+    fn string(&mut self, depth: usize) -> Result<(), String> {
+        let start = self.pos;
+        let mut end = start + 1;
+        loop {
+            match self.text.get(end) {
+                Some(b'\\') => end += 2,
+                Some(b'"') => break,
+                Some(_) => end += 1,
+                None => return Err(self.malformed()),
+            }
+        }
+        self.pos = end + 1;
+        self.at_leaf(depth)?;
+        let value: String =
+            serde_json::from_slice(&self.text[start..self.pos]).map_err(|_| self.malformed())?;
+        push_bytes_element(&mut self.bytes, value.as_bytes());
+        self.elements += 1;
+        Ok(())
     }
 
     fn boolean(&mut self, depth: usize, v: bool) -> Result<(), String> {
@@ -496,7 +542,7 @@ impl DataScanner<'_> {
             )
         };
         match self.datatype {
-            DataType::Bool => return Err(self.wrong_kind("a number")),
+            DataType::Bool | DataType::Bytes => return Err(self.wrong_kind("a number")),
             DataType::Fp32 => {
                 let v: f32 = token.parse().map_err(|_| self.malformed())?;
                 if v.is_infinite() {
@@ -573,6 +619,7 @@ impl DataScanner<'_> {
     fn wrong_kind(&self, what: &str) -> String {
         let takes = match self.datatype {
             DataType::Bool => "true or false",
+            DataType::Bytes => "strings",
             DataType::Fp32 | DataType::Fp64 | DataType::Fp16 | DataType::Bf16 => "numbers",
             _ => "integers",
         };
@@ -658,6 +705,13 @@ pub fn encode_rest_response(
         .iter()
         .map(|t| request.output_is_binary(&t.name))
         .collect();
+    for (t, _) in outputs
+        .iter()
+        .zip(&binary)
+        .filter(|(t, &b)| !b && t.datatype == DataType::Bytes)
+    {
+        check_json_text(t)?;
+    }
     let response = RestResponse {
         model_name,
         model_version,
@@ -704,18 +758,25 @@ pub fn encode_rest_response(
 /// Refuses an output whose bytes do not match its shape: a bug in the engine,
 /// which must not reach the caller as a truncated tensor.
 fn check_output(t: &Tensor) -> Result<()> {
-    let expected = t.elements().checked_mul(t.datatype.size());
-    if expected != Some(t.data.len()) {
-        return Err(Error::Internal(format!(
-            "output {:?} has {} bytes but {} of shape {:?} takes {}",
-            t.name,
-            t.data.len(),
-            t.datatype.name(),
-            t.shape,
-            expected.map_or_else(|| "too many".to_string(), |n| n.to_string())
-        )));
-    }
-    Ok(())
+    t.check_data()
+        .map_err(|why| Error::Internal(format!("output {:?}: {why}", t.name)))
+}
+
+/// Refuses a BYTES output that JSON cannot carry as strings: its elements must
+/// be UTF-8 text, else the caller asks for it binary.
+fn check_json_text(t: &Tensor) -> Result<()> {
+    walk_bytes(&t.data, |at, _, element| {
+        match std::str::from_utf8(element) {
+            Ok(_) => Ok(()),
+            Err(_) => Err(format!(
+                "output {:?}: element {at} is not UTF-8 text, which JSON cannot carry; ask for \
+             the output binary (parameters.binary_data)",
+                t.name
+            )),
+        }
+    })
+    .map(drop)
+    .map_err(invalid)
 }
 
 impl Serialize for JsonValues<'_> {
@@ -737,6 +798,13 @@ impl Serialize for JsonValues<'_> {
             DataType::Fp64 => each(&mut seq, data, f64::from_le_bytes)?,
             DataType::Fp16 => each(&mut seq, data, |b| half::f16::from_le_bytes(b).to_f32())?,
             DataType::Bf16 => each(&mut seq, data, |b| half::bf16::from_le_bytes(b).to_f32())?,
+            DataType::Bytes => {
+                // check_text made sure these are whole UTF-8 elements.
+                for element in split_bytes(data).map_err(serde::ser::Error::custom)? {
+                    let text = std::str::from_utf8(element).map_err(serde::ser::Error::custom)?;
+                    seq.serialize_element(text)?;
+                }
+            }
         }
         seq.end()
     }
@@ -862,35 +930,34 @@ fn parameter_value(choice: ParameterChoice) -> Value {
 fn grpc_input(input: InferInputTensor, raw: Option<Bytes>) -> Result<Tensor> {
     let name = input.name;
     let datatype = input_datatype(&name, &input.datatype)?;
-    let (shape, len) = checked_shape(&name, datatype, &input.shape)?;
+    let (shape, elements) = checked_shape(&name, datatype, &input.shape)?;
+    let len = datatype.fixed_size().map(|size| size * elements);
     let data = match (raw, input.contents) {
         (Some(_), Some(c)) if c != InferTensorContents::default() => {
             return Err(invalid(format!(
                 "input {name:?} has contents although the request carries raw_input_contents"
             )))
         }
-        (Some(raw), _) if raw.len() != len => {
+        (Some(raw), _) if len.is_some_and(|len| raw.len() != len) => {
             return Err(invalid(format!(
                 "input {name:?}: raw_input_contents has {} bytes but {} of shape {shape:?} \
-                 takes {len}",
+                 takes {}",
                 raw.len(),
-                datatype.name()
+                datatype.name(),
+                byte_count(datatype, elements)
             )))
         }
         (Some(raw), _) => raw,
-        (None, None) if len > 0 => {
+        (None, None) if elements > 0 => {
             return Err(invalid(format!(
                 "input {name:?} has no contents and the request no raw_input_contents"
             )))
         }
-        (None, contents) => typed_contents(
-            &name,
-            datatype,
-            len / datatype.size(),
-            contents.unwrap_or_default(),
-        )?,
+        (None, contents) => {
+            typed_contents(&name, datatype, elements, contents.unwrap_or_default())?
+        }
     };
-    Ok(Tensor {
+    bytes_checked(Tensor {
         name,
         datatype,
         shape,
@@ -934,7 +1001,7 @@ fn typed_contents(
             "input {name:?}: {field} has {count} values but its shape holds {elements}"
         )));
     }
-    let mut out = Vec::with_capacity(elements * datatype.size());
+    let mut out = Vec::with_capacity(elements * datatype.min_size());
     let pushed = match datatype {
         DataType::Bool => {
             out.extend(c.bool_contents.iter().map(|&b| u8::from(b)));
@@ -964,6 +1031,12 @@ fn typed_contents(
             out.extend(c.fp64_contents.iter().flat_map(|v| v.to_le_bytes()));
             Ok(())
         }
+        DataType::Bytes => {
+            for element in &c.bytes_contents {
+                push_bytes_element(&mut out, element);
+            }
+            Ok(())
+        }
         DataType::Fp16 | DataType::Bf16 => Ok(()),
     };
     pushed.map_err(|why| invalid(format!("input {name:?}: a value in {field} is {why}")))?;
@@ -985,6 +1058,7 @@ fn contents_field(datatype: DataType, c: &InferTensorContents) -> Option<(&'stat
         DataType::Uint64 => ("uint64_contents", c.uint64_contents.len()),
         DataType::Fp32 => ("fp32_contents", c.fp32_contents.len()),
         DataType::Fp64 => ("fp64_contents", c.fp64_contents.len()),
+        DataType::Bytes => ("bytes_contents", c.bytes_contents.len()),
         DataType::Fp16 | DataType::Bf16 => return None,
     })
 }
@@ -1167,6 +1241,116 @@ mod tests {
             matches!(&typed, Err(Error::InvalidArgument(m)) if m.contains("travel in raw_input_contents")),
             "{typed:?}"
         );
+    }
+
+    /// `["ab", "", "é"]` as BYTES elements: each a 4-byte length and its bytes.
+    fn three_strings() -> Vec<u8> {
+        let mut data = Vec::new();
+        for s in ["ab", "", "é"] {
+            push_bytes_element(&mut data, s.as_bytes());
+        }
+        data
+    }
+
+    #[test]
+    fn bytes_are_strings_in_json_and_length_prefixed_on_the_wire() {
+        let want = three_strings();
+        assert_eq!(want[..6], [2, 0, 0, 0, b'a', b'b']);
+        // JSON: strings, escapes and all, nested or flat.
+        let t = only_input(
+            r#"{"inputs":[{"name":"text","shape":[3,1],"datatype":"BYTES","data":[["ab"],[""],["\u00e9"]]}]}"#,
+        );
+        assert_eq!((t.datatype, &t.shape[..]), (DataType::Bytes, &[3, 1][..]));
+        assert_eq!(&t.data[..], want);
+        assert_invalid(
+            rest(r#"{"inputs":[{"name":"t","shape":[2],"datatype":"BYTES","data":["a"]}]}"#),
+            &["input \"t\"", "data has 1 elements but shape [2] holds 2"],
+        );
+        // The binary extension: binary_data_size is the prefixed bytes' length.
+        let json = format!(
+            r#"{{"inputs":[{{"name":"t","shape":[3],"datatype":"BYTES","parameters":{{"binary_data_size":{}}}}}]}}"#,
+            want.len()
+        );
+        let (body, json_len) = framed(&json, &want);
+        let binary = parse_rest_request(&body, Some(json_len)).expect("parses");
+        assert_eq!(&binary.inputs[0].data[..], want);
+        // Prefixes that do not walk the data, or count other elements, are refused.
+        let mut short = want.clone();
+        short[0] = 99;
+        let (body, json_len) = framed(&json, &short);
+        assert_invalid(
+            parse_rest_request(&body, Some(json_len)),
+            &["input \"t\"", "BYTES element 0 claims 99 bytes"],
+        );
+        let two = json.replace("[3]", "[2]");
+        let (body, json_len) = framed(&two, &want);
+        assert_invalid(
+            parse_rest_request(&body, Some(json_len)),
+            &["holds 2 BYTES elements, got 3"],
+        );
+        // gRPC: raw contents as the binary extension, or bytes_contents.
+        let raw = parse_grpc_request(ModelInferRequest {
+            inputs: vec![grpc_input("t", "BYTES", &[3], None)],
+            raw_input_contents: vec![Bytes::from(want.clone())],
+            ..Default::default()
+        })
+        .expect("parses");
+        assert_eq!(&raw.inputs[0].data[..], want);
+        let typed = parse_grpc_request(ModelInferRequest {
+            inputs: vec![grpc_input(
+                "t",
+                "BYTES",
+                &[3],
+                Some(InferTensorContents {
+                    bytes_contents: vec!["ab".into(), "".into(), "é".into()],
+                    ..Default::default()
+                }),
+            )],
+            ..Default::default()
+        })
+        .expect("parses");
+        assert_eq!(&typed.inputs[0].data[..], want);
+
+        // Answers: strings in JSON, the same bytes binary and in gRPC.
+        let out = tensor("label", DataType::Bytes, &[3], want.clone());
+        let encoded = encode_rest_response(
+            "m",
+            "1",
+            &InferRequest::default(),
+            std::slice::from_ref(&out),
+        )
+        .expect("encodes");
+        let doc: Value = serde_json::from_slice(&encoded.body).expect("JSON");
+        assert_eq!(doc["outputs"][0]["datatype"], "BYTES");
+        assert_eq!(
+            doc["outputs"][0]["data"],
+            serde_json::json!(["ab", "", "é"])
+        );
+        let request = InferRequest {
+            binary_output: true,
+            ..Default::default()
+        };
+        let encoded =
+            encode_rest_response("m", "1", &request, std::slice::from_ref(&out)).expect("encodes");
+        let json_len = encoded.json_len.expect("binary follows");
+        assert_eq!(&encoded.body[json_len..], want);
+        let grpc = encode_grpc_response("m", "1", &request, vec![out]);
+        assert_eq!(&grpc.raw_output_contents[0][..], want);
+
+        // Bytes that are not text cannot be JSON strings: the error says to ask
+        // for them binary.
+        let mut latin1 = Vec::new();
+        push_bytes_element(&mut latin1, &[0xe9]);
+        let out = tensor("label", DataType::Bytes, &[1], latin1);
+        match encode_rest_response("m", "1", &InferRequest::default(), &[out]) {
+            Err(Error::InvalidArgument(msg)) => {
+                assert!(
+                    msg.contains("not UTF-8") && msg.contains("binary_data"),
+                    "{msg}"
+                )
+            }
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
     }
 
     #[test]
@@ -1470,7 +1654,7 @@ mod tests {
     fn an_output_whose_bytes_miss_its_shape_is_an_internal_error() {
         let out = tensor("v", DataType::Fp32, &[2], vec![0; 7]);
         match encode_rest_response("m", "1", &InferRequest::default(), &[out]) {
-            Err(Error::Internal(msg)) => assert!(msg.contains("7 bytes"), "{msg}"),
+            Err(Error::Internal(msg)) => assert!(msg.contains("takes 8 bytes, got 7"), "{msg}"),
             other => panic!("expected Internal, got {other:?}"),
         }
     }
@@ -1480,7 +1664,13 @@ mod tests {
     #[test]
     fn malformed_json_inputs_name_the_input_and_the_problem() {
         let cases = [
-            ("BYTES", "[1]", "[1]", "\"BYTES\" is not served"),
+            ("STRING", "[1]", "[1]", "\"STRING\" is not served"),
+            (
+                "BYTES",
+                "[1]",
+                "[1]",
+                "element 0 is a number; BYTES takes strings",
+            ),
             (
                 "FP32",
                 "[2,2]",
@@ -1892,7 +2082,7 @@ mod tests {
             inputs: vec![grpc_input("a", "BYTES", &[1], None)],
             ..Default::default()
         });
-        assert!(msg.contains("\"BYTES\" is not served"), "{msg}");
+        assert!(msg.contains("input \"a\" has no contents"), "{msg}");
         let msg = grpc_error(ModelInferRequest {
             inputs: vec![grpc_input("a", "FP32", &[2, -1], None)],
             ..Default::default()
@@ -2003,10 +2193,18 @@ mod tests {
             seed in proptest::collection::vec(any::<u8>(), 0..128),
             binary in any::<bool>(),
         ) {
-            let len = rows * cols * datatype.size();
+            let len = rows * cols * datatype.min_size();
             let mut data: Vec<u8> = seed.iter().cycle().take(len).copied().collect();
             if len > 0 && seed.is_empty() {
                 data = vec![0; len];
+            }
+            // BYTES: text elements of 0 to 4 letters, from the seed.
+            if datatype == DataType::Bytes {
+                data.clear();
+                for i in 0..rows * cols {
+                    let text: Vec<u8> = seed.iter().skip(i).take(i % 5).map(|b| b'a' + b % 26).collect();
+                    push_bytes_element(&mut data, &text);
+                }
             }
             // Keep bytes that JSON can carry: booleans as 0/1, floats finite.
             if datatype == DataType::Bool {

@@ -13,12 +13,14 @@ use std::time::Duration;
 
 use kiln_common::client::ClusterClient;
 use kiln_common::reference::ReferenceStats;
-use kiln_proto::v1::{ReplicaLoad, ReplicaState, ReplicaTask, ReportReplica, ReportReplicaRequest};
+use kiln_proto::v1::{
+    Batching, ReplicaLoad, ReplicaState, ReplicaTask, ReportReplica, ReportReplicaRequest,
+};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{Engine, EngineConfig, EngineKind};
+use super::engine::{Engine, EngineConfig, EngineKind, ModelFiles};
 use super::feedback::{AnswerSpec, TaskMetadata};
 use super::monitor::Monitor;
 use crate::train::shard::{MODEL_FILE, REFERENCE_FILE};
@@ -326,7 +328,13 @@ async fn run_replica(
         Ok(replica) => Arc::new(replica),
         Err(reason) => {
             tracing::warn!(deployment = %task.deployment, replica = task.replica_id, %reason, "replica failed to load");
-            report(&ctx, &task, ReplicaState::ReplicaFailed, reason, "", &stop).await;
+            let failed = Outcome {
+                state: ReplicaState::ReplicaFailed,
+                reason,
+                engine: "",
+                unbatched: "",
+            };
+            report(&ctx, &task, failed, &stop).await;
             return;
         }
     };
@@ -338,15 +346,13 @@ async fn run_replica(
         version = replica.version,
         "replica ready"
     );
-    report(
-        &ctx,
-        &task,
-        ReplicaState::ReplicaReady,
-        String::new(),
-        replica.engine.kind().name(),
-        &stop,
-    )
-    .await;
+    let ready = Outcome {
+        state: ReplicaState::ReplicaReady,
+        reason: String::new(),
+        engine: replica.engine.kind().name(),
+        unbatched: replica.engine.unbatched_reason().unwrap_or_default(),
+    };
+    report(&ctx, &task, ready, &stop).await;
     stop.cancelled().await;
     // Routers elsewhere may still send requests until their next heartbeat.
     tokio::time::sleep(DRAIN_GRACE).await;
@@ -372,17 +378,33 @@ async fn load(ctx: &ServingContext, task: &ReplicaTask) -> Result<LocalReplica, 
     } else {
         pulled.path.clone()
     };
-    let bytes = tokio::fs::read(&file)
+    // The model file and the external data files it names, from beside it.
+    let files = tokio::task::spawn_blocking(move || ModelFiles::read(&file))
         .await
-        .map_err(|e| format!("read {}: {e}", file.display()));
+        .map_err(|e| format!("read the model: {e}"))
+        .and_then(|read| read.map_err(|e| e.to_string()));
     let reference = match pulled.path.is_dir() {
         true => tokio::fs::read(pulled.path.join(REFERENCE_FILE)).await.ok(),
         false => None,
     };
     let _ = tokio::fs::remove_dir_all(&dir).await;
-    let bytes = bytes?;
+    let files = files?;
     let engine = match task.engine.as_str() {
-        "" => None,
+        // The preferred engine of this worker's that did not refuse the model at
+        // registration.
+        "" => Some(
+            EngineKind::available()
+                .into_iter()
+                .find(|kind| !target.refused_engines.iter().any(|r| r == kind.name()))
+                .ok_or_else(|| {
+                    format!(
+                        "{}@{} was refused at registration by {}, the engines this worker runs",
+                        target.model,
+                        target.version,
+                        target.refused_engines.join(" and ")
+                    )
+                })?,
+        ),
         name => Some(EngineKind::parse(name).map_err(|e| e.to_string())?),
     };
     let config = EngineConfig {
@@ -391,10 +413,25 @@ async fn load(ctx: &ServingContext, task: &ReplicaTask) -> Result<LocalReplica, 
         queue_capacity: task.queue_capacity.max(1) as usize,
         threads: task.threads.max(1) as usize,
         engine,
+        batching: Batching::try_from(task.batching).unwrap_or(Batching::Probed),
+        preferred_batch_sizes: task
+            .preferred_batch_sizes
+            .iter()
+            .map(|&s| s as usize)
+            .collect(),
+        instances: (task.instances > 0).then_some(task.instances as usize),
+        input_limits: task
+            .input_limits
+            .iter()
+            .map(|l| {
+                let dims = l.max_shape.iter().map(|&d| usize::try_from(d).ok());
+                (l.name.clone(), dims.collect())
+            })
+            .collect(),
     };
-    let meta = TaskMetadata::of_onnx(&bytes);
+    let meta = TaskMetadata::of_onnx(&files.onnx);
     let name = task.deployment.clone();
-    let engine = tokio::task::spawn_blocking(move || Engine::load(&bytes, &name, config))
+    let engine = tokio::task::spawn_blocking(move || Engine::load_files(&files, &name, config))
         .await
         .map_err(|e| format!("load the model: {e}"))?
         .map_err(|e| format!("load {}@{}: {e}", target.model, target.version))?;
@@ -434,22 +471,30 @@ fn attach_monitor(engine: &Engine, model: &str, version: u64, reference: &[u8]) 
     }
 }
 
+/// What a replica reports: its state and why, the engine it loaded on and why it
+/// serves each request alone (when it does).
+struct Outcome<'a> {
+    state: ReplicaState,
+    reason: String,
+    engine: &'a str,
+    unbatched: &'a str,
+}
+
 /// Reports a replica's state to the coordinators, retrying with backoff.
 async fn report(
     ctx: &ServingContext,
     task: &ReplicaTask,
-    state: ReplicaState,
-    reason: String,
-    engine: &str,
+    outcome: Outcome<'_>,
     stop: &CancellationToken,
 ) {
     let report = ReportReplica {
         deployment: task.deployment.clone(),
         replica_id: task.replica_id,
         worker_id: ctx.worker_id.clone(),
-        state: state as i32,
-        reason,
-        engine: engine.to_string(),
+        state: outcome.state as i32,
+        reason: outcome.reason,
+        engine: outcome.engine.to_string(),
+        unbatched: outcome.unbatched.to_string(),
     };
     let mut pause = Duration::from_millis(200);
     for attempt in 1..=REPORT_ATTEMPTS {

@@ -929,13 +929,13 @@ async fn publish_output(
     if !model_path.is_file() {
         return Ok(String::new());
     }
-    let bytes = tokio::fs::read(&model_path)
-        .await
-        .map_err(|e| format!("read {}: {e}", model_path.display()))?;
-    let signature =
-        tokio::task::spawn_blocking(move || crate::serving::engine::signature_of(&bytes))
-            .await
-            .map_err(|e| format!("read the model's signature: {e}"))?;
+    // Tensors kept in external data files beside it are read too.
+    let registered = tokio::task::spawn_blocking(move || {
+        use crate::serving::engine::{registration, ModelFiles};
+        ModelFiles::read(&model_path).and_then(|model| registration(&model))
+    })
+    .await
+    .map_err(|e| format!("read the model's signature: {e}"))?;
     let mut version = ModelVersion {
         name: spec.name.clone(),
         artifact: output,
@@ -945,10 +945,16 @@ async fn publish_output(
         spec_digest: blake3::hash(task.spec_toml.as_bytes()).to_hex().to_string(),
         ..Default::default()
     };
-    match signature {
-        Ok(signature) => {
+    match registered {
+        Ok(registered) => {
+            let signature = registered.signature;
             version.inputs = signature.inputs.iter().map(|s| s.to_proto()).collect();
             version.outputs = signature.outputs.iter().map(|s| s.to_proto()).collect();
+            version.refused_engines = registered
+                .refused
+                .into_iter()
+                .map(|(kind, why)| (kind.name().to_string(), why))
+                .collect();
         }
         Err(e) => {
             version.undeployable = format!("{MODEL_FILE} cannot be served: {e}");

@@ -25,7 +25,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_common::client::ClusterClient;
-use kiln_common::jobspec::{Builtin, DataFormat, JobSpec, ModelKind, Workload};
+use kiln_common::jobspec::{
+    Builtin, DataFormat, JobSpec, ModelKind, Workload, MAX_REPORT_LOG_LINES,
+};
 use kiln_common::reference::ReferenceStats;
 use kiln_proto::v1::{
     GetJobRequest, JobProgress, JobState, MetricPoint, ModelVersion, RegisterModelRequest,
@@ -47,8 +49,6 @@ use crate::collective::communicator::{nccl_wanted, new_nccl_id};
 use crate::collective::{Backend, Collective, NcclConfig, Ring, RingConfig, RingKey};
 use kiln_common::transfer::{self, PushOptions};
 
-/// Most log lines one report carries (the coordinators keep no more of one).
-const MAX_REPORT_LINES: usize = 200;
 /// Longest wait for every rank of an attempt to report its data address.
 pub const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(120);
 /// Pause between two looks at the job during rendezvous.
@@ -114,7 +114,7 @@ impl Reporter {
 
     /// Whether more log lines wait than one report carries.
     pub(super) fn backlog(&self) -> bool {
-        self.log.len() > MAX_REPORT_LINES
+        self.log.len() > MAX_REPORT_LOG_LINES
     }
 
     /// Sends a report with the pending log lines (at most as many as one report
@@ -123,7 +123,7 @@ impl Reporter {
         report.job_id = self.task.job_id;
         report.attempt = self.task.attempt;
         report.rank = self.task.rank;
-        let rest = self.log.split_off(self.log.len().min(MAX_REPORT_LINES));
+        let rest = self.log.split_off(self.log.len().min(MAX_REPORT_LOG_LINES));
         report.log = std::mem::replace(&mut self.log, rest);
         let request = ReportShardRequest {
             report: Some(report),
@@ -154,6 +154,7 @@ impl Reporter {
 pub async fn run(
     ctx: ShardContext,
     task: ShardTask,
+    spec: Result<JobSpec, String>,
     cancel: CancellationToken,
     lapse: CancellationToken,
 ) -> Outcome {
@@ -166,8 +167,8 @@ pub async fn run(
         task: task.clone(),
         log: Vec::new(),
     };
-    let result = match JobSpec::parse(&task.spec_toml) {
-        Err(e) => Err(e.to_string()),
+    let result = match spec {
+        Err(e) => Err(e),
         Ok(spec) => match &spec.workload {
             Workload::Builtin(builtin) => tokio::select! {
                 r = train(&ctx, &task, &spec, builtin, &dir, &mut reporter) => r,

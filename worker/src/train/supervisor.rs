@@ -18,6 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kiln_common::jobspec::JobSpec;
 use kiln_proto::v1::{RunningShard, ShardTask};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -32,14 +33,10 @@ const TICK: Duration = Duration::from_millis(250);
 /// job's rank has its own grace (`command.grace_secs`) and this much more.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// How long shard `task` may take to stop.
-fn stop_grace(task: &ShardTask) -> Duration {
-    kiln_common::jobspec::JobSpec::parse(&task.spec_toml)
-        .ok()
-        .and_then(|spec| {
-            spec.command()
-                .map(|c| Duration::from_secs(u64::from(c.command.grace_secs)) + STOP_GRACE)
-        })
+/// How long a shard of the job `spec` describes may take to stop.
+fn stop_grace(spec: Option<&JobSpec>) -> Duration {
+    spec.and_then(|spec| spec.command())
+        .map(|c| Duration::from_secs(u64::from(c.command.grace_secs)) + STOP_GRACE)
         .unwrap_or(STOP_GRACE)
 }
 
@@ -232,9 +229,16 @@ pub async fn supervise(
                 );
                 let stop = shutdown.child_token();
                 let lapse = CancellationToken::new();
-                let grace = stop_grace(&task);
-                let handle =
-                    tokio::spawn(shard::run(ctx.clone(), task, stop.clone(), lapse.clone()));
+                // Parsed once here, for the grace and for the shard.
+                let spec = JobSpec::parse(&task.spec_toml).map_err(|e| e.to_string());
+                let grace = stop_grace(spec.as_ref().ok());
+                let handle = tokio::spawn(shard::run(
+                    ctx.clone(),
+                    task,
+                    spec,
+                    stop.clone(),
+                    lapse.clone(),
+                ));
                 running.insert(
                     k,
                     Running {

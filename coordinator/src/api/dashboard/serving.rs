@@ -477,6 +477,7 @@ mod tests {
             version,
             artifact: format!("iris-onnx@{version}"),
             requested: format!("iris@{version}"),
+            ..Default::default()
         };
         DeploymentRecord {
             name: "iris".into(),

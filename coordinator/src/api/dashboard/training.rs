@@ -568,6 +568,41 @@ mod tests {
         assert!(none.contains("no loss logged yet"));
     }
 
+    #[test]
+    fn a_command_jobs_page_names_its_command_code_environment_and_data() {
+        let job = JobRecord {
+            id: 7,
+            name: "resnet".into(),
+            state: JobState::Running as i32,
+            spec_toml: r#"name = "resnet"
+[command]
+run = ["python", "train.py", "--epochs", "3"]
+code = "resnet-code@2"
+[environment]
+pip = ["torch==2.*"]
+[data]
+artifact = "cifar@4"
+"#
+            .into(),
+            ..Default::default()
+        };
+        let body = job_body(&job, None);
+        for row in [
+            "<td>command</td><td>python train.py --epochs 3</td>",
+            "<td>code</td><td>resnet-code@2</td>",
+            "<td>environment</td><td>pip torch==2.*</td>",
+            "<td>data</td><td>cifar@4</td>",
+        ] {
+            assert!(body.contains(row), "no {row:?} in {body}");
+        }
+        // A job of the built-in trainer has none of these rows.
+        let builtin = JobRecord {
+            spec_toml: "name = \"mlp\"".into(),
+            ..job
+        };
+        assert!(!job_body(&builtin, None).contains("<td>command</td>"));
+    }
+
     fn job_body(job: &JobRecord, run: Option<&GetRunResponse>) -> String {
         super::job(job, run, &[], 0)
     }

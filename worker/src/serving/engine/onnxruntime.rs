@@ -12,12 +12,18 @@
 //! The batch dimension: the first input's first dimension when it is dynamic; the
 //! model is batched when every input and output starts with a dynamic dimension of
 //! that same symbol (an unnamed one matches any).
+//!
+//! Strings are BYTES tensors (UTF-8 text: ONNX Runtime's string tensors hold
+//! text). An output that is a sequence of maps from class to probability (the
+//! ZipMap that skl2onnx puts after a classifier by default) is served as an FP32
+//! tensor `[rows, classes]`, classes in the maps' order (ONNX Runtime's maps
+//! keep their keys sorted, which is scikit-learn's order of `classes_`); a
+//! sequence output counts as batched (one map per row).
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use bytes::Bytes;
 use kiln_common::{Error, Result};
 use ort::environment::Environment;
 use ort::session::builder::GraphOptimizationLevel;
@@ -25,7 +31,8 @@ use ort::session::{Session as OrtSession, SessionInputValue};
 use ort::value::{DynValue, Outlet, Tensor as OrtTensor, TensorElementType, ValueType};
 
 use super::backend::{Backend, Dim, EngineKind, Loaded, Session};
-use crate::serving::{DataType, Signature, Spec, Tensor};
+use super::plan::ModelFiles;
+use crate::serving::{push_bytes_element, split_bytes, DataType, Signature, Spec, Tensor};
 
 /// Where a worker looks for the library when none is named: the scripts and the
 /// container image install the wheel's `libonnxruntime.so.*` here.
@@ -122,7 +129,7 @@ fn find_in(dir: &Path) -> Option<PathBuf> {
 /// A model committed to a session of the environment; the bytes are kept to
 /// commit more sessions for more threads.
 struct Ort {
-    onnx: Bytes,
+    model: ModelFiles,
     threads: usize,
     /// The model's outputs, in its order, as sessions return them.
     outputs: Vec<String>,
@@ -133,11 +140,19 @@ struct OrtRun {
     outputs: Vec<String>,
 }
 
+/// What an input or output of the model is, as kiln serves it.
+struct Served {
+    datatype: DataType,
+    /// -1 where dynamic.
+    shape: Vec<i64>,
+    symbols: Vec<String>,
+}
+
 /// Commits the model to a session whose runs use `threads` intra-op threads and
 /// reads its inputs and outputs; a model ONNX Runtime cannot load, or an input or
 /// output kiln does not serve, is an `InvalidArgument` carrying the reason.
-pub(super) fn load(onnx: &[u8], threads: usize) -> Result<Loaded> {
-    let session = commit(onnx, threads)?;
+pub(super) fn load(model: &ModelFiles, threads: usize) -> Result<Loaded> {
+    let session = commit(model, threads)?;
     let inputs = session.inputs();
     if inputs.is_empty() {
         return Err(Error::InvalidArgument("the model takes no inputs".into()));
@@ -145,8 +160,8 @@ pub(super) fn load(onnx: &[u8], threads: usize) -> Result<Loaded> {
     let batch = inputs
         .first()
         .and_then(|i| tensor_type(i).ok())
-        .and_then(|(_, shape, symbols)| match shape.first() {
-            Some(-1) => Some(symbols.first().cloned().unwrap_or_default()),
+        .and_then(|input| match input.shape.first() {
+            Some(-1) => Some(input.symbols.first().cloned().unwrap_or_default()),
             _ => None,
         });
     let same_batch = |symbol: &str| match &batch {
@@ -156,7 +171,11 @@ pub(super) fn load(onnx: &[u8], threads: usize) -> Result<Loaded> {
     let mut specs = Vec::with_capacity(inputs.len());
     let mut dims = Vec::with_capacity(inputs.len());
     for input in inputs {
-        let (datatype, shape, symbols) = tensor_type(input)
+        let Served {
+            datatype,
+            shape,
+            symbols,
+        } = tensor_type(input)
             .map_err(|e| refused(format!("input {:?} of the model: {e}", input.name())))?;
         let input_dims: Vec<Dim> = shape
             .iter()
@@ -181,7 +200,11 @@ pub(super) fn load(onnx: &[u8], threads: usize) -> Result<Loaded> {
     let mut outputs = Vec::with_capacity(session.outputs().len());
     let mut outputs_batched = true;
     for output in session.outputs() {
-        let (datatype, shape, symbols) = tensor_type(output)
+        let Served {
+            datatype,
+            shape,
+            symbols,
+        } = output_type(output)
             .map_err(|e| refused(format!("output {:?} of the model: {e}", output.name())))?;
         let symbol = symbols.first().map_or("", String::as_str);
         outputs_batched &= shape.first() == Some(&-1) && same_batch(symbol);
@@ -199,7 +222,7 @@ pub(super) fn load(onnx: &[u8], threads: usize) -> Result<Loaded> {
             outputs: names.clone(),
         })),
         backend: Box::new(Ort {
-            onnx: Bytes::copy_from_slice(onnx),
+            model: model.clone(),
             threads,
             outputs: names,
         }),
@@ -212,8 +235,9 @@ pub(super) fn load(onnx: &[u8], threads: usize) -> Result<Loaded> {
     })
 }
 
-/// A session of the process's environment with the model committed.
-fn commit(onnx: &[u8], threads: usize) -> Result<OrtSession> {
+/// A session of the process's environment with the model (and its external
+/// data files, from memory) committed.
+fn commit(model: &ModelFiles, threads: usize) -> Result<OrtSession> {
     let runtime = RUNTIME.get().ok_or_else(|| {
         Error::Unavailable(
             "ONNX Runtime is not loaded in this process; start the worker with \
@@ -230,8 +254,14 @@ fn commit(onnx: &[u8], threads: usize) -> Result<OrtSession> {
         })
         .and_then(|b| b.with_intra_threads(threads.max(1)).map_err(text))
         .and_then(|b| b.with_intra_op_spinning(false).map_err(text));
+    let builder = model.external.iter().fold(builder, |b, (name, data)| {
+        b.and_then(|b| {
+            b.with_external_initializer_file_in_memory(name, Arc::clone(data))
+                .map_err(text)
+        })
+    });
     builder
-        .and_then(|mut b| b.commit_from_memory(onnx).map_err(|e| e.to_string()))
+        .and_then(|mut b| b.commit_from_memory(&model.onnx).map_err(|e| e.to_string()))
         .map_err(refused)
 }
 
@@ -239,20 +269,57 @@ fn refused(reason: String) -> Error {
     Error::InvalidArgument(format!("ONNX Runtime cannot load the model: {reason}"))
 }
 
-/// An input's or output's datatype, shape (-1 where dynamic) and dimension names.
-fn tensor_type(outlet: &Outlet) -> std::result::Result<(DataType, Vec<i64>, Vec<String>), String> {
+/// A tensor input's or output's datatype, shape and dimension names.
+fn tensor_type(outlet: &Outlet) -> std::result::Result<Served, String> {
     match outlet.dtype() {
         ValueType::Tensor {
             ty,
             shape,
             dimension_symbols,
-        } => Ok((
-            data_type(*ty)?,
-            shape.to_vec(),
-            dimension_symbols.iter().cloned().collect(),
-        )),
+        } => Ok(Served {
+            datatype: data_type(*ty)?,
+            shape: shape.to_vec(),
+            symbols: dimension_symbols.iter().cloned().collect(),
+        }),
         other => Err(format!(
-            "it is a {other}, not a tensor; kiln serves tensors"
+            "it is a {other}, not a tensor; kiln serves tensors (and an output that \
+             is a sequence of maps to floats, one per row)"
+        )),
+    }
+}
+
+/// An output as served: a tensor as it is, a sequence of maps (ZipMap) as FP32
+/// `[rows, classes]`.
+fn output_type(outlet: &Outlet) -> std::result::Result<Served, String> {
+    match outlet.dtype() {
+        ValueType::Sequence(inner) => match inner.as_ref() {
+            ValueType::Map { key, value } => {
+                map_key(*key)?;
+                if *value != TensorElementType::Float32 {
+                    return Err(format!(
+                        "it is a sequence of maps to {value}; kiln serves maps to float32"
+                    ));
+                }
+                Ok(Served {
+                    datatype: DataType::Fp32,
+                    shape: vec![-1, -1],
+                    symbols: Vec::new(),
+                })
+            }
+            other => Err(format!(
+                "it is a sequence of {other}; kiln serves sequences of maps (one per row)"
+            )),
+        },
+        _ => tensor_type(outlet),
+    }
+}
+
+/// Refuses a map key type other than the integers and strings ZipMap makes.
+fn map_key(key: TensorElementType) -> std::result::Result<(), String> {
+    match key {
+        TensorElementType::Int64 | TensorElementType::String => Ok(()),
+        other => Err(format!(
+            "its maps have {other} keys; kiln serves int64 or string class keys"
         )),
     }
 }
@@ -269,7 +336,7 @@ impl Backend for Ort {
 
     fn session(&self) -> anyhow::Result<Box<dyn Session>> {
         Ok(Box::new(OrtRun {
-            session: commit(&self.onnx, self.threads)?,
+            session: commit(&self.model, self.threads)?,
             outputs: self.outputs.clone(),
         }))
     }
@@ -304,6 +371,20 @@ macro_rules! typed_value {
 /// An ORT value holding a copy of `tensor`.
 fn ort_value(tensor: &Tensor) -> anyhow::Result<DynValue> {
     Ok(match tensor.datatype {
+        DataType::Bytes => {
+            let elements = split_bytes(&tensor.data).map_err(anyhow::Error::msg)?;
+            let mut text = Vec::with_capacity(elements.len());
+            for (at, element) in elements.into_iter().enumerate() {
+                let element = std::str::from_utf8(element).map_err(|_| {
+                    anyhow::format_err!(
+                        "input {:?}: element {at} is not UTF-8; ONNX Runtime's strings are text",
+                        tensor.name
+                    )
+                })?;
+                text.push(element.to_string());
+            }
+            OrtTensor::from_string_array((tensor.shape.clone(), &text[..]))?.into_dyn()
+        }
         DataType::Bool => {
             let values: Vec<bool> = tensor.data.iter().map(|b| *b != 0).collect();
             OrtTensor::<bool>::from_array((tensor.shape.clone(), values))?.into_dyn()
@@ -337,11 +418,21 @@ macro_rules! typed_bytes {
 
 /// A served tensor holding a copy of output `name`.
 fn served(name: &str, value: &DynValue) -> anyhow::Result<Tensor> {
-    let ValueType::Tensor { ty, shape, .. } = value.dtype() else {
-        anyhow::bail!("output {name:?} is a {}, not a tensor", value.dtype());
+    let (ty, shape) = match value.dtype() {
+        ValueType::Tensor { ty, shape, .. } => (ty, shape),
+        ValueType::Sequence(_) => return class_scores(name, value),
+        other => anyhow::bail!("output {name:?} is a {other}, not a tensor"),
     };
     let datatype = data_type(*ty).map_err(anyhow::Error::msg)?;
     let data = match datatype {
+        DataType::Bytes => {
+            let (_, strings) = value.try_extract_strings()?;
+            let mut out = Vec::with_capacity(strings.iter().map(|s| s.len() + 4).sum());
+            for s in &strings {
+                push_bytes_element(&mut out, s.as_bytes());
+            }
+            out.into()
+        }
         DataType::Bool => {
             let (_, values) = value.try_extract_tensor::<bool>()?;
             values
@@ -371,6 +462,48 @@ fn served(name: &str, value: &DynValue) -> anyhow::Result<Tensor> {
     })
 }
 
+/// A sequence of maps from class to probability, one per row, as FP32
+/// `[rows, classes]` in the maps' order; maps that disagree on their classes are
+/// an error.
+fn class_scores(name: &str, value: &DynValue) -> anyhow::Result<Tensor> {
+    let maps = value.try_extract_sequence::<ort::value::DynValueTypeMarker>()?;
+    let mut classes: Option<usize> = None;
+    let mut data = Vec::new();
+    for (row, map) in maps.iter().enumerate() {
+        let scores: Vec<f32> = match map.dtype() {
+            ValueType::Map {
+                key: TensorElementType::Int64,
+                ..
+            } => map
+                .try_extract_key_values::<i64, f32>()?
+                .into_iter()
+                .map(|(_, v)| v)
+                .collect(),
+            ValueType::Map { .. } => map
+                .try_extract_key_values::<String, f32>()?
+                .into_iter()
+                .map(|(_, v)| v)
+                .collect(),
+            other => anyhow::bail!("output {name:?}: row {row} is a {other}, not a map"),
+        };
+        match classes {
+            None => classes = Some(scores.len()),
+            Some(n) if n != scores.len() => anyhow::bail!(
+                "output {name:?}: row {row} has {} classes, the first row {n}",
+                scores.len()
+            ),
+            Some(_) => {}
+        }
+        data.extend(scores.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    Ok(Tensor {
+        name: String::new(),
+        datatype: DataType::Fp32,
+        shape: vec![maps.len(), classes.unwrap_or(0)],
+        data: data.into(),
+    })
+}
+
 /// The served datatype of an ONNX Runtime element type.
 fn data_type(ty: TensorElementType) -> std::result::Result<DataType, String> {
     use TensorElementType as T;
@@ -388,6 +521,7 @@ fn data_type(ty: TensorElementType) -> std::result::Result<DataType, String> {
         T::Float64 => DataType::Fp64,
         T::Float16 => DataType::Fp16,
         T::Bfloat16 => DataType::Bf16,
+        T::String => DataType::Bytes,
         other => return Err(format!("datatype {other} is not served")),
     })
 }

@@ -8,9 +8,10 @@
 //! its module); otherwise each request runs alone with exactly the shape the
 //! model declares (a model exported with a batch of 1 takes requests of one row).
 
-use std::sync::{Mutex, PoisonError};
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use kiln_common::{Error, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -18,7 +19,10 @@ use rand::{Rng, SeedableRng};
 pub use super::backend::EngineKind;
 use super::backend::{Backend, Dim, Loaded, Session};
 use super::{onnxruntime, tract};
-use crate::serving::{DataType, Signature, Spec, Tensor};
+use crate::serving::{
+    bytes_row_offsets, check_text, push_bytes_element, DataType, Signature, Spec, Tensor,
+};
+use kiln_proto::v1::Batching;
 
 impl EngineKind {
     /// The engines this process can run: ONNX Runtime once its library is loaded
@@ -44,6 +48,8 @@ pub struct Plan {
     backend: Box<dyn Backend>,
     signature: Signature,
     dims: Vec<Vec<Dim>>,
+    /// The most each input's dimensions may be (the deployment's limits).
+    limits: Vec<Vec<Option<usize>>>,
     /// Why requests are not joined, when they are not; `None`: they are.
     unbatched: Option<String>,
     /// A session for runs past the batcher (the warm-up, [`Plan::run_alone`]);
@@ -70,41 +76,145 @@ pub(super) struct Checked {
     pub rows: usize,
 }
 
+/// An ONNX model as an engine loads it: the model file and, for a model saved
+/// with external data, the files its tensors are kept in, each under the path
+/// (relative to the model file's directory) the model names it by.
+#[derive(Debug, Clone, Default)]
+pub struct ModelFiles {
+    pub onnx: Bytes,
+    pub external: Vec<(String, Arc<[u8]>)>,
+}
+
+impl ModelFiles {
+    /// A model whose tensors are all inside the file.
+    pub fn inline(onnx: &[u8]) -> ModelFiles {
+        ModelFiles {
+            onnx: Bytes::copy_from_slice(onnx),
+            external: Vec::new(),
+        }
+    }
+
+    /// Reads the model file at `path` and the external data files it names from
+    /// its directory. Blocking.
+    pub fn read(path: &Path) -> Result<ModelFiles> {
+        let onnx =
+            std::fs::read(path).map_err(|e| invalid(format!("read {}: {e}", path.display())))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut external = Vec::new();
+        for location in kiln_common::onnx::external_locations(&onnx)? {
+            let file = dir.join(&location);
+            let data = std::fs::read(&file).map_err(|e| {
+                invalid(format!(
+                    "the model keeps tensors in {location}, which cannot be read beside it ({}): {e}",
+                    file.display()
+                ))
+            })?;
+            external.push((location, Arc::from(data)));
+        }
+        Ok(ModelFiles {
+            onnx: onnx.into(),
+            external,
+        })
+    }
+}
+
 /// Loads an ONNX model on `engine`, whose runs may use `threads` threads; a file
 /// the engine cannot load, or an input or output of a datatype kiln does not
 /// serve, is an `InvalidArgument` carrying the reason. Blocking: optimising a
 /// large model takes a while.
-pub fn inspect(onnx: &[u8], engine: EngineKind, threads: usize) -> Result<Plan> {
-    let loaded = load(onnx, engine, threads)?;
+pub fn inspect(model: &ModelFiles, engine: EngineKind, threads: usize) -> Result<Plan> {
+    inspect_declared(model, engine, threads, Batching::Probed)
+}
+
+/// [`inspect`] with batching as a deployment declares it: probed (requests are
+/// joined when the shapes allow it and the probe agrees), off (each request
+/// alone), or declared (joined without a probe; a model whose inputs and outputs
+/// do not all start with one dynamic dimension is refused).
+pub fn inspect_declared(
+    model: &ModelFiles,
+    engine: EngineKind,
+    threads: usize,
+    batching: Batching,
+) -> Result<Plan> {
+    let loaded = load(model, engine, threads)?;
     let mut plan = Plan {
         backend: loaded.backend,
         signature: loaded.signature,
         dims: loaded.dims,
+        limits: Vec::new(),
         unbatched: (!loaded.batched).then(|| {
             "not every input and output starts with the same dynamic (batch) dimension".into()
         }),
         spare: Mutex::new(loaded.first),
     };
-    if let Some(reason) = plan.batched().then(|| plan.probe_batching()).flatten() {
-        plan.unbatch(reason);
+    plan.limits = plan.dims.iter().map(|d| vec![None; d.len()]).collect();
+    match batching {
+        Batching::Off => {
+            plan.unbatch("the deployment declares --max-batch-size 0 (no batching)".into())
+        }
+        Batching::Declared => {
+            if let Some(why) = &plan.unbatched {
+                return Err(invalid(format!(
+                    "the deployment declares a batch (--max-batch-size N), but {why}; deploy it \
+                     with --max-batch-size 0 to serve each request alone"
+                )));
+            }
+        }
+        Batching::Probed => {
+            if let Some(reason) = plan.batched().then(|| plan.probe_batching()).flatten() {
+                plan.unbatch(reason);
+            }
+        }
     }
     Ok(plan)
 }
 
-fn load(onnx: &[u8], engine: EngineKind, threads: usize) -> Result<Loaded> {
+fn load(model: &ModelFiles, engine: EngineKind, threads: usize) -> Result<Loaded> {
     match engine {
-        EngineKind::OnnxRuntime => onnxruntime::load(onnx, threads),
-        EngineKind::Tract => tract::load(onnx),
+        EngineKind::OnnxRuntime => onnxruntime::load(model, threads),
+        EngineKind::Tract if !model.external.is_empty() => Err(invalid(
+            kiln_common::onnx::TRACT_REFUSES_EXTERNAL_DATA.into(),
+        )),
+        EngineKind::Tract => tract::load(&model.onnx),
     }
 }
 
 /// Rows the batching probe serves together and one by one.
 const PROBE_ROWS: usize = 3;
 
-/// Returns what the model takes and gives, for the registry, as the preferred
-/// engine reads it.
-pub fn signature_of(onnx: &[u8]) -> Result<Signature> {
-    Ok(load(onnx, EngineKind::preferred(), 1)?.signature)
+/// What the registry records of a model: what it takes and gives, as the first
+/// engine of this process that loads it reads it (the preferred one first), and
+/// each engine of this process that cannot load it, with why.
+#[derive(Debug)]
+pub struct Registration {
+    pub signature: Signature,
+    pub refused: Vec<(EngineKind, String)>,
+}
+
+/// Loads the model on every engine this process runs (see [`Registration`]); a
+/// model none of them loads is an `InvalidArgument` with each one's reason.
+/// Blocking.
+pub fn registration(model: &ModelFiles) -> Result<Registration> {
+    let mut signature = None;
+    let mut refused = Vec::new();
+    for kind in EngineKind::available() {
+        match load(model, kind, 1) {
+            Ok(loaded) => {
+                signature.get_or_insert(loaded.signature);
+            }
+            Err(e) => refused.push((kind, e.to_string())),
+        }
+    }
+    match signature {
+        Some(signature) => Ok(Registration { signature, refused }),
+        None => Err(invalid(
+            refused
+                .into_iter()
+                .map(|(_, why)| why)
+                .collect::<Vec<_>>()
+                .join("; "),
+        )),
+    }
 }
 
 impl Plan {
@@ -182,6 +292,30 @@ impl Plan {
         }
     }
 
+    /// Sets the most each named input's dimensions may be; a name that is not an
+    /// input, or a limit of another rank, is refused.
+    pub fn limit_inputs(&mut self, limits: &[(String, Vec<Option<usize>>)]) -> Result<()> {
+        for (name, dims) in limits {
+            let specs = &self.signature.inputs;
+            let Some(index) = specs.iter().position(|s| &s.name == name) else {
+                return Err(invalid(format!(
+                    "the input limit names {name:?}, which is not an input of the model; it \
+                     takes {}",
+                    names(specs)
+                )));
+            };
+            if dims.len() != self.dims[index].len() {
+                return Err(invalid(format!(
+                    "the input limit of {name:?} has {} dimensions; the input has {}",
+                    dims.len(),
+                    self.dims[index].len()
+                )));
+            }
+            self.limits[index] = dims.clone();
+        }
+        Ok(())
+    }
+
     /// Runs `f` on the spare session (made when there is none; kept afterwards).
     fn with_spare<T>(
         &self,
@@ -229,16 +363,7 @@ impl Plan {
             .inputs
             .iter()
             .zip(&self.dims)
-            .map(|(spec, dims)| {
-                let shape = Dim::one_row(dims);
-                let bytes = shape.iter().product::<usize>() * spec.datatype.size();
-                Tensor {
-                    name: spec.name.clone(),
-                    datatype: spec.datatype,
-                    shape,
-                    data: vec![0u8; bytes].into(),
-                }
-            })
+            .map(|(spec, dims)| Tensor::zeros(&spec.name, spec.datatype, Dim::one_row(dims)))
             .collect();
         let checked = Checked {
             inputs,
@@ -316,24 +441,33 @@ impl Plan {
                 spec.shape, tensor.shape
             )));
         }
+        let over = self.limits[index]
+            .iter()
+            .zip(&tensor.shape)
+            .enumerate()
+            .find_map(|(axis, (limit, &size))| limit.filter(|&l| size > l).map(|l| (axis, l)));
+        if let Some((axis, limit)) = over {
+            return Err(invalid(format!(
+                "input {name:?}: dimension {axis} is {}, over the deployment's limit of {limit}",
+                tensor.shape[axis]
+            )));
+        }
         if dims.first() == Some(&Dim::Batch) && tensor.shape[0] == 0 {
             return Err(invalid(format!(
                 "input {name:?}: expected at least one row, got shape {:?}",
                 tensor.shape
             )));
         }
-        let bytes = tensor
-            .shape
-            .iter()
-            .try_fold(tensor.datatype.size(), |n, d| n.checked_mul(*d));
-        if bytes != Some(tensor.data.len()) {
-            return Err(invalid(format!(
-                "input {name:?}: shape {:?} of {} takes {} bytes, got {}",
-                tensor.shape,
-                tensor.datatype.name(),
-                bytes.map_or("too many".to_string(), |b| b.to_string()),
-                tensor.data.len()
-            )));
+        tensor
+            .check_data()
+            .map_err(|why| invalid(format!("input {name:?}: {why}")))?;
+        // Strings reach ONNX Runtime (tract serves none) as text.
+        if tensor.datatype == DataType::Bytes {
+            check_text(&tensor.data).map_err(|why| {
+                invalid(format!(
+                    "input {name:?}: {why}; the model takes strings as text"
+                ))
+            })?;
         }
         if tensor.datatype == DataType::Bool {
             if let Some(at) = tensor.data.iter().position(|b| *b > 1) {
@@ -447,16 +581,19 @@ impl Plan {
             if self.batched() {
                 shape[0] = rows;
             }
-            let size = shape.iter().product::<usize>() * first.datatype.size();
+            // BYTES elements carry their lengths, so they join as they are.
+            let size: usize = requests.clone().map(|r| r[input].data.len()).sum();
+            if let Some(element) = first.datatype.fixed_size() {
+                let want = shape.iter().product::<usize>() * element;
+                anyhow::ensure!(
+                    size == want,
+                    "input {input} has {size} bytes for a batch of {want}"
+                );
+            }
             let mut bytes = BytesMut::with_capacity(size);
             for request in requests.clone() {
                 bytes.extend_from_slice(&request[input].data);
             }
-            anyhow::ensure!(
-                bytes.len() == size,
-                "input {input} has {} bytes for a batch of {size}",
-                bytes.len()
-            );
             joined.push(Tensor {
                 name: first.name.clone(),
                 datatype: first.datatype,
@@ -492,6 +629,9 @@ pub(super) struct Outputs<'p> {
     plan: &'p Plan,
     values: Vec<Tensor>,
     rows: usize,
+    /// For each BYTES output of a batch, where each row starts (and the data's
+    /// end), walked once; `None` for the others.
+    row_offsets: Vec<Option<Vec<usize>>>,
 }
 
 impl<'p> Outputs<'p> {
@@ -503,6 +643,7 @@ impl<'p> Outputs<'p> {
             values.len(),
             specs.len()
         );
+        let mut row_offsets = Vec::with_capacity(values.len());
         for (value, spec) in values.iter().zip(specs) {
             anyhow::ensure!(
                 value.datatype == spec.datatype,
@@ -519,8 +660,21 @@ impl<'p> Outputs<'p> {
                     value.shape
                 );
             }
+            let per_row = value.shape.iter().skip(1).product::<usize>();
+            row_offsets.push(match value.datatype.fixed_size() {
+                None if plan.batched() && rows > 1 && per_row > 0 => Some(
+                    bytes_row_offsets(&value.data, per_row)
+                        .map_err(|e| anyhow::format_err!("output {:?}: {e}", spec.name))?,
+                ),
+                _ => None,
+            });
         }
-        Ok(Outputs { plan, values, rows })
+        Ok(Outputs {
+            plan,
+            values,
+            rows,
+            row_offsets,
+        })
     }
 
     /// Output `output`'s rows `start..start + rows` (the whole output when the model
@@ -535,11 +689,23 @@ impl<'p> Outputs<'p> {
         let spec = &self.plan.signature.outputs[output];
         let mut shape = value.shape.clone();
         let data = if self.plan.batched() && rows != self.rows {
-            let row_bytes = value.data.len() / self.rows;
             shape[0] = rows;
-            value
-                .data
-                .slice(start * row_bytes..(start + rows) * row_bytes)
+            let (from, to) = match &self.row_offsets[output] {
+                None if value.datatype.fixed_size().is_none() => (0, 0), // rows of no elements
+                None => {
+                    let row_bytes = value.data.len() / self.rows;
+                    (start * row_bytes, (start + rows) * row_bytes)
+                }
+                Some(offsets) => {
+                    let at = |row: usize| {
+                        offsets.get(row).copied().ok_or_else(|| {
+                            anyhow::format_err!("output {:?} has no row {row}", spec.name)
+                        })
+                    };
+                    (at(start)?, at(start + rows)?)
+                }
+            };
+            value.data.slice(from..to)
         } else {
             value.data.clone()
         };
@@ -557,10 +723,14 @@ impl<'p> Outputs<'p> {
 fn probe_input(spec: &Spec, dims: &[Dim], rng: &mut StdRng) -> Tensor {
     let shape = Dim::one_row(dims);
     let count: usize = shape.iter().product();
-    let size = spec.datatype.size();
+    let size = spec.datatype.min_size();
     let mut data = Vec::with_capacity(count * size);
     for _ in 0..count {
         match spec.datatype {
+            DataType::Bytes => {
+                const WORDS: [&str; 4] = ["the", "model", "serves", "text"];
+                push_bytes_element(&mut data, WORDS[rng.gen_range(0..WORDS.len())].as_bytes())
+            }
             DataType::Fp32 => data.extend_from_slice(&rng.gen_range(-1.0f32..1.0).to_le_bytes()),
             DataType::Fp64 => data.extend_from_slice(&rng.gen_range(-1.0f64..1.0).to_le_bytes()),
             DataType::Fp16 => {
@@ -678,7 +848,12 @@ mod tests {
 
     #[test]
     fn a_model_that_mixes_the_rows_of_a_batch_serves_each_request_alone() {
-        let plan = inspect(&normalised_over_axis_0(), EngineKind::Tract, 1).expect("loads");
+        let plan = inspect(
+            &ModelFiles::inline(&normalised_over_axis_0()),
+            EngineKind::Tract,
+            1,
+        )
+        .expect("loads");
         assert!(!plan.batched());
         let reason = plan.unbatched_reason().expect("a reason");
         assert!(
@@ -693,15 +868,81 @@ mod tests {
         assert_eq!(plan.run_alone(checked).expect("runs")[0].shape, [100, 3]);
 
         // The model it was made from batches.
-        let plain = inspect(&classifier(4, &[5], 3, 8), EngineKind::Tract, 1).expect("loads");
+        let plain = inspect(
+            &ModelFiles::inline(&classifier(4, &[5], 3, 8)),
+            EngineKind::Tract,
+            1,
+        )
+        .expect("loads");
         assert!(plain.batched());
         assert_eq!(plain.unbatched_reason(), None);
     }
 
     #[test]
+    fn declared_batching_is_followed_without_a_probe_and_refused_where_impossible() {
+        let mixing = ModelFiles::inline(&normalised_over_axis_0());
+        // Declared: joined as the deployment says, though the probe would not.
+        let declared =
+            inspect_declared(&mixing, EngineKind::Tract, 1, Batching::Declared).expect("loads");
+        assert!(declared.batched());
+        // Off: a model that could batch serves each request alone, and says why.
+        let plain = ModelFiles::inline(&classifier(4, &[5], 3, 8));
+        let off = inspect_declared(&plain, EngineKind::Tract, 1, Batching::Off).expect("loads");
+        assert!(!off.batched());
+        assert!(
+            off.unbatched_reason()
+                .is_some_and(|r| r.contains("--max-batch-size 0")),
+            "{off:?}"
+        );
+        let checked = off
+            .check(vec![fp32("input", 3, &[0.5; 12])], None, 1)
+            .expect("three rows are one request");
+        assert!(!off.joinable(&checked.inputs, &checked.inputs));
+        // Declared on a model whose first dimension is fixed: refused with why.
+        let fixed = ModelFiles::inline(&with_batch_dim(Value::DimValue(1)));
+        let refused = inspect_declared(&fixed, EngineKind::Tract, 1, Batching::Declared);
+        assert!(
+            matches!(&refused, Err(Error::InvalidArgument(m)) if m.contains("--max-batch-size 0")),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn an_input_over_its_limit_is_refused_naming_the_input_and_the_dimension() {
+        let mut plan = inspect(
+            &ModelFiles::inline(&classifier(4, &[5], 3, 8)),
+            EngineKind::Tract,
+            1,
+        )
+        .expect("loads");
+        let unknown = plan.limit_inputs(&[("x".into(), vec![Some(2), None])]);
+        assert!(
+            matches!(&unknown, Err(Error::InvalidArgument(m)) if m.contains("\"x\", which is not an input")),
+            "{unknown:?}"
+        );
+        let rank = plan.limit_inputs(&[("input".into(), vec![Some(2)])]);
+        assert!(matches!(rank, Err(Error::InvalidArgument(_))), "{rank:?}");
+        plan.limit_inputs(&[("input".into(), vec![Some(2), None])])
+            .expect("a limit on the rows");
+        plan.check(vec![fp32("input", 2, &[0.5; 8])], None, 64)
+            .expect("two rows are within the limit");
+        assert_eq!(
+            plan.check(vec![fp32("input", 3, &[0.5; 12])], None, 64)
+                .map(drop),
+            Err(Error::InvalidArgument(
+                r#"input "input": dimension 0 is 3, over the deployment's limit of 2"#.into()
+            ))
+        );
+    }
+
+    #[test]
     fn a_fixed_first_dimension_runs_each_request_alone_with_that_many_rows() {
-        let plan =
-            inspect(&with_batch_dim(Value::DimValue(1)), EngineKind::Tract, 1).expect("loads");
+        let plan = inspect(
+            &ModelFiles::inline(&with_batch_dim(Value::DimValue(1))),
+            EngineKind::Tract,
+            1,
+        )
+        .expect("loads");
         assert!(!plan.batched());
         assert_eq!(plan.signature().inputs, vec![spec("input", 1, 4)]);
         assert_eq!(plan.signature().outputs[0], spec("output", 1, 3));
@@ -737,7 +978,12 @@ mod tests {
             Value::DimParam("N".into()),
             Value::DimParam("unk__7".into()),
         ] {
-            let plan = inspect(&with_batch_dim(dim.clone()), EngineKind::Tract, 1).expect("loads");
+            let plan = inspect(
+                &ModelFiles::inline(&with_batch_dim(dim.clone())),
+                EngineKind::Tract,
+                1,
+            )
+            .expect("loads");
             assert!(plan.batched(), "{dim:?}");
             assert_eq!(plan.signature().inputs, vec![spec("input", -1, 4)]);
             assert_eq!(plan.signature().outputs[0], spec("output", -1, 3));

@@ -248,12 +248,15 @@ fn data_type(datum_type: tract::DatumType) -> std::result::Result<DataType, Stri
         D::F32 => DataType::Fp32,
         D::F64 => DataType::Fp64,
         D::F16 => DataType::Fp16,
+        D::String => {
+            return Err("strings (BYTES) are served by ONNX Runtime, not tract".to_string())
+        }
         other => return Err(format!("datatype {other:?} is not served by tract")),
     })
 }
 
-/// The tract datum type of a served datatype (tract has no BF16: such a model
-/// never loads on tract, so no request of it reaches here).
+/// The tract datum type of a served datatype (tract has no BF16 and serves no
+/// strings: such a model never loads on tract, so no request of it reaches here).
 fn datum_type(datatype: DataType) -> tract::DatumType {
     use tract::DatumType as D;
     match datatype {
@@ -270,5 +273,6 @@ fn datum_type(datatype: DataType) -> tract::DatumType {
         DataType::Fp64 => D::F64,
         DataType::Fp16 => D::F16,
         DataType::Bf16 => D::U16,
+        DataType::Bytes => D::String,
     }
 }
