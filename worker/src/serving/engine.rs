@@ -342,8 +342,9 @@ impl Engine {
 
     /// Runs a request through the batcher: checks it against the signature, queues
     /// it and waits for its outputs (the requested ones in the requested order, or
-    /// all in the model's order). A deadline that passes before the request runs
-    /// gives `Timeout`; once it runs, it completes.
+    /// all in the model's order). A deadline that passes gives `Timeout`, whether
+    /// the request is queued or running (a batch that runs on is not stopped; its
+    /// answer to this request is dropped).
     pub async fn infer(
         &self,
         inputs: Vec<Tensor>,
@@ -353,7 +354,12 @@ impl Engine {
         let shared = &self.inner.shared;
         let started = Instant::now();
         let result = match shared.enqueue(inputs, outputs, deadline) {
-            Ok((answer, _in_flight)) => answer.await.unwrap_or_else(|_| Err(shared.stopped())),
+            Ok((answer, _in_flight)) => {
+                match tokio::time::timeout_at(deadline.into(), answer).await {
+                    Ok(answer) => answer.unwrap_or_else(|_| Err(shared.stopped())),
+                    Err(_) => Err(shared.overran()),
+                }
+            }
             Err(e) => Err(e),
         };
         shared.counters.record(&result, started.elapsed());
@@ -699,6 +705,13 @@ impl Shared {
 
     fn stopped(&self) -> Error {
         Error::Unavailable(format!("model {} is shutting down", self.model))
+    }
+
+    fn overran(&self) -> Error {
+        Error::Timeout(format!(
+            "the deadline of a request to model {} passed before it was answered",
+            self.model
+        ))
     }
 
     fn expired(&self) -> Error {
@@ -1090,6 +1103,29 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn a_deadline_that_passes_while_the_batch_runs_answers_timeout_at_once() {
+        let engine = load(&iris(), config(1, Duration::ZERO));
+        let rt = runtime();
+        let row = [0.5; FEATURES];
+        // The batch is held running past the request's deadline.
+        let held = hold(&engine.inner.shared);
+        let started = Instant::now();
+        let task = spawn_row(&rt, &engine, &row, started + Duration::from_millis(100));
+        wait_held(&engine);
+        let answer = rt.block_on(task).expect("the task ends");
+        assert!(
+            matches!(&answer, Err(Error::Timeout(m)) if m.contains("before it was answered")),
+            "{answer:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "answered at the deadline"
+        );
+        drop(held);
+        assert_eq!(engine.stats().timeouts, 1);
+    }
+
+    #[test]
     fn a_lone_request_runs_at_once_whatever_the_delay() {
         let engine = load(&iris(), config(1, Duration::from_millis(900)));
         let rt = runtime();
@@ -1268,7 +1304,7 @@ pub(super) mod tests {
         assert_eq!(
             rt.block_on(soon).expect("ends"),
             Err(Error::Timeout(
-                "the deadline of a request to model iris passed while it was queued".into()
+                "the deadline of a request to model iris passed before it was answered".into()
             ))
         );
         let stats = engine.stats();

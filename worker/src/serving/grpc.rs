@@ -4,7 +4,7 @@
 //! `kiln-replica` names the replica, as the REST header does).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kiln_common::Error;
 use kiln_proto::inference::grpc_inference_service_server::GrpcInferenceService;
@@ -15,7 +15,7 @@ use super::feedback::Feedback;
 use super::protocol;
 use super::replicas::LocalReplica;
 use super::router::{
-    Failure, Router, Target, Version, DEFAULT_DEADLINE, MAX_BODY_BYTES, REPLICA_HEADER,
+    sooner, Failure, Router, Target, Version, DEFAULT_DEADLINE, MAX_BODY_BYTES, REPLICA_HEADER,
 };
 use kiln_common::client::ClusterClient;
 
@@ -36,6 +36,57 @@ impl std::fmt::Debug for InferenceService {
 
 fn version_of(text: &str) -> kiln_common::Result<Version> {
     Version::parse((!text.is_empty()).then_some(text))
+}
+
+/// A gRPC request's deadline: [`DEFAULT_DEADLINE`] from now, or sooner when the
+/// caller's `grpc-timeout` (which a forwarding worker sets to the time left) or
+/// its `timeout` parameter (microseconds, Triton's) asks for less.
+fn grpc_deadline(request: &Request<ModelInferRequest>) -> kiln_common::Result<Instant> {
+    use kiln_common::Error;
+    let now = Instant::now();
+    let mut deadline = now + DEFAULT_DEADLINE;
+    if let Some(value) = request.metadata().get("grpc-timeout") {
+        let timeout = value
+            .to_str()
+            .ok()
+            .and_then(grpc_timeout)
+            .ok_or_else(|| Error::InvalidArgument("bad grpc-timeout metadata".into()))?;
+        deadline = sooner(deadline, now, timeout);
+    }
+    if let Some(parameter) = request.get_ref().parameters.get("timeout") {
+        use kiln_proto::inference::infer_parameter::ParameterChoice;
+        let us = match parameter.parameter_choice {
+            Some(ParameterChoice::Int64Param(us)) => u64::try_from(us).ok(),
+            Some(ParameterChoice::Uint64Param(us)) => Some(us),
+            _ => None,
+        }
+        .ok_or_else(|| {
+            Error::InvalidArgument(
+                "parameter timeout is a whole number of microseconds (int64_param)".into(),
+            )
+        })?;
+        deadline = sooner(deadline, now, Duration::from_micros(us));
+    }
+    Ok(deadline)
+}
+
+/// Parses gRPC's `grpc-timeout` value: at most 8 digits and a unit (H, M, S, m,
+/// u, n).
+fn grpc_timeout(text: &str) -> Option<Duration> {
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 fn authorization<T>(request: &Request<T>) -> Option<String> {
@@ -75,6 +126,7 @@ impl InferenceService {
         replica: u64,
         authorization: Option<&str>,
         request: ModelInferRequest,
+        deadline: Instant,
     ) -> Result<ModelInferResponse, Failure<Result<ModelInferResponse, Status>>> {
         // A request this worker's server took is forwardable: the same limit.
         let mut client = self
@@ -84,7 +136,8 @@ impl InferenceService {
             .max_decoding_message_size(MAX_BODY_BYTES)
             .max_encoding_message_size(MAX_BODY_BYTES);
         let mut outgoing = Request::new(request);
-        outgoing.set_timeout(DEFAULT_DEADLINE);
+        // The time left travels as grpc-timeout, which the next worker reads.
+        outgoing.set_timeout(deadline.saturating_duration_since(Instant::now()));
         let metadata = outgoing.metadata_mut();
         if let Ok(value) = replica.to_string().parse() {
             metadata.insert(REPLICA_HEADER, value);
@@ -177,7 +230,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let deadline = Instant::now() + DEFAULT_DEADLINE;
+        let deadline = grpc_deadline(&request)?;
         let authorization = authorization(&request);
         let forwarded = request
             .metadata()
@@ -222,6 +275,7 @@ impl GrpcInferenceService for InferenceService {
                                 endpoint.replica_id,
                                 authorization.as_deref(),
                                 request,
+                                deadline,
                             )
                             .await
                             .map(Ok),
@@ -230,5 +284,53 @@ impl GrpcInferenceService for InferenceService {
             })
             .await?;
         answer.map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_are_read_in_every_unit_and_nonsense_is_refused() {
+        assert_eq!(grpc_timeout("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(grpc_timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout("250u"), Some(Duration::from_micros(250)));
+        assert_eq!(grpc_timeout("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["", "m", "12", "123456789S", "1x", "-1S"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad:?}");
+        }
+        // The largest one gRPC allows does not overflow the clock.
+        let mut huge = Request::new(ModelInferRequest::default());
+        huge.metadata_mut()
+            .insert("grpc-timeout", "99999999H".parse().expect("metadata"));
+        assert!(grpc_deadline(&huge).is_ok());
+        // The timeout parameter (microseconds) and grpc-timeout: the sooner wins.
+        let mut request = Request::new(ModelInferRequest::default());
+        request.get_mut().parameters.insert(
+            "timeout".into(),
+            kiln_proto::inference::InferParameter {
+                parameter_choice: Some(
+                    kiln_proto::inference::infer_parameter::ParameterChoice::Int64Param(50_000),
+                ),
+            },
+        );
+        let before = Instant::now();
+        let deadline = grpc_deadline(&request).expect("a deadline");
+        assert!(deadline <= Instant::now() + Duration::from_millis(50) && deadline > before);
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", "5m".parse().expect("metadata"));
+        let deadline = grpc_deadline(&request).expect("a deadline");
+        assert!(deadline <= Instant::now() + Duration::from_millis(5));
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", "soon".parse().expect("metadata"));
+        assert!(matches!(
+            grpc_deadline(&request),
+            Err(kiln_common::Error::InvalidArgument(_))
+        ));
     }
 }

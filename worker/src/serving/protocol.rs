@@ -24,6 +24,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashSet;
+use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_common::{Error, Result};
@@ -335,6 +336,38 @@ fn check_unique<'a>(names: impl ExactSizeIterator<Item = &'a str>, what: &str) -
         }
     }
     Ok(())
+}
+
+/// The request's `timeout` parameter, in microseconds as Triton reads it (a
+/// whole number; tritonclient's `infer(timeout=...)` sends it); `None` when
+/// absent. Anything else is refused naming the parameter.
+pub fn timeout_parameter(parameters: &Map<String, Value>) -> Result<Option<Duration>> {
+    match parameters.get("timeout") {
+        None => Ok(None),
+        Some(value) => value
+            .as_u64()
+            .map(|us| Some(Duration::from_micros(us)))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "parameter timeout is a whole number of microseconds, not {value}"
+                ))
+            }),
+    }
+}
+
+/// The `timeout` parameter of a REST inference request, read from its JSON
+/// header alone (the inputs are skipped, not decoded): for a router that
+/// forwards the request and passes the remaining time on.
+pub fn rest_timeout(body: &Bytes, json_len: Option<usize>) -> Result<Option<Duration>> {
+    #[derive(Deserialize)]
+    struct Parameters {
+        #[serde(default)]
+        parameters: Option<Map<String, Value>>,
+    }
+    let header = &body[..json_len.unwrap_or(body.len()).min(body.len())];
+    let parsed: Parameters = serde_json::from_slice(header)
+        .map_err(|e| invalid(format!("parse the inference request's JSON: {e}")))?;
+    timeout_parameter(&parsed.parameters.unwrap_or_default())
 }
 
 /// Reads a boolean parameter; absent is false.
@@ -1250,6 +1283,34 @@ mod tests {
             push_bytes_element(&mut data, s.as_bytes());
         }
         data
+    }
+
+    #[test]
+    fn the_timeout_parameter_is_microseconds_and_read_without_the_inputs() {
+        let body = Bytes::from_static(
+            br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}],"parameters":{"timeout":2500}}"#,
+        );
+        assert_eq!(
+            rest_timeout(&body, None),
+            Ok(Some(Duration::from_micros(2500)))
+        );
+        let parsed = parse_rest_request(&body, None).expect("parses");
+        assert_eq!(
+            timeout_parameter(&parsed.parameters),
+            Ok(Some(Duration::from_micros(2500)))
+        );
+        let none = Bytes::from_static(br#"{"inputs":[]}"#);
+        assert_eq!(rest_timeout(&none, None), Ok(None));
+        for bad in [r#""soon""#, "-1", "1.5"] {
+            let body = Bytes::from(format!(
+                r#"{{"inputs":[],"parameters":{{"timeout":{bad}}}}}"#
+            ));
+            let refused = rest_timeout(&body, None);
+            assert!(
+                matches!(&refused, Err(Error::InvalidArgument(m)) if m.contains("parameter timeout")),
+                "{bad}: {refused:?}"
+            );
+        }
     }
 
     #[test]

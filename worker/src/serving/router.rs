@@ -53,6 +53,9 @@ pub const REPLICA_HEADER: &str = "kiln-replica";
 /// Marks an answer that says the replica a forwarded request named is not here,
 /// which the forwarding router retries elsewhere.
 pub const MISSING_HEADER: &str = "kiln-replica-missing";
+/// The time left to a forwarded request, in microseconds: the forwarding
+/// router's deadline (its own, or the caller's `timeout` parameter) passed on.
+pub const TIMEOUT_HEADER: &str = "kiln-timeout-us";
 /// The KServe binary extension's header: the JSON part's length.
 pub const JSON_LENGTH_HEADER: &str = "inference-header-content-length";
 /// Longest a request may take, queueing included, unless it asks for less.
@@ -401,7 +404,7 @@ impl Router {
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Response> {
-        let deadline = Instant::now() + DEFAULT_DEADLINE;
+        let deadline = forwarded_deadline(headers, Instant::now())?;
         let authorization = kiln_common::http::authorization(headers);
         // A request another router forwarded: serve it here, with that replica.
         if let Some(id) = headers.get(REPLICA_HEADER) {
@@ -429,6 +432,13 @@ impl Router {
                         Ok(local_infer(&replica, &self.feedback, headers, body, deadline).await)
                     }
                     Target::Remote(endpoint) => {
+                        // The caller's timeout counts from here, not from the
+                        // next worker's receipt.
+                        let asked = json_length(headers)
+                            .and_then(|len| protocol::rest_timeout(&body, len))
+                            .map_err(|e| Failure::Final(error_response(&e)))?;
+                        let deadline =
+                            asked.map_or(deadline, |t| sooner(deadline, Instant::now(), t));
                         self.forward(&endpoint, deployment, version, headers, body, deadline)
                             .await
                     }
@@ -455,10 +465,12 @@ impl Router {
             endpoint.http_addr,
             version.path()
         );
+        let remaining = deadline.saturating_duration_since(Instant::now());
         let mut request = hyper::Request::builder()
             .method(Method::POST)
             .uri(uri)
-            .header(REPLICA_HEADER, endpoint.replica_id.to_string());
+            .header(REPLICA_HEADER, endpoint.replica_id.to_string())
+            .header(TIMEOUT_HEADER, remaining.as_micros().to_string());
         for name in [header::AUTHORIZATION.as_str(), JSON_LENGTH_HEADER] {
             if let Some(value) = headers.get(name) {
                 request = request.header(name, value.clone());
@@ -467,7 +479,6 @@ impl Router {
         let request = request
             .body(Full::new(body))
             .map_err(|e| Failure::Retry(format!("build the forwarded request: {e}")))?;
-        let remaining = deadline.saturating_duration_since(Instant::now());
         let answer = tokio::time::timeout(remaining, async {
             let response = self.client.request(request).await?;
             let (parts, body) = response.into_parts();
@@ -772,6 +783,42 @@ impl Router {
     }
 }
 
+/// The binary extension's JSON length header, when given.
+fn json_length(headers: &HeaderMap) -> Result<Option<usize>> {
+    let Some(value) = headers.get(JSON_LENGTH_HEADER) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!("the {JSON_LENGTH_HEADER} header is not a number"))
+        })
+}
+
+/// A request's deadline: [`DEFAULT_DEADLINE`] from `now`, or sooner when another
+/// router forwarded it with less time left ([`TIMEOUT_HEADER`]).
+pub fn forwarded_deadline(headers: &HeaderMap, now: Instant) -> Result<Instant> {
+    let default = now + DEFAULT_DEADLINE;
+    let Some(value) = headers.get(TIMEOUT_HEADER) else {
+        return Ok(default);
+    };
+    let us: u64 = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::InvalidArgument(format!("bad {TIMEOUT_HEADER} header")))?;
+    Ok(sooner(default, now, Duration::from_micros(us)))
+}
+
+/// `deadline`, or `now + wait` when that is sooner (a wait longer than
+/// [`DEFAULT_DEADLINE`] never is, so no caller's number overflows the clock).
+pub fn sooner(deadline: Instant, now: Instant, wait: Duration) -> Instant {
+    deadline.min(now + wait.min(DEFAULT_DEADLINE))
+}
+
 /// Runs a request on a replica of this worker, remembers its answer for
 /// feedback (under the caller's id or a new one) and encodes it.
 pub async fn local_infer(
@@ -782,20 +829,13 @@ pub async fn local_infer(
     deadline: Instant,
 ) -> Response {
     let result = async {
-        let json_len = match headers.get(JSON_LENGTH_HEADER) {
-            None => None,
-            Some(v) => Some(
-                v.to_str()
-                    .ok()
-                    .and_then(|v| v.parse::<usize>().ok())
-                    .ok_or_else(|| {
-                        Error::InvalidArgument(format!(
-                            "the {JSON_LENGTH_HEADER} header is not a number"
-                        ))
-                    })?,
-            ),
-        };
+        let json_len = json_length(headers)?;
         let mut request = protocol::parse_rest_request(&body, json_len)?;
+        // The caller's `timeout` parameter, when it asks for less.
+        let deadline = match protocol::timeout_parameter(&request.parameters)? {
+            Some(timeout) => sooner(deadline, Instant::now(), timeout),
+            None => deadline,
+        };
         let inputs = std::mem::take(&mut request.inputs);
         let wanted = (!request.outputs.is_empty())
             .then(|| request.outputs.iter().map(|o| o.name.clone()).collect());
@@ -836,6 +876,35 @@ pub async fn local_infer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forwarded_request_keeps_the_time_it_had_left() {
+        let now = Instant::now();
+        let mut headers = HeaderMap::new();
+        assert_eq!(
+            forwarded_deadline(&headers, now),
+            Ok(now + DEFAULT_DEADLINE)
+        );
+        headers.insert(TIMEOUT_HEADER, HeaderValue::from_static("2500"));
+        assert_eq!(
+            forwarded_deadline(&headers, now),
+            Ok(now + Duration::from_micros(2500))
+        );
+        // Never more than the default, however large (no overflow).
+        headers.insert(
+            TIMEOUT_HEADER,
+            HeaderValue::from_static("18446744073709551615"),
+        );
+        assert_eq!(
+            forwarded_deadline(&headers, now),
+            Ok(now + DEFAULT_DEADLINE)
+        );
+        headers.insert(TIMEOUT_HEADER, HeaderValue::from_static("soon"));
+        assert!(matches!(
+            forwarded_deadline(&headers, now),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
 
     fn endpoint(replica_id: u64, worker_id: &str) -> RouteEndpoint {
         RouteEndpoint {
