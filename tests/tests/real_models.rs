@@ -567,11 +567,11 @@ async fn models_from_the_usual_exporters_answer_like_onnxruntime_in_python() {
     // Concurrent requests of one row each are joined into batches; each answer
     // is its own row's.
     wait_route(&addr, "text").await;
-    let case = case(&dir, "text_clf");
-    check_protocols(&cluster, "text", &case, &token).await;
+    let text_case = case(&dir, "text_clf");
+    check_protocols(&cluster, "text", &text_case, &token).await;
     let auth = format!("Bearer {token}");
-    let texts = &case.inputs[0].text;
-    let labels = &case.outputs[0].text;
+    let texts = &text_case.inputs[0].text;
+    let labels = &text_case.outputs[0].text;
     let calls: Vec<_> = (0..20)
         .map(|i| {
             let (addr, auth) = (addr.clone(), auth.clone());
@@ -620,5 +620,66 @@ async fn models_from_the_usual_exporters_answer_like_onnxruntime_in_python() {
     assert!(
         requests >= 24.0 && batches < requests,
         "{batches} batches for {requests} requests: {metrics}"
+    );
+
+    // The transformers BERT with its configuration declared as in Triton's:
+    // batches of up to 4 rows without a probe, sequences of at most 32 tokens.
+    cluster.cli_ok(&["deployments", "rm", "text"]).await;
+    cluster
+        .cli_ok(&[
+            "deploy",
+            "bert-declared",
+            "--model",
+            "bert@1",
+            "--replicas",
+            "1",
+            "--cpus",
+            "2",
+            "--engine",
+            "onnxruntime",
+            "--max-batch-size",
+            "4",
+            "--preferred-batch-sizes",
+            "2,4",
+            "--max-input-shape",
+            "input_ids=*,32",
+            "--max-input-shape",
+            "attention_mask=*,32",
+            "--wait",
+        ])
+        .await;
+    wait_route(&addr, "bert-declared").await;
+    let shown: Value = serde_json::from_str(
+        &cluster
+            .cli_ok(&["deployments", "show", "bert-declared", "--json"])
+            .await,
+    )
+    .expect("JSON");
+    assert_eq!(shown["batching"], "declared", "{shown}");
+    assert_eq!(shown["preferred_batch_sizes"], json!([2, 4]), "{shown}");
+    assert_eq!(shown["replica_set"][0]["unbatched"], "", "{shown}");
+    // The exporter's sample (24 tokens) answers as onnxruntime's; 33 tokens are
+    // refused, naming the input and the limit.
+    check_protocols(&cluster, "bert-declared", &case(&dir, "bert"), &token).await;
+    let long = json!({"inputs": [
+        {"name": "input_ids", "shape": [1, 33], "datatype": "INT64", "data": vec![1; 33]},
+        {"name": "attention_mask", "shape": [1, 33], "datatype": "INT64", "data": vec![1; 33]},
+    ]});
+    let refused = http_call(
+        &addr,
+        "POST",
+        "/v2/models/bert-declared/infer",
+        &[("Authorization", &auth)],
+        long.to_string().as_bytes(),
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert!(
+        refused
+            .text()
+            .contains("dimension 1 is 33, over the deployment's limit of 32"),
+        "{}",
+        refused.text()
     );
 }
