@@ -19,9 +19,14 @@ pub const TRACT_REFUSES_EXTERNAL_DATA: &str =
 /// that is absolute or climbs out of the model's directory is an error; bytes that
 /// are not an ONNX model name none (an engine then says what is wrong).
 pub fn external_locations(onnx: &[u8]) -> Result<Vec<String>> {
-    let Ok(model) = ModelProto::decode(onnx) else {
-        return Ok(Vec::new());
-    };
+    match ModelProto::decode(onnx) {
+        Ok(model) => locations_in(&model),
+        Err(_) => Ok(Vec::new()),
+    }
+}
+
+/// [`external_locations`] of a model already decoded.
+pub fn locations_in(model: &ModelProto) -> Result<Vec<String>> {
     let mut tensors = Vec::new();
     if let Some(graph) = &model.graph {
         graph_tensors(graph, &mut tensors);
@@ -65,12 +70,12 @@ pub fn external_locations(onnx: &[u8]) -> Result<Vec<String>> {
 /// Why tract cannot load a model, where it can be told from the file alone:
 /// tensors kept in external data files, string inputs or outputs, or outputs
 /// that are sequences or maps (ZipMap); `None` when nothing says so.
-pub fn tract_refusal(onnx: &[u8]) -> Option<String> {
+pub fn tract_refusal(model: &ModelProto) -> Option<String> {
     use kiln_proto::onnx::{tensor_proto::DataType as Elem, type_proto::Value};
-    if external_locations(onnx).is_ok_and(|l| !l.is_empty()) {
+    if locations_in(model).is_ok_and(|l| !l.is_empty()) {
         return Some(TRACT_REFUSES_EXTERNAL_DATA.to_string());
     }
-    let graph = ModelProto::decode(onnx).ok()?.graph?;
+    let graph = model.graph.as_ref()?;
     graph.input.iter().chain(&graph.output).find_map(|value| {
         let why = match value.r#type.as_ref()?.value.as_ref()? {
             Value::TensorType(t) if t.elem_type == Elem::String as i32 => {
@@ -175,17 +180,18 @@ mod tests {
             }
             .encode_to_vec()
         };
-        assert_eq!(tract_refusal(&with(typed("x", tensor(1)))), None);
-        let strings = tract_refusal(&with(typed("text", tensor(8)))).expect("refused");
+        let tract_refusal =
+            |onnx: Vec<u8>| tract_refusal(&ModelProto::decode(&onnx[..]).expect("ours"));
+        assert_eq!(tract_refusal(with(typed("x", tensor(1)))), None);
+        let strings = tract_refusal(with(typed("text", tensor(8)))).expect("refused");
         assert!(strings.contains("\"text\" is strings (BYTES)"), "{strings}");
         let maps = type_proto::Value::SequenceType(Box::default());
-        let zipmap = tract_refusal(&with(typed("probabilities", maps))).expect("refused");
+        let zipmap = tract_refusal(with(typed("probabilities", maps))).expect("refused");
         assert!(zipmap.contains("sequence or map"), "{zipmap}");
         assert_eq!(
-            tract_refusal(&model(&["w.data"])).as_deref(),
+            tract_refusal(model(&["w.data"])).as_deref(),
             Some(TRACT_REFUSES_EXTERNAL_DATA)
         );
-        assert_eq!(tract_refusal(b"not onnx"), None);
     }
 
     fn graph_of(model: &mut ModelProto) -> &mut GraphProto {

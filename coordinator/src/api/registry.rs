@@ -789,10 +789,11 @@ async fn onnx_problem(api: &Api, file: &ArtifactFile, files: &[ArtifactFile]) ->
         return Checked::Fine;
     };
     let bytes = chunks.concat();
-    if kiln_proto::onnx::ModelProto::decode(bytes.as_slice()).is_err() {
+    // Decoded once for both questions below.
+    let Ok(model) = kiln_proto::onnx::ModelProto::decode(bytes.as_slice()) else {
         return Checked::Problem(format!("its {MODEL_FILE} is not an ONNX model"));
-    }
-    let locations = match kiln_common::onnx::external_locations(&bytes) {
+    };
+    let locations = match kiln_common::onnx::locations_in(&model) {
         Ok(locations) => locations,
         Err(e) => return Checked::Problem(format!("its {MODEL_FILE}: {e}")),
     };
@@ -801,7 +802,7 @@ async fn onnx_problem(api: &Api, file: &ArtifactFile, files: &[ArtifactFile]) ->
         .filter(|l| !files.iter().any(|f| &f.path == *l))
         .collect();
     if missing.is_empty() {
-        return match kiln_common::onnx::tract_refusal(&bytes) {
+        return match kiln_common::onnx::tract_refusal(&model) {
             Some(why) => Checked::TractRefuses(why),
             None => Checked::Fine,
         };
