@@ -39,6 +39,8 @@ fn deployment_json(d: &DeploymentRecord) -> Value {
         "max_replicas": d.max_replicas,
         "ready_replicas": ready(d),
         "cpus_per_replica": d.cpus_per_replica,
+        "gpus_per_replica": d.gpus_per_replica,
+        "memory_mib_per_replica": d.memory_per_replica >> 20,
         "max_batch_size": d.max_batch_size,
         "batching": batching_name(d.batching),
         "preferred_batch_sizes": d.preferred_batch_sizes,
@@ -70,6 +72,7 @@ fn deployment_json(d: &DeploymentRecord) -> Value {
             "reason": r.reason,
             "generation": r.generation,
             "engine": r.engine,
+            "gpus": r.gpus,
             "unbatched": r.unbatched,
         })).collect::<Vec<_>>(),
         "events": d.events.iter().map(|e| json!({"at_ms": e.at_ms, "message": e.message})).collect::<Vec<_>>(),
@@ -149,6 +152,8 @@ pub async fn deploy(client: ClusterClient, args: DeployArgs) -> anyhow::Result<(
         canary: args.canary.unwrap_or_default(),
         canary_percent: args.canary_percent.unwrap_or(0),
         cpus_per_replica: args.cpus.unwrap_or(0),
+        gpus_per_replica: args.gpus.unwrap_or(0),
+        memory_mib_per_replica: args.memory_mib.unwrap_or(0),
         max_batch_size: args.max_batch_size,
         preferred_batch_sizes: args.preferred_batch_sizes.clone(),
         instances: args.instances.unwrap_or(0),
@@ -262,12 +267,18 @@ pub async fn run(client: ClusterClient, command: DeploymentsCommand) -> anyhow::
             println!("deployment {} (generation {})", d.name, d.generation);
             println!("model:     {}", describe(&d));
             println!(
-                "replicas:  {} wanted ({}..{}), {} ready; {} CPU(s) each",
+                "replicas:  {} wanted ({}..{}), {} ready; each {} CPU(s), {} MiB{}",
                 d.replicas,
                 d.min_replicas,
                 d.max_replicas,
                 ready(&d),
-                d.cpus_per_replica
+                d.cpus_per_replica,
+                d.memory_per_replica >> 20,
+                if d.gpus_per_replica > 0 {
+                    format!(", {} GPU(s) (onnxruntime on CUDA)", d.gpus_per_replica)
+                } else {
+                    String::new()
+                }
             );
             let batches = match Batching::try_from(d.batching) {
                 Ok(Batching::Off) => "none (--max-batch-size 0: each request alone)".to_string(),
@@ -319,7 +330,7 @@ pub async fn run(client: ClusterClient, command: DeploymentsCommand) -> anyhow::
             }
             for r in &d.replica_set {
                 println!(
-                    "replica {:>4}  {:<9} {:<20} {:<11} worker {}{}{}",
+                    "replica {:>4}  {:<9} {:<20} {:<11} worker {}{}{}{}",
                     r.id,
                     state_name(r.state),
                     target_text(&r.target),
@@ -329,6 +340,11 @@ pub async fn run(client: ClusterClient, command: DeploymentsCommand) -> anyhow::
                         r.engine.as_str()
                     },
                     r.worker_id,
+                    if r.gpus.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" gpus {:?}", r.gpus)
+                    },
                     if r.canary { " canary" } else { "" },
                     if r.reason.is_empty() {
                         String::new()

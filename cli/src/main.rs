@@ -7,6 +7,7 @@
 mod bench;
 mod bench_artifacts;
 mod bench_drift;
+mod bench_engines;
 mod bench_nccl;
 mod bench_serving;
 mod bench_train;
@@ -441,6 +442,15 @@ struct DeployArgs {
     /// CPUs (and inference threads) per replica (default 1).
     #[arg(long)]
     cpus: Option<u32>,
+    /// GPUs per replica: ONNX Runtime's CUDA provider on the first, placed only
+    /// on workers whose library has it (onnxruntime-gpu). GPUs are never shared
+    /// with training shards or other replicas. Default 0: CPUs.
+    #[arg(long)]
+    gpus: Option<u32>,
+    /// Memory each replica is placed with, in MiB. Default: twice the model's
+    /// files plus 256 MiB.
+    #[arg(long)]
+    memory_mib: Option<u64>,
     /// Largest batch the dynamic batcher forms, declaring that the model's
     /// first dimension is a batch; 0: no batching, each request runs alone (as in
     /// Triton's model config). Unset: batches of up to 64 rows where the model's
@@ -846,6 +856,23 @@ enum BenchCommand {
         #[arg(long)]
         onnx: PathBuf,
         /// Seconds per measurement.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// tract against ONNX Runtime on every exported model (scripts/models.sh's
+    /// directory: each `<model>.onnx` with its `<model>.expected.json` sample):
+    /// whether each engine loads it, the median time of one run of the sample on
+    /// the calling thread, and the largest difference from onnxruntime in Python.
+    Engines {
+        /// The export directory (printed by scripts/models.sh's kiln_exported_models).
+        #[arg(long)]
+        models: PathBuf,
+        /// libonnxruntime.so.* (default: the worker's default directory).
+        #[arg(long, env = "KILN_ONNXRUNTIME_LIB")]
+        onnxruntime_lib: Option<PathBuf>,
+        /// Seconds per model and engine.
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
         #[arg(long)]
@@ -1360,6 +1387,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 json,
             } => {
                 let report = bench_serving::engine(&onnx, seconds).await?;
+                bench::show(&report, json)
+            }
+            BenchCommand::Engines {
+                models,
+                onnxruntime_lib,
+                seconds,
+                json,
+            } => {
+                let report = tokio::task::spawn_blocking(move || {
+                    bench_engines::engines(&models, onnxruntime_lib.as_deref(), seconds)
+                })
+                .await??;
                 bench::show(&report, json)
             }
             BenchCommand::Allreduce {

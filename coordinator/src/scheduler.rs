@@ -221,27 +221,48 @@ pub fn preemption(gang: &Gang, free: &[Capacity], running: &[Holder]) -> Option<
     Some(victims.into_iter().map(|h| h.job_id.clone()).collect())
 }
 
-/// Places up to `count` serving replicas of `cpus` and `memory_bytes` each,
+/// What one serving replica takes from its worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaNeed {
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub gpus: u32,
+}
+
+/// Where one replica goes: its worker and the GPUs it holds there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaPlacement {
+    pub worker_id: String,
+    pub gpus: Vec<u32>,
+}
+
+/// Places up to `count` replicas of one deployment, each asking `need`, with a
 /// spread: each goes to the worker holding the fewest replicas of the same
-/// deployment (`held`, by worker id), then the most free CPUs. Unlike a gang,
-/// replicas are placed one by one: as many as fit. Returns the chosen worker ids
-/// and reduces `free` by what they take.
+/// deployment (`held`, by worker id), then the fewest free GPUs beyond those it
+/// needs (GPUs stay whole for the gangs that need many), then the most free
+/// CPUs. Unlike a gang, replicas are placed one by one: as many as fit. A replica
+/// takes the lowest free GPU indices. Returns the placements and reduces `free`
+/// by what they take.
 pub fn spread(
     count: usize,
-    cpus: u32,
-    memory_bytes: u64,
+    need: &ReplicaNeed,
     free: &mut [Capacity],
     held: &std::collections::HashMap<String, usize>,
-) -> Vec<String> {
+) -> Vec<ReplicaPlacement> {
     let mut held = held.clone();
     let mut chosen = Vec::with_capacity(count);
     for _ in 0..count {
         let Some(best) = free
             .iter_mut()
-            .filter(|c| c.cpus >= cpus && c.memory_bytes >= memory_bytes)
+            .filter(|c| {
+                c.cpus >= need.cpus
+                    && c.memory_bytes >= need.memory_bytes
+                    && c.gpus.len() as u32 >= need.gpus
+            })
             .min_by_key(|c| {
                 (
                     held.get(&c.worker_id).copied().unwrap_or(0),
+                    c.gpus.len() as u32 - need.gpus,
                     Reverse(c.cpus),
                     c.worker_id.clone(),
                 )
@@ -249,10 +270,15 @@ pub fn spread(
         else {
             break;
         };
-        best.cpus -= cpus;
-        best.memory_bytes -= memory_bytes;
+        best.cpus -= need.cpus;
+        best.memory_bytes -= need.memory_bytes;
+        best.gpus.sort_unstable();
+        let gpus: Vec<u32> = best.gpus.drain(..need.gpus as usize).collect();
         *held.entry(best.worker_id.clone()).or_default() += 1;
-        chosen.push(best.worker_id.clone());
+        chosen.push(ReplicaPlacement {
+            worker_id: best.worker_id.clone(),
+            gpus,
+        });
     }
     chosen
 }
@@ -333,13 +359,54 @@ mod tests {
     fn replicas_spread_over_workers_and_stop_where_nothing_fits() {
         let mut free = vec![worker("a", 8, 0), worker("b", 2, 0), worker("c", 1, 0)];
         let held = std::collections::HashMap::from([("a".to_string(), 1)]);
-        let chosen = spread(4, 1, 1 << 30, &mut free, &held);
+        let need = ReplicaNeed {
+            cpus: 1,
+            memory_bytes: 1 << 30,
+            gpus: 0,
+        };
+        let chosen: Vec<String> = spread(4, &need, &mut free, &held)
+            .into_iter()
+            .map(|p| p.worker_id)
+            .collect();
         // b and c hold none; b has more CPUs; then a, b and c hold one each.
         assert_eq!(chosen, vec!["b", "c", "a", "b"]);
         let cpus: Vec<u32> = free.iter().map(|c| c.cpus).collect();
         assert_eq!(cpus, vec![7, 0, 0]);
-        let more = spread(9, 1, 1 << 30, &mut free, &held);
+        let more = spread(9, &need, &mut free, &held);
         assert_eq!(more.len(), 7, "only a has CPUs left");
+    }
+
+    #[test]
+    fn gpu_replicas_take_free_gpus_once_and_only_where_there_are_some() {
+        let mut free = vec![
+            worker("cpu", 16, 0),
+            worker("big", 8, 4),
+            worker("one", 8, 1),
+        ];
+        // A training shard holds GPU 0 of big.
+        free[1].gpus.retain(|&g| g != 0);
+        let need = ReplicaNeed {
+            cpus: 1,
+            memory_bytes: 1 << 30,
+            gpus: 1,
+        };
+        let placed = spread(5, &need, &mut free, &Default::default());
+        let at: Vec<(&str, &[u32])> = placed
+            .iter()
+            .map(|p| (p.worker_id.as_str(), p.gpus.as_slice()))
+            .collect();
+        // one's single GPU first (it leaves no GPU idle), then big's lowest free ones;
+        // never the CPU worker, never GPU 0 of big, and no more than there are.
+        assert_eq!(
+            at,
+            vec![
+                ("one", &[0][..]),
+                ("big", &[1]),
+                ("big", &[2]),
+                ("big", &[3])
+            ]
+        );
+        assert!(free.iter().all(|c| c.gpus.is_empty()));
     }
 
     #[test]

@@ -314,7 +314,7 @@ async fn repair_loop(api: Api, token: CancellationToken) {
             _ = token.cancelled() => return,
             _ = interval.tick() => {}
         }
-        if !api.node.view().is_leader() {
+        if !api.node.view().leads_applied() {
             settled = None;
             continue;
         }
@@ -411,6 +411,11 @@ async fn leader_loop<F, Fut, T, E>(
             api.telemetry.clear();
             continue;
         }
+        // A new leader decides only from a state that holds its predecessors'
+        // writes.
+        if !api.node.view().leads_applied() {
+            continue;
+        }
         let now_ms = kiln_common::clock::now_ms();
         let result = tokio::select! {
             _ = token.cancelled() => return,
@@ -436,7 +441,7 @@ async fn health_loop(
         }
         let leading = api.node.view().is_leader();
         api.heartbeats.set_leading(leading);
-        if !leading {
+        if !api.node.view().leads_applied() {
             continue;
         }
         let workers = match api.reader.workers() {

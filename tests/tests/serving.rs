@@ -237,6 +237,28 @@ async fn a_registered_model_answers_json_and_binary_on_every_worker_like_tract()
         "{}",
         stderr_text(&out)
     );
+    // Replicas on GPUs: tract never runs there, and these workers have none.
+    for (args, needle) in [
+        (
+            &["--gpus", "1", "--engine", "tract"][..],
+            "tract serves on CPUs only",
+        ),
+        (
+            &["--gpus", "1"][..],
+            "no worker can serve a replica on 1 GPU(s): no worker has GPUs",
+        ),
+        (&["--gpus", "9"][..], "at most 8 GPUs per replica"),
+    ] {
+        let mut deploy = vec!["deploy", "gpu", "--model", "blobs@1"];
+        deploy.extend_from_slice(args);
+        let out = cluster.run_cli(&deploy).await;
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(
+            stderr_text(&out).contains(needle),
+            "{args:?}: {}",
+            stderr_text(&out)
+        );
+    }
 
     cluster
         .cli_ok(&[
@@ -257,6 +279,11 @@ async fn a_registered_model_answers_json_and_binary_on_every_worker_like_tract()
         .map(|r| r["worker_id"].as_str().expect("worker"))
         .collect();
     assert_eq!(hosts.len(), 2, "replicas spread over both workers: {d}");
+    // Placed with memory: twice the model's few kilobytes and 256 MiB, in whole MiB.
+    assert_eq!(d["memory_mib_per_replica"], 257, "{d}");
+    assert_eq!(d["gpus_per_replica"], 0, "{d}");
+    let text = cluster.cli_ok(&["deployments", "show", "blobs"]).await;
+    assert!(text.contains("each 1 CPU(s), 257 MiB"), "{text}");
 
     let token = cluster
         .create_token("caller", kiln_proto::v1::Role::Inference, 0)
@@ -438,15 +465,20 @@ async fn a_registered_model_answers_json_and_binary_on_every_worker_like_tract()
             "not numbers",
             bad("input", json!([1, 4]), "FP32", json!(["a", "b", "c", "d"])),
             400,
-            "input",
+            "is a string; FP32 takes numbers",
         ),
         (
             "count against shape",
             bad("input", json!([2, 4]), "FP32", json!([1, 2, 3])),
             400,
-            "input",
+            "data has 3 elements but shape [2, 4] holds 8",
         ),
-        ("not JSON", b"{{{".to_vec(), 400, ""),
+        (
+            "not JSON",
+            b"{{{".to_vec(),
+            400,
+            "parse the inference request's JSON",
+        ),
     ];
     for (what, body, status, needle) in cases {
         let answer = infer(addr, "/v2/models/blobs/infer", &token, &body).await;
@@ -856,6 +888,117 @@ async fn rollouts_and_canaries_under_load_drop_nothing() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_timeout_holds_through_a_forwarding_worker() {
+    let workers = ["a", "b"];
+    let cluster = cluster_with(&workers, "").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("wide.onnx");
+    std::fs::write(&path, model_bytes_with(6, &[1024, 1024])).expect("write model");
+    cluster
+        .cli_ok(&[
+            "models",
+            "register",
+            "--onnx",
+            &path.display().to_string(),
+            "--name",
+            "wide",
+        ])
+        .await;
+    cluster
+        .cli_ok(&[
+            "deploy",
+            "wide",
+            "--model",
+            "wide@1",
+            "--replicas",
+            "1",
+            "--max-batch-size",
+            "4096",
+            "--wait",
+        ])
+        .await;
+    let d = deployment(&cluster, "wide").await;
+    let holder_id = d["replica_set"][0]["worker_id"]
+        .as_str()
+        .expect("a replica");
+    let holder = workers
+        .iter()
+        .find(|w| cluster.worker_id(w).as_deref() == Some(holder_id))
+        .expect("the holder is one of ours");
+    // Ask the worker without the replica: it forwards to the holder.
+    let other = workers.iter().find(|w| *w != holder).expect("another");
+    let addr = cluster.worker_flag(other, "--http");
+    let holder_addr = cluster.worker_flag(holder, "--http");
+    wait_ready(&[addr.clone(), holder_addr], "/v2/models/wide/ready").await;
+    let token = cluster
+        .create_token("caller", kiln_proto::v1::Role::Inference, 0)
+        .await;
+    // 4096 rows through two 1024-wide layers: tens of milliseconds at least.
+    let rows = 4096;
+    let x: Vec<f32> = (0..rows * FEATURES)
+        .map(|i| (i % 13) as f32 * 0.1)
+        .collect();
+    let with_timeout = |us: u64| {
+        let mut doc: Value = serde_json::from_slice(&json_request(&x, rows)).expect("json");
+        doc["parameters"] = json!({ "timeout": us });
+        serde_json::to_vec(&doc).expect("json")
+    };
+    // With time to spare it is answered through the forwarding worker (which
+    // also opens its connection to the holder).
+    let started = std::time::Instant::now();
+    let answer = infer(
+        &addr,
+        "/v2/models/wide/infer",
+        &token,
+        &with_timeout(20_000_000),
+    )
+    .await;
+    let took = started.elapsed();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(output_of(&answer).len() % rows, 0);
+    // A tenth of that is too short.
+    let timeout_us = (took.as_micros() / 10) as u64;
+    let answer = infer(
+        &addr,
+        "/v2/models/wide/infer",
+        &token,
+        &with_timeout(timeout_us),
+    )
+    .await;
+    eprintln!(
+        "a request took {took:?}; with {timeout_us} us: {}",
+        answer.text()
+    );
+    // 504 naming the deadline: the holder's engine gives up on it, or the
+    // forwarding worker stops waiting for the holder when the time is up.
+    assert_eq!(answer.status, 504, "{}", answer.text());
+    assert!(answer.text().contains("deadline"), "{}", answer.text());
+    // The holder knew the deadline (the forwarder passed the time left on): its
+    // replica counted the request as timed out rather than answering it.
+    let admin = cluster.admin_token().await;
+    kiln_tests::wait_for(Duration::from_secs(10), "the holder's timeout", || {
+        let (addr, admin) = (cluster.worker_flag(holder, "--http"), &admin);
+        async move {
+            let (_, body) = kiln_tests::http_get(&addr, "/metrics", Some(admin)).await;
+            let count = |outcome: &str| -> u64 {
+                body.lines()
+                    .filter(|l| {
+                        l.starts_with("kiln_inference_requests_total{deployment=\"wide\"")
+                            && l.contains(&format!("outcome=\"{outcome}\""))
+                    })
+                    .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+                    .sum()
+            };
+            let (success, timeouts) = (count("success"), count("timeout"));
+            (success == 1 && timeouts == 1)
+                .then_some(())
+                .ok_or(format!("{success} answered, {timeouts} timed out"))
+        }
+    })
+    .await;
+}
+
 /// Sends requests from `clients` concurrent clients to `addr` until `stop`;
 /// returns the answers by status (0: the connection failed).
 async fn load_on(
@@ -1052,8 +1195,43 @@ async fn the_autoscaler_adds_replicas_under_load_and_removes_them_after() {
         }
     })
     .await;
+    // The added replica loads, becomes ready and takes a share of the load
+    // (each worker's /metrics counts its replicas' answers).
+    let admin = cluster.admin_token().await;
+    let served = kiln_tests::wait_for(Duration::from_secs(60), "the new replica serves", || {
+        let (cluster, admin) = (&cluster, &admin);
+        async move {
+            let mut served = std::collections::BTreeMap::new();
+            for w in ["a", "b"] {
+                let addr = cluster.worker_flag(w, "--http");
+                let (code, body) = kiln_tests::http_get(&addr, "/metrics", Some(admin)).await;
+                if code != 200 {
+                    return Err(format!("worker {w} /metrics: {code}"));
+                }
+                for line in body.lines().filter(|l| {
+                    l.starts_with("kiln_inference_requests_total{deployment=\"busy\"")
+                        && l.contains("outcome=\"success\"")
+                }) {
+                    let (labels, n) = line.rsplit_once(' ').expect("a sample");
+                    let replica = labels
+                        .split("replica=\"")
+                        .nth(1)
+                        .and_then(|r| r.split('"').next())
+                        .expect("a replica label")
+                        .to_string();
+                    served.insert(replica, n.parse::<u64>().expect("a count"));
+                }
+            }
+            let serving = served.values().filter(|&&n| n > 0).count();
+            (serving >= 2)
+                .then(|| served.clone())
+                .ok_or(format!("replicas that answered: {served:?}"))
+        }
+    })
+    .await;
     stop.cancel();
     let statuses = clients.await.expect("load");
+    eprintln!("answers by replica: {served:?}; statuses {statuses:?}");
     assert!(statuses.get(&200).copied().unwrap_or(0) > 0, "{statuses:?}");
     kiln_tests::wait_for(Duration::from_secs(60), "a scale-down", || {
         let cluster = &cluster;

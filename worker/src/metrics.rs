@@ -208,6 +208,7 @@ mod tests {
             gpus: vec![Gpu::default(), Gpu::default()],
             engines: vec!["tract".into()],
             memory_limits: String::new(),
+            gpu_engines: Vec::new(),
         };
         let metrics = Metrics::new(&resources);
         metrics.heartbeat_sent();

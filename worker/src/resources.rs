@@ -37,12 +37,22 @@ impl ResourceProbe {
                 (0, 0)
             }
         };
+        let gpus = discover_gpus();
+        // ONNX Runtime runs on this machine's GPUs when its library has CUDA.
+        let gpu_engines = if !gpus.is_empty() && crate::serving::engine::onnxruntime::has_cuda() {
+            vec![crate::serving::engine::EngineKind::OnnxRuntime
+                .name()
+                .to_string()]
+        } else {
+            Vec::new()
+        };
         let resources = Resources {
             cpu_cores: cpu_cores(),
             memory_bytes: memory_bytes(),
             disk_bytes,
             disk_free_bytes,
-            gpus: discover_gpus(),
+            gpus,
+            gpu_engines,
             engines: crate::serving::engine::EngineKind::available()
                 .into_iter()
                 .map(|e| e.name().to_string())
@@ -56,6 +66,7 @@ impl ResourceProbe {
             disk_bytes,
             disk_free_bytes,
             gpus = resources.gpus.len(),
+            gpu_engines = ?resources.gpu_engines,
             "discovered resources"
         );
         (

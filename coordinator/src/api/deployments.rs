@@ -16,8 +16,8 @@ use kiln_proto::v1::*;
 use super::grpc::{audited, command, Api};
 use super::{rejection, storage};
 use crate::auth::Caller;
-use crate::scheduler::{self, Capacity};
-use crate::state::deployments::read_deployment;
+use crate::scheduler::{self, Capacity, ReplicaNeed, ReplicaPlacement};
+use crate::state::deployments::{read_deployment, same_target};
 use crate::state::keys;
 use crate::state::models::{alias, latest, read_model};
 
@@ -54,6 +54,20 @@ pub fn canary_replicas(replicas: u32, percent: u32) -> u32 {
 
 impl Api {
     /// Resolves `MODEL[@VERSION|@ALIAS]` to the version it names now.
+    /// Bytes of the artifact (`NAME@VERSION`) that holds a model's files.
+    fn model_bytes(&self, artifact: &str) -> Result<u64> {
+        let (name, version) = artifact
+            .rsplit_once('@')
+            .and_then(|(n, v)| Some((n, v.parse::<u64>().ok()?)))
+            .ok_or_else(|| {
+                Error::Internal(format!("model artifact {artifact:?} has no version"))
+            })?;
+        let manifest = crate::state::artifacts::read_version(&self.reader, name, version)
+            .map_err(storage)?
+            .ok_or_else(|| Error::NotFound(format!("the model's artifact {artifact} is gone")))?;
+        Ok(manifest.size)
+    }
+
     fn resolve_model(&self, text: &str) -> Result<(ModelVersion, ModelTarget)> {
         let (name, selector) = parse_reference(text)?;
         let version = match &selector {
@@ -163,6 +177,9 @@ impl Api {
             let (canary_model, canary) = self.resolve_model(&req.canary)?;
             check_engine(&canary_model, &req.engine)?;
             check_input_limits(&canary_model, &req.input_limits)?;
+            if req.gpus_per_replica > 0 {
+                check_engine(&canary_model, ENGINE_ONNXRUNTIME)?;
+            }
             Some(canary)
         };
         let or = |v: u32, default: u32| if v == 0 { default } else { v };
@@ -199,6 +216,27 @@ impl Api {
                 "batching limits: max_batch_size <= {MAX_BATCH_SIZE}, max_queue_delay_us <= {MAX_QUEUE_DELAY_US}, queue_capacity <= {MAX_QUEUE_CAPACITY}"
             )));
         }
+        let gpus_per_replica = req.gpus_per_replica;
+        if gpus_per_replica > 0 {
+            check_gpu_serving(&self.workers_by_id()?, &req.engine, gpus_per_replica)?;
+            check_engine(&primary_model, ENGINE_ONNXRUNTIME)?;
+        }
+        if req.memory_mib_per_replica > MAX_MEMORY_MIB_PER_REPLICA {
+            return Err(Error::InvalidArgument(format!(
+                "--memory-mib: at most {MAX_MEMORY_MIB_PER_REPLICA} MiB per replica, not {}",
+                req.memory_mib_per_replica
+            )));
+        }
+        let memory_per_replica = match req.memory_mib_per_replica {
+            0 => {
+                let mut bytes = self.model_bytes(primary.artifact.as_str())?;
+                if let Some(canary) = &canary {
+                    bytes = bytes.max(self.model_bytes(&canary.artifact)?);
+                }
+                estimated_replica_memory(bytes)
+            }
+            mib => mib << 20,
+        };
         // An autoscaled deployment keeps its current scale within the new bounds.
         let current = read_deployment(&self.reader, &req.name)
             .map_err(storage)?
@@ -212,7 +250,8 @@ impl Api {
             min_replicas: min,
             max_replicas: max,
             cpus_per_replica: or(req.cpus_per_replica, 1),
-            memory_per_replica: 0,
+            memory_per_replica,
+            gpus_per_replica,
             max_batch_size,
             max_queue_delay_us,
             queue_capacity,
@@ -328,16 +367,18 @@ impl Api {
     }
 
     /// CPUs and memory the replicas of every deployment hold, by worker.
-    pub fn replica_usage(&self, deployments: &[DeploymentRecord]) -> HashMap<String, (u32, u64)> {
-        let mut usage: HashMap<String, (u32, u64)> = HashMap::new();
-        for d in deployments {
-            for r in &d.replica_set {
-                let entry = usage.entry(r.worker_id.clone()).or_default();
-                entry.0 += d.cpus_per_replica;
-                entry.1 += d.memory_per_replica;
-            }
-        }
-        usage
+    pub fn replica_holds(&self, deployments: &[DeploymentRecord]) -> Vec<Capacity> {
+        deployments
+            .iter()
+            .flat_map(|d| {
+                d.replica_set.iter().map(|r| Capacity {
+                    worker_id: r.worker_id.clone(),
+                    cpus: d.cpus_per_replica,
+                    gpus: r.gpus.clone(),
+                    memory_bytes: d.memory_per_replica,
+                })
+            })
+            .collect()
     }
 
     /// The replicas worker `worker_id` should hold now.
@@ -363,6 +404,7 @@ impl Api {
                         preferred_batch_sizes: d.preferred_batch_sizes.clone(),
                         instances: d.instances,
                         input_limits: d.input_limits.clone(),
+                        gpus: r.gpus.clone(),
                     });
                 }
             }
@@ -457,7 +499,7 @@ pub fn wanted_canaries(d: &DeploymentRecord) -> u32 {
 /// True when replica `r` is part of what `d` runs now: a primary of the current
 /// generation, or a canary of the current generation and canary target.
 pub fn is_current(d: &DeploymentRecord, r: &ReplicaRecord) -> bool {
-    r.generation == d.generation && (!r.canary || (d.canary.is_some() && r.target == d.canary))
+    r.generation == d.generation && (!r.canary || same_target(&r.target, &d.canary))
 }
 
 /// Decides one deployment's replica changes: pure, so it is tested on its own.
@@ -512,7 +554,8 @@ pub fn plan_replicas(
         *held.entry(r.worker_id.clone()).or_default() += 1;
     }
     let mut add = Vec::new();
-    let mut all_ready = true;
+    // Whether every replica the primary set, then the canary set, wants is ready.
+    let mut set_ready = [true, true];
     let mut short_of_room = false;
     let canaries = wanted_canaries(d);
     let sets = [
@@ -527,15 +570,15 @@ pub fn plan_replicas(
             .filter(|r| r.canary == canary && is_current(d, r))
             .collect();
         if current.iter().filter(|r| r.state == ready).count() < want {
-            all_ready = false;
+            set_ready[usize::from(canary)] = false;
         }
         let have = current.len();
         if have < want {
-            let workers = spread_on_engine(d, &target, workers, want - have, free, &held);
-            if workers.len() < want - have {
+            let placed = spread_on_engine(d, &target, workers, want - have, free, &held);
+            if placed.len() < want - have {
                 short_of_room = true;
             }
-            for worker_id in workers {
+            for ReplicaPlacement { worker_id, gpus } in placed {
                 *held.entry(worker_id.clone()).or_default() += 1;
                 reasons.push(format!(
                     "placed a {} replica of {}@{} on worker {worker_id}",
@@ -547,6 +590,7 @@ pub fn plan_replicas(
                     worker_id,
                     target: Some(target.clone()),
                     canary,
+                    gpus,
                     ..Default::default()
                 });
             }
@@ -564,8 +608,16 @@ pub fn plan_replicas(
         .iter()
         .filter(|r| !is_current(d, r) && !remove.contains(&r.id))
         .collect();
-    if all_ready {
-        for r in &old {
+    // An old primary retires once the new primaries are ready, whatever the
+    // canary does (a canary that never loads must not hold a rollout forever);
+    // an old canary once the new canary set is ready too (until then it keeps the
+    // canary's share).
+    let retiring: Vec<&&&ReplicaRecord> = old
+        .iter()
+        .filter(|r| set_ready[0] && (!r.canary || set_ready[1]))
+        .collect();
+    if !retiring.is_empty() {
+        for r in &retiring {
             remove.push(r.id);
             reasons.push(format!(
                 "retired replica {} of {} (the new replicas are ready)",
@@ -598,7 +650,87 @@ pub fn plan_replicas(
         add,
         remove,
         reason: reasons.join("; "),
+        next_replica_id: d.next_replica_id,
     }
+}
+
+/// Most GPUs one replica may hold.
+pub const MAX_GPUS_PER_REPLICA: u32 = 8;
+/// Most memory one replica may be placed with (1 TiB).
+pub const MAX_MEMORY_MIB_PER_REPLICA: u64 = 1 << 20;
+/// What a replica needs beyond its model's bytes: the runtime, its threads'
+/// buffers and a batch's activations.
+const REPLICA_BASE_MEMORY_BYTES: u64 = 256 << 20;
+
+/// The memory a replica is placed with when the deployment declares none: the
+/// model's files twice (the bytes read, and the engine's optimised copy of
+/// its weights) and a fixed allowance for the runtime and activations.
+/// Whole MiB, rounded up, so that a redeploy naming it in MiB keeps it.
+pub fn estimated_replica_memory(model_bytes: u64) -> u64 {
+    let bytes = model_bytes
+        .saturating_mul(2)
+        .saturating_add(REPLICA_BASE_MEMORY_BYTES);
+    bytes.div_ceil(1 << 20).saturating_mul(1 << 20)
+}
+
+/// Refuses replicas on `gpus` GPUs that no registered worker could serve: the
+/// engine must be ONNX Runtime, and some worker must run it on at least that
+/// many GPUs (its library has the CUDA execution provider).
+fn check_gpu_serving(
+    workers: &BTreeMap<String, WorkerRecord>,
+    engine: &str,
+    gpus: u32,
+) -> Result<()> {
+    if gpus > MAX_GPUS_PER_REPLICA {
+        return Err(Error::InvalidArgument(format!(
+            "--gpus: at most {MAX_GPUS_PER_REPLICA} GPUs per replica, not {gpus}"
+        )));
+    }
+    if engine == ENGINE_TRACT {
+        return Err(Error::InvalidArgument(
+            "--gpus needs ONNX Runtime: tract serves on CPUs only (drop --engine tract)".into(),
+        ));
+    }
+    let able: Vec<&str> = workers
+        .values()
+        .filter(|w| {
+            w.resources.as_ref().is_some_and(|r| {
+                r.gpu_engines.iter().any(|e| e == ENGINE_ONNXRUNTIME) && r.gpus.len() as u32 >= gpus
+            })
+        })
+        .map(|w| w.id.as_str())
+        .collect();
+    if able.is_empty() {
+        let with_gpus: Vec<String> = workers
+            .values()
+            .filter_map(|w| {
+                let r = w.resources.as_ref()?;
+                (!r.gpus.is_empty()).then(|| {
+                    format!(
+                        "{} ({} GPU(s), {})",
+                        w.id,
+                        r.gpus.len(),
+                        if r.gpu_engines.is_empty() {
+                            "its ONNX Runtime has no CUDA execution provider"
+                        } else {
+                            "ONNX Runtime on CUDA"
+                        }
+                    )
+                })
+            })
+            .collect();
+        return Err(Error::InvalidArgument(format!(
+            "no worker can serve a replica on {gpus} GPU(s): {}; a worker serves on GPUs when \
+             its --onnxruntime-lib is onnxruntime-gpu's library (pip install onnxruntime-gpu) \
+             and NVIDIA's driver is loaded",
+            if with_gpus.is_empty() {
+                "no worker has GPUs".to_string()
+            } else {
+                format!("workers with GPUs: {}", with_gpus.join(", "))
+            }
+        )));
+    }
+    Ok(())
 }
 
 /// Most model instances one replica may run.
@@ -677,7 +809,8 @@ fn check_engine(model: &ModelVersion, engine: &str) -> Result<()> {
 
 /// Places `count` replicas of `target` for `d` like [`scheduler::spread`], only on
 /// workers that run the deployment's engine or, when it names none, an engine that
-/// did not refuse the model at registration (any worker when none did).
+/// did not refuse the model at registration (any worker when none did); a
+/// replica with GPUs only where that engine runs on the worker's GPUs.
 fn spread_on_engine(
     d: &DeploymentRecord,
     target: &ModelTarget,
@@ -685,38 +818,49 @@ fn spread_on_engine(
     count: usize,
     free: &mut [Capacity],
     held: &HashMap<String, usize>,
-) -> Vec<String> {
-    if d.engine.is_empty() && target.refused_engines.is_empty() {
-        return scheduler::spread(count, d.cpus_per_replica, d.memory_per_replica, free, held);
-    }
-    let serves = |engine: &String| match d.engine.as_str() {
-        "" => !target.refused_engines.contains(engine),
-        named => engine == named,
+) -> Vec<ReplicaPlacement> {
+    let need = ReplicaNeed {
+        cpus: d.cpus_per_replica,
+        memory_bytes: d.memory_per_replica,
+        gpus: d.gpus_per_replica,
     };
-    let runs_engine = |worker_id: &str| {
+    if d.engine.is_empty() && target.refused_engines.is_empty() && need.gpus == 0 {
+        return scheduler::spread(count, &need, free, held);
+    }
+    let eligible_worker = |worker_id: &str| {
         workers
             .get(worker_id)
             .and_then(|w| w.resources.as_ref())
-            .is_some_and(|r| r.engines.iter().any(serves))
+            .is_some_and(|r| serves_on(d, target, r))
     };
     let mut eligible: Vec<Capacity> = free
         .iter()
-        .filter(|c| runs_engine(&c.worker_id))
+        .filter(|c| eligible_worker(&c.worker_id))
         .cloned()
         .collect();
-    let chosen = scheduler::spread(
-        count,
-        d.cpus_per_replica,
-        d.memory_per_replica,
-        &mut eligible,
-        held,
-    );
+    let chosen = scheduler::spread(count, &need, &mut eligible, held);
     for left in eligible {
         if let Some(c) = free.iter_mut().find(|c| c.worker_id == left.worker_id) {
             *c = left;
         }
     }
     chosen
+}
+
+/// True when a worker with `resources` can serve replicas of `d` on `target`: it
+/// runs the deployment's engine (or, when it names none, one that did not refuse
+/// the model) and, for replicas with GPUs, runs that engine on its GPUs.
+fn serves_on(d: &DeploymentRecord, target: &ModelTarget, resources: &Resources) -> bool {
+    let serves = |engine: &String| match d.engine.as_str() {
+        "" => !target.refused_engines.contains(engine),
+        named => engine == named,
+    };
+    if d.gpus_per_replica > 0 {
+        resources.gpu_engines.iter().any(serves)
+            && resources.gpus.len() as u32 >= d.gpus_per_replica
+    } else {
+        resources.engines.iter().any(serves)
+    }
 }
 
 #[cfg(test)]
@@ -821,6 +965,77 @@ mod tests {
         let plan = plan_replicas(&d, &workers, &mut free, 0);
         let placed: Vec<&str> = plan.add.iter().map(|r| r.worker_id.as_str()).collect();
         assert_eq!(placed, ["b", "b"]);
+    }
+
+    #[test]
+    fn gpu_replicas_go_to_free_gpus_of_workers_whose_onnxruntime_has_cuda() {
+        let host = |id: &str, gpus: u32, cuda: bool| {
+            let (id, mut record) = worker(id, WorkerState::Alive);
+            record.resources = Some(Resources {
+                engines: vec![ENGINE_ONNXRUNTIME.into(), ENGINE_TRACT.into()],
+                gpu_engines: if cuda {
+                    vec![ENGINE_ONNXRUNTIME.into()]
+                } else {
+                    vec![]
+                },
+                gpus: (0..gpus)
+                    .map(|index| Gpu {
+                        index,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            });
+            (id, record)
+        };
+        // a: GPUs but CPU-only onnxruntime; b: two GPUs with CUDA, GPU 0 held by
+        // a training shard; c: no GPUs.
+        let workers =
+            BTreeMap::from([host("a", 2, false), host("b", 2, true), host("c", 0, false)]);
+        let with_gpus = |id: &str, gpus: &[u32]| Capacity {
+            gpus: gpus.to_vec(),
+            ..capacity(id)
+        };
+        let mut free = vec![with_gpus("a", &[0, 1]), with_gpus("b", &[1]), capacity("c")];
+        let d = DeploymentRecord {
+            gpus_per_replica: 1,
+            ..deployment(1, 2, vec![])
+        };
+        let plan = plan_replicas(&d, &workers, &mut free, 0);
+        let placed: Vec<(&str, &[u32])> = plan
+            .add
+            .iter()
+            .map(|r| (r.worker_id.as_str(), r.gpus.as_slice()))
+            .collect();
+        assert_eq!(placed, [("b", &[1][..])], "one free CUDA GPU: one replica");
+        assert!(free[1].gpus.is_empty(), "the replica's GPU is taken");
+        assert_eq!(free[0].gpus, [0, 1], "a's GPUs stay free: no CUDA there");
+
+        assert!(check_gpu_serving(&workers, "", 2).is_ok());
+        let tract = check_gpu_serving(&workers, ENGINE_TRACT, 1);
+        assert!(
+            matches!(&tract, Err(Error::InvalidArgument(m)) if m.contains("tract serves on CPUs only")),
+            "{tract:?}"
+        );
+        let many = check_gpu_serving(&workers, "", 3);
+        assert!(
+            matches!(&many, Err(Error::InvalidArgument(m))
+                if m.contains("no worker can serve a replica on 3 GPU(s)")
+                    && m.contains("a (2 GPU(s), its ONNX Runtime has no CUDA execution provider)")
+                    && m.contains("onnxruntime-gpu")),
+            "{many:?}"
+        );
+        let none = check_gpu_serving(&BTreeMap::from([host("c", 0, false)]), "", 1);
+        assert!(
+            matches!(&none, Err(Error::InvalidArgument(m)) if m.contains("no worker has GPUs")),
+            "{none:?}"
+        );
+        assert_eq!(
+            estimated_replica_memory(100 << 20),
+            456 << 20,
+            "twice the model and 256 MiB"
+        );
+        assert_eq!(estimated_replica_memory(1), 257 << 20, "whole MiB, up");
     }
 
     #[test]
@@ -1005,5 +1220,39 @@ mod tests {
         let plan = plan_replicas(&deployment(1, 3, set), &workers, &mut free, 0);
         assert!(plan.add.is_empty(), "{plan:?}");
         assert_eq!(plan.remove, vec![4]);
+    }
+
+    #[test]
+    fn a_canary_that_never_loads_does_not_hold_the_old_primaries() {
+        let workers = BTreeMap::from([worker("a", WorkerState::Alive)]);
+        let mut free = vec![capacity("a")];
+        // Generation 2 serves version 2 with a canary of version 3 that keeps
+        // failing to load; generation 1's primaries and canary still run.
+        let mut d = deployment(2, 2, vec![]);
+        d.canary = target(3);
+        d.canary_percent = 10;
+        let mut old_canary = replica(3, "a", 1, ReplicaState::ReplicaReady);
+        old_canary.canary = true;
+        old_canary.target = target(9);
+        let mut failing = replica(6, "a", 2, ReplicaState::ReplicaStarting);
+        failing.canary = true;
+        failing.target = target(3);
+        d.replica_set = vec![
+            replica(1, "a", 1, ReplicaState::ReplicaReady),
+            replica(2, "a", 1, ReplicaState::ReplicaReady),
+            old_canary,
+            replica(4, "a", 2, ReplicaState::ReplicaReady),
+            replica(5, "a", 2, ReplicaState::ReplicaReady),
+            failing,
+        ];
+        let plan = plan_replicas(&d, &workers, &mut free, 0);
+        assert_eq!(
+            plan.remove,
+            vec![1, 2],
+            "the old primaries retire once the new ones are ready; the old canary keeps \
+             the canary's share until the new canary is ready: {}",
+            plan.reason
+        );
+        assert!(plan.add.is_empty(), "{plan:?}");
     }
 }

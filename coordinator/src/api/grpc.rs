@@ -33,6 +33,9 @@ const DEFAULT_AUDIT_LIMIT: usize = 1000;
 const MAX_SCAN: usize = 10_000;
 /// Time to ask one peer for its status while building the cluster status.
 const PEER_STATUS_TIMEOUT: Duration = Duration::from_millis(500);
+/// Longest a call waits for a just-elected leader to apply its term's first
+/// entry before it answers Unavailable (workers retry their heartbeat).
+const APPLIED_LEADER_WAIT: Duration = Duration::from_secs(2);
 
 /// Everything the API handlers share.
 #[derive(Clone)]
@@ -213,6 +216,27 @@ impl Api {
             Ok(view)
         } else {
             Err(view.not_leader())
+        }
+    }
+
+    /// [`Api::require_leader`] that also waits (briefly, bounded) until a new
+    /// leader has applied its term's first entry, so that what it answers from
+    /// its state holds every write of the leaders before it.
+    pub(crate) async fn require_applied_leader(&self) -> Result<NodeView> {
+        let deadline = tokio::time::Instant::now() + APPLIED_LEADER_WAIT;
+        loop {
+            let view = self.require_leader()?;
+            if view.leads_applied() {
+                return Ok(view);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "coordinator {} has just been elected and has not applied its term's first \
+                     entry (applied {}, first {}); retry",
+                    view.id, view.applied_index, view.term_start_index
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -803,7 +827,7 @@ impl Coordinator for Api {
     ) -> Result<Response<HeartbeatResponse>, Status> {
         kiln_common::tls::require_node(&request, self.tls_enabled)?;
         let req = request.into_inner();
-        self.require_leader()?;
+        self.require_applied_leader().await?;
         let record = self
             .reader
             .worker(&req.worker_id)

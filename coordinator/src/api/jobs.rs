@@ -596,13 +596,9 @@ impl Api {
                 });
             }
         }
-        // Serving replicas hold their CPUs and memory like running shards.
-        let usage = self.replica_usage(&self.deployments()?);
-        for c in &mut free {
-            if let Some((cpus, memory)) = usage.get(&c.worker_id) {
-                c.cpus = c.cpus.saturating_sub(*cpus);
-                c.memory_bytes = c.memory_bytes.saturating_sub(*memory);
-            }
+        // Serving replicas hold their CPUs, GPUs and memory like running shards.
+        for h in self.replica_holds(&self.deployments()?) {
+            scheduler::take(&mut free, &h);
         }
         let by_id: HashMap<String, &JobRecord> =
             jobs.iter().map(|j| (j.id.to_string(), j)).collect();

@@ -373,6 +373,8 @@ fn redeploy_request(
             0
         },
         cpus_per_replica: d.cpus_per_replica,
+        gpus_per_replica: d.gpus_per_replica,
+        memory_mib_per_replica: d.memory_per_replica >> 20,
         max_batch_size: match Batching::try_from(d.batching) {
             Ok(Batching::Off) => Some(0),
             Ok(Batching::Declared) => Some(d.max_batch_size),

@@ -113,12 +113,22 @@ pub struct NodeView {
     pub matched: BTreeMap<u64, u64>,
     pub snapshots_received: u64,
     pub removed: bool,
+    /// On the leader, the index of its first entry of this term (the empty
+    /// entry it appended when elected); 0 elsewhere.
+    pub term_start_index: u64,
 }
 
 impl NodeView {
     /// Returns true when this node leads.
     pub fn is_leader(&self) -> bool {
         self.role == "leader"
+    }
+
+    /// True when this node leads and has applied its term's first entry, so its
+    /// state holds every write any earlier leader committed: only then may it
+    /// decide from that state (schedule, place, tell workers what to run).
+    pub fn leads_applied(&self) -> bool {
+        self.is_leader() && self.term_start_index > 0 && self.applied_index >= self.term_start_index
     }
 
     /// Returns the gRPC address of the leader, when known.
@@ -280,6 +290,8 @@ pub struct RaftNode {
     snapshots_received: u64,
     removed: bool,
     stopped: bool,
+    /// The term this node last led and the index of its first entry in it.
+    term_start: (u64, u64),
 }
 
 impl RaftNode {
@@ -338,6 +350,7 @@ impl RaftNode {
             snapshots_received: 0,
             removed: false,
             stopped: false,
+            term_start: (0, 0),
         };
         {
             let conf = node.raw.raft.prs().conf();
@@ -957,10 +970,30 @@ impl RaftNode {
             matched,
             snapshots_received: self.snapshots_received,
             removed: self.removed,
+            term_start_index: match self.term_start {
+                (term, index) if is_leader && term == raft.term => index,
+                _ => 0,
+            },
+        }
+    }
+
+    /// The index of this leader's first entry of its term, found once per term by
+    /// walking back from the last index over the entries of this term (few: the
+    /// empty entry of the election and what was proposed since).
+    fn note_term_start(&mut self) {
+        let raft = &self.raw.raft;
+        if raft.state == StateRole::Leader && self.term_start.0 != raft.term {
+            let log = &raft.raft_log;
+            let mut index = log.last_index();
+            while index > log.first_index() && log.term(index - 1).ok() == Some(raft.term) {
+                index -= 1;
+            }
+            self.term_start = (raft.term, index);
         }
     }
 
     fn publish(&mut self) {
+        self.note_term_start();
         let view = self.view_now();
         self.view_tx.send_if_modified(|old| {
             let changed = old.role != view.role
@@ -973,6 +1006,7 @@ impl RaftNode {
                 || old.removed != view.removed
                 || old.last_index != view.last_index
                 || old.matched != view.matched
+                || old.term_start_index != view.term_start_index
                 || !Arc::ptr_eq(&old.members, &view.members);
             if changed {
                 *old = view;

@@ -403,12 +403,7 @@ mod tests {
         command, ArtifactFile, ChunkPlacement, ChunkRef, Command, RegisterWorker, WorkerRecord,
     };
 
-    struct Empty;
-    impl StateRead for Empty {
-        fn read(&self, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            Ok(None)
-        }
-    }
+    use crate::state::machine::testing::Empty;
 
     fn cmd(kind: command::Kind) -> Command {
         Command {

@@ -8,12 +8,13 @@
 //! leader retires them, once the new generation is ready.
 
 use kiln_proto::v1::{
-    Deploy, DeploymentEvent, DeploymentRecord, RemoveDeployment, ReplicaState, ReportReplica,
-    RetrainPolicy, ScaleDeployment, UpdateReplicas,
+    Deploy, DeploymentEvent, DeploymentRecord, ModelTarget, RemoveDeployment, ReplicaState,
+    ReportReplica, RetrainPolicy, ScaleDeployment, UpdateReplicas,
 };
 use prost::Message;
 
 use super::artifacts::read_record;
+use super::capacity;
 use super::keys;
 use super::machine::{Rejection, StateRead, Txn};
 use crate::raft::storage::StoreError;
@@ -53,16 +54,34 @@ fn record_event(deployment: &mut DeploymentRecord, now_ms: u64, message: String)
 /// batching), so replicas must be replaced rather than kept. A canary added,
 /// changed or removed replaces only the canary's replicas.
 fn runs_differently(a: &DeploymentRecord, b: &DeploymentRecord) -> bool {
-    a.primary != b.primary
+    !same_target(&a.primary, &b.primary)
         || a.max_batch_size != b.max_batch_size
         || a.max_queue_delay_us != b.max_queue_delay_us
         || a.queue_capacity != b.queue_capacity
         || a.cpus_per_replica != b.cpus_per_replica
+        || a.memory_per_replica != b.memory_per_replica
+        || a.gpus_per_replica != b.gpus_per_replica
         || a.engine != b.engine
         || a.batching != b.batching
         || a.preferred_batch_sizes != b.preferred_batch_sizes
         || a.instances != b.instances
         || a.input_limits != b.input_limits
+}
+
+/// True when two targets serve the same files, however the user named them
+/// (`iris@prod` and `iris@3` while the alias points at 3): renaming what runs
+/// does not roll it out again.
+pub fn same_target(a: &Option<ModelTarget>, b: &Option<ModelTarget>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            a.model == b.model
+                && a.version == b.version
+                && a.artifact == b.artifact
+                && a.refused_engines == b.refused_engines
+        }
+        (None, None) => true,
+        _ => false,
+    }
 }
 
 /// `MODEL@VERSION` of a target (empty when there is none).
@@ -231,6 +250,45 @@ pub fn apply_update_replicas(
             update.name, record.generation, update.generation
         )));
     }
+    if update.next_replica_id != record.next_replica_id {
+        return Ok(Err(format!(
+            "deployment {} placed replicas up to {} since this update was planned (from {}): it is stale",
+            update.name, record.next_replica_id, update.next_replica_id
+        )));
+    }
+    if let Some(r) = update
+        .add
+        .iter()
+        .find(|r| r.gpus.len() != record.gpus_per_replica as usize)
+    {
+        return Ok(Err(format!(
+            "deployment {} wants {} GPU(s) per replica; one was placed on worker {} with {}",
+            update.name,
+            record.gpus_per_replica,
+            r.worker_id,
+            r.gpus.len()
+        )));
+    }
+    let asks: Vec<capacity::Ask> = update
+        .add
+        .iter()
+        .map(|r| capacity::Ask {
+            worker_id: r.worker_id.clone(),
+            cpus: record.cpus_per_replica,
+            memory_bytes: record.memory_per_replica,
+            gpus: r.gpus.clone(),
+        })
+        .collect();
+    let except = capacity::Except {
+        replicas: Some((&update.name, &update.remove)),
+        ..Default::default()
+    };
+    if let Err(e) = capacity::check_fits(&*txn, &asks, except)? {
+        return Ok(Err(format!(
+            "replicas of deployment {} do not fit: {e}",
+            update.name
+        )));
+    }
     record
         .replica_set
         .retain(|r| !update.remove.contains(&r.id));
@@ -356,15 +414,10 @@ pub fn apply_retrain(
 mod tests {
     use super::*;
     use crate::state::machine::Txn;
-    use kiln_proto::v1::{ModelTarget, ReplicaRecord};
+    use kiln_proto::v1::ReplicaRecord;
     use std::collections::HashMap;
 
-    struct Empty;
-    impl StateRead for Empty {
-        fn read(&self, _key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            Ok(None)
-        }
-    }
+    use crate::state::machine::testing::{register_worker, Empty};
 
     fn target(version: u64) -> Option<ModelTarget> {
         Some(ModelTarget {
@@ -394,6 +447,14 @@ mod tests {
     }
 
     fn place(txn: &mut Txn<'_>, generation: u64, workers: &[&str]) -> Result<u64, Rejection> {
+        for w in workers {
+            if txn.get(&keys::worker(w)).expect("read").is_none() {
+                register_worker(txn, w, 4, 0);
+            }
+        }
+        let next_replica_id = read_deployment(txn, "iris")
+            .expect("read")
+            .map_or(0, |d| d.next_replica_id);
         let add = workers
             .iter()
             .map(|w| ReplicaRecord {
@@ -410,6 +471,7 @@ mod tests {
                 add,
                 remove: vec![],
                 reason: "placed".into(),
+                next_replica_id,
             },
             5,
         )
@@ -432,6 +494,17 @@ mod tests {
         let kept = read_deployment(&txn, "iris").expect("ok").expect("ok");
         assert_eq!(kept.replica_set.len(), 2, "a rescale keeps the replicas");
         assert_eq!(kept.created_at_ms, 1);
+        // The same version named another way (an alias, then its number, as a
+        // retraining canary's redeploy names it) rolls nothing out.
+        let mut renamed = spec(1, 3);
+        if let Some(t) = renamed.deployment.as_mut().and_then(|d| d.primary.as_mut()) {
+            t.requested = "iris@prod".into();
+        }
+        assert_eq!(
+            apply_deploy(&mut txn, &renamed, 2, "ada").expect("ok"),
+            Ok(1),
+            "a renamed target keeps the generation"
+        );
         assert_eq!(
             apply_deploy(&mut txn, &spec(2, 3), 3, "ada").expect("ok"),
             Ok(2)

@@ -183,6 +183,22 @@ mod tests {
         fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
             Ok(self.0.get(key).cloned())
         }
+
+        fn scan_prefix(
+            &self,
+            prefix: &[u8],
+            limit: usize,
+        ) -> Result<Vec<crate::state::reader::Pair>, StoreError> {
+            let mut pairs: Vec<_> = self
+                .0
+                .iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            pairs.sort();
+            pairs.truncate(limit);
+            Ok(pairs)
+        }
     }
 
     fn apply(state: &mut Map, window: DriftWindow, keep: u32) -> u64 {

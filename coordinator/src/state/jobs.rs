@@ -17,6 +17,7 @@ use kiln_proto::v1::{
 use prost::Message;
 
 use super::artifacts::read_record;
+use super::capacity;
 use super::keys;
 use super::machine::{bump_counter, Rejection, StateRead, Txn};
 use super::tracking;
@@ -203,6 +204,39 @@ pub fn apply_place(
             job.id,
             job.shards_wanted,
             place.shards.len()
+        )));
+    }
+    let asks: Vec<capacity::Ask> = place
+        .shards
+        .iter()
+        .map(|s| capacity::Ask {
+            worker_id: s.worker_id.clone(),
+            cpus: job.cpus_per_shard,
+            memory_bytes: job.memory_per_shard,
+            gpus: s.gpus.clone(),
+        })
+        .collect();
+    if let Some(shard) = place
+        .shards
+        .iter()
+        .find(|s| s.gpus.len() != job.gpus_per_shard as usize)
+    {
+        return Ok(Err(format!(
+            "job {} wants {} GPU(s) per shard; rank {} was placed with {}",
+            job.id,
+            job.gpus_per_shard,
+            shard.rank,
+            shard.gpus.len()
+        )));
+    }
+    let except = capacity::Except {
+        job: Some(job.id),
+        ..Default::default()
+    };
+    if let Err(e) = capacity::check_fits(&*txn, &asks, except)? {
+        return Ok(Err(format!(
+            "job {} attempt {} does not fit: {e}",
+            job.id, place.attempt
         )));
     }
     job.attempt = place.attempt;

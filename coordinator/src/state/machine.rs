@@ -10,12 +10,16 @@ use kiln_proto::v1::{command, Command, MemberRecord, WorkerRecord, WorkerState};
 use prost::Message;
 
 use super::keys;
+use super::reader::Pair;
 use crate::raft::storage::StoreError;
 
 /// Read access to the stored state under a transaction.
 pub trait StateRead {
     /// Reads one key of the stored state.
     fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Reads up to `limit` pairs whose key starts with `prefix`, in key order.
+    fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError>;
 }
 
 /// Changes of one apply batch, layered over the stored state.
@@ -54,6 +58,28 @@ impl<'a> Txn<'a> {
 impl StateRead for Txn<'_> {
     fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.get(key)
+    }
+
+    /// The stored pairs under `prefix` with this batch's writes laid over them.
+    fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError> {
+        let ours = self
+            .writes
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix));
+        // Each of this batch's deletions may hide one stored pair.
+        let hidden = ours.clone().filter(|(_, v)| v.is_none()).count();
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self
+            .base
+            .scan_prefix(prefix, limit.saturating_add(hidden))?
+            .into_iter()
+            .collect();
+        for (key, value) in ours {
+            match value {
+                Some(value) => merged.insert(key.clone(), value.clone()),
+                None => merged.remove(key),
+            };
+        }
+        Ok(merged.into_iter().take(limit).collect())
     }
 }
 
@@ -373,6 +399,34 @@ pub(crate) mod testing {
         fn read(&self, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
             Ok(None)
         }
+
+        fn scan_prefix(&self, _: &[u8], _: usize) -> Result<Vec<Pair>, StoreError> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// Registers an Alive worker with `cpus` CPUs, 16 GiB of memory and GPUs 0
+    /// to `gpus - 1`.
+    pub fn register_worker(txn: &mut Txn<'_>, id: &str, cpus: u32, gpus: u32) {
+        let worker = kiln_proto::v1::WorkerRecord {
+            id: id.into(),
+            resources: Some(kiln_proto::v1::Resources {
+                cpu_cores: cpus,
+                memory_bytes: 16 << 30,
+                gpus: (0..gpus)
+                    .map(|index| kiln_proto::v1::Gpu {
+                        index,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let kind = command::Kind::RegisterWorker(kiln_proto::v1::RegisterWorker {
+            worker: Some(worker),
+        });
+        apply_at(txn, 1, kind).expect("registered");
     }
 
     /// Applies `kind` as proposed at `at_ms`; panics on a storage error.
@@ -392,12 +446,7 @@ mod tests {
     use kiln_proto::v1::{KvPut, RegisterWorker, SetWorkerState};
     use proptest::prelude::*;
 
-    struct Empty;
-    impl StateRead for Empty {
-        fn read(&self, _key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            Ok(None)
-        }
-    }
+    use super::testing::Empty;
 
     fn cmd(at: u64, kind: command::Kind) -> Command {
         Command {

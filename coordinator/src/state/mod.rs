@@ -1,6 +1,7 @@
 //! The replicated state machine: what every coordinator applies, in log order.
 
 pub mod artifacts;
+pub mod capacity;
 pub mod deployments;
 pub mod drift;
 pub mod jobs;

@@ -143,4 +143,8 @@ impl super::machine::StateRead for StateReader {
     fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.get(key)
     }
+
+    fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError> {
+        self.scan(prefix, limit)
+    }
 }

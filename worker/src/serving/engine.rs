@@ -83,6 +83,9 @@ pub struct EngineConfig {
     /// The most each named input's dimensions may be (`None`: no limit on that
     /// dimension); a request beyond them is refused.
     pub input_limits: Vec<(String, Vec<Option<usize>>)>,
+    /// The GPU the model runs on (ONNX Runtime's CUDA execution provider, which
+    /// the library must have); `None`: CPUs.
+    pub gpu: Option<u32>,
 }
 
 impl Default for EngineConfig {
@@ -97,6 +100,7 @@ impl Default for EngineConfig {
             preferred_batch_sizes: Vec::new(),
             instances: None,
             input_limits: Vec::new(),
+            gpu: None,
         }
     }
 }
@@ -265,7 +269,7 @@ impl Engine {
             Some(instances) => (config.threads / instances).max(1),
             None => config.threads,
         };
-        let mut plan = inspect_declared(model, kind, per_instance, config.batching)?;
+        let mut plan = inspect_declared(model, kind, per_instance, config.gpu, config.batching)?;
         plan.limit_inputs(&config.input_limits)?;
         plan.warm_up()?;
         let threads = config
@@ -1610,6 +1614,38 @@ pub(super) mod tests {
         }
         let stats = ort.stats();
         assert_eq!((stats.requests, stats.rows, stats.failures), (48, 48, 0));
+    }
+
+    #[test]
+    fn a_replica_on_a_gpu_needs_onnxruntime_with_cuda_and_never_falls_back_to_cpus() {
+        let onnx = classifier(FEATURES, &[8], CLASSES, 3);
+        let on_gpu = |engine| EngineConfig {
+            engine: Some(engine),
+            gpu: Some(0),
+            ..config(1, Duration::from_millis(2))
+        };
+        let tract = Engine::load(&onnx, "m", on_gpu(EngineKind::Tract)).map(|_| ());
+        assert!(
+            matches!(&tract, Err(Error::InvalidArgument(m)) if m.contains("tract serves on CPUs only")),
+            "{tract:?}"
+        );
+        if !with_onnxruntime() {
+            return;
+        }
+        if onnxruntime::has_cuda() {
+            eprintln!(
+                "SKIPPED: this ONNX Runtime library has CUDA; the refusal is for one without"
+            );
+            return;
+        }
+        let ort = Engine::load(&onnx, "m", on_gpu(EngineKind::OnnxRuntime)).map(|_| ());
+        assert!(
+            matches!(&ort, Err(Error::Unavailable(m))
+                if m.contains("has no CUDA execution provider")
+                    && m.contains("cannot serve on GPU 0")
+                    && m.contains("onnxruntime-gpu")),
+            "{ort:?}"
+        );
     }
 
     /// A model of ONNX Runtime's other kinds of values: `text` (strings,

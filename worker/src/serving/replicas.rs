@@ -390,6 +390,8 @@ async fn load(ctx: &ServingContext, task: &ReplicaTask) -> Result<LocalReplica, 
     let _ = tokio::fs::remove_dir_all(&dir).await;
     let files = files?;
     let engine = match task.engine.as_str() {
+        // Only ONNX Runtime serves on GPUs.
+        "" if !task.gpus.is_empty() => Some(EngineKind::OnnxRuntime),
         // The preferred engine of this worker's that did not refuse the model at
         // registration.
         "" => Some(
@@ -428,6 +430,7 @@ async fn load(ctx: &ServingContext, task: &ReplicaTask) -> Result<LocalReplica, 
                 (l.name.clone(), dims.collect())
             })
             .collect(),
+        gpu: task.gpus.first().copied(),
     };
     let meta = TaskMetadata::of_onnx(&files.onnx);
     let name = task.deployment.clone();

@@ -131,6 +131,8 @@ fn find_in(dir: &Path) -> Option<PathBuf> {
 struct Ort {
     model: ModelFiles,
     threads: usize,
+    /// The GPU its sessions run on (CUDA execution provider); `None`: CPUs.
+    gpu: Option<u32>,
     /// The model's outputs, in its order, as sessions return them.
     outputs: Vec<String>,
 }
@@ -151,8 +153,8 @@ struct Served {
 /// Commits the model to a session whose runs use `threads` intra-op threads and
 /// reads its inputs and outputs; a model ONNX Runtime cannot load, or an input or
 /// output kiln does not serve, is an `InvalidArgument` carrying the reason.
-pub(super) fn load(model: &ModelFiles, threads: usize) -> Result<Loaded> {
-    let session = commit(model, threads)?;
+pub(super) fn load(model: &ModelFiles, threads: usize, gpu: Option<u32>) -> Result<Loaded> {
+    let session = commit(model, threads, gpu)?;
     let inputs = session.inputs();
     if inputs.is_empty() {
         return Err(Error::InvalidArgument("the model takes no inputs".into()));
@@ -224,6 +226,7 @@ pub(super) fn load(model: &ModelFiles, threads: usize) -> Result<Loaded> {
         backend: Box::new(Ort {
             model: model.clone(),
             threads,
+            gpu,
             outputs: names,
         }),
         signature: Signature {
@@ -235,9 +238,18 @@ pub(super) fn load(model: &ModelFiles, threads: usize) -> Result<Loaded> {
     })
 }
 
+/// True when the loaded library has ONNX Runtime's CUDA execution provider
+/// (PyPI's onnxruntime-gpu has it; onnxruntime does not).
+pub fn has_cuda() -> bool {
+    RUNTIME.get().is_some()
+        && <ort::ep::CUDA as ort::ep::ExecutionProvider>::is_available().unwrap_or(false)
+}
+
 /// A session of the process's environment with the model (and its external
-/// data files, from memory) committed.
-fn commit(model: &ModelFiles, threads: usize) -> Result<OrtSession> {
+/// data files, from memory) committed, on GPU `gpu` through the CUDA execution
+/// provider when one is given (an error when the provider cannot take it,
+/// never a silent fall back to CPUs).
+fn commit(model: &ModelFiles, threads: usize, gpu: Option<u32>) -> Result<OrtSession> {
     let runtime = RUNTIME.get().ok_or_else(|| {
         Error::Unavailable(
             "ONNX Runtime is not loaded in this process; start the worker with \
@@ -254,6 +266,24 @@ fn commit(model: &ModelFiles, threads: usize) -> Result<OrtSession> {
         })
         .and_then(|b| b.with_intra_threads(threads.max(1)).map_err(text))
         .and_then(|b| b.with_intra_op_spinning(false).map_err(text));
+    let builder = match gpu {
+        None => builder,
+        Some(gpu) => {
+            if !has_cuda() {
+                return Err(Error::Unavailable(format!(
+                    "the ONNX Runtime library {} has no CUDA execution provider, so it \
+                     cannot serve on GPU {gpu}: point --onnxruntime-lib at onnxruntime-gpu's \
+                     library (pip install onnxruntime-gpu)",
+                    runtime.library.display()
+                )));
+            }
+            let cuda = ort::ep::CUDA::default()
+                .with_device_id(gpu as i32)
+                .build()
+                .error_on_failure();
+            builder.and_then(|b| b.with_execution_providers([cuda]).map_err(text))
+        }
+    };
     let builder = model.external.iter().fold(builder, |b, (name, data)| {
         b.and_then(|b| {
             b.with_external_initializer_file_in_memory(name, Arc::clone(data))
@@ -336,7 +366,7 @@ impl Backend for Ort {
 
     fn session(&self) -> anyhow::Result<Box<dyn Session>> {
         Ok(Box::new(OrtRun {
-            session: commit(&self.model, self.threads)?,
+            session: commit(&self.model, self.threads, self.gpu)?,
             outputs: self.outputs.clone(),
         }))
     }

@@ -123,20 +123,22 @@ impl ModelFiles {
 /// serve, is an `InvalidArgument` carrying the reason. Blocking: optimising a
 /// large model takes a while.
 pub fn inspect(model: &ModelFiles, engine: EngineKind, threads: usize) -> Result<Plan> {
-    inspect_declared(model, engine, threads, Batching::Probed)
+    inspect_declared(model, engine, threads, None, Batching::Probed)
 }
 
 /// [`inspect`] with batching as a deployment declares it: probed (requests are
 /// joined when the shapes allow it and the probe agrees), off (each request
 /// alone), or declared (joined without a probe; a model whose inputs and outputs
-/// do not all start with one dynamic dimension is refused).
+/// do not all start with one dynamic dimension is refused). With `gpu`, the
+/// model runs on that GPU (ONNX Runtime's CUDA execution provider).
 pub fn inspect_declared(
     model: &ModelFiles,
     engine: EngineKind,
     threads: usize,
+    gpu: Option<u32>,
     batching: Batching,
 ) -> Result<Plan> {
-    let loaded = load(model, engine, threads)?;
+    let loaded = load(model, engine, threads, gpu)?;
     let mut plan = Plan {
         backend: loaded.backend,
         signature: loaded.signature,
@@ -169,9 +171,17 @@ pub fn inspect_declared(
     Ok(plan)
 }
 
-fn load(model: &ModelFiles, engine: EngineKind, threads: usize) -> Result<Loaded> {
+fn load(
+    model: &ModelFiles,
+    engine: EngineKind,
+    threads: usize,
+    gpu: Option<u32>,
+) -> Result<Loaded> {
     match engine {
-        EngineKind::OnnxRuntime => onnxruntime::load(model, threads),
+        EngineKind::OnnxRuntime => onnxruntime::load(model, threads, gpu),
+        EngineKind::Tract if gpu.is_some() => Err(invalid(
+            "tract serves on CPUs only; a replica with GPUs runs on onnxruntime".into(),
+        )),
         EngineKind::Tract if !model.external.is_empty() => Err(invalid(
             kiln_common::onnx::TRACT_REFUSES_EXTERNAL_DATA.into(),
         )),
@@ -198,7 +208,7 @@ pub fn registration(model: &ModelFiles) -> Result<Registration> {
     let mut signature = None;
     let mut refused = Vec::new();
     for kind in EngineKind::available() {
-        match load(model, kind, 1) {
+        match load(model, kind, 1, None) {
             Ok(loaded) => {
                 signature.get_or_insert(loaded.signature);
             }
@@ -882,12 +892,13 @@ mod tests {
     fn declared_batching_is_followed_without_a_probe_and_refused_where_impossible() {
         let mixing = ModelFiles::inline(&normalised_over_axis_0());
         // Declared: joined as the deployment says, though the probe would not.
-        let declared =
-            inspect_declared(&mixing, EngineKind::Tract, 1, Batching::Declared).expect("loads");
+        let declared = inspect_declared(&mixing, EngineKind::Tract, 1, None, Batching::Declared)
+            .expect("loads");
         assert!(declared.batched());
         // Off: a model that could batch serves each request alone, and says why.
         let plain = ModelFiles::inline(&classifier(4, &[5], 3, 8));
-        let off = inspect_declared(&plain, EngineKind::Tract, 1, Batching::Off).expect("loads");
+        let off =
+            inspect_declared(&plain, EngineKind::Tract, 1, None, Batching::Off).expect("loads");
         assert!(!off.batched());
         assert!(
             off.unbatched_reason()
@@ -900,7 +911,7 @@ mod tests {
         assert!(!off.joinable(&checked.inputs, &checked.inputs));
         // Declared on a model whose first dimension is fixed: refused with why.
         let fixed = ModelFiles::inline(&with_batch_dim(Value::DimValue(1)));
-        let refused = inspect_declared(&fixed, EngineKind::Tract, 1, Batching::Declared);
+        let refused = inspect_declared(&fixed, EngineKind::Tract, 1, None, Batching::Declared);
         assert!(
             matches!(&refused, Err(Error::InvalidArgument(m)) if m.contains("--max-batch-size 0")),
             "{refused:?}"
