@@ -85,6 +85,13 @@ kiln_mlflow_python() {
   kiln_pinned_venv mlflow "mlflow==3.17.2 onnx==1.23.2 onnxruntime==1.32.0 matplotlib==3.11.2 numpy==2.4.6 scikit-learn==1.9.1"
 }
 
+# NVIDIA's tritonclient (HTTP and gRPC), for the test that calls kiln's KServe v2
+# extensions with it (tests/tests/kserve_extensions.rs). Prints nothing when it
+# cannot be installed.
+kiln_tritonclient_python() {
+  kiln_pinned_venv tritonclient "tritonclient[http,grpc]==2.73.0 numpy==2.4.6"
+}
+
 # Prints the python of the virtual environment "$CARGO_TARGET_DIR/venvs/NAME" with
 # exactly PINS installed from PyPI, made once. A half-made venv has no marker (the
 # pins) and is made again; a lock keeps two callers from making it at once. Prints

@@ -26,6 +26,12 @@ if [ -n "$(kiln_mlflow_python)" ]; then
 else
   echo "SKIPPED the mlflow client test: pip could not install its venv" >&2
 fi
+# NVIDIA's tritonclient calls the KServe v2 extensions (tests/tests/kserve_extensions.rs).
+if [ -n "$(kiln_tritonclient_python)" ]; then
+  export EXPECT_TRITONCLIENT=1
+else
+  echo "SKIPPED the tritonclient part of the KServe extensions test: pip could not install its venv" >&2
+fi
 # ONNX Runtime's library from PyPI's wheel: workers serve on it (the cluster tests'
 # kiln processes inherit the variable), and the engine tests compare it with tract.
 KILN_ONNXRUNTIME_LIB="$(kiln_onnxruntime_lib)"

@@ -105,6 +105,7 @@ impl crate::bench::Table for EnginesReport {
 
 /// The first clause of a refusal, for a table cell.
 fn short(reason: &str) -> String {
+    let reason = reason.strip_prefix("invalid argument: ").unwrap_or(reason);
     let first = reason.split([';', '\n']).next().unwrap_or(reason);
     let mut text: String = first.chars().take(90).collect();
     if text.len() < first.len() {
@@ -313,10 +314,8 @@ pub fn engines(dir: &Path, library: Option<&Path>, seconds: f64) -> anyhow::Resu
     for sample in samples(dir)? {
         let doc: Value = serde_json::from_slice(&std::fs::read(&sample)?)
             .with_context(|| format!("parse {}", sample.display()))?;
-        let file = sample
-            .parent()
-            .unwrap_or(dir)
-            .join(doc["model"].as_str().context("the sample names no model")?);
+        // The sample names its model relative to the export directory.
+        let file = dir.join(doc["model"].as_str().context("the sample names no model")?);
         let files = ModelFiles::read(&file).map_err(|e| anyhow::anyhow!("{e}"))?;
         let inputs = sample_inputs(&doc)?;
         let expected = doc["outputs"].as_array().cloned().unwrap_or_default();

@@ -14,6 +14,14 @@
 //!   extension; no Content-Type required). The model name is the deployment's.
 //!   With TLS they need a token that may call models, unless the deployment is
 //!   public.
+//! - Triton's statistics extension: `GET /v2/models/stats` (every deployment
+//!   the caller may see), `GET /v2/models/{m}[/versions/{v}]/stats`, summed over
+//!   the cluster's replicas (see `serving::router`), with the authorization of
+//!   model metadata.
+//! - Triton's model repository extension: `POST /v2/repository/index` (body
+//!   `{"ready": bool}`, optional) lists the deployments the caller may see;
+//!   `POST /v2/repository/models/{m}/load` and `.../unload` answer 501 naming
+//!   `kiln deploy` and `kiln deployments rm`.
 //! - `POST /v2/models/{m}/feedback`: labels for earlier requests' ids (see
 //!   `serving::feedback`), with the same authorization as inference; the body
 //!   is at most [`MAX_FEEDBACK_BODY_BYTES`].
@@ -26,7 +34,7 @@ use std::sync::Arc;
 
 use axum::extract::Path;
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -41,7 +49,12 @@ use tokio::sync::watch;
 use crate::agent::Registration;
 use crate::metrics::{self, Metrics};
 use crate::serving::feedback::MAX_FEEDBACK_BODY_BYTES;
-use crate::serving::router::{Router as ServingRouter, Version, MAX_BODY_BYTES};
+use crate::serving::router::{
+    Router as ServingRouter, Version, MAX_BODY_BYTES, STATS_LOCAL_HEADER,
+};
+
+/// Largest repository index request body (`{"ready": true}` takes 15 bytes).
+const MAX_INDEX_BODY_BYTES: usize = 64 << 10;
 
 /// What the HTTP handlers read: snapshots and counters, never the agent itself.
 #[derive(Debug, Clone)]
@@ -77,6 +90,18 @@ pub fn router(state: HttpState) -> Router {
         .route(
             "/v2/models/:model/versions/:version/ready",
             get(version_ready),
+        )
+        .route("/v2/models/stats", get(all_statistics))
+        .route("/v2/models/:model/stats", get(model_statistics))
+        .route(
+            "/v2/models/:model/versions/:version/stats",
+            get(version_statistics),
+        )
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/:model/load", post(repository_change))
+        .route(
+            "/v2/repository/models/:model/unload",
+            post(repository_change),
         )
         .route("/v2/models/:model/infer", post(infer))
         .route("/v2/models/:model/feedback", post(feedback))
@@ -164,6 +189,94 @@ async fn infer_version(
         .serving
         .infer(&model, version, &parts.headers, body)
         .await
+}
+
+async fn all_statistics(State(state): State<HttpState>, headers: HeaderMap) -> Response {
+    statistics(&state, None, Version::Any, &headers).await
+}
+
+async fn model_statistics(
+    State(state): State<HttpState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    statistics(&state, Some(&model), Version::Any, &headers).await
+}
+
+async fn version_statistics(
+    State(state): State<HttpState>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    match Version::parse(Some(&version)) {
+        Ok(version) => statistics(&state, Some(&model), version, &headers).await,
+        Err(e) => error_response(&e),
+    }
+}
+
+/// Answers Triton's statistics of `model` (every model when `None`).
+async fn statistics(
+    state: &HttpState,
+    model: Option<&str>,
+    version: Version,
+    headers: &HeaderMap,
+) -> Response {
+    let local_only = headers.contains_key(STATS_LOCAL_HEADER);
+    match state
+        .serving
+        .statistics(model, version, authorization(headers), local_only)
+        .await
+    {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// The body of a repository index request; every field is optional.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IndexRequest {
+    #[serde(default)]
+    ready: bool,
+}
+
+/// Answers `POST /v2/repository/index`: `[{name, version, state, reason}]`.
+async fn repository_index(State(state): State<HttpState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = match read_body(body, MAX_INDEX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let asked: IndexRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        IndexRequest::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(asked) => asked,
+            Err(e) => {
+                return error_response(&kiln_common::Error::InvalidArgument(format!(
+                    "parse the repository index request (optional {{\"ready\": true|false}}): {e}"
+                )))
+            }
+        }
+    };
+    match state
+        .serving
+        .repository_index(authorization(&parts.headers), asked.ready)
+        .await
+    {
+        Ok(entries) => Json(entries).into_response(),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// Answers the repository's load and unload calls: 501, as kiln changes what
+/// it serves through deployments.
+async fn repository_change(Path(model): Path<String>) -> Response {
+    (
+        StatusCode::NOT_IMPLEMENTED,
+        Json(json!({ "error": crate::serving::statistics::repository_change_refusal(&model) })),
+    )
+        .into_response()
 }
 
 /// Reads a feedback body (at most [`MAX_FEEDBACK_BODY_BYTES`]) and labels it.

@@ -1,7 +1,10 @@
 //! The KServe v2 gRPC service (`inference.GRPCInferenceService`) on the worker's
 //! inference gRPC port: the same router as the REST endpoints, with requests
 //! forwarded to replicas on other workers through their gRPC port (metadata
-//! `kiln-replica` names the replica, as the REST header does).
+//! `kiln-replica` names the replica, as the REST header does). Of Triton's
+//! extensions it answers `ModelStatistics` (summed over the cluster by the
+//! router, whose peers answer over HTTP), `RepositoryIndex`, and
+//! `RepositoryModelLoad`/`Unload` with UNIMPLEMENTED naming `kiln deploy`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +20,7 @@ use super::replicas::LocalReplica;
 use super::router::{
     sooner, Failure, Router, Target, Version, DEFAULT_DEADLINE, MAX_BODY_BYTES, REPLICA_HEADER,
 };
+use super::statistics::repository_change_refusal;
 use kiln_common::client::ClusterClient;
 
 /// The gRPC face of a worker's router.
@@ -102,6 +106,7 @@ async fn local_infer(
     deadline: Instant,
 ) -> Result<ModelInferResponse, Status> {
     let mut parsed = protocol::parse_grpc_request(request)?;
+    protocol::check_classification(&parsed.outputs, replica.engine.signature())?;
     let inputs = std::mem::take(&mut parsed.inputs);
     let wanted = (!parsed.outputs.is_empty())
         .then(|| parsed.outputs.iter().map(|o| o.name.clone()).collect());
@@ -110,6 +115,7 @@ async fn local_infer(
     let outputs = feedback
         .infer(replica, id, inputs, wanted, deadline)
         .await?;
+    let outputs = protocol::classify(outputs, &parsed.outputs)?;
     Ok(protocol::encode_grpc_response(
         &replica.deployment,
         &replica.version.to_string(),
@@ -252,9 +258,11 @@ impl GrpcInferenceService for InferenceService {
                         "replica {id} of {deployment} is not on this worker"
                     ))
                 })?;
-            return local_infer(&replica, self.router.feedback(), request, deadline)
-                .await
-                .map(Response::new);
+            let answer = local_infer(&replica, self.router.feedback(), request, deadline).await;
+            if answer.is_ok() {
+                self.router.note_inference(&replica);
+            }
+            return answer.map(Response::new);
         }
         let answer = self
             .router
@@ -264,10 +272,13 @@ impl GrpcInferenceService for InferenceService {
                 async move {
                     match target {
                         Target::Local(replica) => {
-                            Ok(
+                            let answer =
                                 local_infer(&replica, self.router.feedback(), request, deadline)
-                                    .await,
-                            )
+                                    .await;
+                            if answer.is_ok() {
+                                self.router.note_inference(&replica);
+                            }
+                            Ok(answer)
                         }
                         Target::Remote(endpoint) => self
                             .forward(
@@ -284,6 +295,67 @@ impl GrpcInferenceService for InferenceService {
             })
             .await?;
         answer.map(Response::new)
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<ModelStatisticsRequest>,
+    ) -> Result<Response<ModelStatisticsResponse>, Status> {
+        let authorization = authorization(&request);
+        let req = request.into_inner();
+        let version = version_of(&req.version)?;
+        let model = (!req.name.is_empty()).then_some(req.name.as_str());
+        if model.is_none() && version != Version::Any {
+            return Err(Status::invalid_argument(format!(
+                "version {:?} needs a model name",
+                req.version
+            )));
+        }
+        let answer = self
+            .router
+            .statistics(model, version, authorization.as_deref(), false)
+            .await?;
+        Ok(Response::new(answer.to_proto()))
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        let authorization = authorization(&request);
+        let req = request.into_inner();
+        if !req.repository_name.is_empty() {
+            return Err(Status::not_found(format!(
+                "model repository {:?} does not exist: kiln has one, named by an empty \
+                 repository_name",
+                req.repository_name
+            )));
+        }
+        let entries = self
+            .router
+            .repository_index(authorization.as_deref(), req.ready)
+            .await?;
+        Ok(Response::new(RepositoryIndexResponse {
+            models: entries.iter().map(|e| e.to_proto()).collect(),
+        }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<RepositoryModelLoadRequest>,
+    ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        Err(Status::unimplemented(repository_change_refusal(
+            &request.get_ref().model_name,
+        )))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<RepositoryModelUnloadRequest>,
+    ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        Err(Status::unimplemented(repository_change_refusal(
+            &request.get_ref().model_name,
+        )))
     }
 }
 

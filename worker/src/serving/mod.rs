@@ -11,6 +11,9 @@
 //!   on another worker (power of two choices, canary share, one retry).
 //! - `monitor`: counts what a replica serves into its model version's reference
 //!   bins (drift telemetry).
+//! - `statistics`: Triton's statistics and repository index as data: a
+//!   replica's counters read as Triton's per-version statistics, their sums
+//!   over the cluster, the index of the routes.
 //! - `grpc`: the KServe v2 gRPC service on the inference gRPC port, over the
 //!   same router.
 //! - `feedback`: ground truth: the answers of recent requests by id (bounded),
@@ -31,6 +34,7 @@ pub mod monitor;
 pub mod protocol;
 pub mod replicas;
 pub mod router;
+pub mod statistics;
 
 use bytes::Bytes;
 

@@ -47,7 +47,12 @@ pub const MAX_RANK: usize = 32;
 /// before anything is allocated.
 pub const MAX_TENSOR_BYTES: usize = 1 << 32;
 /// The protocol extensions kiln implements, as `GET v2` lists them.
-pub const EXTENSIONS: &[&str] = &["binary_tensor_data"];
+pub const EXTENSIONS: &[&str] = &[
+    "binary_tensor_data",
+    "classification",
+    "model_repository",
+    "statistics",
+];
 
 /// An inference request, whichever wire it came on.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -71,6 +76,9 @@ pub struct RequestedOutput {
     pub name: String,
     /// Its `parameters.binary_data`, when given.
     pub binary: Option<bool>,
+    /// Its `parameters.classification`, when given: answer the top this many
+    /// classes of each row instead of the values (see [`classify`]).
+    pub classification: Option<usize>,
 }
 
 impl InferRequest {
@@ -147,6 +155,8 @@ struct RestOutput {
 struct RestOutputParameters {
     #[serde(default)]
     binary_data: Option<bool>,
+    #[serde(default)]
+    classification: Option<Value>,
 }
 
 /// Parses a REST inference request body. `json_len` is the
@@ -179,11 +189,21 @@ pub fn parse_rest_request(body: &Bytes, json_len: Option<usize>) -> Result<Infer
         .outputs
         .unwrap_or_default()
         .into_iter()
-        .map(|o| RequestedOutput {
-            binary: o.parameters.and_then(|p| p.binary_data),
-            name: o.name,
+        .map(|o| {
+            let (binary, classification) = match o.parameters {
+                Some(p) => (p.binary_data, p.classification),
+                None => (None, None),
+            };
+            let classification = classification
+                .map(|k| class_count(&o.name, k.as_u64().ok_or(())))
+                .transpose()?;
+            Ok(RequestedOutput {
+                binary,
+                classification,
+                name: o.name,
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     check_unique(outputs.iter().map(|o| o.name.as_str()), "output")?;
     let parameters = rest.parameters.unwrap_or_default();
     let binary_output = bool_parameter(&parameters, "binary_data_output")?;
@@ -688,6 +708,157 @@ fn push_integer(out: &mut Vec<u8>, datatype: DataType, v: i128) -> Result<(), St
 }
 
 // ---------------------------------------------------------------------------
+// The classification extension.
+// ---------------------------------------------------------------------------
+
+/// Reads an output's `classification` parameter: a whole number of at least 1
+/// (`Err(())` when the wire held something else); the error names the output.
+fn class_count(output: &str, k: std::result::Result<u64, ()>) -> Result<usize> {
+    match k {
+        Ok(k) if k >= 1 => Ok(usize::try_from(k).unwrap_or(usize::MAX)),
+        _ => Err(invalid(format!(
+            "output {output:?}: parameters.classification must be a whole number of classes, \
+             at least 1"
+        ))),
+    }
+}
+
+/// True for the datatypes whose values rank as scores.
+fn ranks(datatype: DataType) -> bool {
+    !matches!(datatype, DataType::Bytes | DataType::Bool)
+}
+
+/// Checks the outputs that ask for classification against the model's
+/// signature before anything runs: each must be numeric and, where its class
+/// dimensions are fixed, have at least as many classes as asked. Outputs the
+/// model does not have are the engine's to refuse.
+pub fn check_classification(outputs: &[RequestedOutput], signature: &Signature) -> Result<()> {
+    for (output, k) in outputs.iter().filter_map(|o| Some((o, o.classification?))) {
+        let Some(spec) = signature.outputs.iter().find(|s| s.name == output.name) else {
+            continue;
+        };
+        if !ranks(spec.datatype) {
+            return Err(not_scores(&output.name, spec.datatype));
+        }
+        let dims = spec.shape.get(1..).unwrap_or_default();
+        if dims.iter().all(|&d| d >= 0) {
+            let classes = dims.iter().map(|&d| d as u128).product::<u128>();
+            if (k as u128) > classes {
+                return Err(too_many_classes(&output.name, classes, k));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn not_scores(name: &str, datatype: DataType) -> Error {
+    invalid(format!(
+        "output {name:?} is {}, not scores: parameters.classification needs a numeric output",
+        datatype.name()
+    ))
+}
+
+fn too_many_classes(name: &str, classes: impl std::fmt::Display, k: usize) -> Error {
+    invalid(format!(
+        "output {name:?} has {classes} classes per row; parameters.classification asks for \
+         the top {k}"
+    ))
+}
+
+/// Replaces each output that asked for classification with its top classes
+/// (Triton's classification extension): for every row (the first dimension;
+/// the others are the classes, flattened) the `k` highest scores, highest
+/// first (ties by lower index; NaN last), each a BYTES string `"value:index"`,
+/// shape `[rows, k]`. kiln has no label files, so no `:label` follows. Values
+/// are written in the shortest form that reads back to the same number in the
+/// output's datatype.
+pub fn classify(outputs: Vec<Tensor>, requested: &[RequestedOutput]) -> Result<Vec<Tensor>> {
+    outputs
+        .into_iter()
+        .map(|t| {
+            match requested
+                .iter()
+                .find(|o| o.name == t.name)
+                .and_then(|o| o.classification)
+            {
+                Some(k) => top_classes(&t, k),
+                None => Ok(t),
+            }
+        })
+        .collect()
+}
+
+/// The top `k` classes of each row of `t` (see [`classify`]).
+fn top_classes(t: &Tensor, k: usize) -> Result<Tensor> {
+    if !ranks(t.datatype) {
+        return Err(not_scores(&t.name, t.datatype));
+    }
+    check_output(t)?;
+    let Some((&rows, class_dims)) = t.shape.split_first() else {
+        return Err(invalid(format!(
+            "output {:?} is a scalar, with no classes to rank",
+            t.name
+        )));
+    };
+    let classes: usize = class_dims.iter().product();
+    if k > classes {
+        return Err(too_many_classes(&t.name, classes, k));
+    }
+    let scores = t.values_f64();
+    let size = t.datatype.min_size();
+    let mut data = Vec::with_capacity(rows * k * 16);
+    let mut order: Vec<usize> = Vec::with_capacity(classes);
+    for row in 0..rows {
+        let row_scores = &scores[row * classes..(row + 1) * classes];
+        order.clear();
+        order.extend(0..classes);
+        // Highest first; NaN after every number.
+        let key = |i: usize| (!row_scores[i].is_nan(), row_scores[i]);
+        order.sort_by(|&a, &b| {
+            let (a_num, a_val) = key(a);
+            let (b_num, b_val) = key(b);
+            b_num
+                .cmp(&a_num)
+                .then(b_val.total_cmp(&a_val))
+                .then(a.cmp(&b))
+        });
+        for &class in &order[..k] {
+            let at = (row * classes + class) * size;
+            let text = format!("{}:{class}", value_text(t.datatype, &t.data[at..at + size]));
+            push_bytes_element(&mut data, text.as_bytes());
+        }
+    }
+    Ok(Tensor {
+        name: t.name.clone(),
+        datatype: DataType::Bytes,
+        shape: vec![rows, k],
+        data: data.into(),
+    })
+}
+
+/// One element's value as text, exact in its datatype.
+fn value_text(datatype: DataType, b: &[u8]) -> String {
+    fn le<const N: usize>(b: &[u8]) -> [u8; N] {
+        b.try_into().expect("the element's size")
+    }
+    match datatype {
+        DataType::Uint8 => b[0].to_string(),
+        DataType::Int8 => i8::from_le_bytes(le(b)).to_string(),
+        DataType::Uint16 => u16::from_le_bytes(le(b)).to_string(),
+        DataType::Int16 => i16::from_le_bytes(le(b)).to_string(),
+        DataType::Uint32 => u32::from_le_bytes(le(b)).to_string(),
+        DataType::Int32 => i32::from_le_bytes(le(b)).to_string(),
+        DataType::Uint64 => u64::from_le_bytes(le(b)).to_string(),
+        DataType::Int64 => i64::from_le_bytes(le(b)).to_string(),
+        DataType::Fp32 => f32::from_le_bytes(le(b)).to_string(),
+        DataType::Fp64 => f64::from_le_bytes(le(b)).to_string(),
+        DataType::Fp16 => half::f16::from_le_bytes(le(b)).to_string(),
+        DataType::Bf16 => half::bf16::from_le_bytes(le(b)).to_string(),
+        DataType::Bool | DataType::Bytes => String::new(),
+    }
+}
+
+// ---------------------------------------------------------------------------
 // REST responses and metadata.
 // ---------------------------------------------------------------------------
 
@@ -919,11 +1090,26 @@ pub fn parse_grpc_request(req: ModelInferRequest) -> Result<InferRequest> {
     let outputs: Vec<RequestedOutput> = req
         .outputs
         .into_iter()
-        .map(|o| RequestedOutput {
-            binary: o.parameters.get("binary_data").and_then(bool_value),
-            name: o.name,
+        .map(|o| {
+            let classification = o
+                .parameters
+                .get("classification")
+                .map(|p| {
+                    let k = match p.parameter_choice {
+                        Some(ParameterChoice::Int64Param(k)) => u64::try_from(k).map_err(drop),
+                        Some(ParameterChoice::Uint64Param(k)) => Ok(k),
+                        _ => Err(()),
+                    };
+                    class_count(&o.name, k)
+                })
+                .transpose()?;
+            Ok(RequestedOutput {
+                binary: o.parameters.get("binary_data").and_then(bool_value),
+                classification,
+                name: o.name,
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     check_unique(outputs.iter().map(|o| o.name.as_str()), "output")?;
     let parameters: Map<String, Value> = req
         .parameters
@@ -1196,7 +1382,7 @@ mod tests {
     }
 
     /// Asserts an InvalidArgument whose message holds every one of `needles`.
-    fn assert_invalid(result: Result<InferRequest>, needles: &[&str]) {
+    fn assert_invalid<T: std::fmt::Debug>(result: Result<T>, needles: &[&str]) {
         match result {
             Err(Error::InvalidArgument(msg)) => {
                 for needle in needles {
@@ -1504,11 +1690,13 @@ mod tests {
             vec![
                 RequestedOutput {
                     name: "y".into(),
-                    binary: Some(false)
+                    binary: Some(false),
+                    classification: None,
                 },
                 RequestedOutput {
                     name: "z".into(),
-                    binary: None
+                    binary: None,
+                    classification: None,
                 },
             ]
         );
@@ -2047,7 +2235,8 @@ mod tests {
             req.outputs,
             vec![RequestedOutput {
                 name: "y".into(),
-                binary: Some(false)
+                binary: Some(false),
+                classification: None,
             }]
         );
     }
@@ -2227,12 +2416,180 @@ mod tests {
         assert_eq!(grpc.outputs[0].datatype, "INT64");
         assert_eq!(
             server_metadata("0.1.0"),
-            serde_json::json!({"name": "kiln", "version": "0.1.0", "extensions": ["binary_tensor_data"]})
+            serde_json::json!({"name": "kiln", "version": "0.1.0", "extensions":
+                ["binary_tensor_data", "classification", "model_repository", "statistics"]})
         );
         assert_eq!(
             grpc_server_metadata("0.1.0").extensions,
-            ["binary_tensor_data"]
+            [
+                "binary_tensor_data",
+                "classification",
+                "model_repository",
+                "statistics"
+            ]
         );
+    }
+
+    fn fp32(name: &str, shape: Vec<usize>, values: &[f32]) -> Tensor {
+        Tensor {
+            name: name.into(),
+            datatype: DataType::Fp32,
+            shape,
+            data: values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        }
+    }
+
+    fn strings(t: &Tensor) -> Vec<String> {
+        split_bytes(&t.data)
+            .expect("bytes")
+            .into_iter()
+            .map(|e| String::from_utf8(e.to_vec()).expect("text"))
+            .collect()
+    }
+
+    #[test]
+    fn classification_answers_each_rows_top_classes_as_value_colon_index() {
+        let req = rest(
+            r#"{"inputs":[],"outputs":[{"name":"y","parameters":{"classification":2}},{"name":"z"}]}"#,
+        )
+        .expect("parses");
+        assert_eq!(req.outputs[0].classification, Some(2));
+        assert_eq!(req.outputs[1].classification, None);
+        let y = fp32("y", vec![2, 3], &[0.1, 0.7, 0.2, 5.0, f32::NAN, 5.0]);
+        let z = fp32("z", vec![2], &[1.0, 2.0]);
+        let out = classify(vec![y, z.clone()], &req.outputs).expect("classifies");
+        assert_eq!(out[0].datatype, DataType::Bytes);
+        assert_eq!(out[0].shape, [2, 2]);
+        // Highest first, ties by lower index, NaN last; exact f32 text.
+        assert_eq!(strings(&out[0]), ["0.7:1", "0.2:2", "5:0", "5:2"]);
+        assert_eq!(
+            out[1], z,
+            "outputs not asked for classification are unchanged"
+        );
+        // It reaches the JSON answer as strings.
+        let encoded = encode_rest_response("m", "1", &req, &out).expect("encodes");
+        let doc: Value = serde_json::from_slice(&encoded.body).expect("json");
+        assert_eq!(doc["outputs"][0]["datatype"], "BYTES");
+        assert_eq!(
+            doc["outputs"][0]["data"],
+            serde_json::json!(["0.7:1", "0.2:2", "5:0", "5:2"])
+        );
+        // Integer scores keep their exact value; classes are the flattened dims.
+        let ints = Tensor {
+            name: "y".into(),
+            datatype: DataType::Int64,
+            shape: vec![1, 2, 2],
+            data: [3i64, -1, 9, 4]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        };
+        let out = classify(vec![ints], &req.outputs).expect("classifies");
+        assert_eq!(strings(&out[0]), ["9:2", "4:3"]);
+    }
+
+    #[test]
+    fn classification_refuses_what_it_cannot_rank_naming_the_output() {
+        for bad in [r#"0"#, r#"-1"#, r#""two""#, r#"1.5"#, r#"true"#] {
+            assert_invalid(
+                rest(&format!(
+                    r#"{{"inputs":[],"outputs":[{{"name":"y","parameters":{{"classification":{bad}}}}}]}}"#
+                )),
+                &["output \"y\"", "classification"],
+            );
+        }
+        let asked = |k| RequestedOutput {
+            name: "y".into(),
+            binary: None,
+            classification: Some(k),
+        };
+        let refused = classify(vec![fp32("y", vec![1, 3], &[1.0, 2.0, 3.0])], &[asked(4)]);
+        assert_invalid(refused, &["output \"y\"", "3 classes", "top 4"]);
+        let text = Tensor {
+            name: "y".into(),
+            datatype: DataType::Bytes,
+            shape: vec![1],
+            data: vec![1, 0, 0, 0, b'a'].into(),
+        };
+        assert_invalid(
+            classify(vec![text], &[asked(1)]),
+            &["output \"y\"", "BYTES", "numeric"],
+        );
+        // Before anything runs, from the signature.
+        let signature = Signature {
+            inputs: vec![],
+            outputs: vec![
+                Spec {
+                    name: "y".into(),
+                    datatype: DataType::Fp32,
+                    shape: vec![-1, 3],
+                },
+                Spec {
+                    name: "s".into(),
+                    datatype: DataType::Bytes,
+                    shape: vec![-1, 3],
+                },
+                Spec {
+                    name: "v".into(),
+                    datatype: DataType::Fp32,
+                    shape: vec![-1, -1],
+                },
+            ],
+        };
+        let named = |name: &str, k| RequestedOutput {
+            name: name.into(),
+            binary: None,
+            classification: Some(k),
+        };
+        assert!(check_classification(&[named("y", 3)], &signature).is_ok());
+        assert_invalid(
+            check_classification(&[named("y", 4)], &signature),
+            &["\"y\"", "3 classes"],
+        );
+        assert_invalid(
+            check_classification(&[named("s", 1)], &signature),
+            &["\"s\"", "BYTES"],
+        );
+        // A variable class dimension is checked on the answer; unknown names are the engine's.
+        assert!(check_classification(&[named("v", 99), named("w", 9)], &signature).is_ok());
+    }
+
+    #[test]
+    fn grpc_classification_is_an_integer_parameter() {
+        let with = |choice| ModelInferRequest {
+            outputs: vec![
+                kiln_proto::inference::model_infer_request::InferRequestedOutputTensor {
+                    name: "y".into(),
+                    parameters: [(
+                        "classification".to_string(),
+                        InferParameter {
+                            parameter_choice: Some(choice),
+                        },
+                    )]
+                    .into(),
+                },
+            ],
+            ..Default::default()
+        };
+        let req = parse_grpc_request(with(ParameterChoice::Int64Param(3))).expect("parses");
+        assert_eq!(req.outputs[0].classification, Some(3));
+        let req = parse_grpc_request(with(ParameterChoice::Uint64Param(1))).expect("parses");
+        assert_eq!(req.outputs[0].classification, Some(1));
+        for bad in [
+            ParameterChoice::Int64Param(0),
+            ParameterChoice::Int64Param(-2),
+            ParameterChoice::StringParam("2".into()),
+        ] {
+            assert_invalid(
+                parse_grpc_request(with(bad)),
+                &["output \"y\"", "classification"],
+            );
+        }
     }
 
     proptest! {

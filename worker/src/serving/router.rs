@@ -19,6 +19,12 @@
 //!   posted to `/v2/models/{m}/feedback` on any worker is matched there, or on
 //!   the deployment's other workers, each asked once and marked with
 //!   [`FORWARDED_HEADER`] so that they do not ask again.
+//! - Statistics (`GET /v2/models[/{m}[/versions/{v}]]/stats`, gRPC
+//!   `ModelStatistics`) are summed over the cluster: this worker's replicas, and
+//!   the other workers that serve the models, asked at once, each within
+//!   [`STATS_TIMEOUT`] and marked with [`STATS_LOCAL_HEADER`] so that they answer
+//!   for their own replicas only; the answer names the workers that did not
+//!   answer (`statistics`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -46,6 +52,7 @@ use super::feedback::{
 };
 use super::protocol;
 use super::replicas::{LocalReplica, ServingTable};
+use super::statistics::{self, IndexEntry, ModelStats, StatsAnswer, StatsSum, Unanswered};
 
 /// Marks a request forwarded by another worker's router: its value is the replica
 /// to serve it with.
@@ -68,6 +75,16 @@ const MAX_TRACKED: usize = 4096;
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest model metadata answer read from another worker.
 const MAX_METADATA_BYTES: usize = 16 << 20;
+/// Marks a statistics request another worker's router sent: answer for this
+/// worker's replicas only.
+pub const STATS_LOCAL_HEADER: &str = "kiln-stats-local";
+/// Longest wait for another worker's statistics; its counts are left out after.
+pub const STATS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most other workers asked for statistics by one request; the rest are named
+/// as not asked.
+pub const MAX_STATS_PEERS: usize = 64;
+/// Largest statistics answer read from another worker.
+const MAX_STATS_BYTES: usize = 4 << 20;
 
 /// Which model version a request names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +150,10 @@ pub struct Router {
     tokens: Option<Arc<TokenBook>>,
     /// The answers of this worker's replicas, for the feedback endpoint.
     feedback: Arc<Feedback>,
+    /// When each local replica last answered successfully (ms since the
+    /// epoch), by deployment and replica id, for the statistics'
+    /// `last_inference`.
+    last_inference: Mutex<HashMap<(String, u64), u64>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -175,6 +196,7 @@ impl Router {
             table,
             routes,
             in_flight: Mutex::new(HashMap::new()),
+            last_inference: Mutex::new(HashMap::new()),
             client,
             scheme: https::scheme(secure.is_some()),
             tokens: secure.map(|(_, tokens)| tokens),
@@ -422,14 +444,17 @@ impl Router {
                     .insert(MISSING_HEADER, HeaderValue::from_static("1"));
                 return Ok(response);
             };
-            return Ok(local_infer(&replica, &self.feedback, headers, body, deadline).await);
+            let response = local_infer(&replica, &self.feedback, headers, body, deadline).await;
+            return Ok(self.note_answer(&replica, response));
         }
         self.dispatch(deployment, version, authorization, |target| {
             let body = body.clone();
             async move {
                 match target {
                     Target::Local(replica) => {
-                        Ok(local_infer(&replica, &self.feedback, headers, body, deadline).await)
+                        let response =
+                            local_infer(&replica, &self.feedback, headers, body, deadline).await;
+                        Ok(self.note_answer(&replica, response))
                     }
                     Target::Remote(endpoint) => {
                         // The caller's timeout counts from here, not from the
@@ -630,6 +655,25 @@ impl Router {
 
     /// Sends `request` to another worker and reads its answer (at most
     /// `max_bytes` of body) within `timeout`; the error says what failed.
+    /// [`Router::call_peer`] for a JSON answer: anything but 200 is an error
+    /// carrying the status and the body.
+    async fn call_peer_json<T: serde::de::DeserializeOwned>(
+        &self,
+        request: hyper::Request<Full<Bytes>>,
+        timeout: Duration,
+        max_bytes: usize,
+    ) -> std::result::Result<T, String> {
+        let (parts, bytes) = self.call_peer(request, timeout, max_bytes).await?;
+        if parts.status != StatusCode::OK {
+            return Err(format!(
+                "status {}: {}",
+                parts.status,
+                String::from_utf8_lossy(&bytes)
+            ));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| format!("parse the answer: {e}"))
+    }
+
     async fn call_peer(
         &self,
         request: hyper::Request<Full<Bytes>>,
@@ -750,17 +794,8 @@ impl Router {
         let request = request
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| format!("build the request: {e}"))?;
-        let (parts, bytes) = self
-            .call_peer(request, timeout, MAX_FEEDBACK_BODY_BYTES)
-            .await?;
-        if parts.status != StatusCode::OK {
-            return Err(format!(
-                "status {}: {}",
-                parts.status,
-                String::from_utf8_lossy(&bytes)
-            ));
-        }
-        serde_json::from_slice(&bytes).map_err(|e| format!("parse the answer: {e}"))
+        self.call_peer_json(request, timeout, MAX_FEEDBACK_BODY_BYTES)
+            .await
     }
 
     /// Answers `GET /v2/models/{m}[/versions/{v}]/ready`: 200 while a replica of
@@ -780,6 +815,200 @@ impl Router {
                 .into_response(),
             Err(e) => error_response(&e),
         }
+    }
+}
+
+impl Router {
+    /// Notes that `replica` answered a request successfully now, for the
+    /// statistics' `last_inference`.
+    pub fn note_inference(&self, replica: &LocalReplica) {
+        let mut last = self.last_inference.lock().expect("last-inference lock");
+        if last.len() > MAX_TRACKED {
+            let ready: HashSet<(String, u64)> = self
+                .table
+                .all()
+                .iter()
+                .map(|r| (r.deployment.clone(), r.id))
+                .collect();
+            last.retain(|key, _| ready.contains(key));
+        }
+        last.insert((replica.deployment.clone(), replica.id), now_ms());
+    }
+
+    /// Returns `response` after noting a successful one (see
+    /// [`Router::note_inference`]).
+    fn note_answer(&self, replica: &LocalReplica, response: Response) -> Response {
+        if response.status() == StatusCode::OK {
+            self.note_inference(replica);
+        }
+        response
+    }
+
+    /// The routes of the deployments the caller may see: every one without TLS
+    /// or with a token that may call models; without a token, the public ones
+    /// only (so that private names are not listed); a token that is given and
+    /// fails is refused, saying why.
+    pub async fn visible_routes(&self, authorization: Option<&str>) -> Result<Vec<Route>> {
+        let routes = self.routes.borrow().clone();
+        let Some(tokens) = &self.tokens else {
+            return Ok(routes);
+        };
+        if authorization.is_none() {
+            return Ok(routes.into_iter().filter(|r| r.public).collect());
+        }
+        tokens
+            .verify_fresh(authorization, Permission::Infer, now_ms)
+            .await?;
+        Ok(routes)
+    }
+
+    /// Answers the repository index (`POST /v2/repository/index`, gRPC
+    /// `RepositoryIndex`) from the routes the caller may see.
+    pub async fn repository_index(
+        &self,
+        authorization: Option<&str>,
+        ready_only: bool,
+    ) -> Result<Vec<IndexEntry>> {
+        let routes = self.visible_routes(authorization).await?;
+        Ok(statistics::repository_index(&routes, ready_only))
+    }
+
+    /// The statistics of this worker's ready replicas of `deployments` that
+    /// `version` admits, one entry per replica.
+    fn local_statistics(&self, deployments: &HashSet<&str>, version: Version) -> Vec<ModelStats> {
+        let last = self
+            .last_inference
+            .lock()
+            .expect("last-inference lock")
+            .clone();
+        self.table
+            .all()
+            .iter()
+            .filter(|r| deployments.contains(r.deployment.as_str()) && version.admits(r.version))
+            .map(|r| {
+                ModelStats::of_replica(
+                    &r.deployment,
+                    r.version,
+                    &r.engine.stats(),
+                    last.get(&(r.deployment.clone(), r.id))
+                        .copied()
+                        .unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
+    /// Answers the statistics of `deployment` at `version` (every deployment
+    /// the caller may see when `None`), summed over the replicas of the cluster:
+    /// this worker's, and, unless `local_only` (another router asked), those of
+    /// the other workers that serve them, asked at once within
+    /// [`STATS_TIMEOUT`] each ([`MAX_STATS_PEERS`] at most). Workers that do
+    /// not answer are named in the answer; every version that replicas serve is
+    /// listed, with zero counts when none were had. The same authorization as
+    /// model metadata: for one deployment, 401 unless it is public or the token
+    /// may call models.
+    pub async fn statistics(
+        &self,
+        deployment: Option<&str>,
+        version: Version,
+        authorization: Option<&str>,
+        local_only: bool,
+    ) -> Result<StatsAnswer> {
+        let routes = match deployment {
+            Some(name) => vec![self.authorized_route(name, authorization).await?],
+            None => self.visible_routes(authorization).await?,
+        };
+        let names: HashSet<&str> = routes.iter().map(|r| r.deployment.as_str()).collect();
+        let mut sum = StatsSum::default();
+        let local = self.local_statistics(&names, version);
+        if let (Some(name), Version::Exactly(v)) = (deployment, version) {
+            let routed = routes
+                .iter()
+                .flat_map(|r| &r.endpoints)
+                .any(|e| e.version == v);
+            if !routed && local.is_empty() && !local_only {
+                return Err(Error::NotFound(format!(
+                    "version {v} of model {name} is not served"
+                )));
+            }
+        }
+        for stats in &local {
+            sum.add(stats);
+        }
+        let mut unanswered = Vec::new();
+        if !local_only {
+            let mut peers = statistics::peers(&routes, &self.worker_id);
+            for (worker, _) in peers.iter().skip(MAX_STATS_PEERS) {
+                unanswered.push(Unanswered {
+                    worker: worker.clone(),
+                    error: format!("not asked: over {MAX_STATS_PEERS} workers"),
+                });
+            }
+            peers.truncate(MAX_STATS_PEERS);
+            let path = match deployment {
+                Some(name) => format!("/v2/models/{name}{}/stats", version.path()),
+                None => "/v2/models/stats".to_string(),
+            };
+            let asked = peers.iter().map(|(worker, addr)| {
+                let path = &path;
+                async move {
+                    let answer = self.peer_statistics(addr, path, authorization).await;
+                    (worker, answer)
+                }
+            });
+            for (worker, answer) in futures_util::future::join_all(asked).await {
+                match answer {
+                    Ok(theirs) => {
+                        for stats in theirs.model_stats.iter().filter(|s| {
+                            names.contains(s.name.as_str())
+                                && s.version.parse().is_ok_and(|v| version.admits(v))
+                        }) {
+                            sum.add(stats);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(worker = %worker, %error, "statistics: a worker did not answer");
+                        unanswered.push(Unanswered {
+                            worker: worker.clone(),
+                            error,
+                        });
+                    }
+                }
+            }
+            for route in &routes {
+                for endpoint in &route.endpoints {
+                    if version.admits(endpoint.version) {
+                        sum.ensure(&route.deployment, endpoint.version);
+                    }
+                }
+            }
+        }
+        unanswered.sort_by(|a, b| a.worker.cmp(&b.worker));
+        Ok(StatsAnswer {
+            model_stats: sum.into_stats(),
+            unanswered_workers: unanswered,
+        })
+    }
+
+    /// Asks another worker for its own replicas' statistics at `path`.
+    async fn peer_statistics(
+        &self,
+        http_addr: &str,
+        path: &str,
+        authorization: Option<&str>,
+    ) -> std::result::Result<StatsAnswer, String> {
+        let mut request = hyper::Request::builder()
+            .method(Method::GET)
+            .uri(format!("{}://{http_addr}{path}", self.scheme))
+            .header(STATS_LOCAL_HEADER, "1");
+        if let Some(value) = authorization {
+            request = request.header(header::AUTHORIZATION, value);
+        }
+        let request = request
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| format!("build the request: {e}"))?;
+        self.call_peer_json(request, STATS_TIMEOUT, MAX_STATS_BYTES)
+            .await
     }
 }
 
@@ -836,6 +1065,7 @@ pub async fn local_infer(
             Some(timeout) => sooner(deadline, Instant::now(), timeout),
             None => deadline,
         };
+        protocol::check_classification(&request.outputs, replica.engine.signature())?;
         let inputs = std::mem::take(&mut request.inputs);
         let wanted = (!request.outputs.is_empty())
             .then(|| request.outputs.iter().map(|o| o.name.clone()).collect());
@@ -844,6 +1074,7 @@ pub async fn local_infer(
         let outputs = feedback
             .infer(replica, id, inputs, wanted, deadline)
             .await?;
+        let outputs = protocol::classify(outputs, &request.outputs)?;
         let encoded = protocol::encode_rest_response(
             &replica.deployment,
             &replica.version.to_string(),
