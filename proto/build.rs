@@ -6,6 +6,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Tensor contents and uploaded chunks as `bytes::Bytes`, so that they reach
         // the engine or the chunk store, and return to the wire, without a copy.
         .bytes([".inference", ".kiln.v1.PutChunksRequest.data"])
+        // Maps in key order: a record encodes to the same bytes on every
+        // coordinator (a HashMap's order differs from process to process), and
+        // texts built by walking a map (a rejection naming fields) read the same.
+        .btree_map([".kiln.v1"])
         .compile_protos(
             &[
                 "proto/kiln.proto",

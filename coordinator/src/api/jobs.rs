@@ -100,8 +100,8 @@ fn waiting(job: &JobRecord, reason: String) -> Option<command::Kind> {
 }
 
 /// The spec as flat `section.key` params for the job's run.
-fn params_of(spec: &JobSpec) -> HashMap<String, String> {
-    fn flatten(prefix: &str, value: &serde_json::Value, out: &mut HashMap<String, String>) {
+fn params_of(spec: &JobSpec) -> BTreeMap<String, String> {
+    fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, String>) {
         match value {
             serde_json::Value::Object(map) => {
                 for (k, v) in map {
@@ -121,7 +121,7 @@ fn params_of(spec: &JobSpec) -> HashMap<String, String> {
             }
         }
     }
-    let mut out = HashMap::new();
+    let mut out = BTreeMap::new();
     if let Ok(value) = serde_json::to_value(spec) {
         flatten("", &value, &mut out);
     }

@@ -91,7 +91,7 @@ impl Api {
             versions.reverse();
         }
         let prefix = keys::model_aliases(&req.name);
-        let mut aliases = std::collections::HashMap::new();
+        let mut aliases = std::collections::BTreeMap::new();
         for (key, value) in self.reader.scan(&prefix, MAX_LISTED).map_err(storage)? {
             let alias = String::from_utf8_lossy(&key[prefix.len()..]).to_string();
             let version = value

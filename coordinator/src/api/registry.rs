@@ -677,7 +677,7 @@ struct Frozen {
     /// Why it cannot be served; empty when it can.
     undeployable: String,
     /// Engines known not to load it, with why (`ModelVersion.refused_engines`).
-    refused_engines: HashMap<String, String>,
+    refused_engines: std::collections::BTreeMap<String, String>,
 }
 
 /// Freezes a version's files (when kiln holds them) into the next version of the
@@ -694,7 +694,7 @@ async fn freeze(
         return Ok(Frozen {
             artifact: String::new(),
             undeployable: format!("its files are at {source}, outside kiln's artifact store"),
-            refused_engines: HashMap::new(),
+            refused_engines: Default::default(),
         });
     };
     let skip = if dir.is_empty() { 0 } else { dir.len() + 1 };
@@ -710,10 +710,10 @@ async fn freeze(
         return Ok(Frozen {
             artifact: String::new(),
             undeployable: format!("kiln holds no files at {source}"),
-            refused_engines: HashMap::new(),
+            refused_engines: Default::default(),
         });
     }
-    let mut refused_engines = HashMap::new();
+    let mut refused_engines = std::collections::BTreeMap::new();
     let undeployable = match files.iter().find(|f| f.path == MODEL_FILE) {
         None => format!(
             "its files hold no {MODEL_FILE} ({}): kiln serves ONNX models",

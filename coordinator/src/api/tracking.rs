@@ -10,7 +10,7 @@
 //! that may read (with TLS); logging calls are rate limited per token like every
 //! state-changing call.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Query, State};
@@ -289,7 +289,7 @@ pub(super) fn double_json(x: f64) -> Value {
 }
 
 /// The `{key, value}` of a set-tag call, as the one-entry map the commands take.
-pub(super) fn tag_pair(v: &Value) -> Result<HashMap<String, String>, ApiError> {
+pub(super) fn tag_pair(v: &Value) -> Result<BTreeMap<String, String>, ApiError> {
     Ok([(text(v, "key")?.to_string(), opt_text(v, "value"))].into())
 }
 
@@ -309,9 +309,9 @@ pub(super) fn paged(field: &str, items: Vec<Value>, next: Option<String>) -> Jso
 }
 
 /// `[{key, value}]` into a map.
-pub(super) fn pairs(v: &Value, key: &str) -> Result<HashMap<String, String>, ApiError> {
+pub(super) fn pairs(v: &Value, key: &str) -> Result<BTreeMap<String, String>, ApiError> {
     let Some(items) = v.get(key) else {
-        return Ok(HashMap::new());
+        return Ok(BTreeMap::new());
     };
     let items = items
         .as_array()
@@ -322,12 +322,10 @@ pub(super) fn pairs(v: &Value, key: &str) -> Result<HashMap<String, String>, Api
         .collect()
 }
 
-pub(super) fn pairs_json(map: &HashMap<String, String>) -> Value {
-    let mut items: Vec<(&String, &String)> = map.iter().collect();
-    items.sort();
+/// A map as `[{key, value}]`, in key order.
+pub(super) fn pairs_json(map: &BTreeMap<String, String>) -> Value {
     Value::Array(
-        items
-            .into_iter()
+        map.iter()
             .map(|(k, v)| json!({"key": k, "value": v}))
             .collect(),
     )

@@ -127,7 +127,7 @@ pub fn apply_submit(
         }
     };
     let id = bump_counter(txn, keys::JOB_SEQ)?;
-    let mut tags = std::collections::HashMap::new();
+    let mut tags = std::collections::BTreeMap::new();
     tags.insert("kiln.job_id".to_string(), id.to_string());
     tags.insert("kiln.spec_digest".to_string(), job.spec_digest.clone());
     let run = CreateRun {

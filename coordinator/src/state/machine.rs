@@ -462,6 +462,24 @@ mod tests {
     }
 
     #[test]
+    fn a_record_with_a_map_encodes_to_the_same_bytes_on_every_coordinator() {
+        // Each coordinator builds its maps on its own: with hashed maps their
+        // order, and so the stored bytes, differed from process to process.
+        let tags: Vec<(String, String)> = (0..32)
+            .map(|i| (format!("tag{i}"), format!("value{i}")))
+            .collect();
+        let run = |pairs: &mut dyn Iterator<Item = &(String, String)>| {
+            kiln_proto::v1::CreateRun {
+                run_id: "r".into(),
+                tags: pairs.cloned().collect(),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        assert_eq!(run(&mut tags.iter()), run(&mut tags.iter().rev()));
+    }
+
+    #[test]
     fn reregistration_keeps_the_id_and_counts_incarnations() {
         let mut txn = Txn::new(&Empty);
         let reg = command::Kind::RegisterWorker(RegisterWorker {

@@ -535,7 +535,7 @@ async fn publish_model(
     let pushed = push(Arc::clone(&ctx.client), out, options)
         .await
         .map_err(|e| format!("push the model: {e:#}"))?;
-    let mut figures = std::collections::HashMap::new();
+    let mut figures = std::collections::BTreeMap::new();
     if metrics.loss.is_finite() {
         figures.insert("train_loss".to_string(), metrics.loss);
     }
