@@ -36,35 +36,9 @@ cleanup() {
 trap cleanup EXIT
 
 # KServe v2 binary bodies: the JSON header, then the tensors' little-endian bytes.
-"$py" - "$work" <<'PYEOF'
-import json, sys
-import numpy as np
-work = sys.argv[1]
-rng = np.random.default_rng(1)
-def body(name, tensors, output):
-    header = {"inputs": [{"name": n, "shape": list(a.shape), "datatype": d,
-                          "parameters": {"binary_data_size": a.nbytes}} for n, d, a in tensors],
-              "outputs": [{"name": output, "parameters": {"binary_data": True}}]}
-    head = json.dumps(header).encode()
-    with open(f"{work}/{name}.bin", "wb") as f:
-        f.write(head + b"".join(a.astype(a.dtype.newbyteorder("<")).tobytes() for _, _, a in tensors))
-    with open(f"{work}/{name}.len", "w") as f:
-        f.write(str(len(head)))
-image = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
-body("resnet", [("input", "FP32", image)], "output")
-ids = rng.integers(1000, 30522, size=(1, 64), dtype=np.int64)
-ids[:, 0] = 101
-body("bert", [("input_ids", "INT64", ids), ("attention_mask", "INT64", np.ones((1, 64), np.int64))], "logits")
-PYEOF
+"$py" scripts/kserve_bodies.py "$work"
 for model in resnet bert; do
-  cat >"$work/$model.lua" <<LUA
-wrk.method = "POST"
-local f = io.open("$work/$model.bin", "rb")
-wrk.body = f:read("*a")
-f:close()
-wrk.headers["Content-Type"] = "application/octet-stream"
-wrk.headers["Inference-Header-Content-Length"] = "$(cat "$work/$model.len")"
-LUA
+  kiln_wrk_body_lua "$work" "$model"
 done
 
 (cd "$work" && KILN_LOG=warn KILN_ONNXRUNTIME_LIB="$lib" "$KILN_BIN" local up --coordinators 1 --workers 1 >/dev/null)

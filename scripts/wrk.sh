@@ -21,3 +21,17 @@ kiln_wrk_ms() {
     else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
     else print v }'
 }
+
+# Writes WORK/NAME.lua, with which wrk POSTs WORK/NAME.bin as a KServe v2 binary
+# request (its JSON header's length from WORK/NAME.len; scripts/kserve_bodies.py
+# writes both).
+kiln_wrk_body_lua() { # WORK NAME
+  cat >"$1/$2.lua" <<LUA
+wrk.method = "POST"
+local f = io.open("$1/$2.bin", "rb")
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/octet-stream"
+wrk.headers["Inference-Header-Content-Length"] = "$(cat "$1/$2.len")"
+LUA
+}
