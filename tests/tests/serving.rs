@@ -1136,9 +1136,13 @@ async fn the_autoscaler_adds_replicas_under_load_and_removes_them_after() {
     let entry = cluster.worker_flag("a", "--http");
     wait_ready(std::slice::from_ref(&entry), "/v2/models/busy/ready").await;
     let stop = tokio_util::sync::CancellationToken::new();
-    let body = json_request(&[0.5, -0.5, 1.0, 2.0], 1);
+    // Requests of 64 rows (the most a batch holds): none joins another, so each
+    // runs alone and the queue, not HTTP, takes the time; 8 callers keep about
+    // 8 requests in flight against a target of 2 per replica.
+    let x: Vec<f32> = (0..64 * FEATURES).map(|i| (i % 7) as f32 * 0.5).collect();
+    let body = json_request(&x, 64);
     let clients = tokio::spawn(load_on(entry, "busy", 8, token, body, stop.clone()));
-    kiln_tests::wait_for(Duration::from_secs(60), "a scale-up", || {
+    kiln_tests::wait_for(Duration::from_secs(90), "a scale-up", || {
         let cluster = &cluster;
         async move {
             let d = deployment(cluster, "busy").await;
@@ -1150,7 +1154,7 @@ async fn the_autoscaler_adds_replicas_under_load_and_removes_them_after() {
     // The added replica loads, becomes ready and takes a share of the load
     // (each worker's /metrics counts its replicas' answers).
     let admin = cluster.admin_token().await;
-    let served = kiln_tests::wait_for(Duration::from_secs(60), "the new replica serves", || {
+    let served = kiln_tests::wait_for(Duration::from_secs(90), "the new replica serves", || {
         let (cluster, admin) = (&cluster, &admin);
         async move {
             let mut served = std::collections::BTreeMap::new();
