@@ -146,7 +146,7 @@ for entry in $MODELS; do
   done
   url="$scheme://$addr/v2/models/$model/infer"
   status="$(answer kiln "$model" "$url")"
-  [ "$status" = 200 ] || echo "$model on kiln: the check request answered $status" >&2
+  [ "$status" = 200 ] || { echo "$model on kiln: the check request answered $status" >&2; exit 1; }
   measure_all "$model" "$url" >"$work/kiln-$model.results"
   kiln deployments rm "$model" >&2
 done
@@ -183,7 +183,7 @@ done
 # The two answers to the same request must agree (same model, same onnxruntime).
 for entry in $MODELS; do
   IFS=: read -r model _ _ <<<"$entry"
-  "$ray_py" - "$work" "$model" <<'PYEOF' || echo "$model: kiln's and Ray Serve's answers differ" >&2
+  "$ray_py" - "$work" "$model" <<'PYEOF' || { echo "$model: kiln's and Ray Serve's answers differ" >&2; exit 1; }
 import json, sys
 import numpy as np
 work, model = sys.argv[1:]
@@ -211,6 +211,9 @@ echo "kiln over $transport, Ray Serve $(sed 's/.*ray\[serve\]==\([^ ]*\).*/\1/' 
 echo
 echo "| model | concurrency | kiln req/s | kiln p99 ms | Ray Serve req/s | Ray Serve p99 ms | kiln / Ray req/s | Ray p99 / kiln p99 |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+# A figure that counts errors as answers is no figure: wrk counts non-2xx
+# answers in its requests/s.
+bad=0
 for entry in $MODELS; do
   IFS=: read -r model _ label <<<"$entry"
   exec 3<"$work/kiln-$model.results" 4<"$work/ray-$model.results"
@@ -223,7 +226,9 @@ for entry in $MODELS; do
     echo "| $label | $c | $k_rps | $k_p99 | $r_rps | $r_p99 | **$rps_ratio** | **$p99_ratio** |"
     if [ "$k_bad" != "0" ] || [ "$r_bad" != "0" ]; then
       echo "$label, concurrency $c: non-2xx answers: kiln $k_bad, Ray Serve $r_bad" >&2
+      bad=1
     fi
   done
   exec 3<&- 4<&-
 done
+[ "$bad" = 0 ] || { echo "bench_rayserve.sh: some answers were errors; the table above is not a measurement" >&2; exit 1; }

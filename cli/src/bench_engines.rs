@@ -204,43 +204,58 @@ fn wanted(doc: &Value) -> Want {
 }
 
 /// The largest numeric difference and the count of differing strings between
-/// an engine's outputs and the expected ones, matched by name.
-fn compare(got: &[Tensor], names: &[String], expected: &[Value]) -> (f64, usize) {
+/// an engine's outputs and the expected ones, matched by name; an output that is
+/// missing, of another length, or not a number where one is expected is an
+/// error, never a small difference.
+fn compare(got: &[Tensor], names: &[String], expected: &[Value]) -> Result<(f64, usize), String> {
     let mut worst = 0.0f64;
     let mut strings = 0;
     for want in expected {
-        let Some(tensor) = names
+        let name = want["name"].as_str().unwrap_or_default();
+        let tensor = names
             .iter()
-            .position(|n| want["name"] == n.as_str())
+            .position(|n| n == name)
             .and_then(|i| got.get(i))
-        else {
-            continue;
-        };
+            .ok_or_else(|| format!("no output {name:?}"))?;
         match wanted(want) {
             Want::Numbers(values) => {
-                for (g, w) in tensor.values_f64().iter().zip(&values) {
-                    worst = worst.max((g - w).abs());
+                let got = tensor.values_f64();
+                if got.len() != values.len() {
+                    return Err(format!(
+                        "output {name:?} has {} values, onnxruntime's {}",
+                        got.len(),
+                        values.len()
+                    ));
+                }
+                for (g, w) in got.iter().zip(&values) {
+                    let diff = (g - w).abs();
+                    if diff.is_nan() {
+                        return Err(format!("output {name:?} has {g} where onnxruntime has {w}"));
+                    }
+                    worst = worst.max(diff);
                 }
             }
             Want::Strings(values) => {
-                let got: Vec<String> = if tensor.datatype == DataType::Bytes {
-                    split_bytes(&tensor.data)
-                        .unwrap_or_default()
-                        .iter()
-                        .map(|b| String::from_utf8_lossy(b).into_owned())
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                strings += values
+                if tensor.datatype != DataType::Bytes {
+                    return Err(format!("output {name:?} is not strings"));
+                }
+                let got = split_bytes(&tensor.data).map_err(|e| format!("output {name:?}: {e}"))?;
+                if got.len() != values.len() {
+                    return Err(format!(
+                        "output {name:?} has {} strings, onnxruntime's {}",
+                        got.len(),
+                        values.len()
+                    ));
+                }
+                strings += got
                     .iter()
-                    .enumerate()
-                    .filter(|(i, w)| got.get(*i) != Some(*w))
+                    .zip(&values)
+                    .filter(|(g, w)| **g != w.as_bytes())
                     .count();
             }
         }
     }
-    (worst, strings)
+    Ok((worst, strings))
 }
 
 fn measure(
@@ -281,7 +296,10 @@ fn measure(
         Ok(outputs) => outputs,
         Err(e) => return refused(format!("the sample does not run: {e}")),
     };
-    let (max_abs_diff, strings_differing) = compare(&first, &names, expected);
+    let (max_abs_diff, strings_differing) = match compare(&first, &names, expected) {
+        Ok(diff) => diff,
+        Err(why) => return refused(format!("answers unlike onnxruntime's: {why}")),
+    };
     let mut times = Vec::new();
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs_f64(seconds) && times.len() < MAX_RUNS {

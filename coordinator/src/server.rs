@@ -439,9 +439,11 @@ async fn health_loop(
             _ = token.cancelled() => return,
             _ = interval.tick() => {}
         }
-        let leading = api.node.view().is_leader();
+        // Silence is counted from when this leader could first hear heartbeats
+        // (it answers none before it has applied its term's first entry).
+        let leading = api.node.view().leads_applied();
         api.heartbeats.set_leading(leading);
-        if !api.node.view().leads_applied() {
+        if !leading {
             continue;
         }
         let workers = match api.reader.workers() {

@@ -38,13 +38,23 @@ impl ResourceProbe {
             }
         };
         let gpus = discover_gpus();
-        // ONNX Runtime runs on this machine's GPUs when its library has CUDA.
-        let gpu_engines = if !gpus.is_empty() && crate::serving::engine::onnxruntime::has_cuda() {
-            vec![crate::serving::engine::EngineKind::OnnxRuntime
-                .name()
-                .to_string()]
-        } else {
-            Vec::new()
+        // ONNX Runtime runs on this machine's GPUs when its library has CUDA and
+        // CUDA numbers the GPUs as NVML does (a replica's GPU index is NVML's).
+        let ordinals = cuda_numbers_as_nvml(
+            std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(),
+            std::env::var("CUDA_DEVICE_ORDER").ok().as_deref(),
+        );
+        let gpu_engines = match ordinals {
+            Err(why) if !gpus.is_empty() => {
+                tracing::warn!("serving on GPUs is off: {why}");
+                Vec::new()
+            }
+            Ok(()) if !gpus.is_empty() && crate::serving::engine::onnxruntime::has_cuda() => {
+                vec![crate::serving::engine::EngineKind::OnnxRuntime
+                    .name()
+                    .to_string()]
+            }
+            _ => Vec::new(),
         };
         let resources = Resources {
             cpu_cores: cpu_cores(),
@@ -131,6 +141,25 @@ fn memory_bytes() -> u64 {
 }
 
 /// Lists the NVIDIA GPUs; any NVML failure means no GPUs.
+/// Whether CUDA's device ordinals in this process are NVML's indices, which is
+/// what replicas are placed by: not when CUDA_VISIBLE_DEVICES hides or reorders
+/// devices, nor when CUDA orders them other than by PCI bus (NVML's order; the
+/// kiln CLI sets CUDA_DEVICE_ORDER=PCI_BUS_ID when it is unset).
+fn cuda_numbers_as_nvml(visible: Option<&str>, order: Option<&str>) -> Result<(), String> {
+    if let Some(visible) = visible {
+        return Err(format!(
+            "CUDA_VISIBLE_DEVICES={visible} renumbers the GPUs CUDA sees; unset it for the \
+             worker (replicas get their GPUs from the scheduler)"
+        ));
+    }
+    match order {
+        None | Some("PCI_BUS_ID") => Ok(()),
+        Some(other) => Err(format!(
+            "CUDA_DEVICE_ORDER={other} numbers GPUs unlike NVML; use PCI_BUS_ID"
+        )),
+    }
+}
+
 fn discover_gpus() -> Vec<Gpu> {
     let nvml = match Nvml::init() {
         Ok(nvml) => nvml,
@@ -168,6 +197,16 @@ fn discover_gpus() -> Vec<Gpu> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpus_are_served_only_where_cuda_numbers_them_as_nvml() {
+        assert_eq!(cuda_numbers_as_nvml(None, None), Ok(()));
+        assert_eq!(cuda_numbers_as_nvml(None, Some("PCI_BUS_ID")), Ok(()));
+        let hidden = cuda_numbers_as_nvml(Some("1,0"), None).expect_err("renumbered");
+        assert!(hidden.contains("CUDA_VISIBLE_DEVICES=1,0"), "{hidden}");
+        let fastest = cuda_numbers_as_nvml(None, Some("FASTEST_FIRST")).expect_err("reordered");
+        assert!(fastest.contains("use PCI_BUS_ID"), "{fastest}");
+    }
 
     fn pick(mounts: &[&str], path: &str) -> Option<usize> {
         pick_disk(mounts.iter().map(Path::new), Path::new(path))

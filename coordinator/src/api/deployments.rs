@@ -21,8 +21,9 @@ use crate::state::deployments::{read_deployment, same_target};
 use crate::state::keys;
 use crate::state::models::{alias, latest, read_model};
 
-/// Most deployments one listing (or one scheduling round) reads.
-const MAX_DEPLOYMENTS: usize = 1_000;
+// Most deployments one listing (or one scheduling round) reads: the ones apply
+// counts.
+use crate::state::capacity::MAX_DEPLOYMENTS;
 /// Most replicas a deployment may ask for.
 pub const MAX_WANTED_REPLICAS: u32 = 64;
 /// How long a failed replica stays listed (so its reason can be read) before it
@@ -53,7 +54,6 @@ pub fn canary_replicas(replicas: u32, percent: u32) -> u32 {
 }
 
 impl Api {
-    /// Resolves `MODEL[@VERSION|@ALIAS]` to the version it names now.
     /// Bytes of the artifact (`NAME@VERSION`) that holds a model's files.
     fn model_bytes(&self, artifact: &str) -> Result<u64> {
         let (name, version) = artifact
@@ -68,6 +68,7 @@ impl Api {
         Ok(manifest.size)
     }
 
+    /// Resolves `MODEL[@VERSION|@ALIAS]` to the version it names now.
     fn resolve_model(&self, text: &str) -> Result<(ModelVersion, ModelTarget)> {
         let (name, selector) = parse_reference(text)?;
         let version = match &selector {
@@ -227,14 +228,10 @@ impl Api {
                 req.memory_mib_per_replica
             )));
         }
+        // From the primary only: adding or dropping a canary must not change what
+        // the primaries run with (that would roll them out).
         let memory_per_replica = match req.memory_mib_per_replica {
-            0 => {
-                let mut bytes = self.model_bytes(primary.artifact.as_str())?;
-                if let Some(canary) = &canary {
-                    bytes = bytes.max(self.model_bytes(&canary.artifact)?);
-                }
-                estimated_replica_memory(bytes)
-            }
+            0 => estimated_replica_memory(self.model_bytes(primary.artifact.as_str())?),
             mib => mib << 20,
         };
         // An autoscaled deployment keeps its current scale within the new bounds.

@@ -21,8 +21,8 @@ use crate::state::keys;
 
 /// Most jobs one listing returns.
 const MAX_LISTED_JOBS: usize = 10_000;
-/// Most active jobs the scheduler looks at in one round.
-const MAX_ACTIVE_JOBS: usize = 10_000;
+// Most active jobs the scheduler looks at in one round: the ones apply counts.
+use crate::state::capacity::MAX_ACTIVE_JOBS;
 /// Longest a placed shard may take to report itself (pull its data, bind its
 /// port) before the leader fails the attempt.
 pub const SHARD_START_TIMEOUT_MS: u64 = 120_000;

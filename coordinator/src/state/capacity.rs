@@ -20,8 +20,11 @@ use super::keys;
 use super::machine::{Rejection, StateRead};
 use crate::raft::storage::StoreError;
 
-/// Most active jobs and deployments apply reads to sum what is held.
-const MAX_HOLDERS: usize = 100_000;
+/// Most active jobs the leader's scheduling round, and apply here, read (the
+/// first ones in key order): both count the same holders.
+pub const MAX_ACTIVE_JOBS: usize = 10_000;
+/// Most deployments one listing or scheduling round, and apply here, read.
+pub const MAX_DEPLOYMENTS: usize = 1_000;
 
 /// What one placement asks of one worker.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -88,13 +91,15 @@ pub fn check_fits(
         }
         let has = worker.resources.unwrap_or_default();
         let h = held.entry(ask.worker_id.clone()).or_default();
-        if h.cpus + u64::from(ask.cpus) > u64::from(has.cpu_cores) {
+        // What is left, never below zero: the leader's view (a worker that came
+        // back smaller may hold more than it has; an ask of nothing still fits).
+        if u64::from(ask.cpus) > u64::from(has.cpu_cores).saturating_sub(h.cpus) {
             return Ok(Err(format!(
                 "worker {} has {} CPU(s), {} held: {} more do not fit",
                 ask.worker_id, has.cpu_cores, h.cpus, ask.cpus
             )));
         }
-        if h.memory_bytes.saturating_add(ask.memory_bytes) > has.memory_bytes {
+        if ask.memory_bytes > has.memory_bytes.saturating_sub(h.memory_bytes) {
             return Ok(Err(format!(
                 "worker {} has {} MiB of memory, {} MiB held: {} MiB more do not fit",
                 ask.worker_id,
@@ -126,7 +131,7 @@ fn held_on(
     except: Except<'_>,
 ) -> Result<BTreeMap<String, Held>, StoreError> {
     let mut held: BTreeMap<String, Held> = BTreeMap::new();
-    for (key, _) in state.scan_prefix(keys::JOB_ACTIVE.as_bytes(), MAX_HOLDERS)? {
+    for (key, _) in state.scan_prefix(keys::JOB_ACTIVE.as_bytes(), MAX_ACTIVE_JOBS)? {
         let id = std::str::from_utf8(&key[keys::JOB_ACTIVE.len()..])
             .ok()
             .and_then(|id| id.parse::<u64>().ok());
@@ -142,7 +147,7 @@ fn held_on(
         }
         add_job(&mut held, on, &job);
     }
-    for (_, bytes) in state.scan_prefix(keys::DEPLOYMENT.as_bytes(), MAX_HOLDERS)? {
+    for (_, bytes) in state.scan_prefix(keys::DEPLOYMENT.as_bytes(), MAX_DEPLOYMENTS)? {
         let d = DeploymentRecord::decode(bytes.as_slice()).map_err(|e| StoreError {
             op: "decode deployment",
             message: e.to_string(),
@@ -350,13 +355,23 @@ mod tests {
             .map(|r| r.id)
             .collect();
         assert_eq!(ids, vec![2, 3]);
-        // Memory: 16 GiB, two replicas hold 1 GiB each; a 15 GiB shard does not fit.
-        assert_eq!(place_replicas(&mut txn, &[], &[2, 3]), Ok(1));
+        // Memory: 16 GiB, two replicas hold 1 GiB each; a 15 GiB shard does not
+        // fit (the CPUs freed first: a 15 GiB shard of 0 CPUs).
         let mut big = read_job(&txn, job).expect("read").expect("job");
-        big.memory_per_shard = 17 << 30;
+        big.memory_per_shard = 15 << 30;
+        big.cpus_per_shard = 0;
         txn.put(keys::job(job), big.encode_to_vec());
         let memory = place_job(&mut txn, job, "small", &[]).expect_err("refused");
-        assert!(memory.contains("MiB of memory"), "{memory}");
+        assert!(
+            memory.contains("has 16384 MiB of memory, 2048 MiB held: 15360 MiB more do not fit"),
+            "{memory}"
+        );
+        // The worker comes back with one CPU while its two replicas hold two: what
+        // asks for nothing still fits, as the leader sees it.
+        register_worker(&mut txn, "small", 1, 0);
+        big.memory_per_shard = 0;
+        txn.put(keys::job(job), big.encode_to_vec());
+        assert_eq!(place_job(&mut txn, job, "small", &[]), Ok(0));
     }
 
     #[test]

@@ -250,7 +250,8 @@ pub fn apply_update_replicas(
             update.name, record.generation, update.generation
         )));
     }
-    if update.next_replica_id != record.next_replica_id {
+    // 0: an update from before the field existed (replayed from the log).
+    if update.next_replica_id != 0 && update.next_replica_id != record.next_replica_id {
         return Ok(Err(format!(
             "deployment {} placed replicas up to {} since this update was planned (from {}): it is stale",
             update.name, record.next_replica_id, update.next_replica_id
