@@ -37,7 +37,7 @@ pub use cluster::{run_kiln_sync, shard_workers, Cluster};
 pub use http::{http_call, http_get, http_get_plaintext, http_request, trust, HttpAnswer};
 pub use port::free_port;
 pub use process::Proc;
-pub use wait::{wait_for, POLL_INTERVAL};
+pub use wait::{wait_for, wait_ready, POLL_INTERVAL};
 pub use writer::{longest_ack_gap, Writer, WriterLog};
 
 pub use kiln_common::client::{ClientOptions, ClusterClient};

@@ -30,3 +30,20 @@ where
         tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
+
+/// Waits up to `timeout` until `path` answers 200 on every address in `addrs`
+/// (each worker's router has learnt the routes from its heartbeat).
+pub async fn wait_ready(addrs: &[String], path: &str, timeout: Duration) {
+    wait_for(timeout, "ready routes on every worker", || async move {
+        for addr in addrs {
+            let ready = crate::http_call(addr, "GET", path, &[], b"")
+                .await
+                .map_err(|e| e.to_string())?;
+            if ready.status != 200 {
+                return Err(format!("{addr}{path}: {}", ready.status));
+            }
+        }
+        Ok(())
+    })
+    .await;
+}

@@ -63,18 +63,7 @@ fn json_of(answer: &HttpAnswer) -> Value {
 
 /// Waits until `path` answers 200 on every address.
 async fn wait_ready(addrs: &[String], path: &str) {
-    kiln_tests::wait_for(Duration::from_secs(20), "ready routes", || async move {
-        for addr in addrs {
-            let ready = http_call(addr, "GET", path, &[], b"")
-                .await
-                .map_err(|e| e.to_string())?;
-            if ready.status != 200 {
-                return Err(format!("{addr}{path}: {}", ready.status));
-            }
-        }
-        Ok(())
-    })
-    .await;
+    kiln_tests::wait_ready(addrs, path, Duration::from_secs(20)).await;
 }
 
 /// The statistics entry of `name` (its only version) in a stats answer.

@@ -75,25 +75,9 @@ async fn deployment(cluster: &Cluster, name: &str) -> Value {
     serde_json::from_str(&text).expect("deployments show --json prints JSON")
 }
 
-/// Waits until `path` answers 200 on every address in `addrs` (each worker's
-/// router has learnt the routes from its heartbeat).
+/// Waits until `path` answers 200 on every address.
 async fn wait_ready(addrs: &[String], path: &str) {
-    kiln_tests::wait_for(
-        Duration::from_secs(10),
-        "ready routes on every worker",
-        || async move {
-            for addr in addrs {
-                let ready = http_call(addr, "GET", path, &[], b"")
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if ready.status != 200 {
-                    return Err(format!("{addr}{path}: {}", ready.status));
-                }
-            }
-            Ok(())
-        },
-    )
-    .await;
+    kiln_tests::wait_ready(addrs, path, Duration::from_secs(10)).await;
 }
 
 /// A JSON inference request for `rows` rows.
