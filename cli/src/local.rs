@@ -317,6 +317,9 @@ fn plan(opts: &LocalOptions, dir: &Path) -> anyhow::Result<Vec<Plan>> {
         .collect::<Vec<_>>()
         .join(",");
     let config = dir.join(COORDINATOR_CONFIG_FILE);
+    // A cluster made again in the same ports gets another id, so that a node
+    // left over from the last one cannot take part in this one.
+    let cluster_token = format!("{:016x}", rand::random::<u64>());
 
     let mut plans = Vec::with_capacity(opts.coordinators + opts.workers);
     for (k, ports) in coordinator_ports_list.iter().enumerate() {
@@ -337,6 +340,8 @@ fn plan(opts: &LocalOptions, dir: &Path) -> anyhow::Result<Vec<Plan>> {
             http_addr.clone(),
             "--peers".to_string(),
             peers.clone(),
+            "--cluster-token".to_string(),
+            cluster_token.clone(),
         ];
         if opts.coordinator_config.is_some() {
             args.push("--config".to_string());
@@ -721,7 +726,14 @@ pub(crate) async fn up_with(opts: &LocalOptions, detach: Detach) -> anyhow::Resu
         let mut node = plan.node;
         fs::create_dir_all(&node.data_dir)
             .with_context(|| format!("create directory {}", node.data_dir.display()))?;
-        let child = spawn_process(&program, &node.args, &node.log, detach)
+        // Coordinators bootstrap on this first start only: the recorded
+        // arguments, which restarts use, never carry --bootstrap, so a coordinator
+        // whose data dir was lost refuses to start instead of rejoining empty.
+        let mut args = node.args.clone();
+        if node.name.starts_with("coordinator-") {
+            args.push("--bootstrap".to_string());
+        }
+        let child = spawn_process(&program, &args, &node.log, detach)
             .with_context(|| format!("start {}", node.name))?;
         node.pid = child.id();
         tracing::info!(node = %node.name, pid = node.pid, addr = %node.addr, "started node");

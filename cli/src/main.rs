@@ -228,6 +228,20 @@ struct CoordinatorArgs {
     /// Address of a running member to join through.
     #[arg(long, env = "KILN_JOIN")]
     join: Option<String>,
+    /// Makes a new cluster from --peers if the data dir is empty: give it on a
+    /// cluster's first start only (`kiln local up` and the compose cluster do).
+    /// Without it an empty data dir is refused, so that a coordinator whose data
+    /// was lost never rejoins as a member with no log and no memory of its vote.
+    #[arg(long)]
+    bootstrap: bool,
+    /// Like --bootstrap, then exits without serving (a systemd install's first
+    /// step, as `initdb`).
+    #[arg(long)]
+    bootstrap_only: bool,
+    /// Mixed into the new cluster's id at bootstrap (the same on every initial
+    /// voter), so that clusters of the same peers differ.
+    #[arg(long, env = "KILN_CLUSTER_TOKEN")]
+    cluster_token: Option<String>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -1021,6 +1035,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     http: args.http,
                     peers: args.peers,
                     join: args.join,
+                    cluster_token: args.cluster_token,
+                    bootstrap: args.bootstrap,
+                    bootstrap_only: args.bootstrap_only,
                     tls: args.tls.files(),
                     insecure: args.tls.insecure,
                 },

@@ -224,6 +224,9 @@ pub struct CoordinatorFile {
     pub http: Option<String>,
     pub peers: Option<Vec<String>>,
     pub join: Option<String>,
+    /// Mixed into the id a new cluster gets at bootstrap, so that two clusters of
+    /// the same peers (a test cluster made again on the same ports) differ.
+    pub cluster_token: Option<String>,
     pub raft: RaftSettings,
     pub health: HealthSettings,
     pub limits: LimitSettings,
@@ -245,6 +248,13 @@ pub struct CoordinatorOverrides {
     pub http: Option<String>,
     pub peers: Option<String>,
     pub join: Option<String>,
+    pub cluster_token: Option<String>,
+    /// Bootstraps a new cluster if the data dir is empty (a flag, never a
+    /// config key: a restart must not repeat it).
+    pub bootstrap: bool,
+    /// Bootstraps the empty data dir and exits (the first step of a systemd
+    /// install, as `initdb`).
+    pub bootstrap_only: bool,
     pub tls: TlsFiles,
     pub insecure: bool,
 }
@@ -262,6 +272,13 @@ pub struct CoordinatorConfig {
     pub peers: BTreeMap<u64, String>,
     /// A member to ask for admission, for a node that joins a running cluster.
     pub join: Option<String>,
+    /// Bootstrap a new cluster from `peers` if the data dir is empty; without it
+    /// an empty data dir is refused (unless `join` is set).
+    pub bootstrap: bool,
+    /// Stop after bootstrapping, without serving.
+    pub bootstrap_only: bool,
+    /// Mixed into the new cluster's id at bootstrap.
+    pub cluster_token: String,
     pub raft: RaftSettings,
     pub health: HealthSettings,
     pub limits: LimitSettings,
@@ -311,6 +328,13 @@ impl CoordinatorConfig {
             None => parse_peer_list(base.peers.as_deref().unwrap_or(&[]))?,
         };
         let join = overrides.join.or(base.join);
+        let bootstrap = overrides.bootstrap || overrides.bootstrap_only;
+        if bootstrap && join.is_some() {
+            return Err(invalid(
+                "join",
+                "give either --bootstrap (to make a new cluster) or join (to enter a running one), not both",
+            ));
+        }
         if let Some(addr) = &join {
             parse_host_port("join", addr)?;
             if !peers.is_empty() {
@@ -387,6 +411,12 @@ impl CoordinatorConfig {
             http,
             peers,
             join,
+            bootstrap,
+            bootstrap_only: overrides.bootstrap_only,
+            cluster_token: overrides
+                .cluster_token
+                .or(base.cluster_token)
+                .unwrap_or_default(),
             raft,
             health,
             limits: base.limits,

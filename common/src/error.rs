@@ -159,6 +159,16 @@ impl From<Status> for Error {
     }
 }
 
+/// The message of a caught panic's payload (a `&str` or a `String`), as the panic
+/// hook prints it.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -42,4 +42,4 @@ pub mod status;
 pub mod tls;
 pub mod transfer;
 
-pub use error::{Error, Result};
+pub use error::{panic_message, Error, Result};

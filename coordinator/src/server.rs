@@ -7,6 +7,7 @@
 //!  shutdown: stop serving ─► stop the Raft thread ─► done
 //! ```
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,16 +38,41 @@ const GRPC_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 /// How long a new member keeps asking to be admitted.
 const JOIN_DEADLINE: Duration = Duration::from_secs(120);
+/// Time a coordinator with an empty data dir gives each peer to answer.
+const PEER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time the Raft thread gets to stop.
 const STOP_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Writes the initial state of a new cluster: every listed voter, at index 1 of
-/// term 1, identical on every node so that they agree without talking.
-fn bootstrap(store: &mut RocksStore, config: &CoordinatorConfig) -> Result<(), StoreError> {
+/// The initial voters of a new cluster: `peers`, or this node alone.
+fn initial_voters(config: &CoordinatorConfig) -> BTreeMap<u64, String> {
     let mut peers = config.peers.clone();
     if peers.is_empty() {
         peers.insert(config.id, config.advertise.clone());
     }
+    peers
+}
+
+/// The id a new cluster gets: a digest of its initial voters and the cluster
+/// token, the same on every voter that bootstraps it, never 0.
+fn new_cluster_id(voters: &BTreeMap<u64, String>, token: &str) -> u64 {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"kiln cluster\0");
+    hasher.update(token.as_bytes());
+    for (id, addr) in voters {
+        hasher.update(format!("\0{id}={addr}").as_bytes());
+    }
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_bytes()[..8]);
+    u64::from_be_bytes(first).max(1)
+}
+
+/// Writes the initial state of a new cluster: every listed voter and the cluster's
+/// id, at index 1 of term 1, identical on every node so that they agree without
+/// talking.
+fn bootstrap(store: &mut RocksStore, config: &CoordinatorConfig) -> Result<(), StoreError> {
+    let peers = initial_voters(config);
+    let cluster_id = new_cluster_id(&peers, &config.cluster_token);
     let mut meta = SnapshotMetadata {
         index: 1,
         term: 1,
@@ -57,7 +83,7 @@ fn bootstrap(store: &mut RocksStore, config: &CoordinatorConfig) -> Result<(), S
         ..Default::default()
     };
     meta.set_conf_state(cs);
-    let mut pairs = peers.iter().map(|(id, addr)| {
+    let pairs = peers.iter().map(|(id, addr)| {
         let record = MemberRecord {
             id: *id,
             addr: addr.clone(),
@@ -65,9 +91,138 @@ fn bootstrap(store: &mut RocksStore, config: &CoordinatorConfig) -> Result<(), S
         };
         Ok((keys::member(*id), prost::Message::encode_to_vec(&record)))
     });
-    store.install_snapshot(&meta, &mut pairs)?;
-    tracing::info!(voters = ?peers.keys().collect::<Vec<_>>(), "bootstrapped a new cluster");
+    let mut pairs = pairs.chain(std::iter::once(Ok((
+        keys::CLUSTER_ID.to_vec(),
+        cluster_id.to_be_bytes().to_vec(),
+    ))));
+    store.install_snapshot(&meta, None, &mut pairs)?;
+    tracing::info!(
+        voters = ?peers.keys().collect::<Vec<_>>(),
+        cluster_id = %format!("{cluster_id:016x}"),
+        "bootstrapped a new cluster"
+    );
     Ok(())
+}
+
+/// What a peer listed in `peers` said when this node, with an empty data dir,
+/// asked it how it stands.
+struct PeerAnswer {
+    id: u64,
+    addr: String,
+    cluster_id: u64,
+    commit_index: u64,
+    voters: Vec<u64>,
+}
+
+/// Asks every other initial voter for its status at once, each for at most
+/// [`PEER_PROBE_TIMEOUT`]; returns the answers (a peer that is not up yet, as
+/// on a cluster's first start, gives none).
+async fn ask_peers(config: &CoordinatorConfig, tls: Option<&TlsMaterial>) -> Vec<PeerAnswer> {
+    let mut asks = tokio::task::JoinSet::new();
+    for (&id, addr) in config.peers.iter().filter(|(&id, _)| id != config.id) {
+        let Ok(endpoint) = kiln_common::tls::endpoint(addr, tls, PEER_PROBE_TIMEOUT) else {
+            continue;
+        };
+        let addr = addr.clone();
+        asks.spawn(async move {
+            let asked = async {
+                let channel = endpoint.connect().await.ok()?;
+                let mut client =
+                    kiln_proto::v1::coordinator_client::CoordinatorClient::new(channel);
+                client
+                    .node_status(kiln_proto::v1::NodeStatusRequest {})
+                    .await
+                    .ok()
+                    .map(tonic::Response::into_inner)
+            };
+            let status = tokio::time::timeout(PEER_PROBE_TIMEOUT, asked)
+                .await
+                .ok()??;
+            Some(PeerAnswer {
+                id,
+                addr,
+                cluster_id: status.cluster_id,
+                commit_index: status.commit_index,
+                voters: status.voters,
+            })
+        });
+    }
+    let mut answers = Vec::new();
+    while let Some(joined) = asks.join_next().await {
+        if let Ok(Some(answer)) = joined {
+            answers.push(answer);
+        }
+    }
+    answers.sort_by_key(|a| a.id);
+    answers
+}
+
+/// Decides what a coordinator with an empty data dir does, from its flags and
+/// what its peers answered: bootstraps a new cluster (`Ok(true)`), waits to be
+/// sent a snapshot as a joining learner (`Ok(false)`), or refuses to start.
+fn plan_empty_dir(config: &CoordinatorConfig, answers: &[PeerAnswer]) -> anyhow::Result<bool> {
+    if config.join.is_some() {
+        return Ok(false);
+    }
+    let id = config.id;
+    let dir = config.data_dir.display();
+    if config.bootstrap {
+        let mine = new_cluster_id(&initial_voters(config), &config.cluster_token);
+        if let Some(other) = answers
+            .iter()
+            .find(|a| a.cluster_id != 0 && a.cluster_id != mine)
+        {
+            anyhow::bail!(
+                "coordinator {id} will not bootstrap: coordinator {} at {} serves another cluster \
+                 ({:016x}; these peers and this cluster token make {mine:016x}). Check --peers \
+                 and --cluster-token",
+                other.id,
+                other.addr,
+                other.cluster_id
+            );
+        }
+        // `--bootstrap-only` runs before any coordinator of a new cluster serves:
+        // a peer that has committed past the bootstrap entry serves a running
+        // cluster, so this dir was lost, not new. (`--bootstrap` starts with its
+        // peers and may start late, after they elected a leader.)
+        if config.bootstrap_only {
+            if let Some(running) = answers.iter().find(|a| a.commit_index > 1) {
+                anyhow::bail!(
+                    "coordinator {id} will not bootstrap: coordinator {} at {} serves a running \
+                     cluster ({:016x}, commit index {}). Run --bootstrap-only on every initial \
+                     voter before starting any; a coordinator whose data was lost cannot rejoin as \
+                     itself: remove it with `kiln admin remove-coordinator {id}`, then add this \
+                     machine with a new id and `join` (docs/operations.md, \"Adding and removing \
+                     coordinators\")",
+                    running.id,
+                    running.addr,
+                    running.cluster_id,
+                    running.commit_index
+                );
+            }
+        }
+        return Ok(true);
+    }
+    match answers.first() {
+        Some(peer) => anyhow::bail!(
+            "coordinator {id}: the data dir {dir} is empty, but coordinator {} at {} serves a \
+             cluster ({:016x}, voters {:?}). A coordinator whose data was lost cannot rejoin as \
+             itself (it would have no log and no memory of its vote): remove it with `kiln admin \
+             remove-coordinator {id}`, then start this machine with a new id, `join = \"{}\"` and \
+             an empty data dir (docs/operations.md, \"Adding and removing coordinators\")",
+            peer.id,
+            peer.addr,
+            peer.cluster_id,
+            peer.voters,
+            peer.addr
+        ),
+        None => anyhow::bail!(
+            "coordinator {id}: the data dir {dir} holds no cluster and no peer answered. To make a \
+             new cluster, give each initial voter --bootstrap on its first start only (kiln local \
+             up and the compose cluster do; a systemd install runs `kiln coordinator --config F \
+             --bootstrap-only` once); to enter a running cluster, give it --join ADDR"
+        ),
+    }
 }
 
 /// The HTTP address others reach this coordinator at: `--http` itself, or, when
@@ -87,21 +242,6 @@ fn advertised_http(config: &CoordinatorConfig) -> String {
 pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let span = tracing::info_span!("coordinator", node_id = config.id);
     let _enter = span.enter();
-    let raft_dir = config.data_dir.join("raft");
-    let mut store = RocksStore::open(&raft_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
-    if store.is_fresh() {
-        if config.join.is_none() {
-            bootstrap(&mut store, &config).map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-    } else if !config.peers.is_empty() {
-        tracing::info!("data dir holds a cluster already; --peers is ignored");
-    }
-    let grpc_listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("bind coordinator grpc {}", config.listen))?;
-    let http_listener = tokio::net::TcpListener::bind(config.http)
-        .await
-        .with_context(|| format!("bind coordinator http {}", config.http))?;
     let tls = match &config.tls {
         Some(files) => Some(TlsMaterial::node(&files.ca, &files.cert, &files.key)?),
         None => {
@@ -109,6 +249,41 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
             None
         }
     };
+    let raft_dir = config.data_dir.join("raft");
+    let made = RocksStore::exists(&raft_dir);
+    if config.bootstrap_only && made {
+        // Never opened: a coordinator that runs on this dir holds its lock.
+        tracing::info!(dir = %raft_dir.display(), "the data dir holds a store already; --bootstrap-only does nothing");
+        return Ok(());
+    }
+    let mut store = RocksStore::open(&raft_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if store.is_fresh() {
+        let answers = ask_peers(&config, tls.as_ref()).await;
+        match plan_empty_dir(&config, &answers) {
+            Ok(true) => bootstrap(&mut store, &config).map_err(|e| anyhow::anyhow!("{e}"))?,
+            Ok(false) => {}
+            Err(refused) => {
+                // A refusal leaves the dir as it was.
+                drop(store);
+                if !made {
+                    let _ = std::fs::remove_dir_all(&raft_dir);
+                }
+                return Err(refused);
+            }
+        }
+    } else if config.bootstrap || !config.peers.is_empty() {
+        tracing::info!("data dir holds a cluster already; --peers and --bootstrap are ignored");
+    }
+    if config.bootstrap_only {
+        tracing::info!(dir = %config.data_dir.display(), "bootstrapped; --bootstrap-only stops here");
+        return Ok(());
+    }
+    let grpc_listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("bind coordinator grpc {}", config.listen))?;
+    let http_listener = tokio::net::TcpListener::bind(config.http)
+        .await
+        .with_context(|| format!("bind coordinator http {}", config.http))?;
     let snapshot_dir = store.checkpoint_dir();
     let transport = Transport::new(
         config.id,
@@ -117,6 +292,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
         tls.clone(),
     );
     let reader = crate::state::reader::StateReader::new(store.db());
+    transport.set_cluster_id(reader.cluster_id().map_err(|e| anyhow::anyhow!("{e}"))?);
     let (node, thread) = RaftNode::start(config.id, store, config.raft.clone(), transport.clone())?;
     transport.attach(node.clone());
 
@@ -228,9 +404,23 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
     }
     tracing::info!(grpc = %config.listen, http = %config.http, "coordinator serving");
 
+    // The Raft thread ends only when told to; one that ends before (a panic, a
+    // storage error) leaves nothing to serve, so the process stops with its reason
+    // and a non-zero exit instead of keeping its ports open.
+    let mut raft_thread = tokio::task::spawn_blocking(move || thread.join());
     tokio::select! {
         _ = shutdown.cancelled() => tracing::info!("shutting down"),
         r = grpc => tracing::error!(result = ?r, "grpc server ended"),
+        ended = &mut raft_thread => {
+            let reason = match ended {
+                Ok(Ok(())) => "it returned".to_string(),
+                Ok(Err(panic)) => format!("panicked: {}", kiln_common::panic_message(panic.as_ref())),
+                Err(e) => format!("its join task failed: {e}"),
+            };
+            tracing::error!(reason, "the raft thread stopped; stopping the coordinator");
+            tasks.cancel();
+            anyhow::bail!("the raft thread stopped: {reason}");
+        }
     }
     tasks.cancel();
     let _ = tokio::time::timeout(STOP_DEADLINE, async {
@@ -245,8 +435,10 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
     let _ = node.sender().send(NodeMsg::Shutdown).await;
     drop(node);
     drop(api);
-    let joined = tokio::task::spawn_blocking(move || thread.join());
-    if tokio::time::timeout(STOP_DEADLINE, joined).await.is_err() {
+    if tokio::time::timeout(STOP_DEADLINE, raft_thread)
+        .await
+        .is_err()
+    {
         tracing::warn!("raft thread did not stop in time");
     }
     Ok(())
@@ -511,5 +703,90 @@ mod tests {
             advertised_http(&config("10.0.0.5:7080", "host5:7070")),
             "10.0.0.5:7080"
         );
+    }
+
+    /// A config of coordinator 1 of three, with the given start flags.
+    fn member(bootstrap: bool, bootstrap_only: bool, join: Option<&str>) -> CoordinatorConfig {
+        CoordinatorConfig::load(
+            None,
+            CoordinatorOverrides {
+                peers: join
+                    .is_none()
+                    .then(|| "1=h1:7070,2=h2:7070,3=h3:7070".to_string()),
+                join: join.map(str::to_string),
+                cluster_token: Some("t".into()),
+                bootstrap,
+                bootstrap_only,
+                insecure: true,
+                ..CoordinatorOverrides::default()
+            },
+        )
+        .expect("a valid config")
+    }
+
+    fn answer(id: u64, cluster_id: u64, commit_index: u64) -> PeerAnswer {
+        PeerAnswer {
+            id,
+            addr: format!("h{id}:7070"),
+            cluster_id,
+            commit_index,
+            voters: vec![1, 2, 3],
+        }
+    }
+
+    fn refusal(config: &CoordinatorConfig, answers: &[PeerAnswer]) -> String {
+        plan_empty_dir(config, answers)
+            .expect_err("an empty dir that must be refused was accepted")
+            .to_string()
+    }
+
+    #[test]
+    fn cluster_ids_differ_by_voters_and_token_and_are_never_zero() {
+        let voters = initial_voters(&member(true, false, None));
+        let id = new_cluster_id(&voters, "t");
+        assert_ne!(id, 0);
+        assert_eq!(id, new_cluster_id(&voters, "t"), "the same on every voter");
+        assert_ne!(id, new_cluster_id(&voters, "u"));
+        let mut moved = voters.clone();
+        moved.insert(3, "h4:7070".into());
+        assert_ne!(id, new_cluster_id(&moved, "t"));
+    }
+
+    #[test]
+    fn an_empty_dir_bootstraps_only_when_told_and_never_into_a_running_cluster() {
+        let told = member(true, false, None);
+        let mine = new_cluster_id(&initial_voters(&told), "t");
+        // A first start: peers not up yet, or up with the same new cluster (late start).
+        assert!(plan_empty_dir(&told, &[]).expect("bootstrap"));
+        assert!(plan_empty_dir(&told, &[answer(2, mine, 7)]).expect("late start"));
+        let text = refusal(&told, &[answer(2, mine ^ 1, 7)]);
+        assert!(text.contains("serves another cluster"), "{text}");
+
+        // As initdb: before any peer serves; a running cluster means the dir was lost.
+        let init = member(false, true, None);
+        assert!(plan_empty_dir(&init, &[answer(2, mine, 1)]).expect("peers bootstrapped too"));
+        let text = refusal(&init, &[answer(3, mine, 40)]);
+        assert!(
+            text.contains("serves a running cluster") && text.contains("remove-coordinator 1"),
+            "{text}"
+        );
+
+        // A restart's flags: refused either way, saying what to do.
+        let restart = member(false, false, None);
+        let text = refusal(&restart, &[answer(2, mine, 40)]);
+        assert!(
+            text.contains("cannot rejoin as itself")
+                && text.contains("kiln admin remove-coordinator 1")
+                && text.contains("join = \"h2:7070\""),
+            "{text}"
+        );
+        let text = refusal(&restart, &[]);
+        assert!(
+            text.contains("holds no cluster") && text.contains("--bootstrap"),
+            "{text}"
+        );
+
+        // A joining node waits for its snapshot.
+        assert!(!plan_empty_dir(&member(false, false, Some("h1:7070")), &[]).expect("join"));
     }
 }

@@ -83,7 +83,7 @@ docker run --rm -v "$certs:/var/lib/kiln" "$tag" certs issue --dir /var/lib/kiln
 echo "== 2. coordinator and worker (--insecure), probed over HTTP"
 docker network create "$net" >/dev/null
 docker run -d --name "$run-coord" --network "$net" -v "$run-coord-data:/var/lib/kiln" "$tag" \
-  coordinator --insecure --id 1 --data-dir /var/lib/kiln/coordinator \
+  coordinator --insecure --id 1 --data-dir /var/lib/kiln/coordinator --bootstrap \
   --listen 0.0.0.0:7070 --advertise "$run-coord:7070" --http 0.0.0.0:7080 >/dev/null
 wait_http "http://$run-coord:7080/health"
 docker run -d --name "$run-worker" --network "$net" -v "$run-worker-data:/var/lib/kiln" "$tag" \
@@ -95,7 +95,7 @@ wait_http "http://$run-worker:8000/v2/health/ready"
 echo "== 3. coordinator with mutual TLS"
 docker run -d --name "$run-tls" --network "$net" -v "$run-tls-data:/var/lib/kiln" \
   -v "$certs:/etc/kiln/certs:ro" "$tag" \
-  coordinator --id 1 --data-dir /var/lib/kiln/coordinator \
+  coordinator --id 1 --data-dir /var/lib/kiln/coordinator --bootstrap \
   --listen 0.0.0.0:7070 --advertise "$run-tls:7070" --http 0.0.0.0:7080 \
   --tls-ca /etc/kiln/certs/ca.pem --tls-cert /etc/kiln/certs/tls1.pem \
   --tls-key /etc/kiln/certs/tls1-key.pem >/dev/null

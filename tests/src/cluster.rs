@@ -122,15 +122,31 @@ impl Cluster {
             .map(|(id, port, _)| format!("{id}=127.0.0.1:{port}"))
             .collect::<Vec<_>>()
             .join(",");
+        // Clusters of the same ports (made again by a later test) get different ids.
+        let token = format!("{:016x}", rand::random::<u64>());
         for (id, port, http_port) in ports {
             let addr = format!("127.0.0.1:{port}");
-            let extra = vec!["--peers".to_string(), peers.clone()];
-            cluster.spawn_coordinator(id, addr, http_port, extra);
+            let extra = vec![
+                "--peers".to_string(),
+                peers.clone(),
+                "--cluster-token".to_string(),
+                token.clone(),
+            ];
+            cluster.spawn_coordinator(id, addr, http_port, extra, &["--bootstrap"]);
         }
         cluster
     }
 
-    fn spawn_coordinator(&mut self, id: u64, addr: String, http_port: u16, extra: Vec<String>) {
+    /// Starts coordinator `id` with `extra` flags, and `first_start` flags that
+    /// this start gets and restarts do not (`--bootstrap`).
+    fn spawn_coordinator(
+        &mut self,
+        id: u64,
+        addr: String,
+        http_port: u16,
+        extra: Vec<String>,
+        first_start: &[&str],
+    ) {
         let name = format!("coordinator-{id}");
         let data_dir = self.dir.path().join(&name);
         let mut args = vec![
@@ -155,7 +171,9 @@ impl Cluster {
             args.push(config.display().to_string());
         }
         let log = self.dir.path().join(format!("{name}.log"));
-        let proc = Proc::spawn(&name, &self.bin, &args, &log);
+        let mut first_args = args.clone();
+        first_args.extend(first_start.iter().map(|flag| flag.to_string()));
+        let proc = Proc::spawn(&name, &self.bin, &first_args, &log);
         self.coordinators.insert(
             id,
             Node {
@@ -273,8 +291,51 @@ impl Cluster {
         proc.terminate(STOP_GRACE).await
     }
 
+    /// Waits up to `timeout` for coordinator `id` to exit on its own and returns
+    /// its exit status; panics with its log if it still runs then.
+    pub async fn expect_exit(&mut self, id: u64, timeout: Duration) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let node = self.coordinator_mut(id);
+            let proc = node
+                .proc
+                .as_mut()
+                .unwrap_or_else(|| panic!("{} is not running", node.name));
+            if let Some(status) = proc.exited() {
+                node.proc = None;
+                return status;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "coordinator {id} still runs {timeout:?} after its start; its log:\n{}",
+                    self.coordinator_log(id)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A running coordinator other than `leader`.
+    pub fn follower_of(&self, leader: u64) -> u64 {
+        self.live_ids()
+            .into_iter()
+            .find(|&id| id != leader)
+            .unwrap_or_else(|| panic!("no running coordinator besides {leader}"))
+    }
+
+    /// The log of coordinator `id`, as written so far.
+    pub fn coordinator_log(&self, id: u64) -> String {
+        std::fs::read_to_string(&self.coordinator(id).log).unwrap_or_default()
+    }
+
     /// Starts coordinator `id` again with the same flags and data dir.
     pub fn restart(&mut self, id: u64) {
+        self.restart_with(id, &[]);
+    }
+
+    /// Starts coordinator `id` again with the same flags and data dir, and
+    /// `extra` flags for this start only.
+    pub fn restart_with(&mut self, id: u64, extra: &[&str]) {
         let bin = self.bin.clone();
         let node = self.coordinator_mut(id);
         assert!(
@@ -282,7 +343,9 @@ impl Cluster {
             "restart {}: it is still running",
             node.name
         );
-        node.proc = Some(Proc::spawn(&node.name, &bin, &node.args, &node.log));
+        let mut args = node.args.clone();
+        args.extend(extra.iter().map(|flag| flag.to_string()));
+        node.proc = Some(Proc::spawn(&node.name, &bin, &args, &node.log));
     }
 
     /// Starts coordinator `id` as a new node that joins the running cluster through
@@ -298,7 +361,7 @@ impl Cluster {
             .next()
             .expect("a running coordinator to join through");
         let addr = format!("127.0.0.1:{}", free_port());
-        self.spawn_coordinator(id, addr, free_port(), vec!["--join".to_string(), via]);
+        self.spawn_coordinator(id, addr, free_port(), vec!["--join".to_string(), via], &[]);
     }
 
     /// Starts a worker called `name` against the running coordinators.

@@ -122,6 +122,7 @@ async fn call(
                     from_id: 99,
                     from_addr: "127.0.0.1:1".into(),
                     messages: Vec::new(),
+                    cluster_id: 0,
                 },
                 token,
             ))

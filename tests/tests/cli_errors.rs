@@ -100,6 +100,37 @@ async fn a_node_listed_twice_in_peers_is_refused() {
 }
 
 #[tokio::test]
+async fn an_empty_data_dir_without_bootstrap_is_refused_with_what_to_do() {
+    let dir = TempDir::new().expect("temporary dir");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut args = coordinator_args(dir.path(), &listen, &format!("1={listen}"));
+    args.push("--insecure".to_string());
+    let output = run(&args).await;
+    // The config is valid, so the node logs its start (the --insecure warning)
+    // before it looks at its data dir: the refusal is the last line.
+    let text = stderr_text(&output);
+    assert!(!output.status.success(), "exited 0: {text}");
+    let last = text.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ")
+            && last.contains("holds no cluster and no peer answered")
+            && last.contains("--bootstrap")
+            && last.contains("--join"),
+        "the refusal says how to make or enter a cluster: {text}"
+    );
+    assert!(
+        !dir.path().join("data").join("raft").join("db").exists(),
+        "the refused start left a store behind"
+    );
+
+    args.push("--bootstrap".to_string());
+    args.push("--join".to_string());
+    args.push(listen.clone());
+    let output = run(&args).await;
+    assert_refused(&output, "--bootstrap with --join", &["not both"]);
+}
+
+#[tokio::test]
 async fn a_bad_listen_address_is_refused() {
     let dir = TempDir::new().expect("temporary dir");
     let peer = format!("1=127.0.0.1:{}", free_port());

@@ -275,3 +275,76 @@ async fn data_term_and_membership_survive_a_full_restart() {
     }
     cluster.assert_healthy();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coordinator_whose_data_dir_was_wiped_stops_and_the_cluster_keeps_its_data() {
+    let mut cluster = Cluster::start(3, "");
+    let (leader, _) = cluster.wait_for_leader(FIRST_LEADER_TIMEOUT).await;
+    cluster.wait_for_agreement(Duration::from_secs(10)).await;
+    for n in 0..30 {
+        cluster
+            .put(leader, &format!("before-wipe-{n:02}"), "v")
+            .await
+            .unwrap_or_else(|e| panic!("write before-wipe-{n:02}: {e}"));
+    }
+    let wiped = cluster.follower_of(leader);
+    cluster
+        .wait_converged(&cluster.live_ids(), Duration::from_secs(10))
+        .await;
+    cluster.stop(wiped).await;
+    let dir = cluster.data_dir(wiped);
+    std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("wipe {}: {e}", dir.display()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("recreate {}: {e}", dir.display()));
+
+    // Started again as a restart starts it (--peers, no --bootstrap), it asks its
+    // peers, finds their cluster, and refuses to start, saying how to re-add it.
+    cluster.restart(wiped);
+    let status = cluster.expect_exit(wiped, Duration::from_secs(30)).await;
+    assert!(
+        !status.success(),
+        "the wiped coordinator exited with {status}"
+    );
+    let log = cluster.coordinator_log(wiped);
+    assert!(
+        log.contains("cannot rejoin as itself")
+            && log.contains(&format!("kiln admin remove-coordinator {wiped}")),
+        "the wiped coordinator's refusal says why and how to re-add it:\n{log}"
+    );
+    assert_eq!(
+        log.matches("bootstrapped a new cluster").count(),
+        1,
+        "the wiped coordinator bootstrapped again (its log holds every start):\n{log}"
+    );
+
+    // Told to bootstrap anyway, it makes a member with no log: the leader's next
+    // heartbeat names a commit index it lacks, raft-rs panics on the Raft thread,
+    // and the process must stop with the reason, not stay up with its ports open.
+    cluster.restart_with(wiped, &["--bootstrap"]);
+    let status = cluster.expect_exit(wiped, Duration::from_secs(30)).await;
+    assert!(
+        !status.success(),
+        "the re-bootstrapped coordinator exited with {status}"
+    );
+    let log = cluster.coordinator_log(wiped);
+    assert!(
+        log.contains("the raft thread stopped"),
+        "the re-bootstrapped coordinator's log names why it stopped:\n{log}"
+    );
+
+    // The two others still hold every write and take new ones.
+    let live = cluster.live_ids();
+    cluster
+        .put(leader, "after-wipe", "v")
+        .await
+        .expect("write with the wiped coordinator stopped");
+    for id in live {
+        for n in 0..30 {
+            let key = format!("before-wipe-{n:02}");
+            let read = cluster
+                .get(id, &key, false)
+                .await
+                .unwrap_or_else(|e| panic!("read {key} through coordinator {id}: {e}"));
+            assert_eq!(read.as_deref(), Some("v"), "{key} on coordinator {id}");
+        }
+    }
+}

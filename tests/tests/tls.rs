@@ -23,6 +23,7 @@ fn empty_batch() -> RaftBatch {
         from_id: 9,
         from_addr: "127.0.0.1:1".into(),
         messages: Vec::new(),
+        cluster_id: 0,
     }
 }
 

@@ -107,11 +107,7 @@ pub fn loads(name: &str) -> bool {
 /// error that names `op`.
 pub fn guarded<T>(op: &str, f: impl FnOnce() -> T) -> Result<T, String> {
     catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
-        let message = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or("a panic without a message");
+        let message = kiln_common::panic_message(payload.as_ref());
         format!("{op}: cudarc panicked: {message}")
     })
 }

@@ -173,6 +173,8 @@ impl InProcessCoordinator {
                 listen: Some(self.grpc_addr.to_string()),
                 http: Some(self.http_addr.to_string()),
                 insecure: true,
+                // A new data dir on the first launch; a restart keeps its data.
+                bootstrap: true,
                 ..Default::default()
             },
         )

@@ -21,7 +21,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{self, Caller, Permission};
 use crate::health::HeartbeatClock;
-use crate::raft::node::{write_snapshot_record, IncomingSnapshot, NodeView, RaftHandle};
+use crate::raft::node::{
+    write_snapshot_record, IncomingSnapshot, NodeView, RaftHandle, SnapshotDigest,
+};
 use crate::raft::transport::Transport;
 use crate::state::keys;
 use crate::state::machine::validate_kv;
@@ -260,6 +262,7 @@ impl Api {
             snapshots_received: v.snapshots_received,
             version: env!("CARGO_PKG_VERSION").to_string(),
             leader_addr: v.leader_addr().unwrap_or_default(),
+            cluster_id: self.transport.cluster_id(),
         }
     }
 
@@ -372,6 +375,9 @@ impl Api {
             .await
             .ok_or_else(|| Error::InvalidArgument("empty snapshot stream".into()))?
             .map_err(Error::from)?;
+        self.transport
+            .admit(first.from_id, first.cluster_id)
+            .map_err(Error::PermissionDenied)?;
         let message = Message::decode(first.message.as_slice())
             .map_err(|e| Error::InvalidArgument(format!("undecodable snapshot message: {e}")))?;
         self.transport.learn(first.from_id, &first.from_addr);
@@ -382,26 +388,13 @@ impl Api {
         let path = self
             .snapshot_dir
             .join(format!("incoming-{:020}-{:020}", meta.term, meta.index));
-        let file = tokio::fs::File::create(&path)
-            .await
-            .map_err(|e| Error::Internal(format!("create {}: {e}", path.display())))?;
-        let mut out = tokio::io::BufWriter::new(file);
-        let mut buf = Vec::new();
-        let write_pairs = |pairs: &[KvPair], buf: &mut Vec<u8>| {
-            for p in pairs {
-                write_snapshot_record(buf, &p.key, &p.value);
-            }
-        };
-        write_pairs(&first.pairs, &mut buf);
-        out.write_all(&buf).await.map_err(io_error)?;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(Error::from)?;
-            buf.clear();
-            write_pairs(&chunk.pairs, &mut buf);
-            out.write_all(&buf).await.map_err(io_error)?;
+        let spooled = spool_snapshot(&path, first, &mut stream).await;
+        if let Err(e) = spooled {
+            // Nothing of a refused stream is kept, so nothing of it can be installed.
+            let _ = tokio::fs::remove_file(&path).await;
+            tracing::warn!(from = message.from, index = meta.index, error = %e, "refused a snapshot");
+            return Err(e);
         }
-        out.flush().await.map_err(io_error)?;
-        out.into_inner().sync_all().await.map_err(io_error)?;
         self.node
             .snapshot(IncomingSnapshot {
                 message,
@@ -409,6 +402,45 @@ impl Api {
             })
             .await
     }
+}
+
+/// Writes the pairs of a snapshot stream to `path`, synced, and checks them
+/// against the sender's trailer: a stream cut short, or one with pairs after its
+/// trailer, is refused.
+async fn spool_snapshot(
+    path: &std::path::Path,
+    first: SnapshotChunk,
+    stream: &mut Streaming<SnapshotChunk>,
+) -> Result<()> {
+    let file = tokio::fs::File::create(path)
+        .await
+        .map_err(|e| Error::Internal(format!("create {}: {e}", path.display())))?;
+    let mut out = tokio::io::BufWriter::new(file);
+    let mut buf = Vec::new();
+    let mut digest = SnapshotDigest::default();
+    let mut trailer = None;
+    let mut chunk = Some(first);
+    while let Some(current) = chunk.take() {
+        if trailer.is_some() {
+            return Err(Error::InvalidArgument(
+                "snapshot stream: pairs after the trailer".into(),
+            ));
+        }
+        buf.clear();
+        for p in &current.pairs {
+            write_snapshot_record(&mut buf, &p.key, &p.value);
+            digest.add(&p.key, &p.value);
+        }
+        out.write_all(&buf).await.map_err(io_error)?;
+        trailer = current.trailer;
+        chunk = stream.next().await.transpose().map_err(Error::from)?;
+    }
+    digest
+        .check(trailer.as_ref())
+        .map_err(|e| Error::InvalidArgument(format!("snapshot stream refused: {e}")))?;
+    out.flush().await.map_err(io_error)?;
+    out.into_inner().sync_all().await.map_err(io_error)?;
+    Ok(())
 }
 
 fn io_error(e: std::io::Error) -> Error {
@@ -448,6 +480,9 @@ impl Coordinator for Api {
     async fn raft(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
         kiln_common::tls::require_node(&request, self.tls_enabled)?;
         let batch = request.into_inner();
+        self.transport
+            .admit(batch.from_id, batch.cluster_id)
+            .map_err(Status::permission_denied)?;
         self.transport.learn(batch.from_id, &batch.from_addr);
         let mut msgs = Vec::with_capacity(batch.messages.len());
         for bytes in &batch.messages {

@@ -24,11 +24,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_common::{Error, Result};
-use kiln_proto::v1::{AppliedState, Command, CommandResult, ConfChangeContext, MemberRecord};
+use kiln_proto::v1::{
+    AppliedState, Command, CommandResult, ConfChangeContext, MemberRecord, SnapshotTrailer,
+};
 use prost_raft::Message as _;
 use raft::eraftpb::{
     ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState,
-    Entry, EntryType, Message, MessageType, Snapshot,
+    Entry, EntryType, HardState, Message, MessageType, Snapshot,
 };
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -40,6 +42,12 @@ use crate::state::reader::StateReader;
 use kiln_common::config::RaftSettings;
 
 /// Mailbox messages drained per loop turn before handling Ready.
+/// Bytes of committed entries one Ready hands to the state machine at most, so
+/// that one apply batch (and the memory it holds) stays bounded when a node
+/// catches up on a long log.
+const MAX_COMMITTED_BYTES_PER_READY: u64 = 32 << 20;
+/// Readies handled per wake-up of the Raft thread before the mailbox is read again.
+const MAX_READIES_PER_WAKE: usize = 8;
 const MAX_DRAIN: usize = 4096;
 
 /// A snapshot received from the leader, waiting on disk to be installed.
@@ -248,9 +256,12 @@ impl RaftHandle {
         let _ = self.tx.try_send(NodeMsg::PeerDown(to));
     }
 
-    /// Tells the node how sending a snapshot to `to` ended.
-    pub fn report_snapshot(&self, to: u64, ok: bool) {
-        let _ = self.tx.try_send(NodeMsg::SnapshotDone { to, ok });
+    /// Tells the node how sending a snapshot to `to` ended. Waits for room in the
+    /// mailbox: raft-rs sends the follower nothing more until it hears this, so a
+    /// report dropped on a full mailbox would leave it without a snapshot until
+    /// the leader changed.
+    pub async fn report_snapshot(&self, to: u64, ok: bool) {
+        let _ = self.tx.send(NodeMsg::SnapshotDone { to, ok }).await;
     }
 
     pub(crate) fn sender(&self) -> mpsc::Sender<NodeMsg> {
@@ -281,7 +292,8 @@ pub struct RaftNode {
     /// Proposals by the log index they were appended at.
     pending: BTreeMap<u64, Pending>,
     /// ReadIndex requests by context, then by the index they wait for.
-    reads: HashMap<u64, (oneshot::Sender<Result<u64>>, Instant)>,
+    /// Each with its deadline and when it was last handed to raft-rs.
+    reads: HashMap<u64, (oneshot::Sender<Result<u64>>, Instant, Instant)>,
     reads_waiting_apply: Vec<(u64, oneshot::Sender<Result<u64>>)>,
     next_ctx: u64,
     members: Arc<BTreeMap<u64, MemberRecord>>,
@@ -313,6 +325,7 @@ impl RaftNode {
             applied,
             max_size_per_msg: settings.max_size_per_msg,
             max_inflight_msgs: settings.max_inflight_msgs,
+            max_committed_size_per_ready: MAX_COMMITTED_BYTES_PER_READY,
             check_quorum: true,
             pre_vote: true,
             ..Default::default()
@@ -381,11 +394,19 @@ impl RaftNode {
             if self.stopped {
                 break;
             }
-            if let Err(e) = self.on_ready() {
-                // A storage failure leaves the node unable to take part safely.
-                tracing::error!(error = %e, "raft storage failed; stopping this coordinator");
-                eprintln!("error: raft storage failed on coordinator {}: {e}", self.id);
-                std::process::exit(70);
+            // A Ready holds at most MAX_COMMITTED_BYTES_PER_READY of committed
+            // entries; what is left comes in the next ones, a few per wake-up so
+            // that the mailbox is not starved by a long catch-up.
+            for _ in 0..MAX_READIES_PER_WAKE {
+                if let Err(e) = self.on_ready() {
+                    // A storage failure leaves the node unable to take part safely.
+                    tracing::error!(error = %e, "raft storage failed; stopping this coordinator");
+                    eprintln!("error: raft storage failed on coordinator {}: {e}", self.id);
+                    std::process::exit(70);
+                }
+                if !self.raw.has_ready() {
+                    break;
+                }
             }
             if last_tick.elapsed() >= Duration::from_millis(self.settings.tick_ms) {
                 last_tick = Instant::now();
@@ -435,7 +456,8 @@ impl RaftNode {
                 self.next_ctx += 1;
                 let ctx = self.next_ctx;
                 self.raw.read_index(ctx.to_be_bytes().to_vec());
-                self.reads.insert(ctx, (reply, self.deadline()));
+                self.reads
+                    .insert(ctx, (reply, self.deadline(), Instant::now()));
             }
             NodeMsg::TransferLeader { to } => self.raw.transfer_leader(to),
             NodeMsg::Unreachable(to) => self.raw.report_unreachable(to),
@@ -590,13 +612,13 @@ impl RaftNode {
         if !ready.messages().is_empty() {
             self.transport.send(ready.take_messages());
         }
+        let hs = ready.hs().cloned();
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
-            self.install_snapshot(&snap)?;
+            self.install_snapshot(&snap, hs.as_ref())?;
         }
         let read_states = ready.take_read_states();
         let committed = ready.take_committed_entries();
-        let hs = ready.hs().cloned();
         if let Some(last) = committed.last() {
             // The commit index of what is applied goes to the WAL before the apply
             // batch, so no restart finds an entry applied beyond the stored commit
@@ -625,7 +647,7 @@ impl RaftNode {
         self.raw.advance_apply();
         for rs in read_states {
             let ctx = ctx_of(&rs.request_ctx);
-            if let Some((reply, _)) = self.reads.remove(&ctx) {
+            if let Some((reply, _, _)) = self.reads.remove(&ctx) {
                 self.reads_waiting_apply.push((rs.index, reply));
             }
         }
@@ -648,7 +670,11 @@ impl RaftNode {
         }
     }
 
-    fn install_snapshot(&mut self, snap: &Snapshot) -> std::result::Result<(), StoreError> {
+    fn install_snapshot(
+        &mut self,
+        snap: &Snapshot,
+        hard_state: Option<&HardState>,
+    ) -> std::result::Result<(), StoreError> {
         let meta = snap.get_metadata().clone();
         let file = self
             .snapshot_files
@@ -664,7 +690,9 @@ impl RaftNode {
         let mut pairs = SnapshotFileReader {
             inner: std::io::BufReader::new(reader),
         };
-        self.raw.mut_store().install_snapshot(&meta, &mut pairs)?;
+        self.raw
+            .mut_store()
+            .install_snapshot(&meta, hard_state, &mut pairs)?;
         let _ = std::fs::remove_file(&file);
         // Spools of older snapshots that Raft passed over are useless now.
         self.snapshot_files.retain(|(index, _), path| {
@@ -832,7 +860,7 @@ impl RaftNode {
                 "coordinator {} knows no leader that a majority follows; the read cannot be confirmed",
                 self.id
             ));
-            for (_, (reply, _)) in self.reads.drain() {
+            for (_, (reply, _, _)) in self.reads.drain() {
                 let _ = reply.send(Err(err.clone()));
             }
         }
@@ -875,18 +903,38 @@ impl RaftNode {
         let expired_reads: Vec<u64> = self
             .reads
             .iter()
-            .filter(|(_, (_, d))| *d <= now)
+            .filter(|(_, (_, d, _))| *d <= now)
             .map(|(c, _)| *c)
             .collect();
         for ctx in expired_reads {
-            if let Some((reply, _)) = self.reads.remove(&ctx) {
+            if let Some((reply, _, _)) = self.reads.remove(&ctx) {
                 let _ = reply.send(Err(Error::NoQuorum(
                     "read index not confirmed by a majority in time".into(),
                 )));
             }
         }
+        self.reissue_reads(now);
         if self.raw.raft.state == StateRole::Leader {
             self.promote_caught_up_learners();
+        }
+    }
+
+    /// Hands raft-rs again the reads it has not answered within a tick. A leader
+    /// that has not yet committed an entry of its term drops a ReadIndex without a
+    /// word (raft-rs 0.7), as does a leader that lost its role while a follower's
+    /// read was on the way; asked again, the read is answered as soon as the new
+    /// leader's first entry commits, not at its deadline. raft-rs ignores a
+    /// context it already holds, and a second answer finds no waiter.
+    fn reissue_reads(&mut self, now: Instant) {
+        if self.raw.raft.leader_id == 0 {
+            return;
+        }
+        let tick = Duration::from_millis(self.settings.tick_ms);
+        for (ctx, (_, _, issued)) in self.reads.iter_mut() {
+            if now.duration_since(*issued) >= tick {
+                *issued = now;
+                self.raw.read_index(ctx.to_be_bytes().to_vec());
+            }
         }
     }
 
@@ -929,7 +977,7 @@ impl RaftNode {
         for (_, p) in std::mem::take(&mut self.pending) {
             fail(p.waiter, err.clone());
         }
-        for (_, (reply, _)) in self.reads.drain() {
+        for (_, (reply, _, _)) in self.reads.drain() {
             let _ = reply.send(Err(err.clone()));
         }
         for (_, reply) in self.reads_waiting_apply.drain(..) {
@@ -1145,6 +1193,58 @@ pub fn write_snapshot_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     out.extend_from_slice(key);
     out.extend_from_slice(&(value.len() as u32).to_be_bytes());
     out.extend_from_slice(value);
+}
+
+/// What a snapshot stream carried, summed the same way by its sender and its
+/// receiver: the pairs, counted, and the BLAKE3 digest of their records in stream
+/// order (the framing of [`write_snapshot_record`]).
+#[derive(Default)]
+pub struct SnapshotDigest {
+    pairs: u64,
+    hasher: blake3::Hasher,
+}
+
+impl SnapshotDigest {
+    /// Adds one pair, in stream order.
+    pub fn add(&mut self, key: &[u8], value: &[u8]) {
+        self.pairs += 1;
+        self.hasher.update(&(key.len() as u32).to_be_bytes());
+        self.hasher.update(key);
+        self.hasher.update(&(value.len() as u32).to_be_bytes());
+        self.hasher.update(value);
+    }
+
+    /// The trailer a sender ends its stream with.
+    pub fn trailer(&self) -> SnapshotTrailer {
+        SnapshotTrailer {
+            pairs: self.pairs,
+            digest: self.hasher.finalize().as_bytes().to_vec(),
+        }
+    }
+
+    /// Checks what arrived against the sender's trailer; the error says how a
+    /// stream that was cut short or corrupted differs.
+    pub fn check(&self, trailer: Option<&SnapshotTrailer>) -> std::result::Result<(), String> {
+        let Some(sent) = trailer else {
+            return Err(format!(
+                "the stream ended after {} pairs without its trailer: it was cut short",
+                self.pairs
+            ));
+        };
+        if sent.pairs != self.pairs {
+            return Err(format!(
+                "{} pairs arrived, the sender's trailer counts {}",
+                self.pairs, sent.pairs
+            ));
+        }
+        if sent.digest != self.hasher.finalize().as_bytes() {
+            return Err(format!(
+                "the digest of the {} pairs that arrived differs from the sender's",
+                self.pairs
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Returns true when `m` is a snapshot message (sent as a stream, not in a batch).

@@ -96,10 +96,14 @@ pub trait RaftStore: Storage + Send {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Replaces the whole state with a snapshot's contents and resets the log to
-    /// start after it.
+    /// start after it. `hard_state` (the Ready's, when the snapshot comes with one)
+    /// is written in the same batch, so that no crash leaves the new state under an
+    /// old term or vote; without it the stored one is kept, raised to the
+    /// snapshot's term with no vote if that term is newer.
     fn install_snapshot(
         &mut self,
         meta: &SnapshotMetadata,
+        hard_state: Option<&HardState>,
         pairs: &mut dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>>,
     ) -> Result<(), StoreError>;
 
@@ -108,6 +112,29 @@ pub trait RaftStore: Storage + Send {
 
     /// Returns the index and term just before the first entry of the log.
     fn truncated(&self) -> (u64, u64);
+}
+
+/// The hard state a snapshot install writes: the Ready's when given, else the
+/// stored one raised to the snapshot's term (with no vote: a vote belongs to its
+/// term). The commit index is the snapshot's: the log ends there until the
+/// Ready's entries are persisted, and a stored commit index past the log's end
+/// would stop the next start.
+fn snapshot_hard_state(
+    stored: &HardState,
+    ready: Option<&HardState>,
+    meta: &SnapshotMetadata,
+) -> HardState {
+    let mut hs = match ready {
+        Some(hs) => hs.clone(),
+        None if meta.term > stored.term => HardState {
+            term: meta.term,
+            vote: 0,
+            commit: stored.commit,
+        },
+        None => stored.clone(),
+    };
+    hs.commit = meta.index;
+    hs
 }
 
 fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
@@ -166,6 +193,11 @@ pub struct RocksStore {
 
 impl RocksStore {
     /// Opens (or creates) the store under `dir`.
+    /// Returns true when a store was made in `dir` (it may still be empty).
+    pub fn exists(dir: &Path) -> bool {
+        dir.join("db").join("CURRENT").exists()
+    }
+
     pub fn open(dir: &Path) -> Result<RocksStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError {
             op: "create raft data dir",
@@ -580,6 +612,7 @@ impl RaftStore for RocksStore {
     fn install_snapshot(
         &mut self,
         meta: &SnapshotMetadata,
+        hard_state: Option<&HardState>,
         pairs: &mut dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>>,
     ) -> Result<(), StoreError> {
         let mut wb = WriteBatch::default();
@@ -599,9 +632,7 @@ impl RaftStore for RocksStore {
             term: meta.term,
         };
         wb.put_cf(state, KEY_APPLIED, prost::Message::encode_to_vec(&applied));
-        let mut hs = self.hard_state.clone();
-        hs.term = hs.term.max(meta.term);
-        hs.commit = hs.commit.max(meta.index);
+        let hs = snapshot_hard_state(&self.hard_state, hard_state, meta);
         wb.put_cf(meta_cf, KEY_HARD_STATE, hs.encode_to_vec());
         wb.put_cf(
             &meta_cf,
@@ -826,6 +857,7 @@ impl RaftStore for MemStore {
     fn install_snapshot(
         &mut self,
         meta: &SnapshotMetadata,
+        hard_state: Option<&HardState>,
         pairs: &mut dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>>,
     ) -> Result<(), StoreError> {
         let mut state = BTreeMap::new();
@@ -844,8 +876,7 @@ impl RaftStore for MemStore {
             term: meta.term,
         };
         d.conf_state = meta.get_conf_state().clone();
-        d.hard_state.term = d.hard_state.term.max(meta.term);
-        d.hard_state.commit = d.hard_state.commit.max(meta.index);
+        d.hard_state = snapshot_hard_state(&d.hard_state, hard_state, meta);
         Ok(())
     }
 

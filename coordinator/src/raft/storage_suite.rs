@@ -75,7 +75,7 @@ fn bootstrap<S: RaftStore>(s: &mut S, voters: Vec<u64>) {
         voters,
         ..Default::default()
     });
-    s.install_snapshot(&meta, &mut std::iter::empty())
+    s.install_snapshot(&meta, None, &mut std::iter::empty())
         .expect("bootstrap");
 }
 
@@ -88,6 +88,46 @@ fn run_suite<H: Harness>(mut h: H) {
     snapshot_install_replaces_log_and_state(&mut h);
     apply_moves_applied_with_effects(&mut h);
     append_refuses_gaps(&mut h);
+    snapshot_writes_its_hard_state_in_the_same_batch(&mut h);
+}
+
+/// A follower at term 3 that voted for 2 is sent a snapshot by the leader of term
+/// 6: whatever the crash, it never wakes with the new state and its old vote
+/// under the new term (a vote it never cast).
+fn snapshot_writes_its_hard_state_in_the_same_batch<H: Harness>(h: &mut H) {
+    let snapshot = |term| {
+        let mut meta = SnapshotMetadata {
+            index: 20,
+            term,
+            ..Default::default()
+        };
+        meta.set_conf_state(ConfState {
+            voters: vec![1, 2, 3],
+            ..Default::default()
+        });
+        meta
+    };
+    // With the Ready's hard state: it is what a crash right after finds, with the
+    // commit index where the log now ends (the Ready's entries past the snapshot
+    // are persisted after it).
+    let mut s = h.create();
+    bootstrap(&mut s, vec![1, 2, 3]);
+    s.persist(&[], Some(&hs(3, 2, 1)))
+        .expect("persist the vote");
+    s.install_snapshot(&snapshot(5), Some(&hs(6, 0, 25)), &mut std::iter::empty())
+        .expect("install");
+    let s = h.crash_and_reopen(s);
+    assert_eq!(s.initial_state().expect("state").hard_state, hs(6, 0, 20));
+
+    // Without one (bootstrap, older callers): a newer term drops the old vote.
+    let mut s = h.create();
+    bootstrap(&mut s, vec![1, 2, 3]);
+    s.persist(&[], Some(&hs(3, 2, 1)))
+        .expect("persist the vote");
+    s.install_snapshot(&snapshot(5), None, &mut std::iter::empty())
+        .expect("install");
+    let s = h.crash_and_reopen(s);
+    assert_eq!(s.initial_state().expect("state").hard_state, hs(5, 0, 20));
 }
 
 fn empty_store_is_truncated_at_zero<H: Harness>(h: &mut H) {
@@ -211,7 +251,8 @@ fn snapshot_install_replaces_log_and_state<H: Harness>(h: &mut H) {
         Ok((KEY_APPLIED.to_vec(), b"ignored".to_vec())),
     ]
     .into_iter();
-    s.install_snapshot(&meta, &mut pairs).expect("install");
+    s.install_snapshot(&meta, None, &mut pairs)
+        .expect("install");
     let s = h.crash_and_reopen(s);
     assert_eq!(s.first_index().expect("first"), 11);
     assert_eq!(s.last_index().expect("last"), 10);

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use rocksdb::{IteratorMode, Options, DB};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
-use super::node::{is_snapshot, RaftHandle};
+use super::node::{is_snapshot, RaftHandle, SnapshotDigest};
 use super::storage::{RocksStore, CF_LOG, CF_META, CF_STATE};
 
 /// Messages queued for one peer before new ones are dropped.
@@ -48,6 +49,9 @@ struct Inner {
 pub struct Transport {
     self_id: u64,
     self_addr: String,
+    /// The cluster's id, sent with every message and checked on every message
+    /// received (0: not known yet, so neither).
+    cluster_id: Arc<AtomicU64>,
     checkpoint_dir: PathBuf,
     tls: Option<TlsMaterial>,
     runtime: tokio::runtime::Handle,
@@ -65,6 +69,7 @@ impl Transport {
         Transport {
             self_id,
             self_addr,
+            cluster_id: Arc::new(AtomicU64::new(0)),
             checkpoint_dir,
             tls,
             runtime: tokio::runtime::Handle::current(),
@@ -72,6 +77,38 @@ impl Transport {
                 peers: HashMap::new(),
                 node: None,
             })),
+        }
+    }
+
+    /// Sets the cluster's id, as the state holds it.
+    pub fn set_cluster_id(&self, id: u64) {
+        self.cluster_id.store(id, Ordering::Relaxed);
+    }
+
+    /// The cluster's id (0: not known yet).
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id.load(Ordering::Relaxed)
+    }
+
+    /// Checks the cluster id of a batch or snapshot from coordinator `from`: one
+    /// of another cluster is refused (a node of an old cluster on the same
+    /// address, a peer list mixed up). A node that does not know its cluster's id
+    /// yet (a joining learner) takes the first one it is sent; 0 is not checked
+    /// (a peer of a version before ids).
+    pub fn admit(&self, from: u64, theirs: u64) -> Result<(), String> {
+        if theirs == 0 {
+            return Ok(());
+        }
+        match self
+            .cluster_id
+            .compare_exchange(0, theirs, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => Ok(()),
+            Err(own) if own == theirs => Ok(()),
+            Err(own) => Err(format!(
+                "a raft message from coordinator {from} of cluster {theirs:016x}; this \
+                 coordinator is a member of cluster {own:016x}"
+            )),
         }
     }
 
@@ -138,6 +175,7 @@ impl Transport {
                 let task = SnapshotSender {
                     to,
                     addr: peer.addr.clone(),
+                    cluster_id: self.cluster_id(),
                     from_id: self.self_id,
                     from_addr: self.self_addr.clone(),
                     checkpoint_dir: self.checkpoint_dir.clone(),
@@ -202,6 +240,7 @@ impl PeerSender {
                 from_id: self.from_id,
                 from_addr: self.from_addr.clone(),
                 messages: batch,
+                cluster_id: self.transport.cluster_id(),
             };
             let result = tokio::time::timeout(SEND_TIMEOUT, client.raft(request)).await;
             match result {
@@ -231,6 +270,7 @@ impl PeerSender {
 struct SnapshotSender {
     to: u64,
     addr: String,
+    cluster_id: u64,
     from_id: u64,
     from_addr: String,
     checkpoint_dir: PathBuf,
@@ -252,7 +292,7 @@ impl SnapshotSender {
             Err(_) => tracing::warn!(to, index = meta.index, "send snapshot timed out"),
         }
         if let Some(node) = &self.node {
-            node.report_snapshot(to, ok);
+            node.report_snapshot(to, ok).await;
         }
     }
 
@@ -264,24 +304,40 @@ impl SnapshotSender {
             from_id: self.from_id,
             from_addr: self.from_addr.clone(),
             message: msg.encode_to_vec(),
-            pairs: Vec::new(),
+            cluster_id: self.cluster_id,
+            ..Default::default()
         };
         tx.send(first)
             .await
             .map_err(|_| anyhow::anyhow!("snapshot stream closed"))?;
-        let reader = tokio::task::spawn_blocking(move || read_checkpoint(path, tx));
         let channel = channel(&self.addr, self.tls.as_ref())
             .ok_or_else(|| anyhow::anyhow!("bad address {}", self.addr))?;
+        let mut reader = tokio::task::spawn_blocking(move || read_checkpoint(path, tx));
         let mut client = CoordinatorClient::new(channel);
-        let sent = client
-            .install_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await;
-        let read = reader
-            .await
-            .map_err(|e| anyhow::anyhow!("snapshot reader task: {e}"))?;
-        read?;
-        sent.map_err(|s| anyhow::anyhow!("install snapshot on {}: {}", self.addr, s.message()))?;
-        Ok(())
+        let call = client.install_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx));
+        tokio::pin!(call);
+        let answered = |sent: std::result::Result<_, tonic::Status>| {
+            sent.map(drop)
+                .map_err(|s| anyhow::anyhow!("install snapshot on {}: {}", self.addr, s.message()))
+        };
+        let joined = |read: std::result::Result<anyhow::Result<()>, tokio::task::JoinError>| {
+            read.map_err(|e| anyhow::anyhow!("snapshot reader task: {e}"))?
+        };
+        tokio::select! {
+            read = &mut reader => {
+                // A reader that failed returns here, dropping the call: the stream is
+                // reset, not ended, and the receiver has no trailer either way.
+                joined(read)?;
+                answered(call.await)
+            }
+            sent = &mut call => {
+                // The receiver answered first: it refused, or it took the trailer
+                // just before the reader's end was seen.
+                let read = joined(reader.await);
+                answered(sent)?;
+                read
+            }
+        }
     }
 }
 
@@ -299,9 +355,11 @@ fn read_checkpoint(path: PathBuf, tx: mpsc::Sender<SnapshotChunk>) -> anyhow::Re
         .ok_or_else(|| anyhow::anyhow!("checkpoint {} has no state", path.display()))?;
     let mut chunk = Vec::new();
     let mut bytes = 0usize;
+    let mut digest = SnapshotDigest::default();
     for item in db.iterator_cf(&cf, IteratorMode::Start) {
         let (key, value) = item.map_err(|e| anyhow::anyhow!("read snapshot checkpoint: {e}"))?;
         bytes += key.len() + value.len();
+        digest.add(&key, &value);
         chunk.push(KvPair {
             key: key.to_vec(),
             value: value.to_vec(),
@@ -316,12 +374,11 @@ fn read_checkpoint(path: PathBuf, tx: mpsc::Sender<SnapshotChunk>) -> anyhow::Re
             .map_err(|_| anyhow::anyhow!("snapshot stream closed by receiver"))?;
         }
     }
-    if !chunk.is_empty() {
-        tx.blocking_send(SnapshotChunk {
-            pairs: chunk,
-            ..Default::default()
-        })
-        .map_err(|_| anyhow::anyhow!("snapshot stream closed by receiver"))?;
-    }
+    tx.blocking_send(SnapshotChunk {
+        pairs: chunk,
+        trailer: Some(digest.trailer()),
+        ..Default::default()
+    })
+    .map_err(|_| anyhow::anyhow!("snapshot stream closed by receiver"))?;
     Ok(())
 }

@@ -8,6 +8,7 @@
 //! token/<name>     TokenRecord (salt and hash, never the secret)
 //! audit/<seq:020>  AuditRecord; meta/audit_seq holds the last seq
 //! meta/tokens_version          u64, bumped by every token change
+//! meta/cluster_id              u64, the id the cluster got at bootstrap
 //! artifact_head/<name>         u64, the newest version number (listing scans these)
 //! artifact/<name>/v/<ver:020>  ArtifactVersion (the manifest)
 //! artifact/<name>/tag/<tag>    u64, the version a tag points at
@@ -45,6 +46,10 @@ pub const AUDIT: &str = "audit/";
 pub const AUDIT_SEQ: &[u8] = b"meta/audit_seq";
 /// Audit records kept; older ones are dropped as new ones arrive.
 pub const MAX_AUDIT_RECORDS: u64 = 100_000;
+
+/// Key of the cluster's id, written at bootstrap (u64, big-endian): every Raft
+/// message carries it, and a node of another cluster refuses the message.
+pub const CLUSTER_ID: &[u8] = b"meta/cluster_id";
 
 /// Prefix of bearer token records (salted hashes only).
 pub const TOKEN: &str = "token/";

@@ -112,6 +112,11 @@ impl StateReader {
         super::machine::read_counter(self, keys::TOKENS_VERSION)
     }
 
+    /// Returns the cluster's id (0 on a data dir made before ids, or not caught up).
+    pub fn cluster_id(&self) -> Result<u64, StoreError> {
+        super::machine::read_counter(self, keys::CLUSTER_ID)
+    }
+
     /// Returns every token record.
     pub fn tokens(&self) -> Result<Vec<kiln_proto::v1::TokenRecord>, StoreError> {
         self.decode_all(keys::TOKEN, "decode token record")

@@ -638,7 +638,7 @@ impl Shared {
             Err(panic) => format!(
                 "inference of model {} panicked: {}",
                 self.model,
-                panic_message(&*panic)
+                kiln_common::panic_message(&*panic)
             ),
         };
         tracing::warn!(requests = batch.len(), rows, error = %failure, "batch failed");
@@ -780,14 +780,6 @@ impl Drop for Exit<'_> {
 /// consistent.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("a panic without a message")
 }
 
 #[cfg(test)]
