@@ -152,6 +152,26 @@ pub struct ModelSpec {
     pub activation: Activation,
 }
 
+/// Bytes of memory one parameter takes while it trains, at least: its weight, its
+/// gradient, two optimizer moments and its slot in the all-reduce buffer, each an
+/// f32.
+pub const TRAINING_BYTES_PER_PARAMETER: u64 = 5 * 4;
+
+impl ModelSpec {
+    /// The parameters (weights and biases) of this network with `inputs` features
+    /// and `outputs` outputs, saturating at `u64::MAX`.
+    pub fn parameters(&self, inputs: u64, outputs: u64) -> u64 {
+        let widths: Vec<u64> = std::iter::once(inputs)
+            .chain(self.hidden.iter().map(|&w| u64::from(w)))
+            .chain(std::iter::once(outputs))
+            .collect();
+        widths.windows(2).fold(0u64, |total, pair| {
+            let layer = pair[0].saturating_mul(pair[1]).saturating_add(pair[1]);
+            total.saturating_add(layer)
+        })
+    }
+}
+
 /// `[optimizer]`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct OptimizerSpec {

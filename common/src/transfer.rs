@@ -685,13 +685,20 @@ async fn write_file(
         let _ = std::fs::remove_file(&partial);
         bail!("{} does not match its digest after the pull", file.path);
     }
-    if file.mode != 0 {
+    if let Some(mode) = restored_mode(file.mode) {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(file.mode))
+        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(mode))
             .with_context(|| format!("cannot set the mode of {}", partial.display()))?;
     }
     std::fs::rename(&partial, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+/// The mode a pulled file gets: its recorded permission bits, never setuid,
+/// setgid or sticky (a pushed artifact must not hand whoever pulls it a program
+/// that runs as its owner); `None` when no mode was recorded.
+fn restored_mode(recorded: u32) -> Option<u32> {
+    (recorded != 0).then_some(recorded & 0o777)
 }
 
 /// Chunk replicas by chunk id, as GetArtifact answers them.
@@ -814,6 +821,15 @@ async fn get_artifact(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pulled_file_keeps_its_permission_bits_and_never_setuid() {
+        assert_eq!(restored_mode(0o4755), Some(0o755), "setuid dropped");
+        assert_eq!(restored_mode(0o2750), Some(0o750), "setgid dropped");
+        assert_eq!(restored_mode(0o1777), Some(0o777), "sticky dropped");
+        assert_eq!(restored_mode(0o640), Some(0o640));
+        assert_eq!(restored_mode(0), None, "no mode recorded: the umask's");
+    }
 
     fn file(path: &str, digest: u8, chunks: &[(u8, u64)]) -> ArtifactFile {
         ArtifactFile {

@@ -394,6 +394,11 @@ async fn bad_specs_are_refused_at_submit_with_the_reason() {
             ),
             "67108864 MiB of memory; no worker has that",
         ),
+        (
+            "a model too big to train in any worker's memory",
+            good.replace("hidden = [16, 8]", "hidden = [65536, 65536, 65536]"),
+            "holds at least",
+        ),
     ];
     for (what, text, needle) in cases {
         let path = dir.path().join("bad.toml");
@@ -748,4 +753,46 @@ async fn a_dataset_in_parts_trains_as_the_same_rows_in_one_file() {
     let a = final_params(&cluster, dir.path(), &one_file).await;
     let b = final_params(&cluster, dir.path(), &in_parts).await;
     assert_eq!(a, b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_whose_loss_is_not_finite_fails_and_registers_no_model() {
+    let (cluster, dir) = cluster_with_data(&["a"], 30).await;
+    // Targets far beyond what a squared error can hold in f32: the first batch's
+    // loss is an infinity, as a run that diverged would reach later.
+    let mut csv = String::from("f0,f1,f2,f3,kind\n");
+    for i in 0..60 {
+        csv.push_str(&format!("{i},1,2,3,{}e30\n", i + 1));
+    }
+    let data = dir.path().join("huge.csv");
+    std::fs::write(&data, csv).expect("write data");
+    cluster.push_when_taken(&data, "huge").await;
+    let text = spec("diverges", 1, 1, 2, "")
+        .replace("blobs@1", "huge@1")
+        .replace("max_failures = 2", "max_failures = 0");
+    let job = submit(&cluster, dir.path(), "diverges.toml", &text).await;
+    let doc = kiln_tests::wait_for(
+        Duration::from_secs(120),
+        "the diverging job to end",
+        || async {
+            let doc = show(&cluster, job).await;
+            match doc["state"].as_str() {
+                Some("Failed" | "Succeeded" | "Cancelled") => Ok(doc),
+                other => Err(format!("{other:?} ({})", doc["reason"])),
+            }
+        },
+    )
+    .await;
+    assert_eq!(doc["state"], "Failed", "a run with an infinite loss: {doc}");
+    let reason = doc["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("(not finite): training diverged"),
+        "the reason names the loss: {reason}"
+    );
+    let models: Value =
+        serde_json::from_str(&cluster.cli_ok(&["models", "ls", "--json"]).await).expect("models");
+    assert!(
+        !models.to_string().contains("diverges"),
+        "a failed run registered a model: {models}"
+    );
 }

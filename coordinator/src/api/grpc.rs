@@ -1059,9 +1059,9 @@ impl Coordinator for Api {
         &self,
         request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
-        self.authorize(&request, Permission::Read, "ListJobs")?;
+        let caller = self.authorize(&request, Permission::Read, "ListJobs")?;
         Ok(Response::new(
-            self.list_jobs_call(request.into_inner()).await?,
+            self.list_jobs_call(&caller, request.into_inner()).await?,
         ))
     }
 
@@ -1069,9 +1069,9 @@ impl Coordinator for Api {
         &self,
         request: Request<GetJobRequest>,
     ) -> Result<Response<GetJobResponse>, Status> {
-        self.authorize(&request, Permission::Read, "GetJob")?;
+        let caller = self.authorize(&request, Permission::Read, "GetJob")?;
         Ok(Response::new(
-            self.get_job_call(request.into_inner()).await?,
+            self.get_job_call(&caller, request.into_inner()).await?,
         ))
     }
 

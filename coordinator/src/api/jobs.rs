@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use kiln_common::jobspec::{
-    ArtifactRef, Code, CommandJob, DataFormat, DataSpec, JobSpec, Runtime, Workload,
+    ArtifactRef, Builtin, Code, CommandJob, DataFormat, DataSpec, JobSpec, Runtime, Workload,
 };
 use kiln_common::{Error, Result};
 use kiln_proto::v1::*;
@@ -31,12 +31,45 @@ pub const SHARD_START_TIMEOUT_MS: u64 = 120_000;
 /// one that brought it, a few seconds at most.
 pub const SHARD_GONE_GRACE_MS: u64 = 10_000;
 
-/// A job record as callers see it: without the ring key, which only cluster
-/// nodes (the attempt's workers, through their heartbeats) may hold.
-fn without_secrets(mut job: JobRecord) -> JobRecord {
+/// A job record as `caller` sees it: never the ring key or the job's token, which
+/// only cluster nodes hold (the attempt's workers, through their heartbeats), and
+/// the attempt's NCCL unique id only for a cluster node (the gang's workers meet
+/// through it; anyone else holding it could join the gang's communicator).
+fn without_secrets(mut job: JobRecord, caller: &Caller) -> JobRecord {
     job.ring_key.clear();
     job.job_token.clear();
+    if !matches!(caller, Caller::Node | Caller::Insecure) {
+        job.nccl_id.clear();
+    }
     job
+}
+
+/// Why the built-in trainer's model cannot train in a shard's memory: the
+/// shard's `memory_mib_per_shard` when set (`limit_bytes`), else the largest live
+/// worker's memory (`most_bytes`, 0: unknown, not checked). The parameters are
+/// counted with one output and the features the spec names (at least one), so
+/// the count is a lower bound: a model refused here could never train, and the
+/// worker, and the replicas it serves, are not OOM-killed finding out.
+fn model_too_big(builtin: &Builtin, limit_bytes: u64, most_bytes: u64) -> Option<String> {
+    let inputs = (builtin.data.features.len() as u64).max(1);
+    let parameters = builtin.model.parameters(inputs, 1);
+    let needed = parameters.saturating_mul(kiln_common::jobspec::TRAINING_BYTES_PER_PARAMETER);
+    let (available, what) = match (limit_bytes, most_bytes) {
+        (0, 0) => return None,
+        (0, most) => (most, "the largest live worker's memory"),
+        (limit, _) => (limit, "resources.memory_mib_per_shard"),
+    };
+    (needed > available).then(|| {
+        format!(
+            "model: hidden = {:?} holds at least {parameters} parameters, which need at least {} MiB \
+             to train ({} bytes each: weight, gradient, optimizer state, all-reduce), more than \
+             {what} ({} MiB); make the layers narrower",
+            builtin.model.hidden,
+            needed >> 20,
+            kiln_common::jobspec::TRAINING_BYTES_PER_PARAMETER,
+            available >> 20
+        )
+    })
 }
 
 /// A new attempt's own token for a command job (its record's role, run and
@@ -296,6 +329,16 @@ impl Api {
                 usable.len()
             ));
         }
+        if let Some(builtin) = spec.builtin() {
+            let most_bytes = usable
+                .iter()
+                .filter_map(|w| w.resources.as_ref().map(|r| r.memory_bytes))
+                .max()
+                .unwrap_or(0);
+            if let Some(problem) = model_too_big(builtin, memory_bytes, most_bytes) {
+                problems.push(problem);
+            }
+        }
         Ok(())
     }
 
@@ -349,7 +392,11 @@ impl Api {
     }
 
     /// Lists jobs, newest first.
-    pub async fn list_jobs_call(&self, req: ListJobsRequest) -> Result<ListJobsResponse> {
+    pub async fn list_jobs_call(
+        &self,
+        caller: &Caller,
+        req: ListJobsRequest,
+    ) -> Result<ListJobsResponse> {
         self.read_barrier(false).await?;
         let max = match req.max_results {
             0 => 1000,
@@ -361,7 +408,7 @@ impl Api {
         let mut id = seq;
         while id > 0 && jobs.len() < max {
             if let Some(job) = read_job(&self.reader, id).map_err(storage)? {
-                jobs.push(without_secrets(job));
+                jobs.push(without_secrets(job, caller));
             }
             id -= 1;
         }
@@ -369,13 +416,17 @@ impl Api {
     }
 
     /// Returns one job.
-    pub async fn get_job_call(&self, req: GetJobRequest) -> Result<GetJobResponse> {
+    pub async fn get_job_call(
+        &self,
+        caller: &Caller,
+        req: GetJobRequest,
+    ) -> Result<GetJobResponse> {
         self.read_barrier(false).await?;
         let job = read_job(&self.reader, req.job_id)
             .map_err(storage)?
             .ok_or_else(|| Error::NotFound(format!("job {} does not exist", req.job_id)))?;
         Ok(GetJobResponse {
-            job: Some(without_secrets(job)),
+            job: Some(without_secrets(job, caller)),
         })
     }
 
@@ -767,5 +818,73 @@ impl Api {
             }
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_cluster_nodes_read_a_gangs_nccl_id_and_nobody_its_ring_key_or_token() {
+        let job = JobRecord {
+            nccl_id: vec![7; 128],
+            ring_key: vec![1; 32],
+            job_token: "kt.job-1.secret".into(),
+            ..Default::default()
+        };
+        let viewer = Caller::Token {
+            name: "alice".into(),
+            role: Role::Admin,
+        };
+        let seen = without_secrets(job.clone(), &viewer);
+        assert!(seen.nccl_id.is_empty() && seen.ring_key.is_empty() && seen.job_token.is_empty());
+        for node in [Caller::Node, Caller::Insecure] {
+            let seen = without_secrets(job.clone(), &node);
+            assert_eq!(
+                seen.nccl_id, job.nccl_id,
+                "{node:?} meets its gang through it"
+            );
+            assert!(seen.ring_key.is_empty() && seen.job_token.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_model_that_cannot_train_in_a_shards_memory_is_refused_at_submit() {
+        let spec = |hidden: &str, memory: &str| {
+            JobSpec::parse(&format!(
+                "name = \"m\"\n[data]\nartifact = \"d@1\"\nlabel = \"y\"\nfeatures = [\"a\", \"b\"]\n\
+                 [model]\nkind = \"mlp\"\nhidden = {hidden}\n[train]\nepochs = 1\n\
+                 [resources]\nshards = 1\n{memory}"
+            ))
+            .expect("a valid spec")
+        };
+        // 2 -> 65536 x 3 -> 1: 8.6 billion parameters, 160 GiB to train.
+        let huge = spec("[65536, 65536, 65536]", "memory_mib_per_shard = 4096\n");
+        let problem = model_too_big(huge.builtin().expect("builtin"), 4096 << 20, 64 << 30)
+            .expect("an 8.6e9-parameter model in 4 GiB was accepted");
+        assert!(
+            problem.contains("holds at least 8590327809 parameters")
+                && problem.contains("resources.memory_mib_per_shard (4096 MiB)"),
+            "{problem}"
+        );
+        // No per-shard limit: the largest worker bounds it.
+        let unbounded = spec("[65536, 65536, 65536]", "");
+        let problem = model_too_big(unbounded.builtin().expect("builtin"), 0, 64 << 30)
+            .expect("refused against the largest worker");
+        assert!(
+            problem.contains("the largest live worker's memory (65536 MiB)"),
+            "{problem}"
+        );
+        // A model that fits, and a cluster whose memory is unknown.
+        let small = spec("[64, 32]", "memory_mib_per_shard = 512\n");
+        assert_eq!(
+            model_too_big(small.builtin().expect("builtin"), 512 << 20, 0),
+            None
+        );
+        assert_eq!(
+            model_too_big(unbounded.builtin().expect("builtin"), 0, 0),
+            None
+        );
     }
 }

@@ -59,6 +59,12 @@ pub enum DataError {
         column: String,
         value: String,
     },
+    #[error("row {row}, column {column}: {value} is not a finite number (NaN and infinities poison training)")]
+    NotFinite {
+        row: usize,
+        column: String,
+        value: String,
+    },
     #[error("row {row}, column {column}: the value is missing (null)")]
     Null { row: usize, column: String },
     #[error("row {row}, column {column}: a {kind} value is neither a number nor text")]
@@ -397,6 +403,18 @@ impl TableBuilder {
                 Cell::Real(v) => v as f32,
                 other => return Err(Self::unreadable(other, row, column)),
             };
+            // Also a finite f64 beyond f32's range, which became an infinity.
+            if !value.is_finite() {
+                return Err(DataError::NotFinite {
+                    row,
+                    column: column.clone(),
+                    value: match cell(at) {
+                        Cell::Text(text) => text.to_string(),
+                        Cell::Real(v) => v.to_string(),
+                        _ => value.to_string(),
+                    },
+                });
+            }
             self.x.push(value);
         }
         let label = match cell(self.label_at) {
@@ -439,6 +457,13 @@ impl TableBuilder {
         let distinct: BTreeSet<Cow<'_, str>> = labels.iter().map(Label::name).collect();
         match numbers {
             Some(values) if !(integers && distinct.len() <= MAX_INTEGER_CLASSES) => {
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(DataError::NotFinite {
+                        row: self.first_row + i,
+                        column: self.label.clone(),
+                        value: labels[i].name().into_owned(),
+                    });
+                }
                 Ok(Target::Values(values))
             }
             _ => {
@@ -625,6 +650,30 @@ mod tests {
             },
             "integer classes sort numerically"
         );
+    }
+
+    #[test]
+    fn non_finite_cells_are_refused_with_their_row_and_column() {
+        for (csv, row, column, value) in [
+            ("a,b,y\n1,2,0\n3,NaN,1\n", 3, "b", "NaN"),
+            ("a,b,y\n1,inf,0\n", 2, "b", "inf"),
+            ("a,b,y\n-infinity,2,0\n", 2, "a", "-infinity"),
+            // Finite as text, an infinity as f32.
+            ("a,b,y\n1,1e39,0\n", 2, "b", "1e39"),
+            // A regression label.
+            ("a,y\n1,0.5\n2,nan\n", 3, "y", "nan"),
+        ] {
+            let e = read_csv(csv.as_bytes(), "y", &[]).expect_err(csv);
+            assert_eq!(
+                e,
+                DataError::NotFinite {
+                    row,
+                    column: column.into(),
+                    value: value.into()
+                },
+                "{csv}"
+            );
+        }
     }
 
     #[test]

@@ -810,6 +810,15 @@ async fn train(
         ring.all_reduce_sum(&mut buf)
             .await
             .map_err(|e| format!("step {step}: all-reduce: {e}"))?;
+        // Every rank holds the same sums, so every rank stops here alike: a run
+        // that diverged must fail, not end Succeeded with NaN weights registered.
+        if !buf[n].is_finite() {
+            return Err(format!(
+                "step {step}: the batch's loss is {} (not finite): training diverged; lower \
+                 the learning rate, or scale the features",
+                buf[n]
+            ));
+        }
         optimizer
             .step(model.params_mut(), &buf[..n])
             .map_err(|e| format!("step {step}: optimizer: {e}"))?;

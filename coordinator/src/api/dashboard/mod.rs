@@ -42,6 +42,7 @@ use kiln_proto::v1::{
 
 use super::grpc::Api;
 use super::storage;
+use crate::auth::Caller;
 
 /// Most jobs, runs or deployments one list shows (the newest).
 const MAX_LISTED: u32 = 200;
@@ -171,11 +172,23 @@ async fn overview_page(api: &Api) -> Page {
     ))
 }
 
+/// Who the dashboard reads as: a viewer, never a cluster node, so that it is
+/// shown nothing only nodes may hold.
+fn dashboard_reader() -> Caller {
+    Caller::Token {
+        name: "dashboard".to_string(),
+        role: kiln_proto::v1::Role::Viewer,
+    }
+}
+
 async fn jobs_page(api: &Api) -> Page {
     let list = api
-        .list_jobs_call(ListJobsRequest {
-            max_results: MAX_LISTED,
-        })
+        .list_jobs_call(
+            &dashboard_reader(),
+            ListJobsRequest {
+                max_results: MAX_LISTED,
+            },
+        )
         .await?;
     Ok(("Jobs".to_string(), training::jobs(&list.jobs, now_ms())))
 }
@@ -189,7 +202,7 @@ fn number(text: &str, what: &str) -> Result<u64> {
 async fn job_page(api: &Api, Path(id): Path<String>) -> Page {
     let job_id = number(&id, "job")?;
     let job = api
-        .get_job_call(GetJobRequest { job_id })
+        .get_job_call(&dashboard_reader(), GetJobRequest { job_id })
         .await?
         .job
         .ok_or_else(|| Error::NotFound(format!("no job {job_id}")))?;
