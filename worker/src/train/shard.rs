@@ -1,7 +1,7 @@
 //! One shard of a data-parallel training job, from its task to its last report.
 //!
 //! ```text
-//!  bind data port ─► report Ready(addr) ─► pull dataset ─► model (seeded) ─► resume?
+//!  bind data port ─► pull dataset ─► model (seeded) ─► resume? ─► report Ready(addr)
 //!        ─► rendezvous: GetJob until every rank of this attempt has an address
 //!        ─► Ring::connect ─► steps ─► (rank 0) checkpoints, final checkpoint
 //!        ─► report Succeeded                       any error ─► report Failed(why)
@@ -652,26 +652,6 @@ async fn train(
         "rank {} of {} on worker {}: data port {data_addr}",
         task.rank, task.world, ctx.worker_id
     ));
-    // A GPU gang (built with `cuda`) reduces through NCCL: rank 0 makes the
-    // attempt's unique id and publishes it with its address.
-    let nccl_id = if task.rank == 0 && nccl_wanted(task.gpus.len() as u32, task.world as usize) {
-        new_nccl_id()
-            .map_err(|e| format!("create the NCCL id: {e}"))?
-            .as_bytes()
-            .to_vec()
-    } else {
-        Vec::new()
-    };
-    let ready = ReportShard {
-        state: ShardState::Ready as i32,
-        data_addr,
-        nccl_id,
-        ..Default::default()
-    };
-    if !reporter.send(ready).await? {
-        return Ok(Outcome::Stopped);
-    }
-
     let mut dataset = load_dataset(ctx, spec, dir).await?;
     let standardizer = Standardizer::fit(&dataset);
     // The raw inputs feed the reference statistics (live requests arrive raw);
@@ -719,6 +699,30 @@ async fn train(
         ));
     }
 
+    // Ready, with the data address, only now that the data, the checkpoint and
+    // the engine are loaded: peers link up as soon as every address is known, and
+    // a rank still loading would leave their handshakes waiting until they fail
+    // the attempt (again and again for a slow loader). The port was bound first,
+    // so the address is this rank's from the start.
+    // A GPU gang (built with `cuda`) reduces through NCCL: rank 0 makes the
+    // attempt's unique id and publishes it with its address.
+    let nccl_id = if task.rank == 0 && nccl_wanted(task.gpus.len() as u32, task.world as usize) {
+        new_nccl_id()
+            .map_err(|e| format!("create the NCCL id: {e}"))?
+            .as_bytes()
+            .to_vec()
+    } else {
+        Vec::new()
+    };
+    let ready = ReportShard {
+        state: ShardState::Ready as i32,
+        data_addr,
+        nccl_id,
+        ..Default::default()
+    };
+    if !reporter.send(ready).await? {
+        return Ok(Outcome::Stopped);
+    }
     let Some(meeting) = rendezvous(ctx, task, RENDEZVOUS_TIMEOUT).await? else {
         return Ok(Outcome::Stopped);
     };
