@@ -152,10 +152,18 @@ pub struct ModelSpec {
     pub activation: Activation,
 }
 
-/// Bytes of memory one parameter takes while it trains, at least: its weight, its
-/// gradient, two optimizer moments and its slot in the all-reduce buffer, each an
-/// f32.
-pub const TRAINING_BYTES_PER_PARAMETER: u64 = 5 * 4;
+impl OptimizerKind {
+    /// Bytes of memory one parameter takes while it trains with this optimizer,
+    /// at least: its weight, its gradient, the optimizer's state (SGD's momentum;
+    /// AdamW's two moments) and its slot in the all-reduce buffer, each an f32.
+    pub fn training_bytes_per_parameter(self) -> u64 {
+        let state = match self {
+            OptimizerKind::Sgd => 1,
+            OptimizerKind::Adamw => 2,
+        };
+        (3 + state) * 4
+    }
+}
 
 impl ModelSpec {
     /// The parameters (weights and biases) of this network with `inputs` features

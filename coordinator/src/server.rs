@@ -114,16 +114,24 @@ struct PeerAnswer {
     voters: Vec<u64>,
 }
 
-/// Asks every other initial voter for its status at once, each for at most
-/// [`PEER_PROBE_TIMEOUT`]; returns the answers (a peer that is not up yet, as
-/// on a cluster's first start, gives none).
+/// Asks every other initial voter, or the member a joining node joins through,
+/// for its status at once, each for at most [`PEER_PROBE_TIMEOUT`]; returns the
+/// answers (a peer that is not up yet, as on a cluster's first start, gives none).
 async fn ask_peers(config: &CoordinatorConfig, tls: Option<&TlsMaterial>) -> Vec<PeerAnswer> {
+    let targets: Vec<String> = match &config.join {
+        Some(join) => vec![join.clone()],
+        None => config
+            .peers
+            .iter()
+            .filter(|(&id, _)| id != config.id)
+            .map(|(_, addr)| addr.clone())
+            .collect(),
+    };
     let mut asks = tokio::task::JoinSet::new();
-    for (&id, addr) in config.peers.iter().filter(|(&id, _)| id != config.id) {
-        let Ok(endpoint) = kiln_common::tls::endpoint(addr, tls, PEER_PROBE_TIMEOUT) else {
+    for addr in targets {
+        let Ok(endpoint) = kiln_common::tls::endpoint(&addr, tls, PEER_PROBE_TIMEOUT) else {
             continue;
         };
-        let addr = addr.clone();
         asks.spawn(async move {
             let asked = async {
                 let channel = endpoint.connect().await.ok()?;
@@ -139,7 +147,7 @@ async fn ask_peers(config: &CoordinatorConfig, tls: Option<&TlsMaterial>) -> Vec
                 .await
                 .ok()??;
             Some(PeerAnswer {
-                id,
+                id: status.id,
                 addr,
                 cluster_id: status.cluster_id,
                 commit_index: status.commit_index,
@@ -161,11 +169,23 @@ async fn ask_peers(config: &CoordinatorConfig, tls: Option<&TlsMaterial>) -> Vec
 /// what its peers answered: bootstraps a new cluster (`Ok(true)`), waits to be
 /// sent a snapshot as a joining learner (`Ok(false)`), or refuses to start.
 fn plan_empty_dir(config: &CoordinatorConfig, answers: &[PeerAnswer]) -> anyhow::Result<bool> {
-    if config.join.is_some() {
-        return Ok(false);
-    }
     let id = config.id;
     let dir = config.data_dir.display();
+    if config.join.is_some() {
+        // A learner that lost its data may ask again; a voter may not.
+        if let Some(member) = answers.iter().find(|a| a.voters.contains(&id)) {
+            anyhow::bail!(
+                "coordinator {id}: the data dir {dir} is empty, but coordinator {} at {} counts \
+                 coordinator {id} among its voters {:?}. A voter whose data was lost cannot rejoin \
+                 as itself (it would have no log and no memory of its vote): remove it with `kiln \
+                 admin remove-coordinator {id}`, then join with a new id",
+                member.id,
+                member.addr,
+                member.voters
+            );
+        }
+        return Ok(false);
+    }
     if config.bootstrap {
         let mine = new_cluster_id(&initial_voters(config), &config.cluster_token);
         if let Some(other) = answers
@@ -257,8 +277,14 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
         return Ok(());
     }
     let mut store = RocksStore::open(&raft_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // A joining node knows its cluster's id from the member it joins through, so
+    // it never takes one from a stray node of another cluster.
+    let mut joined_cluster_id = 0;
     if store.is_fresh() {
         let answers = ask_peers(&config, tls.as_ref()).await;
+        if config.join.is_some() {
+            joined_cluster_id = answers.first().map_or(0, |a| a.cluster_id);
+        }
         match plan_empty_dir(&config, &answers) {
             Ok(true) => bootstrap(&mut store, &config).map_err(|e| anyhow::anyhow!("{e}"))?,
             Ok(false) => {}
@@ -292,7 +318,12 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
         tls.clone(),
     );
     let reader = crate::state::reader::StateReader::new(store.db());
-    transport.set_cluster_id(reader.cluster_id().map_err(|e| anyhow::anyhow!("{e}"))?);
+    let stored_cluster_id = reader.cluster_id().map_err(|e| anyhow::anyhow!("{e}"))?;
+    transport.set_cluster_id(if stored_cluster_id != 0 {
+        stored_cluster_id
+    } else {
+        joined_cluster_id
+    });
     let (node, thread) = RaftNode::start(config.id, store, config.raft.clone(), transport.clone())?;
     transport.attach(node.clone());
 
@@ -786,7 +817,17 @@ mod tests {
             "{text}"
         );
 
-        // A joining node waits for its snapshot.
-        assert!(!plan_empty_dir(&member(false, false, Some("h1:7070")), &[]).expect("join"));
+        // A joining node waits for its snapshot, unless it was a voter already.
+        let joining = member(false, false, Some("h1:7070"));
+        assert!(!plan_empty_dir(&joining, &[]).expect("join"));
+        let mut learner = answer(2, mine, 40);
+        learner.voters = vec![2, 3, 4];
+        assert!(!plan_empty_dir(&joining, &[learner]).expect("a learner asks again"));
+        let text = refusal(&joining, &[answer(2, mine, 40)]);
+        assert!(
+            text.contains("counts coordinator 1 among its voters")
+                && text.contains("remove-coordinator 1"),
+            "{text}"
+        );
     }
 }

@@ -385,9 +385,15 @@ impl Api {
         tokio::fs::create_dir_all(&self.snapshot_dir)
             .await
             .map_err(|e| Error::Internal(format!("create snapshot dir: {e}")))?;
-        let path = self
-            .snapshot_dir
-            .join(format!("incoming-{:020}-{:020}", meta.term, meta.index));
+        // A spool of its own: another stream of the same snapshot (a retry, or a
+        // new leader's checkpoint at the same index) never writes into, or
+        // removes, a file this one wrote or the Raft thread holds.
+        let path = self.snapshot_dir.join(format!(
+            "incoming-{:020}-{:020}-{:016x}",
+            meta.term,
+            meta.index,
+            rand::random::<u64>()
+        ));
         let spooled = spool_snapshot(&path, first, &mut stream).await;
         if let Err(e) = spooled {
             // Nothing of a refused stream is kept, so nothing of it can be installed.

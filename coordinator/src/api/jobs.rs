@@ -53,7 +53,8 @@ fn without_secrets(mut job: JobRecord, caller: &Caller) -> JobRecord {
 fn model_too_big(builtin: &Builtin, limit_bytes: u64, most_bytes: u64) -> Option<String> {
     let inputs = (builtin.data.features.len() as u64).max(1);
     let parameters = builtin.model.parameters(inputs, 1);
-    let needed = parameters.saturating_mul(kiln_common::jobspec::TRAINING_BYTES_PER_PARAMETER);
+    let per_parameter = builtin.optimizer.kind.training_bytes_per_parameter();
+    let needed = parameters.saturating_mul(per_parameter);
     let (available, what) = match (limit_bytes, most_bytes) {
         (0, 0) => return None,
         (0, most) => (most, "the largest live worker's memory"),
@@ -62,11 +63,10 @@ fn model_too_big(builtin: &Builtin, limit_bytes: u64, most_bytes: u64) -> Option
     (needed > available).then(|| {
         format!(
             "model: hidden = {:?} holds at least {parameters} parameters, which need at least {} MiB \
-             to train ({} bytes each: weight, gradient, optimizer state, all-reduce), more than \
-             {what} ({} MiB); make the layers narrower",
+             to train ({per_parameter} bytes each: weight, gradient, optimizer state, all-reduce), \
+             more than {what} ({} MiB); make the layers narrower",
             builtin.model.hidden,
             needed >> 20,
-            kiln_common::jobspec::TRAINING_BYTES_PER_PARAMETER,
             available >> 20
         )
     })

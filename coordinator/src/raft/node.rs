@@ -41,13 +41,13 @@ use crate::state::machine::{apply_command, apply_member_added, apply_member_remo
 use crate::state::reader::StateReader;
 use kiln_common::config::RaftSettings;
 
-/// Mailbox messages drained per loop turn before handling Ready.
 /// Bytes of committed entries one Ready hands to the state machine at most, so
 /// that one apply batch (and the memory it holds) stays bounded when a node
 /// catches up on a long log.
 const MAX_COMMITTED_BYTES_PER_READY: u64 = 32 << 20;
 /// Readies handled per wake-up of the Raft thread before the mailbox is read again.
 const MAX_READIES_PER_WAKE: usize = 8;
+/// Mailbox messages drained per loop turn before handling Ready.
 const MAX_DRAIN: usize = 4096;
 
 /// A snapshot received from the leader, waiting on disk to be installed.

@@ -192,12 +192,12 @@ pub struct RocksStore {
 }
 
 impl RocksStore {
-    /// Opens (or creates) the store under `dir`.
     /// Returns true when a store was made in `dir` (it may still be empty).
     pub fn exists(dir: &Path) -> bool {
         dir.join("db").join("CURRENT").exists()
     }
 
+    /// Opens (or creates) the store under `dir`.
     pub fn open(dir: &Path) -> Result<RocksStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError {
             op: "create raft data dir",

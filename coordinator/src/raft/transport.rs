@@ -93,8 +93,9 @@ impl Transport {
     /// Checks the cluster id of a batch or snapshot from coordinator `from`: one
     /// of another cluster is refused (a node of an old cluster on the same
     /// address, a peer list mixed up). A node that does not know its cluster's id
-    /// yet (a joining learner) takes the first one it is sent; 0 is not checked
-    /// (a peer of a version before ids).
+    /// yet (a joining learner whose join target did not answer at its start)
+    /// takes the first one it is sent; 0 is not checked (a peer of a version
+    /// before ids).
     pub fn admit(&self, from: u64, theirs: u64) -> Result<(), String> {
         if theirs == 0 {
             return Ok(());

@@ -81,6 +81,10 @@ pub enum DataError {
     Empty,
     #[error("its columns ({0}) are not the first file's ({1})")]
     Columns(String, String),
+    /// An error found after every file was read, in file `file` (counted from
+    /// 0, in the order read) of a dataset of several.
+    #[error("{error}")]
+    InSource { file: usize, error: Box<DataError> },
 }
 
 /// One file of a dataset, in its format.
@@ -103,8 +107,10 @@ where
     let files = files.into_iter();
     let many = files.len() > 1;
     let mut table = None;
+    let mut names = Vec::with_capacity(files.len());
     for file in files {
         let (name, source) = file?;
+        names.push(name.clone());
         let read = match source {
             Source::Csv(bytes) => csv_rows(bytes.as_ref(), &mut table, label, features),
             Source::Parquet(bytes) => parquet_rows(bytes, &mut table, label, features),
@@ -120,7 +126,13 @@ where
     table
         .ok_or_else(|| "the dataset has no file".to_string())?
         .finish()
-        .map_err(|e| e.to_string())
+        .map_err(|e| match e {
+            DataError::InSource { file, error } => match names.get(file) {
+                Some(name) => format!("{name}: {error}"),
+                None => error.to_string(),
+            },
+            other => other.to_string(),
+        })
 }
 
 /// Starts the table with `header`, or goes on with the next source of it.
@@ -321,6 +333,9 @@ struct TableBuilder {
     first_row: usize,
     /// Rows read from earlier sources.
     rows_before: usize,
+    /// Each source's `rows_before` and `first_row`, in the order read, so that a
+    /// row found wanting after the read is named in its own file's numbering.
+    sources: Vec<(usize, usize)>,
     /// The first source's columns, sorted: every later source must have them.
     columns: Vec<String>,
 }
@@ -361,6 +376,7 @@ impl TableBuilder {
             labels: Vec::new(),
             first_row,
             rows_before: 0,
+            sources: vec![(0, first_row)],
             columns,
         })
     }
@@ -381,7 +397,28 @@ impl TableBuilder {
         self.feature_at = self.features.iter().map(|f| at(f)).collect();
         self.first_row = first_row;
         self.rows_before = self.labels.len();
+        self.sources.push((self.rows_before, first_row));
         Ok(())
+    }
+
+    /// The error `error(row)` for the `i`th row read, in its source's numbering;
+    /// wrapped with the source when there are several.
+    fn at_row(&self, i: usize, error: impl FnOnce(usize) -> DataError) -> DataError {
+        let source = self
+            .sources
+            .iter()
+            .rposition(|&(before, _)| before <= i)
+            .unwrap_or(0);
+        let (before, first_row) = self.sources[source];
+        let error = error(first_row + i - before);
+        if self.sources.len() > 1 {
+            DataError::InSource {
+                file: source,
+                error: Box::new(error),
+            }
+        } else {
+            error
+        }
     }
 
     /// The source's number for the row that comes next.
@@ -458,20 +495,20 @@ impl TableBuilder {
         match numbers {
             Some(values) if !(integers && distinct.len() <= MAX_INTEGER_CLASSES) => {
                 if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                    return Err(DataError::NotFinite {
-                        row: self.first_row + i,
+                    return Err(self.at_row(i, |row| DataError::NotFinite {
+                        row,
                         column: self.label.clone(),
                         value: labels[i].name().into_owned(),
-                    });
+                    }));
                 }
                 Ok(Target::Values(values))
             }
             _ => {
                 if let Some(i) = labels.iter().position(|l| l.name().is_empty()) {
-                    return Err(DataError::Malformed {
-                        row: self.first_row + i,
+                    return Err(self.at_row(i, |row| DataError::Malformed {
+                        row,
                         message: format!("the label {} is empty", self.label),
-                    });
+                    }));
                 }
                 let mut names: Vec<String> = distinct.into_iter().map(Cow::into_owned).collect();
                 if integers {
@@ -620,6 +657,27 @@ mod tests {
         )
         .expect_err("not a number");
         assert_eq!(err, "part-1.csv: row 2, column petal: 'x' is not a number");
+        // Rows found wanting after every part was read (the task is known only
+        // then) are named in their own part's numbering too.
+        let numbers = |second: &str| {
+            [
+                ("part-0.csv", "a,y\n1,0.5\n2,nan\n"),
+                ("part-1.csv", second),
+            ]
+            .map(|(name, text)| {
+                Ok((
+                    name.to_string(),
+                    Source::Csv(bytes::Bytes::from(text.to_string())),
+                ))
+            })
+        };
+        assert_eq!(
+            read_tables(numbers("a,y\n3,1.5\n"), "y", &[]).expect_err("nan label"),
+            "part-0.csv: row 3, column y: nan is not a finite number (NaN and infinities poison training)"
+        );
+        let err = read_tables(parts("sepal,petal,species\n6.3,6.0,\n"), "species", &[])
+            .expect_err("empty label");
+        assert_eq!(err, "part-1.csv: row 2: the label species is empty");
         // A part that cannot be loaded ends the read with its error.
         let [first, _] = parts(FIRST);
         let unreadable = [first, Err("read part-1.csv: permission denied".to_string())];

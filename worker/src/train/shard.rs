@@ -1,7 +1,8 @@
 //! One shard of a data-parallel training job, from its task to its last report.
 //!
 //! ```text
-//!  bind data port ─► pull dataset ─► model (seeded) ─► resume? ─► report Ready(addr)
+//!  bind data port ─► report Ready ─► pull dataset ─► model (seeded) ─► resume?
+//!        ─► report the data address
 //!        ─► rendezvous: GetJob until every rank of this attempt has an address
 //!        ─► Ring::connect ─► steps ─► (rank 0) checkpoints, final checkpoint
 //!        ─► report Succeeded                       any error ─► report Failed(why)
@@ -49,8 +50,10 @@ use crate::collective::communicator::{nccl_wanted, new_nccl_id};
 use crate::collective::{Backend, Collective, NcclConfig, Ring, RingConfig, RingKey};
 use kiln_common::transfer::{self, PushOptions};
 
-/// Longest wait for every rank of an attempt to report its data address.
-pub const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest wait for every rank of an attempt to report its data address, which
+/// it does after loading its data: a slow loader may take minutes, while a dead
+/// rank's attempt is failed by the leader on its worker's lease long before.
+pub const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(600);
 /// Pause between two looks at the job during rendezvous.
 const RENDEZVOUS_POLL: Duration = Duration::from_millis(200);
 /// Time between two progress reports of rank 0.
@@ -652,6 +655,15 @@ async fn train(
         "rank {} of {} on worker {}: data port {data_addr}",
         task.rank, task.world, ctx.worker_id
     ));
+    // Started: Ready without an address, so the leader's start timeout measures
+    // the start, not the load. The address follows once everything is loaded.
+    let started = ReportShard {
+        state: ShardState::Ready as i32,
+        ..Default::default()
+    };
+    if !reporter.send(started).await? {
+        return Ok(Outcome::Stopped);
+    }
     let mut dataset = load_dataset(ctx, spec, dir).await?;
     let standardizer = Standardizer::fit(&dataset);
     // The raw inputs feed the reference statistics (live requests arrive raw);
@@ -699,11 +711,10 @@ async fn train(
         ));
     }
 
-    // Ready, with the data address, only now that the data, the checkpoint and
-    // the engine are loaded: peers link up as soon as every address is known, and
-    // a rank still loading would leave their handshakes waiting until they fail
-    // the attempt (again and again for a slow loader). The port was bound first,
-    // so the address is this rank's from the start.
+    // The data address only now that the data, the checkpoint and the engine are
+    // loaded: peers link up as soon as every address is known, and a rank still
+    // loading would leave their handshakes waiting until they fail the attempt
+    // (again and again for a slow loader); the rendezvous waits for it instead.
     // A GPU gang (built with `cuda`) reduces through NCCL: rank 0 makes the
     // attempt's unique id and publishes it with its address.
     let nccl_id = if task.rank == 0 && nccl_wanted(task.gpus.len() as u32, task.world as usize) {
@@ -816,11 +827,15 @@ async fn train(
             .map_err(|e| format!("step {step}: all-reduce: {e}"))?;
         // Every rank holds the same sums, so every rank stops here alike: a run
         // that diverged must fail, not end Succeeded with NaN weights registered.
-        if !buf[n].is_finite() {
+        if let Some(bad) = buf[..=n].iter().position(|v| !v.is_finite()) {
+            let what = if bad == n {
+                format!("the batch's loss is {}", buf[n])
+            } else {
+                format!("gradient {bad} of {n} is {}", buf[bad])
+            };
             return Err(format!(
-                "step {step}: the batch's loss is {} (not finite): training diverged; lower \
-                 the learning rate, or scale the features",
-                buf[n]
+                "step {step}: {what} (not finite): training diverged; lower the learning \
+                 rate, or scale the features"
             ));
         }
         optimizer
