@@ -127,25 +127,28 @@ async fn ask_peers(config: &CoordinatorConfig, tls: Option<&TlsMaterial>) -> Vec
             .map(|(_, addr)| addr.clone())
             .collect(),
     };
+    // The same client the coordinator dials its peers with, bounded to the probe.
+    let options = ClientOptions {
+        tls: tls.cloned(),
+        connect_timeout: PEER_PROBE_TIMEOUT,
+        attempt_timeout: PEER_PROBE_TIMEOUT,
+        ..ClientOptions::default()
+    };
+    let Ok(client) = ClusterClient::new(targets.clone(), options) else {
+        return Vec::new();
+    };
+    let client = Arc::new(client);
     let mut asks = tokio::task::JoinSet::new();
     for addr in targets {
-        let Ok(endpoint) = kiln_common::tls::endpoint(&addr, tls, PEER_PROBE_TIMEOUT) else {
-            continue;
-        };
+        let client = Arc::clone(&client);
         asks.spawn(async move {
-            let asked = async {
-                let channel = endpoint.connect().await.ok()?;
-                let mut client =
-                    kiln_proto::v1::coordinator_client::CoordinatorClient::new(channel);
-                client
-                    .node_status(kiln_proto::v1::NodeStatusRequest {})
-                    .await
-                    .ok()
-                    .map(tonic::Response::into_inner)
-            };
+            let mut coordinator = client.client_for(&addr).ok()?;
+            let asked = coordinator.node_status(kiln_proto::v1::NodeStatusRequest {});
             let status = tokio::time::timeout(PEER_PROBE_TIMEOUT, asked)
                 .await
-                .ok()??;
+                .ok()?
+                .ok()?
+                .into_inner();
             Some(PeerAnswer {
                 id: status.id,
                 addr,
